@@ -1,0 +1,16 @@
+"""bigalign: streaming, out-of-core orthogonal Procrustes alignment of embedding models.
+
+    import bigalign
+    t = bigalign.fit("old.zarr", "new.zarr", center=True, output="old2new.transform")
+    bigalign.apply(t, "corpus_old.zarr", "corpus_in_new.zarr")
+    t = bigalign.Transform.load("old2new.transform"); t.transform(query_vectors)
+"""
+
+__version__ = "0.1.0"
+
+from .errors import BigalignError, CheckpointError, ChunkReadError, InputError, NonFiniteError  # noqa: E402
+from .transform import Transform  # noqa: E402
+from .api import apply, fit, output_status, RunReport  # noqa: E402
+
+__all__ = ["fit", "apply", "Transform", "RunReport", "output_status", "BigalignError",
+           "InputError", "NonFiniteError", "ChunkReadError", "CheckpointError", "__version__"]

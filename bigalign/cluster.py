@@ -1,0 +1,85 @@
+"""Where the work runs: in-process threads by default, a LocalCluster of worker processes,
+or an existing dask.distributed scheduler (dask-jobqueue, Kubernetes, ...).
+
+BLAS threads: OpenBLAS's own threads on top of Dask's threads collapse throughput (3-5x
+slower, measured), so the in-process default pins BLAS to one thread per Dask thread with
+threadpoolctl. dask.distributed's nanny already starts workers with OPENBLAS_NUM_THREADS=1
+(config ``distributed.nanny.pre-spawn-environ``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Optional
+
+import dask
+
+__all__ = ["session", "Session"]
+
+
+class Session:
+    """A way to run a Dask graph: ``client`` is None for the in-process threaded scheduler."""
+
+    def __init__(self, client=None, threads: Optional[int] = None, progress: bool = False):
+        self.client = client
+        self.threads = threads
+        self.progress = progress
+
+    @property
+    def workers(self) -> int:
+        """Parallel task slots, to size the plan so small inputs still use them all."""
+        if self.client is not None:
+            info = self.client.scheduler_info()
+            return max(1, sum(w.get("nthreads", 1) for w in info.get("workers", {}).values()))
+        import os
+        return self.threads or os.cpu_count() or 1
+
+    def get(self, graph: dict, key):
+        """Compute ``key`` of a raw task graph; exceptions of tasks propagate unchanged."""
+        if self.client is not None:
+            future = self.client.get(graph, key, sync=False, retries=2)
+            if self.progress:
+                from distributed import progress
+                progress(future)
+                print(file=sys.stderr)
+            return future.result()
+        from threadpoolctl import threadpool_limits
+
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(threadpool_limits(limits=1))
+            if self.progress:
+                from dask.diagnostics import ProgressBar
+                stack.enter_context(ProgressBar(out=sys.stderr, dt=0.5))
+            return dask.threaded.get(graph, key, num_workers=self.threads)
+
+
+@contextlib.contextmanager
+def session(scheduler: Optional[str] = None, workers: Optional[int] = None,
+            memory_limit: Optional[str] = None, threads: Optional[int] = None,
+            progress: bool = False):
+    """Yield a Session.
+
+    scheduler : address of a running dask.distributed scheduler (``tcp://host:8786``) or a
+        path to its scheduler file; the cluster's workers do the work.
+    workers : start a LocalCluster of this many worker processes (one thread each), each
+        limited to ``memory_limit`` (e.g. "4GiB").
+    neither : threads in this process (``threads``, default: one per core).
+    """
+    if scheduler and workers:
+        raise ValueError("give either a scheduler address or a number of workers, not both")
+    if scheduler:
+        from distributed import Client
+
+        kw = {"scheduler_file": scheduler} if scheduler.endswith(".json") else {"address": scheduler}
+        with Client(**kw) as client:
+            yield Session(client, progress=progress)
+    elif workers:
+        from distributed import Client, LocalCluster
+
+        with LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=True,
+                          memory_limit=memory_limit or "auto", dashboard_address=None,
+                          host="127.0.0.1") as cluster, Client(cluster) as client:
+            yield Session(client, progress=progress)
+    else:
+        yield Session(None, threads=threads, progress=progress)

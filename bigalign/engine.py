@@ -1,0 +1,126 @@
+"""Execution: Dask task graphs for the streaming fit (a reduction of statistics) and the
+parallel apply (one task per whole-chunk region), and the task functions they run.
+
+The graphs are plain dicts, as in dask/array/reductions.py and rechunker: one leaf task per
+block of rows, merged in a fixed tree per checkpoint unit; the unit roots write their
+statistics to storage; a second fixed tree merges the units. Fixed trees make the float64
+result independent of worker count and finishing order, and identical after a resume.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Optional
+
+from .checkpoint import Progress
+from .plan import Block, merge_tree
+from .stats import Moments, block_moments, merge_all
+from .stores import EmbeddingArray, read_rows, write_rows
+from .transform import map_rows
+
+__all__ = ["fit_graph", "apply_graph"]
+
+
+# ---- task functions (module level: they are pickled to workers) ------------------------
+
+def block_task(source: EmbeddingArray, target: EmbeddingArray, start: int, stop: int,
+               normalize: bool, gram: bool, dtype: str) -> Moments:
+    """Read paired rows [start, stop) once and reduce them to float64 statistics."""
+    a = read_rows(source, start, stop)
+    b = read_rows(target, start, stop)
+    return block_moments(a, b, gram=gram, normalize=normalize, dtype=dtype, start=start)
+
+
+def merge_task(*parts: Moments) -> Moments:
+    return merge_all(parts)
+
+
+def region_task(source: EmbeddingArray, output, params: tuple, start: int, stop: int,
+                index: int, progress: Optional[Progress], dtype: str, renormalize: bool,
+                normalize: bool) -> int:
+    """Map source rows [start, stop) and write them as whole output chunks; then record the
+    region as done (the marker is written after the data, never before)."""
+    matrix, source_mean, target_mean, url = params
+    x = read_rows(source, start, stop)
+    y = map_rows(x, matrix, source_mean, target_mean, normalize=normalize,
+                 renormalize=renormalize, dtype=dtype, start=start)
+    write_rows(output, start, y, url=url)
+    if progress is not None:
+        progress.mark_done(index, {"start": start, "stop": stop})
+    return stop - start
+
+
+def count_task(*rows: int) -> int:
+    return int(sum(rows))
+
+
+# ---- graph builders ----------------------------------------------------------------------
+
+def _tree(graph: dict, name: str, keys: list, fan_in: int, func=merge_task):
+    """Add a fixed merge tree over ``keys`` (in order) to ``graph``; return the root key."""
+    if len(keys) == 1:
+        return keys[0]
+    for level, groups in enumerate(merge_tree(len(keys), fan_in)):
+        keys_next = []
+        for j, group in enumerate(groups):
+            key = (name, level, j)
+            graph[key] = (func, *[keys[i] for i in group])
+            keys_next.append(key)
+        keys = keys_next
+    return keys[0]
+
+
+def fit_graph(source: EmbeddingArray, target: EmbeddingArray, blocks: list[Block],
+              units: list[range], *, done: set[int] = frozenset(),
+              progress: Optional[Progress] = None, normalize: bool = False,
+              gram: bool = False, dtype: str = "float32", fan_in: int = 8):
+    """Graph whose key holds the merged Moments of all ``blocks``.
+
+    Units in ``done`` are loaded from ``progress`` instead of computed; the others write
+    their merged statistics there when they finish (when ``progress`` is given).
+    Returns (graph, key, number of leaf tasks).
+    """
+    token = uuid.uuid4().hex[:12]
+    src, tgt = f"bigalign-source-{token}", f"bigalign-target-{token}"
+    graph: dict = {src: source, tgt: target}
+    unit_keys, leaves = [], 0
+    for u, unit in enumerate(units):
+        key = (f"bigalign-unit-{token}", u)
+        if u in done:
+            graph[key] = (progress.load_unit, u)
+        else:
+            block_keys = []
+            for i in unit:
+                b = blocks[i]
+                bk = (f"bigalign-block-{token}", b.index)
+                graph[bk] = (block_task, src, tgt, b.start, b.stop, normalize, gram, dtype)
+                block_keys.append(bk)
+            leaves += len(block_keys)
+            root = _tree(graph, f"bigalign-merge-{token}-{u}", block_keys, fan_in)
+            graph[key] = (progress.save_unit, u, root) if progress is not None else \
+                (merge_task, root)
+        unit_keys.append(key)
+    return graph, _tree(graph, f"bigalign-total-{token}", unit_keys, fan_in), leaves
+
+
+def apply_graph(source: EmbeddingArray, output, params: tuple, blocks: list[Block], *,
+                done: set[int] = frozenset(), progress: Optional[Progress] = None,
+                dtype: str = "float32", renormalize: bool = False, normalize: bool = False):
+    """Graph whose key holds the number of rows written; one task per block not in ``done``.
+    Returns (graph, key, number of region tasks)."""
+    token = uuid.uuid4().hex[:12]
+    src, out, par = (f"bigalign-source-{token}", f"bigalign-output-{token}",
+                     f"bigalign-params-{token}")
+    graph: dict = {src: source, out: output, par: params}
+    keys = []
+    for b in blocks:
+        if b.index in done:
+            continue
+        key = (f"bigalign-region-{token}", b.index)
+        graph[key] = (region_task, src, out, par, b.start, b.stop, b.index, progress,
+                      dtype, renormalize, normalize)
+        keys.append(key)
+    total = f"bigalign-written-{token}"
+    graph[total] = (count_task, *keys)
+    return graph, total, len(keys)
+

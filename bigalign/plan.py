@@ -1,0 +1,136 @@
+"""Planning: which rows go to which task, which tasks form a checkpoint unit, how partials
+merge, and how much memory a task needs. Pure functions over shapes; no I/O.
+
+Rows are split into *blocks* (one Dask task each, tens of MB) whose boundaries fall on the
+chunk (or shard) boundaries of every array the task reads or writes, so each stored chunk is
+read once per fit and written by exactly one task in an apply. Consecutive blocks form
+*units*, the grain of checkpointing: a unit's merged statistics are written to storage when
+it finishes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["Block", "common_step", "choose_block_rows", "plan_blocks", "partial_bytes", "plan_units", "merge_tree",
+           "fit_task_bytes", "apply_task_bytes", "DEFAULT_BLOCK_BYTES"]
+
+#: Default input bytes per task: chunks of ~8-32 MB read fastest here, and a task of a few
+#: of them amortises Dask's per-task overhead (~1 ms) to nothing.
+DEFAULT_BLOCK_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class Block:
+    """Rows [start, stop) handled by one task."""
+
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+def common_step(steps, row_bytes: int, block_bytes: int) -> tuple[int, bool]:
+    """Row step that block boundaries must be multiples of.
+
+    ``steps``: the row chunk (or shard) size of each array involved. Returns (step, aligned):
+    the least common multiple when a block of that many rows stays within 4x the block budget
+    (``aligned`` True: every chunk of every array is touched by one task only); otherwise the
+    first array's step (``aligned`` False: chunks of the others that straddle a boundary are
+    read by both neighbouring tasks; never the case for writes, whose array is listed first).
+    """
+    steps = [int(s) for s in steps]
+    if any(s <= 0 for s in steps):
+        raise ValueError(f"chunk sizes must be positive, got {steps}")
+    lcm = math.lcm(*steps)
+    if lcm * row_bytes <= 4 * max(block_bytes, row_bytes):
+        return lcm, True
+    return steps[0], False
+
+
+def choose_block_rows(total: int, step: int, row_bytes: int,
+                      block_bytes: int = DEFAULT_BLOCK_BYTES, min_blocks: int = 1) -> int:
+    """Rows per block: a multiple of ``step`` holding about ``block_bytes`` of input (never
+    less than one step), small enough that ``total`` rows make at least ``min_blocks``
+    blocks where they can (so small inputs still use every worker)."""
+    per = max(step, max(1, block_bytes // max(row_bytes, 1)) // step * step)
+    if min_blocks > 1:
+        per = min(per, max(step, math.ceil(total / min_blocks / step) * step))
+    return per
+
+
+def plan_blocks(start: int, stop: int, step: int, rows_per_block: int) -> list[Block]:
+    """Split rows [start, stop) into blocks of ``rows_per_block`` (a multiple of ``step``)
+    whose inner boundaries are multiples of ``step``. Blocks are in row order; the first and
+    last may be shorter when ``start``/``stop`` are not aligned."""
+    if not 0 <= start <= stop:
+        raise ValueError(f"bad row range {start}:{stop}")
+    if rows_per_block <= 0 or rows_per_block % step:
+        raise ValueError(f"rows_per_block {rows_per_block} is not a positive multiple of {step}")
+    bounds = [start]
+    nxt = (start // step + 1) * step + (rows_per_block - step)
+    while nxt < stop:
+        bounds.append(nxt)
+        nxt += rows_per_block
+    if stop > start:
+        bounds.append(stop)
+    return [Block(i, a, b) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+
+
+def plan_units(n_blocks: int, block_bytes: int, partial_bytes: int, *,
+               max_overhead: float = 0.02, min_units: int = 1) -> list[range]:
+    """Group consecutive blocks into checkpoint units.
+
+    A unit writes one partial (``partial_bytes``, d^2 float64 matrices) per
+    ``len(unit) * block_bytes`` of input read, so a unit spans enough blocks to keep that
+    write under ``max_overhead`` of the bytes read; and there are at least ``min_units`` units
+    where the blocks allow (progress is saved that often even on small jobs).
+    """
+    if n_blocks <= 0:
+        return []
+    per = max(1, math.ceil(partial_bytes / (max_overhead * max(block_bytes, 1))))
+    per = min(per, max(1, math.ceil(n_blocks / max(min_units, 1))))
+    return [range(i, min(i + per, n_blocks)) for i in range(0, n_blocks, per)]
+
+
+def merge_tree(n: int, fan_in: int = 8) -> list[list[range]]:
+    """Levels of a fixed merge tree over ``n`` leaves in row order.
+
+    Level k is a list of ranges of indices into level k-1's outputs (level 0 merges leaves).
+    The tree depends only on (n, fan_in), so merge order, and therefore float64 round-off,
+    is the same whoever computes which leaf, in whatever order, and on resume.
+    """
+    if fan_in < 2:
+        raise ValueError("fan_in must be >= 2")
+    levels = []
+    width = n
+    while width > 1:
+        groups = [range(i, min(i + fan_in, width)) for i in range(0, width, fan_in)]
+        levels.append(groups)
+        width = len(groups)
+    return levels
+
+
+def partial_bytes(dim_a: int, dim_b: int, gram: bool) -> int:
+    """Size of one float64 partial: cross (+ Gram matrices) and means."""
+    d2 = dim_a * dim_b + (dim_a * dim_a + dim_b * dim_b if gram else 0)
+    return 8 * (d2 + dim_a + dim_b + 4)
+
+
+def fit_task_bytes(rows: int, dim_a: int, dim_b: int, item_a: int, item_b: int,
+                   gram: bool, fan_in: int = 8) -> int:
+    """Peak memory of one fit task, roughly: the two blocks as read, their centred float32
+    copies (float64 for float64 input), and the partials a merge task holds at once."""
+    work = 8 if max(item_a, item_b) == 8 else 4
+    data = rows * (dim_a * (item_a + work) + dim_b * (item_b + work))
+    return data + (fan_in + 1) * partial_bytes(dim_a, dim_b, gram)
+
+
+def apply_task_bytes(rows: int, dim_a: int, dim_b: int, item_in: int, item_out: int) -> int:
+    """Peak memory of one apply task: the source block, its working copy, the output."""
+    work = 8 if item_out == 8 else 4
+    return rows * (dim_a * (item_in + work) + dim_b * (work + item_out)) + 8 * dim_a * dim_b

@@ -1,0 +1,230 @@
+"""Sufficient statistics of paired rows: compute from a block, merge, read off.
+
+Everything a fit needs is a handful of small sums over paired rows ``a_i`` (dA) and
+``b_i`` (dB). We keep them *centred*, in float64:
+
+=========  ===========================================  ==========
+field      value                                        shape
+=========  ===========================================  ==========
+n          number of pairs                              int
+mean_a     mean of a_i                                  (dA,)
+mean_b     mean of b_i                                  (dB,)
+cross      sum (a_i - mean_a)(b_i - mean_b)^T           (dA, dB)
+sq_a       sum ||a_i - mean_a||^2                       float
+sq_b       sum ||b_i - mean_b||^2                       float
+gram_a     sum (a_i - mean_a)(a_i - mean_a)^T or None   (dA, dA)
+gram_b     sum (b_i - mean_b)(b_i - mean_b)^T or None   (dB, dB)
+=========  ===========================================  ==========
+
+Two partials of disjoint row ranges merge exactly with the pairwise update of Chan, Golub
+and LeVeque, so a tree of merges, a checkpoint of partials and a resume are one algebra.
+The uncentred sums follow without cancellation (``raw_cross = cross + n mean_a mean_b^T``).
+
+Pure numpy: no Dask, no Zarr.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Optional
+
+import numpy as np
+
+from .errors import NonFiniteError
+
+__all__ = ["Moments", "block_moments", "merge", "merge_all", "NonFiniteError"]
+
+
+@dataclass(frozen=True, eq=False)
+class Moments:
+    """Centred float64 sufficient statistics of a set of paired rows (see module doc)."""
+
+    n: int
+    mean_a: np.ndarray
+    mean_b: np.ndarray
+    cross: np.ndarray
+    sq_a: float
+    sq_b: float
+    gram_a: Optional[np.ndarray] = None
+    gram_b: Optional[np.ndarray] = None
+
+    @property
+    def dims(self) -> tuple[int, int]:
+        return self.mean_a.shape[0], self.mean_b.shape[0]
+
+    @property
+    def has_gram(self) -> bool:
+        return self.gram_a is not None
+
+    @classmethod
+    def empty(cls, dim_a: int, dim_b: int, gram: bool = False) -> "Moments":
+        z = np.zeros
+        return cls(
+            0, z(dim_a), z(dim_b), z((dim_a, dim_b)), 0.0, 0.0,
+            z((dim_a, dim_a)) if gram else None, z((dim_b, dim_b)) if gram else None,
+        )
+
+    # ---- uncentred sums, by addition only (no cancellation) -----------------------
+    def raw_cross(self) -> np.ndarray:
+        """sum a_i b_i^T, (dA, dB) float64."""
+        return self.cross + self.n * np.outer(self.mean_a, self.mean_b)
+
+    def raw_sq(self) -> tuple[float, float]:
+        """(sum ||a_i||^2, sum ||b_i||^2)."""
+        return (self.sq_a + self.n * float(self.mean_a @ self.mean_a),
+                self.sq_b + self.n * float(self.mean_b @ self.mean_b))
+
+    def raw_gram(self) -> tuple[np.ndarray, np.ndarray]:
+        """(A^T A, B^T B) uncentred, float64."""
+        self._need_gram()
+        return (self.gram_a + self.n * np.outer(self.mean_a, self.mean_a),
+                self.gram_b + self.n * np.outer(self.mean_b, self.mean_b))
+
+    def _need_gram(self) -> None:
+        if not self.has_gram:
+            raise ValueError("these statistics were accumulated without Gram matrices "
+                             "(fit with diagnostics=True to get them)")
+
+    # ---- serialisation (checkpoints) ----------------------------------------------
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        out = {f.name: np.asarray(getattr(self, f.name)) for f in fields(self)
+               if getattr(self, f.name) is not None}
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays) -> "Moments":
+        get = lambda k: np.asarray(arrays[k]) if k in arrays else None  # noqa: E731
+        return cls(int(get("n")), get("mean_a"), get("mean_b"), get("cross"),
+                   float(get("sq_a")), float(get("sq_b")), get("gram_a"), get("gram_b"))
+
+    def equals(self, other: "Moments") -> bool:
+        """Bit-for-bit equality (used by resume tests and checkpoint validation)."""
+        a, b = self.to_arrays(), other.to_arrays()
+        return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _centre(x: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return (float64 mean, centred x in ``dtype``, float64 residual mean of the centred x).
+
+    The mean is computed in float64; it is subtracted after rounding to ``dtype``, so the
+    centred block keeps a tiny residual mean ``r = mean - round(mean)``, which the caller
+    corrects for exactly.
+    """
+    mean = x.mean(axis=0, dtype=np.float64)
+    m = mean.astype(dtype)
+    xc = np.subtract(x, m, dtype=dtype)
+    return mean, xc, mean - m.astype(np.float64)
+
+
+def block_moments(a: np.ndarray, b: np.ndarray, *, gram: bool = False,
+                  normalize: bool = False, dtype=None, start: int = 0) -> Moments:
+    """Statistics of one block of paired rows.
+
+    Parameters
+    ----------
+    a, b : (n, dA), (n, dB) float16/32/64 arrays, row i of ``a`` paired with row i of ``b``.
+    gram : also accumulate the centred Gram matrices (for diagnostics / least squares).
+    normalize : L2-normalise each row first.
+    dtype : dtype of the GEMMs (float32 or float64); default: float64 for float64 input,
+        else float32. ``C64 += X32^T Y32`` runs at float32 GEMM speed; the centring is done
+        first, in float64-accurate form, so the float32 GEMM only sees small numbers.
+    start : global index of the block's first row, used in error messages.
+
+    Raises
+    ------
+    NonFiniteError if the block holds NaN/Inf, or a zero-norm row with ``normalize``.
+    """
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[0]:
+        raise ValueError(f"paired blocks must be 2-D with equal row counts, got {a.shape} and {b.shape}")
+    n = a.shape[0]
+    if n == 0:
+        return Moments.empty(a.shape[1], b.shape[1], gram)
+    if dtype is None:
+        dtype = np.float64 if (a.dtype == np.float64 or b.dtype == np.float64) else np.float32
+    dtype = np.dtype(dtype)
+    if normalize:
+        a = normalize_rows(a, dtype, start, "source")
+        b = normalize_rows(b, dtype, start, "target")
+    mean_a, ac, ra = _centre(a, dtype)
+    mean_b, bc, rb = _centre(b, dtype)
+    # NaN/Inf anywhere in a column makes its float64 mean non-finite: a free check.
+    check_finite(mean_a, a, start, "source")
+    check_finite(mean_b, b, start, "target")
+    # sum (a - mean)(b - mean)^T = ac^T bc - n ra rb^T   (ra: residual mean of ac)
+    cross = (ac.T @ bc).astype(np.float64) - n * np.outer(ra, rb)
+    sq_a = float(_row_sq(ac).sum()) - n * float(ra @ ra)
+    sq_b = float(_row_sq(bc).sum()) - n * float(rb @ rb)
+    ga = gb = None
+    if gram:
+        ga = (ac.T @ ac).astype(np.float64) - n * np.outer(ra, ra)
+        gb = (bc.T @ bc).astype(np.float64) - n * np.outer(rb, rb)
+    return Moments(n, mean_a, mean_b, cross, sq_a, sq_b, ga, gb)
+
+
+def _row_sq(x: np.ndarray) -> np.ndarray:
+    """Per-row squared norms, summed in the block dtype over d terms, returned float64."""
+    return np.einsum("ij,ij->i", x, x).astype(np.float64)
+
+
+def normalize_rows(x: np.ndarray, dtype, start: int = 0, side: str = "source") -> np.ndarray:
+    """L2-normalise rows of ``x`` (n, d) into ``dtype``; zero or non-finite norms raise."""
+    x = np.asarray(x, dtype=dtype)
+    norms = np.sqrt(_row_sq(x))
+    bad = ~(np.isfinite(norms) & (norms > 0))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        what = "a zero-norm row (cannot normalise)" if np.isfinite(norms[i]) else "NaN or Inf"
+        raise NonFiniteError(f"{side} row {start + i} holds {what} "
+                             f"(block rows {start}:{start + len(x)})")
+    return x / norms.astype(dtype)[:, None]
+
+
+def check_finite(colsum: np.ndarray, x: np.ndarray, start: int, side: str) -> None:
+    """Raise NonFiniteError naming the first bad row if ``colsum`` (a float64 column sum or
+    mean of ``x``) is not finite. Finite float16/32 values cannot overflow a float64 sum,
+    so a finite ``colsum`` proves the block clean at no extra pass."""
+    if np.isfinite(colsum).all():
+        return
+    rows = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    i = int(rows[0]) if rows.size else 0
+    raise NonFiniteError(f"{side} row {start + i} holds NaN or Inf "
+                         f"({rows.size} bad rows in block rows {start}:{start + len(x)})")
+
+
+def merge(p: Moments, q: Moments) -> Moments:
+    """Exact pairwise merge of the statistics of two disjoint row sets (Chan et al.)."""
+    if p.dims != q.dims:
+        raise ValueError(f"cannot merge statistics of dims {p.dims} and {q.dims}")
+    if p.has_gram != q.has_gram:
+        raise ValueError("cannot merge statistics with and without Gram matrices")
+    if q.n == 0:
+        return p
+    if p.n == 0:
+        return q
+    n = p.n + q.n
+    w = p.n * q.n / n
+    da = q.mean_a - p.mean_a
+    db = q.mean_b - p.mean_b
+    out = Moments(
+        n,
+        p.mean_a + da * (q.n / n),
+        p.mean_b + db * (q.n / n),
+        p.cross + q.cross + w * np.outer(da, db),
+        p.sq_a + q.sq_a + w * float(da @ da),
+        p.sq_b + q.sq_b + w * float(db @ db),
+    )
+    if p.has_gram:
+        out = replace(out, gram_a=p.gram_a + q.gram_a + w * np.outer(da, da),
+                      gram_b=p.gram_b + q.gram_b + w * np.outer(db, db))
+    return out
+
+
+def merge_all(parts) -> Moments:
+    """Merge a non-empty sequence of partials left to right (a fixed order)."""
+    parts = list(parts)
+    if not parts:
+        raise ValueError("nothing to merge")
+    out = parts[0]
+    for p in parts[1:]:
+        out = merge(out, p)
+    return out

@@ -1,0 +1,147 @@
+"""The Transform artifact: what a fit produces and an apply uses.
+
+A Transform maps a source row x (dA,) to the target space (dB,):
+
+    y = (normalize(x) - source_mean) * scale @ rotation + target_mean
+
+with ``normalize`` the optional row L2-normalisation the fit used. It is saved as a small
+Zarr group: arrays ``rotation`` (dA, dB), ``source_mean`` (dA,), ``target_mean`` (dB,),
+``singular_values`` and JSON attributes ``bigalign`` = {format, options, metadata}.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from .stats import normalize_rows, check_finite
+
+FORMAT = "bigalign.transform/1"
+
+__all__ = ["Transform", "map_rows", "FORMAT"]
+
+
+def map_rows(x: np.ndarray, matrix: np.ndarray, source_mean: np.ndarray,
+             target_mean: np.ndarray, *, normalize: bool = False, renormalize: bool = False,
+             dtype=np.float32, start: int = 0) -> np.ndarray:
+    """The apply kernel, shared by Transform.transform and the streaming apply.
+
+    x : (n, dA) float16/32/64 block. ``matrix`` : (dA, dB) = scale * rotation, already in the
+    compute dtype (float64 for float64 output, else float32). Returns (n, dB) in ``dtype``.
+    Raises NonFiniteError naming the first bad row (``start`` is the block's global offset).
+    """
+    work = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+    if normalize:
+        x = normalize_rows(x, work, start, "source")
+    else:
+        x = np.asarray(x, dtype=work)
+    xc = x - source_mean.astype(work)
+    y = xc @ matrix
+    y += target_mean.astype(work)
+    check_finite(y.sum(axis=0, dtype=np.float64), x, start, "source")
+    if renormalize:
+        y /= np.linalg.norm(y, axis=1, keepdims=True).clip(min=np.finfo(work).tiny)
+    return y.astype(dtype, copy=False)
+
+
+@dataclass
+class Transform:
+    """A fitted alignment (scikit-learn style: learned attributes are plain fields).
+
+    rotation : (dA, dB) float64, orthonormal rows (dA <= dB) or columns (dA > dB).
+    source_mean : (dA,) float64, zeros unless the fit centred.
+    target_mean : (dB,) float64, zeros unless the fit centred.
+    scale : float, 1.0 unless a similarity scale was fitted.
+    options : the fit options (center, normalize, scale, reflection, rows, ...).
+    metadata : n_pairs, dims, singular values summary, residuals, discrepancy, version, ...
+    """
+
+    rotation: np.ndarray
+    source_mean: np.ndarray
+    target_mean: np.ndarray
+    scale: float = 1.0
+    options: dict = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
+    singular_values: Optional[np.ndarray] = None
+
+    @property
+    def dims(self) -> tuple[int, int]:
+        return self.rotation.shape
+
+    @property
+    def normalize(self) -> bool:
+        return bool(self.options.get("normalize", False))
+
+    def matrix(self, dtype=np.float32) -> np.ndarray:
+        """scale * rotation in the compute dtype for output ``dtype``."""
+        work = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+        return (self.scale * self.rotation).astype(work)
+
+    def transform(self, x, *, dtype=None, renormalize: bool = False) -> np.ndarray:
+        """Map an in-memory block (n, dA) or a single row (dA,) exactly as ``apply`` does."""
+        x = np.asarray(x)
+        single = x.ndim == 1
+        x2 = x[None, :] if single else x
+        if x2.ndim != 2 or x2.shape[1] != self.dims[0]:
+            raise ValueError(f"expected rows of dimension {self.dims[0]}, got shape {x.shape}")
+        if dtype is None:
+            dtype = np.float64 if x.dtype == np.float64 else np.float32
+        y = map_rows(x2, self.matrix(dtype), self.source_mean, self.target_mean,
+                     normalize=self.normalize, renormalize=renormalize, dtype=dtype)
+        return y[0] if single else y
+
+    __call__ = transform
+
+    def inverse(self) -> "Transform":
+        """The map back from target to source space (exact when dA == dB; for dA < dB it is
+        the least-squares inverse, projecting onto the fitted subspace)."""
+        if self.normalize:
+            raise ValueError("a transform fitted with normalize=True has no exact inverse")
+        return Transform(self.rotation.T.copy(), self.target_mean.copy(),
+                         self.source_mean.copy(), 1.0 / self.scale,
+                         dict(self.options, inverted=True), dict(self.metadata),
+                         self.singular_values)
+
+    # ---- storage ------------------------------------------------------------------
+    def save(self, path, *, overwrite: bool = False, storage_options: Optional[dict] = None) -> None:
+        """Write as a Zarr group at a local path or fsspec URL."""
+        import zarr
+
+        group = zarr.open_group(path, mode="w" if overwrite else "w-",
+                                storage_options=storage_options)
+        for name in ("rotation", "source_mean", "target_mean", "singular_values"):
+            value = getattr(self, name)
+            if value is not None:
+                group.create_array(name, data=np.asarray(value, dtype=np.float64),
+                                   compressors=None)
+        # the attribute goes last: a group without it is an unfinished save
+        group.attrs["bigalign"] = _jsonable({
+            "format": FORMAT, "scale": self.scale, "options": self.options,
+            "metadata": self.metadata})
+
+    @classmethod
+    def load(cls, path, *, storage_options: Optional[dict] = None) -> "Transform":
+        """Read a Transform saved with :meth:`save`."""
+        import zarr
+
+        try:
+            group = zarr.open_group(path, mode="r", storage_options=storage_options)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
+            raise FileNotFoundError(f"no transform at {path!r}") from e
+        attrs = group.attrs.get("bigalign")
+        if not attrs or attrs.get("format") != FORMAT:
+            raise ValueError(f"{path!r} is not a complete bigalign transform "
+                             f"(missing or unknown 'bigalign' attribute)")
+        arrays = {k: np.asarray(group[k][...]) for k in
+                  ("rotation", "source_mean", "target_mean", "singular_values") if k in group}
+        return cls(arrays["rotation"], arrays["source_mean"], arrays["target_mean"],
+                   float(attrs["scale"]), attrs.get("options", {}), attrs.get("metadata", {}),
+                   arrays.get("singular_values"))
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON types (numpy scalars and arrays become floats and lists)."""
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
