@@ -21,7 +21,7 @@ from .checkpoint import Progress
 from .cluster import session
 from .engine import apply_graph, fit_graph
 from .errors import CheckpointError, InputError
-from .plan import (DEFAULT_BLOCK_BYTES, choose_block_rows, common_step, partial_bytes,
+from .plan import (DEFAULT_BLOCK_BYTES, MIN_BLOCKS, choose_block_rows, common_step, partial_bytes,
                    plan_blocks, plan_units)
 from .solve import discrepancy, paper_bound, procrustes
 from .stores import create_output, open_embeddings, parse_rows, validate_pair
@@ -150,11 +150,10 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
             log.warning("source and target chunkings (%d and %d rows) share no small common "
                         "multiple: target chunks on task boundaries are read twice",
                         src.row_step, tgt.row_step)
-        per = choose_block_rows(stop - start, step, row_bytes, block_bytes,
-                                min_blocks=2 * s.workers)
+        per = choose_block_rows(stop - start, step, row_bytes, block_bytes, MIN_BLOCKS)
         n_blocks = len(plan_blocks(start, stop, step, per))
         units = plan_units(n_blocks, per * row_bytes, partial_bytes(dim_a, dim_b, gram),
-                           min_units=2 * s.workers)
+                           min_units=MIN_BLOCKS)
         plan = {"step": step, "rows_per_block": per, "blocks_per_unit": len(units[0])}
         done: set[int] = set()
         lease = prog.lease() if prog else None
@@ -306,8 +305,7 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
             resuming = False
         with session(**_run_options(scheduler, workers, memory_limit, threads, progress)) as s:
             step, aligned = common_step([chunk, src.row_step], row_bytes, block_bytes)
-            per = choose_block_rows(src.rows, step, row_bytes, block_bytes,
-                                    min_blocks=2 * s.workers)
+            per = choose_block_rows(src.rows, step, row_bytes, block_bytes, MIN_BLOCKS)
             plan = prog.begin("apply", fingerprint, {"step": step, "rows_per_block": per})
             blocks = plan_blocks(0, src.rows, plan["step"], plan["rows_per_block"])
             if resuming:

@@ -26,15 +26,6 @@ class Session:
         self.threads = threads
         self.progress = progress
 
-    @property
-    def workers(self) -> int:
-        """Parallel task slots, to size the plan so small inputs still use them all."""
-        if self.client is not None:
-            info = self.client.scheduler_info()
-            return max(1, sum(w.get("nthreads", 1) for w in info.get("workers", {}).values()))
-        import os
-        return self.threads or os.cpu_count() or 1
-
     def get(self, graph: dict, key):
         """Compute ``key`` of a raw task graph; exceptions of tasks propagate unchanged."""
         if self.client is not None:

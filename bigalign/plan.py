@@ -20,6 +20,11 @@ __all__ = ["Block", "common_step", "choose_block_rows", "plan_blocks", "partial_
 #: of them amortises Dask's per-task overhead (~1 ms) to nothing.
 DEFAULT_BLOCK_BYTES = 64 * 2**20
 
+#: Small inputs are still split into at least this many blocks (and checkpoint units) so
+#: every worker gets work. A constant, not the worker count: the plan, and so the float64
+#: merge order and the result, must not depend on how many workers run it.
+MIN_BLOCKS = 16
+
 
 @dataclass(frozen=True)
 class Block:

@@ -103,14 +103,16 @@ class Moments:
         return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def _centre(x: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _centre(x: np.ndarray, dtype, start: int, side: str):
     """Return (float64 mean, centred x in ``dtype``, float64 residual mean of the centred x).
 
     The mean is computed in float64; it is subtracted after rounding to ``dtype``, so the
     centred block keeps a tiny residual mean ``r = mean - round(mean)``, which the caller
-    corrects for exactly.
+    corrects for exactly. NaN/Inf anywhere in a column makes its float64 mean non-finite:
+    a free check, done before any other arithmetic.
     """
     mean = x.mean(axis=0, dtype=np.float64)
+    check_finite(mean, x, start, side)
     m = mean.astype(dtype)
     xc = np.subtract(x, m, dtype=dtype)
     return mean, xc, mean - m.astype(np.float64)
@@ -145,11 +147,8 @@ def block_moments(a: np.ndarray, b: np.ndarray, *, gram: bool = False,
     if normalize:
         a = normalize_rows(a, dtype, start, "source")
         b = normalize_rows(b, dtype, start, "target")
-    mean_a, ac, ra = _centre(a, dtype)
-    mean_b, bc, rb = _centre(b, dtype)
-    # NaN/Inf anywhere in a column makes its float64 mean non-finite: a free check.
-    check_finite(mean_a, a, start, "source")
-    check_finite(mean_b, b, start, "target")
+    mean_a, ac, ra = _centre(a, dtype, start, "source")
+    mean_b, bc, rb = _centre(b, dtype, start, "target")
     # sum (a - mean)(b - mean)^T = ac^T bc - n ra rb^T   (ra: residual mean of ac)
     cross = (ac.T @ bc).astype(np.float64) - n * np.outer(ra, rb)
     sq_a = float(_row_sq(ac).sum()) - n * float(ra @ ra)

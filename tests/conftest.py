@@ -1,0 +1,48 @@
+"""Shared fixtures: small Zarr arrays on disk and the real embedding samples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def write_zarr(path, data, chunk_rows, **kw):
+    """Write ``data`` as an uncompressed row-chunked Zarr array; return its path as str."""
+    zarr.create_array(str(path), data=np.asarray(data), chunks=(chunk_rows, data.shape[1]),
+                      compressors=None, overwrite=True, **kw)
+    return str(path)
+
+
+def planted(n, dim_a, dim_b=None, *, noise=0.01, offset_a=0.0, offset_b=0.0, seed=0,
+            dtype=np.float32):
+    """Paired rows B = A Q + noise with a known Q (dA, dB) with orthonormal rows/cols."""
+    dim_b = dim_b or dim_a
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((max(dim_a, dim_b), max(dim_a, dim_b))))
+    q = q[:dim_a, :dim_b]
+    a = rng.standard_normal((n, dim_a))
+    b = a @ q + noise * rng.standard_normal((n, dim_b))
+    return (a + offset_a).astype(dtype), (b + offset_b).astype(dtype), q
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """Factory: write a planted pair to Zarr; returns (src_url, tgt_url, A, B, Q)."""
+    def make(n=2000, dim_a=16, dim_b=None, chunk_a=300, chunk_b=None, **kw):
+        a, b, q = planted(n, dim_a, dim_b, **kw)
+        s = write_zarr(tmp_path / "src.zarr", a, chunk_a)
+        t = write_zarr(tmp_path / "tgt.zarr", b, chunk_b or chunk_a)
+        return s, t, a, b, q
+    return make
+
+
+def load_shared(name):
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"real embedding sample {path} not available")
+    return np.load(path)

@@ -1,0 +1,149 @@
+import numpy as np
+import pytest
+import scipy.linalg
+import zarr
+
+import bigalign
+from bigalign.errors import InputError, NonFiniteError
+from conftest import planted, write_zarr
+
+
+def oracle_rotation(a, b, center):
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    if center:
+        a, b = a - a.mean(0), b - b.mean(0)
+    return scipy.linalg.orthogonal_procrustes(a, b)[0]
+
+
+@pytest.mark.parametrize("n,chunk_a,chunk_b", [
+    (1000, 300, 300),     # ragged last chunk
+    (1000, 1000, 1000),   # one chunk
+    (37, 1, 1),           # one row per chunk
+    (1000, 200, 300),     # different chunkings (lcm-aligned tasks)
+])
+@pytest.mark.parametrize("center", [False, True])
+def test_fit_matches_scipy_across_chunkings(tmp_path, n, chunk_a, chunk_b, center):
+    a, b, _ = planted(n, 8, noise=0.3, offset_a=2.0, offset_b=-1.0, seed=n)
+    s = write_zarr(tmp_path / "a.zarr", a, chunk_a)
+    t = write_zarr(tmp_path / "b.zarr", b, chunk_b)
+    tr = bigalign.fit(s, t, center=center, block_bytes=4096)
+    np.testing.assert_allclose(tr.rotation, oracle_rotation(a, b, center), atol=1e-5)
+    assert tr.metadata["n_pairs"] == n
+
+
+@pytest.mark.parametrize("dtype,atol", [("float16", 1e-3), ("float32", 1e-5), ("float64", 1e-11)])
+def test_fit_dtypes(tmp_path, dtype, atol):
+    a, b, _ = planted(800, 10, noise=0.2, seed=1, dtype=dtype)
+    s, t = write_zarr(tmp_path / "a.zarr", a, 100), write_zarr(tmp_path / "b.zarr", b, 100)
+    tr = bigalign.fit(s, t, center=True, block_bytes=8192)
+    np.testing.assert_allclose(tr.rotation, oracle_rotation(a, b, True), atol=atol)
+    assert tr.options["precision"] == ("float64" if dtype == "float64" else "float32")
+
+
+def test_float64_precision_option(tmp_path):
+    a, b, _ = planted(500, 6, noise=0.2, seed=9)
+    s, t = write_zarr(tmp_path / "a.zarr", a, 100), write_zarr(tmp_path / "b.zarr", b, 100)
+    tr = bigalign.fit(s, t, center=True, precision="float64")
+    np.testing.assert_allclose(tr.rotation, oracle_rotation(a, b, True), atol=1e-12)
+
+
+@pytest.mark.parametrize("da,db", [(6, 12), (12, 6)])
+def test_unequal_dims_fit_and_apply(tmp_path, da, db):
+    a, b, _ = planted(600, da, db, noise=0.1, seed=2)
+    s, t = write_zarr(tmp_path / "a.zarr", a, 128), write_zarr(tmp_path / "b.zarr", b, 128)
+    tr = bigalign.fit(s, t, center=True)
+    assert tr.rotation.shape == (da, db)
+    ac, bc = a - a.mean(0, dtype=np.float64), b - b.mean(0, dtype=np.float64)
+    assert tr.metadata["residual"] == pytest.approx(np.sum((ac @ tr.rotation - bc) ** 2), rel=1e-4)
+    bigalign.apply(tr, s, str(tmp_path / "o.zarr"))
+    out = zarr.open_array(str(tmp_path / "o.zarr"))
+    assert out.shape == (600, db)
+
+
+def test_options_scale_normalize_reflection(tmp_path):
+    a, b, _ = planted(700, 5, noise=0.1, seed=3)
+    b = 3 * b
+    s, t = write_zarr(tmp_path / "a.zarr", a, 100), write_zarr(tmp_path / "b.zarr", b, 100)
+    assert bigalign.fit(s, t, scale=True).scale == pytest.approx(3, rel=0.02)
+    b[:, 0] *= -1
+    s, t = write_zarr(tmp_path / "a.zarr", a, 100), write_zarr(tmp_path / "b.zarr", b, 100)
+    assert np.linalg.det(bigalign.fit(s, t).rotation) == pytest.approx(-1.0)
+    tr = bigalign.fit(s, t, reflection=False)
+    assert np.linalg.det(tr.rotation) == pytest.approx(1.0)
+    trn = bigalign.fit(s, t, normalize=True)
+    an = a / np.linalg.norm(a, axis=1, keepdims=True)
+    bn = b / np.linalg.norm(b, axis=1, keepdims=True)
+    np.testing.assert_allclose(trn.rotation, oracle_rotation(an, bn, False), atol=1e-5)
+
+
+def test_rows_range_is_a_training_split(tmp_path):
+    a, b, _ = planted(1000, 6, noise=0.3, seed=4)
+    s, t = write_zarr(tmp_path / "a.zarr", a, 64), write_zarr(tmp_path / "b.zarr", b, 64)
+    tr = bigalign.fit(s, t, rows="100:700", center=True)
+    np.testing.assert_allclose(tr.rotation, oracle_rotation(a[100:700], b[100:700], True),
+                               atol=1e-5)
+    assert tr.metadata["n_pairs"] == 600 and tr.options["rows"] == [100, 700]
+
+
+def test_result_independent_of_threads_and_blocks(tmp_path):
+    a, b, _ = planted(3000, 8, noise=0.3, seed=5, offset_a=1.0)
+    s, t = write_zarr(tmp_path / "a.zarr", a, 100), write_zarr(tmp_path / "b.zarr", b, 100)
+    r1 = bigalign.fit(s, t, center=True, threads=1, block_bytes=20000)
+    r2 = bigalign.fit(s, t, center=True, threads=2, block_bytes=20000)
+    assert np.array_equal(r1.rotation, r2.rotation)  # fixed merge tree: bit-identical
+    r3 = bigalign.fit(s, t, center=True, block_bytes=200000)
+    np.testing.assert_allclose(r1.rotation, r3.rotation, atol=1e-9)
+
+
+def test_apply_matches_in_memory_transform(tmp_path):
+    a, b, _ = planted(1000, 8, noise=0.1, offset_a=3.0, seed=6)
+    s, t = write_zarr(tmp_path / "a.zarr", a, 96), write_zarr(tmp_path / "b.zarr", b, 96)
+    tr = bigalign.fit(s, t, center=True, scale=True, output=str(tmp_path / "t"))
+    for dtype in ("float32", "float64", "float16"):
+        out = str(tmp_path / f"o-{dtype}.zarr")
+        rep = bigalign.apply(str(tmp_path / "t"), s, out, dtype=dtype, block_bytes=5000)
+        arr = zarr.open_array(out)
+        assert arr.dtype == np.dtype(dtype) and arr.chunks == (96, 8)
+        assert arr.attrs["bigalign"]["complete"] is True
+        np.testing.assert_array_equal(arr[:], tr.transform(a, dtype=dtype))
+        assert rep.rows == 1000 and rep.tasks > 1
+    # renormalize + compression
+    out = str(tmp_path / "o-r.zarr")
+    bigalign.apply(tr, s, out, renormalize=True, compression="lz4", chunk_rows=192)
+    y = zarr.open_array(out)[:]
+    np.testing.assert_allclose(np.linalg.norm(y, axis=1), 1, atol=1e-5)
+    assert bigalign.output_status(out)["complete"]
+    # source untouched
+    np.testing.assert_array_equal(zarr.open_array(s)[:], a)
+
+
+def test_up_front_errors(tmp_path):
+    a, b, _ = planted(100, 4)
+    s, t = write_zarr(tmp_path / "a.zarr", a, 10), write_zarr(tmp_path / "b.zarr", b[:90], 10)
+    with pytest.raises(InputError, match="100 rows but target has 90"):
+        bigalign.fit(s, t)
+    t = write_zarr(tmp_path / "b.zarr", b, 10)
+    bigalign.fit(s, t, output=str(tmp_path / "t"))
+    with pytest.raises(InputError, match="already exists"):
+        bigalign.fit(s, t, output=str(tmp_path / "t"))
+    bigalign.fit(s, t, output=str(tmp_path / "t"), overwrite=True)
+    bigalign.apply(str(tmp_path / "t"), s, str(tmp_path / "o.zarr"))
+    with pytest.raises(InputError, match="already complete"):
+        bigalign.apply(str(tmp_path / "t"), s, str(tmp_path / "o.zarr"))
+    with pytest.raises(InputError, match="dimension 3 but the transform maps dimension 4"):
+        bigalign.apply(str(tmp_path / "t"), write_zarr(tmp_path / "c.zarr", a[:, :3], 10),
+                       str(tmp_path / "o2.zarr"))
+    with pytest.raises(InputError, match="never modified"):
+        bigalign.apply(str(tmp_path / "t"), s, s)
+
+
+def test_nan_found_while_streaming_names_rows(tmp_path):
+    a, b, _ = planted(500, 4)
+    a[321, 2] = np.nan
+    s, t = write_zarr(tmp_path / "a.zarr", a, 50), write_zarr(tmp_path / "b.zarr", b, 50)
+    with pytest.raises(NonFiniteError, match="source row 321"):
+        bigalign.fit(s, t, block_bytes=1000)
+    tr = bigalign.fit(s, t, rows="0:300")
+    with pytest.raises(NonFiniteError, match="source row 321"):
+        bigalign.apply(tr, s, str(tmp_path / "o.zarr"), block_bytes=1000)
+    assert not bigalign.output_status(str(tmp_path / "o.zarr"))["complete"]

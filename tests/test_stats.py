@@ -1,0 +1,140 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from bigalign.errors import NonFiniteError
+from bigalign.stats import Moments, block_moments, merge, merge_all
+
+
+def oracle(a, b):
+    """float64 two-pass in-memory reference."""
+    a = a.astype(np.float64)
+    b = b.astype(np.float64)
+    ac, bc = a - a.mean(0), b - b.mean(0)
+    return dict(n=len(a), mean_a=a.mean(0), mean_b=b.mean(0), cross=ac.T @ bc,
+                sq_a=(ac * ac).sum(), sq_b=(bc * bc).sum(), gram_a=ac.T @ ac, gram_b=bc.T @ bc)
+
+
+def assert_close(m: Moments, ref, rtol=1e-10, atol=0.0):
+    assert m.n == ref["n"]
+    for k in ("mean_a", "mean_b", "cross", "sq_a", "sq_b", "gram_a", "gram_b"):
+        got = getattr(m, k)
+        if got is None:
+            continue
+        scale = max(np.abs(ref[k]).max(), 1e-30)
+        np.testing.assert_allclose(got, ref[k], rtol=0, atol=rtol * scale + atol, err_msg=k)
+
+
+def data(n, da, db, seed=0, offset=0.0, dtype=np.float64):
+    r = np.random.default_rng(seed)
+    return ((r.standard_normal((n, da)) + offset).astype(dtype),
+            (r.standard_normal((n, db)) - offset).astype(dtype))
+
+
+@pytest.mark.parametrize("da,db", [(5, 5), (3, 8), (8, 3)])
+def test_block_float64_matches_oracle(da, db):
+    a, b = data(200, da, db)
+    assert_close(block_moments(a, b, gram=True), oracle(a, b), rtol=1e-12)
+
+
+def test_float32_gemm_accuracy_documented():
+    # float32 GEMMs on centred blocks, float64 sums: relative error ~1e-6 of the scale
+    a, b = data(5000, 32, 24, dtype=np.float32)
+    m = block_moments(a, b, gram=True)
+    assert m.cross.dtype == np.float64
+    assert_close(m, oracle(a, b), rtol=2e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 60), min_size=1, max_size=8), st.integers(0, 10**6))
+def test_merge_of_any_split_equals_whole(sizes, seed):
+    a, b = data(sum(sizes), 4, 3, seed=seed, offset=3.0)
+    bounds = np.cumsum([0] + sizes)
+    parts = [block_moments(a[i:j], b[i:j], gram=True) for i, j in zip(bounds[:-1], bounds[1:])]
+    assert_close(merge_all(parts), oracle(a, b), rtol=1e-11)
+    # merge is order-free up to round-off: reversed order and a balanced tree agree
+    assert_close(merge_all(parts[::-1]), oracle(a, b), rtol=1e-11)
+    if len(parts) >= 2:
+        h = len(parts) // 2
+        assert_close(merge(merge_all(parts[:h]), merge_all(parts[h:])), oracle(a, b), rtol=1e-11)
+
+
+def test_large_common_offset_is_stable():
+    # vectors with an offset 1e4 times their spread: raw sums minus n*mu*mu^T would lose
+    # every digit in float32 and most in float64; centred accumulation keeps them.
+    r = np.random.default_rng(1)
+    n, d = 20000, 8
+    a = (1e3 + 0.1 * r.standard_normal((n, d))).astype(np.float64)
+    b = (-1e3 + 0.1 * r.standard_normal((n, d))).astype(np.float64)
+    parts = [block_moments(a[i:i + 1000].astype(np.float32), b[i:i + 1000].astype(np.float32))
+             for i in range(0, n, 1000)]
+    m = merge_all(parts)
+    ref = oracle(a.astype(np.float32), b.astype(np.float32))
+    assert_close(m, ref, rtol=1e-4)
+    # the naive formula in float64 from raw float64 sums, for contrast, is far worse
+    a32, b32 = a.astype(np.float32).astype(np.float64), b.astype(np.float32).astype(np.float64)
+    naive = a32.T.astype(np.float32) @ b32.astype(np.float32) - n * np.outer(a32.mean(0), b32.mean(0))
+    assert np.abs(naive - ref["cross"]).max() > 100 * np.abs(m.cross - ref["cross"]).max()
+
+
+def test_float16_input_and_mixed_dims():
+    a, b = data(300, 6, 10, dtype=np.float16)
+    assert_close(block_moments(a, b, gram=True), oracle(a, b), rtol=1e-5)
+
+
+def test_normalize_rows():
+    a, b = data(50, 4, 4)
+    m = block_moments(a, b, normalize=True)
+    an = a / np.linalg.norm(a, axis=1, keepdims=True)
+    bn = b / np.linalg.norm(b, axis=1, keepdims=True)
+    assert_close(m, oracle(an, bn), rtol=1e-6)
+
+
+def test_nan_names_the_row():
+    a, b = data(100, 4, 4)
+    b[37, 2] = np.nan
+    with pytest.raises(NonFiniteError, match=r"target row 1037 .*1000:1100"):
+        block_moments(a, b, start=1000)
+    a[5, 0] = np.inf
+    with pytest.raises(NonFiniteError, match=r"source row 5"):
+        block_moments(a, b)
+
+
+def test_zero_norm_row_with_normalize():
+    a, b = data(10, 4, 4)
+    a[3] = 0
+    with pytest.raises(NonFiniteError, match=r"source row 3 holds a zero-norm row"):
+        block_moments(a, b, normalize=True)
+    block_moments(a, b)  # fine without normalisation
+
+
+def test_empty_block_and_merge_identity():
+    a, b = data(20, 3, 2)
+    e = block_moments(a[:0], b[:0], gram=True)
+    m = block_moments(a, b, gram=True)
+    assert e.n == 0
+    assert merge(e, m) is m and merge(m, e) is m
+
+
+def test_merge_rejects_mismatch():
+    a, b = data(20, 3, 2)
+    with pytest.raises(ValueError, match="dims"):
+        merge(block_moments(a, b), block_moments(b, a))
+    with pytest.raises(ValueError, match="Gram"):
+        merge(block_moments(a, b, gram=True), block_moments(a, b))
+
+
+def test_roundtrip_arrays():
+    a, b = data(20, 3, 2)
+    for gram in (True, False):
+        m = block_moments(a, b, gram=gram)
+        assert Moments.from_arrays(m.to_arrays()).equals(m)
+
+
+def test_raw_sums_follow_by_addition():
+    a, b = data(100, 3, 4, offset=2.0)
+    m = block_moments(a, b, gram=True)
+    np.testing.assert_allclose(m.raw_cross(), a.T @ b, rtol=1e-12)
+    ga, gb = m.raw_gram()
+    np.testing.assert_allclose(ga, a.T @ a, rtol=1e-12)
+    np.testing.assert_allclose(m.raw_sq(), [(a * a).sum(), (b * b).sum()], rtol=1e-12)

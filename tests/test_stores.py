@@ -1,0 +1,81 @@
+import os
+
+import numpy as np
+import pytest
+import zarr
+
+from bigalign.errors import ChunkReadError, InputError
+from bigalign.stores import create_output, open_embeddings, parse_rows, read_rows
+from conftest import write_zarr
+
+
+def test_opens_v3_and_v2(tmp_path):
+    x = np.arange(40, dtype=np.float32).reshape(10, 4)
+    for fmt in (2, 3):
+        p = write_zarr(tmp_path / f"v{fmt}.zarr", x, 3, zarr_format=fmt)
+        e = open_embeddings(p)
+        assert e.shape == (10, 4) and e.row_step == 3
+        assert np.array_equal(read_rows(e, 2, 7), x[2:7])
+        assert e.fingerprint()["zarr_format"] == fmt
+
+
+def test_sharded_row_step_is_the_shard(tmp_path):
+    zarr.create_array(str(tmp_path / "s.zarr"), shape=(100, 4), chunks=(10, 4), shards=(50, 4),
+                      dtype="f4", fill_value=0.0)[:] = 1.0
+    assert open_embeddings(str(tmp_path / "s.zarr")).row_step == 50
+
+
+@pytest.mark.parametrize("setup,message", [
+    (lambda p: None, "no such Zarr array"),
+    (lambda p: zarr.open_group(p, mode="w"), "Zarr group, not an array"),
+    (lambda p: zarr.create_array(p, shape=(10,), dtype="f4"), "expected a 2-D"),
+    (lambda p: zarr.create_array(p, shape=(10, 4), dtype="i4"), "not float16, float32 or float64"),
+    (lambda p: zarr.create_array(p, shape=(0, 4), dtype="f4"), "empty array"),
+    (lambda p: zarr.create_array(p, shape=(10, 4), chunks=(5, 2), dtype="f4"), "whole rows"),
+    (lambda p: os.makedirs(p), "not a readable Zarr array|no such Zarr array"),
+])
+def test_bad_inputs_named(tmp_path, setup, message):
+    p = str(tmp_path / "x.zarr")
+    setup(p)
+    with pytest.raises(InputError, match=message) as e:
+        open_embeddings(p, side="target")
+    assert "target" in str(e.value) and "x.zarr" in str(e.value)
+
+
+def test_missing_chunk_refused_up_front(tmp_path):
+    p = write_zarr(tmp_path / "m.zarr", np.ones((10, 4), np.float32), 3)
+    os.remove(tmp_path / "m.zarr" / "c" / "1" / "0")
+    with pytest.raises(InputError, match=r"1 of 4 chunks are not stored \(first missing: rows 3:6\)"):
+        open_embeddings(p)
+    open_embeddings(p, check_chunks=False)  # allowed on request
+
+
+def test_corrupt_chunk_named_while_reading(tmp_path):
+    p = write_zarr(tmp_path / "c.zarr", np.ones((10, 4), np.float32), 3)
+    with open(tmp_path / "c.zarr" / "c" / "2" / "0", "wb") as f:
+        f.write(b"garbage")
+    e = open_embeddings(p)
+    with pytest.raises(ChunkReadError, match=r"source rows 6:9 .*c\.zarr"):
+        read_rows(e, 6, 9)
+
+
+def test_parse_rows():
+    assert parse_rows(None, 10) == (0, 10)
+    assert parse_rows("2:5", 10) == (2, 5)
+    assert parse_rows(":5", 10) == (0, 5)
+    assert parse_rows("-3:", 10) == (7, 10)
+    assert parse_rows((1, 4), 10) == (1, 4)
+    for bad in ("5:2", "1", "a:b", "20:30"):
+        with pytest.raises(InputError):
+            parse_rows(bad, 10)
+
+
+def test_create_output_template(tmp_path):
+    out = create_output(str(tmp_path / "o.zarr"), rows=10, dim=3, chunk_rows=4, dtype="float32")
+    assert out.chunks == (4, 3) and out.compressors == ()
+    assert np.isnan(out[:]).all()  # unwritten rows read as NaN, not plausible zeros
+    with pytest.raises(InputError, match="already exists"):
+        create_output(str(tmp_path / "o.zarr"), rows=10, dim=3, chunk_rows=4, dtype="float32")
+    lz = create_output(str(tmp_path / "l.zarr"), rows=10, dim=3, chunk_rows=4, dtype="float32",
+                       compression="lz4")
+    assert len(lz.compressors) == 1

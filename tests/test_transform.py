@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+import zarr
+
+from bigalign import Transform
+from bigalign.errors import NonFiniteError
+from conftest import planted
+
+
+def make(dim_a=6, dim_b=6, normalize=False, seed=0):
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((max(dim_a, dim_b),) * 2))
+    return Transform(q[:dim_a, :dim_b], rng.standard_normal(dim_a), rng.standard_normal(dim_b),
+                     1.7, {"center": True, "normalize": normalize}, {"n_pairs": 10})
+
+
+def test_transform_matches_formula_and_dtypes():
+    t = make()
+    x = np.random.default_rng(1).standard_normal((50, 6))
+    ref = (x - t.source_mean) * t.scale @ t.rotation + t.target_mean
+    np.testing.assert_allclose(t.transform(x), ref, atol=1e-12)
+    y32 = t.transform(x.astype(np.float32))
+    assert y32.dtype == np.float32
+    np.testing.assert_allclose(y32, ref, atol=1e-5)
+    assert t.transform(x, dtype="float16").dtype == np.float16
+    np.testing.assert_allclose(t.transform(x[3]), ref[3], atol=1e-12)
+
+
+def test_normalize_and_renormalize():
+    t = make(normalize=True)
+    x = np.random.default_rng(2).standard_normal((20, 6))
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    ref = (xn - t.source_mean) * t.scale @ t.rotation + t.target_mean
+    np.testing.assert_allclose(t.transform(x), ref, atol=1e-12)
+    y = t.transform(x, renormalize=True)
+    np.testing.assert_allclose(np.linalg.norm(y, axis=1), 1.0, atol=1e-12)
+
+
+def test_nonfinite_input_named():
+    t = make()
+    x = np.ones((5, 6))
+    x[2, 1] = np.nan
+    with pytest.raises(NonFiniteError, match="row 2"):
+        t.transform(x)
+
+
+def test_wrong_dimension():
+    with pytest.raises(ValueError, match="dimension 6"):
+        make().transform(np.ones((3, 5)))
+
+
+def test_inverse_roundtrip():
+    t = make()
+    x = np.random.default_rng(3).standard_normal((10, 6))
+    np.testing.assert_allclose(t.inverse().transform(t.transform(x)), x, atol=1e-12)
+
+
+def test_save_load_roundtrip(tmp_path):
+    t = make(4, 7)
+    t.save(tmp_path / "t")
+    u = Transform.load(tmp_path / "t")
+    for k in ("rotation", "source_mean", "target_mean"):
+        assert np.array_equal(getattr(t, k), getattr(u, k))
+    assert u.scale == t.scale and u.options == t.options and u.metadata == t.metadata
+    with pytest.raises(Exception):
+        t.save(tmp_path / "t")  # refuses to overwrite by default
+    t.save(tmp_path / "t", overwrite=True)
+
+
+def test_unfinished_save_is_not_a_transform(tmp_path):
+    g = zarr.open_group(str(tmp_path / "t"), mode="w")
+    g.create_array("rotation", data=np.eye(3))
+    with pytest.raises(ValueError, match="not a complete bigalign transform"):
+        Transform.load(tmp_path / "t")
+    with pytest.raises(FileNotFoundError):
+        Transform.load(tmp_path / "nothing")
