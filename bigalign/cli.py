@@ -206,7 +206,7 @@ def _info(args) -> int:
         return 0 if status.get("complete") else 3
     try:
         t = Transform.load(args.path)
-    except (FileNotFoundError, ValueError) as e:
+    except bigalign.InputError as e:
         raise bigalign.InputError(f"{args.path!r}: not a transform or apply output ({e})") from None
     if args.json:
         print(json.dumps({"kind": "transform", "path": args.path, "scale": t.scale,

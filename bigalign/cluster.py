@@ -69,7 +69,7 @@ def session(scheduler: Optional[str] = None, workers: Optional[int] = None,
         from distributed import Client, LocalCluster
 
         with LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=True,
-                          memory_limit=memory_limit or "auto", dashboard_address=None,
+                          memory_limit=memory_limit or "auto", dashboard_address=":0",
                           host="127.0.0.1") as cluster, Client(cluster) as client:
             yield Session(client, progress=progress)
     else:

@@ -17,7 +17,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .stats import normalize_rows, check_finite
+from .errors import InputError
+from .stats import check_finite, normalize_rows
 
 FORMAT = "bigalign.transform/1"
 
@@ -130,10 +131,10 @@ class Transform:
         try:
             group = zarr.open_group(path, mode="r", storage_options=storage_options)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
-            raise FileNotFoundError(f"no transform at {path!r}") from e
+            raise InputError(f"no transform at {path!r}") from e
         attrs = group.attrs.get("bigalign")
         if not attrs or attrs.get("format") != FORMAT:
-            raise ValueError(f"{path!r} is not a complete bigalign transform "
+            raise InputError(f"{path!r} is not a complete bigalign transform "
                              f"(missing or unknown 'bigalign' attribute)")
         arrays = {k: np.asarray(group[k][...]) for k in
                   ("rotation", "source_mean", "target_mean", "singular_values") if k in group}

@@ -3,7 +3,7 @@ import pytest
 import zarr
 
 from bigalign import Transform
-from bigalign.errors import NonFiniteError
+from bigalign.errors import InputError, NonFiniteError
 from conftest import planted
 
 
@@ -70,7 +70,7 @@ def test_save_load_roundtrip(tmp_path):
 def test_unfinished_save_is_not_a_transform(tmp_path):
     g = zarr.open_group(str(tmp_path / "t"), mode="w")
     g.create_array("rotation", data=np.eye(3))
-    with pytest.raises(ValueError, match="not a complete bigalign transform"):
+    with pytest.raises(InputError, match="not a complete bigalign transform"):
         Transform.load(tmp_path / "t")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(InputError, match="no transform at"):
         Transform.load(tmp_path / "nothing")

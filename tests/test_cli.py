@@ -1,0 +1,100 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zarr
+
+from bigalign.cli import main
+from conftest import planted, write_zarr
+
+
+@pytest.fixture
+def files(tmp_path):
+    a, b, _ = planted(400, 6, noise=0.1, offset_b=2.0)
+    return (write_zarr(tmp_path / "a.zarr", a, 50), write_zarr(tmp_path / "b.zarr", b, 50),
+            tmp_path, a)
+
+
+def run(capsys, *argv):
+    code = main([str(x) for x in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_fit_apply_info_roundtrip(files, capsys):
+    s, t, tmp, a = files
+    code, out, _ = run(capsys, "fit", s, t, "-o", tmp / "t", "--center", "-q")
+    assert code == 0 and "maps 6 -> 6 dims, fitted on 400 pairs" in out
+    code, out, _ = run(capsys, "apply", tmp / "t", s, "-o", tmp / "o.zarr", "-q")
+    assert code == 0 and "wrote 400 rows" in out and "marked complete" in out
+    code, out, _ = run(capsys, "info", tmp / "t", "--json")
+    meta = json.loads(out)
+    assert code == 0 and meta["metadata"]["n_pairs"] == 400 and meta["options"]["center"]
+    assert "epsilon" in meta["metadata"]["discrepancy"]
+    code, out, _ = run(capsys, "info", tmp / "o.zarr")
+    assert code == 0 and "complete" in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["fit", "{tmp}/missing.zarr", "{t}", "-o", "{tmp}/x"], "source '.*missing.zarr': no such Zarr array"),
+    (["fit", "{s}", "{short}", "-o", "{tmp}/x"], "source has 400 rows but target has 300"),
+    (["fit", "{s}", "{ints}", "-o", "{tmp}/x"], "dtype int32 is not float"),
+    (["fit", "{s}", "{empty}", "-o", "{tmp}/x"], "empty array"),
+    (["fit", "{s}", "{t}", "-o", "{tmp}/x", "--rows", "500:600"], "empty for an array of 400"),
+    (["fit", "{s}", "{wide}", "-o", "{tmp}/x", "--no-reflection"], "needs equal dimensions"),
+    (["fit", "{s}", "{t}", "-o", "{s}"], "already exists"),
+    (["apply", "{tmp}/nothing", "{s}", "-o", "{tmp}/y"], "not a transform|no transform"),
+    (["info", "{tmp}/nothing"], "not a transform or apply output"),
+])
+def test_bad_input_exit_2_with_message(files, capsys, argv, message):
+    s, t, tmp, a = files
+    paths = dict(s=s, t=t, tmp=tmp,
+                 short=write_zarr(tmp / "short.zarr", a[:300], 50),
+                 ints=write_zarr(tmp / "ints.zarr", a.astype(np.int32), 50),
+                 wide=write_zarr(tmp / "wide.zarr", np.ones((400, 8), np.float32), 50))
+    zarr.create_array(str(tmp / "empty.zarr"), shape=(0, 6), dtype="f4")
+    paths["empty"] = str(tmp / "empty.zarr")
+    code, out, err = run(capsys, *[x.format(**paths) for x in argv])
+    assert code == 2
+    assert "error:" in err
+    import re
+    assert re.search(message, err), err
+
+
+def test_nan_while_streaming_exit_2_names_rows(files, capsys):
+    s, t, tmp, a = files
+    a = a.copy()
+    a[123, 0] = np.inf
+    bad = write_zarr(tmp / "bad.zarr", a, 50)
+    code, _, err = run(capsys, "fit", bad, t, "-o", tmp / "t", "-q")
+    assert code == 2 and "source row 123 holds NaN or Inf" in err
+    assert not (tmp / "t").exists()  # nothing that looks finished
+
+
+def test_zero_norm_with_normalize(files, capsys):
+    s, t, tmp, a = files
+    a = a.copy()
+    a[77] = 0
+    bad = write_zarr(tmp / "z.zarr", a, 50)
+    code, _, err = run(capsys, "fit", bad, t, "-o", tmp / "t", "--normalize", "-q")
+    assert code == 2 and "source row 77 holds a zero-norm row" in err
+
+
+def test_help_explains_center():
+    out = subprocess.run([sys.executable, "-m", "bigalign.cli", "fit", "--help"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "--center" in out.stdout and "common offset" in out.stdout
+
+
+def test_real_exit_code_and_demo(tmp_path):
+    bad = subprocess.run([sys.executable, "-m", "bigalign.cli", "fit", str(tmp_path / "no"),
+                          str(tmp_path / "no2"), "-o", str(tmp_path / "t")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "no such Zarr array" in bad.stderr
+    demo = subprocess.run([sys.executable, "-m", "bigalign.cli", "demo", "--rows", "20000",
+                           "--dim", "32", "--workdir", str(tmp_path / "d"), "-q"],
+                          capture_output=True, text=True, timeout=300)
+    assert demo.returncode == 0, demo.stderr
+    assert "recovered rotation" in demo.stdout and "demo OK" in demo.stdout
