@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -16,7 +17,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from . import __version__
+from . import __version__, faults
 from .checkpoint import Progress
 from .cluster import session
 from .engine import apply_graph, fit_graph
@@ -29,7 +30,7 @@ from .transform import Transform
 
 log = logging.getLogger("bigalign")
 
-__all__ = ["fit", "apply", "RunReport", "output_status", "default_checkpoint"]
+__all__ = ["fit", "apply", "RunReport", "output_status", "run_status", "default_checkpoint"]
 
 
 @dataclass
@@ -139,60 +140,60 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
             raise InputError(f"output {output!r} already exists (pass overwrite=True / "
                              "--overwrite to replace it)")
 
-    row_bytes = src.row_bytes + tgt.row_bytes
     fingerprint = {"source": src.fingerprint(), "target": tgt.fingerprint(),
                    "rows": [start, stop],
                    "options": {"normalize": normalize, "gram": gram, "precision": dtype}}
+    plan = _fit_plan(src, tgt, start, stop, block_bytes, gram)
     prog = Progress(checkpoint, storage_options) if checkpoint else None
-    with session(**_run_options(scheduler, workers, memory_limit, threads, progress)) as s:
-        step, aligned = common_step([src.row_step, tgt.row_step], row_bytes, block_bytes)
-        if not aligned:
-            log.warning("source and target chunkings (%d and %d rows) share no small common "
-                        "multiple: target chunks on task boundaries are read twice",
-                        src.row_step, tgt.row_step)
-        per = choose_block_rows(stop - start, step, row_bytes, block_bytes, MIN_BLOCKS)
-        n_blocks = len(plan_blocks(start, stop, step, per))
-        units = plan_units(n_blocks, per * row_bytes, partial_bytes(dim_a, dim_b, gram),
-                           min_units=MIN_BLOCKS)
-        plan = {"step": step, "rows_per_block": per, "blocks_per_unit": len(units[0])}
-        done: set[int] = set()
-        lease = prog.lease() if prog else None
-        if lease:
-            lease.__enter__()
-        try:
-            if prog:
-                plan = prog.begin("fit", fingerprint, plan, restart=restart)
-            blocks = plan_blocks(start, stop, plan["step"], plan["rows_per_block"])
-            k = plan["blocks_per_unit"]
-            units = [range(i, min(i + k, len(blocks))) for i in range(0, len(blocks), k)]
-            if prog:
-                done = prog.done_units() & set(range(len(units)))
-                if done:
-                    log.info("resuming: %d of %d units done", len(done), len(units))
-            log.info("fit: %d pairs of %d -> %d dims in %d tasks (%d units)",
-                     stop - start, dim_a, dim_b, n_blocks, len(units))
-            graph, key, tasks = fit_graph(src, tgt, blocks, units, done=done, progress=prog,
-                                          normalize=normalize, gram=gram, dtype=dtype,
-                                          fan_in=fan_in)
+    done: set[int] = set()
+    with prog.lease() if prog else contextlib.nullcontext():
+        if prog:
+            plan = prog.begin("fit", fingerprint, plan, restart=restart)
+        blocks = plan_blocks(start, stop, plan["step"], plan["rows_per_block"])
+        k = plan["blocks_per_unit"]
+        units = [range(i, min(i + k, len(blocks))) for i in range(0, len(blocks), k)]
+        if prog:
+            done = prog.done_units() & set(range(len(units)))
+            if done:
+                log.warning("resuming: %d of %d units done", len(done), len(units))
+        log.info("fit: %d pairs of %d -> %d dims in %d tasks (%d checkpoint units)",
+                 stop - start, dim_a, dim_b, len(blocks), len(units))
+        graph, key, tasks = fit_graph(src, tgt, blocks, units, done=done, progress=prog,
+                                      normalize=normalize, gram=gram, dtype=dtype,
+                                      fan_in=fan_in)
+        with session(**_run_options(scheduler, workers, memory_limit, threads, progress)) as s:
             moments = s.get(graph, key)
-            seconds = time.perf_counter() - t0
-            transform = _solve(moments, src, tgt, start, stop, center=center,
-                               normalize=normalize, scale=scale, reflection=reflection,
-                               dtype=dtype, gram=gram)
-            transform.metadata["run"] = {
-                "seconds": seconds, "rows_per_second": (stop - start) / seconds,
-                "tasks": tasks, "units": len(units), "units_resumed": len(done)}
-            if output is not None:
-                transform.save(output, overwrite=True, storage_options=storage_options)
-                log.info("saved transform to %s", output)
-            if prog and not keep_checkpoint:
-                prog.clear(keep_lock=True)
-        finally:
-            if lease:
-                lease.__exit__(None, None, None)
+        seconds = time.perf_counter() - t0
+        transform = _solve(moments, src, tgt, start, stop, center=center, normalize=normalize,
+                           scale=scale, reflection=reflection, dtype=dtype, gram=gram)
+        transform.metadata["run"] = {
+            "seconds": seconds, "rows_per_second": (stop - start) / seconds,
+            "tasks": tasks, "units": len(units), "units_resumed": len(done)}
+        faults.point("fit.solved")
+        if output is not None:
+            transform.save(output, overwrite=True, storage_options=storage_options)
+            log.info("saved transform to %s", output)
+            faults.point("fit.saved")
         if prog and not keep_checkpoint:
-            prog.clear()
+            prog.clear(keep_lock=True)
+    if prog and not keep_checkpoint:
+        prog.clear()
     return transform
+
+
+def _fit_plan(src, tgt, start, stop, block_bytes, gram) -> dict:
+    """Blocks on chunk boundaries of both inputs, grouped in checkpoint units."""
+    row_bytes = src.row_bytes + tgt.row_bytes
+    step, aligned = common_step([src.row_step, tgt.row_step], row_bytes, block_bytes)
+    if not aligned:
+        log.warning("source and target chunkings (%d and %d rows) share no small common "
+                    "multiple: target chunks on task boundaries are read twice",
+                    src.row_step, tgt.row_step)
+    per = choose_block_rows(stop - start, step, row_bytes, block_bytes, MIN_BLOCKS)
+    n_blocks = len(plan_blocks(start, stop, step, per))
+    units = plan_units(n_blocks, per * row_bytes, partial_bytes(src.dim, tgt.dim, gram),
+                       min_units=MIN_BLOCKS)
+    return {"step": step, "rows_per_block": per, "blocks_per_unit": len(units[0])}
 
 
 def _solve(moments, src, tgt, start, stop, *, center, normalize, scale, reflection, dtype,
@@ -233,6 +234,18 @@ def _transform_digest(t: Transform) -> str:
     return h.hexdigest()
 
 
+def run_status(path, storage_options: Optional[dict] = None) -> Optional[dict]:
+    """Progress of a fit or apply in flight (or interrupted), from storage alone: ``path`` is
+    the run's output (transform or apply output) or its checkpoint URL. Returns
+    {kind, units_done, units_total, rows_done, rows_total, rows_per_second, eta_seconds,
+    running, checkpoint} or None when no progress is recorded there."""
+    for url in (str(path), default_checkpoint(path)):
+        summary = Progress(url, storage_options).summary()
+        if summary is not None:
+            return dict(summary, checkpoint=url)
+    return None
+
+
 def output_status(output, storage_options: Optional[dict] = None) -> Optional[dict]:
     """The ``bigalign`` attribute of an apply output: {"complete": bool, ...}, or None."""
     import zarr
@@ -246,7 +259,7 @@ def output_status(output, storage_options: Optional[dict] = None) -> Optional[di
 
 def apply(transform: Union[Transform, str], source, output: str, *, dtype: str = "float32",
           renormalize: bool = False, overwrite: bool = False, compression: str = "none",
-          chunk_rows: Optional[int] = None, checkpoint: Optional[str] = None,
+          chunk_rows: Optional[int] = None, checkpoint: Union[str, bool, None] = None,
           restart: bool = False, scheduler: Optional[str] = None,
           workers: Optional[int] = None, memory_limit: Optional[str] = None,
           threads: Optional[int] = None, block_bytes: int = DEFAULT_BLOCK_BYTES,
@@ -263,6 +276,8 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
 
     dtype : output dtype, float16/float32/float64 (float64 computes in float64).
     renormalize : L2-normalise each output row.
+    checkpoint : where done-markers go (default OUTPUT.checkpoint); False records none (the
+        output is still marked complete at the end, but a killed run starts over).
     Returns a :class:`RunReport`.
     """
     t0 = time.perf_counter()
@@ -281,7 +296,8 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
     chunk = int(chunk_rows or src.row_step)
     if chunk <= 0:
         raise InputError(f"chunk_rows must be positive, got {chunk}")
-    prog = Progress(checkpoint or default_checkpoint(output), storage_options)
+    prog = None if checkpoint is False else \
+        Progress(checkpoint or default_checkpoint(output), storage_options)
     fingerprint = {"source": src.fingerprint(), "transform": _transform_digest(transform),
                    "options": {"dtype": dtype, "renormalize": renormalize,
                                "chunk_rows": chunk, "compression": compression}}
@@ -291,55 +307,58 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
         if status.get("complete"):
             raise InputError(f"output {output!r} is already complete (pass --overwrite to "
                              "write it again)")
-        if not prog.exists():
+        if prog is None or not (restart or prog.exists()):
             raise InputError(f"output {output!r} exists, is incomplete and has no recorded "
                              "progress; pass --overwrite to write it again")
-        resuming = True
-    elif status is None and _transform_exists(output, storage_options) is not None and not overwrite:
+        resuming = not restart
+    elif status is None and not overwrite and _transform_exists(output, storage_options) is not None:
         raise InputError(f"output {output!r} already exists (pass --overwrite to replace it)")
 
     row_bytes = src.row_bytes + dim_b * np.dtype(dtype).itemsize
-    with prog.lease():
-        if overwrite or restart or not resuming:
-            prog.clear(keep_lock=True)
-            resuming = False
+    step, aligned = common_step([chunk, src.row_step], row_bytes, block_bytes)
+    if not aligned:
+        log.warning("source chunks (%d rows) and output chunks (%d rows) share no small "
+                    "common multiple: some source chunks are read twice", src.row_step, chunk)
+    plan = {"step": step,
+            "rows_per_block": choose_block_rows(src.rows, step, row_bytes, block_bytes, MIN_BLOCKS)}
+    done: set[int] = set()
+    with prog.lease() if prog else contextlib.nullcontext():
+        if prog:
+            if not resuming:
+                prog.clear(keep_lock=True)
+            plan = prog.begin("apply", fingerprint, plan)
+        blocks = plan_blocks(0, src.rows, plan["step"], plan["rows_per_block"])
+        if resuming:
+            out = _open_output(output, storage_options)
+            done = prog.done_regions() & {b.index for b in blocks}
+            log.warning("resuming: %d of %d regions done", len(done), len(blocks))
+        else:
+            out = create_output(output, rows=src.rows, dim=dim_b, chunk_rows=chunk,
+                                dtype=dtype, compression=compression,
+                                overwrite=overwrite or status is not None,
+                                storage_options=storage_options,
+                                attributes={"bigalign": {"complete": False,
+                                                         "transform": fingerprint["transform"],
+                                                         "source": src.url}})
+        params = (transform.matrix(dtype), transform.source_mean, transform.target_mean,
+                  str(output))
+        graph, key, tasks = apply_graph(src, out, params, blocks, done=done, progress=prog,
+                                        dtype=dtype, renormalize=renormalize,
+                                        normalize=transform.normalize)
+        log.info("apply: %d rows of %d -> %d dims in %d tasks", src.rows, dim_a, dim_b, tasks)
         with session(**_run_options(scheduler, workers, memory_limit, threads, progress)) as s:
-            step, aligned = common_step([chunk, src.row_step], row_bytes, block_bytes)
-            per = choose_block_rows(src.rows, step, row_bytes, block_bytes, MIN_BLOCKS)
-            plan = prog.begin("apply", fingerprint, {"step": step, "rows_per_block": per})
-            blocks = plan_blocks(0, src.rows, plan["step"], plan["rows_per_block"])
-            if resuming:
-                out = _open_output(output, storage_options)
-                done = prog.done_regions() & {b.index for b in blocks}
-                log.info("resuming: %d of %d regions done", len(done), len(blocks))
-            else:
-                out = create_output(output, rows=src.rows, dim=dim_b, chunk_rows=chunk,
-                                    dtype=dtype, compression=compression, overwrite=overwrite,
-                                    storage_options=storage_options,
-                                    attributes={"bigalign": {"complete": False,
-                                                             "transform": fingerprint["transform"],
-                                                             "source": src.url}})
-                done = set()
-            if not aligned:
-                log.warning("source chunks (%d rows) and output chunks (%d rows) share no "
-                            "small common multiple: some source chunks are read twice",
-                            src.row_step, chunk)
-            params = (transform.matrix(dtype), transform.source_mean, transform.target_mean,
-                      str(output))
-            graph, key, tasks = apply_graph(src, out, params, blocks, done=done, progress=prog,
-                                            dtype=dtype, renormalize=renormalize,
-                                            normalize=transform.normalize)
-            log.info("apply: %d rows of %d -> %d dims in %d tasks", src.rows, dim_a, dim_b,
-                     tasks)
             s.get(graph, key)
         seconds = time.perf_counter() - t0
+        faults.point("apply.before-complete")
         # the completion mark goes last: before it, readers see an incomplete output
         attrs = dict(out.attrs.get("bigalign", {}))
         attrs.update(complete=True, rows=src.rows, seconds=seconds,
                      completed=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         out.attrs["bigalign"] = attrs
-        prog.clear(keep_lock=True)
-    prog.clear()
+        if prog:
+            prog.clear(keep_lock=True)
+    if prog:
+        prog.clear()
     return RunReport(src.rows, seconds, tasks, len(blocks), len(done))
 
 

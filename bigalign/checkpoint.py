@@ -147,7 +147,7 @@ class Progress:
     # ---- fit units ----------------------------------------------------------------
     def save_unit(self, index: int, moments: Moments) -> Moments:
         buf = io.BytesIO()
-        np.savez(buf, **moments.to_arrays())
+        np.savez(buf, saved_at=time.time(), **moments.to_arrays())
         self._put(self._path("units", f"{index:09d}.npz"), buf.getvalue())
         return moments
 
@@ -158,16 +158,21 @@ class Progress:
         with np.load(io.BytesIO(raw)) as z:
             return Moments.from_arrays(z)
 
+    def _unit_indices(self) -> set[int]:
+        return {int(n[:-4]) for n in self._list("units")
+                if n.endswith(".npz") and n[:-4].isdigit()}
+
     def done_units(self) -> set[int]:
-        """Units whose statistics are stored and readable (an unreadable file is dropped
-        with a warning and recomputed)."""
+        """Units whose statistics are stored with an intact zip directory (an unreadable file
+        is dropped with a warning and recomputed). Only the directory is read here; the
+        arrays are read by the merge task that needs them."""
         done = set()
-        for name in self._list("units"):
-            if not name.endswith(".npz") or ".tmp-" in name:
-                continue
-            index = int(name[:-4])
+        for index in sorted(self._unit_indices()):
             try:
-                self.load_unit(index)
+                with self.fs.open(self._path("units", f"{index:09d}.npz"), "rb") as f, \
+                        np.load(f) as z:
+                    if "cross" not in z.files:
+                        raise ValueError("no 'cross' member")
             except Exception as e:
                 warnings.warn(f"{self.url}: unit {index} is unreadable ({e}); recomputing it")
                 continue
@@ -180,6 +185,45 @@ class Progress:
 
     def done_regions(self) -> set[int]:
         return {int(n) for n in self._list("done") if n.isdigit()}
+
+    # ---- progress in flight -------------------------------------------------------
+    def summary(self) -> Optional[dict]:
+        """Units done, rows done, rate and time left, from storage alone (any process can
+        ask while a run is in flight). None when nothing is recorded here."""
+        from .plan import plan_blocks
+
+        manifest = self.manifest()
+        if manifest is None:
+            return None
+        fp, plan, kind = manifest["fingerprint"], manifest["plan"], manifest["kind"]
+        start, stop = fp["rows"] if kind == "fit" else (0, fp["source"]["shape"][0])
+        blocks = plan_blocks(start, stop, plan["step"], plan["rows_per_block"])
+        per = plan.get("blocks_per_unit", 1)
+        units = [blocks[i:i + per] for i in range(0, len(blocks), per)]
+        times, rows_done = [], 0
+        if kind == "fit":
+            done = self._unit_indices()
+            for i in done:  # npz members load lazily: only the timestamp is read
+                with self.fs.open(self._path("units", f"{i:09d}.npz"), "rb") as f, \
+                        np.load(f) as z:
+                    times.append(float(z["saved_at"]) if "saved_at" in z.files else 0.0)
+        else:
+            done = self.done_regions()
+            for i in done:
+                info = json.loads(self._get(self._path("done", f"{i:09d}")) or b"{}")
+                times.append(float(info.get("t", 0.0)))
+        rows_done = sum(b.rows for i in done if i < len(units) for b in units[i])
+        out = {"kind": kind, "units_done": len(done), "units_total": len(units),
+               "rows_done": rows_done, "rows_total": stop - start,
+               "started": manifest.get("created"), "rows_per_second": None,
+               "eta_seconds": None}
+        if times and max(times) > out["started"]:
+            rate = rows_done / (max(times) - out["started"])
+            out["rows_per_second"] = rate
+            out["eta_seconds"] = (out["rows_total"] - rows_done) / rate if rate > 0 else None
+        raw = self._get(self._path("lock.json"))
+        out["running"] = bool(raw) and Lease._alive(json.loads(raw))
+        return out
 
     # ---- lease --------------------------------------------------------------------
     def lease(self, ttl: float = 120.0) -> "Lease":

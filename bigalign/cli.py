@@ -40,7 +40,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
                    help="do not refuse inputs with unstored chunks (Zarr reads them as fill)")
     g.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                    help="fsspec storage option for URLs (repeatable), e.g. anon=true")
-    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar; only warnings (such as resuming) and errors")
 
 
 def _storage_options(items) -> dict:
@@ -122,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
+    st = sub.add_parser("status", help="progress of a fit or apply in flight or interrupted",
+                        description="Units done, rows/s and time left, read from the run's "
+                                    "checkpoint (works from any machine that sees the storage). "
+                                    "Exit code 0: finished; 3: unfinished (rerun to resume).")
+    st.add_argument("path", help="the run's output (transform or apply output) or checkpoint")
+    st.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
     d = sub.add_parser("demo", help="generate a paired corpus, fit, apply and check (the main "
                                     "job on an embedded default)")
     d.add_argument("--rows", type=int, default=1_000_000, help="pairs to generate (default 1e6)")
@@ -183,30 +190,29 @@ def _describe_transform(t, path) -> str:
 
 def _info(args) -> int:
     import bigalign
-    from .api import default_checkpoint, output_status
-    from .checkpoint import Progress
     from .transform import Transform
 
-    status = output_status(args.path)
+    status = bigalign.output_status(args.path)
     if status is not None:
-        prog = Progress(default_checkpoint(args.path))
         info = {"kind": "apply-output", "path": args.path, **status}
-        if not status.get("complete") and prog.exists():
-            plan = prog.manifest()
-            info["regions_done"] = len(prog.done_regions())
-            info["plan"] = plan.get("plan")
+        if not status.get("complete"):
+            info["progress"] = bigalign.run_status(args.path)
         if args.json:
             print(json.dumps(info, indent=2, default=str))
         else:
             state = "complete" if status.get("complete") else "INCOMPLETE (rerun apply to resume)"
             print(f"apply output {args.path}: {state}")
             for k, v in info.items():
-                if k not in ("kind", "path"):
+                if k not in ("kind", "path", "progress"):
                     print(f"  {k}: {v}")
+            if info.get("progress"):
+                print("  " + _describe_progress(info["progress"]))
         return 0 if status.get("complete") else 3
     try:
         t = Transform.load(args.path)
     except bigalign.InputError as e:
+        if bigalign.run_status(args.path):
+            return _status(args)
         raise bigalign.InputError(f"{args.path!r}: not a transform or apply output ({e})") from None
     if args.json:
         print(json.dumps({"kind": "transform", "path": args.path, "scale": t.scale,
@@ -214,6 +220,35 @@ def _info(args) -> int:
     else:
         print(_describe_transform(t, args.path))
     return 0
+
+
+def _describe_progress(p: dict) -> str:
+    rate = f"{p['rows_per_second']:,.0f} rows/s" if p.get("rows_per_second") else "rate unknown"
+    eta = f", about {p['eta_seconds']:.0f}s left" if p.get("eta_seconds") is not None else ""
+    state = "running" if p.get("running") else "not running (rerun the command to resume)"
+    return (f"{p['kind']}: {p['units_done']} of {p['units_total']} units done, "
+            f"{p['rows_done']:,} of {p['rows_total']:,} rows, {rate}{eta}; {state}")
+
+
+def _status(args) -> int:
+    import bigalign
+
+    p = bigalign.run_status(args.path)
+    if p is None:
+        status = bigalign.output_status(args.path)
+        done = bool(status and status.get("complete"))
+        try:
+            bigalign.Transform.load(args.path)
+            done = True
+        except bigalign.InputError:
+            pass
+        if not done:
+            raise bigalign.InputError(f"{args.path!r}: no progress recorded and no finished output")
+        p = {"finished": True}
+        print(json.dumps(p) if args.json else f"{args.path}: finished, nothing in flight")
+        return 0
+    print(json.dumps(p, indent=2, default=str) if args.json else _describe_progress(p))
+    return 3
 
 
 def _demo(args) -> int:
@@ -230,7 +265,7 @@ def _demo(args) -> int:
     return 0
 
 
-COMMANDS = {"fit": _fit, "apply": _apply, "info": _info, "demo": _demo}  # + cli_evaluate
+COMMANDS = {"fit": _fit, "apply": _apply, "info": _info, "status": _status, "demo": _demo}  # + cli_evaluate
 
 
 def main(argv=None) -> int:

@@ -9,9 +9,11 @@ result independent of worker count and finishing order, and identical after a re
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Optional
 
+from . import faults
 from .checkpoint import Progress
 from .plan import Block, merge_tree
 from .stats import Moments, block_moments, merge_all
@@ -28,7 +30,16 @@ def block_task(source: EmbeddingArray, target: EmbeddingArray, start: int, stop:
     """Read paired rows [start, stop) once and reduce them to float64 statistics."""
     a = read_rows(source, start, stop)
     b = read_rows(target, start, stop)
-    return block_moments(a, b, gram=gram, normalize=normalize, dtype=dtype, start=start)
+    moments = block_moments(a, b, gram=gram, normalize=normalize, dtype=dtype, start=start)
+    faults.point("fit.block")
+    return moments
+
+
+def save_unit_task(progress: Progress, index: int, moments: Moments) -> Moments:
+    """Store a finished unit's statistics (the unit's durable progress)."""
+    progress.save_unit(index, moments)
+    faults.point("fit.unit-saved")
+    return moments
 
 
 def merge_task(*parts: Moments) -> Moments:
@@ -45,8 +56,10 @@ def region_task(source: EmbeddingArray, output, params: tuple, start: int, stop:
     y = map_rows(x, matrix, source_mean, target_mean, normalize=normalize,
                  renormalize=renormalize, dtype=dtype, start=start)
     write_rows(output, start, y, url=url)
+    faults.point("apply.region-written")
     if progress is not None:
-        progress.mark_done(index, {"start": start, "stop": stop})
+        progress.mark_done(index, {"start": start, "stop": stop, "t": time.time()})
+        faults.point("apply.region-done")
     return stop - start
 
 
@@ -97,7 +110,7 @@ def fit_graph(source: EmbeddingArray, target: EmbeddingArray, blocks: list[Block
                 block_keys.append(bk)
             leaves += len(block_keys)
             root = _tree(graph, f"bigalign-merge-{token}-{u}", block_keys, fan_in)
-            graph[key] = (progress.save_unit, u, root) if progress is not None else \
+            graph[key] = (save_unit_task, progress, u, root) if progress is not None else \
                 (merge_task, root)
         unit_keys.append(key)
     return graph, _tree(graph, f"bigalign-total-{token}", unit_keys, fan_in), leaves

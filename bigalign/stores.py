@@ -26,6 +26,11 @@ FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 #: read/write speed (measured), so outputs are uncompressed unless asked.
 COMPRESSIONS = ("none", "lz4", "zstd")
 
+#: Transient I/O errors (OSError, timeouts) are retried this many times, sleeping
+#: RETRY_BACKOFF * 2**attempt seconds between tries; decode errors are not retried.
+RETRIES = 3
+RETRY_BACKOFF = 0.5
+
 
 @dataclass(frozen=True)
 class EmbeddingArray:
@@ -167,35 +172,35 @@ def validate_pair(source: EmbeddingArray, target: EmbeddingArray) -> None:
                          "row i of source is paired with row i of target, so they must match")
 
 
-def _retrying(what: str, fn, retries: int, backoff: float):
+def _retrying(what: str, fn):
+    retries, backoff = RETRIES, RETRY_BACKOFF
     for attempt in range(retries + 1):
         try:
             return fn()
         except (OSError, TimeoutError, ConnectionError) as e:
             if attempt == retries or isinstance(e, (FileNotFoundError, PermissionError)):
-                raise ChunkReadError(f"{what}: {type(e).__name__}: {e}") from e
+                raise ChunkReadError(f"{what} (after {attempt + 1} tries): "
+                                     f"{type(e).__name__}: {e}") from e
             time.sleep(backoff * 2**attempt)
         except Exception as e:  # corrupt chunk: codec errors, wrong sizes
             raise ChunkReadError(f"{what}: {type(e).__name__}: {e}") from e
 
 
-def read_rows(emb: EmbeddingArray, start: int, stop: int, *, retries: int = 3,
-              backoff: float = 0.5) -> np.ndarray:
+def read_rows(emb: EmbeddingArray, start: int, stop: int) -> np.ndarray:
     """Rows [start, stop) as numpy; transient I/O errors retried with exponential backoff,
     a persistent or decode error raised as ChunkReadError naming the array and rows."""
     return _retrying(f"cannot read {emb.side} rows {start}:{stop} of {emb.url!r}",
-                     lambda: emb.array[start:stop], retries, backoff)
+                     lambda: emb.array[start:stop])
 
 
-def write_rows(arr, start: int, values: np.ndarray, *, url: str = "", retries: int = 3,
-               backoff: float = 0.5) -> None:
+def write_rows(arr, start: int, values: np.ndarray, *, url: str = "") -> None:
     """Write whole chunks [start, start + len(values)) of an output array, with retries."""
     stop = start + len(values)
 
     def put():
         arr[start:stop] = values
 
-    _retrying(f"cannot write output rows {start}:{stop} of {url!r}", put, retries, backoff)
+    _retrying(f"cannot write output rows {start}:{stop} of {url!r}", put)
 
 
 def _compressors(compression: str):

@@ -1,0 +1,236 @@
+"""Crash safety: SIGKILL the CLI at chosen and at random moments, rerun the same command,
+and get the same result as an uninterrupted run (rotation bit-for-bit, output bytes equal).
+Plus fault injection, refusal of changed inputs and of concurrent runs, and a worker killed
+under dask.distributed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import zarr
+
+import bigalign
+from bigalign import stores
+from bigalign.errors import CheckpointError, ChunkReadError
+from conftest import planted, write_zarr
+
+ROWS, DIM, CHUNK = 40_000, 32, 500
+# 0.1 MB blocks -> 80 blocks of 500 rows in 16 checkpoint units: many kill points
+SMALL = ["--block-mb", "0.1", "-q"]
+
+
+def cli(*argv, faults=None, check=None, **kw):
+    env = dict(os.environ)
+    env.pop("BIGALIGN_FAULTS", None)
+    if faults:
+        env["BIGALIGN_FAULTS"] = faults
+    p = subprocess.run([sys.executable, "-m", "bigalign.cli", *map(str, argv)], env=env,
+                       capture_output=True, text=True, timeout=300, **kw)
+    if check is not None:
+        assert p.returncode == check, (p.returncode, p.stdout, p.stderr)
+    return p
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("resume")
+    a, b, _ = planted(ROWS, DIM, noise=0.1, offset_a=2.0, seed=21)
+    s, t = write_zarr(tmp / "a.zarr", a, CHUNK), write_zarr(tmp / "b.zarr", b, CHUNK)
+    cli("fit", s, t, "-o", tmp / "ref.t", "--center", *SMALL, check=0)
+    cli("apply", tmp / "ref.t", s, "-o", tmp / "ref.zarr", *SMALL, check=0)
+    return s, t, tmp, bigalign.Transform.load(str(tmp / "ref.t")), \
+        zarr.open_array(str(tmp / "ref.zarr"))[:]
+
+
+def units_on_disk(path):
+    d = f"{path}.checkpoint/units"
+    # a unit being written when the process died leaves only a temporary file
+    return len([n for n in os.listdir(d) if n.endswith(".npz")]) if os.path.isdir(d) else 0
+
+
+@pytest.mark.parametrize("fault", [
+    "kill:fit.block@3",          # during the reduce, before any unit is stored
+    "kill:fit.unit-saved@1",
+    "kill:fit.unit-saved@9",     # during the reduce, half the units stored
+    "kill:fit.solved@1",         # after the solve, before the transform is saved
+    "kill:fit.saved@1",          # transform saved, checkpoint not yet removed
+])
+def test_fit_killed_then_rerun_gives_the_same_rotation(data, tmp_path, fault):
+    s, t, _, ref, _ = data
+    out = tmp_path / "t"
+    killed = cli("fit", s, t, "-o", out, "--center", *SMALL, faults=fault)
+    assert killed.returncode == -signal.SIGKILL
+    stored = units_on_disk(out)
+    if fault != "kill:fit.saved@1":
+        with pytest.raises(bigalign.InputError):
+            bigalign.Transform.load(str(out))  # nothing that looks finished
+        again = cli("fit", s, t, "-o", out, "--center", *SMALL, check=0)
+        if stored:
+            assert f"resuming: {stored} of 16 units done" in again.stderr
+    else:  # the saved transform is complete; a rerun says so rather than redoing it
+        assert cli("fit", s, t, "-o", out, "--center", *SMALL).returncode == 2
+    got = bigalign.Transform.load(str(out))
+    assert np.array_equal(got.rotation, ref.rotation)
+    assert np.array_equal(got.source_mean, ref.source_mean)
+    run = got.metadata["run"]
+    if fault.startswith("kill:fit.unit-saved"):
+        # counting work: only the missing units' blocks were computed
+        assert run["units_resumed"] == stored
+        assert run["tasks"] == 80 - 5 * stored
+    if fault != "kill:fit.saved@1":
+        assert not os.path.exists(f"{out}.checkpoint")  # cleaned after success
+
+
+@pytest.mark.parametrize("fault", [
+    "kill:apply.region-written@1",   # data of a region stored, marker not yet
+    "kill:apply.region-written@7",
+    "kill:apply.region-done@4",
+    "kill:apply.before-complete@1",  # every region done, completion mark not yet
+])
+def test_apply_killed_then_rerun_gives_the_same_bytes(data, tmp_path, fault):
+    s, _, tmp, _, ref_out = data
+    out = tmp_path / "o.zarr"
+    killed = cli("apply", tmp / "ref.t", s, "-o", out, *SMALL, faults=fault)
+    assert killed.returncode == -signal.SIGKILL
+    assert bigalign.output_status(str(out))["complete"] is False
+    info = cli("info", out)
+    assert info.returncode == 3 and "INCOMPLETE" in info.stdout
+    status = cli("status", out, "--json")
+    assert status.returncode == 3 and json.loads(status.stdout)["kind"] == "apply"
+    again = cli("apply", tmp / "ref.t", s, "-o", out, *SMALL, check=0)
+    assert "resuming:" in again.stderr
+    arr = zarr.open_array(str(out))
+    assert arr.attrs["bigalign"]["complete"] is True
+    assert np.array_equal(arr[:], ref_out)
+    assert cli("info", out).returncode == 0
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_killed_at_a_random_moment(data, tmp_path, seed):
+    """Kill at a seeded random time (tasks slowed so the window is wide), rerun, compare."""
+    s, t, tmp, ref, ref_out = data
+    rng = np.random.default_rng(seed)
+    env = dict(os.environ, BIGALIGN_FAULTS="delay:fit.block@0.02,delay:apply.region-written@0.02")
+    for argv, out in (
+            (["fit", s, t, "-o", tmp_path / "t", "--center", *SMALL], tmp_path / "t"),
+            (["apply", tmp / "ref.t", s, "-o", tmp_path / "o.zarr", *SMALL], None)):
+        p = subprocess.Popen([sys.executable, "-m", "bigalign.cli", *map(str, argv)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(float(rng.uniform(1.0, 3.0)))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        rerun = cli(*argv)
+        assert rerun.returncode in (0, 2), rerun.stderr  # 2: it had finished ("exists")
+    assert np.array_equal(bigalign.Transform.load(str(tmp_path / "t")).rotation, ref.rotation)
+    assert np.array_equal(zarr.open_array(str(tmp_path / "o.zarr"))[:], ref_out)
+
+
+def test_changed_inputs_refused_then_restart(data, tmp_path):
+    s, t, _, ref, _ = data
+    out = tmp_path / "t"
+    cli("fit", s, t, "-o", out, "--center", *SMALL, faults="kill:fit.unit-saved@3")
+    b = zarr.open_array(t)[:]
+    t2 = write_zarr(tmp_path / "b2.zarr", b, 1000)  # same data, other chunking
+    r = cli("fit", s, t2, "-o", out, "--center", *SMALL, check=2)
+    assert "changed" in r.stderr and "target.url" in r.stderr and "target.chunks" in r.stderr
+    r = cli("fit", s, t, "-o", out, "--center", "--normalize", *SMALL, check=2)
+    assert "options.normalize: False -> True" in r.stderr
+    cli("fit", s, t2, "-o", out, "--center", "--restart", *SMALL, check=0)
+    # other chunking, other float32 block sums: the same rotation to float32 round-off
+    np.testing.assert_allclose(bigalign.Transform.load(str(out)).rotation, ref.rotation,
+                               atol=1e-6)
+
+
+def test_concurrent_run_refused(data, tmp_path):
+    s, t, _, _, _ = data
+    out = tmp_path / "t"
+    from bigalign.checkpoint import Progress
+    with Progress(f"{out}.checkpoint").lease(ttl=60):
+        r = cli("fit", s, t, "-o", out, *SMALL, check=2)
+    assert "another bigalign run holds this job" in r.stderr and f"pid {os.getpid()}" in r.stderr
+    cli("fit", s, t, "-o", out, *SMALL, check=0)  # free once the first is gone
+
+
+class Flaky:
+    """A zarr array whose reads fail ``fails`` times (OSError) before succeeding, or
+    always for the rows in ``bad``."""
+
+    def __init__(self, arr, fails=0, bad=None):
+        self._arr, self.fails, self.bad, self.calls = arr, fails, bad, 0
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name):
+        return getattr(self._arr, name)
+
+    def __getitem__(self, sel):
+        with self._lock:
+            self.calls += 1
+            if self.fails > 0:
+                self.fails -= 1
+                raise OSError("injected transient read error")
+        if self.bad is not None and sel.start <= self.bad < sel.stop:
+            raise OSError("injected persistent read error")
+        return self._arr[sel]
+
+
+def test_transient_read_errors_are_retried(data, monkeypatch, tmp_path):
+    s, t, _, ref, _ = data
+    monkeypatch.setattr(stores, "RETRY_BACKOFF", 0.001)
+    src = Flaky(zarr.open_array(s), fails=3)
+    got = bigalign.fit(src, t, center=True, block_bytes=int(0.1 * 2**20))
+    assert src.fails == 0 and src.calls == 80 + 3
+    assert np.array_equal(got.rotation, ref.rotation)
+
+
+def test_persistent_read_error_names_the_chunk(data, monkeypatch, tmp_path):
+    s, t, tmp, _, _ = data
+    monkeypatch.setattr(stores, "RETRY_BACKOFF", 0.001)
+    with pytest.raises(ChunkReadError, match=r"source rows 12000:12500 .*after 4 tries"):
+        bigalign.fit(Flaky(zarr.open_array(s), bad=12345), t, output=str(tmp_path / "t"),
+                     block_bytes=int(0.1 * 2**20))
+    assert not (tmp_path / "t").exists()
+    with pytest.raises(ChunkReadError, match=r"source rows 12000:12500"):
+        bigalign.apply(str(tmp / "ref.t"), Flaky(zarr.open_array(s), bad=12345),
+                       str(tmp_path / "o.zarr"), block_bytes=int(0.1 * 2**20))
+    assert bigalign.output_status(str(tmp_path / "o.zarr"))["complete"] is False
+
+
+def test_corrupt_chunk_cli_exit_2(tmp_path):
+    a, b, _ = planted(1000, 4)
+    s, t = write_zarr(tmp_path / "a.zarr", a, 100), write_zarr(tmp_path / "b.zarr", b, 100)
+    (tmp_path / "b.zarr" / "c" / "4" / "0").write_bytes(b"\x00" * 7)
+    r = cli("fit", s, t, "-o", tmp_path / "t", "-q", check=2)
+    assert "cannot read target rows 400:500" in r.stderr
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_fit(data, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    s, t, _, ref, _ = data
+    os.environ["BIGALIGN_FAULTS"] = "delay:fit.block@0.1"  # inherited by the workers
+    try:
+        cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                           host="127.0.0.1", dashboard_address=":0")
+    finally:
+        del os.environ["BIGALIGN_FAULTS"]
+    with cluster, distributed.Client(cluster) as client:
+        pids = client.run(os.getpid)
+        result = {}
+        job = threading.Thread(target=lambda: result.update(t=bigalign.fit(
+            s, t, center=True, scheduler=cluster.scheduler_address,
+            output=str(tmp_path / "t"), block_bytes=int(0.1 * 2**20))))
+        job.start()
+        time.sleep(2.0)
+        victim = sorted(pids.values())[0]
+        os.kill(victim, signal.SIGKILL)
+        job.join(timeout=240)
+        assert not job.is_alive()
+    assert np.array_equal(result["t"].rotation, ref.rotation)
