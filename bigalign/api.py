@@ -203,7 +203,7 @@ def _solve(moments, src, tgt, start, stop, *, center, normalize, scale, reflecti
     meta = {
         "n_pairs": int(moments.n), "dims": [dim_a, dim_b], "rows": [start, stop],
         "residual": sol.residual, "relative_residual": sol.relative_residual,
-        "target_energy": sol.target_energy,
+        "target_energy": sol.target_energy, "rank": sol.rank,
         "singular_values": {"max": float(np.abs(sol.singular_values).max()),
                             "min": float(np.abs(sol.singular_values).min()),
                             "sum": float(sol.singular_values.sum())},

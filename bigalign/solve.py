@@ -20,6 +20,11 @@ __all__ = ["Procrustes", "procrustes", "least_squares", "discrepancy", "paper_bo
            "sums", "NotUniqueWarning"]
 
 
+#: Singular values below this fraction of the largest count as zero: float32 block GEMMs
+#: carry ~1e-7 relative round-off, so directions below ~1e-6 are noise.
+RANK_RTOL = 1e-6
+
+
 class NotUniqueWarning(UserWarning):
     """Fewer pairs than dimensions: the cross-covariance is rank-deficient and Q not unique."""
 
@@ -44,6 +49,7 @@ class Procrustes:
         forbidden and had to be undone).
     residual : ||s A Q - B||_F^2, closed form; None when dA > dB without Gram statistics.
     target_energy : qb = ||B||_F^2 (relative residual = residual / target_energy).
+    rank : numerical rank of C (singular values above RANK_RTOL x the largest).
     """
 
     rotation: np.ndarray
@@ -51,6 +57,7 @@ class Procrustes:
     singular_values: np.ndarray
     residual: Optional[float]
     target_energy: float
+    rank: int = 0
 
     @property
     def relative_residual(self) -> Optional[float]:
@@ -83,6 +90,13 @@ def procrustes(m: Moments, *, center: bool = False, scale: bool = False,
     c, qa, qb, ga, _ = sums(m, center)
     u, s, vt = np.linalg.svd(c, full_matrices=False)
     s = s.copy()
+    rank = int(np.sum(s > s[0] * RANK_RTOL)) if s[0] > 0 else 0
+    if rank < len(s) and rank_cap >= min(dim_a, dim_b):
+        warnings.warn(f"the cross-covariance is numerically rank-deficient (rank {rank} of "
+                      f"{len(s)}, singular values below {RANK_RTOL:g} x the largest): the map "
+                      "is determined on the span of the data but arbitrary outside it, so "
+                      "rotations from different runs may differ there",
+                      NotUniqueWarning, stacklevel=2)
     if not reflection and np.linalg.det(u) * np.linalg.det(vt) < 0:
         u[:, -1] *= -1
         s[-1] *= -1
@@ -101,7 +115,7 @@ def procrustes(m: Moments, *, center: bool = False, scale: bool = False,
             raise ValueError("a similarity scale with dA > dB needs Gram statistics (diagnostics)")
         k = trace / mapped if mapped > 0 else 1.0
     residual = None if mapped is None else max(k * k * mapped - 2 * k * trace + qb, 0.0)
-    return Procrustes(q, float(k), s, residual, float(qb))
+    return Procrustes(q, float(k), s, residual, float(qb), rank)
 
 
 def least_squares(m: Moments, *, center: bool = False, ridge: float = 0.0):
