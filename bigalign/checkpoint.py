@@ -230,6 +230,16 @@ class Progress:
         return Lease(self, ttl)
 
 
+def _process_start(pid: int):
+    """Start time of a process in clock ticks since boot (Linux), or None elsewhere: with
+    the pid it identifies a process even when pids are reused."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class Lease:
     """A lock on a checkpoint held by one run, renewed in the background while it lives.
 
@@ -248,7 +258,8 @@ class Lease:
     def _record(self) -> dict:
         now = time.time()
         return {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
-                "renewed": now, "expires": now + self.ttl}
+                "pid_started": _process_start(os.getpid()), "renewed": now,
+                "expires": now + self.ttl}
 
     def _holder(self) -> Optional[dict]:
         raw = self.progress._get(self.path)
@@ -259,15 +270,25 @@ class Lease:
 
     @staticmethod
     def _alive(holder: dict) -> bool:
+        """A holder is alive while its lease is fresh, unless it ran on this host and its
+        process is gone: no such pid, or a pid reused by another process (its start time
+        differs: a restarted container reuses hostnames and pids, even our own)."""
         if holder.get("expires", 0) < time.time():
             return False
         if holder.get("host") == socket.gethostname():
             try:
-                os.kill(int(holder["pid"]), 0)
+                pid = int(holder["pid"])
+            except (KeyError, TypeError, ValueError):
+                return True
+            try:
+                os.kill(pid, 0)
             except ProcessLookupError:
                 return False
-            except (PermissionError, ValueError, KeyError):
-                return True
+            except PermissionError:
+                pass
+            started = holder.get("pid_started")
+            if started is not None and _process_start(pid) not in (None, started):
+                return False
         return True
 
     def __enter__(self) -> "Lease":

@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe a transform, an apply output or progress in flight")
     i.add_argument("path")
     i.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    i.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="fsspec storage option for URLs (repeatable)")
 
     st = sub.add_parser("status", help="progress of a fit or apply in flight or interrupted",
                         description="Units done, rows/s and time left, read from the run's "
@@ -128,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "Exit code 0: finished; 3: unfinished (rerun to resume).")
     st.add_argument("path", help="the run's output (transform or apply output) or checkpoint")
     st.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    st.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="fsspec storage option for URLs (repeatable)")
 
     d = sub.add_parser("demo", help="generate a paired corpus, fit, apply and check (the main "
                                     "job on an embedded default)")
@@ -192,11 +196,12 @@ def _info(args) -> int:
     import bigalign
     from .transform import Transform
 
-    status = bigalign.output_status(args.path)
+    so = _storage_options(args.storage_option) or None
+    status = bigalign.output_status(args.path, so)
     if status is not None:
         info = {"kind": "apply-output", "path": args.path, **status}
         if not status.get("complete"):
-            info["progress"] = bigalign.run_status(args.path)
+            info["progress"] = bigalign.run_status(args.path, so)
         if args.json:
             print(json.dumps(info, indent=2, default=str))
         else:
@@ -209,9 +214,9 @@ def _info(args) -> int:
                 print("  " + _describe_progress(info["progress"]))
         return 0 if status.get("complete") else 3
     try:
-        t = Transform.load(args.path)
+        t = Transform.load(args.path, storage_options=so)
     except bigalign.InputError as e:
-        if bigalign.run_status(args.path):
+        if bigalign.run_status(args.path, so):
             return _status(args)
         raise bigalign.InputError(f"{args.path!r}: not a transform or apply output ({e})") from None
     if args.json:
@@ -233,12 +238,13 @@ def _describe_progress(p: dict) -> str:
 def _status(args) -> int:
     import bigalign
 
-    p = bigalign.run_status(args.path)
+    so = _storage_options(args.storage_option) or None
+    p = bigalign.run_status(args.path, so)
     if p is None:
-        status = bigalign.output_status(args.path)
+        status = bigalign.output_status(args.path, so)
         done = bool(status and status.get("complete"))
         try:
-            bigalign.Transform.load(args.path)
+            bigalign.Transform.load(args.path, storage_options=so)
             done = True
         except bigalign.InputError:
             pass
@@ -273,17 +279,28 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     quiet = getattr(args, "quiet", False)
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
-                        format="bigalign: %(message)s", stream=sys.stderr)
+    logger = logging.getLogger("bigalign")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("bigalign: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
     warnings.simplefilter("default")
     try:
         return COMMANDS[args.command](args)
     except BigalignError as e:
         print(f"bigalign {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except (FileNotFoundError, PermissionError, ConnectionError, TimeoutError) as e:
+        print(f"bigalign {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("bigalign: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into head & co.
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ def common_step(steps, row_bytes: int, block_bytes: int) -> tuple[int, bool]:
 
     ``steps``: the row chunk (or shard) size of each array involved. Returns (step, aligned):
     the least common multiple when a block of that many rows stays within 4x the block budget
+    (or 4x the largest chunk, when chunks are larger than the budget)
     (``aligned`` True: every chunk of every array is touched by one task only); otherwise the
     first array's step (``aligned`` False: chunks of the others that straddle a boundary are
     read by both neighbouring tasks; never the case for writes, whose array is listed first).
@@ -52,7 +53,7 @@ def common_step(steps, row_bytes: int, block_bytes: int) -> tuple[int, bool]:
     if any(s <= 0 for s in steps):
         raise ValueError(f"chunk sizes must be positive, got {steps}")
     lcm = math.lcm(*steps)
-    if lcm * row_bytes <= 4 * max(block_bytes, row_bytes):
+    if lcm * row_bytes <= 4 * max(block_bytes, max(steps) * row_bytes):
         return lcm, True
     return steps[0], False
 

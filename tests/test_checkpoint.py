@@ -79,6 +79,11 @@ def test_crashed_owner_does_not_hold_forever(tmp_path):
     lock.write_text(json.dumps(dict(other, expires=time.time() - 1)))
     with p.lease(ttl=60):
         pass
+    # same host, our own pid, but another process's start time: a restarted container
+    reused = dict(dead, pid=os.getpid(), pid_started=1)
+    lock.write_text(json.dumps(reused))
+    with p.lease(ttl=60):
+        pass
 
 
 def test_lease_is_renewed_while_alive(tmp_path):
