@@ -21,9 +21,9 @@ from . import __version__, faults
 from .checkpoint import Progress
 from .cluster import session
 from .engine import apply_graph, fit_graph
-from .errors import CheckpointError, InputError
-from .plan import (DEFAULT_BLOCK_BYTES, MIN_BLOCKS, choose_block_rows, common_step, partial_bytes,
-                   plan_blocks, plan_units)
+from .errors import InputError
+from .plan import (DEFAULT_BLOCK_BYTES, MIN_BLOCKS, choose_block_rows, choose_fan_in,
+                   common_step, fit_block_rows, partial_bytes, plan_blocks, plan_units)
 from .solve import discrepancy, paper_bound, procrustes
 from .stores import create_output, open_embeddings, parse_rows, validate_pair
 from .transform import Transform
@@ -89,7 +89,7 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
         workers: Optional[int] = None, memory_limit: Optional[str] = None,
         threads: Optional[int] = None, block_bytes: int = DEFAULT_BLOCK_BYTES,
         progress: bool = False, storage_options: Optional[dict] = None,
-        check_chunks: bool = True, fan_in: int = 8) -> Transform:
+        check_chunks: bool = True, fan_in: Optional[int] = None) -> Transform:
     """Fit an orthogonal map from paired rows of ``source`` (N, dA) to ``target`` (N, dB).
 
     One streaming pass reads each chunk once and accumulates float64 statistics; one SVD of
@@ -160,7 +160,8 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
                  stop - start, dim_a, dim_b, len(blocks), len(units))
         graph, key, tasks = fit_graph(src, tgt, blocks, units, done=done, progress=prog,
                                       normalize=normalize, gram=gram, dtype=dtype,
-                                      fan_in=fan_in)
+                                      fan_in=fan_in or plan["fan_in"],
+                                      rows_per_read=plan["rows_per_read"], step=plan["step"])
         with session(**_run_options(scheduler, workers, memory_limit, threads, progress)) as s:
             moments = s.get(graph, key)
         seconds = time.perf_counter() - t0
@@ -182,18 +183,21 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
 
 
 def _fit_plan(src, tgt, start, stop, block_bytes, gram) -> dict:
-    """Blocks on chunk boundaries of both inputs, grouped in checkpoint units."""
+    """Reads on chunk boundaries of both inputs, tasks of whole reads (at least twice their
+    partial's size), tasks grouped in checkpoint units, merge fan-in for a 1 GiB budget."""
     row_bytes = src.row_bytes + tgt.row_bytes
     step, aligned = common_step([src.row_step, tgt.row_step], row_bytes, block_bytes)
     if not aligned:
         log.warning("source and target chunkings (%d and %d rows) share no small common "
                     "multiple: target chunks on task boundaries are read twice",
                     src.row_step, tgt.row_step)
-    per = choose_block_rows(stop - start, step, row_bytes, block_bytes, MIN_BLOCKS)
+    partial = partial_bytes(src.dim, tgt.dim, gram)
+    per_read = choose_block_rows(stop - start, step, row_bytes, block_bytes, MIN_BLOCKS)
+    per = fit_block_rows(per_read, row_bytes, partial)
     n_blocks = len(plan_blocks(start, stop, step, per))
-    units = plan_units(n_blocks, per * row_bytes, partial_bytes(src.dim, tgt.dim, gram),
-                       min_units=MIN_BLOCKS)
-    return {"step": step, "rows_per_block": per, "blocks_per_unit": len(units[0])}
+    units = plan_units(n_blocks, per * row_bytes, partial, min_units=MIN_BLOCKS)
+    return {"step": step, "rows_per_block": per, "rows_per_read": per_read,
+            "blocks_per_unit": len(units[0]), "fan_in": choose_fan_in(partial)}
 
 
 def _solve(moments, src, tgt, start, stop, *, center, normalize, scale, reflection, dtype,

@@ -15,8 +15,8 @@ from typing import Optional
 
 from . import faults
 from .checkpoint import Progress
-from .plan import Block, merge_tree
-from .stats import Moments, block_moments, merge_all
+from .plan import Block, merge_tree, plan_blocks
+from .stats import Moments, block_moments, merge, merge_all
 from .stores import EmbeddingArray, read_rows, write_rows
 from .transform import map_rows
 
@@ -26,13 +26,18 @@ __all__ = ["fit_graph", "apply_graph"]
 # ---- task functions (module level: they are pickled to workers) ------------------------
 
 def block_task(source: EmbeddingArray, target: EmbeddingArray, start: int, stop: int,
-               normalize: bool, gram: bool, dtype: str) -> Moments:
-    """Read paired rows [start, stop) once and reduce them to float64 statistics."""
-    a = read_rows(source, start, stop)
-    b = read_rows(target, start, stop)
-    moments = block_moments(a, b, gram=gram, normalize=normalize, dtype=dtype, start=start)
+               normalize: bool, gram: bool, dtype: str, step: int, rows_per_read: int) -> Moments:
+    """Read paired rows [start, stop) once, ``rows_per_read`` (whole chunks) at a time, and
+    reduce them to float64 statistics; memory is one read plus the running statistics."""
+    total = None
+    for r in plan_blocks(start, stop, step, rows_per_read):
+        a = read_rows(source, r.start, r.stop)
+        b = read_rows(target, r.start, r.stop)
+        m = block_moments(a, b, gram=gram, normalize=normalize, dtype=dtype, start=r.start)
+        total = m if total is None else merge(total, m)
+        del a, b
     faults.point("fit.block")
-    return moments
+    return total
 
 
 def save_unit_task(progress: Progress, index: int, moments: Moments) -> Moments:
@@ -86,11 +91,13 @@ def _tree(graph: dict, name: str, keys: list, fan_in: int, func=merge_task):
 def fit_graph(source: EmbeddingArray, target: EmbeddingArray, blocks: list[Block],
               units: list[range], *, done: set[int] = frozenset(),
               progress: Optional[Progress] = None, normalize: bool = False,
-              gram: bool = False, dtype: str = "float32", fan_in: int = 8):
+              gram: bool = False, dtype: str = "float32", fan_in: int = 8,
+              step: int, rows_per_read: int):
     """Graph whose key holds the merged Moments of all ``blocks``.
 
-    Units in ``done`` are loaded from ``progress`` instead of computed; the others write
-    their merged statistics there when they finish (when ``progress`` is given).
+    Each block task streams its rows ``rows_per_read`` at a time (reads start on multiples
+    of ``step``). Units in ``done`` are loaded from ``progress`` instead of computed; the
+    others write their merged statistics there when they finish (when ``progress`` is given).
     Returns (graph, key, number of leaf tasks).
     """
     token = uuid.uuid4().hex[:12]
@@ -106,7 +113,8 @@ def fit_graph(source: EmbeddingArray, target: EmbeddingArray, blocks: list[Block
             for i in unit:
                 b = blocks[i]
                 bk = (f"bigalign-block-{token}", b.index)
-                graph[bk] = (block_task, src, tgt, b.start, b.stop, normalize, gram, dtype)
+                graph[bk] = (block_task, src, tgt, b.start, b.stop, normalize, gram, dtype,
+                             step, rows_per_read)
                 block_keys.append(bk)
             leaves += len(block_keys)
             root = _tree(graph, f"bigalign-merge-{token}-{u}", block_keys, fan_in)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["Block", "common_step", "choose_block_rows", "plan_blocks", "partial_bytes", "plan_units", "merge_tree",
+__all__ = ["Block", "common_step", "choose_block_rows", "plan_blocks", "partial_bytes",
+           "fit_block_rows", "choose_fan_in", "plan_units", "merge_tree",
            "fit_task_bytes", "apply_task_bytes", "DEFAULT_BLOCK_BYTES"]
 
 #: Default input bytes per task: chunks of ~8-32 MB read fastest here, and a task of a few
@@ -119,6 +120,21 @@ def merge_tree(n: int, fan_in: int = 8) -> list[list[range]]:
         levels.append(groups)
         width = len(groups)
     return levels
+
+
+def fit_block_rows(rows_per_read: int, row_bytes: int, partial: int, ratio: int = 2) -> int:
+    """Rows per fit task: whole reads, and enough of them that the task's input is at least
+    ``ratio`` times its float64 partial (d^2 matrices). At d = 4096 a partial with Gram
+    matrices is ~400 MB; without this, 64 MB tasks would make more partial than data. A task
+    streams its reads one at a time, so its memory is one read plus its partial."""
+    reads = max(1, math.ceil(ratio * partial / max(rows_per_read * row_bytes, 1)))
+    return rows_per_read * reads
+
+
+def choose_fan_in(partial: int, budget: int = 2**30, widest: int = 8) -> int:
+    """Fan-in of the merge trees: a merge task holds its inputs and its output at once, so
+    at most ``budget`` bytes of partials (never below 2, never above ``widest``)."""
+    return int(min(widest, max(2, budget // max(partial, 1) - 1)))
 
 
 def partial_bytes(dim_a: int, dim_b: int, gram: bool) -> int:

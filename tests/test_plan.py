@@ -64,3 +64,17 @@ def test_merge_tree_covers_each_input_once(n, fan_in):
         assert all(1 <= len(g) <= fan_in for g in groups)
         width = len(groups)
     assert width == 1
+
+
+def test_fit_tasks_outweigh_their_partials_at_large_d():
+    from bigalign.plan import choose_fan_in, fit_block_rows, partial_bytes
+    # d = 384: a 64 MB read already dwarfs the 3.5 MB partial: one read per task
+    p384 = partial_bytes(384, 384, gram=True)
+    assert fit_block_rows(21845, 384 * 8, p384) == 21845
+    # d = 4096: the partial is ~400 MB; a task spans enough reads to be >= 2x that
+    p4k = partial_bytes(4096, 4096, gram=True)
+    rows = fit_block_rows(2048, 4096 * 8, p4k)
+    assert rows % 2048 == 0 and rows * 4096 * 8 >= 2 * p4k
+    # merges hold at most ~1 GiB of partials at large d, fan-in 8 at small d
+    assert choose_fan_in(p384) == 8
+    assert choose_fan_in(p4k) == 2
