@@ -227,7 +227,7 @@ def _solve(moments, src, tgt, start, stop, *, center, normalize, scale, reflecti
     return Transform(sol.rotation,
                      moments.mean_a.copy() if center else zeros(dim_a),
                      moments.mean_b.copy() if center else zeros(dim_b),
-                     sol.scale, options, meta, sol.singular_values)
+                     sol.scale, options, meta, sol.singular_values, moments)
 
 
 def _transform_digest(t: Transform) -> str:
@@ -262,7 +262,8 @@ def output_status(output, storage_options: Optional[dict] = None) -> Optional[di
 
 
 def apply(transform: Union[Transform, str], source, output: str, *, dtype: str = "float32",
-          renormalize: bool = False, overwrite: bool = False, compression: str = "none",
+          renormalize: bool = False, target_centred: bool = False, overwrite: bool = False,
+          compression: str = "none",
           chunk_rows: Optional[int] = None, checkpoint: Union[str, bool, None] = None,
           restart: bool = False, scheduler: Optional[str] = None,
           workers: Optional[int] = None, memory_limit: Optional[str] = None,
@@ -280,6 +281,9 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
 
     dtype : output dtype, float16/float32/float64 (float64 computes in float64).
     renormalize : L2-normalise each output row.
+    target_centred : leave out ``+ target_mean``: write vectors in the target's centred space
+        (search them among native target vectors minus ``transform.target_mean``; with a
+        large common offset in the target model this retrieves better, see README).
     checkpoint : where done-markers go (default OUTPUT.checkpoint); False records none (the
         output is still marked complete at the end, but a killed run starts over).
     Returns a :class:`RunReport`.
@@ -304,7 +308,8 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
         Progress(checkpoint or default_checkpoint(output), storage_options)
     fingerprint = {"source": src.fingerprint(), "transform": _transform_digest(transform),
                    "options": {"dtype": dtype, "renormalize": renormalize,
-                               "chunk_rows": chunk, "compression": compression}}
+                               "target_centred": target_centred, "chunk_rows": chunk,
+                               "compression": compression}}
     status = output_status(output, storage_options)
     resuming = False
     if status is not None and not overwrite:
@@ -343,9 +348,10 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
                                 storage_options=storage_options,
                                 attributes={"bigalign": {"complete": False,
                                                          "transform": fingerprint["transform"],
-                                                         "source": src.url}})
-        params = (transform.matrix(dtype), transform.source_mean, transform.target_mean,
-                  str(output))
+                                                         "source": src.url,
+                                                         "target_centred": target_centred}})
+        params = (transform.matrix(dtype), transform.source_mean,
+                  transform.output_mean(target_centred), str(output))
         graph, key, tasks = apply_graph(src, out, params, blocks, done=done, progress=prog,
                                         dtype=dtype, renormalize=renormalize,
                                         normalize=transform.normalize)

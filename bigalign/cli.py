@@ -111,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--dtype", choices=("float32", "float16", "float64"), default="float32",
                    help="output dtype (default float32)")
     a.add_argument("--renormalize", action="store_true", help="L2-normalise each output row")
+    a.add_argument("--target-centred", action="store_true",
+                   help="write (x - mean_A) s Q without + mean_B: vectors in the target's "
+                        "centred space; search them among native target vectors minus the "
+                        "transform's target_mean (better retrieval when the target model has "
+                        "a large common offset)")
     a.add_argument("--compression", choices=("none", "lz4", "zstd"), default="none",
                    help="output compression (default none: embeddings compress ~1.05-1.1x and "
                         "zstd halves write speed)")
@@ -163,7 +168,8 @@ def _apply(args) -> int:
     import bigalign
 
     r = bigalign.apply(args.transform, args.source, args.output, dtype=args.dtype,
-                       renormalize=args.renormalize, compression=args.compression,
+                       renormalize=args.renormalize, target_centred=args.target_centred,
+                       compression=args.compression,
                        chunk_rows=args.chunk_rows, **_common(args))
     resumed = f", {r.units_resumed} of {r.units_total} regions were already done" \
         if r.units_resumed else ""

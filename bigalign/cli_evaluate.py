@@ -1,8 +1,383 @@
-"""Command line for evaluation (evaluate, evaluate-retrieval, curve). Filled in by issue 4."""
+"""Command line for evaluation: ``evaluate``, ``evaluate-retrieval`` and ``curve``.
+
+Thin, like cli.py: parse, call :mod:`bigalign.evaluate`, print a table to stdout (or JSON
+with ``--json``), optionally write a PNG (:mod:`bigalign.report`); log lines go to stderr.
+Bad input raises :class:`bigalign.InputError` (exit code 2). See docs/evaluation.md for
+what every number means.
+"""
 
 from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+
+from .errors import InputError
+
+log = logging.getLogger("bigalign")
+
+RESID_HELP = ("resid: sum ||f(x)-y||^2 / sum ||y - mean y||^2 on the held-out pairs (0 = "
+              "perfect, 1 = no better than answering the target mean); fit: the same on the "
+              "training pairs")
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        out = [int(v.replace("_", "")) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"{what} {text!r}: expected comma-separated integers, e.g. 1,10") from None
+    if not out or min(out) < 1:
+        raise InputError(f"{what} {text!r}: expected positive integers")
+    return out
+
+
+def _storage_options(items) -> dict:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InputError(f"--storage-option {item!r}: expected KEY=VALUE")
+        low = value.lower()
+        out[key] = {"true": True, "false": False, "null": None}.get(low, value)
+        if isinstance(out[key], str) and value.replace(".", "", 1).isdigit():
+            out[key] = json.loads(value)
+    return out
+
+
+def _io_args(p, *, retrieval: bool = False) -> None:
+    p.add_argument("--max-queries", type=int, default=10_000, metavar="N",
+                   help="search at most N queries, a seeded random sample (default 10000; 0 = "
+                        "all). The searched set is always complete")
+    p.add_argument("--seed", type=int, default=0, help="seed of the query sample (default 0)")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.add_argument("--png", metavar="PATH", help="also write a PNG report here")
+    p.add_argument("--float64", action="store_true",
+                   help="compute maps and scores in float64 (default float32)")
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="fsspec storage option for URLs (repeatable)")
+    p.add_argument("--allow-missing-chunks", action="store_true",
+                   help="do not refuse inputs with unstored chunks")
+    p.add_argument("-q", "--quiet", action="store_true", help="no log lines on stderr")
+
+
+def _baseline_args(p) -> None:
+    g = p.add_argument_group("baselines (fitted from the training statistics, no extra fit)")
+    g.add_argument("--ridge", type=float, default=0.0, metavar="LAMBDA",
+                   help="also evaluate ridge regression W = (A'A + LAMBDA I)^-1 A'B")
+    g.add_argument("--train-source", metavar="ARRAY",
+                   help="source array holding the transform's training rows (default: SOURCE)")
+    g.add_argument("--train-target", metavar="ARRAY",
+                   help="target array holding the transform's training rows (default: TARGET)")
 
 
 def add_commands(sub) -> dict:
     """Register subcommands on the argparse ``sub`` parsers; return {name: handler(args)}."""
-    return {}
+    e = sub.add_parser(
+        "evaluate", help="held-out quality of a transform next to its baselines",
+        description="Evaluate TRANSFORM on held-out pairs (row i of SOURCE with row i of "
+                    "TARGET), streaming: relative residual, cosine per pair, and cross-model "
+                    "retrieval (each aligned source row searched, by exact cosine, among all "
+                    "held-out target rows; recall@k), in the raw target space and with each "
+                    "side's mean removed. Baselines (none, least squares, ridge, orthogonal "
+                    "with the other centring) are fitted from the training statistics. Also "
+                    "prints the paper's bound on the training set.",
+        epilog="What each number means: docs/evaluation.md")
+    e.add_argument("transform", help="a transform saved by 'bigalign fit'")
+    e.add_argument("source", help="Zarr array (N, dA) of source-model vectors")
+    e.add_argument("target", help="Zarr array (N, dB) of target-model vectors, same rows")
+    e.add_argument("--rows", metavar="START:STOP",
+                   help="held-out rows (default: the rows after, else before, the transform's "
+                        "training rows)")
+    e.add_argument("--k", default="1,10", metavar="K,K",
+                   help="recall cut-offs (default 1,10)")
+    e.add_argument("--csls", action="store_true",
+                   help="also rank with CSLS (penalises 'hub' targets near many queries)")
+    e.add_argument("--csls-k", type=int, default=10, metavar="K",
+                   help="CSLS neighbourhood size (default 10)")
+    e.add_argument("--no-baselines", action="store_true",
+                   help="evaluate only the transform (and none); skips the pass over the "
+                        "training rows that baselines need when the transform does not store "
+                        "its statistics")
+    _baseline_args(e)
+    _io_args(e)
+
+    r = sub.add_parser(
+        "evaluate-retrieval", help="query -> document retrieval across two models (nDCG@10)",
+        description="Queries embedded by one model, documents by another, relevance "
+                    "judgements as a table (query_id, doc_id, relevance; parquet or CSV; ids "
+                    "are row indices of QUERIES and DOCS). Reports nDCG and recall@k for "
+                    "native (with --native), none, the baselines and the aligned transform, "
+                    "searched raw and centred. --map queries (default): TRANSFORM maps the "
+                    "query model into the document model's space (upgrade the query model "
+                    "without re-indexing); --map docs: it maps documents into the query space.",
+        epilog="What each number means: docs/evaluation.md")
+    r.add_argument("transform", help="a transform saved by 'bigalign fit'")
+    r.add_argument("queries", help="Zarr array of query embeddings")
+    r.add_argument("docs", help="Zarr array of document embeddings (the other model)")
+    r.add_argument("--qrels", required=True, metavar="FILE",
+                   help="relevance judgements: .parquet, .csv or .tsv with columns query_id, "
+                        "doc_id[, relevance]")
+    r.add_argument("--map", choices=("queries", "docs"), default="queries",
+                   help="which side TRANSFORM maps (default queries)")
+    r.add_argument("--native", metavar="ARRAY",
+                   help="the mapped side's texts embedded by the other model (the "
+                        "no-migration ceiling)")
+    r.add_argument("--query-rows", metavar="START:STOP", help="evaluate queries in these rows")
+    r.add_argument("--doc-rows", metavar="START:STOP", help="search documents in these rows")
+    r.add_argument("--k", default="1,10,100", metavar="K,K",
+                   help="recall cut-offs (default 1,10,100)")
+    r.add_argument("--ndcg-k", type=int, default=10, metavar="K", help="nDCG cut-off (default 10)")
+    _baseline_args(r)
+    _io_args(r, retrieval=True)
+
+    c = sub.add_parser(
+        "curve", help="quality against the number of training pairs",
+        description="Fit on the first n training rows for each n in --sizes (one streaming "
+                    "pass snapshots the statistics at each n) and evaluate every fit on the "
+                    "same held-out rows: shows where more pairs stop helping.",
+        epilog="What each number means: docs/evaluation.md")
+    c.add_argument("source", help="Zarr array (N, dA) of source-model vectors")
+    c.add_argument("target", help="Zarr array (N, dB) of target-model vectors, same rows")
+    c.add_argument("--train-rows", required=True, metavar="START:STOP",
+                   help="rows to fit on (prefixes of it for each size)")
+    c.add_argument("--eval-rows", required=True, metavar="START:STOP",
+                   help="held-out rows (must not overlap --train-rows)")
+    c.add_argument("--sizes", metavar="N,N",
+                   help="training sizes (default 100,300,1000,3000,... and all training rows)")
+    c.add_argument("--center", action="store_true", help="fit with centring (as fit --center)")
+    c.add_argument("--normalize", action="store_true", help="as fit --normalize")
+    c.add_argument("--scale", action="store_true", help="as fit --scale")
+    c.add_argument("--no-least-squares", action="store_true",
+                   help="only the orthogonal fit (no least-squares curve)")
+    c.add_argument("--ridge", type=float, default=0.0, metavar="LAMBDA",
+                   help="ridge penalty for the least-squares curve (default 0)")
+    c.add_argument("--k", default="1,10", metavar="K,K", help="recall cut-offs (default 1,10)")
+    _io_args(c)
+    return {"evaluate": _evaluate, "evaluate-retrieval": _evaluate_retrieval, "curve": _curve}
+
+
+def _common(args) -> dict:
+    return dict(max_queries=args.max_queries or None, seed=args.seed,
+                dtype="float64" if args.float64 else "float32",
+                storage_options=_storage_options(args.storage_option) or None,
+                check_chunks=not args.allow_missing_chunks)
+
+
+def _evaluate(args) -> int:
+    from .evaluate import evaluate
+
+    if args.csls_k < 1:
+        raise InputError("--csls-k must be positive")
+    result = evaluate(args.transform, args.source, args.target, args.rows,
+                      baselines=not args.no_baselines, train_source=args.train_source,
+                      train_target=args.train_target, ridge=args.ridge,
+                      ks=_ints(args.k, "--k"), csls=args.csls, csls_k=args.csls_k,
+                      **_common(args))
+    result["transform"]["path"] = args.transform
+    return _finish(args, result, format_evaluation)
+
+
+def _evaluate_retrieval(args) -> int:
+    from .evaluate import evaluate_retrieval
+
+    result = evaluate_retrieval(args.transform, args.queries, args.docs, args.qrels,
+                                map_side=args.map, native=args.native,
+                                train_source=args.train_source, train_target=args.train_target,
+                                ridge=args.ridge, query_rows=args.query_rows,
+                                doc_rows=args.doc_rows, ks=_ints(args.k, "--k"),
+                                ndcg_k=args.ndcg_k, **_common(args))
+    return _finish(args, result, format_retrieval)
+
+
+def _curve(args) -> int:
+    from .evaluate import learning_curve
+
+    sizes = _ints(args.sizes, "--sizes") if args.sizes else None
+    result = learning_curve(args.source, args.target, args.train_rows, args.eval_rows,
+                            sizes=sizes, center=args.center, normalize=args.normalize,
+                            scale=args.scale, least_squares=not args.no_least_squares,
+                            ridge=args.ridge, ks=_ints(args.k, "--k"), **_common(args))
+    return _finish(args, result, format_curve)
+
+
+def _finish(args, result: dict, formatter) -> int:
+    if args.png:
+        from .report import write_png
+
+        try:
+            write_png(result, args.png)
+        except OSError as e:
+            raise InputError(f"--png {args.png!r}: cannot write it ({e})") from None
+        log.info("wrote the PNG report to %s", args.png)
+    if args.json:
+        print(json.dumps(_plain(result), indent=2))
+    else:
+        print(formatter(result))
+    return 0
+
+
+def _plain(obj):
+    """JSON-safe: NaN/Inf become null, numpy scalars plain numbers."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if hasattr(obj, "tolist"):
+        return _plain(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+# ---- tables ------------------------------------------------------------------------------
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) >= 1000 else f"{v:.{digits}f}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    """A plain aligned table: text columns left-aligned, numbers right-aligned."""
+    cells = [headers] + [[_fmt(v) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    text = [bool(rows) and all(isinstance(r[i], str) and not _numeric(r[i]) for r in rows)
+            for i in range(len(headers))]
+    lines = []
+    for j, r in enumerate(cells):
+        lines.append("  ".join(c.ljust(w) if text[i] else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _numeric(text: str) -> bool:
+    try:
+        float(text.replace(",", ""))
+        return True
+    except ValueError:
+        return False
+
+
+def _variants(result: dict) -> list[str]:
+    names = list(result["methods"][0]["retrieval"]) if result["methods"] else []
+    return [v for v in ("raw", "centred", "raw+csls", "centred+csls") if v in names]
+
+
+def format_evaluation(result: dict) -> str:
+    ks, variants = result["ks"], _variants(result)
+    headers = ["method", "fit", "resid", "cos mean", "cos p5", "cos p50"]
+    headers += [f"{v} R@{k}" for v in variants for k in ks]
+    rows = []
+    for m in result["methods"]:
+        row = [m["name"] + (" *" if m["this"] else ""), m["train"].get("relative_residual"),
+               m["relative_residual"], m["cosine"]["mean"], m["cosine"]["p5"], m["cosine"]["p50"]]
+        row += [m["retrieval"][v][f"recall@{k}"] for v in variants for k in ks]
+        rows.append(row)
+    tr = result.get("training") or {}
+    a, b = result["rows"]
+    out = [f"held-out pairs: rows {a}:{b} ({result['pairs']:,}); {result['queries']:,} queries "
+           f"searched by exact cosine among all {result['targets']:,} held-out targets"
+           + (" (queries sampled)" if result["sampled"] else "")
+           + f"; chance recall@1 = {result['chance'][f'recall@{ks[0]}']:.4f}" * (ks[0] == 1)]
+    if result.get("overlap_with_training"):
+        out.append(f"WARNING: {result['overlap_with_training']:,} of these rows were used to "
+                   "fit the transform")
+    if tr.get("statistics"):
+        out.append(f"baselines fitted on training rows {tr['rows'][0]}:{tr['rows'][1]} "
+                   f"(statistics {tr['statistics']})")
+    out += ["", table(headers, rows), "",
+            "* this transform.  " + RESID_HELP + ".",
+            "cos: cosine between each aligned source row and its own target row.  R@k: share of "
+            "queries whose own pair ranks in the top k; raw = cosine search in the target "
+            "space, centred = each side's mean removed first" +
+            (", +csls = CSLS re-ranking" if any("csls" in v for v in variants) else "") + "."]
+    d = tr.get("diagnostics") or tr.get("fit_diagnostics")
+    if d:
+        out += ["", _bound_lines(d, tr)]
+    return "\n".join(out)
+
+
+def _bound_lines(d: dict, tr: dict) -> str:
+    n = d.get("n") or tr.get("n")
+    lines = ["paper bound (arXiv 2510.13406) on the training pairs"
+             + (f" (n = {n:,}, {'centred' if d.get('center') else 'uncentred'})" if n else "") + ":",
+             f"  dot-product discrepancy eps = ||AA'-BB'||_F = {d['epsilon']:.4g}; "
+             f"per pair delta = eps/n = {d['delta']:.4g}"]
+    if "achieved_residual" in d:
+        holds = "holds" if d.get("bound_holds", True) else "VIOLATED"
+        lines.append(f"  ||AQ-B||_F: achieved {d['achieved_residual']:.4g} <= bound "
+                     f"(2D)^(1/4) sqrt(eps) = {d['bound_residual']:.4g} ({holds}; "
+                     f"achieved/bound = {d['achieved_residual'] / d['bound_residual']:.2f})")
+        if "achieved_mean_sq_distance" in d:
+            lines.append(f"  per pair: mean squared distance {d['achieved_mean_sq_distance']:.4g}"
+                         f" <= sqrt(2D) delta = {d['bound_mean_sq_distance']:.4g}")
+    return "\n".join(lines)
+
+
+def format_retrieval(result: dict) -> str:
+    ks, nk = result["ks"], result["ndcg_k"]
+    variants = ("raw", "centred")
+    metrics = [f"ndcg@{nk}"] + [f"recall@{k}" for k in ks]
+    headers = ["method"] + [f"{v} {m.replace('recall', 'R').replace('ndcg', 'nDCG')}"
+                            for v in variants for m in metrics]
+    rows = [[m["name"] + (" *" if m["this"] else "")] +
+            [m["retrieval"][v][mt] for v in variants for mt in metrics]
+            for m in result["methods"]]
+    q0, q1 = result["query_rows"]
+    d0, d1 = result["doc_rows"]
+    return "\n".join([
+        f"{result['queries']:,} queries (rows {q0}:{q1}) searched among {result['documents']:,} "
+        f"documents (rows {d0}:{d1}); {result['map']} mapped by the transform",
+        "", table(headers, rows), "",
+        f"* this transform.  nDCG@{nk}: ranking quality of the top {nk} against the relevance "
+        "judgements (1 = ideal order).  R@k: share of a query's relevant documents in its "
+        "top k.  raw: cosine search; centred: query side minus the queries' mean, documents "
+        "minus the collection's mean."])
+
+
+def format_curve(result: dict) -> str:
+    ks = result["ks"]
+    headers = ["pairs", "method", "fit", "resid", "cos mean"]
+    headers += [f"{v} R@{k}" for v in ("raw", "centred") for k in ks]
+    headers += ["eps", "bound", "achieved"]
+    rows = []
+    for p in result["points"]:
+        d = p.get("diagnostics") or {}
+        row = [p["pairs"], p["name"], p["train"].get("relative_residual"),
+               p["relative_residual"], p["cosine"]["mean"]]
+        row += [p["retrieval"][v][f"recall@{k}"] for v in ("raw", "centred") for k in ks]
+        row += [_g(d.get("epsilon")), _g(d.get("bound_residual")), _g(d.get("achieved_residual"))]
+        rows.append(row)
+    sat = result["saturation"]
+    a, b = result["train_rows"]
+    c, d = result["rows"]
+    verdict = (f"saturates near {sat['pairs']:,} pairs ({sat['metric']} within 0.01 of its value "
+               f"{sat['value']:.3f} at {result['sizes'][-1]:,})" if sat["pairs"] else
+               f"still improving at {result['sizes'][-1]:,} pairs ({sat['metric']} "
+               f"{sat['value']:.3f}): more training pairs would help")
+    return "\n".join([
+        f"training rows {a}:{b} (prefixes), held-out rows {c}:{d} ({result['pairs']:,} pairs, "
+        f"{result['queries']:,} queries); fit options: "
+        + ", ".join(f"{k}={v}" for k, v in result["options"].items()),
+        "", table(headers, rows), "", verdict,
+        RESID_HELP + ".  eps / bound / achieved: the paper's discrepancy, its bound on "
+        "||AQ-B||_F and the value reached (orthogonal, training pairs)."])
+
+
+def _g(v):
+    return None if v is None else f"{v:.4g}"
+
+
+def main(argv=None) -> int:  # pragma: no cover - convenience for `python -m`
+    from .cli import main as cli_main
+
+    return cli_main(argv)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

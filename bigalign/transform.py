@@ -18,7 +18,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .errors import InputError
-from .stats import check_finite, normalize_rows
+from .stats import Moments, check_finite, normalize_rows
 
 FORMAT = "bigalign.transform/1"
 
@@ -58,6 +58,9 @@ class Transform:
     scale : float, 1.0 unless a similarity scale was fitted.
     options : the fit options (center, normalize, scale, reflection, rows, ...).
     metadata : n_pairs, dims, singular values summary, residuals, discrepancy, version, ...
+    statistics : the training set's sufficient statistics (bigalign.stats.Moments, float64,
+        d x d matrices), saved with the transform so baselines and diagnostics need no
+        second pass over the data; None for a transform built by hand.
     """
 
     rotation: np.ndarray
@@ -67,6 +70,7 @@ class Transform:
     options: dict = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
     singular_values: Optional[np.ndarray] = None
+    statistics: Optional[Moments] = None  # the fit's d x d sums: baselines, re-solves
 
     @property
     def dims(self) -> tuple[int, int]:
@@ -81,8 +85,12 @@ class Transform:
         work = np.float64 if np.dtype(dtype) == np.float64 else np.float32
         return (self.scale * self.rotation).astype(work)
 
-    def transform(self, x, *, dtype=None, renormalize: bool = False) -> np.ndarray:
-        """Map an in-memory block (n, dA) or a single row (dA,) exactly as ``apply`` does."""
+    def transform(self, x, *, dtype=None, renormalize: bool = False,
+                  target_centred: bool = False) -> np.ndarray:
+        """Map an in-memory block (n, dA) or a single row (dA,) exactly as ``apply`` does.
+
+        ``target_centred`` leaves out ``+ target_mean``: the result lives in the target's
+        centred space (search it among native target vectors minus ``target_mean``)."""
         x = np.asarray(x)
         single = x.ndim == 1
         x2 = x[None, :] if single else x
@@ -90,11 +98,16 @@ class Transform:
             raise ValueError(f"expected rows of dimension {self.dims[0]}, got shape {x.shape}")
         if dtype is None:
             dtype = np.float64 if x.dtype == np.float64 else np.float32
-        y = map_rows(x2, self.matrix(dtype), self.source_mean, self.target_mean,
-                     normalize=self.normalize, renormalize=renormalize, dtype=dtype)
+        y = map_rows(x2, self.matrix(dtype), self.source_mean,
+                     self.output_mean(target_centred), normalize=self.normalize,
+                     renormalize=renormalize, dtype=dtype)
         return y[0] if single else y
 
     __call__ = transform
+
+    def output_mean(self, target_centred: bool = False) -> np.ndarray:
+        """What is added after the rotation: target_mean, or zeros in the centred space."""
+        return np.zeros_like(self.target_mean) if target_centred else self.target_mean
 
     def inverse(self) -> "Transform":
         """The map back from target to source space (exact when dA == dB; for dA < dB it is
@@ -104,7 +117,7 @@ class Transform:
         return Transform(self.rotation.T.copy(), self.target_mean.copy(),
                          self.source_mean.copy(), 1.0 / self.scale,
                          dict(self.options, inverted=True), dict(self.metadata),
-                         self.singular_values)
+                         self.singular_values)  # the statistics describe the forward fit
 
     # ---- storage ------------------------------------------------------------------
     def save(self, path, *, overwrite: bool = False, storage_options: Optional[dict] = None) -> None:
@@ -118,6 +131,11 @@ class Transform:
             if value is not None:
                 group.create_array(name, data=np.asarray(value, dtype=np.float64),
                                    compressors=None)
+        if self.statistics is not None:
+            stats = group.create_group("statistics")
+            for name, value in self.statistics.to_arrays().items():
+                stats.create_array(name, data=np.asarray(value, dtype=np.float64)
+                                   if name != "n" else np.asarray(value), compressors=None)
         # the attribute goes last: a group without it is an unfinished save
         group.attrs["bigalign"] = _jsonable({
             "format": FORMAT, "scale": self.scale, "options": self.options,
@@ -138,9 +156,13 @@ class Transform:
                              f"(missing or unknown 'bigalign' attribute)")
         arrays = {k: np.asarray(group[k][...]) for k in
                   ("rotation", "source_mean", "target_mean", "singular_values") if k in group}
+        statistics = None
+        if "statistics" in group:
+            stats = group["statistics"]
+            statistics = Moments.from_arrays({k: stats[k][...] for k in stats.array_keys()})
         return cls(arrays["rotation"], arrays["source_mean"], arrays["target_mean"],
                    float(attrs["scale"]), attrs.get("options", {}), attrs.get("metadata", {}),
-                   arrays.get("singular_values"))
+                   arrays.get("singular_values"), statistics)
 
 
 def _jsonable(obj: Any) -> Any:

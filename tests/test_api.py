@@ -171,3 +171,13 @@ def test_fsspec_urls_end_to_end():
         assert not fs.exists("/bigalign-test-fsspec/o.zarr.checkpoint")
     finally:
         fsspec.filesystem("memory").rm("/bigalign-test-fsspec", recursive=True)
+
+
+def test_apply_target_centred(tmp_path):
+    a, b, _ = planted(600, 6, noise=0.1, offset_b=4.0, seed=14)
+    s, t = write_zarr(tmp_path / "a.zarr", a, 100), write_zarr(tmp_path / "b.zarr", b, 100)
+    tr = bigalign.fit(s, t, center=True)
+    bigalign.apply(tr, s, str(tmp_path / "o.zarr"), target_centred=True)
+    out = zarr.open_array(str(tmp_path / "o.zarr"))
+    assert out.attrs["bigalign"]["target_centred"] is True
+    np.testing.assert_allclose(out[:], tr.transform(a) - tr.target_mean, atol=1e-5)

@@ -74,3 +74,22 @@ def test_unfinished_save_is_not_a_transform(tmp_path):
         Transform.load(tmp_path / "t")
     with pytest.raises(InputError, match="no transform at"):
         Transform.load(tmp_path / "nothing")
+
+
+def test_statistics_saved_with_the_fit(tmp_path):
+    import bigalign
+    from conftest import write_zarr
+    a, b, _ = planted(500, 5, noise=0.1)
+    s, t = write_zarr(tmp_path / "a.zarr", a, 100), write_zarr(tmp_path / "b.zarr", b, 100)
+    tr = bigalign.fit(s, t, center=True, output=str(tmp_path / "t"))
+    back = Transform.load(tmp_path / "t")
+    assert back.statistics is not None and back.statistics.equals(tr.statistics)
+    assert back.statistics.n == 500 and back.statistics.has_gram
+    assert make().statistics is None  # hand-built: none
+
+
+def test_target_centred_leaves_out_the_target_mean():
+    t = make()
+    x = np.random.default_rng(4).standard_normal((5, 6))
+    np.testing.assert_allclose(t.transform(x, target_centred=True),
+                               t.transform(x) - t.target_mean, atol=1e-12)
