@@ -195,7 +195,7 @@ def _fit_plan(src, tgt, start, stop, block_bytes, gram) -> dict:
     per_read = choose_block_rows(stop - start, step, row_bytes, block_bytes, MIN_BLOCKS)
     per = fit_block_rows(per_read, row_bytes, partial)
     n_blocks = len(plan_blocks(start, stop, step, per))
-    units = plan_units(n_blocks, per * row_bytes, partial, min_units=MIN_BLOCKS)
+    units = plan_units(n_blocks, per * row_bytes, partial)
     return {"step": step, "rows_per_block": per, "rows_per_read": per_read,
             "blocks_per_unit": len(units[0]), "fan_in": choose_fan_in(partial)}
 
