@@ -68,11 +68,12 @@ class Progress:
         parent = path.rsplit("/", 1)[0]
         self.fs.makedirs(parent, exist_ok=True)
         if isinstance(self.fs, LocalFileSystem):
+            # whole or absent after a process kill: write aside, then rename. No fsync: the
+            # data these files vouch for is not fsynced either (Zarr does not), and a marker
+            # more durable than its data would be worse than none (see README).
             tmp = f"{path}.tmp-{uuid.uuid4().hex}"
             with open(tmp, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             os.replace(tmp, path)
         else:
             self.fs.pipe_file(path, data)
