@@ -9,6 +9,7 @@ import logging
 import sys
 import tempfile
 import warnings
+from typing import Optional
 
 from . import __version__
 
@@ -38,20 +39,34 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overwrite", action="store_true", help="replace an existing output")
     g.add_argument("--allow-missing-chunks", action="store_true",
                    help="do not refuse inputs with unstored chunks (Zarr reads them as fill)")
-    g.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="fsspec storage option for URLs (repeatable), e.g. anon=true")
+    add_storage_option(g)
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar; only warnings (such as resuming) and errors")
 
 
-def _storage_options(items) -> dict:
+def add_storage_option(parser) -> None:
+    """The repeatable --storage-option KEY=VALUE of every command that opens URLs."""
+    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="fsspec storage option for URLs (repeatable), e.g. anon=true or "
+                             "endpoint_url=http://127.0.0.1:9000")
+
+
+def storage_options(args) -> Optional[dict]:
+    """Parse --storage-option values: true/false/null (any case) and numbers become JSON
+    values, anything else stays a string. None when none were given."""
     out = {}
-    for item in items:
+    for item in args.storage_option:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"bigalign: --storage-option {item!r}: expected KEY=VALUE")
-        out[key] = json.loads(value) if value.lower() in ("true", "false", "null") or \
-            value.replace(".", "", 1).isdigit() else value
-    return out
+        if not sep or not key:
+            from .errors import InputError
+            raise InputError(f"--storage-option {item!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(value.lower() if value.lower() in ("true", "false", "null")
+                                  else value)
+            if not isinstance(out[key], (bool, int, float, type(None))):
+                out[key] = value
+        except ValueError:
+            out[key] = value
+    return out or None
 
 
 def _common(args) -> dict:
@@ -59,7 +74,7 @@ def _common(args) -> dict:
                 threads=args.threads, block_bytes=int(args.block_mb * 2**20),
                 checkpoint=args.checkpoint, restart=args.restart, overwrite=args.overwrite,
                 progress=not args.quiet, check_chunks=not args.allow_missing_chunks,
-                storage_options=_storage_options(args.storage_option) or None)
+                storage_options=storage_options(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,8 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe a transform, an apply output or progress in flight")
     i.add_argument("path")
     i.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    i.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="fsspec storage option for URLs (repeatable)")
+    add_storage_option(i)
 
     st = sub.add_parser("status", help="progress of a fit or apply in flight or interrupted",
                         description="Units done, rows/s and time left, read from the run's "
@@ -135,8 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "Exit code 0: finished; 3: unfinished (rerun to resume).")
     st.add_argument("path", help="the run's output (transform or apply output) or checkpoint")
     st.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    st.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                    help="fsspec storage option for URLs (repeatable)")
+    add_storage_option(st)
 
     d = sub.add_parser("demo", help="generate a paired corpus, fit, apply and check (the main "
                                     "job on an embedded default)")
@@ -202,7 +215,7 @@ def _info(args) -> int:
     import bigalign
     from .transform import Transform
 
-    so = _storage_options(args.storage_option) or None
+    so = storage_options(args)
     status = bigalign.output_status(args.path, so)
     if status is not None:
         info = {"kind": "apply-output", "path": args.path, **status}
@@ -244,7 +257,7 @@ def _describe_progress(p: dict) -> str:
 def _status(args) -> int:
     import bigalign
 
-    so = _storage_options(args.storage_option) or None
+    so = storage_options(args)
     p = bigalign.run_status(args.path, so)
     if p is None:
         status = bigalign.output_status(args.path, so)

@@ -1,9 +1,10 @@
 """Command line for evaluation: ``evaluate``, ``evaluate-retrieval`` and ``curve``.
 
-Thin, like cli.py: parse, call :mod:`bigalign.evaluate`, print a table to stdout (or JSON
-with ``--json``), optionally write a PNG (:mod:`bigalign.report`); log lines go to stderr.
-Bad input raises :class:`bigalign.InputError` (exit code 2). See docs/evaluation.md for
-what every number means.
+Thin, like cli.py: parse, call :mod:`bigalign.evaluate`, :mod:`bigalign.retrieval` or
+:mod:`bigalign.curve`, print a table to stdout (or JSON with ``--json``), optionally write a
+PNG (:mod:`bigalign.report`); log lines go to stderr. Bad input raises
+:class:`bigalign.InputError` (exit code 2). See docs/evaluation.md for what every number
+means.
 """
 
 from __future__ import annotations
@@ -13,7 +14,11 @@ import logging
 import math
 import sys
 
+from .cli import add_storage_option, storage_options
+from .curve import learning_curve
 from .errors import InputError
+from .evaluate import DEFAULT_MAX_QUERIES, evaluate
+from .retrieval import evaluate_retrieval
 
 log = logging.getLogger("bigalign")
 
@@ -32,30 +37,33 @@ def _ints(text: str, what: str) -> list[int]:
     return out
 
 
-def _storage_options(items) -> dict:
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise InputError(f"--storage-option {item!r}: expected KEY=VALUE")
-        low = value.lower()
-        out[key] = {"true": True, "false": False, "null": None}.get(low, value)
-        if isinstance(out[key], str) and value.replace(".", "", 1).isdigit():
-            out[key] = json.loads(value)
-    return out
+EPILOG = "What each number means: docs/evaluation.md"
+TRANSFORM = ("transform", "a transform saved by 'bigalign fit'")
+SOURCE = ("source", "Zarr array (N, dA) of source-model vectors")
+TARGET = ("target", "Zarr array (N, dB) of target-model vectors, same rows")
 
 
-def _io_args(p, *, retrieval: bool = False) -> None:
-    p.add_argument("--max-queries", type=int, default=10_000, metavar="N",
-                   help="search at most N queries, a seeded random sample (default 10000; 0 = "
-                        "all). The searched set is always complete")
+def _command(sub, name: str, summary: str, description: str, *positionals):
+    """A subcommand and its positional arguments, (name, help) each."""
+    p = sub.add_parser(name, help=summary, description=description, epilog=EPILOG)
+    for arg, text in positionals:
+        p.add_argument(arg, help=text)
+    return p
+
+
+def _io_args(p, ks: str) -> None:
+    """Recall cut-offs ``--k`` (default ``ks``) and the options every evaluation shares:
+    the query sample, output, precision, storage."""
+    p.add_argument("--k", default=ks, metavar="K,K", help=f"recall cut-offs (default {ks})")
+    p.add_argument("--max-queries", type=int, default=DEFAULT_MAX_QUERIES, metavar="N",
+                   help=f"search at most N queries, a seeded random sample (default "
+                        f"{DEFAULT_MAX_QUERIES}; 0 = all). The searched set is always complete")
     p.add_argument("--seed", type=int, default=0, help="seed of the query sample (default 0)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.add_argument("--png", metavar="PATH", help="also write a PNG report here")
     p.add_argument("--float64", action="store_true",
                    help="compute maps and scores in float64 (default float32)")
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="fsspec storage option for URLs (repeatable)")
+    add_storage_option(p)
     p.add_argument("--allow-missing-chunks", action="store_true",
                    help="do not refuse inputs with unstored chunks")
     p.add_argument("-q", "--quiet", action="store_true", help="no log lines on stderr")
@@ -73,24 +81,18 @@ def _baseline_args(p) -> None:
 
 def add_commands(sub) -> dict:
     """Register subcommands on the argparse ``sub`` parsers; return {name: handler(args)}."""
-    e = sub.add_parser(
-        "evaluate", help="held-out quality of a transform next to its baselines",
-        description="Evaluate TRANSFORM on held-out pairs (row i of SOURCE with row i of "
-                    "TARGET), streaming: relative residual, cosine per pair, and cross-model "
-                    "retrieval (each aligned source row searched, by exact cosine, among all "
-                    "held-out target rows; recall@k), in the raw target space and with each "
-                    "side's mean removed. Baselines (none, least squares, ridge, orthogonal "
-                    "with the other centring) are fitted from the training statistics. Also "
-                    "prints the paper's bound on the training set.",
-        epilog="What each number means: docs/evaluation.md")
-    e.add_argument("transform", help="a transform saved by 'bigalign fit'")
-    e.add_argument("source", help="Zarr array (N, dA) of source-model vectors")
-    e.add_argument("target", help="Zarr array (N, dB) of target-model vectors, same rows")
+    e = _command(
+        sub, "evaluate", "held-out quality of a transform next to its baselines",
+        "Evaluate TRANSFORM on held-out pairs (row i of SOURCE with row i of TARGET), "
+        "streaming: relative residual, cosine per pair, and cross-model retrieval (each "
+        "aligned source row searched, by exact cosine, among all held-out target rows; "
+        "recall@k), in the raw target space and with each side's mean removed. Baselines "
+        "(none, least squares, ridge, orthogonal with the other centring) are fitted from the "
+        "training statistics. Also prints the paper's bound on the training set.",
+        TRANSFORM, SOURCE, TARGET)
     e.add_argument("--rows", metavar="START:STOP",
                    help="held-out rows (default: the rows after, else before, the transform's "
                         "training rows)")
-    e.add_argument("--k", default="1,10", metavar="K,K",
-                   help="recall cut-offs (default 1,10)")
     e.add_argument("--csls", action="store_true",
                    help="also rank with CSLS (penalises 'hub' targets near many queries)")
     e.add_argument("--csls-k", type=int, default=10, metavar="K",
@@ -100,21 +102,18 @@ def add_commands(sub) -> dict:
                         "training rows that baselines need when the transform does not store "
                         "its statistics")
     _baseline_args(e)
-    _io_args(e)
+    _io_args(e, ks="1,10")
 
-    r = sub.add_parser(
-        "evaluate-retrieval", help="query -> document retrieval across two models (nDCG@10)",
-        description="Queries embedded by one model, documents by another, relevance "
-                    "judgements as a table (query_id, doc_id, relevance; parquet or CSV; ids "
-                    "are row indices of QUERIES and DOCS). Reports nDCG and recall@k for "
-                    "native (with --native), none, the baselines and the aligned transform, "
-                    "searched raw and centred. --map queries (default): TRANSFORM maps the "
-                    "query model into the document model's space (upgrade the query model "
-                    "without re-indexing); --map docs: it maps documents into the query space.",
-        epilog="What each number means: docs/evaluation.md")
-    r.add_argument("transform", help="a transform saved by 'bigalign fit'")
-    r.add_argument("queries", help="Zarr array of query embeddings")
-    r.add_argument("docs", help="Zarr array of document embeddings (the other model)")
+    r = _command(
+        sub, "evaluate-retrieval", "query -> document retrieval across two models (nDCG@10)",
+        "Queries embedded by one model, documents by another, relevance judgements as a table "
+        "(query_id, doc_id, relevance; parquet or CSV; ids are row indices of QUERIES and "
+        "DOCS). Reports nDCG and recall@k for native (with --native), none, the baselines and "
+        "the aligned transform, searched raw and centred. --map queries (default): TRANSFORM "
+        "maps the query model into the document model's space (upgrade the query model "
+        "without re-indexing); --map docs: it maps documents into the query space.",
+        TRANSFORM, ("queries", "Zarr array of query embeddings"),
+        ("docs", "Zarr array of document embeddings (the other model)"))
     r.add_argument("--qrels", required=True, metavar="FILE",
                    help="relevance judgements: .parquet, .csv or .tsv with columns query_id, "
                         "doc_id[, relevance]")
@@ -125,20 +124,16 @@ def add_commands(sub) -> dict:
                         "no-migration ceiling)")
     r.add_argument("--query-rows", metavar="START:STOP", help="evaluate queries in these rows")
     r.add_argument("--doc-rows", metavar="START:STOP", help="search documents in these rows")
-    r.add_argument("--k", default="1,10,100", metavar="K,K",
-                   help="recall cut-offs (default 1,10,100)")
     r.add_argument("--ndcg-k", type=int, default=10, metavar="K", help="nDCG cut-off (default 10)")
     _baseline_args(r)
-    _io_args(r, retrieval=True)
+    _io_args(r, ks="1,10,100")
 
-    c = sub.add_parser(
-        "curve", help="quality against the number of training pairs",
-        description="Fit on the first n training rows for each n in --sizes (one streaming "
-                    "pass snapshots the statistics at each n) and evaluate every fit on the "
-                    "same held-out rows: shows where more pairs stop helping.",
-        epilog="What each number means: docs/evaluation.md")
-    c.add_argument("source", help="Zarr array (N, dA) of source-model vectors")
-    c.add_argument("target", help="Zarr array (N, dB) of target-model vectors, same rows")
+    c = _command(
+        sub, "curve", "quality against the number of training pairs",
+        "Fit on the first n training rows for each n in --sizes (one streaming pass snapshots "
+        "the statistics at each n) and evaluate every fit on the same held-out rows: shows "
+        "where more pairs stop helping.",
+        SOURCE, TARGET)
     c.add_argument("--train-rows", required=True, metavar="START:STOP",
                    help="rows to fit on (prefixes of it for each size)")
     c.add_argument("--eval-rows", required=True, metavar="START:STOP",
@@ -152,21 +147,18 @@ def add_commands(sub) -> dict:
                    help="only the orthogonal fit (no least-squares curve)")
     c.add_argument("--ridge", type=float, default=0.0, metavar="LAMBDA",
                    help="ridge penalty for the least-squares curve (default 0)")
-    c.add_argument("--k", default="1,10", metavar="K,K", help="recall cut-offs (default 1,10)")
-    _io_args(c)
+    _io_args(c, ks="1,10")
     return {"evaluate": _evaluate, "evaluate-retrieval": _evaluate_retrieval, "curve": _curve}
 
 
 def _common(args) -> dict:
     return dict(max_queries=args.max_queries or None, seed=args.seed,
                 dtype="float64" if args.float64 else "float32",
-                storage_options=_storage_options(args.storage_option) or None,
+                storage_options=storage_options(args),
                 check_chunks=not args.allow_missing_chunks)
 
 
 def _evaluate(args) -> int:
-    from .evaluate import evaluate
-
     if args.csls_k < 1:
         raise InputError("--csls-k must be positive")
     result = evaluate(args.transform, args.source, args.target, args.rows,
@@ -179,8 +171,6 @@ def _evaluate(args) -> int:
 
 
 def _evaluate_retrieval(args) -> int:
-    from .evaluate import evaluate_retrieval
-
     result = evaluate_retrieval(args.transform, args.queries, args.docs, args.qrels,
                                 map_side=args.map, native=args.native,
                                 train_source=args.train_source, train_target=args.train_target,
@@ -191,8 +181,6 @@ def _evaluate_retrieval(args) -> int:
 
 
 def _curve(args) -> int:
-    from .evaluate import learning_curve
-
     sizes = _ints(args.sizes, "--sizes") if args.sizes else None
     result = learning_curve(args.source, args.target, args.train_rows, args.eval_rows,
                             sizes=sizes, center=args.center, normalize=args.normalize,

@@ -32,6 +32,14 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: str, title: str, fontsize: int) -> str:
+    """Title the figure, write it as a PNG (110 dpi) to ``path``, close it; returns path."""
+    fig.suptitle(title, fontsize=fontsize)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _colour(name: str, i: int) -> str:
     return _COLOURS.get(name) or _FALLBACK[i % len(_FALLBACK)]
 
@@ -76,7 +84,6 @@ def _bars(ax, labels, groups: dict, title: str, ylabel: str, colours=None) -> No
                         va="bottom", fontsize=7, rotation=90 if n >= 4 else 0)
     ax.set_xticks(x, labels, fontsize=8, rotation=15 if len(labels) > 3 else 0, ha="right"
                   if len(labels) > 3 else "center")
-    ax.set_ylim(0, 1.12)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=11)
     ax.set_ylim(0, 1.3)
@@ -129,10 +136,8 @@ def evaluation_png(result: dict, path: str, title: Optional[str] = None) -> str:
     axes[1, 1].axis("off")
     axes[1, 1].text(0.0, 1.0, _bound_text(result), va="top", ha="left", family="monospace",
                     fontsize=10, transform=axes[1, 1].transAxes)
-    fig.suptitle(title or "bigalign evaluate: is this alignment good enough?", fontsize=14)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title or "bigalign evaluate: is this alignment good enough?",
+                 fontsize=14)
 
 
 def curve_png(result: dict, path: str, title: Optional[str] = None) -> str:
@@ -177,11 +182,9 @@ def curve_png(result: dict, path: str, title: Optional[str] = None) -> str:
     top = max([p["relative_residual"] for p in result["points"]] + [1.0])
     right.set_ylim(0, min(top * 1.05, 3.0))
     right.legend(fontsize=8, frameon=False)
-    fig.suptitle(title or f"bigalign curve: held-out rows {result['rows'][0]}:{result['rows'][1]}",
+    return _save(plt, fig, path, title or
+                 f"bigalign curve: held-out rows {result['rows'][0]}:{result['rows'][1]}",
                  fontsize=14)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def retrieval_png(result: dict, path: str, title: Optional[str] = None) -> str:
@@ -195,11 +198,9 @@ def retrieval_png(result: dict, path: str, title: Optional[str] = None) -> str:
         groups = {mt: [m["retrieval"][variant][mt] for m in methods] for mt in metrics}
         _bars(ax, labels, groups, f"{variant} search", "score",
               colours=["#1565c0", "#90caf9", "#ef6c00"])
-    fig.suptitle(title or f"bigalign evaluate-retrieval: {result['queries']:,} queries, "
+    return _save(plt, fig, path, title or
+                 f"bigalign evaluate-retrieval: {result['queries']:,} queries, "
                  f"{result['documents']:,} documents, {result['map']} mapped", fontsize=13)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def write_png(result: dict, path: str, title: Optional[str] = None) -> str:

@@ -98,3 +98,16 @@ def test_real_exit_code_and_demo(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert demo.returncode == 0, demo.stderr
     assert "recovered rotation" in demo.stdout and "demo OK" in demo.stdout
+
+
+def test_storage_option_parsing():
+    import argparse
+    from bigalign.cli import storage_options
+    from bigalign.errors import InputError
+    ns = argparse.Namespace(storage_option=["anon=True", "port=9000", "endpoint_url=http://x:1",
+                                            "token=null", "name=abc"])
+    assert storage_options(ns) == {"anon": True, "port": 9000, "endpoint_url": "http://x:1",
+                                   "token": None, "name": "abc"}
+    assert storage_options(argparse.Namespace(storage_option=[])) is None
+    with pytest.raises(InputError, match="expected KEY=VALUE"):
+        storage_options(argparse.Namespace(storage_option=["novalue"]))

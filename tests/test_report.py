@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 
-
 import numpy as np
 import pytest
 
-from bigalign.evaluate import (AffineMap, Method, baseline_methods, evaluate_maps,
-                               evaluate_retrieval, learning_curve)
+from bigalign.curve import learning_curve
+from bigalign.evaluate import evaluate_maps
+from bigalign.metrics import AffineMap, Method, baseline_methods
 from bigalign.report import curve_png, evaluation_png, retrieval_png, write_png
+from bigalign.retrieval import evaluate_retrieval
 from bigalign.stats import block_moments
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
