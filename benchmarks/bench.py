@@ -78,6 +78,8 @@ METHODS = {m.name: m for m in [
            "prefetch loop: read i+1 | (x - mu_a) @ Q + mu_b on i | write i-1"),
     Method("bigalign-apply", "apply", "loop-apply",
            "bigalign.apply(transform, src, out, overwrite=True) (done-markers per region)"),
+    Method("bigalign-apply-nockpt", "apply", "loop-apply",
+           "bigalign.apply(..., checkpoint=False): no done-markers (checkpoint overhead)"),
     Method("dask-apply", "apply", "loop-apply",
            "naive dask: (a @ Q).to_zarr(out, overwrite=True, compressors=None)"),
 ]}
@@ -253,6 +255,8 @@ def make_runner(name: str, src: str, tgt: str, transform_path: str, scratch: str
         "scipy-fit": lambda: scipy_fit(src, tgt),
         "loop-apply": lambda: loop_apply(src, out, transform, blas_threads=loop_blas_threads),
         "bigalign-apply": lambda: bigalign.apply(transform, src, out, overwrite=True).rows,
+        "bigalign-apply-nockpt": lambda: bigalign.apply(transform, src, out, overwrite=True,
+                                                        checkpoint=False).rows,
         "dask-apply": lambda: dask_apply(src, out, transform),
     }
     return runners[name]
