@@ -103,23 +103,25 @@ class Moments:
         return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def _centre(x: np.ndarray, dtype, start: int, side: str):
+def _centre(x: np.ndarray, dtype, start: int, side: str, out=None):
     """Return (float64 mean, centred x in ``dtype``, float64 residual mean of the centred x).
 
     The mean is computed in float64; it is subtracted after rounding to ``dtype``, so the
     centred block keeps a tiny residual mean ``r = mean - round(mean)``, which the caller
     corrects for exactly. NaN/Inf anywhere in a column makes its float64 mean non-finite:
-    a free check, done before any other arithmetic.
+    a free check, done before any other arithmetic. ``out``: a buffer of x's shape in
+    ``dtype`` to centre into (reused across blocks by the engine).
     """
     mean = x.mean(axis=0, dtype=np.float64)
     check_finite(mean, x, start, side)
     m = mean.astype(dtype)
-    xc = np.subtract(x, m, dtype=dtype)
+    xc = np.subtract(x, m, dtype=dtype, out=out)
     return mean, xc, mean - m.astype(np.float64)
 
 
 def block_moments(a: np.ndarray, b: np.ndarray, *, gram: bool = False,
-                  normalize: bool = False, dtype=None, start: int = 0) -> Moments:
+                  normalize: bool = False, dtype=None, start: int = 0,
+                  scratch=None) -> Moments:
     """Statistics of one block of paired rows.
 
     Parameters
@@ -131,6 +133,8 @@ def block_moments(a: np.ndarray, b: np.ndarray, *, gram: bool = False,
         else float32. ``C64 += X32^T Y32`` runs at float32 GEMM speed; the centring is done
         first, in float64-accurate form, so the float32 GEMM only sees small numbers.
     start : global index of the block's first row, used in error messages.
+    scratch : optional (buffer_a, buffer_b) of shapes (n, dA), (n, dB) in ``dtype`` to hold
+        the centred blocks (saves two large allocations per block; contents are clobbered).
 
     Raises
     ------
@@ -147,8 +151,9 @@ def block_moments(a: np.ndarray, b: np.ndarray, *, gram: bool = False,
     if normalize:
         a = normalize_rows(a, dtype, start, "source")
         b = normalize_rows(b, dtype, start, "target")
-    mean_a, ac, ra = _centre(a, dtype, start, "source")
-    mean_b, bc, rb = _centre(b, dtype, start, "target")
+    out_a, out_b = scratch if scratch is not None else (None, None)
+    mean_a, ac, ra = _centre(a, dtype, start, "source", out_a)
+    mean_b, bc, rb = _centre(b, dtype, start, "target", out_b)
     # sum (a - mean)(b - mean)^T = ac^T bc - n ra rb^T   (ra: residual mean of ac)
     cross = (ac.T @ bc).astype(np.float64) - n * np.outer(ra, rb)
     sq_a = float(_row_sq(ac).sum()) - n * float(ra @ ra)

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import numpy as np
 import zarr
+from zarr.core.buffer.cpu import NDBuffer
 
 from .errors import ChunkReadError, InputError
 
@@ -186,11 +187,23 @@ def _retrying(what: str, fn):
             raise ChunkReadError(f"{what}: {type(e).__name__}: {e}") from e
 
 
-def read_rows(emb: EmbeddingArray, start: int, stop: int) -> np.ndarray:
+def read_rows(emb: EmbeddingArray, start: int, stop: int,
+              out: Optional[np.ndarray] = None) -> np.ndarray:
     """Rows [start, stop) as numpy; transient I/O errors retried with exponential backoff,
-    a persistent or decode error raised as ChunkReadError naming the array and rows."""
-    return _retrying(f"cannot read {emb.side} rows {start}:{stop} of {emb.url!r}",
-                     lambda: emb.array[start:stop])
+    a persistent or decode error raised as ChunkReadError naming the array and rows.
+
+    ``out``: a C-contiguous (stop - start, dim) buffer of the array's dtype to read into.
+    Reused by the engine across blocks, it reads ~1.5x faster than fresh arrays (no page
+    faults on new 32 MB allocations)."""
+    what = f"cannot read {emb.side} rows {start}:{stop} of {emb.url!r}"
+    if out is None or not hasattr(emb.array, "get_basic_selection"):
+        return _retrying(what, lambda: emb.array[start:stop])
+
+    def into():
+        emb.array.get_basic_selection(slice(start, stop), out=NDBuffer.from_numpy_array(out))
+        return out
+
+    return _retrying(what, into)
 
 
 def write_rows(arr, start: int, values: np.ndarray, *, url: str = "") -> None:

@@ -27,22 +27,30 @@ __all__ = ["Transform", "map_rows", "FORMAT"]
 
 def map_rows(x: np.ndarray, matrix: np.ndarray, source_mean: np.ndarray,
              target_mean: np.ndarray, *, normalize: bool = False, renormalize: bool = False,
-             dtype=np.float32, start: int = 0) -> np.ndarray:
+             dtype=np.float32, start: int = 0, inplace: bool = False,
+             out: Optional[np.ndarray] = None) -> np.ndarray:
     """The apply kernel, shared by Transform.transform and the streaming apply.
 
     x : (n, dA) float16/32/64 block. ``matrix`` : (dA, dB) = scale * rotation, already in the
     compute dtype (float64 for float64 output, else float32). Returns (n, dB) in ``dtype``.
-    Raises NonFiniteError naming the first bad row (``start`` is the block's global offset).
+    ``inplace``: x may be overwritten (the engine's read buffer); ``out``: an (n, dB) buffer
+    of the compute dtype for the product. Raises NonFiniteError naming the first bad row
+    (``start`` is the block's global offset).
     """
     work = np.float64 if np.dtype(dtype) == np.float64 else np.float32
     if normalize:
         x = normalize_rows(x, work, start, "source")
+        inplace = True
+    elif x.dtype != work:
+        x = x.astype(work)
+        inplace = True
+    if inplace:
+        xc = np.subtract(x, source_mean.astype(work), out=x)
     else:
-        x = np.asarray(x, dtype=work)
-    xc = x - source_mean.astype(work)
-    y = xc @ matrix
+        xc = x - source_mean.astype(work)
+    y = np.matmul(xc, matrix, out=out)
     y += target_mean.astype(work)
-    check_finite(y.sum(axis=0, dtype=np.float64), x, start, "source")
+    check_finite(y.sum(axis=0, dtype=np.float64), y, start, "source")
     if renormalize:
         y /= np.linalg.norm(y, axis=1, keepdims=True).clip(min=np.finfo(work).tiny)
     return y.astype(dtype, copy=False)
