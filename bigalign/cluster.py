@@ -42,7 +42,11 @@ class Session:
             if self.progress:
                 from dask.diagnostics import ProgressBar
                 stack.enter_context(ProgressBar(out=sys.stderr, dt=0.5))
-            return dask.threaded.get(graph, key, num_workers=self.threads)
+            try:
+                return dask.threaded.get(graph, key, num_workers=self.threads)
+            finally:
+                from .engine import release_buffers
+                release_buffers()
 
 
 @contextlib.contextmanager

@@ -181,3 +181,15 @@ def test_apply_target_centred(tmp_path):
     out = zarr.open_array(str(tmp_path / "o.zarr"))
     assert out.attrs["bigalign"]["target_centred"] is True
     np.testing.assert_allclose(out[:], tr.transform(a) - tr.target_mean, atol=1e-5)
+
+
+def test_no_buffers_held_after_a_run(tmp_path):
+    from bigalign import engine
+    a, b, _ = planted(500, 8)
+    s, t = write_zarr(tmp_path / "a.zarr", a, 100), write_zarr(tmp_path / "b.zarr", b, 100)
+    bigalign.fit(s, t)
+    assert engine._buffers == {}
+    engine.buffer("x", 10, 4, np.float32)
+    assert engine._buffers
+    engine.release_buffers()
+    assert engine._buffers == {}
