@@ -156,8 +156,8 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
             done = prog.done_units() & set(range(len(units)))
             if done:
                 log.warning("resuming: %d of %d units done", len(done), len(units))
-        log.info("fit: %d pairs of %d -> %d dims in %d tasks (%d checkpoint units)",
-                 stop - start, dim_a, dim_b, len(blocks), len(units))
+        log.info("fit: %d pairs of %d -> %d dims in %d tasks%s", stop - start, dim_a, dim_b,
+                 len(blocks), f", progress saved in {len(units)} units" if prog else "")
         graph, key, tasks = fit_graph(src, tgt, blocks, units, done=done, progress=prog,
                                       normalize=normalize, gram=gram, dtype=dtype,
                                       fan_in=fan_in or plan["fan_in"],
