@@ -135,8 +135,15 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
         checkpoint = default_checkpoint(output)
     if output is not None and not overwrite:
         state = _transform_exists(output, storage_options)
+        leftover = Progress(checkpoint, storage_options)
+        if state is True and not keep_checkpoint and leftover.exists():
+            # killed after the save, before the clean-up: the fit is finished; tidy up
+            with leftover.lease():
+                leftover.clear(keep_lock=True)
+            leftover.clear()
+            log.warning("removed the leftover checkpoint %s of the finished fit", checkpoint)
         # a group without the final attribute is a save cut short: resumable, not "exists"
-        if state is True or (state is False and not Progress(checkpoint, storage_options).exists()):
+        if state is True or (state is False and not leftover.exists()):
             raise InputError(f"output {output!r} already exists (pass overwrite=True / "
                              "--overwrite to replace it)")
 
