@@ -18,7 +18,6 @@ import numpy as np
 import zarr
 
 import bigalign
-from bigalign.solve import procrustes
 
 
 def rel(x, ref):
@@ -40,7 +39,7 @@ def main(case_dir: str) -> int:
     naive_c = naive - n * np.outer(ma, mb)  # what a user of the naive product must do
     un, _, vtn = np.linalg.svd(naive_c)
     t = bigalign.fit(src, tgt, center=True, diagnostics=False)
-    print(f"| method | rel. error of A^T B | rel. error of centred A^T B | max abs error of Q |")
+    print("| method | rel. error of A^T B | rel. error of centred A^T B | max abs error of Q |")
     print("|---|---|---|---|")
     print(f"| naive dask (float32 sums) | {rel(naive, raw):.1e} | {rel(naive_c, centred):.1e} | "
           f"{np.abs(un @ vtn - q_ref).max():.1e} |")

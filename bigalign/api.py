@@ -22,8 +22,9 @@ from .checkpoint import Progress
 from .cluster import session
 from .engine import apply_graph, fit_graph
 from .errors import InputError
-from .plan import (DEFAULT_BLOCK_BYTES, MIN_BLOCKS, choose_block_rows, choose_fan_in,
-                   common_step, fit_block_rows, partial_bytes, plan_blocks, plan_units)
+from .plan import (DEFAULT_BLOCK_BYTES, MIN_BLOCKS, apply_task_bytes, choose_block_rows,
+                   choose_fan_in, common_step, fit_block_rows, fit_task_bytes, group,
+                   partial_bytes, plan_blocks, plan_units)
 from .solve import discrepancy, paper_bound, procrustes
 from .stores import create_output, open_embeddings, parse_rows, validate_pair
 from .transform import Transform
@@ -157,14 +158,17 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
         if prog:
             plan = prog.begin("fit", fingerprint, plan, restart=restart)
         blocks = plan_blocks(start, stop, plan["step"], plan["rows_per_block"])
-        k = plan["blocks_per_unit"]
-        units = [range(i, min(i + k, len(blocks))) for i in range(0, len(blocks), k)]
+        units = group(len(blocks), plan["blocks_per_unit"])
         if prog:
             done = prog.done_units() & set(range(len(units)))
             if done:
                 log.warning("resuming: %d of %d units done", len(done), len(units))
-        log.info("fit: %d pairs of %d -> %d dims in %d tasks%s", stop - start, dim_a, dim_b,
-                 len(blocks), f", progress saved in {len(units)} units" if prog else "")
+        mb = fit_task_bytes(plan["rows_per_read"], dim_a, dim_b, src.dtype.itemsize,
+                            tgt.dtype.itemsize, np.dtype(dtype).itemsize, gram,
+                            plan["fan_in"]) / 2**20
+        log.info("fit: %d pairs of %d -> %d dims in %d tasks (~%.0f MB per thread)%s",
+                 stop - start, dim_a, dim_b, len(blocks), mb,
+                 f", progress saved in {len(units)} units" if prog else "")
         graph, key, tasks = fit_graph(src, tgt, blocks, units, done=done, progress=prog,
                                       normalize=normalize, gram=gram, dtype=dtype,
                                       fan_in=fan_in or plan["fan_in"],
@@ -362,7 +366,10 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
         graph, key, tasks = apply_graph(src, out, params, blocks, done=done, progress=prog,
                                         dtype=dtype, renormalize=renormalize,
                                         normalize=transform.normalize)
-        log.info("apply: %d rows of %d -> %d dims in %d tasks", src.rows, dim_a, dim_b, tasks)
+        mb = apply_task_bytes(plan["rows_per_block"], dim_a, dim_b, src.dtype.itemsize,
+                              np.dtype(dtype).itemsize) / 2**20
+        log.info("apply: %d rows of %d -> %d dims in %d tasks (~%.0f MB per thread)",
+                 src.rows, dim_a, dim_b, tasks, mb)
         with session(**_run_options(scheduler, workers, memory_limit, threads, progress)) as s:
             s.get(graph, key)
         seconds = time.perf_counter() - t0

@@ -191,7 +191,7 @@ class Progress:
     def summary(self) -> Optional[dict]:
         """Units done, rows done, rate and time left, from storage alone (any process can
         ask while a run is in flight). None when nothing is recorded here."""
-        from .plan import plan_blocks
+        from .plan import group, plan_blocks
 
         manifest = self.manifest()
         if manifest is None:
@@ -199,8 +199,8 @@ class Progress:
         fp, plan, kind = manifest["fingerprint"], manifest["plan"], manifest["kind"]
         start, stop = fp["rows"] if kind == "fit" else (0, fp["source"]["shape"][0])
         blocks = plan_blocks(start, stop, plan["step"], plan["rows_per_block"])
-        per = plan.get("blocks_per_unit", 1)
-        units = [blocks[i:i + per] for i in range(0, len(blocks), per)]
+        units = [[blocks[i] for i in unit]
+                 for unit in group(len(blocks), plan.get("blocks_per_unit", 1))]
         times, rows_done = [], 0
         if kind == "fit":
             done = self._unit_indices()

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 
 __all__ = ["Block", "common_step", "choose_block_rows", "plan_blocks", "partial_bytes",
-           "fit_block_rows", "choose_fan_in", "plan_units", "merge_tree",
+           "fit_block_rows", "choose_fan_in", "plan_units", "group", "merge_tree",
            "fit_task_bytes", "apply_task_bytes", "DEFAULT_BLOCK_BYTES"]
 
 #: Default input bytes per task: chunks of ~8-32 MB read fastest here, and a task of a few
@@ -98,10 +98,13 @@ def plan_units(n_blocks: int, block_bytes: int, partial_bytes: int, *,
     budget allows (every block at d = 384; every ~20 blocks at d = 1024 with Gram matrices,
     whose partial is 25 MB).
     """
-    if n_blocks <= 0:
-        return []
-    per = min(n_blocks, max(1, math.ceil(partial_bytes / (max_overhead * max(block_bytes, 1)))))
-    return [range(i, min(i + per, n_blocks)) for i in range(0, n_blocks, per)]
+    per = max(1, math.ceil(partial_bytes / (max_overhead * max(block_bytes, 1))))
+    return group(n_blocks, min(per, max(n_blocks, 1)))
+
+
+def group(n: int, per: int) -> list[range]:
+    """Consecutive groups of ``per`` indices out of range(n) (the last may be shorter)."""
+    return [range(i, min(i + per, n)) for i in range(0, n, per)]
 
 
 def merge_tree(n: int, fan_in: int = 8) -> list[list[range]]:
@@ -116,7 +119,7 @@ def merge_tree(n: int, fan_in: int = 8) -> list[list[range]]:
     levels = []
     width = n
     while width > 1:
-        groups = [range(i, min(i + fan_in, width)) for i in range(0, width, fan_in)]
+        groups = group(width, fan_in)
         levels.append(groups)
         width = len(groups)
     return levels
@@ -143,16 +146,20 @@ def partial_bytes(dim_a: int, dim_b: int, gram: bool) -> int:
     return 8 * (d2 + dim_a + dim_b + 4)
 
 
-def fit_task_bytes(rows: int, dim_a: int, dim_b: int, item_a: int, item_b: int,
-                   gram: bool, fan_in: int = 8) -> int:
-    """Peak memory of one fit task, roughly: the two blocks as read, their centred float32
-    copies (float64 for float64 input), and the partials a merge task holds at once."""
-    work = 8 if max(item_a, item_b) == 8 else 4
-    data = rows * (dim_a * (item_a + work) + dim_b * (item_b + work))
-    return data + (fan_in + 1) * partial_bytes(dim_a, dim_b, gram)
+def fit_task_bytes(rows_per_read: int, dim_a: int, dim_b: int, item_a: int, item_b: int,
+                   work: int, gram: bool, fan_in: int = 8) -> int:
+    """Memory one fit thread holds, roughly: a read of both arrays (``item_*`` bytes per
+    value), their centred copies in the GEMM dtype (``work`` bytes), the running partial and
+    the GEMM result, and the partials of one merge (``fan_in`` + 1)."""
+    data = rows_per_read * (dim_a * (item_a + work) + dim_b * (item_b + work))
+    return data + (fan_in + 3) * partial_bytes(dim_a, dim_b, gram)
 
 
 def apply_task_bytes(rows: int, dim_a: int, dim_b: int, item_in: int, item_out: int) -> int:
-    """Peak memory of one apply task: the source block, its working copy, the output."""
+    """Memory one apply thread holds, roughly: the source rows (centred in place, or a
+    working copy when the dtype changes), the mapped rows in the compute dtype, the output
+    cast when its dtype differs, and the d_A x d_B matrix."""
     work = 8 if item_out == 8 else 4
-    return rows * (dim_a * (item_in + work) + dim_b * (work + item_out)) + 8 * dim_a * dim_b
+    copy = work if item_in != work else 0
+    cast = item_out if item_out != work else 0
+    return rows * (dim_a * (item_in + copy) + dim_b * (work + cast)) + work * dim_a * dim_b

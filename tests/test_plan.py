@@ -79,3 +79,15 @@ def test_fit_tasks_outweigh_their_partials_at_large_d():
     # merges hold at most ~1 GiB of partials at large d, fan-in 8 at small d
     assert choose_fan_in(p384) == 8
     assert choose_fan_in(p4k) == 2
+
+
+def test_task_memory_estimates():
+    from bigalign.plan import apply_task_bytes, fit_task_bytes, partial_bytes
+    # d = 384 float32, 64 MB of reads: reads + centred copies + a few 3.5 MB partials
+    reads = 21845 * 384 * 4 * 2
+    est = fit_task_bytes(21845, 384, 384, 4, 4, 4, gram=True, fan_in=8)
+    assert est == 2 * reads + 11 * partial_bytes(384, 384, True)
+    # apply float32 -> float32: source centred in place, product buffer, matrix
+    assert apply_task_bytes(1000, 8, 4, 4, 4) == 1000 * (8 * 4 + 4 * 4) + 4 * 8 * 4
+    # float16 in, float64 out: a float64 working copy of the source, no output cast
+    assert apply_task_bytes(10, 2, 3, 2, 8) == 10 * (2 * (2 + 8) + 3 * 8) + 8 * 2 * 3

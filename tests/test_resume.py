@@ -19,7 +19,7 @@ import zarr
 
 import bigalign
 from bigalign import stores
-from bigalign.errors import CheckpointError, ChunkReadError
+from bigalign.errors import ChunkReadError
 from conftest import planted, write_zarr
 
 ROWS, DIM, CHUNK = 40_000, 32, 500
