@@ -2,29 +2,35 @@
 
     >>> t = bigalign.fit("old.zarr", "new.zarr", center=True, output="old2new.transform")
     >>> bigalign.apply(t, "corpus_old.zarr", "corpus_in_new.zarr")
+
+Both run as checkpointed jobs (:func:`bigalign.checkpoint.checkpointed`): inputs are checked
+against outputs under every spelling (:mod:`bigalign.locations`), an output is replaced only
+when bigalign wrote it (:mod:`bigalign.outputs`), a finished job rerun with the same inputs
+and options is a no-op, and a changed one is refused naming what changed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Optional, Union
 
 import numpy as np
 
 from . import __version__, faults
-from .checkpoint import Progress
+from .checkpoint import Job, checkpointed, clear_finished, describe_changes
 from .cluster import session
 from .engine import apply_graph, fit_graph
-from .errors import InputError
-from .plan import (DEFAULT_BLOCK_BYTES, MIN_BLOCKS, apply_task_bytes, choose_block_rows,
-                   choose_fan_in, common_step, fit_block_rows, fit_task_bytes, group,
-                   partial_bytes, plan_blocks, plan_units)
+from .errors import CheckpointError, InputError
+from .locations import check_disjoint
+from .options import ApplyOptions, Execution, FitOptions
+from .outputs import check_replaceable
+from .plan import (DEFAULT_BLOCK_BYTES, ApplyPlan, FitPlan, apply_task_bytes, fit_task_bytes,
+                   make_apply_plan, make_fit_plan)
 from .solve import discrepancy, paper_bound, procrustes
 from .stores import create_output, open_embeddings, parse_rows, validate_pair
 from .transform import Transform
@@ -36,17 +42,23 @@ __all__ = ["fit", "apply", "RunReport", "output_status", "run_status", "default_
 
 @dataclass
 class RunReport:
-    """What a streaming run did: rows, seconds, tasks run and units/regions skipped."""
+    """What a streaming run did: ``rows`` computed by this run (``rows_total`` in the job),
+    seconds, tasks run, units/regions in the job and those found done from an earlier run.
+    ``already_complete``: the output was finished with the same inputs and options, so
+    nothing was done."""
 
     rows: int
     seconds: float
     tasks: int
     units_total: int
     units_resumed: int
+    rows_total: int = 0
+    already_complete: bool = False
 
     @property
     def rows_per_second(self) -> float:
-        return self.rows / self.seconds if self.seconds > 0 else float("nan")
+        """Rows computed by this run per second (rows found done are not counted)."""
+        return self.rows / self.seconds if self.seconds > 0 and self.rows else float("nan")
 
 
 def default_checkpoint(output: str) -> str:
@@ -54,32 +66,27 @@ def default_checkpoint(output: str) -> str:
     return str(output).rstrip("/") + ".checkpoint"
 
 
-def _run_options(scheduler, workers, memory_limit, threads, progress):
-    return dict(scheduler=scheduler, workers=workers, memory_limit=memory_limit,
-                threads=threads, progress=progress)
-
-
-def _precision(precision: str, *dtypes) -> str:
-    if precision == "auto":
-        return "float64" if any(np.dtype(d) == np.float64 for d in dtypes) else "float32"
-    if precision not in ("float32", "float64"):
-        raise InputError(f"precision must be 'auto', 'float32' or 'float64', got {precision!r}")
-    return precision
-
-
-def _transform_exists(url: str, storage_options) -> Optional[bool]:
-    """None: nothing there; True: a complete transform; False: something else / partial."""
-    import zarr
-
-    try:
-        group = zarr.open_group(url, mode="r", storage_options=storage_options)
-    except Exception:
-        try:
-            zarr.open_array(url, mode="r", storage_options=storage_options)
-            return False
-        except Exception:
-            return None
-    return bool(group.attrs.get("bigalign"))
+def _finished_or_refuse(node, fingerprint: dict, output, overwrite: bool, restart: bool,
+                        checkpoint, storage_options) -> bool:
+    """For a complete output: True when it is this very job, finished (same fingerprint,
+    and neither --overwrite nor --restart asks for a new run) -- its leftover checkpoint is
+    removed; raise InputError naming what changed when it is another job and --overwrite
+    is not given; False when a new run may replace it."""
+    stored = node.attrs.get("job") or (node.attrs.get("metadata") or {}).get("job") or {}
+    same = stored.get("fingerprint") == fingerprint
+    if same and not restart:
+        if clear_finished(checkpoint, stored.get("run_id"), storage_options):
+            log.warning("removed the leftover checkpoint %s of the finished run", checkpoint)
+        return True
+    if overwrite or (same and restart):
+        return False
+    if stored.get("fingerprint") is None:
+        why = "it records no fingerprint to compare (written by an older bigalign)"
+    else:
+        why = "it was made from other inputs or options:\n  " + "\n  ".join(
+            describe_changes(stored["fingerprint"], fingerprint))
+    raise InputError(f"output {str(output)!r} already exists and is complete, but {why}\n"
+                     "Pass --overwrite (overwrite=True) to replace it.")
 
 
 def fit(source, target, *, rows=None, center: bool = False, normalize: bool = False,
@@ -111,8 +118,12 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
     precision : dtype of the block GEMMs: "auto" (float64 for float64 input, else float32:
         statistics accumulate in float64 either way), "float32" or "float64".
     output : save the Transform here (a Zarr group); progress is then checkpointed next to it
-        (``checkpoint`` overrides where) so a rerun after a crash resumes.
-    restart : discard recorded progress instead of resuming.
+        (``checkpoint`` overrides where) so a rerun after a crash resumes. A finished
+        transform of the same inputs and options there makes the call a no-op (it is
+        loaded and returned); one of other inputs or options is refused unless
+        ``overwrite``. Anything there that bigalign did not write is always refused.
+    restart : discard recorded progress (and a finished output of the same job) and run
+        anew.
     keep_checkpoint : keep the per-unit statistics after success.
     scheduler / workers / memory_limit / threads : where to run (see bigalign.cluster).
     block_bytes : input bytes per task (default 64 MiB).
@@ -120,100 +131,95 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
     Returns the fitted :class:`Transform` (also saved to ``output`` when given).
     """
     t0 = time.perf_counter()
-    src = open_embeddings(source, side="source", storage_options=storage_options,
-                          check_chunks=check_chunks)
-    tgt = open_embeddings(target, side="target", storage_options=storage_options,
-                          check_chunks=check_chunks)
+    so = storage_options
+    run = Execution(scheduler, workers, memory_limit, threads, block_bytes, progress)
+    src = open_embeddings(source, side="source", storage_options=so, check_chunks=check_chunks)
+    tgt = open_embeddings(target, side="target", storage_options=so, check_chunks=check_chunks)
     validate_pair(src, tgt)
     start, stop = parse_rows(rows, src.rows)
     dim_a, dim_b = src.dim, tgt.dim
+    opts = FitOptions(center, normalize, scale, reflection, diagnostics,
+                      precision).resolve(src.dtype, tgt.dtype)
     if not reflection and dim_a != dim_b:
         raise InputError(f"--no-reflection needs equal dimensions (a proper rotation), got "
                          f"source {dim_a} and target {dim_b}")
-    dtype = _precision(precision, src.dtype, tgt.dtype)
     gram = bool(diagnostics or dim_a > dim_b)  # dA > dB: the residual needs A^T A
     if checkpoint is None and output is not None:
         checkpoint = default_checkpoint(output)
-    if output is not None and not overwrite:
-        state = _transform_exists(output, storage_options)
-        leftover = Progress(checkpoint, storage_options)
-        if state is True and not keep_checkpoint and leftover.exists():
-            # killed after the save, before the clean-up: the fit is finished; tidy up
-            with leftover.lease():
-                leftover.clear(keep_lock=True)
-            leftover.clear()
-            log.warning("removed the leftover checkpoint %s of the finished fit", checkpoint)
-        # a group without the final attribute is a save cut short: resumable, not "exists"
-        if state is True or (state is False and not leftover.exists()):
-            raise InputError(f"output {output!r} already exists (pass overwrite=True / "
-                             "--overwrite to replace it)")
-
+    check_disjoint({"source": source, "target": target},
+                   {"output": output, "checkpoint": checkpoint}, so)
     fingerprint = {"source": src.fingerprint(), "target": tgt.fingerprint(),
                    "rows": [start, stop],
-                   "options": {"normalize": normalize, "gram": gram, "precision": dtype}}
-    plan = _fit_plan(src, tgt, start, stop, block_bytes, gram)
-    prog = Progress(checkpoint, storage_options) if checkpoint else None
-    done: set[int] = set()
-    with prog.lease() if prog else contextlib.nullcontext():
-        if prog:
-            plan = prog.begin("fit", fingerprint, plan, restart=restart)
-        blocks = plan_blocks(start, stop, plan["step"], plan["rows_per_block"])
-        units = group(len(blocks), plan["blocks_per_unit"])
-        if prog:
-            done = prog.done_units() & set(range(len(units)))
-            if done:
-                log.warning("resuming: %d of %d units done", len(done), len(units))
-        mb = fit_task_bytes(plan["rows_per_read"], dim_a, dim_b, src.dtype.itemsize,
-                            tgt.dtype.itemsize, np.dtype(dtype).itemsize, gram,
-                            plan["fan_in"]) / 2**20
-        log.info("fit: %d pairs of %d -> %d dims in %d tasks (~%.0f MB per thread)%s",
-                 stop - start, dim_a, dim_b, len(blocks), mb,
-                 f", progress saved in {len(units)} units" if prog else "")
-        graph, key, tasks = fit_graph(src, tgt, blocks, units, done=done, progress=prog,
-                                      normalize=normalize, gram=gram, dtype=dtype,
-                                      fan_in=fan_in or plan["fan_in"],
-                                      rows_per_read=plan["rows_per_read"], step=plan["step"])
-        with session(**_run_options(scheduler, workers, memory_limit, threads, progress)) as s:
-            moments = s.get(graph, key)
-        seconds = time.perf_counter() - t0
-        transform = _solve(moments, src, tgt, start, stop, center=center, normalize=normalize,
-                           scale=scale, reflection=reflection, dtype=dtype, gram=gram)
-        transform.metadata["run"] = {
-            "seconds": seconds, "rows_per_second": (stop - start) / seconds,
-            "tasks": tasks, "units": len(units), "units_resumed": len(done)}
-        faults.point("fit.solved")
-        if output is not None:
-            transform.save(output, overwrite=True, storage_options=storage_options)
-            log.info("saved transform to %s", output)
-            faults.point("fit.saved")
-        if prog and not keep_checkpoint:
-            prog.clear(keep_lock=True)
-    if prog and not keep_checkpoint:
-        prog.clear()
-    return transform
-
-
-def _fit_plan(src, tgt, start, stop, block_bytes, gram) -> dict:
-    """Reads on chunk boundaries of both inputs, tasks of whole reads (at least twice their
-    partial's size), tasks grouped in checkpoint units, merge fan-in for a 1 GiB budget."""
-    row_bytes = src.row_bytes + tgt.row_bytes
-    step, aligned = common_step([src.row_step, tgt.row_step], row_bytes, block_bytes)
-    if not aligned:
+                   "options": {"normalize": normalize, "gram": gram,
+                               "precision": opts.precision}}
+    if output is not None:
+        node = check_replaceable(output, "output", so)
+        if node.kind == "transform":
+            if _finished_or_refuse(node, _transform_fingerprint(fingerprint, opts), output,
+                                   overwrite, restart, checkpoint, so):
+                log.warning("%s is already complete with the same inputs and options: "
+                            "nothing to do", output)
+                return Transform.load(output, storage_options=so)
+        elif node.kind == "apply-output" and not overwrite:
+            raise InputError(f"output {output!r} already exists (an apply output; pass "
+                             "--overwrite to replace it)")
+        elif node.kind == "partial-transform" and not (overwrite or restart or
+                                                       Job(checkpoint, so).exists()):
+            raise InputError(f"output {output!r} is an unfinished transform with no recorded "
+                             "progress; pass --overwrite to replace it")
+    plan = make_fit_plan(start, stop, (src.row_step, tgt.row_step), (dim_a, dim_b),
+                         (src.dtype.itemsize, tgt.dtype.itemsize), gram, run.block_bytes)
+    if not plan.aligned:
         log.warning("source and target chunkings (%d and %d rows) share no small common "
                     "multiple: target chunks on task boundaries are read twice",
                     src.row_step, tgt.row_step)
-    partial = partial_bytes(src.dim, tgt.dim, gram)
-    per_read = choose_block_rows(stop - start, step, row_bytes, block_bytes, MIN_BLOCKS)
-    per = fit_block_rows(per_read, row_bytes, partial)
-    n_blocks = len(plan_blocks(start, stop, step, per))
-    units = plan_units(n_blocks, per * row_bytes, partial)
-    return {"step": step, "rows_per_block": per, "rows_per_read": per_read,
-            "blocks_per_unit": len(units[0]), "fan_in": choose_fan_in(partial)}
+    with checkpointed(checkpoint, "fit", fingerprint, asdict(plan), storage_options=so,
+                      restart=restart, replace=overwrite, keep=keep_checkpoint) as (job, manifest):
+        plan = FitPlan(**manifest["plan"])
+        units = plan.units()
+        done = job.done_units(plan.unit_rows()) if job else set()
+        if done:
+            log.warning("resuming: %d of %d units done", len(done), len(units))
+        mb = fit_task_bytes(plan.rows_per_read, dim_a, dim_b, src.dtype.itemsize,
+                            tgt.dtype.itemsize, np.dtype(opts.precision).itemsize, gram,
+                            fan_in or plan.fan_in) / 2**20
+        log.info("fit: %d pairs of %d -> %d dims in %d tasks (~%.0f MB per thread)%s",
+                 stop - start, dim_a, dim_b, len(plan.blocks()), mb,
+                 f", progress saved in {len(units)} units" if job else "")
+        graph, key, tasks = fit_graph(src, tgt, plan, done=done, job=job,
+                                      normalize=normalize, gram=gram, dtype=opts.precision,
+                                      fan_in=fan_in)
+        with session(**run.session_args()) as s:
+            moments = s.get(graph, key)
+        if moments.n != stop - start:  # verify before anything is marked finished
+            raise CheckpointError(f"the merged statistics hold {moments.n} pairs for "
+                                  f"{stop - start} rows; rerun with --restart")
+        seconds = time.perf_counter() - t0
+        transform = _solve(moments, src, tgt, start, stop, opts, gram)
+        transform.metadata["run"] = {
+            "seconds": seconds, "rows_per_second": (stop - start) / seconds,
+            "tasks": tasks, "units": len(units), "units_resumed": len(done)}
+        transform.metadata["job"] = {"run_id": manifest["run_id"],
+                                     "fingerprint": _transform_fingerprint(fingerprint, opts)}
+        faults.point("fit.solved")
+        if output is not None:
+            if job is not None:
+                job.check_fence()
+            transform.save(output, overwrite=True, storage_options=so)
+            log.info("saved transform to %s", output)
+            faults.point("fit.saved")
+    return transform
 
 
-def _solve(moments, src, tgt, start, stop, *, center, normalize, scale, reflection, dtype,
-           gram) -> Transform:
-    sol = procrustes(moments, center=center, scale=scale, reflection=reflection)
+def _transform_fingerprint(fingerprint: dict, opts: FitOptions) -> dict:
+    """A finished transform's identity: the job's fingerprint plus every fit option (the
+    solve-time ones too: a finished transform is the same job only if they match)."""
+    return dict(fingerprint, options=dict(fingerprint["options"], **opts.as_dict()))
+
+
+def _solve(moments, src, tgt, start, stop, opts: FitOptions, gram: bool) -> Transform:
+    sol = procrustes(moments, center=opts.center, scale=opts.scale,
+                     reflection=opts.reflection)
     dim_a, dim_b = src.dim, tgt.dim
     meta = {
         "n_pairs": int(moments.n), "dims": [dim_a, dim_b], "rows": [start, stop],
@@ -227,17 +233,17 @@ def _solve(moments, src, tgt, start, stop, *, center, normalize, scale, reflecti
         "inputs": {"source": src.fingerprint(), "target": tgt.fingerprint()},
     }
     if gram:
-        eps = discrepancy(moments, center=center)
+        eps = discrepancy(moments, center=opts.center)
         meta["discrepancy"] = paper_bound(eps, dim_a, dim_b, moments.n)
         if sol.residual is not None:
             meta["discrepancy"]["achieved_residual"] = math.sqrt(sol.residual)
-    options = {"center": center, "normalize": normalize, "scale": scale,
-               "reflection": reflection, "rows": [start, stop], "precision": dtype,
-               "diagnostics": gram}
+    options = {"center": opts.center, "normalize": opts.normalize, "scale": opts.scale,
+               "reflection": opts.reflection, "rows": [start, stop],
+               "precision": opts.precision, "diagnostics": gram}
     zeros = np.zeros
     return Transform(sol.rotation,
-                     moments.mean_a.copy() if center else zeros(dim_a),
-                     moments.mean_b.copy() if center else zeros(dim_b),
+                     moments.mean_a.copy() if opts.center else zeros(dim_a),
+                     moments.mean_b.copy() if opts.center else zeros(dim_b),
                      sol.scale, options, meta, sol.singular_values, moments)
 
 
@@ -255,7 +261,7 @@ def run_status(path, storage_options: Optional[dict] = None) -> Optional[dict]:
     {kind, units_done, units_total, rows_done, rows_total, rows_per_second, eta_seconds,
     running, checkpoint} or None when no progress is recorded there."""
     for url in (str(path), default_checkpoint(path)):
-        summary = Progress(url, storage_options).summary()
+        summary = Job(url, storage_options).summary()
         if summary is not None:
             return dict(summary, checkpoint=url)
     return None
@@ -287,8 +293,11 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
     The output is created from a template (row chunks as the source's, or ``chunk_rows``;
     uncompressed unless ``compression`` is "lz4" or "zstd"), then one task per whole-chunk
     region reads, maps and writes its rows and records the region as done. The output's
-    ``bigalign`` attribute says ``complete: true`` only after the last region. A rerun after
-    a crash writes only the missing regions.
+    ``bigalign`` attribute says ``complete: true`` only after every region is verified
+    done. A rerun after a crash writes only the missing regions; a rerun of a finished
+    apply with the same inputs and options does nothing; other inputs or options are
+    refused unless ``overwrite`` (anything at ``output`` that bigalign did not write is
+    always refused).
 
     dtype : output dtype, float16/float32/float64 (float64 computes in float64).
     renormalize : L2-normalise each output row.
@@ -297,97 +306,115 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
         large common offset in the target model this retrieves better, see README).
     checkpoint : where done-markers go (default OUTPUT.checkpoint); False records none (the
         output is still marked complete at the end, but a killed run starts over).
+    restart : discard recorded progress (and a finished output of the same job) and run anew.
     Returns a :class:`RunReport`.
     """
     t0 = time.perf_counter()
-    if not isinstance(transform, Transform):
-        transform = Transform.load(transform, storage_options=storage_options)
-    if dtype not in ("float16", "float32", "float64"):
-        raise InputError(f"--dtype must be float16, float32 or float64, got {dtype!r}")
-    src = open_embeddings(source, side="source", storage_options=storage_options,
-                          check_chunks=check_chunks)
+    so = storage_options
+    run = Execution(scheduler, workers, memory_limit, threads, block_bytes, progress)
+    transform_url = None if isinstance(transform, Transform) else transform
+    if transform_url is not None:
+        transform = Transform.load(transform_url, storage_options=so)
+    src = open_embeddings(source, side="source", storage_options=so, check_chunks=check_chunks)
     dim_a, dim_b = transform.dims
     if src.dim != dim_a:
         raise InputError(f"source {src.url!r} has dimension {src.dim} but the transform maps "
                          f"dimension {dim_a}")
-    if src.url.rstrip("/") == str(output).rstrip("/"):
-        raise InputError("output must differ from the source (inputs are never modified)")
-    chunk = int(chunk_rows or src.row_step)
-    if chunk <= 0:
-        raise InputError(f"chunk_rows must be positive, got {chunk}")
-    prog = None if checkpoint is False else \
-        Progress(checkpoint or default_checkpoint(output), storage_options)
+    opts = ApplyOptions(dtype, renormalize, target_centred, compression,
+                        int(chunk_rows or src.row_step)).validate()
+    if checkpoint is not False and checkpoint is None:
+        checkpoint = default_checkpoint(output)
+    ckpt = checkpoint or None
+    check_disjoint({"source": source, "transform": transform_url},
+                   {"output": output, "checkpoint": ckpt}, so)
     fingerprint = {"source": src.fingerprint(), "transform": _transform_digest(transform),
-                   "options": {"dtype": dtype, "renormalize": renormalize,
-                               "target_centred": target_centred, "chunk_rows": chunk,
-                               "compression": compression}}
-    status = output_status(output, storage_options)
-    resuming = False
-    if status is not None and not overwrite:
-        if status.get("complete"):
-            raise InputError(f"output {output!r} is already complete (pass --overwrite to "
-                             "write it again)")
-        if prog is None or not (restart or prog.exists()):
-            raise InputError(f"output {output!r} exists, is incomplete and has no recorded "
-                             "progress; pass --overwrite to write it again")
-        resuming = not restart
-    elif status is None and not overwrite and _transform_exists(output, storage_options) is not None:
-        raise InputError(f"output {output!r} already exists (pass --overwrite to replace it)")
-
-    row_bytes = src.row_bytes + dim_b * np.dtype(dtype).itemsize
-    step, aligned = common_step([chunk, src.row_step], row_bytes, block_bytes)
-    if not aligned:
+                   "options": {k: v for k, v in opts.as_dict().items() if k != "bad_rows"}}
+    node = check_replaceable(output, "output", so)
+    if node.kind == "apply-output" and node.complete:
+        if _finished_or_refuse(node, fingerprint, output, overwrite, restart, ckpt, so):
+            log.warning("%s is already complete with the same inputs and options: nothing "
+                        "to do", output)
+            return RunReport(0, time.perf_counter() - t0, 0, 0, 0, src.rows, True)
+    elif node.kind == "apply-output" and not (overwrite or restart or
+                                              (ckpt and Job(ckpt, so).exists())):
+        raise InputError(f"output {output!r} exists, is incomplete and has no recorded "
+                         "progress; pass --overwrite to write it again")
+    elif node.kind in ("transform", "partial-transform") and not overwrite:
+        raise InputError(f"output {output!r} already exists (a transform; pass --overwrite "
+                         "to replace it)")
+    row_bytes = src.row_bytes + dim_b * np.dtype(opts.dtype).itemsize
+    plan = make_apply_plan(src.rows, opts.chunk_rows, src.row_step, row_bytes,
+                           run.block_bytes)
+    if not plan.aligned:
         log.warning("source chunks (%d rows) and output chunks (%d rows) share no small "
-                    "common multiple: some source chunks are read twice", src.row_step, chunk)
-    plan = {"step": step,
-            "rows_per_block": choose_block_rows(src.rows, step, row_bytes, block_bytes, MIN_BLOCKS)}
-    done: set[int] = set()
-    with prog.lease() if prog else contextlib.nullcontext():
-        if prog:
-            if not resuming:
-                prog.clear(keep_lock=True)
-            plan = prog.begin("apply", fingerprint, plan)
-        blocks = plan_blocks(0, src.rows, plan["step"], plan["rows_per_block"])
-        if resuming:
-            out = _open_output(output, storage_options)
-            done = prog.done_regions() & {b.index for b in blocks}
-            log.warning("resuming: %d of %d regions done", len(done), len(blocks))
+                    "common multiple: some source chunks are read twice", src.row_step,
+                    opts.chunk_rows)
+    with checkpointed(ckpt, "apply", fingerprint, asdict(plan), storage_options=so,
+                      restart=restart, replace=overwrite) as (job, manifest):
+        plan = ApplyPlan(**manifest["plan"])
+        blocks, expected = plan.blocks(), plan.region_rows()
+        out = _output_of_run(output, manifest["run_id"], src.rows, dim_b, opts, so)
+        if out is None:  # absent, or not this run's: (re)create it, forget its markers
+            if job is not None:
+                job.check_fence()
+                job.clear_markers()
+            out = create_output(output, rows=src.rows, dim=dim_b, chunk_rows=opts.chunk_rows,
+                                dtype=opts.dtype, compression=opts.compression,
+                                overwrite=True, storage_options=so,
+                                attributes={"bigalign": {
+                                    "complete": False, "run_id": manifest["run_id"],
+                                    "transform": fingerprint["transform"],
+                                    "source": src.url, "target_centred": target_centred}})
+            done: set[int] = set()
         else:
-            out = create_output(output, rows=src.rows, dim=dim_b, chunk_rows=chunk,
-                                dtype=dtype, compression=compression,
-                                overwrite=overwrite or status is not None,
-                                storage_options=storage_options,
-                                attributes={"bigalign": {"complete": False,
-                                                         "transform": fingerprint["transform"],
-                                                         "source": src.url,
-                                                         "target_centred": target_centred}})
-        params = (transform.matrix(dtype), transform.source_mean,
+            done = job.done_regions(expected) if job is not None else set()
+            log.warning("resuming: %d of %d regions done", len(done), len(blocks))
+        params = (transform.matrix(opts.dtype), transform.source_mean,
                   transform.output_mean(target_centred), str(output))
-        graph, key, tasks = apply_graph(src, out, params, blocks, done=done, progress=prog,
-                                        dtype=dtype, renormalize=renormalize,
+        graph, key, tasks = apply_graph(src, out, params, blocks, done=done, job=job,
+                                        dtype=opts.dtype, renormalize=renormalize,
                                         normalize=transform.normalize)
-        mb = apply_task_bytes(plan["rows_per_block"], dim_a, dim_b, src.dtype.itemsize,
-                              np.dtype(dtype).itemsize) / 2**20
+        mb = apply_task_bytes(plan.rows_per_block, dim_a, dim_b, src.dtype.itemsize,
+                              np.dtype(opts.dtype).itemsize) / 2**20
         log.info("apply: %d rows of %d -> %d dims in %d tasks (~%.0f MB per thread)",
                  src.rows, dim_a, dim_b, tasks, mb)
-        with session(**_run_options(scheduler, workers, memory_limit, threads, progress)) as s:
-            s.get(graph, key)
+        with session(**run.session_args()) as s:
+            written = s.get(graph, key)
         seconds = time.perf_counter() - t0
         faults.point("apply.before-complete")
+        if job is not None:  # verify, then complete: every region has this run's marker
+            missing = sorted(set(expected) - job.done_regions(expected))
+            if missing:
+                raise CheckpointError(f"{len(missing)} of {len(blocks)} regions of {output!r} "
+                                      f"are not recorded as written (first: rows "
+                                      f"{expected[missing[0]][0]}:{expected[missing[0]][1]}); "
+                                      "rerun to resume")
+            job.check_fence()
         # the completion mark goes last: before it, readers see an incomplete output
         attrs = dict(out.attrs.get("bigalign", {}))
         attrs.update(complete=True, rows=src.rows, seconds=seconds,
+                     job={"run_id": manifest["run_id"], "fingerprint": fingerprint},
                      completed=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         out.attrs["bigalign"] = attrs
-        if prog:
-            prog.clear(keep_lock=True)
-    if prog:
-        prog.clear()
-    return RunReport(src.rows, seconds, tasks, len(blocks), len(done))
+    return RunReport(int(written), seconds, tasks, len(blocks), len(done), src.rows)
 
 
-def _open_output(output, storage_options):
+def _output_of_run(output, run_id: str, rows: int, dim: int, opts: ApplyOptions, so):
+    """The existing output array when it was created by run ``run_id`` with the expected
+    shape, chunks and dtype (a resume may write into it); None otherwise."""
     import zarr
 
-    return zarr.open_array(output, mode="r+", storage_options=storage_options,
-                           config={"write_empty_chunks": True})
+    try:
+        arr = zarr.open_array(output, mode="r+", storage_options=so,
+                              config={"write_empty_chunks": True})
+    except Exception:
+        return None
+    attrs = arr.attrs.get("bigalign") or {}
+    if attrs.get("run_id") != run_id or attrs.get("complete"):
+        return None
+    if tuple(arr.shape) != (rows, dim) or tuple(arr.chunks) != (opts.chunk_rows, dim) or \
+            np.dtype(arr.dtype) != np.dtype(opts.dtype):
+        log.warning("the output %s does not have the shape, chunks or dtype this run "
+                    "planned: re-creating it", output)
+        return None
+    return arr

@@ -1,19 +1,42 @@
-"""Durable progress: what is done, recorded in storage so that a rerun skips it.
+"""The checkpointed job: what is done, recorded in storage so that a rerun skips it, and who
+may write.
 
-Layout under a checkpoint URL (a local path or any fsspec URL)::
+Every command that streams (fit, apply, and the commands built on them) runs as a
+:class:`Job` at a checkpoint URL (a local path or any fsspec URL)::
 
-    manifest.json        format, kind (fit/apply), fingerprint of inputs and options, plan
-    lock.json            lease: owner, host, pid, expiry (renewed while the run is alive)
-    units/000000012.npz  fit: merged float64 statistics of unit 12, written when it finishes
-    done/000000012       apply: marker written after region 12's data is stored
+    manifest.json          format, kind, run id, fingerprint of inputs and options, plan
+    lease/000000000007.json  the lease: generation 7 is held by the run whose token it names
+    units/000000012.npz    fit: merged float64 statistics of unit 12, stamped with the run id
+    done/000000012         apply: marker of region 12, stamped with the run id, written
+                           after the region's data
 
-Every file is written whole (a temporary name then a rename on local disks; a single PUT on
-object stores), so a file that exists is complete. The Dask scheduler keeps no state across a
-crash; this does.
+The protocol:
+
+* **Run id.** A job's manifest names its run id; every unit, marker and the output's
+  attributes carry it. On resume only files of the manifest's run, with the row range and
+  count the plan expects, are trusted; anything else is ignored and recomputed.
+* **Lease.** One writer per job. Taking the lease is a conditional create of the next
+  lease generation (``O_EXCL``-style hard link on local disks; ``If-None-Match: *`` on S3;
+  fsspec's ``mode="create"`` elsewhere), so two starters cannot both win. The generation is
+  the run's *fencing token*: before every durable write (unit, marker, manifest, the
+  output's completion, the final clean-up) the writer checks that the newest generation is
+  still its own, and a run that lost its lease stops with :class:`LeaseLostError`.
+  A holder is alive while its lease is fresh (renewed in the background), except that a
+  holder on this very machine (same host, boot and pid namespace) whose process is gone is
+  dead at once.
+* **Owned files only.** :meth:`Job.clear` removes the files named above and nothing else,
+  and removes the folder only when it is then empty. A folder that holds other files and no
+  manifest is refused as a checkpoint location.
+
+Files are written whole (a temporary name then a rename on local disks; one PUT on object
+stores), so a file that exists is complete. The limit of fencing without storage-side
+conditions on the data itself: a writer paused *between* its check and its write (for longer
+than the lease's lifetime) can still land that one write; the README says so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -31,9 +54,17 @@ import numpy as np
 from .errors import CheckpointError
 from .stats import Moments
 
-FORMAT = "bigalign.checkpoint/1"
+FORMAT = "bigalign.checkpoint/2"
 
-__all__ = ["Progress", "describe_changes", "FORMAT"]
+#: Names a checkpoint folder may hold: what :meth:`Job.clear` removes.
+OWN_NAMES = ("manifest.json", "lease", "units", "done")
+
+__all__ = ["Job", "Lease", "LeaseLostError", "checkpointed", "clear_finished",
+           "describe_changes", "FORMAT"]
+
+
+class LeaseLostError(CheckpointError):
+    """This run no longer holds its job's lease (another run took it): it must stop."""
 
 
 def describe_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -45,69 +76,149 @@ def describe_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
             out += describe_changes(a, b, name + ".")
         elif a != b:
-            out.append(f"{name}: {a!r} -> {b!r}")
+            out.append(f"{name}: {_short(a)} -> {_short(b)}")
     return out
 
 
-class Progress:
-    """Progress of one fit or apply at ``url``. Safe to pickle to workers."""
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
-    def __init__(self, url: str, storage_options: Optional[dict] = None):
+
+def _retrying(what: str, fn):
+    from .stores import retrying  # storage helpers live in stores; imported late (no cycle)
+    return retrying(what, fn)
+
+
+class Job:
+    """One checkpointed job at ``url``. Safe to pickle to workers: the run id and the
+    fencing token travel with it, so a task on any worker can check the lease before it
+    writes."""
+
+    def __init__(self, url: str, storage_options: Optional[dict] = None, *,
+                 run_id: Optional[str] = None, token: Optional[tuple] = None):
         self.url = str(url).rstrip("/")
         self.storage_options = storage_options or {}
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        self.run_id = run_id
+        self.token = token  # (generation, owner) while this process holds the lease
 
     def __reduce__(self):
-        return (Progress, (self.url, self.storage_options))
+        return (_rebuild, (self.url, self.storage_options, self.run_id, self.token))
 
-    # ---- raw file helpers ---------------------------------------------------------
+    # ---- raw file helpers (every call retried like data reads and writes) ----------
     def _path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
-    def _put(self, path: str, data: bytes) -> None:
-        parent = path.rsplit("/", 1)[0]
-        self.fs.makedirs(parent, exist_ok=True)
-        if isinstance(self.fs, LocalFileSystem):
-            # whole or absent after a process kill: write aside, then rename. No fsync: the
-            # data these files vouch for is not fsynced either (Zarr does not), and a marker
-            # more durable than its data would be worse than none (see README).
-            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        else:
-            self.fs.pipe_file(path, data)
+    def _local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    def _put(self, path: str, data: bytes, *, create: bool = False) -> None:
+        """Write a whole file. ``create``: only if absent (FileExistsError otherwise),
+        atomically: no other writer can create it too, and no reader sees it partial."""
+        def put():
+            parent = path.rsplit("/", 1)[0]
+            self.fs.makedirs(parent, exist_ok=True)
+            if self._local():
+                # no fsync: the data these files vouch for is not fsynced either (Zarr does
+                # not); a marker more durable than its data would be worse than none
+                tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                try:
+                    if create:
+                        os.link(tmp, path)  # fails if path exists: an exclusive create
+                    else:
+                        os.replace(tmp, path)
+                finally:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
+            else:
+                self.fs.pipe_file(path, data, mode="create" if create else "overwrite")
+            return True
+
+        def put_once():  # an existing file is an answer, not an error to retry
+            try:
+                return put()
+            except Exception as e:
+                if isinstance(e, FileExistsError) or _precondition_failed(e):
+                    return False
+                raise
+
+        if not _retrying(f"cannot write {path!r}", put_once):
+            raise FileExistsError(path)
 
     def _get(self, path: str) -> Optional[bytes]:
-        try:
-            return self.fs.cat_file(path)
-        except FileNotFoundError:
-            return None
+        def get():
+            try:
+                return self.fs.cat_file(path)
+            except FileNotFoundError:
+                return None
+        return _retrying(f"cannot read {path!r}", get)
 
-    def _list(self, sub: str) -> list[str]:
-        try:
-            names = self.fs.ls(self._path(sub), detail=False, refresh=True)
-        except FileNotFoundError:
-            return []
-        except TypeError:
-            names = self.fs.ls(self._path(sub), detail=False)
-        return [n.rsplit("/", 1)[-1] for n in names]
+    def _list(self, sub: str = "") -> list[str]:
+        def ls():
+            try:
+                try:
+                    names = self.fs.ls(self._path(sub) if sub else self.root, detail=False,
+                                       refresh=True)
+                except TypeError:
+                    names = self.fs.ls(self._path(sub) if sub else self.root, detail=False)
+            except FileNotFoundError:
+                return []
+            return [n.rstrip("/").rsplit("/", 1)[-1] for n in names]
+        return _retrying(f"cannot list {self.url!r}", ls)
 
+    def _rm(self, path: str) -> None:
+        def rm():
+            try:
+                self.fs.rm_file(path)
+            except FileNotFoundError:
+                pass
+        _retrying(f"cannot remove {path!r}", rm)
+
+    # ---- where ----------------------------------------------------------------------
     def exists(self) -> bool:
         return self._get(self._path("manifest.json")) is not None
+
+    def check_location(self) -> None:
+        """Refuse a checkpoint location that holds files bigalign did not write (a shared
+        folder, a bucket prefix with other data): bigalign deletes only what it wrote."""
+        names = [n for n in self._list() if not n.startswith("manifest.json.tmp-")]
+        foreign = sorted(n for n in names if n not in OWN_NAMES)
+        if foreign:
+            raise CheckpointError(
+                f"checkpoint {self.url!r} holds files bigalign did not write "
+                f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); bigalign "
+                "deletes only what it wrote, so it will not use this folder. Point "
+                "--checkpoint at a new or empty location.")
 
     # ---- manifest -----------------------------------------------------------------
     def manifest(self) -> Optional[dict]:
         raw = self._get(self._path("manifest.json"))
-        return None if raw is None else json.loads(raw)
+        if raw is None:
+            return None
+        try:
+            manifest = json.loads(raw)
+        except ValueError:
+            raise CheckpointError(f"{self.url}: manifest.json is not valid JSON; pass "
+                                  "--restart to discard this progress") from None
+        return manifest
 
-    def begin(self, kind: str, fingerprint: dict, plan: dict, *, restart: bool = False) -> dict:
-        """Start or resume: returns the plan to use (the stored one when resuming, so a
-        rerun with another number of workers keeps the same units). Refuses, naming what
-        changed, when the stored fingerprint differs; ``restart`` discards old progress."""
+    def begin(self, kind: str, fingerprint: dict, plan: dict, *, restart: bool = False,
+              replace: bool = False) -> dict:
+        """Start or resume (the caller holds the lease). Returns the manifest to run:
+        the stored one when resuming (its plan and run id, so a rerun with another number
+        of workers keeps the same units), else a new one with a fresh run id. Refuses,
+        naming what changed, when the stored fingerprint differs; ``restart`` discards the
+        old progress first, ``replace`` (--overwrite) discards it when it is progress of
+        other inputs or options (the same ones resume, so a retried job that always says
+        --overwrite still resumes)."""
         old = self.manifest()
-        if old is not None and restart:
-            self.clear(keep_lock=True)
+        if old is not None and (restart or (replace and (
+                old.get("format") != FORMAT or old.get("kind") != kind or
+                describe_changes(old.get("fingerprint", {}), fingerprint)))):
+            self.clear_progress()
             old = None
         if old is not None:
             if old.get("format") != FORMAT or old.get("kind") != kind:
@@ -121,114 +232,208 @@ class Progress:
                     f"recorded, so it cannot be resumed:\n  " + "\n  ".join(changes) +
                     "\nRerun with the original inputs and options, or pass --restart "
                     "(restart=True) to discard the old progress.")
-            return old["plan"]
-        manifest = {"format": FORMAT, "kind": kind, "fingerprint": fingerprint, "plan": plan,
-                    "created": time.time()}
-        self._put(self._path("manifest.json"), json.dumps(manifest, indent=1).encode())
-        return plan
+            self.run_id = old["run_id"]
+            return old
+        self.clear_progress()  # units or markers of an earlier run are never trusted
+        manifest = {"format": FORMAT, "kind": kind, "run_id": uuid.uuid4().hex,
+                    "fingerprint": fingerprint, "plan": plan, "created": time.time()}
+        self.fenced_put(self._path("manifest.json"), json.dumps(manifest, indent=1).encode())
+        self.run_id = manifest["run_id"]
+        return manifest
 
-    def clear(self, keep_lock: bool = False) -> None:
-        """Remove recorded progress (after success, or on --restart)."""
-        for sub in ("units", "done"):
+    # ---- fencing --------------------------------------------------------------------
+    def check_fence(self) -> None:
+        """Raise LeaseLostError unless this run still holds the newest lease generation.
+        A no-op for a job run without a lease (checkpoint=False)."""
+        if self.token is None:
+            return
+        generation, owner = self.token
+        current = Lease.newest(self)
+        if current is None or current[0] != generation or current[1].get("owner") != owner:
+            who = "nobody" if current is None else \
+                f"generation {current[0]} (host {current[1].get('host')}, pid {current[1].get('pid')})"
+            raise LeaseLostError(
+                f"{self.url}: this run lost its lease (it held generation {generation}; now "
+                f"{who}): another run took over this job, so this one stops without writing")
+
+    def fenced_put(self, path: str, data: bytes) -> None:
+        self.check_fence()
+        self._put(path, data)
+
+    # ---- clean-up: only what bigalign wrote --------------------------------------------
+    def _clear(self, sub: str, ours) -> None:
+        for name in self._list(sub):
+            if ours(name) or ".tmp-" in name:
+                self._rm(self._path(sub, name))
+
+    def clear_markers(self) -> None:
+        """Remove apply's done-markers (fenced): their output is being re-created."""
+        self.check_fence()
+        self._clear("done", str.isdigit)
+
+    def clear_progress(self) -> None:
+        """Remove units, markers and the manifest (fenced), keeping the lease."""
+        self.check_fence()
+        self._clear("units", lambda n: n.endswith(".npz"))
+        self._clear("done", str.isdigit)
+        self._rm(self._path("manifest.json"))
+
+    def clear(self) -> None:
+        """After success: remove every file of this job (progress, then the lease), then
+        the folders if they are empty. Files bigalign did not write stay, and so does
+        their folder."""
+        self.clear_progress()
+        for name in self._list("lease"):
+            if name.endswith(".json") or ".tmp-" in name:
+                self._rm(self._path("lease", name))
+        for sub in ("units", "done", "lease", ""):
+            path = self._path(sub) if sub else self.root
             try:
-                self.fs.rm(self._path(sub), recursive=True)
-            except FileNotFoundError:
-                pass
-        for name in ("manifest.json",) + (() if keep_lock else ("lock.json",)):
-            try:
-                self.fs.rm_file(self._path(name))
-            except FileNotFoundError:
-                pass
-        if not keep_lock:
-            try:
-                self.fs.rm(self.root, recursive=True)
-            except (FileNotFoundError, OSError):
-                pass
+                if self._local():
+                    os.rmdir(path)
+                elif not self._list(sub):
+                    self.fs.rmdir(path)
+            except (OSError, NotImplementedError):
+                pass  # not empty (files of others), or object stores without folders
 
     # ---- fit units ----------------------------------------------------------------
-    def save_unit(self, index: int, moments: Moments) -> Moments:
+    def _unit_path(self, index: int) -> str:
+        return self._path("units", f"{index:09d}.npz")
+
+    def save_unit(self, index: int, moments: Moments, start: int, stop: int) -> Moments:
+        """Store a finished unit's statistics, stamped with the run id and row range."""
         buf = io.BytesIO()
-        np.savez(buf, saved_at=time.time(), **moments.to_arrays())
-        self._put(self._path("units", f"{index:09d}.npz"), buf.getvalue())
+        np.savez(buf, saved_at=time.time(), run_id=np.str_(self.run_id or ""),
+                 rows=np.array([start, stop], dtype=np.int64), **moments.to_arrays())
+        self.fenced_put(self._unit_path(index), buf.getvalue())
         return moments
 
-    def load_unit(self, index: int) -> Moments:
-        raw = self._get(self._path("units", f"{index:09d}.npz"))
+    def load_unit(self, index: int, start: int, stop: int) -> Moments:
+        raw = self._get(self._unit_path(index))
         if raw is None:
             raise CheckpointError(f"{self.url}: unit {index} is recorded as done but missing")
         with np.load(io.BytesIO(raw)) as z:
+            problem = self._unit_problem(z, start, stop)
+            if problem:
+                raise CheckpointError(f"{self.url}: unit {index} {problem}; pass --restart")
             return Moments.from_arrays(z)
 
-    def _unit_indices(self) -> set[int]:
-        return {int(n[:-4]) for n in self._list("units")
-                if n.endswith(".npz") and n[:-4].isdigit()}
+    def _unit_problem(self, z, start: int, stop: int) -> Optional[str]:
+        """Why a stored unit cannot be used for rows [start, stop) of this run, or None."""
+        if "cross" not in z.files or "run_id" not in z.files or "rows" not in z.files:
+            return "has no run stamp (written by another version)"
+        if str(z["run_id"]) != self.run_id:
+            return f"belongs to run {str(z['run_id'])[:12]}, not {str(self.run_id)[:12]}"
+        if [int(v) for v in z["rows"]] != [start, stop]:
+            return f"covers rows {[int(v) for v in z['rows']]}, not {[start, stop]}"
+        if int(z["n"]) != stop - start:
+            return f"holds {int(z['n'])} pairs for {stop - start} rows"
+        return None
 
-    def done_units(self) -> set[int]:
-        """Units whose statistics are stored with an intact zip directory (an unreadable file
-        is dropped with a warning and recomputed). Only the directory is read here; the
-        arrays are read by the merge task that needs them."""
+    def done_units(self, expected: dict[int, tuple[int, int]]) -> set[int]:
+        """Units of ``expected`` (index -> (start, stop)) whose stored statistics belong to
+        this run and cover exactly their rows. Anything else (a stale file of an earlier
+        run, a truncated file, a wrong range) is ignored with a warning and recomputed."""
         done = set()
-        for index in sorted(self._unit_indices()):
+        names = {n for n in self._list("units") if n.endswith(".npz")}
+        for index, (start, stop) in sorted(expected.items()):
+            if f"{index:09d}.npz" not in names:
+                continue
             try:
-                with self.fs.open(self._path("units", f"{index:09d}.npz"), "rb") as f, \
-                        np.load(f) as z:
-                    if "cross" not in z.files:
-                        raise ValueError("no 'cross' member")
+                with self.fs.open(self._unit_path(index), "rb") as f, np.load(f) as z:
+                    problem = self._unit_problem(z, start, stop)
             except Exception as e:
-                warnings.warn(f"{self.url}: unit {index} is unreadable ({e}); recomputing it")
+                problem = f"is unreadable ({e})"
+            if problem:
+                warnings.warn(f"{self.url}: unit {index} {problem}; recomputing it")
                 continue
             done.add(index)
         return done
 
     # ---- apply regions ------------------------------------------------------------
-    def mark_done(self, index: int, info: dict) -> None:
-        self._put(self._path("done", f"{index:09d}"), json.dumps(info).encode())
+    def mark_done(self, index: int, start: int, stop: int) -> None:
+        """Record region ``index`` (rows [start, stop)) as written; call after its data."""
+        info = {"run_id": self.run_id, "start": start, "stop": stop, "t": time.time()}
+        self.fenced_put(self._path("done", f"{index:09d}"), json.dumps(info).encode())
 
-    def done_regions(self) -> set[int]:
-        return {int(n) for n in self._list("done") if n.isdigit()}
+    def done_regions(self, expected: dict[int, tuple[int, int]]) -> set[int]:
+        """Regions of ``expected`` (index -> (start, stop)) with a marker of this run for
+        exactly those rows. One listing, then one read per marker found."""
+        names = {n for n in self._list("done") if n.isdigit()}
+        done = set()
+        for index, (start, stop) in expected.items():
+            if f"{index:09d}" not in names:
+                continue
+            try:
+                info = json.loads(self._get(self._path("done", f"{index:09d}")) or b"{}")
+            except ValueError:
+                continue
+            if info.get("run_id") == self.run_id and \
+                    [info.get("start"), info.get("stop")] == [start, stop]:
+                done.add(index)
+        return done
 
     # ---- progress in flight -------------------------------------------------------
     def summary(self) -> Optional[dict]:
         """Units done, rows done, rate and time left, from storage alone (any process can
         ask while a run is in flight). None when nothing is recorded here."""
-        from .plan import group, plan_blocks
+        from .plan import plan_from_dict
 
-        manifest = self.manifest()
-        if manifest is None:
+        try:
+            manifest = self.manifest()
+        except CheckpointError:
             return None
-        fp, plan, kind = manifest["fingerprint"], manifest["plan"], manifest["kind"]
-        start, stop = fp["rows"] if kind == "fit" else (0, fp["source"]["shape"][0])
-        blocks = plan_blocks(start, stop, plan["step"], plan["rows_per_block"])
-        units = [[blocks[i] for i in unit]
-                 for unit in group(len(blocks), plan.get("blocks_per_unit", 1))]
-        times, rows_done = [], 0
+        if manifest is None or manifest.get("format") != FORMAT:
+            return None
+        kind = manifest["kind"]
+        plan = plan_from_dict(kind, manifest["plan"])
+        blocks = plan.blocks()
+        units = [[blocks[i] for i in unit] for unit in
+                 (plan.units() if kind == "fit" else [[b.index] for b in blocks])]
+        start, stop = blocks[0].start, blocks[-1].stop
+        times = []
         if kind == "fit":
-            done = self._unit_indices()
+            names = {n for n in self._list("units") if n.endswith(".npz")}
+            done = {i for i in range(len(units)) if f"{i:09d}.npz" in names}
             for i in done:  # npz members load lazily: only the timestamp is read
-                with self.fs.open(self._path("units", f"{i:09d}.npz"), "rb") as f, \
-                        np.load(f) as z:
+                with self.fs.open(self._unit_path(i), "rb") as f, np.load(f) as z:
                     times.append(float(z["saved_at"]) if "saved_at" in z.files else 0.0)
         else:
-            done = self.done_regions()
+            names = {n for n in self._list("done") if n.isdigit()}
+            done = {i for i in range(len(units)) if f"{i:09d}" in names}
             for i in done:
                 info = json.loads(self._get(self._path("done", f"{i:09d}")) or b"{}")
                 times.append(float(info.get("t", 0.0)))
-        rows_done = sum(b.rows for i in done if i < len(units) for b in units[i])
-        out = {"kind": kind, "units_done": len(done), "units_total": len(units),
-               "rows_done": rows_done, "rows_total": stop - start,
+        rows_done = sum(b.rows for i in done for b in units[i])
+        out = {"kind": kind, "run_id": manifest["run_id"], "units_done": len(done),
+               "units_total": len(units), "rows_done": rows_done, "rows_total": stop - start,
                "started": manifest.get("created"), "rows_per_second": None,
                "eta_seconds": None}
         if times and max(times) > out["started"]:
             rate = rows_done / (max(times) - out["started"])
             out["rows_per_second"] = rate
             out["eta_seconds"] = (out["rows_total"] - rows_done) / rate if rate > 0 else None
-        raw = self._get(self._path("lock.json"))
-        out["running"] = bool(raw) and Lease._alive(json.loads(raw))
+        newest = Lease.newest(self)
+        out["running"] = newest is not None and Lease.alive(newest[1])
         return out
 
     # ---- lease --------------------------------------------------------------------
     def lease(self, ttl: float = 120.0) -> "Lease":
         return Lease(self, ttl)
+
+
+def _rebuild(url, storage_options, run_id, token):
+    return Job(url, storage_options, run_id=run_id, token=token)
+
+
+def _precondition_failed(e: BaseException) -> bool:
+    """An object store's answer to a conditional create of an existing key (HTTP 412)."""
+    while e is not None:
+        text = f"{type(e).__name__} {e}"
+        if "PreconditionFailed" in text or "412" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _process_start(pid: int):
@@ -241,42 +446,70 @@ def _process_start(pid: int):
         return None
 
 
+def _machine() -> str:
+    """This host's identity for pid checks: hostname, boot id and pid namespace. Two
+    containers sharing a hostname (host networking) but not a pid namespace differ here,
+    so neither declares the other dead because its pid is invisible."""
+    parts = [socket.gethostname()]
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            parts.append(f.read().strip())
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        pass
+    return "|".join(parts)
+
+
 class Lease:
-    """A lock on a checkpoint held by one run, renewed in the background while it lives.
+    """The lease of one job: the run holding the newest generation file under ``lease/``.
 
-    A second run refuses while the lease is fresh. A crashed owner stops renewing: its lease
-    expires after ``ttl`` seconds (at once when it ran on this host and its process is
-    gone), and the next run takes over."""
+    Taking it creates generation g+1 with a conditional create (only one starter can), and
+    only when generation g's holder is dead, gone or released. While held, a background
+    thread renews it every ttl/4 (after checking no newer generation exists; a run that
+    finds one has lost the lease and its next fenced write raises)."""
 
-    def __init__(self, progress: Progress, ttl: float):
-        self.progress = progress
+    def __init__(self, job: Job, ttl: float):
+        self.job = job
         self.ttl = ttl
         self.owner = uuid.uuid4().hex
-        self.path = progress._path("lock.json")
+        self.generation: Optional[int] = None
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
-    def _record(self) -> dict:
-        now = time.time()
-        return {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
-                "pid_started": _process_start(os.getpid()), "renewed": now,
-                "expires": now + self.ttl}
+    def _file(self, generation: int) -> str:
+        return self.job._path("lease", f"{generation:012d}.json")
 
-    def _holder(self) -> Optional[dict]:
-        raw = self.progress._get(self.path)
-        try:
-            return None if raw is None else json.loads(raw)
-        except ValueError:
-            return None
+    def _record(self, released: bool = False) -> bytes:
+        now = time.time()
+        return json.dumps({"owner": self.owner, "generation": self.generation,
+                           "host": socket.gethostname(), "machine": _machine(),
+                           "pid": os.getpid(), "pid_started": _process_start(os.getpid()),
+                           "renewed": now, "expires": now + self.ttl,
+                           "released": released}).encode()
 
     @staticmethod
-    def _alive(holder: dict) -> bool:
-        """A holder is alive while its lease is fresh, unless it ran on this host and its
-        process is gone: no such pid, or a pid reused by another process (its start time
-        differs: a restarted container reuses hostnames and pids, even our own)."""
-        if holder.get("expires", 0) < time.time():
+    def newest(job: Job) -> Optional[tuple[int, dict]]:
+        """(generation, record) of the newest lease file, or None. An unreadable record
+        reads as {} (a dead holder)."""
+        gens = [int(n[:-5]) for n in job._list("lease")
+                if n.endswith(".json") and n[:-5].isdigit()]
+        if not gens:
+            return None
+        g = max(gens)
+        raw = job._get(job._path("lease", f"{g:012d}.json"))
+        try:
+            return g, (json.loads(raw) if raw else {})
+        except ValueError:
+            return g, {}
+
+    @staticmethod
+    def alive(holder: dict) -> bool:
+        """A holder is alive while its lease is fresh and not released, unless it ran on
+        this machine (same host, boot and pid namespace) and its process is gone: no such
+        pid, or a pid reused by another process (its start time differs)."""
+        if not holder or holder.get("released") or holder.get("expires", 0) < time.time():
             return False
-        if holder.get("host") == socket.gethostname():
+        if holder.get("machine") == _machine():
             try:
                 pid = int(holder["pid"])
             except (KeyError, TypeError, ValueError):
@@ -293,28 +526,35 @@ class Lease:
         return True
 
     def __enter__(self) -> "Lease":
-        holder = self._holder()
-        if holder is not None and holder.get("owner") != self.owner and self._alive(holder):
+        newest = self.newest(self.job)
+        if newest is not None and self.alive(newest[1]):
+            holder = newest[1]
             raise CheckpointError(
-                f"{self.progress.url}: another bigalign run holds this job (host "
+                f"{self.job.url}: another bigalign run holds this job (host "
                 f"{holder.get('host')}, pid {holder.get('pid')}, lease renewed "
                 f"{time.time() - holder.get('renewed', 0):.0f}s ago). Wait for it to finish; if "
                 f"it died, its lease expires within {self.ttl:.0f}s of its last renewal.")
-        self.progress._put(self.path, json.dumps(self._record()).encode())
-        time.sleep(0.05)  # two starters racing: the last writer wins, the other sees it
-        holder = self._holder()
-        if holder is None or holder.get("owner") != self.owner:
-            raise CheckpointError(f"{self.progress.url}: another bigalign run took this job "
-                                  "at the same moment")
-        self._thread = threading.Thread(target=self._renew, daemon=True,
-                                        name="bigalign-lease")
+        self.generation = (newest[0] if newest else 0) + 1
+        try:
+            self.job._put(self._file(self.generation), self._record(), create=True)
+        except FileExistsError:
+            raise CheckpointError(f"{self.job.url}: another bigalign run took this job at "
+                                  "the same moment") from None
+        self.job.token = (self.generation, self.owner)
+        for name in self.job._list("lease"):  # older generations: dead holders' files
+            if name.endswith(".json") and name[:-5].isdigit() and int(name[:-5]) < self.generation:
+                self.job._rm(self.job._path("lease", name))
+        self._thread = threading.Thread(target=self._renew, daemon=True, name="bigalign-lease")
         self._thread.start()
         return self
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl / 4):
             try:
-                self.progress._put(self.path, json.dumps(self._record()).encode())
+                self.job.check_fence()
+                self.job._put(self._file(self.generation), self._record())
+            except LeaseLostError:
+                return  # the next fenced write of the run raises
             except Exception:  # a missed renewal is retried on the next tick
                 pass
 
@@ -322,9 +562,57 @@ class Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        holder = self._holder()
-        if holder is not None and holder.get("owner") == self.owner:
-            try:
-                self.progress.fs.rm_file(self.path)
-            except FileNotFoundError:
-                pass
+        try:
+            newest = self.newest(self.job)
+            if newest is not None and newest[0] == self.generation and \
+                    newest[1].get("owner") == self.owner:
+                # released, not deleted: a lower generation must never become newest again
+                self.job._put(self._file(self.generation), self._record(released=True))
+        except Exception:
+            pass  # the lease then lapses by itself
+        self.job.token = None
+
+
+@contextlib.contextmanager
+def checkpointed(url: Optional[str], kind: str, fingerprint: dict, plan: dict, *,
+                 storage_options: Optional[dict] = None, restart: bool = False,
+                 replace: bool = False, keep: bool = False):
+    """The one job protocol every streaming command runs in.
+
+    Checks the location (files bigalign did not write are refused), takes the lease,
+    begins or resumes (:meth:`Job.begin`) and yields ``(job, manifest)``. The body runs the
+    work, verifies it and writes its completion mark (fenced); when the body returns, the
+    job's files are removed (``keep``: left in place) *before* the lease is released, so a
+    clean-up can never touch a later run's files. With ``url`` None there is no
+    checkpoint: ``job`` is None and the manifest is made up in memory (a fresh run id)."""
+    if url is None:
+        yield None, {"kind": kind, "run_id": uuid.uuid4().hex, "fingerprint": fingerprint,
+                     "plan": plan}
+        return
+    job = Job(url, storage_options)
+    job.check_location()
+    with job.lease():
+        manifest = job.begin(kind, fingerprint, plan, restart=restart, replace=replace)
+        yield job, manifest
+        if not keep:
+            job.clear()
+
+
+def clear_finished(url: Optional[str], run_id: Optional[str],
+                   storage_options: Optional[dict] = None) -> bool:
+    """Remove the checkpoint a run killed after its completion mark left behind, when it
+    belongs to that run (``run_id``). Returns True when something was removed."""
+    if url is None or run_id is None:
+        return False
+    job = Job(url, storage_options)
+    try:
+        manifest = job.manifest()
+    except CheckpointError:
+        return False
+    if manifest is None or manifest.get("run_id") != run_id:
+        return False
+    with job.lease():
+        if (job.manifest() or {}).get("run_id") != run_id:
+            return False
+        job.clear()
+    return True

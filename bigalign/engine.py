@@ -10,15 +10,14 @@ result independent of worker count and finishing order, and identical after a re
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from typing import Optional
 
 import numpy as np
 
 from . import faults
-from .checkpoint import Progress
-from .plan import Block, merge_tree, plan_blocks
+from .checkpoint import Job
+from .plan import Block, FitPlan, merge_tree, plan_blocks
 from .stats import Moments, block_moments, merge, merge_all
 from .stores import EmbeddingArray, read_rows, write_rows
 from .transform import map_rows
@@ -75,9 +74,10 @@ def block_task(source: EmbeddingArray, target: EmbeddingArray, start: int, stop:
     return total
 
 
-def save_unit_task(progress: Progress, index: int, moments: Moments) -> Moments:
-    """Store a finished unit's statistics (the unit's durable progress)."""
-    progress.save_unit(index, moments)
+def save_unit_task(job: Job, index: int, start: int, stop: int, moments: Moments) -> Moments:
+    """Store a finished unit's statistics for rows [start, stop) (its durable progress;
+    fenced: a run that lost its lease raises instead of writing)."""
+    job.save_unit(index, moments, start, stop)
     faults.point("fit.unit-saved")
     return moments
 
@@ -87,19 +87,22 @@ def merge_task(*parts: Moments) -> Moments:
 
 
 def region_task(source: EmbeddingArray, output, params: tuple, start: int, stop: int,
-                index: int, progress: Optional[Progress], dtype: str, renormalize: bool,
+                index: int, job: Optional[Job], dtype: str, renormalize: bool,
                 normalize: bool) -> int:
     """Map source rows [start, stop) and write them as whole output chunks; then record the
-    region as done (the marker is written after the data, never before)."""
+    region as done (the marker is written after the data, never before). Both writes are
+    fenced: a run that lost its lease raises instead of writing."""
     matrix, source_mean, target_mean, url = params
     x = _read(source, start, stop, "source")
     y = map_rows(x, matrix, source_mean, target_mean, normalize=normalize,
                  renormalize=renormalize, dtype=dtype, start=start, inplace=True,
                  out=buffer("mapped", stop - start, matrix.shape[1], matrix.dtype))
+    if job is not None:
+        job.check_fence()
     write_rows(output, start, y, url=url)
     faults.point("apply.region-written")
-    if progress is not None:
-        progress.mark_done(index, {"start": start, "stop": stop, "t": time.time()})
+    if job is not None:
+        job.mark_done(index, start, stop)
         faults.point("apply.region-done")
     return stop - start
 
@@ -124,18 +127,19 @@ def _tree(graph: dict, name: str, keys: list, fan_in: int, func=merge_task):
     return keys[0]
 
 
-def fit_graph(source: EmbeddingArray, target: EmbeddingArray, blocks: list[Block],
-              units: list[range], *, done: set[int] = frozenset(),
-              progress: Optional[Progress] = None, normalize: bool = False,
-              gram: bool = False, dtype: str = "float32", fan_in: int = 8,
-              step: int, rows_per_read: int):
-    """Graph whose key holds the merged Moments of all ``blocks``.
+def fit_graph(source: EmbeddingArray, target: EmbeddingArray, plan: FitPlan, *,
+              done: set[int] = frozenset(), job: Optional[Job] = None,
+              normalize: bool = False, gram: bool = False, dtype: str = "float32",
+              fan_in: Optional[int] = None):
+    """Graph whose key holds the merged Moments of the plan's rows.
 
-    Each block task streams its rows ``rows_per_read`` at a time (reads start on multiples
-    of ``step``). Units in ``done`` are loaded from ``progress`` instead of computed; the
-    others write their merged statistics there when they finish (when ``progress`` is given).
-    Returns (graph, key, number of leaf tasks).
+    One task per block of the plan streams its rows ``plan.rows_per_read`` at a time.
+    Units in ``done`` are loaded from ``job`` instead of computed; the others write their
+    merged statistics there when they finish (when ``job`` is given). Returns (graph, key,
+    number of leaf tasks).
     """
+    blocks, units, unit_rows = plan.blocks(), plan.units(), plan.unit_rows()
+    step, rows_per_read, fan_in = plan.step, plan.rows_per_read, fan_in or plan.fan_in
     token = uuid.uuid4().hex[:12]
     src, tgt = f"bigalign-source-{token}", f"bigalign-target-{token}"
     graph: dict = {src: source, tgt: target}
@@ -143,7 +147,7 @@ def fit_graph(source: EmbeddingArray, target: EmbeddingArray, blocks: list[Block
     for u, unit in enumerate(units):
         key = (f"bigalign-unit-{token}", u)
         if u in done:
-            graph[key] = (progress.load_unit, u)
+            graph[key] = (job.load_unit, u, *unit_rows[u])
         else:
             block_keys = []
             for i in unit:
@@ -154,14 +158,14 @@ def fit_graph(source: EmbeddingArray, target: EmbeddingArray, blocks: list[Block
                 block_keys.append(bk)
             leaves += len(block_keys)
             root = _tree(graph, f"bigalign-merge-{token}-{u}", block_keys, fan_in)
-            graph[key] = (save_unit_task, progress, u, root) if progress is not None else \
-                (merge_task, root)
+            graph[key] = (save_unit_task, job, u, *unit_rows[u], root) if job is not None \
+                else (merge_task, root)
         unit_keys.append(key)
     return graph, _tree(graph, f"bigalign-total-{token}", unit_keys, fan_in), leaves
 
 
 def apply_graph(source: EmbeddingArray, output, params: tuple, blocks: list[Block], *,
-                done: set[int] = frozenset(), progress: Optional[Progress] = None,
+                done: set[int] = frozenset(), job: Optional[Job] = None,
                 dtype: str = "float32", renormalize: bool = False, normalize: bool = False):
     """Graph whose key holds the number of rows written; one task per block not in ``done``.
     Returns (graph, key, number of region tasks)."""
@@ -174,7 +178,7 @@ def apply_graph(source: EmbeddingArray, output, params: tuple, blocks: list[Bloc
         if b.index in done:
             continue
         key = (f"bigalign-region-{token}", b.index)
-        graph[key] = (region_task, src, out, par, b.start, b.stop, b.index, progress,
+        graph[key] = (region_task, src, out, par, b.start, b.stop, b.index, job,
                       dtype, renormalize, normalize)
         keys.append(key)
     total = f"bigalign-written-{token}"

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 __all__ = ["Block", "common_step", "choose_block_rows", "plan_blocks", "partial_bytes",
            "fit_block_rows", "choose_fan_in", "plan_units", "group", "merge_tree",
-           "fit_task_bytes", "apply_task_bytes", "DEFAULT_BLOCK_BYTES"]
+           "fit_task_bytes", "apply_task_bytes", "DEFAULT_BLOCK_BYTES", "FitPlan", "ApplyPlan",
+           "make_fit_plan", "make_apply_plan", "plan_from_dict"]
 
 #: Default input bytes per task: chunks of ~8-32 MB read fastest here, and a task of a few
 #: of them amortises Dask's per-task overhead (~1 ms) to nothing.
@@ -163,3 +164,83 @@ def apply_task_bytes(rows: int, dim_a: int, dim_b: int, item_in: int, item_out: 
     copy = work if item_in != work else 0
     cast = item_out if item_out != work else 0
     return rows * (dim_a * (item_in + copy) + dim_b * (work + cast)) + work * dim_a * dim_b
+
+
+# ---- plans: what a run will do, as data (stored as-is in the job's manifest) -------------
+
+@dataclass(frozen=True)
+class FitPlan:
+    """Rows [start, stop) in blocks of ``rows_per_block`` (one task each; boundaries on
+    multiples of ``step``), read ``rows_per_read`` at a time, grouped ``blocks_per_unit``
+    to a checkpoint unit, merged with fan-in ``fan_in``. ``aligned``: every chunk of both
+    inputs is read by one task only."""
+
+    start: int
+    stop: int
+    step: int
+    rows_per_block: int
+    rows_per_read: int
+    blocks_per_unit: int
+    fan_in: int
+    aligned: bool = True
+
+    def blocks(self) -> list[Block]:
+        return plan_blocks(self.start, self.stop, self.step, self.rows_per_block)
+
+    def units(self) -> list[range]:
+        return group(len(self.blocks()), self.blocks_per_unit)
+
+    def unit_rows(self) -> dict[int, tuple[int, int]]:
+        """Unit index -> the rows [start, stop) it covers."""
+        blocks = self.blocks()
+        return {u: (blocks[r[0]].start, blocks[r[-1]].stop) for u, r in enumerate(self.units())}
+
+
+@dataclass(frozen=True)
+class ApplyPlan:
+    """Rows [0, rows) in regions of ``rows_per_block`` (one task each, whole output chunks:
+    boundaries on multiples of ``step``)."""
+
+    rows: int
+    step: int
+    rows_per_block: int
+    aligned: bool = True
+
+    def blocks(self) -> list[Block]:
+        return plan_blocks(0, self.rows, self.step, self.rows_per_block)
+
+    def region_rows(self) -> dict[int, tuple[int, int]]:
+        return {b.index: (b.start, b.stop) for b in self.blocks()}
+
+
+def plan_from_dict(kind: str, values: dict):
+    """The plan a manifest stores (``dataclasses.asdict`` of it), rebuilt."""
+    return (FitPlan if kind == "fit" else ApplyPlan)(**values)
+
+
+def make_fit_plan(start: int, stop: int, steps: tuple[int, int], dims: tuple[int, int],
+                  itemsizes: tuple[int, int], gram: bool,
+                  block_bytes: int = DEFAULT_BLOCK_BYTES) -> FitPlan:
+    """Plan a fit of rows [start, stop): reads on chunk boundaries of both inputs
+    (``steps``: their row chunk or shard sizes), tasks of whole reads at least twice their
+    partial's size, tasks grouped into checkpoint units within the 2 % write budget,
+    merge fan-in for a 1 GiB budget of partials."""
+    row_bytes = dims[0] * itemsizes[0] + dims[1] * itemsizes[1]
+    step, aligned = common_step(list(steps), row_bytes, block_bytes)
+    partial = partial_bytes(dims[0], dims[1], gram)
+    per_read = choose_block_rows(stop - start, step, row_bytes, block_bytes, MIN_BLOCKS)
+    per = fit_block_rows(per_read, row_bytes, partial)
+    n_blocks = len(plan_blocks(start, stop, step, per))
+    units = plan_units(n_blocks, per * row_bytes, partial)
+    return FitPlan(start, stop, step, per, per_read, len(units[0]), choose_fan_in(partial),
+                   aligned)
+
+
+def make_apply_plan(rows: int, chunk_rows: int, source_step: int, row_bytes: int,
+                    block_bytes: int = DEFAULT_BLOCK_BYTES) -> ApplyPlan:
+    """Plan an apply of ``rows`` rows: regions of whole output chunks (``chunk_rows``),
+    on source chunk boundaries too where the two share a small common multiple.
+    ``row_bytes``: bytes read plus written per row."""
+    step, aligned = common_step([chunk_rows, source_step], row_bytes, block_bytes)
+    return ApplyPlan(rows, step, choose_block_rows(rows, step, row_bytes, block_bytes,
+                                                   MIN_BLOCKS), aligned)

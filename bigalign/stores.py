@@ -77,7 +77,66 @@ class EmbeddingArray:
         return {"url": self.url, "shape": list(self.shape), "chunks": list(self.array.chunks),
                 "shards": list(self.array.shards) if getattr(self.array, "shards", None) else None,
                 "dtype": str(self.dtype), "zarr_format": int(self.array.metadata.zarr_format),
-                "metadata_sha256": hashlib.sha256(blob).hexdigest()}
+                "metadata_sha256": hashlib.sha256(blob).hexdigest(),
+                "content": content_witness(self.array)}
+
+
+def content_witness(arr) -> dict:
+    """A witness of an array's stored content, from one listing of its objects: their
+    number, total bytes, and a SHA-256 of every (key, size, stamp), where the stamp is the
+    object's ETag on object stores or its modification time on file systems. Re-writing
+    any chunk in place (a re-embedded input with the same shape) changes it; reading
+    doesn't. ``kind`` says what the stamp is; for stores fsspec cannot list (in-memory
+    stores), the keys and sizes of the objects are hashed ("keys+sizes")."""
+    fs, root = _fs_and_root(arr)
+    h, count, total = hashlib.sha256(), 0, 0
+    if fs is not None:
+        try:
+            if getattr(fs, "asynchronous", False):  # zarr's FsspecStore holds an async fs
+                from zarr.core.sync import sync
+                listing = sync(fs._find(root, detail=True))
+            else:
+                listing = fs.find(root, detail=True)
+        except FileNotFoundError:
+            listing = {}
+        kind = "mtime"
+        for name in sorted(listing):
+            info = listing[name]
+            size = int(info.get("size") or 0)
+            stamp = info.get("ETag") or info.get("etag")
+            if stamp is not None:
+                kind = "etag"
+            else:
+                stamp = info.get("mtime") or info.get("LastModified") or info.get("created")
+            rel = name[len(root):].lstrip("/") if name.startswith(root) else name
+            h.update(f"{rel}\0{size}\0{stamp}\n".encode())
+            count, total = count + 1, total + size
+        return {"kind": kind, "objects": count, "bytes": total, "sha256": h.hexdigest()}
+    from zarr.core.sync import sync
+
+    async def keys():
+        return sorted([k async for k in arr.store.list_prefix(arr.path)])
+
+    for key in sync(keys()):
+        size = sync(arr.store.getsize(key))
+        h.update(f"{key}\0{size}\n".encode())
+        count, total = count + 1, total + size
+    return {"kind": "keys+sizes", "objects": count, "bytes": total, "sha256": h.hexdigest()}
+
+
+def _fs_and_root(arr):
+    """(fsspec filesystem, path of the array's node) for local and fsspec stores, else
+    (None, None)."""
+    store = getattr(arr, "store", None)
+    node = str(getattr(arr, "path", "") or "").strip("/")
+    if hasattr(store, "fs") and hasattr(store, "path"):  # zarr FsspecStore
+        root = str(store.path).rstrip("/")
+        return store.fs, f"{root}/{node}" if node else root
+    if hasattr(store, "root") and type(store).__name__ == "LocalStore":
+        from fsspec.implementations.local import LocalFileSystem
+        root = str(store.root).rstrip("/")
+        return LocalFileSystem(), f"{root}/{node}" if node else root
+    return None, None
 
 
 def open_embeddings(source, *, side: str = "source", storage_options: Optional[dict] = None,
@@ -185,6 +244,10 @@ def _retrying(what: str, fn):
             time.sleep(backoff * 2**attempt)
         except Exception as e:  # corrupt chunk: codec errors, wrong sizes
             raise ChunkReadError(f"{what}: {type(e).__name__}: {e}") from e
+
+
+#: The retry policy of every storage call (data and progress files alike).
+retrying = _retrying
 
 
 def read_rows(emb: EmbeddingArray, start: int, stop: int,

@@ -20,7 +20,7 @@ import numpy as np
 from .errors import InputError
 from .stats import Moments, check_finite, normalize_rows
 
-FORMAT = "bigalign.transform/1"
+from .outputs import TRANSFORM_FORMAT as FORMAT  # noqa: E402
 
 __all__ = ["Transform", "map_rows", "FORMAT"]
 
@@ -132,8 +132,13 @@ class Transform:
         """Write as a Zarr group at a local path or fsspec URL."""
         import zarr
 
+        from .outputs import check_replaceable
+
+        check_replaceable(path, "transform output", storage_options)  # never a user's node
         group = zarr.open_group(path, mode="w" if overwrite else "w-",
                                 storage_options=storage_options)
+        # first, so a save cut short is recognisably bigalign's (and not loadable)
+        group.attrs["bigalign"] = {"format": FORMAT, "state": "writing"}
         for name in ("rotation", "source_mean", "target_mean", "singular_values"):
             value = getattr(self, name)
             if value is not None:
@@ -159,7 +164,7 @@ class Transform:
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
             raise InputError(f"no transform at {path!r}") from e
         attrs = group.attrs.get("bigalign")
-        if not attrs or attrs.get("format") != FORMAT:
+        if not attrs or attrs.get("format") != FORMAT or attrs.get("state") == "writing":
             raise InputError(f"{path!r} is not a complete bigalign transform "
                              f"(missing or unknown 'bigalign' attribute)")
         arrays = {k: np.asarray(group[k][...]) for k in

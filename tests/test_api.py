@@ -125,17 +125,22 @@ def test_up_front_errors(tmp_path):
     with pytest.raises(InputError, match="100 rows but target has 90"):
         bigalign.fit(s, t)
     t = write_zarr(tmp_path / "b.zarr", b, 10)
-    bigalign.fit(s, t, output=str(tmp_path / "t"))
-    with pytest.raises(InputError, match="already exists"):
-        bigalign.fit(s, t, output=str(tmp_path / "t"))
-    bigalign.fit(s, t, output=str(tmp_path / "t"), overwrite=True)
+    first = bigalign.fit(s, t, output=str(tmp_path / "t"))
+    # the same job again: a no-op returning the finished transform
+    again = bigalign.fit(s, t, output=str(tmp_path / "t"))
+    assert again.metadata["job"] == first.metadata["job"]
+    with pytest.raises(InputError, match=r"already exists and is complete.*\n.*"
+                                         r"options.center: False -> True"):
+        bigalign.fit(s, t, output=str(tmp_path / "t"), center=True)
+    bigalign.fit(s, t, output=str(tmp_path / "t"), overwrite=True, center=True)
     bigalign.apply(str(tmp_path / "t"), s, str(tmp_path / "o.zarr"))
-    with pytest.raises(InputError, match="already complete"):
-        bigalign.apply(str(tmp_path / "t"), s, str(tmp_path / "o.zarr"))
+    assert bigalign.apply(str(tmp_path / "t"), s, str(tmp_path / "o.zarr")).already_complete
+    with pytest.raises(InputError, match="options.dtype: 'float32' -> 'float64'"):
+        bigalign.apply(str(tmp_path / "t"), s, str(tmp_path / "o.zarr"), dtype="float64")
     with pytest.raises(InputError, match="dimension 3 but the transform maps dimension 4"):
         bigalign.apply(str(tmp_path / "t"), write_zarr(tmp_path / "c.zarr", a[:, :3], 10),
                        str(tmp_path / "o2.zarr"))
-    with pytest.raises(InputError, match="never modified"):
+    with pytest.raises(InputError, match="never writes over its inputs"):
         bigalign.apply(str(tmp_path / "t"), s, s)
 
 

@@ -44,7 +44,7 @@ def test_fit_apply_info_roundtrip(files, capsys):
     (["fit", "{s}", "{empty}", "-o", "{tmp}/x"], "empty array"),
     (["fit", "{s}", "{t}", "-o", "{tmp}/x", "--rows", "500:600"], "empty for an array of 400"),
     (["fit", "{s}", "{wide}", "-o", "{tmp}/x", "--no-reflection"], "needs equal dimensions"),
-    (["fit", "{s}", "{t}", "-o", "{s}"], "already exists"),
+    (["fit", "{s}", "{t}", "-o", "{s}"], "never writes over its inputs"),
     (["apply", "{tmp}/nothing", "{s}", "-o", "{tmp}/y"], "not a transform|no transform"),
     (["info", "{tmp}/nothing"], "not a transform or apply output"),
 ])
