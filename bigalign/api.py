@@ -353,6 +353,7 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
                       restart=restart, replace=overwrite) as (job, manifest):
         plan = ApplyPlan(**manifest["plan"])
         blocks, expected = plan.blocks(), plan.region_rows()
+        faults.point("apply.begun")
         out = _output_of_run(output, manifest["run_id"], src.rows, dim_b, opts, so)
         if out is None:  # absent, or not this run's: (re)create it, forget its markers
             if job is not None:

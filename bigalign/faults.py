@@ -9,6 +9,7 @@ Points: ``fit.block`` (a block's statistics computed), ``fit.unit-saved`` (a uni
 statistics stored), ``fit.solved`` (SVD done, transform not yet saved), ``fit.saved``
 (transform saved, checkpoint not yet removed), ``apply.region-written`` (a region's data
 stored, its done-marker not yet), ``apply.region-done`` (marker stored),
+``apply.begun`` (manifest written, output not yet created or checked),
 ``apply.before-complete`` (all regions done, completion attribute not yet written).
 """
 

@@ -1,0 +1,307 @@
+"""Never lose or corrupt data (issue 7): outputs that alias inputs under other spellings,
+shared checkpoint folders, stale outputs and units, inputs changed in place, runs started
+together, lost leases, and reruns of finished jobs. Each test reproduces a defect found on
+an earlier version and checks the input bytes and the result afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import zarr
+
+import bigalign
+from bigalign.checkpoint import Job, Lease, LeaseLostError
+from bigalign.errors import CheckpointError, InputError
+from conftest import planted, write_zarr
+
+ROWS, DIM, CHUNK = 6000, 8, 250
+SMALL = ["--block-mb", "0.02", "-q"]  # 24 blocks: room for kills between units
+
+
+def cli(*argv, faults=None, check=None, cwd=None):
+    env = dict(os.environ)
+    env.pop("BIGALIGN_FAULTS", None)
+    if faults:
+        env["BIGALIGN_FAULTS"] = faults
+    p = subprocess.run([sys.executable, "-m", "bigalign.cli", *map(str, argv)], env=env,
+                       capture_output=True, text=True, timeout=300, cwd=cwd)
+    if check is not None:
+        assert p.returncode == check, (p.returncode, p.stdout, p.stderr)
+    return p
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    a, b, _ = planted(ROWS, DIM, noise=0.1, offset_a=1.0, seed=5)
+    s = write_zarr(tmp_path / "a.zarr", a, CHUNK)
+    t = write_zarr(tmp_path / "b.zarr", b, CHUNK)
+    tr = bigalign.fit(s, t, center=True, output=str(tmp_path / "t"))
+    return tmp_path, s, t, a, b, tr
+
+
+def snapshot(folder) -> dict:
+    """Every file under ``folder`` with its bytes: proof an input is untouched."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = f.read()
+    return out
+
+
+# ---- 1. outputs and checkpoints never alias inputs ----------------------------------------
+
+SPELLINGS = {
+    "relative": lambda tmp: "./a.zarr",
+    "trailing-slash": lambda tmp: f"{tmp}/a.zarr/",
+    "dot-dot": lambda tmp: f"{tmp}/sub/../a.zarr",
+    "symlink": lambda tmp: f"{tmp}/link.zarr",
+    "file-url": lambda tmp: f"file://{tmp}/a.zarr",
+    "parent-folder": lambda tmp: str(tmp),
+}
+
+
+@pytest.mark.parametrize("spelling", sorted(SPELLINGS))
+def test_apply_output_aliasing_the_source_is_refused(corpus, spelling):
+    tmp, s, _, a, _, _ = corpus
+    os.makedirs(tmp / "sub", exist_ok=True)
+    os.symlink(tmp / "a.zarr", tmp / "link.zarr")
+    before = snapshot(tmp / "a.zarr")
+    r = cli("apply", tmp / "t", s, "-o", SPELLINGS[spelling](tmp), "--overwrite", "-q",
+            check=2, cwd=tmp)
+    assert "never writes over its inputs" in r.stderr
+    assert snapshot(tmp / "a.zarr") == before
+    np.testing.assert_array_equal(zarr.open_array(s)[:], a)
+
+
+@pytest.mark.parametrize("spelling", ["relative", "symlink", "file-url", "trailing-slash"])
+def test_fit_output_aliasing_the_target_is_refused(corpus, spelling):
+    tmp, s, t, _, b, _ = corpus
+    os.symlink(tmp / "a.zarr", tmp / "link.zarr")
+    target_spelling = SPELLINGS[spelling](tmp).replace("a.zarr", "b.zarr")
+    before = snapshot(tmp / "b.zarr")
+    r = cli("fit", s, t, "-o", target_spelling, "--overwrite", "-q", check=2, cwd=tmp)
+    assert "never writes over its inputs" in r.stderr
+    assert snapshot(tmp / "b.zarr") == before
+
+
+def test_checkpoint_inside_or_around_an_input_is_refused(corpus):
+    tmp, s, t, _, _, _ = corpus
+    for ck in (f"{tmp}/a.zarr/progress", str(tmp)):
+        r = cli("fit", s, t, "-o", tmp / "t2", "--checkpoint", ck, "-q", check=2)
+        assert "checkpoint" in r.stderr and "never writes over its inputs" in r.stderr
+    r = cli("apply", tmp / "t", s, "-o", tmp / "o.zarr", "--checkpoint", tmp / "t", "-q",
+            check=2)
+    assert "transform" in r.stderr
+
+
+def test_apply_output_aliasing_the_transform_is_refused(corpus):
+    tmp, s, _, _, _, _ = corpus
+    r = cli("apply", tmp / "t", s, "-o", f"file://{tmp}/t/", "--overwrite", "-q", check=2)
+    assert "never writes over its inputs" in r.stderr
+    assert bigalign.Transform.load(str(tmp / "t")).dims == (DIM, DIM)
+
+
+def test_foreign_output_is_never_deleted_even_with_overwrite(corpus):
+    """--overwrite replaces only what bigalign wrote: a user's array, group or folder at the
+    output location is refused and left as it was."""
+    tmp, s, t, _, _, _ = corpus
+    user = write_zarr(tmp / "user.zarr", np.arange(40, dtype=np.float32).reshape(10, 4), 5)
+    zarr.open_group(str(tmp / "group.zarr"), mode="w").attrs["mine"] = True
+    (tmp / "folder").mkdir()
+    (tmp / "folder" / "notes.txt").write_text("keep me")
+    for out in (user, tmp / "group.zarr", tmp / "folder"):
+        before = snapshot(out)
+        for argv in (["apply", tmp / "t", s], ["fit", s, t]):
+            r = cli(*argv, "-o", out, "--overwrite", "-q", check=2)
+            assert "was not written by bigalign" in r.stderr
+        assert snapshot(out) == before
+
+
+# ---- 2. a shared checkpoint folder is not deleted ------------------------------------------
+
+def test_shared_checkpoint_folder_is_refused_and_kept(corpus):
+    tmp, s, t, _, _, _ = corpus
+    shared = tmp / "progress"
+    shared.mkdir()
+    (shared / "other-job.json").write_text("{}")
+    r = cli("fit", s, t, "-o", tmp / "t2", "--checkpoint", shared, "-q", check=2)
+    assert "holds files bigalign did not write" in r.stderr
+    assert (shared / "other-job.json").exists()
+    # an empty folder is fine; after success only bigalign's files are gone
+    cli("apply", tmp / "t", s, "-o", tmp / "o.zarr", "--checkpoint", tmp / "ck", "-q",
+        check=0)
+    assert not (tmp / "ck").exists()
+
+
+# ---- 3. a stale output is never reused ------------------------------------------------------
+
+def test_stale_output_of_another_run_is_recreated(corpus):
+    """Run A (chunks 250, float32) killed half way; run B (--overwrite, chunks 500, float16)
+    killed after its manifest but before it created its output; B rerun without
+    --overwrite. Before: A's array was reused, regions straddled its chunks and the result
+    was marked complete with NaN rows, A's dtype and A's transform."""
+    tmp, s, _, a, _, tr = corpus
+    out = tmp / "o.zarr"
+    cli("apply", tmp / "t", s, "-o", out, "--block-mb", "0.02", "-q",
+        faults="kill:apply.region-done@5")
+    assert zarr.open_array(str(out)).dtype == np.float32
+    argv = ["apply", tmp / "t", s, "-o", out, "--chunk-rows", "500", "--dtype", "float16",
+            "--block-mb", "0.02", "-q"]
+    killed = cli(*argv, "--overwrite", faults="kill:apply.begun@1")
+    assert killed.returncode == -signal.SIGKILL
+    cli(*argv, check=0)
+    arr = zarr.open_array(str(out))
+    assert arr.dtype == np.float16 and arr.chunks == (500, DIM)
+    assert arr.attrs["bigalign"]["complete"] is True
+    got = arr[:]
+    assert not np.isnan(got).any()
+    np.testing.assert_array_equal(got, tr.transform(a, dtype=np.float16))
+
+
+# ---- 4. statistics of an earlier run are not loaded -----------------------------------------
+
+def test_stale_units_are_recomputed(corpus):
+    """Units of an interrupted fit over rows 0:6000 copied into the checkpoint of a fit over
+    rows 0:4000 (the same unit names): before, n_pairs came out larger than the rows."""
+    tmp, s, t, a, b, _ = corpus
+    big = tmp / "big"
+    cli("fit", s, t, "-o", big, *SMALL, faults="kill:fit.unit-saved@3")
+    stale = {n: (tmp / "big.checkpoint" / "units" / n).read_bytes()
+             for n in os.listdir(tmp / "big.checkpoint" / "units") if n.endswith(".npz")}
+    assert len(stale) >= 3
+    small = tmp / "small"
+    cli("fit", s, t, "-o", small, "--rows", "0:4000", *SMALL, faults="kill:fit.unit-saved@1")
+    for name, raw in stale.items():
+        (tmp / "small.checkpoint" / "units" / name).write_bytes(raw)
+    r = cli("fit", s, t, "-o", small, "--rows", "0:4000", "--block-mb", "0.02", check=0)
+    assert "belongs to run" in r.stderr
+    got = bigalign.Transform.load(str(small))
+    assert got.metadata["n_pairs"] == 4000
+    fresh = bigalign.fit(s, t, rows=(0, 4000), block_bytes=int(0.02 * 2**20))
+    np.testing.assert_array_equal(got.rotation, fresh.rotation)
+
+
+# ---- 5. an input changed in place between a kill and the rerun ------------------------------
+
+def test_input_rewritten_in_place_is_detected(corpus):
+    tmp, s, t, a, b, _ = corpus
+    out = tmp / "t2"
+    cli("fit", s, t, "-o", out, "--center", *SMALL, faults="kill:fit.unit-saved@2")
+    rng = np.random.default_rng(9)
+    q, _ = np.linalg.qr(rng.standard_normal((DIM, DIM)))
+    new_b = (a @ q).astype(np.float32)  # re-embedded: same shape, chunks and dtype
+    time.sleep(0.01)
+    zarr.open_array(t, mode="r+")[:] = new_b
+    r = cli("fit", s, t, "-o", out, "--center", *SMALL, check=2)
+    assert "target.content" in r.stderr and "changed" in r.stderr
+    cli("fit", s, t, "-o", out, "--center", "--restart", *SMALL, check=0)
+    got = bigalign.Transform.load(str(out))
+    fresh = bigalign.fit(s, t, center=True, block_bytes=int(0.02 * 2**20))
+    np.testing.assert_allclose(got.rotation, fresh.rotation, atol=1e-12)
+    np.testing.assert_allclose(got.rotation, q, atol=1e-5)
+
+
+# ---- 6. runs started together ---------------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["apply", "fit"])
+def test_three_runs_started_together(corpus, command):
+    """Three processes on one output at once: one does the work, the others are refused
+    (exit 2, naming the holder) or, started after it finished, find it done (exit 0)."""
+    tmp, s, t, a, _, tr = corpus
+    out = tmp / f"{command}-out"
+    argv = (["apply", tmp / "t", s] if command == "apply" else ["fit", s, t, "--center"]) + \
+        ["-o", out, *SMALL]
+    env = dict(os.environ, BIGALIGN_FAULTS="delay:fit.block@0.05,delay:apply.region-written@0.05")
+    procs = [subprocess.Popen([sys.executable, "-m", "bigalign.cli", *map(str, argv)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes[0] == 0 and set(codes) <= {0, 2}, results
+    for code, err in results:
+        if code == 2:
+            assert "another bigalign run" in err, err
+    if command == "apply":
+        arr = zarr.open_array(str(out))
+        assert arr.attrs["bigalign"]["complete"] is True
+        np.testing.assert_allclose(arr[:], tr.transform(a), rtol=1e-5, atol=1e-6)
+    else:
+        np.testing.assert_allclose(bigalign.Transform.load(str(out)).rotation, tr.rotation,
+                                   atol=1e-6)
+    assert not os.path.exists(f"{out}.checkpoint")
+
+
+# ---- 6b. a run that lost its lease stops ----------------------------------------------------
+
+def test_run_that_lost_its_lease_stops_without_completing(corpus, monkeypatch):
+    tmp, s, _, _, _, _ = corpus
+    out = tmp / "o.zarr"
+    monkeypatch.setenv("BIGALIGN_FAULTS", "delay:apply.region-written@0.1")
+    result = {}
+
+    def run():
+        try:
+            bigalign.apply(str(tmp / "t"), s, str(out), block_bytes=int(0.02 * 2**20),
+                           threads=1)
+        except Exception as e:  # noqa: BLE001 - the test inspects it
+            result["error"] = e
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    job = Job(f"{out}.checkpoint")
+    deadline = time.time() + 60
+    while Lease.newest(job) is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    gen, record = Lease.newest(job)
+    # the first run stalls past its expiry (as a paused VM would); a second takes over
+    record.update(expires=time.time() - 1, machine="elsewhere")
+    (tmp / "o.zarr.checkpoint" / "lease" / f"{gen:012d}.json").write_text(json.dumps(record))
+    with job.lease(ttl=60):
+        worker.join(timeout=120)
+    assert isinstance(result.get("error"), LeaseLostError), result
+    assert bigalign.output_status(str(out))["complete"] is False
+
+
+# ---- 11. reruns of finished jobs ------------------------------------------------------------
+
+def test_finished_jobs_rerun_are_noops_and_changes_are_refused(corpus):
+    tmp, s, t, _, _, _ = corpus
+    fit = ["fit", s, t, "-o", tmp / "t3", "--center", "-q"]
+    cli(*fit, check=0)
+    mtime = os.path.getmtime(tmp / "t3" / "zarr.json")
+    r = cli(*fit[:-1], check=0)
+    assert "already complete with the same inputs and options: nothing to do" in r.stderr
+    assert os.path.getmtime(tmp / "t3" / "zarr.json") == mtime
+    r = cli(*fit, "--scale", check=2)
+    assert "options.scale: False -> True" in r.stderr and "--overwrite" in r.stderr
+    apply = ["apply", tmp / "t3", s, "-o", tmp / "o.zarr", "-q"]
+    cli(*apply, check=0)
+    r = cli(*apply[:-1], check=0)
+    assert "nothing to do" in r.stderr
+    r = cli(*apply, "--renormalize", check=2)
+    assert "options.renormalize: False -> True" in r.stderr
+    # --restart recomputes a finished job of the same inputs (bytes equal)
+    before = zarr.open_array(str(tmp / "o.zarr"))[:]
+    cli(*apply, "--restart", check=0)
+    np.testing.assert_array_equal(zarr.open_array(str(tmp / "o.zarr"))[:], before)
+
+
+def test_python_api_refusals_are_input_errors(corpus):
+    tmp, s, t, _, _, _ = corpus
+    with pytest.raises(InputError, match="never writes over its inputs"):
+        bigalign.apply(str(tmp / "t"), s, f"{tmp}/./a.zarr", overwrite=True)
+    (tmp / "shared").mkdir()
+    (tmp / "shared" / "x").write_text("x")
+    with pytest.raises(CheckpointError, match="did not write"):
+        bigalign.fit(s, t, output=str(tmp / "t4"), checkpoint=str(tmp / "shared"))
