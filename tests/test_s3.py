@@ -72,3 +72,59 @@ def test_cli_storage_options(s3, capsys):
                  "s3://bigalign-test/t2", "-q", *so]) == 0
     assert main(["info", "s3://bigalign-test/t2", "--json", *so]) == 0
     assert '"n_pairs": 500' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("spelling", ["s3://bigalign-test/src.zarr/", "s3a://bigalign-test/src.zarr",
+                                      "s3://bigalign-test//src.zarr", "s3://bigalign-test"])
+def test_output_aliasing_the_source_on_s3_is_refused(s3, spelling):
+    a, b, _ = planted(400, 4, seed=33)
+    zarr.create_array("s3://bigalign-test/src.zarr", data=a, chunks=(100, 4), storage_options=s3,
+                      overwrite=True)
+    zarr.create_array("s3://bigalign-test/tgt.zarr", data=b, chunks=(100, 4), storage_options=s3,
+                      overwrite=True)
+    t = bigalign.fit("s3://bigalign-test/src.zarr", "s3://bigalign-test/tgt.zarr",
+                     storage_options=s3)
+    with pytest.raises(bigalign.InputError, match="never writes over its inputs"):
+        bigalign.apply(t, "s3://bigalign-test/src.zarr", spelling, overwrite=True,
+                       storage_options=s3)
+    np.testing.assert_array_equal(
+        zarr.open_array("s3://bigalign-test/src.zarr", storage_options=s3)[:], a)
+
+
+def test_lease_on_s3_is_a_conditional_create(s3):
+    """Eight runs starting at once against moto's S3 (If-None-Match: *): one wins."""
+    import threading
+    from bigalign.checkpoint import Job
+    from bigalign.errors import CheckpointError
+
+    barrier, results = threading.Barrier(8), []
+
+    def start():
+        job = Job("s3://bigalign-test/race.checkpoint", s3)
+        barrier.wait()
+        try:
+            results.append(("won", job.lease(ttl=60).__enter__()))
+        except CheckpointError as e:
+            results.append(("refused", str(e)))
+
+    threads = [threading.Thread(target=start) for _ in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    winners = [r for r in results if r[0] == "won"]
+    assert len(results) == 8 and len(winners) == 1, results
+    winners[0][1].__exit__(None, None, None)
+
+
+def test_rerun_on_s3_is_a_noop_and_a_rewritten_input_is_detected(s3):
+    a, b, _ = planted(600, 4, seed=34)
+    src, tgt = "s3://bigalign-test/e.zarr", "s3://bigalign-test/f.zarr"
+    zarr.create_array(src, data=a, chunks=(100, 4), storage_options=s3, overwrite=True)
+    zarr.create_array(tgt, data=b, chunks=(100, 4), storage_options=s3, overwrite=True)
+    first = bigalign.fit(src, tgt, output="s3://bigalign-test/t5", storage_options=s3)
+    again = bigalign.fit(src, tgt, output="s3://bigalign-test/t5", storage_options=s3)
+    assert again.metadata["job"] == first.metadata["job"]
+    zarr.open_array(tgt, mode="r+", storage_options=s3)[:] = b[::-1]  # same shape, new data
+    with pytest.raises(bigalign.InputError, match=r"target.content"):
+        bigalign.fit(src, tgt, output="s3://bigalign-test/t5", storage_options=s3)
