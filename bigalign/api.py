@@ -15,7 +15,7 @@ import hashlib
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Optional, Union
 
@@ -54,6 +54,7 @@ class RunReport:
     units_resumed: int
     rows_total: int = 0
     already_complete: bool = False
+    bad_rows: list = field(default_factory=list)
 
     @property
     def rows_per_second(self) -> float:
@@ -286,7 +287,7 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
           workers: Optional[int] = None, memory_limit: Optional[str] = None,
           threads: Optional[int] = None, block_bytes: int = DEFAULT_BLOCK_BYTES,
           progress: bool = False, storage_options: Optional[dict] = None,
-          check_chunks: bool = True) -> RunReport:
+          check_chunks: bool = True, bad_rows: str = "fail") -> RunReport:
     """Map every row of ``source`` (N, dA) with ``transform`` into a new Zarr array
     ``output`` (N, dB): ``y = (x - source_mean) * scale @ rotation + target_mean``.
 
@@ -307,6 +308,11 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
     checkpoint : where done-markers go (default OUTPUT.checkpoint); False records none (the
         output is still marked complete at the end, but a killed run starts over).
     restart : discard recorded progress (and a finished output of the same job) and run anew.
+    bad_rows : "fail" (default) stops at the first source row holding NaN/Inf (or of zero
+        norm when the transform normalises), naming it; "nan" / "zero" write NaN / zero
+        rows for them and go on. Their row numbers are recorded in the output's
+        ``bigalign.bad_rows`` attribute (and ``RunReport.bad_rows``). Not part of the
+        fingerprint: a run stopped by a bad row resumes with ``--bad-rows nan``.
     Returns a :class:`RunReport`.
     """
     t0 = time.perf_counter()
@@ -321,7 +327,7 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
         raise InputError(f"source {src.url!r} has dimension {src.dim} but the transform maps "
                          f"dimension {dim_a}")
     opts = ApplyOptions(dtype, renormalize, target_centred, compression,
-                        int(chunk_rows or src.row_step)).validate()
+                        int(chunk_rows or src.row_step), bad_rows).validate()
     if checkpoint is not False and checkpoint is None:
         checkpoint = default_checkpoint(output)
     ckpt = checkpoint or None
@@ -374,17 +380,19 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
                   transform.output_mean(target_centred), str(output))
         graph, key, tasks = apply_graph(src, out, params, blocks, done=done, job=job,
                                         dtype=opts.dtype, renormalize=renormalize,
-                                        normalize=transform.normalize)
+                                        normalize=transform.normalize, bad_rows=bad_rows)
         mb = apply_task_bytes(plan.rows_per_block, dim_a, dim_b, src.dtype.itemsize,
                               np.dtype(opts.dtype).itemsize) / 2**20
         log.info("apply: %d rows of %d -> %d dims in %d tasks (~%.0f MB per thread)",
                  src.rows, dim_a, dim_b, tasks, mb)
         with session(**run.session_args()) as s:
-            written = s.get(graph, key)
+            written, bad = s.get(graph, key)
         seconds = time.perf_counter() - t0
         faults.point("apply.before-complete")
         if job is not None:  # verify, then complete: every region has this run's marker
-            missing = sorted(set(expected) - job.done_regions(expected))
+            markers = job.region_markers(expected)
+            bad = sorted(i for m in markers.values() for i in m.get("bad_rows", []))
+            missing = sorted(set(expected) - set(markers))
             if missing:
                 raise CheckpointError(f"{len(missing)} of {len(blocks)} regions of {output!r} "
                                       f"are not recorded as written (first: rows "
@@ -393,11 +401,23 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
             job.check_fence()
         # the completion mark goes last: before it, readers see an incomplete output
         attrs = dict(out.attrs.get("bigalign", {}))
+        if bad:
+            log.warning("%d source rows held NaN/Inf%s: written as %s rows (first: %s); "
+                        "their numbers are in the output's bigalign.bad_rows attribute",
+                        len(bad), " or zero norms" if transform.normalize else "",
+                        "NaN" if bad_rows == "nan" else "zero", bad[:5])
         attrs.update(complete=True, rows=src.rows, seconds=seconds,
+                     bad_rows={"policy": bad_rows, "count": len(bad),
+                               "rows": bad[:MAX_BAD_ROWS_LISTED]},
                      job={"run_id": manifest["run_id"], "fingerprint": fingerprint},
                      completed=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         out.attrs["bigalign"] = attrs
-    return RunReport(int(written), seconds, tasks, len(blocks), len(done), src.rows)
+    return RunReport(int(written), seconds, tasks, len(blocks), len(done), src.rows,
+                     bad_rows=bad)
+
+
+#: The output's ``bad_rows`` attribute lists at most this many row numbers (all are counted).
+MAX_BAD_ROWS_LISTED = 100_000
 
 
 def _output_of_run(output, run_id: str, rows: int, dim: int, opts: ApplyOptions, so):

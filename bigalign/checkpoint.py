@@ -351,16 +351,18 @@ class Job:
         return done
 
     # ---- apply regions ------------------------------------------------------------
-    def mark_done(self, index: int, start: int, stop: int) -> None:
-        """Record region ``index`` (rows [start, stop)) as written; call after its data."""
-        info = {"run_id": self.run_id, "start": start, "stop": stop, "t": time.time()}
+    def mark_done(self, index: int, start: int, stop: int, bad: Optional[list] = None) -> None:
+        """Record region ``index`` (rows [start, stop)) as written; call after its data.
+        ``bad``: the global numbers of rows written as NaN/zero (``--bad-rows``)."""
+        info = {"run_id": self.run_id, "start": start, "stop": stop, "t": time.time(),
+                "bad_rows": list(bad or [])}
         self.fenced_put(self._path("done", f"{index:09d}"), json.dumps(info).encode())
 
-    def done_regions(self, expected: dict[int, tuple[int, int]]) -> set[int]:
-        """Regions of ``expected`` (index -> (start, stop)) with a marker of this run for
-        exactly those rows. One listing, then one read per marker found."""
+    def region_markers(self, expected: dict[int, tuple[int, int]]) -> dict[int, dict]:
+        """Markers of ``expected`` regions (index -> (start, stop)) written by this run for
+        exactly those rows: index -> marker. One listing, then one read per marker."""
         names = {n for n in self._list("done") if n.isdigit()}
-        done = set()
+        found = {}
         for index, (start, stop) in expected.items():
             if f"{index:09d}" not in names:
                 continue
@@ -370,8 +372,12 @@ class Job:
                 continue
             if info.get("run_id") == self.run_id and \
                     [info.get("start"), info.get("stop")] == [start, stop]:
-                done.add(index)
-        return done
+                found[index] = info
+        return found
+
+    def done_regions(self, expected: dict[int, tuple[int, int]]) -> set[int]:
+        """Regions of ``expected`` with a marker of this run (see :meth:`region_markers`)."""
+        return set(self.region_markers(expected))
 
     # ---- progress in flight -------------------------------------------------------
     def summary(self) -> Optional[dict]:

@@ -88,27 +88,48 @@ def merge_task(*parts: Moments) -> Moments:
 
 def region_task(source: EmbeddingArray, output, params: tuple, start: int, stop: int,
                 index: int, job: Optional[Job], dtype: str, renormalize: bool,
-                normalize: bool) -> int:
+                normalize: bool, bad_rows: str = "fail") -> tuple[int, list[int]]:
     """Map source rows [start, stop) and write them as whole output chunks; then record the
     region as done (the marker is written after the data, never before). Both writes are
-    fenced: a run that lost its lease raises instead of writing."""
+    fenced: a run that lost its lease raises instead of writing.
+
+    ``bad_rows``: "fail" raises NonFiniteError at a NaN/Inf row (or a zero-norm row when
+    the transform normalises); "nan" / "zero" write NaN / zero rows for them instead.
+    Returns (rows written, global numbers of the bad rows)."""
     matrix, source_mean, target_mean, url = params
     x = _read(source, start, stop, "source")
+    bad = _bad_rows(x, normalize) if bad_rows != "fail" else None
+    if bad is not None:
+        x[bad] = 1.0  # any finite, non-zero row: its output is replaced below
     y = map_rows(x, matrix, source_mean, target_mean, normalize=normalize,
                  renormalize=renormalize, dtype=dtype, start=start, inplace=True,
                  out=buffer("mapped", stop - start, matrix.shape[1], matrix.dtype))
+    if bad is not None:
+        y[bad] = np.nan if bad_rows == "nan" else 0
+    found = [] if bad is None else [start + int(i) for i in bad]
     if job is not None:
         job.check_fence()
     write_rows(output, start, y, url=url)
     faults.point("apply.region-written")
     if job is not None:
-        job.mark_done(index, start, stop)
+        job.mark_done(index, start, stop, bad=found)
         faults.point("apply.region-done")
-    return stop - start
+    return stop - start, found
 
 
-def count_task(*rows: int) -> int:
-    return int(sum(rows))
+def _bad_rows(x: np.ndarray, normalize: bool) -> Optional[np.ndarray]:
+    """Indices of rows holding NaN/Inf (or of zero norm when rows are normalised), or None:
+    one extra pass over the block, made only when bad rows are tolerated."""
+    ok = np.isfinite(x).all(axis=1)
+    if normalize:
+        ok &= np.einsum("ij,ij->i", x, x, dtype=np.float64) > 0
+    return None if ok.all() else np.flatnonzero(~ok)
+
+
+def count_task(*results: tuple[int, list[int]]) -> tuple[int, list[int]]:
+    """(rows written, bad rows) summed over regions."""
+    return (int(sum(r[0] for r in results)),
+            sorted(i for r in results for i in r[1]))
 
 
 # ---- graph builders ----------------------------------------------------------------------
@@ -166,9 +187,10 @@ def fit_graph(source: EmbeddingArray, target: EmbeddingArray, plan: FitPlan, *,
 
 def apply_graph(source: EmbeddingArray, output, params: tuple, blocks: list[Block], *,
                 done: set[int] = frozenset(), job: Optional[Job] = None,
-                dtype: str = "float32", renormalize: bool = False, normalize: bool = False):
-    """Graph whose key holds the number of rows written; one task per block not in ``done``.
-    Returns (graph, key, number of region tasks)."""
+                dtype: str = "float32", renormalize: bool = False, normalize: bool = False,
+                bad_rows: str = "fail"):
+    """Graph whose key holds (rows written, bad row numbers); one task per block not in
+    ``done``. Returns (graph, key, number of region tasks)."""
     token = uuid.uuid4().hex[:12]
     src, out, par = (f"bigalign-source-{token}", f"bigalign-output-{token}",
                      f"bigalign-params-{token}")
@@ -179,7 +201,7 @@ def apply_graph(source: EmbeddingArray, output, params: tuple, blocks: list[Bloc
             continue
         key = (f"bigalign-region-{token}", b.index)
         graph[key] = (region_task, src, out, par, b.start, b.stop, b.index, job,
-                      dtype, renormalize, normalize)
+                      dtype, renormalize, normalize, bad_rows)
         keys.append(key)
     total = f"bigalign-written-{token}"
     graph[total] = (count_task, *keys)

@@ -305,3 +305,30 @@ def test_python_api_refusals_are_input_errors(corpus):
     (tmp / "shared" / "x").write_text("x")
     with pytest.raises(CheckpointError, match="did not write"):
         bigalign.fit(s, t, output=str(tmp / "t4"), checkpoint=str(tmp / "shared"))
+
+
+# ---- --bad-rows: one NaN row does not doom a long apply -------------------------------------
+
+@pytest.mark.parametrize("policy", ["nan", "zero"])
+def test_bad_rows_policy_resumes_a_run_stopped_by_a_nan_row(tmp_path, policy):
+    a, b, _ = planted(2000, 4, seed=8)
+    tr = bigalign.fit(write_zarr(tmp_path / "fa.zarr", a, 100),
+                      write_zarr(tmp_path / "fb.zarr", b, 100), center=True)
+    a[1234, 1] = np.nan
+    a[1500, 0] = np.inf
+    s = write_zarr(tmp_path / "a.zarr", a, 100)
+    out = str(tmp_path / "o.zarr")
+    with pytest.raises(bigalign.NonFiniteError, match="source row (1234|1500) holds NaN"):
+        bigalign.apply(tr, s, out, block_bytes=2000, threads=1)
+    rep = bigalign.apply(tr, s, out, block_bytes=2000, bad_rows=policy)
+    assert rep.units_resumed > 0 and rep.bad_rows == [1234, 1500]
+    arr = zarr.open_array(out)
+    assert arr.attrs["bigalign"]["bad_rows"] == {"policy": policy, "count": 2,
+                                                 "rows": [1234, 1500]}
+    got, ok = arr[:], np.ones(2000, bool)
+    ok[[1234, 1500]] = False
+    np.testing.assert_allclose(got[ok], tr.transform(a[ok]), rtol=1e-5, atol=1e-6)
+    if policy == "nan":
+        assert np.isnan(got[~ok]).all()
+    else:
+        assert (got[~ok] == 0).all()
