@@ -197,8 +197,10 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
                                   f"{stop - start} rows; rerun with --restart")
         seconds = time.perf_counter() - t0
         transform = _solve(moments, src, tgt, start, stop, opts, gram)
-        transform.metadata["run"] = {
-            "seconds": seconds, "rows_per_second": (stop - start) / seconds,
+        computed = sum(b - a for u, (a, b) in plan.unit_rows().items() if u not in done)
+        transform.metadata["run"] = {  # the rate counts rows read by this run only
+            "seconds": seconds, "rows": computed,
+            "rows_per_second": computed / seconds if computed else None,
             "tasks": tasks, "units": len(units), "units_resumed": len(done)}
         transform.metadata["job"] = {"run_id": manifest["run_id"],
                                      "fingerprint": _transform_fingerprint(fingerprint, opts)}
