@@ -11,9 +11,12 @@ and options is a no-op, and a changed one is refused naming what changed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
+import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -29,6 +32,7 @@ from .errors import CheckpointError, InputError
 from .locations import check_disjoint
 from .options import ApplyOptions, Execution, FitOptions
 from .outputs import check_replaceable
+from .pairing import GatherReport, gather, join, sample_pairs, store_parts
 from .plan import (DEFAULT_BLOCK_BYTES, ApplyPlan, FitPlan, apply_task_bytes, fit_task_bytes,
                    make_apply_plan, make_fit_plan)
 from .solve import discrepancy, paper_bound, procrustes
@@ -98,7 +102,10 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
         workers: Optional[int] = None, memory_limit: Optional[str] = None,
         threads: Optional[int] = None, block_bytes: int = DEFAULT_BLOCK_BYTES,
         progress: bool = False, storage_options: Optional[dict] = None,
-        check_chunks: bool = True, fan_in: Optional[int] = None) -> Transform:
+        check_chunks: bool = True, fan_in: Optional[int] = None, pair_by: str = "auto",
+        duplicates: str = "error", sample: Optional[int] = None, seed: int = 0,
+        source_model: Optional[str] = None, target_model: Optional[str] = None,
+        scratch: Optional[str] = None) -> Transform:
     """Fit an orthogonal map from paired rows of ``source`` (N, dA) to ``target`` (N, dB).
 
     One streaming pass reads each chunk once and accumulates float64 statistics; one SVD of
@@ -106,8 +113,18 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
 
     Parameters
     ----------
-    source, target : Zarr arrays (path, fsspec URL or zarr.Array), float16/32/64, row i of
-        ``source`` paired with row i of ``target``.
+    source, target : Zarr arrays (path, fsspec URL or zarr.Array), float16/32/64, or
+        embedding stores (Zarr groups holding ``embeddings``, optionally ``ids`` and a
+        ``model`` attribute).
+    pair_by : "rows" (row i with row i), "ids" (rows with equal ids, an inner join; both
+        inputs must be stores with ids) or "auto" (ids when both have them, else rows).
+    duplicates : with ids, "error" (default) refuses ids that occur twice on a side;
+        "first" / "last" keep the first / last row of each id.
+    sample, seed : with ids, fit on a reproducible random subset of ``sample`` pairs.
+    source_model, target_model : model names stamped on the transform (default: the
+        stores' ``model`` attributes); ``apply`` refuses sources of another model.
+    scratch : folder for the gathered pairs of a fit by id (default: the system's temporary
+        folder); it needs pairs x (dA + dB) x itemsize bytes, and is removed after.
     rows : (start, stop) or "START:STOP": fit on this contiguous row range only.
     center : remove each side's mean first (recommended whenever a model's vectors share a
         common offset, which real models often do; see README).
@@ -134,10 +151,40 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
     t0 = time.perf_counter()
     so = storage_options
     run = Execution(scheduler, workers, memory_limit, threads, block_bytes, progress)
-    src = open_embeddings(source, side="source", storage_options=so, check_chunks=check_chunks)
-    tgt = open_embeddings(target, side="target", storage_options=so, check_chunks=check_chunks)
-    validate_pair(src, tgt)
-    start, stop = parse_rows(rows, src.rows)
+    src_url, src_ids, src_model = store_parts(source, so)
+    tgt_url, tgt_ids, tgt_model = store_parts(target, so)
+    src = open_embeddings(src_url, side="source", storage_options=so, check_chunks=check_chunks)
+    tgt = open_embeddings(tgt_url, side="target", storage_options=so, check_chunks=check_chunks)
+    models = {"source_model": source_model or src_model, "target_model": target_model or tgt_model}
+    if pair_by not in ("auto", "rows", "ids"):
+        raise InputError(f"--pair-by must be auto, rows or ids, got {pair_by!r}")
+    by_ids = pair_by == "ids" or (pair_by == "auto" and src_ids is not None and
+                                  tgt_ids is not None)
+    if by_ids:
+        if src_ids is None or tgt_ids is None:
+            raise InputError("--pair-by ids needs both inputs to be embedding stores with ids "
+                             f"(source: {'ids' if src_ids is not None else 'no ids'}, target: "
+                             f"{'ids' if tgt_ids is not None else 'no ids'})")
+        if rows is not None:
+            raise InputError("--rows selects row-aligned pairs; with ids use --sample")
+    else:
+        validate_pair(src, tgt)
+        if sample is not None:
+            raise InputError("--sample needs pairs by id (--pair-by ids)")
+    fingerprints = {"source": src.fingerprint(), "target": tgt.fingerprint()}
+    pairs = None
+    if by_ids:
+        pairs = join(src_ids, tgt_ids, duplicates=duplicates)
+        if sample is not None:
+            pairs = sample_pairs(pairs, int(sample), seed)
+        log.info("paired by id: %d pairs; %d source and %d target ids unmatched%s",
+                 pairs.matched, pairs.source_only, pairs.target_only,
+                 f"; sampled {pairs.matched} (seed {seed})" if sample else "")
+        if scheduler or workers:
+            log.warning("a fit by id reads its gathered pairs from local scratch: it runs "
+                        "in this process, not on the cluster")
+            run = Execution(None, None, None, threads, block_bytes, progress)
+    start, stop = (0, pairs.matched) if pairs is not None else parse_rows(rows, src.rows)
     dim_a, dim_b = src.dim, tgt.dim
     opts = FitOptions(center, normalize, scale, reflection, diagnostics,
                       precision).resolve(src.dtype, tgt.dtype)
@@ -149,10 +196,13 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
         checkpoint = default_checkpoint(output)
     check_disjoint({"source": source, "target": target},
                    {"output": output, "checkpoint": checkpoint}, so)
-    fingerprint = {"source": src.fingerprint(), "target": tgt.fingerprint(),
-                   "rows": [start, stop],
-                   "options": {"normalize": normalize, "gram": gram,
-                               "precision": opts.precision}}
+    fingerprint = dict(fingerprints, rows=[start, stop],
+                       options={"normalize": normalize, "gram": gram,
+                                "precision": opts.precision})
+    if pairs is not None:
+        fingerprint["pairs"] = {"by": "ids", "duplicates": duplicates, "sample": sample,
+                                "seed": seed, "matched": pairs.matched,
+                                "sha256": pairs.digest()}
     if output is not None:
         node = check_replaceable(output, "output", so)
         if node.kind == "transform":
@@ -168,6 +218,36 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
                                                        Job(checkpoint, so).exists()):
             raise InputError(f"output {output!r} is an unfinished transform with no recorded "
                              "progress; pass --overwrite to replace it")
+    with _gathered(pairs, src, tgt, scratch) as (src, tgt):
+        return _fit_job(src, tgt, start, stop, opts, gram, fingerprint, fingerprints, models,
+                        pairs, output, checkpoint, overwrite, restart, keep_checkpoint, run,
+                        fan_in, so, t0)
+
+
+@contextlib.contextmanager
+def _gathered(pairs, src, tgt, scratch):
+    """For a fit by id: the paired rows of both sides gathered (each needed chunk read
+    once) into memory-mapped scratch files, as row-aligned inputs; removed afterwards.
+    Without pairs: the inputs themselves."""
+    if pairs is None:
+        yield src, tgt
+        return
+    from .evaluate import ArrayRows
+
+    with tempfile.TemporaryDirectory(prefix="bigalign-pairs-", dir=scratch) as tmp:
+        reports = (GatherReport(), GatherReport())
+        a = gather(src, pairs.source_rows, os.path.join(tmp, "source.npy"), report=reports[0])
+        b = gather(tgt, pairs.target_rows, os.path.join(tmp, "target.npy"), report=reports[1])
+        log.info("gathered %d pairs: %d source and %d target chunks read", pairs.matched,
+                 reports[0].chunks_read, reports[1].chunks_read)
+        yield ArrayRows(a, "source"), ArrayRows(b, "target")
+        del a, b
+
+
+def _fit_job(src, tgt, start, stop, opts, gram, fingerprint, fingerprints, models, pairs,
+             output, checkpoint, overwrite, restart, keep_checkpoint, run, fan_in, so, t0):
+    """The checkpointed fit of rows [start, stop) of two row-aligned inputs."""
+    dim_a, dim_b = src.dim, tgt.dim
     plan = make_fit_plan(start, stop, (src.row_step, tgt.row_step), (dim_a, dim_b),
                          (src.dtype.itemsize, tgt.dtype.itemsize), gram, run.block_bytes)
     if not plan.aligned:
@@ -188,15 +268,18 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
                  stop - start, dim_a, dim_b, len(plan.blocks()), mb,
                  f", progress saved in {len(units)} units" if job else "")
         graph, key, tasks = fit_graph(src, tgt, plan, done=done, job=job,
-                                      normalize=normalize, gram=gram, dtype=opts.precision,
-                                      fan_in=fan_in)
+                                      normalize=opts.normalize, gram=gram,
+                                      dtype=opts.precision, fan_in=fan_in)
         with session(**run.session_args()) as s:
             moments = s.get(graph, key)
         if moments.n != stop - start:  # verify before anything is marked finished
             raise CheckpointError(f"the merged statistics hold {moments.n} pairs for "
                                   f"{stop - start} rows; rerun with --restart")
         seconds = time.perf_counter() - t0
-        transform = _solve(moments, src, tgt, start, stop, opts, gram)
+        transform = _solve(moments, (dim_a, dim_b), fingerprints, start, stop, opts, gram)
+        transform.metadata.update({k: v for k, v in models.items() if v})
+        if pairs is not None:
+            transform.metadata["pairs"] = pairs.summary()
         computed = sum(b - a for u, (a, b) in plan.unit_rows().items() if u not in done)
         transform.metadata["run"] = {  # the rate counts rows read by this run only
             "seconds": seconds, "rows": computed,
@@ -220,10 +303,10 @@ def _transform_fingerprint(fingerprint: dict, opts: FitOptions) -> dict:
     return dict(fingerprint, options=dict(fingerprint["options"], **opts.as_dict()))
 
 
-def _solve(moments, src, tgt, start, stop, opts: FitOptions, gram: bool) -> Transform:
+def _solve(moments, dims, inputs: dict, start, stop, opts: FitOptions, gram: bool) -> Transform:
     sol = procrustes(moments, center=opts.center, scale=opts.scale,
                      reflection=opts.reflection)
-    dim_a, dim_b = src.dim, tgt.dim
+    dim_a, dim_b = dims
     meta = {
         "n_pairs": int(moments.n), "dims": [dim_a, dim_b], "rows": [start, stop],
         "residual": sol.residual, "relative_residual": sol.relative_residual,
@@ -233,7 +316,7 @@ def _solve(moments, src, tgt, start, stop, opts: FitOptions, gram: bool) -> Tran
                             "sum": float(sol.singular_values.sum())},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "bigalign_version": __version__,
-        "inputs": {"source": src.fingerprint(), "target": tgt.fingerprint()},
+        "inputs": inputs,
     }
     if gram:
         eps = discrepancy(moments, center=opts.center)
@@ -289,7 +372,8 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
           workers: Optional[int] = None, memory_limit: Optional[str] = None,
           threads: Optional[int] = None, block_bytes: int = DEFAULT_BLOCK_BYTES,
           progress: bool = False, storage_options: Optional[dict] = None,
-          check_chunks: bool = True, bad_rows: str = "fail") -> RunReport:
+          check_chunks: bool = True, bad_rows: str = "fail", rows=None,
+          allow_model_mismatch: bool = False) -> RunReport:
     """Map every row of ``source`` (N, dA) with ``transform`` into a new Zarr array
     ``output`` (N, dB): ``y = (x - source_mean) * scale @ rotation + target_mean``.
 
@@ -315,6 +399,11 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
         rows for them and go on. Their row numbers are recorded in the output's
         ``bigalign.bad_rows`` attribute (and ``RunReport.bad_rows``). Not part of the
         fingerprint: a run stopped by a bad row resumes with ``--bad-rows nan``.
+    rows : "START:STOP" or (start, stop): map only these source rows; the output then holds
+        STOP - START rows (output row r is source row START + r).
+    allow_model_mismatch : map a source store stamped with another model than the one the
+        transform was fitted from (refused by default: same-dimension models would be mixed
+        silently).
     Returns a :class:`RunReport`.
     """
     t0 = time.perf_counter()
@@ -323,11 +412,19 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
     transform_url = None if isinstance(transform, Transform) else transform
     if transform_url is not None:
         transform = Transform.load(transform_url, storage_options=so)
-    src = open_embeddings(source, side="source", storage_options=so, check_chunks=check_chunks)
+    src_url, _, src_model = store_parts(source, so)
+    src = open_embeddings(src_url, side="source", storage_options=so, check_chunks=check_chunks)
     dim_a, dim_b = transform.dims
     if src.dim != dim_a:
         raise InputError(f"source {src.url!r} has dimension {src.dim} but the transform maps "
                          f"dimension {dim_a}")
+    fitted_from = transform.metadata.get("source_model")
+    if src_model and fitted_from and src_model != fitted_from and not allow_model_mismatch:
+        raise InputError(f"source {str(source)!r} was embedded with {src_model!r}, but the "
+                         f"transform maps vectors of {fitted_from!r}; mapping them would mix "
+                         "two models' vectors. Pass --allow-model-mismatch if that is "
+                         "really intended.")
+    first, last = parse_rows(rows, src.rows)
     opts = ApplyOptions(dtype, renormalize, target_centred, compression,
                         int(chunk_rows or src.row_step), bad_rows).validate()
     if checkpoint is not False and checkpoint is None:
@@ -336,13 +433,14 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
     check_disjoint({"source": source, "transform": transform_url},
                    {"output": output, "checkpoint": ckpt}, so)
     fingerprint = {"source": src.fingerprint(), "transform": _transform_digest(transform),
+                   "rows": [first, last],
                    "options": {k: v for k, v in opts.as_dict().items() if k != "bad_rows"}}
     node = check_replaceable(output, "output", so)
     if node.kind == "apply-output" and node.complete:
         if _finished_or_refuse(node, fingerprint, output, overwrite, restart, ckpt, so):
             log.warning("%s is already complete with the same inputs and options: nothing "
                         "to do", output)
-            return RunReport(0, time.perf_counter() - t0, 0, 0, 0, src.rows, True)
+            return RunReport(0, time.perf_counter() - t0, 0, 0, 0, last - first, True)
     elif node.kind == "apply-output" and not (overwrite or restart or
                                               (ckpt and Job(ckpt, so).exists())):
         raise InputError(f"output {output!r} exists, is incomplete and has no recorded "
@@ -351,8 +449,8 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
         raise InputError(f"output {output!r} already exists (a transform; pass --overwrite "
                          "to replace it)")
     row_bytes = src.row_bytes + dim_b * np.dtype(opts.dtype).itemsize
-    plan = make_apply_plan(src.rows, opts.chunk_rows, src.row_step, row_bytes,
-                           run.block_bytes)
+    plan = make_apply_plan(last - first, opts.chunk_rows, src.row_step, row_bytes,
+                           run.block_bytes, offset=first)
     if not plan.aligned:
         log.warning("source chunks (%d rows) and output chunks (%d rows) share no small "
                     "common multiple: some source chunks are read twice", src.row_step,
@@ -362,18 +460,20 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
         plan = ApplyPlan(**manifest["plan"])
         blocks, expected = plan.blocks(), plan.region_rows()
         faults.point("apply.begun")
-        out = _output_of_run(output, manifest["run_id"], src.rows, dim_b, opts, so)
+        out = _output_of_run(output, manifest["run_id"], plan.rows, dim_b, opts, so)
         if out is None:  # absent, or not this run's: (re)create it, forget its markers
             if job is not None:
                 job.check_fence()
                 job.clear_markers()
-            out = create_output(output, rows=src.rows, dim=dim_b, chunk_rows=opts.chunk_rows,
+            out = create_output(output, rows=plan.rows, dim=dim_b, chunk_rows=opts.chunk_rows,
                                 dtype=opts.dtype, compression=opts.compression,
                                 overwrite=True, storage_options=so,
                                 attributes={"bigalign": {
                                     "complete": False, "run_id": manifest["run_id"],
                                     "transform": fingerprint["transform"],
-                                    "source": src.url, "target_centred": target_centred}})
+                                    "source": src.url, "source_rows": [first, last],
+                                    "target_centred": target_centred,
+                                    "model": transform.metadata.get("target_model")}})
             done: set[int] = set()
         else:
             done = job.done_regions(expected) if job is not None else set()
@@ -382,11 +482,12 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
                   transform.output_mean(target_centred), str(output))
         graph, key, tasks = apply_graph(src, out, params, blocks, done=done, job=job,
                                         dtype=opts.dtype, renormalize=renormalize,
-                                        normalize=transform.normalize, bad_rows=bad_rows)
+                                        normalize=transform.normalize, bad_rows=bad_rows,
+                                        offset=plan.offset)
         mb = apply_task_bytes(plan.rows_per_block, dim_a, dim_b, src.dtype.itemsize,
                               np.dtype(opts.dtype).itemsize) / 2**20
         log.info("apply: %d rows of %d -> %d dims in %d tasks (~%.0f MB per thread)",
-                 src.rows, dim_a, dim_b, tasks, mb)
+                 plan.rows, dim_a, dim_b, tasks, mb)
         with session(**run.session_args()) as s:
             written, bad = s.get(graph, key)
         seconds = time.perf_counter() - t0
@@ -408,13 +509,13 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
                         "their numbers are in the output's bigalign.bad_rows attribute",
                         len(bad), " or zero norms" if transform.normalize else "",
                         "NaN" if bad_rows == "nan" else "zero", bad[:5])
-        attrs.update(complete=True, rows=src.rows, seconds=seconds,
+        attrs.update(complete=True, rows=plan.rows, seconds=seconds,
                      bad_rows={"policy": bad_rows, "count": len(bad),
                                "rows": bad[:MAX_BAD_ROWS_LISTED]},
                      job={"run_id": manifest["run_id"], "fingerprint": fingerprint},
                      completed=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         out.attrs["bigalign"] = attrs
-    return RunReport(int(written), seconds, tasks, len(blocks), len(done), src.rows,
+    return RunReport(int(written), seconds, tasks, len(blocks), len(done), plan.rows,
                      bad_rows=bad)
 
 

@@ -88,25 +88,27 @@ def merge_task(*parts: Moments) -> Moments:
 
 def region_task(source: EmbeddingArray, output, params: tuple, start: int, stop: int,
                 index: int, job: Optional[Job], dtype: str, renormalize: bool,
-                normalize: bool, bad_rows: str = "fail") -> tuple[int, list[int]]:
-    """Map source rows [start, stop) and write them as whole output chunks; then record the
+                normalize: bool, bad_rows: str = "fail",
+                offset: int = 0) -> tuple[int, list[int]]:
+    """Map source rows [offset + start, offset + stop) and write them as output rows
+    [start, stop), whole output chunks; then record the
     region as done (the marker is written after the data, never before). Both writes are
     fenced: a run that lost its lease raises instead of writing.
 
     ``bad_rows``: "fail" raises NonFiniteError at a NaN/Inf row (or a zero-norm row when
     the transform normalises); "nan" / "zero" write NaN / zero rows for them instead.
-    Returns (rows written, global numbers of the bad rows)."""
+    Returns (rows written, source row numbers of the bad rows)."""
     matrix, source_mean, target_mean, url = params
-    x = _read(source, start, stop, "source")
+    x = _read(source, offset + start, offset + stop, "source")
     bad = _bad_rows(x, normalize) if bad_rows != "fail" else None
     if bad is not None:
         x[bad] = 1.0  # any finite, non-zero row: its output is replaced below
     y = map_rows(x, matrix, source_mean, target_mean, normalize=normalize,
-                 renormalize=renormalize, dtype=dtype, start=start, inplace=True,
+                 renormalize=renormalize, dtype=dtype, start=offset + start, inplace=True,
                  out=buffer("mapped", stop - start, matrix.shape[1], matrix.dtype))
     if bad is not None:
         y[bad] = np.nan if bad_rows == "nan" else 0
-    found = [] if bad is None else [start + int(i) for i in bad]
+    found = [] if bad is None else [offset + start + int(i) for i in bad]
     if job is not None:
         job.check_fence()
     write_rows(output, start, y, url=url)
@@ -188,9 +190,10 @@ def fit_graph(source: EmbeddingArray, target: EmbeddingArray, plan: FitPlan, *,
 def apply_graph(source: EmbeddingArray, output, params: tuple, blocks: list[Block], *,
                 done: set[int] = frozenset(), job: Optional[Job] = None,
                 dtype: str = "float32", renormalize: bool = False, normalize: bool = False,
-                bad_rows: str = "fail"):
-    """Graph whose key holds (rows written, bad row numbers); one task per block not in
-    ``done``. Returns (graph, key, number of region tasks)."""
+                bad_rows: str = "fail", offset: int = 0):
+    """Graph whose key holds (rows written, bad row numbers); one task per block (output
+    rows; source rows ``offset`` later) not in ``done``. Returns (graph, key, number of
+    region tasks)."""
     token = uuid.uuid4().hex[:12]
     src, out, par = (f"bigalign-source-{token}", f"bigalign-output-{token}",
                      f"bigalign-params-{token}")
@@ -201,7 +204,7 @@ def apply_graph(source: EmbeddingArray, output, params: tuple, blocks: list[Bloc
             continue
         key = (f"bigalign-region-{token}", b.index)
         graph[key] = (region_task, src, out, par, b.start, b.stop, b.index, job,
-                      dtype, renormalize, normalize, bad_rows)
+                      dtype, renormalize, normalize, bad_rows, offset)
         keys.append(key)
     total = f"bigalign-written-{token}"
     graph[total] = (count_task, *keys)

@@ -198,13 +198,15 @@ class FitPlan:
 
 @dataclass(frozen=True)
 class ApplyPlan:
-    """Rows [0, rows) in regions of ``rows_per_block`` (one task each, whole output chunks:
-    boundaries on multiples of ``step``)."""
+    """Output rows [0, rows) in regions of ``rows_per_block`` (one task each, whole output
+    chunks: boundaries on multiples of ``step``). Output row r is source row
+    ``offset + r`` (``apply --rows START:STOP`` maps a slice)."""
 
     rows: int
     step: int
     rows_per_block: int
     aligned: bool = True
+    offset: int = 0
 
     def blocks(self) -> list[Block]:
         return plan_blocks(0, self.rows, self.step, self.rows_per_block)
@@ -237,10 +239,12 @@ def make_fit_plan(start: int, stop: int, steps: tuple[int, int], dims: tuple[int
 
 
 def make_apply_plan(rows: int, chunk_rows: int, source_step: int, row_bytes: int,
-                    block_bytes: int = DEFAULT_BLOCK_BYTES) -> ApplyPlan:
-    """Plan an apply of ``rows`` rows: regions of whole output chunks (``chunk_rows``),
-    on source chunk boundaries too where the two share a small common multiple.
+                    block_bytes: int = DEFAULT_BLOCK_BYTES, offset: int = 0) -> ApplyPlan:
+    """Plan an apply of ``rows`` rows starting at source row ``offset``: regions of whole
+    output chunks (``chunk_rows``), on source chunk boundaries too where the two share a
+    small common multiple (and ``offset`` falls on a source chunk boundary).
     ``row_bytes``: bytes read plus written per row."""
     step, aligned = common_step([chunk_rows, source_step], row_bytes, block_bytes)
+    aligned = aligned and offset % source_step == 0
     return ApplyPlan(rows, step, choose_block_rows(rows, step, row_bytes, block_bytes,
-                                                   MIN_BLOCKS), aligned)
+                                                   MIN_BLOCKS), aligned, offset)

@@ -1,0 +1,217 @@
+"""Pairing rows of two embedding stores by id, and gathering the paired rows.
+
+A real migration rarely has row-aligned inputs: the old model's corpus is a billion vectors
+with ids; the new model was run on a sample of a few million of them, in its own order. The
+fit then needs pairs (source row, target row) with equal ids:
+
+1. :func:`join`: an inner join of the two id columns with polars (ids are read chunk by
+   chunk into Arrow-backed columns: 10^8 ids never become 10^8 Python objects), duplicate
+   ids refused unless ``duplicates="first"|"last"``, pairs sorted by source row;
+2. :func:`sample_pairs`: optionally a reproducible random subset;
+3. :func:`gather`: the paired rows of one side, in pair order, into a local scratch file.
+   Rows are read in *storage order*, each stored chunk that holds a needed row once (not
+   once per pair), by a pool of threads; the scratch is a memory-mapped ``.npy`` of
+   pairs x d, so memory stays bounded by one read per thread.
+
+The fit then runs unchanged on the two gathered arrays: a fit by id *is* a fit on the
+explicitly joined pairs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from .errors import InputError
+
+__all__ = ["Pairs", "store_parts", "join", "sample_pairs", "gather", "GatherReport",
+           "DUPLICATES"]
+
+DUPLICATES = ("error", "first", "last")
+
+
+@dataclass(frozen=True, eq=False)
+class Pairs:
+    """Matched rows: ``source_rows`` (n,) int64 ascending, ``target_rows`` (n,) int64,
+    row i of the one paired with row i of the other. Counts: ``matched`` (n),
+    ``source_only`` / ``target_only`` (ids found on one side only), ``duplicates``
+    (ids dropped per side under duplicates="first"/"last")."""
+
+    source_rows: np.ndarray
+    target_rows: np.ndarray
+    source_only: int = 0
+    target_only: int = 0
+    duplicates: dict = field(default_factory=dict)
+
+    @property
+    def matched(self) -> int:
+        return int(len(self.source_rows))
+
+    def digest(self) -> str:
+        """SHA-256 of the pairing (both row arrays): identifies it in fingerprints."""
+        h = hashlib.sha256()
+        h.update(np.ascontiguousarray(self.source_rows, dtype="<i8").tobytes())
+        h.update(np.ascontiguousarray(self.target_rows, dtype="<i8").tobytes())
+        return h.hexdigest()
+
+    def summary(self) -> dict:
+        return {"matched": self.matched, "source_only": self.source_only,
+                "target_only": self.target_only, "duplicates_dropped": dict(self.duplicates),
+                "pairs_sha256": self.digest()}
+
+
+def _ids_frame(ids, side: str, chunk_rows: Optional[int] = None):
+    """polars DataFrame {id, row} of an ids array (zarr or numpy), read a chunk at a time
+    so that string ids go straight into Arrow buffers."""
+    import polars as pl
+
+    n = int(ids.shape[0])
+    step = int(chunk_rows or (ids.chunks[0] if hasattr(ids, "chunks") else n) or 1)
+    step = max(step, 1 << 16)
+    parts = []
+    for start in range(0, n, step):
+        values = np.asarray(ids[start:start + step])
+        if values.dtype.kind in "iu":
+            col = pl.Series("id", values.astype(np.int64, copy=False))
+        elif values.dtype.kind in "TUSO":
+            col = pl.Series("id", values.astype(str) if values.dtype.kind != "T" else values,
+                            dtype=pl.String)
+        else:
+            raise InputError(f"{side} ids: dtype {values.dtype} is neither integer nor string")
+        if col.null_count():
+            raise InputError(f"{side} ids: {col.null_count()} missing ids in rows "
+                             f"{start}:{start + len(values)}")
+        parts.append(pl.DataFrame({"id": col,
+                                   "row": np.arange(start, start + len(values), dtype=np.int64)}))
+    if not parts:
+        raise InputError(f"{side} ids: empty")
+    return pl.concat(parts, rechunk=False)
+
+
+def _dedupe(frame, side: str, duplicates: str):
+    import polars as pl
+
+    if duplicates not in DUPLICATES:
+        raise InputError(f"--duplicates must be one of {', '.join(DUPLICATES)}, got "
+                         f"{duplicates!r}")
+    dup = frame.filter(pl.col("id").is_duplicated())
+    if dup.height == 0:
+        return frame, 0
+    if duplicates == "error":
+        first = dup.sort("row").row(0, named=True)
+        raise InputError(f"{side} ids: {dup['id'].n_unique()} ids occur more than once "
+                         f"({dup.height} rows; first: id {first['id']!r} at row {first['row']}). "
+                         "Pass --duplicates first|last to keep one row per id.")
+    kept = frame.sort("row").unique(subset="id", keep=duplicates, maintain_order=True)
+    return kept, frame.height - kept.height
+
+
+def join(source_ids, target_ids, *, duplicates: str = "error") -> Pairs:
+    """Inner join of two id arrays (zarr arrays or numpy, (n,) int or string): pairs
+    sorted by source row. Ids of both sides must be of one kind (both int or both
+    string). Raises InputError for duplicates (unless ``duplicates`` says which row to
+    keep), missing ids, or no match at all."""
+    import polars as pl
+
+    a, dup_a = _dedupe(_ids_frame(source_ids, "source"), "source", duplicates)
+    b, dup_b = _dedupe(_ids_frame(target_ids, "target"), "target", duplicates)
+    if a.schema["id"] != b.schema["id"]:
+        raise InputError(f"source ids are {a.schema['id']} but target ids are "
+                         f"{b.schema['id']}: they cannot match")
+    joined = (a.lazy().join(b.lazy(), on="id", how="inner", suffix="_target")
+              .select(pl.col("row").alias("source"), pl.col("row_target").alias("target"))
+              .sort("source").collect())
+    if joined.height == 0:
+        raise InputError(f"no id of the source ({a.height} ids) occurs in the target "
+                         f"({b.height} ids): nothing to pair")
+    src = joined["source"].to_numpy()
+    tgt = joined["target"].to_numpy()
+    return Pairs(src, tgt, a.height - joined.height, b.height - joined.height,
+                 {k: v for k, v in (("source", dup_a), ("target", dup_b)) if v})
+
+
+def sample_pairs(pairs: Pairs, n: int, seed: int = 0) -> Pairs:
+    """A reproducible random subset of ``n`` pairs (all when n >= matched), kept in source
+    row order."""
+    if n <= 0:
+        raise InputError(f"--sample must be positive, got {n}")
+    if n >= pairs.matched:
+        return pairs
+    keep = np.sort(np.random.default_rng(seed).choice(pairs.matched, size=n, replace=False))
+    return Pairs(pairs.source_rows[keep], pairs.target_rows[keep], pairs.source_only,
+                 pairs.target_only, pairs.duplicates)
+
+
+@dataclass
+class GatherReport:
+    """What a gather read: stored chunks (objects) read, and rows gathered."""
+
+    chunks_read: int = 0
+    rows: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+
+def gather(emb, rows: np.ndarray, path: str, *, threads: Optional[int] = None,
+           report: Optional[GatherReport] = None) -> np.ndarray:
+    """Rows ``rows`` (any order, (n,) int64) of ``emb`` (an opened embedding array) written
+    in that order to a new memory-mapped ``.npy`` at ``path``; returns the memmap.
+
+    Each stored chunk (shard) holding at least one needed row is read exactly once, in
+    storage order, by a pool of ``threads``; memory is one chunk per thread plus the page
+    cache of the scratch file."""
+    from .stores import read_rows
+
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size and (rows.min() < 0 or rows.max() >= emb.rows):
+        raise InputError(f"{emb.side}: pair rows out of range 0:{emb.rows}")
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=emb.dtype,
+                                    shape=(len(rows), emb.dim))
+    order = np.argsort(rows, kind="stable")
+    sorted_rows = rows[order]
+    step = emb.row_step
+    chunk_of = sorted_rows // step
+    bounds = np.flatnonzero(np.diff(chunk_of)) + 1
+    starts = np.concatenate([[0], bounds]) if len(sorted_rows) else np.array([], np.int64)
+    stops = np.concatenate([bounds, [len(sorted_rows)]]) if len(sorted_rows) else starts
+
+    def one(i: int) -> None:
+        lo, hi = int(starts[i]), int(stops[i])
+        c = int(chunk_of[lo])
+        first, last = c * step, min((c + 1) * step, emb.rows)
+        block = read_rows(emb, first, last)
+        out[order[lo:hi]] = block[sorted_rows[lo:hi] - first]
+        if report is not None:
+            with report._lock:
+                report.chunks_read += 1
+                report.rows += hi - lo
+
+    with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
+        list(pool.map(one, range(len(starts))))
+    out.flush()
+    return out
+
+
+def store_parts(url, storage_options: Optional[dict] = None):
+    """An input as (embeddings, ids, model): for an embedding store (a Zarr group holding
+    ``embeddings`` and optionally ``ids`` and a ``model`` attribute), the URL of its
+    embeddings array, its ids array (or None) and its model stamp (or None); for anything
+    else (a bare array, an open zarr.Array) the input itself, None, None."""
+    import zarr
+
+    if not isinstance(url, (str, os.PathLike)):
+        return url, None, None
+    try:
+        group = zarr.open_group(str(url), mode="r", storage_options=storage_options)
+    except Exception:
+        return url, None, None
+    if "embeddings" not in group:
+        return url, None, None
+    model = group.attrs.get("model")
+    return (f"{str(url).rstrip('/')}/embeddings", group["ids"] if "ids" in group else None,
+            str(model) if model else None)

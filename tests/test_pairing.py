@@ -1,0 +1,195 @@
+"""Pairing by id (a polars join checked against plain Python), gathering paired rows with
+each needed chunk read once, fits by id equal to fits on explicitly joined pairs, model
+stamps, and apply of a row slice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+import bigalign
+from bigalign import stores
+from bigalign.errors import InputError
+from bigalign.pairing import GatherReport, gather, join, sample_pairs
+from bigalign.stores import open_embeddings
+from conftest import planted
+
+
+def make_store(path, vectors, ids=None, model=None, chunk=100):
+    """An embedding store by hand: a group with embeddings (+ ids, + model attribute)."""
+    g = zarr.open_group(str(path), mode="w")
+    g.create_array("embeddings", data=vectors, chunks=(chunk, vectors.shape[1]),
+                   compressors=None)
+    if ids is not None:
+        ids = np.asarray(ids)
+        if ids.dtype.kind == "U":  # variable-length strings, as zarr 3 specifies them
+            ids = ids.astype(np.dtypes.StringDType())
+        g.create_array("ids", data=ids, chunks=(chunk,))
+    if model:
+        g.attrs["model"] = model
+    return str(path)
+
+
+def reference_join(ids_a, ids_b):
+    """Plain Python: pairs (row_a, row_b) of equal ids, sorted by row_a."""
+    where_b = {v: j for j, v in enumerate(ids_b)}
+    return [(i, where_b[v]) for i, v in enumerate(ids_a) if v in where_b]
+
+
+@pytest.mark.parametrize("kind", ["int", "str"])
+def test_join_matches_plain_python(kind):
+    rng = np.random.default_rng(1)
+    universe = rng.permutation(5000)[:3000]
+    ids_a = universe[:2500]
+    ids_b = rng.permutation(np.concatenate([universe[1000:2800], rng.integers(10**6, 2 * 10**6, 50)]))
+    if kind == "str":
+        ids_a = np.array([f"doc-{v}" for v in ids_a])
+        ids_b = np.array([f"doc-{v}" for v in ids_b])
+    pairs = join(ids_a, ids_b)
+    ref = reference_join(list(ids_a), list(ids_b))
+    assert list(zip(pairs.source_rows.tolist(), pairs.target_rows.tolist())) == ref
+    assert pairs.matched == 1500
+    assert pairs.source_only == 1000 and pairs.target_only == 350
+
+
+def test_duplicate_ids_refused_unless_told_which_to_keep():
+    ids_a = np.array([5, 7, 5, 9])
+    ids_b = np.array([9, 5, 7])
+    with pytest.raises(InputError, match=r"source ids: 1 ids occur more than once .*id 5 at row 0"):
+        join(ids_a, ids_b)
+    first, last = join(ids_a, ids_b, duplicates="first"), join(ids_a, ids_b, duplicates="last")
+    assert first.source_rows.tolist() == [0, 1, 3] and first.target_rows.tolist() == [1, 2, 0]
+    assert last.source_rows.tolist() == [1, 2, 3] and last.target_rows.tolist() == [2, 1, 0]
+    assert first.duplicates == {"source": 1}
+    with pytest.raises(InputError, match="cannot match"):
+        join(np.array([5, 7]), np.array(["5", "7"]))
+    with pytest.raises(InputError, match="nothing to pair"):
+        join(np.array([5, 7]), np.array([1, 2]))
+
+
+def test_sample_is_reproducible_and_in_source_order():
+    pairs = join(np.arange(1000), np.arange(999, -1, -1))
+    s1, s2 = sample_pairs(pairs, 100, seed=3), sample_pairs(pairs, 100, seed=3)
+    assert s1.matched == 100 and np.array_equal(s1.source_rows, s2.source_rows)
+    assert np.all(np.diff(s1.source_rows) > 0)
+    assert np.array_equal(s1.target_rows, 999 - s1.source_rows)
+    assert not np.array_equal(sample_pairs(pairs, 100, seed=4).source_rows, s1.source_rows)
+
+
+class CountingArray:
+    """A zarr array that counts reads per chunk."""
+
+    def __init__(self, arr):
+        self._arr, self.reads = arr, {}
+
+    def __getattr__(self, name):
+        return getattr(self._arr, name)
+
+    def __getitem__(self, sel):
+        key = sel.start // self._arr.chunks[0]
+        self.reads[key] = self.reads.get(key, 0) + 1
+        return self._arr[sel]
+
+
+def test_gather_reads_each_needed_chunk_once(tmp_path):
+    data = np.random.default_rng(2).standard_normal((5000, 6)).astype(np.float32)
+    arr = zarr.create_array(str(tmp_path / "x.zarr"), data=data, chunks=(250, 6))
+    counting = CountingArray(arr)
+    emb = stores.EmbeddingArray(counting, "x.zarr", "source")
+    rows = np.random.default_rng(3).choice(5000, 700, replace=False)  # any order
+    rows[:10] = rows[0]  # a row needed twice
+    report = GatherReport()
+    got = gather(emb, rows, str(tmp_path / "g.npy"), report=report)
+    np.testing.assert_array_equal(got, data[rows])
+    needed = set((rows // 250).tolist())
+    assert set(counting.reads) == needed and set(counting.reads.values()) == {1}
+    assert report.chunks_read == len(needed) and report.rows == 700
+
+
+def test_fit_by_ids_equals_fit_on_joined_pairs(tmp_path):
+    a, b, q = planted(3000, 8, noise=0.05, offset_a=1.0, seed=4)
+    ids = np.array([f"item-{i}" for i in range(3000)])
+    # the target model ran on a sample of 2,000 items, in its own order, plus 30 unknown ids
+    rng = np.random.default_rng(5)
+    sample = rng.permutation(3000)[:2000]
+    extra = np.array([f"new-{i}" for i in range(30)])
+    tgt_ids = np.concatenate([ids[sample], extra])
+    tgt = np.concatenate([b[sample], rng.standard_normal((30, 8)).astype(np.float32)])
+    order = rng.permutation(len(tgt_ids))
+    s = make_store(tmp_path / "old.store", a, ids, model="old-model", chunk=250)
+    t = make_store(tmp_path / "new.store", tgt[order], tgt_ids[order], model="new-model")
+    got = bigalign.fit(s, t, center=True, output=str(tmp_path / "t"))
+    assert got.metadata["pairs"]["matched"] == 2000
+    assert got.metadata["pairs"]["source_only"] == 1000
+    assert got.metadata["pairs"]["target_only"] == 30
+    assert got.metadata["source_model"] == "old-model"
+    assert got.metadata["target_model"] == "new-model"
+    rows_a = np.sort(sample)
+    # the explicitly joined pairs, stored row by row like the gathered scratch (same plan)
+    ref = bigalign.fit(zarr.create_array(str(tmp_path / "ja.zarr"), data=a[rows_a],
+                                         chunks=(1, 8)),
+                       zarr.create_array(str(tmp_path / "jb.zarr"), data=b[rows_a],
+                                         chunks=(1, 8)), center=True)
+    np.testing.assert_array_equal(got.rotation, ref.rotation)
+    np.testing.assert_array_equal(got.source_mean, ref.source_mean)
+    # rerun: the same job, a no-op; --sample: a reproducible subset
+    assert bigalign.fit(s, t, center=True, output=str(tmp_path / "t")).metadata["job"] == \
+        got.metadata["job"]
+    sub = bigalign.fit(s, t, center=True, sample=500, seed=1)
+    assert sub.metadata["pairs"]["matched"] == 500
+    with pytest.raises(InputError, match="--rows selects row-aligned pairs"):
+        bigalign.fit(s, t, rows="0:100")
+    with pytest.raises(InputError, match="same rows|rows but target has"):
+        bigalign.fit(s, t, pair_by="rows")
+
+
+def test_duplicates_policy_through_fit(tmp_path):
+    a, b, _ = planted(400, 4, seed=6)
+    ids = np.arange(400)
+    ids[10] = ids[11]
+    s = make_store(tmp_path / "a.store", a, ids)
+    t = make_store(tmp_path / "b.store", b, np.arange(400))
+    with pytest.raises(InputError, match="occur more than once"):
+        bigalign.fit(s, t)
+    assert bigalign.fit(s, t, duplicates="first").metadata["pairs"]["matched"] == 399
+
+
+def test_model_stamps_guard_apply(tmp_path):
+    a, b, _ = planted(600, 4, seed=7)
+    s = make_store(tmp_path / "a.store", a, model="e5-small")
+    t = make_store(tmp_path / "b.store", b, model="minilm")
+    tr = bigalign.fit(s, t, pair_by="rows", output=str(tmp_path / "t"))
+    assert (tr.metadata["source_model"], tr.metadata["target_model"]) == ("e5-small", "minilm")
+    other = make_store(tmp_path / "c.store", a, model="bge-small")
+    with pytest.raises(InputError, match="embedded with 'bge-small'.*--allow-model-mismatch"):
+        bigalign.apply(str(tmp_path / "t"), other, str(tmp_path / "o.zarr"))
+    rep = bigalign.apply(str(tmp_path / "t"), other, str(tmp_path / "o.zarr"),
+                         allow_model_mismatch=True)
+    assert rep.rows == 600
+    out = zarr.open_array(str(tmp_path / "o.zarr"))
+    assert out.attrs["bigalign"]["model"] == "minilm"
+    bigalign.apply(str(tmp_path / "t"), s, str(tmp_path / "o2.zarr"))  # same model: fine
+
+
+def test_apply_rows_maps_a_slice(tmp_path):
+    a, b, _ = planted(2000, 6, seed=8)
+    s = zarr.create_array(str(tmp_path / "a.zarr"), data=a, chunks=(128, 6))
+    tr = bigalign.fit(s, zarr.create_array(str(tmp_path / "b.zarr"), data=b, chunks=(128, 6)))
+    rep = bigalign.apply(tr, str(tmp_path / "a.zarr"), str(tmp_path / "o.zarr"),
+                         rows="300:1700", chunk_rows=200, block_bytes=4000)
+    out = zarr.open_array(str(tmp_path / "o.zarr"))
+    assert rep.rows == 1400 and out.shape == (1400, 6)
+    assert out.attrs["bigalign"]["source_rows"] == [300, 1700]
+    np.testing.assert_allclose(out[:], tr.transform(a[300:1700]), rtol=1e-5, atol=1e-6)
+    with pytest.raises(InputError):
+        bigalign.apply(tr, str(tmp_path / "a.zarr"), str(tmp_path / "o2.zarr"), rows="1900:1800")
+
+
+def test_store_inputs_open_their_embeddings(tmp_path):
+    a, _, _ = planted(300, 4, seed=9)
+    s = make_store(tmp_path / "a.store", a, np.arange(300))
+    from bigalign.pairing import store_parts
+    url, ids, model = store_parts(s)
+    assert url.endswith("a.store/embeddings") and ids.shape == (300,) and model is None
+    np.testing.assert_array_equal(open_embeddings(url).array[:], a)
