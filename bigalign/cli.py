@@ -206,8 +206,10 @@ def _describe_transform(t, path) -> str:
                      f"{disc.get('achieved_residual', float('nan')):.4g})")
     run = m.get("run")
     if run:
-        lines.append(f"  fit took {run['seconds']:.1f}s ({run['rows_per_second']:,.0f} rows/s, "
-                     f"{run['tasks']} tasks, {run['units_resumed']} of {run['units']} units resumed)")
+        rate = f"{run['rows_per_second']:,.0f} rows/s" if run.get("rows_per_second") else \
+            "all rows resumed"
+        lines.append(f"  fit took {run['seconds']:.1f}s ({rate}, {run['tasks']} tasks, "
+                     f"{run['units_resumed']} of {run['units']} units resumed)")
     return "\n".join(lines)
 
 
