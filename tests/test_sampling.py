@@ -1,0 +1,53 @@
+"""Sampling which items to re-embed: reproducible, distinct, in range; chunk-aware samples
+touch few chunks; the Parquet file holds rows and ids."""
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+
+from bigalign.errors import InputError
+from bigalign.sampling import sample_corpus, sample_rows
+from test_pairing import make_store
+
+
+@pytest.mark.parametrize("method", ["uniform", "chunks"])
+def test_sample_rows_distinct_sorted_reproducible(method):
+    a = sample_rows(10_000, 700, method=method, seed=3, chunk_rows=250)
+    assert len(a) == 700 and len(np.unique(a)) == 700 and np.all(np.diff(a) > 0)
+    assert a.min() >= 0 and a.max() < 10_000
+    assert np.array_equal(a, sample_rows(10_000, 700, method=method, seed=3, chunk_rows=250))
+    assert not np.array_equal(a, sample_rows(10_000, 700, method=method, seed=4, chunk_rows=250))
+    touched = len(np.unique(a // 250))
+    if method == "chunks":
+        assert touched == 3  # 700 rows = 2 whole chunks + 200 rows of a third
+    else:
+        assert touched > 30
+
+
+def test_sample_rows_errors():
+    with pytest.raises(InputError, match="cannot sample"):
+        sample_rows(10, 11)
+    with pytest.raises(InputError, match="--method"):
+        sample_rows(10, 5, method="stratified")
+
+
+def test_sample_corpus_writes_rows_and_ids(tmp_path):
+    vecs = np.random.default_rng(0).standard_normal((1000, 4)).astype(np.float32)
+    ids = np.array([f"doc-{i}" for i in range(1000)])
+    store = make_store(tmp_path / "c.store", vecs, ids, model="old", chunk=100)
+    out = str(tmp_path / "s.parquet")
+    summary = sample_corpus(store, 250, out, method="chunks", seed=1)
+    frame = pl.read_parquet(out)
+    assert frame.columns == ["row", "id"] and frame.height == 250
+    assert frame["id"].to_list() == [f"doc-{r}" for r in frame["row"].to_list()]
+    assert summary["chunks_touched"] == 3 and summary["chunks_total"] == 10
+    meta = json.loads(pl.read_parquet_metadata(out)["bigalign"])
+    assert meta["method"] == "chunks" and meta["seed"] == 1 and meta["model"] == "old"
+    with pytest.raises(InputError, match="already exists"):
+        sample_corpus(store, 250, out)
+    sample_corpus(store, 100, out, overwrite=True)
+    assert pl.read_parquet(out).height == 100
+    with pytest.raises(InputError, match="never writes over its inputs"):
+        sample_corpus(store, 10, str(tmp_path / "c.store" / "x.parquet"))
