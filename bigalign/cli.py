@@ -1,13 +1,25 @@
-"""Command line: parses, calls the API, prints. Exit codes: 0 success, 2 bad input or a
-refused run (the message says what and where), 1 an unexpected error, 130 interrupted."""
+"""Command line: parses, calls the API, prints.
+
+Exit codes (one mapping, :func:`bigalign.errors.exit_code`): 0 done or already done; 1 an
+unexpected error (a bug: traceback); 2 usage, bad input or a refused run (the message says
+what and where); 3 unfinished (``status``/``info``); 4 reserved; 75 a transient failure
+after retries (storage unreachable: a scheduler should retry, the rerun resumes); 130
+interrupted by SIGINT or SIGTERM. Output cut short by its reader (``| head``) is not an
+error: the rest of stdout is discarded and the exit code is the command's own.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
+import signal
 import sys
 import tempfile
+import threading
+import traceback
 import warnings
 from typing import Optional
 
@@ -83,7 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Align two embedding models with one orthogonal map (Procrustes), "
                     "streaming chunked Zarr arrays with Dask: fit on paired rows, apply to "
                     "corpora of any size.",
-        epilog="Quick start: 'bigalign demo' runs the whole job on generated data.")
+        epilog="Quick start: 'bigalign demo' runs the whole job on generated data. Exit codes: "
+               "0 done or already done; 1 unexpected error (a bug); 2 usage, bad input or a "
+               "refused run; 3 unfinished (status, info); 75 storage or cluster unavailable "
+               "after retries (retry later: the rerun resumes); 130 interrupted by SIGINT or "
+               "SIGTERM (rerun to resume).")
     p.add_argument("--version", action="version", version=f"bigalign {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -146,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="progress of a fit or apply in flight or interrupted",
                         description="Units done, rows/s and time left, read from the run's "
                                     "checkpoint (works from any machine that sees the storage). "
-                                    "Exit code 0: finished; 3: unfinished (rerun to resume).")
+                                    "Exit code 0: finished; 3: unfinished (rerun to resume); "
+                                    "2: nothing recorded there.")
     st.add_argument("path", help="the run's output (transform or apply output) or checkpoint")
     st.add_argument("--json", action="store_true", help="print machine-readable JSON")
     add_storage_option(st)
@@ -293,33 +310,146 @@ def _demo(args) -> int:
 COMMANDS = {"fit": _fit, "apply": _apply, "info": _info, "status": _status, "demo": _demo}  # + cli_evaluate
 
 
-def main(argv=None) -> int:
-    from .errors import BigalignError
+class _StderrHandler(logging.StreamHandler):
+    """Log lines to whatever ``sys.stderr`` is when they are written (main() may run many
+    times in one process, each time with its own guarded stderr)."""
 
-    args = build_parser().parse_args(argv)
-    quiet = getattr(args, "quiet", False)
-    logger = logging.getLogger("bigalign")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("bigalign: %(message)s"))
-        logger.addHandler(handler)
-        logger.propagate = False
-    logger.setLevel(logging.WARNING if quiet else logging.INFO)
-    warnings.simplefilter("default")
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+class _Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like SIGINT's KeyboardInterrupt."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """While a command runs, SIGTERM (Kubernetes, SLURM and Argo stop jobs with it) unwinds
+    like Ctrl-C: leases are released and in-flight work is abandoned, and the exit code is
+    130. Later SIGTERMs during that unwinding are ignored (the orchestrator's SIGKILL after
+    its grace period still ends a stuck process). The previous handler is restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise _Interrupted()
+
+    previous = signal.signal(signal.SIGTERM, handler)
     try:
-        return COMMANDS[args.command](args)
-    except BigalignError as e:
-        print(f"bigalign {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, PermissionError, ConnectionError, TimeoutError) as e:
-        print(f"bigalign {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _ClosedPipeGuard:
+    """A text stream that survives its reader going away (``bigalign info T | head -1``).
+
+    On EPIPE it points the file descriptor at /dev/null, as Python's documentation of
+    SIGPIPE recommends, so that this and every later write (and the interpreter's last flush)
+    succeed silently: no traceback, and the command still finishes and exits with its own
+    code. Exit 0 rather than 141 (128 + SIGPIPE) because the reader closing early is not a
+    failure of the command: a 141 would fail ``set -o pipefail`` scripts and look like an
+    error to schedulers, though the work was done."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.closed_by_reader = False
+
+    def _redirect(self) -> None:
+        self.closed_by_reader = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass  # no file descriptor (captured in tests): writes are dropped below
+
+    def write(self, text):
+        if self.closed_by_reader:
+            return len(text)
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._redirect()
+            return len(text)
+
+    def flush(self):
+        if self.closed_by_reader:
+            with contextlib.suppress(OSError, ValueError):
+                self._stream.flush()  # to /dev/null now, or the data is dropped
+            return
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._redirect()
+            with contextlib.suppress(OSError, ValueError):
+                self._stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _guarded_streams():
+    """stdout and stderr wrapped in :class:`_ClosedPipeGuard` while a command runs."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _ClosedPipeGuard(saved[0]), _ClosedPipeGuard(saved[1])
+    try:
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):  # a last EPIPE here, not at interpreter exit
+            with contextlib.suppress(Exception):
+                stream.flush()
+        sys.stdout, sys.stderr = saved
+
+
+def _report_error(command: str, e: BaseException) -> int:
+    """Print what went wrong for ``e`` and return its exit code (errors.exit_code)."""
+    from .errors import EXIT_BUG, EXIT_INTERRUPTED, EXIT_TEMPFAIL, BigalignError, exit_code
+
+    code = exit_code(e)
+    if code == EXIT_INTERRUPTED:
         print("bigalign: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # output piped into head & co.
-        sys.stderr.close()
-        return 0
+    elif code == EXIT_BUG:
+        traceback.print_exc(file=sys.stderr)
+        print(f"bigalign {command}: unexpected error (a bug; please report it with the "
+              f"traceback above): {type(e).__name__}: {e}", file=sys.stderr)
+    else:
+        what = str(e) if isinstance(e, BigalignError) else f"{type(e).__name__}: {e}"
+        print(f"bigalign {command}: error: {what}", file=sys.stderr)
+        if code == EXIT_TEMPFAIL:
+            print(f"bigalign {command}: storage or cluster unavailable (exit {code}); rerun "
+                  "the same command later to resume", file=sys.stderr)
+    return code
+
+
+def main(argv=None) -> int:
+    """Run one command; return its exit code (module doc). Usage errors exit 2 through
+    argparse (SystemExit), --help and --version exit 0 the same way."""
+    with _guarded_streams(), _sigterm_interrupts():
+        command = "?"
+        try:
+            args = build_parser().parse_args(argv)
+            command = args.command
+            quiet = getattr(args, "quiet", False)
+            logger = logging.getLogger("bigalign")
+            if not logger.handlers:
+                handler = _StderrHandler()
+                handler.setFormatter(logging.Formatter("bigalign: %(message)s"))
+                logger.addHandler(handler)
+                logger.propagate = False
+            logger.setLevel(logging.WARNING if quiet else logging.INFO)
+            warnings.simplefilter("default")
+            return COMMANDS[args.command](args)
+        except (Exception, KeyboardInterrupt) as e:
+            return _report_error(command, e)
 
 
 if __name__ == "__main__":

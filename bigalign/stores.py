@@ -16,7 +16,7 @@ import numpy as np
 import zarr
 from zarr.core.buffer.cpu import NDBuffer
 
-from .errors import ChunkReadError, InputError
+from .errors import ChunkReadError, InputError, TransientChunkReadError, TransientError, is_transient
 
 __all__ = ["open_embeddings", "EmbeddingArray", "validate_pair", "create_output",
            "read_rows", "write_rows", "parse_rows", "COMPRESSIONS"]
@@ -27,7 +27,8 @@ FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 #: read/write speed (measured), so outputs are uncompressed unless asked.
 COMPRESSIONS = ("none", "lz4", "zstd")
 
-#: Transient I/O errors (OSError, timeouts) are retried this many times, sleeping
+#: Transient I/O errors (connections, timeouts, OS errors other than a wrong path or
+#: permission: :func:`bigalign.errors.is_transient`) are retried this many times, sleeping
 #: RETRY_BACKOFF * 2**attempt seconds between tries; decode errors are not retried.
 RETRIES = 3
 RETRY_BACKOFF = 0.5
@@ -89,7 +90,11 @@ def open_embeddings(source, *, side: str = "source", storage_options: Optional[d
     else:
         url = str(source)
         try:
-            arr = zarr.open_array(url, mode="r", storage_options=storage_options)
+            arr = _retrying(f"{side} {url!r}: cannot open it",
+                            lambda: zarr.open_array(url, mode="r", storage_options=storage_options),
+                            transient_only=True)
+        except TransientError:
+            raise
         except FileNotFoundError as e:
             raise InputError(f"{side} {url!r}: no such Zarr array (path not found)") from e
         except Exception as e:  # zarr raises several kinds for "not an array"
@@ -173,17 +178,27 @@ def validate_pair(source: EmbeddingArray, target: EmbeddingArray) -> None:
                          "row i of source is paired with row i of target, so they must match")
 
 
-def _retrying(what: str, fn):
+def _retrying(what: str, fn, *, transient_only: bool = False):
+    """Call ``fn``, retrying transient errors (:func:`bigalign.errors.is_transient`) with
+    exponential backoff. A transient error that outlasts the retries raises
+    :class:`TransientChunkReadError` (both a ChunkReadError and a TransientError: exit code
+    75, a scheduler should retry); a wrong path or permission raises ChunkReadError (exit 2),
+    as does any other error (a corrupt chunk: codec errors, wrong sizes) unless
+    ``transient_only``, which re-raises it unchanged for the caller to explain."""
     retries, backoff = RETRIES, RETRY_BACKOFF
     for attempt in range(retries + 1):
         try:
             return fn()
-        except (OSError, TimeoutError, ConnectionError) as e:
-            if attempt == retries or isinstance(e, (FileNotFoundError, PermissionError)):
-                raise ChunkReadError(f"{what} (after {attempt + 1} tries): "
-                                     f"{type(e).__name__}: {e}") from e
-            time.sleep(backoff * 2**attempt)
-        except Exception as e:  # corrupt chunk: codec errors, wrong sizes
+        except Exception as e:
+            if is_transient(e):
+                if attempt < retries:
+                    time.sleep(backoff * 2**attempt)
+                    continue
+                raise TransientChunkReadError(
+                    f"{what} (after {attempt + 1} tries): {type(e).__name__}: {e}") from e
+            if transient_only:
+                raise
+            # a wrong path or permission (retrying cannot help), or a corrupt chunk
             raise ChunkReadError(f"{what}: {type(e).__name__}: {e}") from e
 
 
