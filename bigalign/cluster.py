@@ -5,17 +5,49 @@ BLAS threads: OpenBLAS's own threads on top of Dask's threads collapse throughpu
 slower, measured), so the in-process default pins BLAS to one thread per Dask thread with
 threadpoolctl. dask.distributed's nanny already starts workers with OPENBLAS_NUM_THREADS=1
 (config ``distributed.nanny.pre-spawn-environ``).
+
+Retries: only transient errors are retried, inside the task that met them. Reads and
+writes of chunks retry in :mod:`bigalign.stores`; any other transient error of a task (a
+checkpoint write to an object store that blinked, say: :func:`bigalign.errors.is_transient`)
+re-runs the task a few times (:func:`run_task`, every task is idempotent). The graph goes to
+dask.distributed with ``retries=0``: its retries re-run a task whatever it raised, so a NaN row
+or a corrupt chunk would be read three times before the error reached the user. A worker that
+dies is not an error of the task: the scheduler reschedules its tasks regardless of
+``retries`` (up to ``distributed.scheduler.allowed-failures`` deaths per task).
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from typing import Optional
 
 import dask
 
-__all__ = ["session", "Session"]
+__all__ = ["session", "Session", "run_task"]
+
+
+def run_task(func, *args):
+    """Run one task, re-running it when it raises a transient error that nothing below
+    retried (bigalign's own errors, transient ones included, are final: their retries are
+    done). Deterministic errors propagate at once, unchanged."""
+    from .errors import BigalignError, is_transient
+    from .stores import RETRIES, RETRY_BACKOFF
+
+    for attempt in range(RETRIES + 1):
+        try:
+            return func(*args)
+        except Exception as e:
+            if attempt == RETRIES or isinstance(e, BigalignError) or not is_transient(e):
+                raise
+            time.sleep(RETRY_BACKOFF * 2**attempt)
+
+
+def _guarded(graph: dict) -> dict:
+    """The graph with every task ``(func, *args)`` run through :func:`run_task`."""
+    return {k: (run_task, *v) if type(v) is tuple and v and callable(v[0]) else v
+            for k, v in graph.items()}
 
 
 class Session:
@@ -28,8 +60,9 @@ class Session:
 
     def get(self, graph: dict, key):
         """Compute ``key`` of a raw task graph; exceptions of tasks propagate unchanged."""
+        graph = _guarded(graph)
         if self.client is not None:
-            future = self.client.get(graph, key, sync=False, retries=2)
+            future = self.client.get(graph, key, sync=False, retries=0)
             if self.progress:
                 from distributed import progress
                 progress(future)

@@ -97,7 +97,9 @@ def test_corrupt_chunk_is_not_retried_and_exits_2(tmp_path, capsys, monkeypatch)
     s, t = write_zarr(tmp_path / "a.zarr", a, 100), write_zarr(tmp_path / "b.zarr", b, 100)
     (tmp_path / "a.zarr" / "c" / "2" / "0").write_bytes(b"\x00" * 7)
     sleeps = []  # a retry would back off first
-    monkeypatch.setattr(stores, "time", SimpleNamespace(sleep=sleeps.append))
+    from bigalign import cluster
+    for module in (stores, cluster):
+        monkeypatch.setattr(module, "time", SimpleNamespace(sleep=sleeps.append))
     code, _, err = run(capsys, "fit", s, t, "-o", tmp_path / "t", "-q")
     assert code == 2 and "cannot read source rows 200:300" in err and sleeps == []
 

@@ -44,3 +44,33 @@ def test_cli_starts_its_own_local_cluster(tmp_path):
     assert main(["apply", str(tmp_path / "t"), s, "-o", str(tmp_path / "o.zarr"),
                  "--workers", "2", "--memory-limit", "1GiB", "-q"]) == 0
     assert bigalign.output_status(str(tmp_path / "o.zarr"))["complete"]
+
+
+def calls_then(path, outcome):
+    """A task that records each call in a file (workers are other processes), then fails
+    deterministically ("nan"), fails transiently on its first call ("flaky"), or returns 42."""
+    with open(path, "a") as f:
+        f.write("call\n")
+    with open(path) as f:
+        n = len(f.readlines())
+    if outcome == "nan":
+        from bigalign.errors import NonFiniteError
+        raise NonFiniteError("source row 5 holds NaN or Inf")
+    if outcome == "flaky" and n == 1:
+        raise ConnectionResetError("connection reset by peer")
+    return 42
+
+
+@pytest.mark.slow
+def test_deterministic_errors_are_not_retried(tmp_path, cluster):
+    """A NaN row (or a corrupt chunk) fails at once: distributed's retries would re-run it."""
+    from bigalign.cluster import Session
+    from bigalign.errors import NonFiniteError
+    with distributed.Client(cluster) as client:
+        with pytest.raises(NonFiniteError, match="row 5"):
+            Session(client).get({"x": (calls_then, str(tmp_path / "nan"), "nan")}, "x")
+        # a transient error that no lower layer retried is re-run in the task
+        assert Session(client).get({"y": (calls_then, str(tmp_path / "flaky"), "flaky")},
+                                   "y") == 42
+    assert (tmp_path / "nan").read_text().count("call") == 1
+    assert (tmp_path / "flaky").read_text().count("call") == 2
