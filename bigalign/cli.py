@@ -279,11 +279,12 @@ def _status(args) -> int:
     if p is None:
         status = bigalign.output_status(args.path, so)
         done = bool(status and status.get("complete"))
-        try:
-            bigalign.Transform.load(args.path, storage_options=so)
-            done = True
-        except bigalign.InputError:
-            pass
+        if not done and status is None:  # not an apply output: a transform?
+            try:
+                bigalign.Transform.load(args.path, storage_options=so)
+                done = True
+            except bigalign.InputError:
+                pass
         if not done:
             raise bigalign.InputError(f"{args.path!r}: no progress recorded and no finished output")
         p = {"finished": True}

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, is_transient
 from .stats import Moments, check_finite, normalize_rows
 
 FORMAT = "bigalign.transform/1"
@@ -151,26 +151,54 @@ class Transform:
 
     @classmethod
     def load(cls, path, *, storage_options: Optional[dict] = None) -> "Transform":
-        """Read a Transform saved with :meth:`save`."""
+        """Read a Transform saved with :meth:`save`. Anything else at ``path`` (nothing, a
+        plain Zarr array such as embeddings or an apply output, a foreign group, an
+        unfinished save) raises InputError saying what is there."""
         import zarr
 
         try:
             group = zarr.open_group(path, mode="r", storage_options=storage_options)
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
-            raise InputError(f"no transform at {path!r}") from e
+        except Exception as e:
+            if is_transient(e):
+                raise  # storage did not answer: not the user's mistake (exit code 75)
+            raise InputError(_not_a_transform(path, storage_options, e)) from e
         attrs = group.attrs.get("bigalign")
-        if not attrs or attrs.get("format") != FORMAT:
+        if not isinstance(attrs, dict) or attrs.get("format") != FORMAT:
             raise InputError(f"{path!r} is not a complete bigalign transform "
                              f"(missing or unknown 'bigalign' attribute)")
-        arrays = {k: np.asarray(group[k][...]) for k in
-                  ("rotation", "source_mean", "target_mean", "singular_values") if k in group}
-        statistics = None
-        if "statistics" in group:
-            stats = group["statistics"]
-            statistics = Moments.from_arrays({k: stats[k][...] for k in stats.array_keys()})
+        try:
+            arrays = {k: np.asarray(group[k][...]) for k in
+                      ("rotation", "source_mean", "target_mean", "singular_values") if k in group}
+            statistics = None
+            if "statistics" in group:
+                stats = group["statistics"]
+                statistics = Moments.from_arrays({k: stats[k][...] for k in stats.array_keys()})
+        except Exception as e:
+            if is_transient(e):
+                raise
+            raise InputError(f"{path!r}: unreadable bigalign transform "
+                             f"({type(e).__name__}: {e})") from e
+        missing = [k for k in ("rotation", "source_mean", "target_mean") if k not in arrays]
+        if missing:
+            raise InputError(f"{path!r}: bigalign transform without {', '.join(missing)}")
         return cls(arrays["rotation"], arrays["source_mean"], arrays["target_mean"],
                    float(attrs["scale"]), attrs.get("options", {}), attrs.get("metadata", {}),
                    arrays.get("singular_values"), statistics)
+
+
+def _not_a_transform(path, storage_options, error: Exception) -> str:
+    """What is at ``path`` instead of a transform, for the error message."""
+    import zarr
+
+    try:
+        arr = zarr.open_array(path, mode="r", storage_options=storage_options)
+    except Exception:
+        if isinstance(error, FileNotFoundError):  # zarr's "no group here" is one too
+            return f"no transform at {path!r} (no Zarr group there)"
+        return f"{path!r} is not a bigalign transform ({type(error).__name__}: {error})"
+    shape = "(" + ", ".join(str(n) for n in arr.shape) + ")"
+    return (f"{path!r} is a Zarr array of shape {shape}, not a bigalign transform (a "
+            "transform is the Zarr group written by 'bigalign fit')")
 
 
 def _jsonable(obj: Any) -> Any:

@@ -43,6 +43,7 @@ def test_fit_apply_info_roundtrip(files, capsys):
     (["fit", "{s}", "{ints}", "-o", "{tmp}/x"], "dtype int32 is not float"),
     (["fit", "{s}", "{empty}", "-o", "{tmp}/x"], "empty array"),
     (["fit", "{s}", "{t}", "-o", "{tmp}/x", "--rows", "500:600"], "empty for an array of 400"),
+    (["info", "{s}"], r"is a Zarr array of shape \(400, 6\), not a bigalign transform"),
     (["fit", "{s}", "{wide}", "-o", "{tmp}/x", "--no-reflection"], "needs equal dimensions"),
     (["fit", "{s}", "{t}", "-o", "{s}"], "already exists"),
     (["apply", "{tmp}/nothing", "{s}", "-o", "{tmp}/y"], "not a transform|no transform"),

@@ -159,6 +159,34 @@ def test_sigterm_handler_is_restored(done, capsys):
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+# ---- 3. status / info / transform arguments on the wrong kind of node ----------------------
+
+def test_status_of_finished_outputs_exits_0(done):
+    for path in (done["out"], done["tr"]):
+        r = cli("status", path)
+        assert r.returncode == 0, r.stderr
+        assert "finished, nothing in flight" in r.stdout and "Traceback" not in r.stderr
+    r = cli("status", done["out"], "--json")
+    assert r.returncode == 0 and json.loads(r.stdout) == {"finished": True}
+
+
+def test_embedding_array_where_a_transform_belongs_exits_2(done):
+    message = f"{done['s']!r} is a Zarr array of shape (400, 6), not a bigalign transform"
+    for argv in (["info", done["s"]],
+                 ["apply", done["s"], done["s"], "-o", done["dir"] / "x.zarr"],
+                 ["evaluate", done["s"], done["s"], done["t"]]):
+        r = cli(*argv)
+        assert r.returncode == 2, (argv, r.stderr)
+        assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    with pytest.raises(InputError, match=r"is a Zarr array of shape \(400, 6\)"):
+        bigalign.Transform.load(done["s"])
+
+
+def test_status_of_nothing_exits_2(tmp_path):
+    r = cli("status", tmp_path / "nothing")
+    assert r.returncode == 2 and "no progress recorded and no finished output" in r.stderr
+
+
 # ---- 4. output cut short by its reader ------------------------------------------------------
 
 def _closed_pipe_run(*argv):
@@ -174,7 +202,7 @@ def _closed_pipe_run(*argv):
 
 def test_closed_stdout_is_no_error(done):
     for argv, code in ((["info", done["tr"], "--json"], 0), (["fit", "--help"], 0),
-                       (["--version"], 0)):
+                       (["status", done["out"]], 0), (["--version"], 0)):
         r = _closed_pipe_run(*argv)
         assert r.returncode == code, (argv, r.stderr)
         assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, (argv, r.stderr)

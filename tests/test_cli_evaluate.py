@@ -154,6 +154,8 @@ def synthetic(tmp_path):
     (["evaluate", "{tr}", "{small}", "{t}"], "maps 8 -> 8 dims"),
     (["evaluate", "{tr}", "{s}", "{dir}/missing.zarr"], "no such Zarr array"),
     (["evaluate", "{tr}", "{s}", "{t}", "--rows", "350:350"], "empty"),
+    (["evaluate", "{s}", "{s}", "{t}"], "is a Zarr array of shape (400, 8), not a bigalign transform"),
+    (["evaluate-retrieval", "{s}", "{s}", "{t}", "--qrels", "{bad}"], "is a Zarr array of shape (400, 8)"),
     (["evaluate", "{tr}", "{s}", "{t}", "--k", "0"], "positive"),
     (["evaluate", "{tr}", "{s}", "{t}", "--train-source", "{s}"], "both --train-source"),
     (["evaluate-retrieval", "{tr}", "{s}", "{t}", "--qrels", "{bad}"], "missing column"),

@@ -44,6 +44,15 @@ def test_nonfinite_input_named():
         t.transform(x)
 
 
+@pytest.mark.parametrize("fmt", [2, 3])
+def test_load_of_a_plain_array_says_what_it_is(tmp_path, fmt):
+    p = str(tmp_path / "x.zarr")
+    zarr.create_array(p, shape=(12, 5), dtype="f4", zarr_format=fmt)
+    with pytest.raises(InputError, match=r"is a Zarr array of shape \(12, 5\), not a "
+                                         r"bigalign transform"):
+        Transform.load(p)
+
+
 def test_wrong_dimension():
     with pytest.raises(ValueError, match="dimension 6"):
         make().transform(np.ones((3, 5)))
