@@ -154,20 +154,36 @@ def _check_no_missing(emb: EmbeddingArray) -> None:
 
 def parse_rows(rows, n: int) -> tuple[int, int]:
     """Row range from None, (start, stop) or 'START:STOP' (either side may be empty;
-    negative values count from the end, like Python slices). Must be non-empty."""
+    negative values count from the end, like Python slices). Must be non-empty and inside
+    the array: a bound past its ``n`` rows is an error, not silently clipped (a typo in a
+    training split must not fit on fewer rows than asked for)."""
     if rows is None:
         return 0, n
+    text = rows if isinstance(rows, str) else ":".join("" if r is None else str(r) for r in rows)
     if isinstance(rows, str):
         parts = rows.split(":")
         if len(parts) != 2:
             raise InputError(f"--rows {rows!r}: expected START:STOP, e.g. 0:100000")
         try:
-            rows = tuple(int(p) if p.strip() else None for p in parts)
+            rows = tuple(int(p.replace("_", "")) if p.strip() else None for p in parts)
         except ValueError:
             raise InputError(f"--rows {rows!r}: START and STOP must be integers") from None
-    start, stop, _ = slice(*rows).indices(n)
+    if len(rows) != 2:
+        raise InputError(f"row range {rows!r}: expected (start, stop)")
+    bounds = []
+    for name, value, default in (("start", rows[0], 0), ("stop", rows[1], n)):
+        if value is None:
+            bounds.append(default)
+            continue
+        value = int(value)
+        absolute = value + n if value < 0 else value
+        if not 0 <= absolute <= n:
+            raise InputError(f"row range {text}: {name} {value} is outside the array's {n:,} "
+                             f"rows (valid: -{n} to {n}; negative values count from the end)")
+        bounds.append(absolute)
+    start, stop = bounds
     if stop <= start:
-        raise InputError(f"row range {rows} is empty for an array of {n} rows")
+        raise InputError(f"row range {text} is empty for an array of {n:,} rows")
     return start, stop
 
 

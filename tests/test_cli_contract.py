@@ -216,6 +216,15 @@ def test_piped_into_head(done):
     assert r.returncode == 0 and r.stdout == "{\n" and r.stderr == "", r.stderr
 
 
+# ---- 5. row ranges are not clipped -----------------------------------------------------------
+
+def test_rows_past_the_end_exit_2(done):
+    r = cli("fit", done["s"], done["t"], "-o", done["dir"] / "r", "--rows", "0:5000", "-q")
+    assert r.returncode == 2
+    assert "row range 0:5000: stop 5000 is outside the array's 400 rows" in r.stderr
+    assert not (done["dir"] / "r").exists()
+
+
 def test_status_of_unreachable_storage_exits_75(capsys, monkeypatch):
     """'Nothing there' would be a lie when storage does not answer: exit 75, not 2."""
     pytest.importorskip("aiohttp")

@@ -65,9 +65,20 @@ def test_parse_rows():
     assert parse_rows(":5", 10) == (0, 5)
     assert parse_rows("-3:", 10) == (7, 10)
     assert parse_rows((1, 4), 10) == (1, 4)
-    for bad in ("5:2", "1", "a:b", "20:30"):
+    assert parse_rows("0:10", 10) == (0, 10) and parse_rows("-10:-1", 10) == (0, 9)
+    assert parse_rows("1_000:2_000", 5000) == (1000, 2000)
+    for bad in ("5:2", "1", "a:b", "20:30", "0:11", "-11:", "5:10000", (0, 11)):
         with pytest.raises(InputError):
             parse_rows(bad, 10)
+
+
+def test_parse_rows_never_clips():
+    """Out-of-range bounds name the array's row count instead of fitting on fewer rows."""
+    with pytest.raises(InputError, match=r"row range 0:5000: stop 5000 is outside the "
+                                         r"array's 1,500 rows"):
+        parse_rows("0:5000", 1500)
+    with pytest.raises(InputError, match=r"start -2000 is outside the array's 1,500 rows"):
+        parse_rows((-2000, None), 1500)
 
 
 def test_create_output_template(tmp_path):
