@@ -56,28 +56,64 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_storage_option(parser) -> None:
-    """The repeatable --storage-option KEY=VALUE of every command that opens URLs."""
+    """--storage-option KEY=VALUE (repeatable) and --storage-options JSON: the fsspec
+    options of every command that opens URLs (parsed by :func:`storage_options`)."""
     parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="fsspec storage option for URLs (repeatable), e.g. anon=true or "
-                             "endpoint_url=http://127.0.0.1:9000")
+                        help="fsspec storage option for URLs (repeatable). VALUE: true/false/"
+                             "null, a number, a JSON object or list (nested options), a "
+                             "\"quoted\" JSON string, else taken as text; e.g. anon=true, "
+                             "endpoint_url=http://127.0.0.1:9000, "
+                             "client_kwargs='{\"region_name\": \"us-east-1\"}'")
+    parser.add_argument("--storage-options", action="append", default=[], metavar="JSON",
+                        help="fsspec storage options as one JSON object (repeatable; later "
+                             "ones and --storage-option win per key), e.g. "
+                             "'{\"anon\": true, \"config_kwargs\": {\"s3\": "
+                             "{\"addressing_style\": \"path\"}}}'")
+
+
+def parse_storage_value(key: str, value: str):
+    """One --storage-option value: true/false/null (any case), numbers, JSON objects and
+    lists become JSON values, a double-quoted JSON string its text; anything else stays as
+    written. A value that starts like a JSON object or list must be valid JSON."""
+    from .errors import InputError
+
+    low = value.strip().lower()
+    if low in ("true", "false", "null"):
+        return json.loads(low)
+    text = value.strip()
+    if text[:1] in ("{", "[", '"'):
+        try:
+            return json.loads(text)
+        except ValueError as e:
+            raise InputError(f"--storage-option {key}={value}: not valid JSON ({e})") from None
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return value
+    return parsed if isinstance(parsed, (int, float)) else value
 
 
 def storage_options(args) -> Optional[dict]:
-    """Parse --storage-option values: true/false/null (any case) and numbers become JSON
-    values, anything else stays a string. None when none were given."""
-    out = {}
-    for item in args.storage_option:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            from .errors import InputError
-            raise InputError(f"--storage-option {item!r}: expected KEY=VALUE")
+    """The fsspec storage options of ``args``: every --storage-options JSON object merged in
+    order, then every --storage-option KEY=VALUE (:func:`parse_storage_value`). None when
+    none were given. Bad syntax raises InputError (exit code 2)."""
+    from .errors import InputError
+
+    out: dict = {}
+    for blob in getattr(args, "storage_options", None) or []:
         try:
-            out[key] = json.loads(value.lower() if value.lower() in ("true", "false", "null")
-                                  else value)
-            if not isinstance(out[key], (bool, int, float, type(None))):
-                out[key] = value
-        except ValueError:
-            out[key] = value
+            value = json.loads(blob)
+        except ValueError as e:
+            raise InputError(f"--storage-options {blob!r}: not valid JSON ({e})") from None
+        if not isinstance(value, dict):
+            raise InputError(f"--storage-options {blob!r}: expected a JSON object "
+                             '({"key": value, ...})')
+        out.update(value)
+    for item in getattr(args, "storage_option", None) or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--storage-option {item!r}: expected KEY=VALUE")
+        out[key.strip()] = parse_storage_value(key.strip(), value)
     return out or None
 
 

@@ -46,6 +46,7 @@ def test_fit_apply_info_roundtrip(files, capsys):
     (["fit", "{s}", "{t}", "-o", "{tmp}/x", "--rows", "300:200"], "empty for an array of 400"),
     (["fit", "{s}", "{t}", "-o", "{tmp}/x", "--rows=-500:"], "start -500 is outside"),
     (["info", "{s}"], r"is a Zarr array of shape \(400, 6\), not a bigalign transform"),
+    (["fit", "{s}", "{t}", "-o", "{tmp}/x", "--storage-option", "k={{bad"], "not valid JSON"),
     (["fit", "{s}", "{wide}", "-o", "{tmp}/x", "--no-reflection"], "needs equal dimensions"),
     (["fit", "{s}", "{t}", "-o", "{s}"], "already exists"),
     (["apply", "{tmp}/nothing", "{s}", "-o", "{tmp}/y"], "not a transform|no transform"),

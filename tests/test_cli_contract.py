@@ -225,6 +225,27 @@ def test_rows_past_the_end_exit_2(done):
     assert not (done["dir"] / "r").exists()
 
 
+# ---- 6. nested storage options ---------------------------------------------------------------
+
+def test_storage_options_nested_json():
+    ns = argparse.Namespace(storage_option=[
+        'client_kwargs={"region_name": "us-east-1"}',
+        'config_kwargs={"s3": {"addressing_style": "path"}}', "anon=TRUE", "port=9000",
+        'token="123"', "name=abc", "endpoint_url=http://x:1/?a=b"],
+        storage_options=['{"key": "k", "anon": false}', '{"secret": "s"}'])
+    assert storage_options(ns) == {
+        "client_kwargs": {"region_name": "us-east-1"},
+        "config_kwargs": {"s3": {"addressing_style": "path"}}, "anon": True, "port": 9000,
+        "token": "123", "name": "abc", "endpoint_url": "http://x:1/?a=b", "key": "k",
+        "secret": "s"}
+    for bad, message in ((["x={oops"], "not valid JSON"),):
+        with pytest.raises(InputError, match=message):
+            storage_options(argparse.Namespace(storage_option=bad, storage_options=[]))
+    for blob in ("[1, 2]", "{bad"):
+        with pytest.raises(InputError, match="--storage-options"):
+            storage_options(argparse.Namespace(storage_option=[], storage_options=[blob]))
+
+
 def test_status_of_unreachable_storage_exits_75(capsys, monkeypatch):
     """'Nothing there' would be a lie when storage does not answer: exit 75, not 2."""
     pytest.importorskip("aiohttp")
