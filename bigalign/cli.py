@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -52,7 +53,11 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-missing-chunks", action="store_true",
                    help="do not refuse inputs with unstored chunks (Zarr reads them as fill)")
     add_storage_option(g)
-    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar; only warnings (such as resuming) and errors")
+    g.add_argument("-q", "--quiet", action="store_true",
+                   help="print nothing but warnings (such as resuming) and errors: no "
+                        "progress, no log lines, no summary on stdout (--json still prints)")
+    g.add_argument("--json", action="store_true",
+                   help="print a machine-readable summary (JSON) on stdout when done")
 
 
 def add_storage_option(parser) -> None:
@@ -115,6 +120,26 @@ def storage_options(args) -> Optional[dict]:
             raise InputError(f"--storage-option {item!r}: expected KEY=VALUE")
         out[key.strip()] = parse_storage_value(key.strip(), value)
     return out or None
+
+
+def json_safe(obj):
+    """JSON-safe: NaN/Inf become null, numpy scalars and arrays plain numbers and lists,
+    anything else unknown its str()."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "tolist"):
+        return json_safe(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(json_safe(obj), indent=2))
 
 
 def _common(args) -> dict:
@@ -228,8 +253,17 @@ def _fit(args) -> int:
                      reflection=not args.no_reflection, rows=args.rows,
                      diagnostics=not args.no_diagnostics, precision=args.precision,
                      keep_checkpoint=args.keep_checkpoint, **_common(args))
-    print(_describe_transform(t, args.output))
+    if args.json:
+        _print_json(_transform_json(t, args.output))
+    elif not args.quiet:
+        print(_describe_transform(t, args.output))
     return 0
+
+
+def _transform_json(t, path) -> dict:
+    """What ``info --json`` and ``fit --json`` print for a transform."""
+    return {"kind": "transform", "path": str(path), "dims": list(t.dims), "scale": t.scale,
+            "options": t.options, "metadata": t.metadata}
 
 
 def _apply(args) -> int:
@@ -239,10 +273,16 @@ def _apply(args) -> int:
                        renormalize=args.renormalize, target_centred=args.target_centred,
                        compression=args.compression,
                        chunk_rows=args.chunk_rows, **_common(args))
-    resumed = f", {r.units_resumed} of {r.units_total} regions were already done" \
-        if r.units_resumed else ""
-    print(f"wrote {r.rows:,} rows to {args.output} in {r.seconds:.1f}s "
-          f"({r.rows_per_second:,.0f} rows/s{resumed}); marked complete")
+    if args.json:
+        _print_json({"kind": "apply-output", "path": args.output, "complete": True,
+                     "rows": r.rows, "seconds": r.seconds, "rows_per_second": r.rows_per_second,
+                     "tasks": r.tasks, "regions": r.units_total,
+                     "regions_resumed": r.units_resumed})
+    elif not args.quiet:
+        resumed = f", {r.units_resumed} of {r.units_total} regions were already done" \
+            if r.units_resumed else ""
+        print(f"wrote {r.rows:,} rows to {args.output} in {r.seconds:.1f}s "
+              f"({r.rows_per_second:,.0f} rows/s{resumed}); marked complete")
     return 0
 
 
@@ -277,7 +317,7 @@ def _info(args) -> int:
         if not status.get("complete"):
             info["progress"] = bigalign.run_status(args.path, so)
         if args.json:
-            print(json.dumps(info, indent=2, default=str))
+            _print_json(info)
         else:
             state = "complete" if status.get("complete") else "INCOMPLETE (rerun apply to resume)"
             print(f"apply output {args.path}: {state}")
@@ -294,8 +334,7 @@ def _info(args) -> int:
             return _status(args)
         raise bigalign.InputError(f"{args.path!r}: not a transform or apply output ({e})") from None
     if args.json:
-        print(json.dumps({"kind": "transform", "path": args.path, "scale": t.scale,
-                          "options": t.options, "metadata": t.metadata}, indent=2, default=str))
+        _print_json(_transform_json(t, args.path))
     else:
         print(_describe_transform(t, args.path))
     return 0
@@ -328,7 +367,10 @@ def _status(args) -> int:
         p = {"finished": True}
         print(json.dumps(p) if args.json else f"{args.path}: finished, nothing in flight")
         return 0
-    print(json.dumps(p, indent=2, default=str) if args.json else _describe_progress(p))
+    if args.json:
+        _print_json(p)
+    else:
+        print(_describe_progress(p))
     return 3
 
 

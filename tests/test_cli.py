@@ -25,9 +25,9 @@ def run(capsys, *argv):
 
 def test_fit_apply_info_roundtrip(files, capsys):
     s, t, tmp, a = files
-    code, out, _ = run(capsys, "fit", s, t, "-o", tmp / "t", "--center", "-q")
+    code, out, _ = run(capsys, "fit", s, t, "-o", tmp / "t", "--center")
     assert code == 0 and "maps 6 -> 6 dims, fitted on 400 pairs" in out
-    code, out, _ = run(capsys, "apply", tmp / "t", s, "-o", tmp / "o.zarr", "-q")
+    code, out, _ = run(capsys, "apply", tmp / "t", s, "-o", tmp / "o.zarr")
     assert code == 0 and "wrote 400 rows" in out and "marked complete" in out
     code, out, _ = run(capsys, "info", tmp / "t", "--json")
     meta = json.loads(out)

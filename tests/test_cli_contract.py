@@ -246,6 +246,24 @@ def test_storage_options_nested_json():
             storage_options(argparse.Namespace(storage_option=[], storage_options=[blob]))
 
 
+# ---- 7. quiet and JSON summaries -------------------------------------------------------------
+
+def test_quiet_prints_nothing_json_prints_a_summary(done, tmp_path):
+    r = cli("fit", done["s"], done["t"], "-o", tmp_path / "q", "-q")
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == ""
+    r = cli("fit", done["s"], done["t"], "-o", tmp_path / "j", "--center", "--json", "-q")
+    summary = json.loads(r.stdout)
+    assert summary["kind"] == "transform" and summary["metadata"]["n_pairs"] == 400
+    assert summary["dims"] == [6, 6] and summary["options"]["center"] is True
+    r = cli("apply", tmp_path / "j", done["s"], "-o", tmp_path / "o.zarr", "-q")
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == ""
+    r = cli("apply", tmp_path / "j", done["s"], "-o", tmp_path / "p.zarr", "--json")
+    summary = json.loads(r.stdout)
+    assert r.returncode == 0 and summary["complete"] is True and summary["rows"] == 400
+    r = cli("fit", done["s"], done["t"], "-o", tmp_path / "v")
+    assert r.returncode == 0 and "maps 6 -> 6 dims, fitted on 400 pairs" in r.stdout
+
+
 def test_status_of_unreachable_storage_exits_75(capsys, monkeypatch):
     """'Nothing there' would be a lie when storage does not answer: exit 75, not 2."""
     pytest.importorskip("aiohttp")
