@@ -55,7 +55,9 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     add_storage_option(g)
     g.add_argument("-q", "--quiet", action="store_true",
                    help="print nothing but warnings (such as resuming) and errors: no "
-                        "progress, no log lines, no summary on stdout (--json still prints)")
+                        "progress, no log lines, no summary on stdout (--json still prints). "
+                        "Without it, progress goes to stderr: a bar on a terminal, else (log "
+                        "files) a line per 10%% of the tasks or per 10 s")
     g.add_argument("--json", action="store_true",
                    help="print a machine-readable summary (JSON) on stdout when done")
 

@@ -264,6 +264,43 @@ def test_quiet_prints_nothing_json_prints_a_summary(done, tmp_path):
     assert r.returncode == 0 and "maps 6 -> 6 dims, fitted on 400 pairs" in r.stdout
 
 
+# ---- 8. progress in log files ----------------------------------------------------------------
+
+def test_progress_is_line_based_when_stderr_is_not_a_terminal(tmp_path):
+    a, b, _ = planted(4000, 8, seed=8)
+    s, t = write_zarr(tmp_path / "a.zarr", a, 100), write_zarr(tmp_path / "b.zarr", b, 100)
+    r = cli("fit", s, t, "-o", tmp_path / "t", "--block-mb", "0.01")
+    assert r.returncode == 0, r.stderr
+    assert "\r" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("bigalign: progress ")]
+    assert len(lines) >= 5, r.stderr
+    assert "% (" in lines[0] and " tasks) after " in lines[0]
+    assert lines[-1].startswith("bigalign: progress 100% (")
+
+
+def test_progress_bar_on_a_terminal():
+    from bigalign.cluster import Reporter
+
+    class Terminal:
+        text = ""
+
+        def write(self, s):
+            self.text += s
+
+        def flush(self):
+            pass
+
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    rep = Reporter(term)
+    rep.update(5, 10)
+    rep.update(10, 10, final=True)
+    assert term.text.startswith("\r[") and "10 of 10 tasks" in term.text
+    assert term.text.endswith("\n")
+
+
 def test_status_of_unreachable_storage_exits_75(capsys, monkeypatch):
     """'Nothing there' would be a lie when storage does not answer: exit 75, not 2."""
     pytest.importorskip("aiohttp")

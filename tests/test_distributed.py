@@ -1,5 +1,7 @@
 """End to end on dask.distributed: a LocalCluster of 2 worker processes on loopback."""
 
+import json
+
 import numpy as np
 import pytest
 import zarr
@@ -74,3 +76,19 @@ def test_deterministic_errors_are_not_retried(tmp_path, cluster):
                                    "y") == 42
     assert (tmp_path / "nan").read_text().count("call") == 1
     assert (tmp_path / "flaky").read_text().count("call") == 2
+
+
+@pytest.mark.slow
+def test_progress_lines_on_distributed(tmp_path, cluster, capsys):
+    """Not a terminal: line-based progress on stderr, nothing on stdout (distributed's own
+    bar writes \\r updates to stdout)."""
+    from bigalign.cli import main
+    a, b, _ = planted(3000, 8, seed=13)
+    s, t = write_zarr(tmp_path / "a.zarr", a, 100), write_zarr(tmp_path / "b.zarr", b, 100)
+    assert main(["fit", s, t, "-o", str(tmp_path / "t"), "--scheduler",
+                 cluster.scheduler_address, "--block-mb", "0.01", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["metadata"]["n_pairs"] == 3000
+    assert "\r" not in err and "\r" not in out
+    lines = [ln for ln in err.splitlines() if ln.startswith("bigalign: progress ")]
+    assert lines and lines[-1].startswith("bigalign: progress 100% ("), err
