@@ -205,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("source", help="Zarr array (N, dA) to map")
     a.add_argument("-o", "--output", required=True, help="new Zarr array (N, dB)")
     a.add_argument("--dtype", choices=("float32", "float16", "float64"), default="float32",
-                   help="output dtype (default float32)")
+                   help="output dtype (default float32); float16 refuses rows whose "
+                        "mapped values exceed its range (65504), naming the first one "
+                        "(--renormalize keeps them within it)")
     a.add_argument("--renormalize", action="store_true", help="L2-normalise each output row")
     a.add_argument("--target-centred", action="store_true",
                    help="write (x - mean_A) s Q without + mean_B: vectors in the target's "

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .errors import InputError, is_transient
+from .errors import InputError, NonFiniteError, is_transient
 from .stats import Moments, check_finite, normalize_rows
 
 FORMAT = "bigalign.transform/1"
@@ -35,7 +35,8 @@ def map_rows(x: np.ndarray, matrix: np.ndarray, source_mean: np.ndarray,
     compute dtype (float64 for float64 output, else float32). Returns (n, dB) in ``dtype``.
     ``inplace``: x may be overwritten (the engine's read buffer); ``out``: an (n, dB) buffer
     of the compute dtype for the product. Raises NonFiniteError naming the first bad row
-    (``start`` is the block's global offset).
+    (``start`` is the block's global offset): NaN/Inf, or a value the cast to a narrower
+    ``dtype`` overflows (float16 ends at 65504).
     """
     work = np.float64 if np.dtype(dtype) == np.float64 else np.float32
     if normalize:
@@ -53,7 +54,27 @@ def map_rows(x: np.ndarray, matrix: np.ndarray, source_mean: np.ndarray,
     check_finite(y.sum(axis=0, dtype=np.float64), y, start, "source")
     if renormalize:
         y /= np.linalg.norm(y, axis=1, keepdims=True).clip(min=np.finfo(work).tiny)
-    return y.astype(dtype, copy=False)
+    with np.errstate(over="ignore"):  # checked below, with a clearer message
+        result = y.astype(dtype, copy=False)
+    if result.dtype.itemsize < y.dtype.itemsize:
+        _check_range(result, y, start)
+    return result
+
+
+def _check_range(result: np.ndarray, y: np.ndarray, start: int) -> None:
+    """A cast to a narrower float (float16: largest 65504) turns big finite values into
+    Inf silently. ``y`` is finite (checked before the cast), so a finite float32 column sum
+    of ``result`` proves the cast clean at one cheap pass; otherwise name the first row."""
+    if np.isfinite(result.sum(axis=0, dtype=np.float32)).all():
+        return
+    bad = np.flatnonzero(~np.isfinite(result).all(axis=1))
+    i = int(bad[0]) if bad.size else 0
+    info = np.finfo(result.dtype)
+    raise NonFiniteError(
+        f"source row {start + i} maps to values up to {float(np.abs(y[i]).max()):.6g}, "
+        f"beyond the {result.dtype} range (largest {float(info.max):g}): {bad.size} rows of "
+        f"block rows {start}:{start + len(result)} would be written as Inf. Write float32 "
+        f"(--dtype float32), or L2-normalise the output (--renormalize)")
 
 
 @dataclass

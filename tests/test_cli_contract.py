@@ -301,6 +301,19 @@ def test_progress_bar_on_a_terminal():
     assert term.text.endswith("\n")
 
 
+# ---- 9. float16 overflow ---------------------------------------------------------------------
+
+def test_float16_overflow_exits_2_naming_the_row(tmp_path):
+    x = np.ones((300, 4), np.float32)
+    x[217] = 3e4  # maps to 3e4 * 3 = 9e4 > 65504
+    s = write_zarr(tmp_path / "x.zarr", x, 100)
+    bigalign.Transform(np.eye(4), np.zeros(4), np.zeros(4), 3.0).save(str(tmp_path / "t"))
+    r = cli("apply", tmp_path / "t", s, "-o", tmp_path / "o.zarr", "--dtype", "float16", "-q")
+    assert r.returncode == 2, r.stderr
+    assert "source row 217" in r.stderr and "float16" in r.stderr
+    assert not bigalign.output_status(str(tmp_path / "o.zarr"))["complete"]
+
+
 def test_status_of_unreachable_storage_exits_75(capsys, monkeypatch):
     """'Nothing there' would be a lie when storage does not answer: exit 75, not 2."""
     pytest.importorskip("aiohttp")
