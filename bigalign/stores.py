@@ -59,6 +59,13 @@ class EmbeddingArray:
 
     @property
     def dtype(self) -> np.dtype:
+        """The dtype of rows as read: native byte order (a Zarr v2 ``>f4`` array reads as
+        float32; Zarr converts while reading, also into a native ``out`` buffer)."""
+        return self.stored_dtype.newbyteorder("=")
+
+    @property
+    def stored_dtype(self) -> np.dtype:
+        """The dtype as stored, byte order included (``>f4`` for big-endian Zarr v2)."""
         return np.dtype(self.array.dtype)
 
     @property
@@ -106,8 +113,9 @@ def open_embeddings(source, *, side: str = "source", storage_options: Optional[d
     emb = EmbeddingArray(arr, url, side)
     if arr.ndim != 2:
         raise InputError(f"{side} {url!r}: expected a 2-D (rows, dim) array, got shape {emb.shape}")
-    if emb.dtype not in [np.dtype(t) for t in FLOAT_DTYPES]:
-        raise InputError(f"{side} {url!r}: dtype {emb.dtype} is not float16, float32 or float64")
+    if emb.dtype not in [np.dtype(t) for t in FLOAT_DTYPES]:  # any byte order
+        raise InputError(f"{side} {url!r}: dtype {emb.stored_dtype} is not float16, float32 "
+                         "or float64")
     if emb.rows == 0 or emb.dim == 0:
         raise InputError(f"{side} {url!r}: empty array, shape {emb.shape}")
     if arr.chunks[1] != emb.dim:
@@ -218,6 +226,13 @@ def _retrying(what: str, fn, *, transient_only: bool = False):
             raise ChunkReadError(f"{what}: {type(e).__name__}: {e}") from e
 
 
+def _native(x) -> np.ndarray:
+    """``x`` as numpy in native byte order (big-endian Zarr v2 rows would slow the GEMMs
+    and differ in dtype from the engine's buffers)."""
+    x = np.asarray(x)
+    return x if x.dtype.isnative else x.astype(x.dtype.newbyteorder("="))
+
+
 def read_rows(emb: EmbeddingArray, start: int, stop: int,
               out: Optional[np.ndarray] = None) -> np.ndarray:
     """Rows [start, stop) as numpy; transient I/O errors retried with exponential backoff,
@@ -228,7 +243,7 @@ def read_rows(emb: EmbeddingArray, start: int, stop: int,
     faults on new 32 MB allocations)."""
     what = f"cannot read {emb.side} rows {start}:{stop} of {emb.url!r}"
     if out is None or not hasattr(emb.array, "get_basic_selection"):
-        return _retrying(what, lambda: emb.array[start:stop])
+        return _retrying(what, lambda: _native(emb.array[start:stop]))
 
     def into():
         emb.array.get_basic_selection(slice(start, stop), out=NDBuffer.from_numpy_array(out))
