@@ -354,14 +354,21 @@ def run_status(path, storage_options: Optional[dict] = None) -> Optional[dict]:
 
 
 def output_status(output, storage_options: Optional[dict] = None) -> Optional[dict]:
-    """The ``bigalign`` attribute of an apply output: {"complete": bool, ...}, or None."""
+    """The ``bigalign`` attribute of an apply output: {"complete": bool, ...}, or None when
+    there is no Zarr array with one at ``output``. Storage that does not answer raises (a
+    transient error: "nothing there" would be a lie)."""
     import zarr
+
+    from .errors import is_transient
 
     try:
         arr = zarr.open_array(output, mode="r", storage_options=storage_options)
-    except Exception:
+    except Exception as e:
+        if is_transient(e):
+            raise
         return None
-    return dict(arr.attrs.get("bigalign", {})) or None
+    attrs = arr.attrs.get("bigalign")
+    return dict(attrs) if isinstance(attrs, dict) and attrs else None
 
 
 def apply(transform: Union[Transform, str], source, output: str, *, dtype: str = "float32",

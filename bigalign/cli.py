@@ -1,13 +1,26 @@
-"""Command line: parses, calls the API, prints. Exit codes: 0 success, 2 bad input or a
-refused run (the message says what and where), 1 an unexpected error, 130 interrupted."""
+"""Command line: parses, calls the API, prints.
+
+Exit codes (one mapping, :func:`bigalign.errors.exit_code`): 0 done or already done; 1 an
+unexpected error (a bug: traceback); 2 usage, bad input or a refused run (the message says
+what and where); 3 unfinished (``status``/``info``); 4 reserved; 75 a transient failure
+after retries (storage unreachable: a scheduler should retry, the rerun resumes); 130
+interrupted by SIGINT or SIGTERM. Output cut short by its reader (``| head``) is not an
+error: the rest of stdout is discarded and the exit code is the command's own.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import math
+import os
+import signal
 import sys
 import tempfile
+import threading
+import traceback
 import warnings
 from typing import Optional
 
@@ -40,33 +53,95 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-missing-chunks", action="store_true",
                    help="do not refuse inputs with unstored chunks (Zarr reads them as fill)")
     add_storage_option(g)
-    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar; only warnings (such as resuming) and errors")
+    g.add_argument("-q", "--quiet", action="store_true",
+                   help="print nothing but warnings (such as resuming) and errors: no "
+                        "progress, no log lines, no summary on stdout (--json still prints). "
+                        "Without it, progress goes to stderr: a bar on a terminal, else (log "
+                        "files) a line per 10%% of the tasks or per 10 s")
+    g.add_argument("--json", action="store_true",
+                   help="print a machine-readable summary (JSON) on stdout when done")
 
 
 def add_storage_option(parser) -> None:
-    """The repeatable --storage-option KEY=VALUE of every command that opens URLs."""
+    """--storage-option KEY=VALUE (repeatable) and --storage-options JSON: the fsspec
+    options of every command that opens URLs (parsed by :func:`storage_options`)."""
     parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="fsspec storage option for URLs (repeatable), e.g. anon=true or "
-                             "endpoint_url=http://127.0.0.1:9000")
+                        help="fsspec storage option for URLs (repeatable). VALUE: true/false/"
+                             "null, a number, a JSON object or list (nested options), a "
+                             "\"quoted\" JSON string, else taken as text; e.g. anon=true, "
+                             "endpoint_url=http://127.0.0.1:9000, "
+                             "client_kwargs='{\"region_name\": \"us-east-1\"}'")
+    parser.add_argument("--storage-options", action="append", default=[], metavar="JSON",
+                        help="fsspec storage options as one JSON object (repeatable; later "
+                             "ones and --storage-option win per key), e.g. "
+                             "'{\"anon\": true, \"config_kwargs\": {\"s3\": "
+                             "{\"addressing_style\": \"path\"}}}'")
+
+
+def parse_storage_value(key: str, value: str):
+    """One --storage-option value: true/false/null (any case), numbers, JSON objects and
+    lists become JSON values, a double-quoted JSON string its text; anything else stays as
+    written. A value that starts like a JSON object or list must be valid JSON."""
+    from .errors import InputError
+
+    low = value.strip().lower()
+    if low in ("true", "false", "null"):
+        return json.loads(low)
+    text = value.strip()
+    if text[:1] in ("{", "[", '"'):
+        try:
+            return json.loads(text)
+        except ValueError as e:
+            raise InputError(f"--storage-option {key}={value}: not valid JSON ({e})") from None
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return value
+    return parsed if isinstance(parsed, (int, float)) else value
 
 
 def storage_options(args) -> Optional[dict]:
-    """Parse --storage-option values: true/false/null (any case) and numbers become JSON
-    values, anything else stays a string. None when none were given."""
-    out = {}
-    for item in args.storage_option:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            from .errors import InputError
-            raise InputError(f"--storage-option {item!r}: expected KEY=VALUE")
+    """The fsspec storage options of ``args``: every --storage-options JSON object merged in
+    order, then every --storage-option KEY=VALUE (:func:`parse_storage_value`). None when
+    none were given. Bad syntax raises InputError (exit code 2)."""
+    from .errors import InputError
+
+    out: dict = {}
+    for blob in getattr(args, "storage_options", None) or []:
         try:
-            out[key] = json.loads(value.lower() if value.lower() in ("true", "false", "null")
-                                  else value)
-            if not isinstance(out[key], (bool, int, float, type(None))):
-                out[key] = value
-        except ValueError:
-            out[key] = value
+            value = json.loads(blob)
+        except ValueError as e:
+            raise InputError(f"--storage-options {blob!r}: not valid JSON ({e})") from None
+        if not isinstance(value, dict):
+            raise InputError(f"--storage-options {blob!r}: expected a JSON object "
+                             '({"key": value, ...})')
+        out.update(value)
+    for item in getattr(args, "storage_option", None) or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--storage-option {item!r}: expected KEY=VALUE")
+        out[key.strip()] = parse_storage_value(key.strip(), value)
     return out or None
+
+
+def json_safe(obj):
+    """JSON-safe: NaN/Inf become null, numpy scalars and arrays plain numbers and lists,
+    anything else unknown its str()."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "tolist"):
+        return json_safe(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(json_safe(obj), indent=2))
 
 
 def _common(args) -> dict:
@@ -83,7 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Align two embedding models with one orthogonal map (Procrustes), "
                     "streaming chunked Zarr arrays with Dask: fit on paired rows, apply to "
                     "corpora of any size.",
-        epilog="Quick start: 'bigalign demo' runs the whole job on generated data.")
+        epilog="Quick start: 'bigalign demo' runs the whole job on generated data. Exit codes: "
+               "0 done or already done; 1 unexpected error (a bug); 2 usage, bad input or a "
+               "refused run; 3 unfinished (status, info); 75 storage or cluster unavailable "
+               "after retries (retry later: the rerun resumes); 130 interrupted by SIGINT or "
+               "SIGTERM (rerun to resume).")
     p.add_argument("--version", action="version", version=f"bigalign {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -104,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--no-reflection", action="store_true",
                    help="force det(Q) = +1, a proper rotation (equal dimensions only)")
     f.add_argument("--rows", metavar="START:STOP",
-                   help="fit on this contiguous row range only (a training split)")
+                   help="fit on this contiguous row range only (a training split); bounds "
+                        "past the array's end are an error; negative ones count from the "
+                        "end (write --rows=-1000: for a leading minus)")
     f.add_argument("--no-diagnostics", action="store_true",
                    help="skip the Gram matrices A^T A, B^T B: about 2x faster, but no "
                         "dot-product discrepancy or bound in the metadata")
@@ -124,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("source", help="Zarr array (N, dA) to map")
     a.add_argument("-o", "--output", required=True, help="new Zarr array (N, dB)")
     a.add_argument("--dtype", choices=("float32", "float16", "float64"), default="float32",
-                   help="output dtype (default float32)")
+                   help="output dtype (default float32); float16 refuses rows whose "
+                        "mapped values exceed its range (65504), naming the first one "
+                        "(--renormalize keeps them within it)")
     a.add_argument("--renormalize", action="store_true", help="L2-normalise each output row")
     a.add_argument("--target-centred", action="store_true",
                    help="write (x - mean_A) s Q without + mean_B: vectors in the target's "
@@ -146,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="progress of a fit or apply in flight or interrupted",
                         description="Units done, rows/s and time left, read from the run's "
                                     "checkpoint (works from any machine that sees the storage). "
-                                    "Exit code 0: finished; 3: unfinished (rerun to resume).")
+                                    "Exit code 0: finished; 3: unfinished (rerun to resume); "
+                                    "2: nothing recorded there.")
     st.add_argument("path", help="the run's output (transform or apply output) or checkpoint")
     st.add_argument("--json", action="store_true", help="print machine-readable JSON")
     add_storage_option(st)
@@ -173,8 +257,17 @@ def _fit(args) -> int:
                      reflection=not args.no_reflection, rows=args.rows,
                      diagnostics=not args.no_diagnostics, precision=args.precision,
                      keep_checkpoint=args.keep_checkpoint, **_common(args))
-    print(_describe_transform(t, args.output))
+    if args.json:
+        _print_json(_transform_json(t, args.output))
+    elif not args.quiet:
+        print(_describe_transform(t, args.output))
     return 0
+
+
+def _transform_json(t, path) -> dict:
+    """What ``info --json`` and ``fit --json`` print for a transform."""
+    return {"kind": "transform", "path": str(path), "dims": list(t.dims), "scale": t.scale,
+            "options": t.options, "metadata": t.metadata}
 
 
 def _apply(args) -> int:
@@ -184,10 +277,16 @@ def _apply(args) -> int:
                        renormalize=args.renormalize, target_centred=args.target_centred,
                        compression=args.compression,
                        chunk_rows=args.chunk_rows, **_common(args))
-    resumed = f", {r.units_resumed} of {r.units_total} regions were already done" \
-        if r.units_resumed else ""
-    print(f"wrote {r.rows:,} rows to {args.output} in {r.seconds:.1f}s "
-          f"({r.rows_per_second:,.0f} rows/s{resumed}); marked complete")
+    if args.json:
+        _print_json({"kind": "apply-output", "path": args.output, "complete": True,
+                     "rows": r.rows, "seconds": r.seconds, "rows_per_second": r.rows_per_second,
+                     "tasks": r.tasks, "regions": r.units_total,
+                     "regions_resumed": r.units_resumed})
+    elif not args.quiet:
+        resumed = f", {r.units_resumed} of {r.units_total} regions were already done" \
+            if r.units_resumed else ""
+        print(f"wrote {r.rows:,} rows to {args.output} in {r.seconds:.1f}s "
+              f"({r.rows_per_second:,.0f} rows/s{resumed}); marked complete")
     return 0
 
 
@@ -224,7 +323,7 @@ def _info(args) -> int:
         if not status.get("complete"):
             info["progress"] = bigalign.run_status(args.path, so)
         if args.json:
-            print(json.dumps(info, indent=2, default=str))
+            _print_json(info)
         else:
             state = "complete" if status.get("complete") else "INCOMPLETE (rerun apply to resume)"
             print(f"apply output {args.path}: {state}")
@@ -241,8 +340,7 @@ def _info(args) -> int:
             return _status(args)
         raise bigalign.InputError(f"{args.path!r}: not a transform or apply output ({e})") from None
     if args.json:
-        print(json.dumps({"kind": "transform", "path": args.path, "scale": t.scale,
-                          "options": t.options, "metadata": t.metadata}, indent=2, default=str))
+        _print_json(_transform_json(t, args.path))
     else:
         print(_describe_transform(t, args.path))
     return 0
@@ -264,17 +362,21 @@ def _status(args) -> int:
     if p is None:
         status = bigalign.output_status(args.path, so)
         done = bool(status and status.get("complete"))
-        try:
-            bigalign.Transform.load(args.path, storage_options=so)
-            done = True
-        except bigalign.InputError:
-            pass
+        if not done and status is None:  # not an apply output: a transform?
+            try:
+                bigalign.Transform.load(args.path, storage_options=so)
+                done = True
+            except bigalign.InputError:
+                pass
         if not done:
             raise bigalign.InputError(f"{args.path!r}: no progress recorded and no finished output")
         p = {"finished": True}
         print(json.dumps(p) if args.json else f"{args.path}: finished, nothing in flight")
         return 0
-    print(json.dumps(p, indent=2, default=str) if args.json else _describe_progress(p))
+    if args.json:
+        _print_json(p)
+    else:
+        print(_describe_progress(p))
     return 3
 
 
@@ -295,33 +397,146 @@ def _demo(args) -> int:
 COMMANDS = {"fit": _fit, "apply": _apply, "info": _info, "status": _status, "demo": _demo}  # + cli_evaluate
 
 
-def main(argv=None) -> int:
-    from .errors import BigalignError
+class _StderrHandler(logging.StreamHandler):
+    """Log lines to whatever ``sys.stderr`` is when they are written (main() may run many
+    times in one process, each time with its own guarded stderr)."""
 
-    args = build_parser().parse_args(argv)
-    quiet = getattr(args, "quiet", False)
-    logger = logging.getLogger("bigalign")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("bigalign: %(message)s"))
-        logger.addHandler(handler)
-        logger.propagate = False
-    logger.setLevel(logging.WARNING if quiet else logging.INFO)
-    warnings.simplefilter("default")
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+class _Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like SIGINT's KeyboardInterrupt."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """While a command runs, SIGTERM (Kubernetes, SLURM and Argo stop jobs with it) unwinds
+    like Ctrl-C: leases are released and in-flight work is abandoned, and the exit code is
+    130. Later SIGTERMs during that unwinding are ignored (the orchestrator's SIGKILL after
+    its grace period still ends a stuck process). The previous handler is restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise _Interrupted()
+
+    previous = signal.signal(signal.SIGTERM, handler)
     try:
-        return COMMANDS[args.command](args)
-    except BigalignError as e:
-        print(f"bigalign {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, PermissionError, ConnectionError, TimeoutError) as e:
-        print(f"bigalign {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _ClosedPipeGuard:
+    """A text stream that survives its reader going away (``bigalign info T | head -1``).
+
+    On EPIPE it points the file descriptor at /dev/null, as Python's documentation of
+    SIGPIPE recommends, so that this and every later write (and the interpreter's last flush)
+    succeed silently: no traceback, and the command still finishes and exits with its own
+    code. Exit 0 rather than 141 (128 + SIGPIPE) because the reader closing early is not a
+    failure of the command: a 141 would fail ``set -o pipefail`` scripts and look like an
+    error to schedulers, though the work was done."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.closed_by_reader = False
+
+    def _redirect(self) -> None:
+        self.closed_by_reader = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass  # no file descriptor (captured in tests): writes are dropped below
+
+    def write(self, text):
+        if self.closed_by_reader:
+            return len(text)
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._redirect()
+            return len(text)
+
+    def flush(self):
+        if self.closed_by_reader:
+            with contextlib.suppress(OSError, ValueError):
+                self._stream.flush()  # to /dev/null now, or the data is dropped
+            return
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._redirect()
+            with contextlib.suppress(OSError, ValueError):
+                self._stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _guarded_streams():
+    """stdout and stderr wrapped in :class:`_ClosedPipeGuard` while a command runs."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _ClosedPipeGuard(saved[0]), _ClosedPipeGuard(saved[1])
+    try:
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):  # a last EPIPE here, not at interpreter exit
+            with contextlib.suppress(Exception):
+                stream.flush()
+        sys.stdout, sys.stderr = saved
+
+
+def _report_error(command: str, e: BaseException) -> int:
+    """Print what went wrong for ``e`` and return its exit code (errors.exit_code)."""
+    from .errors import EXIT_BUG, EXIT_INTERRUPTED, EXIT_TEMPFAIL, BigalignError, exit_code
+
+    code = exit_code(e)
+    if code == EXIT_INTERRUPTED:
         print("bigalign: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # output piped into head & co.
-        sys.stderr.close()
-        return 0
+    elif code == EXIT_BUG:
+        traceback.print_exc(file=sys.stderr)
+        print(f"bigalign {command}: unexpected error (a bug; please report it with the "
+              f"traceback above): {type(e).__name__}: {e}", file=sys.stderr)
+    else:
+        what = str(e) if isinstance(e, BigalignError) else f"{type(e).__name__}: {e}"
+        print(f"bigalign {command}: error: {what}", file=sys.stderr)
+        if code == EXIT_TEMPFAIL:
+            print(f"bigalign {command}: storage or cluster unavailable (exit {code}); rerun "
+                  "the same command later to resume", file=sys.stderr)
+    return code
+
+
+def main(argv=None) -> int:
+    """Run one command; return its exit code (module doc). Usage errors exit 2 through
+    argparse (SystemExit), --help and --version exit 0 the same way."""
+    with _guarded_streams(), _sigterm_interrupts():
+        command = "?"
+        try:
+            args = build_parser().parse_args(argv)
+            command = args.command
+            quiet = getattr(args, "quiet", False)
+            logger = logging.getLogger("bigalign")
+            if not logger.handlers:
+                handler = _StderrHandler()
+                handler.setFormatter(logging.Formatter("bigalign: %(message)s"))
+                logger.addHandler(handler)
+                logger.propagate = False
+            logger.setLevel(logging.WARNING if quiet else logging.INFO)
+            warnings.simplefilter("default")
+            return COMMANDS[args.command](args)
+        except (Exception, KeyboardInterrupt) as e:
+            return _report_error(command, e)
 
 
 if __name__ == "__main__":

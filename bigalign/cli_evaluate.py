@@ -14,7 +14,7 @@ import logging
 import math
 import sys
 
-from .cli import add_storage_option, storage_options
+from .cli import add_storage_option, json_safe as _plain, storage_options
 from .curve import learning_curve
 from .errors import InputError
 from .evaluate import DEFAULT_MAX_QUERIES, evaluate
@@ -203,19 +203,6 @@ def _finish(args, result: dict, formatter) -> int:
     else:
         print(formatter(result))
     return 0
-
-
-def _plain(obj):
-    """JSON-safe: NaN/Inf become null, numpy scalars plain numbers."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if hasattr(obj, "tolist"):
-        return _plain(obj.tolist())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 # ---- tables ------------------------------------------------------------------------------

@@ -1,6 +1,28 @@
-"""Exceptions users see. The CLI maps BigalignError to exit code 2 with its message."""
+"""Exceptions users see, and the one place that maps an exception to a process exit code.
+
+Exit codes of the command line (:func:`exit_code`)::
+
+    0    done, or already done
+    1    unexpected error: a bug (a traceback is printed)
+    2    usage, bad input or a refused run (the message says what and where)
+    3    unfinished (``bigalign status`` / ``info`` on a run in flight or interrupted)
+    4    reserved (a future quality gate of ``realign``; never used today)
+    75   transient failure after retries (EX_TEMPFAIL): storage or scheduler did not answer;
+         a scheduler should retry the same command, which resumes
+    130  interrupted by SIGINT or SIGTERM; rerun the same command to resume
+"""
 
 from __future__ import annotations
+
+import errno
+
+EXIT_OK = 0
+EXIT_BUG = 1
+EXIT_USAGE = 2
+EXIT_UNFINISHED = 3
+EXIT_GATE = 4  # reserved
+EXIT_TEMPFAIL = 75
+EXIT_INTERRUPTED = 130
 
 
 class BigalignError(Exception):
@@ -16,8 +38,61 @@ class NonFiniteError(InputError):
 
 
 class ChunkReadError(BigalignError, OSError):
-    """A chunk could not be read or written after retries; names the array and rows."""
+    """A chunk could not be read or written (corrupt, missing, forbidden, or storage that
+    kept failing after retries); names the array and rows."""
 
 
 class CheckpointError(BigalignError):
     """Progress cannot be resumed: inputs or options changed, or another run holds the lock."""
+
+
+class TransientError(BigalignError):
+    """Storage (or the cluster) did not answer even after retries: nothing is wrong with the
+    inputs, and the same command may succeed later (it resumes). Exit code 75."""
+
+
+class TransientChunkReadError(ChunkReadError, TransientError):
+    """A chunk read or write kept failing with a transient error (connection refused or
+    reset, timeout, server error) after retries."""
+
+
+#: OS errors that a retry does not cure: the path, the permissions or the disk are wrong.
+_PERSISTENT_OSERRORS = (FileNotFoundError, PermissionError, IsADirectoryError,
+                        NotADirectoryError, FileExistsError)
+_PERSISTENT_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR,
+                      errno.EEXIST, errno.ENOSPC, errno.EROFS, errno.ENAMETOOLONG,
+                      getattr(errno, "EDQUOT", errno.ENOSPC)}
+#: botocore's connection errors are not OSErrors (s3fs lets some through untranslated)
+_FOREIGN_TRANSIENT = {("botocore.exceptions", "ConnectionError"),
+                      ("botocore.exceptions", "HTTPClientError")}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when ``exc`` is worth retrying: a connection or timeout error, an OS error other
+    than a wrong path / permission / full disk, or a :class:`TransientError`. Bigalign's own
+    other errors (bad input, NaN rows, corrupt chunks, refused resumes) are deterministic."""
+    if isinstance(exc, TransientError):
+        return True
+    if isinstance(exc, BigalignError):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, OSError):
+        return not isinstance(exc, _PERSISTENT_OSERRORS) and exc.errno not in _PERSISTENT_ERRNOS
+    return any((c.__module__, c.__name__) in _FOREIGN_TRANSIENT for c in type(exc).__mro__)
+
+
+def is_persistent_os_error(exc: BaseException) -> bool:
+    """An OS error about the path, permissions or disk: the user must fix something."""
+    return isinstance(exc, OSError) and not is_transient(exc)
+
+
+def exit_code(exc: BaseException) -> int:
+    """The process exit code for an exception that ended a command (see module doc)."""
+    if isinstance(exc, KeyboardInterrupt):  # SIGINT, and SIGTERM via the CLI's handler
+        return EXIT_INTERRUPTED
+    if is_transient(exc):
+        return EXIT_TEMPFAIL
+    if isinstance(exc, BigalignError) or is_persistent_os_error(exc):
+        return EXIT_USAGE
+    return EXIT_BUG

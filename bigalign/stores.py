@@ -16,7 +16,7 @@ import numpy as np
 import zarr
 from zarr.core.buffer.cpu import NDBuffer
 
-from .errors import ChunkReadError, InputError
+from .errors import ChunkReadError, InputError, TransientChunkReadError, TransientError, is_transient
 
 __all__ = ["open_embeddings", "EmbeddingArray", "validate_pair", "create_output",
            "read_rows", "write_rows", "parse_rows", "COMPRESSIONS"]
@@ -27,7 +27,8 @@ FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 #: read/write speed (measured), so outputs are uncompressed unless asked.
 COMPRESSIONS = ("none", "lz4", "zstd")
 
-#: Transient I/O errors (OSError, timeouts) are retried this many times, sleeping
+#: Transient I/O errors (connections, timeouts, OS errors other than a wrong path or
+#: permission: :func:`bigalign.errors.is_transient`) are retried this many times, sleeping
 #: RETRY_BACKOFF * 2**attempt seconds between tries; decode errors are not retried.
 RETRIES = 3
 RETRY_BACKOFF = 0.5
@@ -58,6 +59,13 @@ class EmbeddingArray:
 
     @property
     def dtype(self) -> np.dtype:
+        """The dtype of rows as read: native byte order (a Zarr v2 ``>f4`` array reads as
+        float32; Zarr converts while reading, also into a native ``out`` buffer)."""
+        return self.stored_dtype.newbyteorder("=")
+
+    @property
+    def stored_dtype(self) -> np.dtype:
+        """The dtype as stored, byte order included (``>f4`` for big-endian Zarr v2)."""
         return np.dtype(self.array.dtype)
 
     @property
@@ -148,7 +156,11 @@ def open_embeddings(source, *, side: str = "source", storage_options: Optional[d
     else:
         url = str(source)
         try:
-            arr = zarr.open_array(url, mode="r", storage_options=storage_options)
+            arr = _retrying(f"{side} {url!r}: cannot open it",
+                            lambda: zarr.open_array(url, mode="r", storage_options=storage_options),
+                            transient_only=True)
+        except TransientError:
+            raise
         except FileNotFoundError as e:
             raise InputError(f"{side} {url!r}: no such Zarr array (path not found)") from e
         except Exception as e:  # zarr raises several kinds for "not an array"
@@ -160,8 +172,9 @@ def open_embeddings(source, *, side: str = "source", storage_options: Optional[d
     emb = EmbeddingArray(arr, url, side)
     if arr.ndim != 2:
         raise InputError(f"{side} {url!r}: expected a 2-D (rows, dim) array, got shape {emb.shape}")
-    if emb.dtype not in [np.dtype(t) for t in FLOAT_DTYPES]:
-        raise InputError(f"{side} {url!r}: dtype {emb.dtype} is not float16, float32 or float64")
+    if emb.dtype not in [np.dtype(t) for t in FLOAT_DTYPES]:  # any byte order
+        raise InputError(f"{side} {url!r}: dtype {emb.stored_dtype} is not float16, float32 "
+                         "or float64")
     if emb.rows == 0 or emb.dim == 0:
         raise InputError(f"{side} {url!r}: empty array, shape {emb.shape}")
     if arr.chunks[1] != emb.dim:
@@ -208,20 +221,36 @@ def _check_no_missing(emb: EmbeddingArray) -> None:
 
 def parse_rows(rows, n: int) -> tuple[int, int]:
     """Row range from None, (start, stop) or 'START:STOP' (either side may be empty;
-    negative values count from the end, like Python slices). Must be non-empty."""
+    negative values count from the end, like Python slices). Must be non-empty and inside
+    the array: a bound past its ``n`` rows is an error, not silently clipped (a typo in a
+    training split must not fit on fewer rows than asked for)."""
     if rows is None:
         return 0, n
+    text = rows if isinstance(rows, str) else ":".join("" if r is None else str(r) for r in rows)
     if isinstance(rows, str):
         parts = rows.split(":")
         if len(parts) != 2:
             raise InputError(f"--rows {rows!r}: expected START:STOP, e.g. 0:100000")
         try:
-            rows = tuple(int(p) if p.strip() else None for p in parts)
+            rows = tuple(int(p.replace("_", "")) if p.strip() else None for p in parts)
         except ValueError:
             raise InputError(f"--rows {rows!r}: START and STOP must be integers") from None
-    start, stop, _ = slice(*rows).indices(n)
+    if len(rows) != 2:
+        raise InputError(f"row range {rows!r}: expected (start, stop)")
+    bounds = []
+    for name, value, default in (("start", rows[0], 0), ("stop", rows[1], n)):
+        if value is None:
+            bounds.append(default)
+            continue
+        value = int(value)
+        absolute = value + n if value < 0 else value
+        if not 0 <= absolute <= n:
+            raise InputError(f"row range {text}: {name} {value} is outside the array's {n:,} "
+                             f"rows (valid: -{n} to {n}; negative values count from the end)")
+        bounds.append(absolute)
+    start, stop = bounds
     if stop <= start:
-        raise InputError(f"row range {rows} is empty for an array of {n} rows")
+        raise InputError(f"row range {text} is empty for an array of {n:,} rows")
     return start, stop
 
 
@@ -232,22 +261,39 @@ def validate_pair(source: EmbeddingArray, target: EmbeddingArray) -> None:
                          "row i of source is paired with row i of target, so they must match")
 
 
-def _retrying(what: str, fn):
+def _retrying(what: str, fn, *, transient_only: bool = False):
+    """Call ``fn``, retrying transient errors (:func:`bigalign.errors.is_transient`) with
+    exponential backoff. A transient error that outlasts the retries raises
+    :class:`TransientChunkReadError` (both a ChunkReadError and a TransientError: exit code
+    75, a scheduler should retry); a wrong path or permission raises ChunkReadError (exit 2),
+    as does any other error (a corrupt chunk: codec errors, wrong sizes) unless
+    ``transient_only``, which re-raises it unchanged for the caller to explain."""
     retries, backoff = RETRIES, RETRY_BACKOFF
     for attempt in range(retries + 1):
         try:
             return fn()
-        except (OSError, TimeoutError, ConnectionError) as e:
-            if attempt == retries or isinstance(e, (FileNotFoundError, PermissionError)):
-                raise ChunkReadError(f"{what} (after {attempt + 1} tries): "
-                                     f"{type(e).__name__}: {e}") from e
-            time.sleep(backoff * 2**attempt)
-        except Exception as e:  # corrupt chunk: codec errors, wrong sizes
+        except Exception as e:
+            if is_transient(e):
+                if attempt < retries:
+                    time.sleep(backoff * 2**attempt)
+                    continue
+                raise TransientChunkReadError(
+                    f"{what} (after {attempt + 1} tries): {type(e).__name__}: {e}") from e
+            if transient_only:
+                raise
+            # a wrong path or permission (retrying cannot help), or a corrupt chunk
             raise ChunkReadError(f"{what}: {type(e).__name__}: {e}") from e
 
 
 #: The retry policy of every storage call (data and progress files alike).
 retrying = _retrying
+
+
+def _native(x) -> np.ndarray:
+    """``x`` as numpy in native byte order (big-endian Zarr v2 rows would slow the GEMMs
+    and differ in dtype from the engine's buffers)."""
+    x = np.asarray(x)
+    return x if x.dtype.isnative else x.astype(x.dtype.newbyteorder("="))
 
 
 def read_rows(emb: EmbeddingArray, start: int, stop: int,
@@ -260,7 +306,7 @@ def read_rows(emb: EmbeddingArray, start: int, stop: int,
     faults on new 32 MB allocations)."""
     what = f"cannot read {emb.side} rows {start}:{stop} of {emb.url!r}"
     if out is None or not hasattr(emb.array, "get_basic_selection"):
-        return _retrying(what, lambda: emb.array[start:stop])
+        return _retrying(what, lambda: _native(emb.array[start:stop]))
 
     def into():
         emb.array.get_basic_selection(slice(start, stop), out=NDBuffer.from_numpy_array(out))

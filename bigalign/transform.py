@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, NonFiniteError, is_transient
 from .stats import Moments, check_finite, normalize_rows
 
 from .outputs import TRANSFORM_FORMAT as FORMAT  # noqa: E402
@@ -35,7 +35,8 @@ def map_rows(x: np.ndarray, matrix: np.ndarray, source_mean: np.ndarray,
     compute dtype (float64 for float64 output, else float32). Returns (n, dB) in ``dtype``.
     ``inplace``: x may be overwritten (the engine's read buffer); ``out``: an (n, dB) buffer
     of the compute dtype for the product. Raises NonFiniteError naming the first bad row
-    (``start`` is the block's global offset).
+    (``start`` is the block's global offset): NaN/Inf, or a value the cast to a narrower
+    ``dtype`` overflows (float16 ends at 65504).
     """
     work = np.float64 if np.dtype(dtype) == np.float64 else np.float32
     if normalize:
@@ -53,7 +54,27 @@ def map_rows(x: np.ndarray, matrix: np.ndarray, source_mean: np.ndarray,
     check_finite(y.sum(axis=0, dtype=np.float64), y, start, "source")
     if renormalize:
         y /= np.linalg.norm(y, axis=1, keepdims=True).clip(min=np.finfo(work).tiny)
-    return y.astype(dtype, copy=False)
+    with np.errstate(over="ignore"):  # checked below, with a clearer message
+        result = y.astype(dtype, copy=False)
+    if result.dtype.itemsize < y.dtype.itemsize:
+        _check_range(result, y, start)
+    return result
+
+
+def _check_range(result: np.ndarray, y: np.ndarray, start: int) -> None:
+    """A cast to a narrower float (float16: largest 65504) turns big finite values into
+    Inf silently. ``y`` is finite (checked before the cast), so a finite float32 column sum
+    of ``result`` proves the cast clean at one cheap pass; otherwise name the first row."""
+    if np.isfinite(result.sum(axis=0, dtype=np.float32)).all():
+        return
+    bad = np.flatnonzero(~np.isfinite(result).all(axis=1))
+    i = int(bad[0]) if bad.size else 0
+    info = np.finfo(result.dtype)
+    raise NonFiniteError(
+        f"source row {start + i} maps to values up to {float(np.abs(y[i]).max()):.6g}, "
+        f"beyond the {result.dtype} range (largest {float(info.max):g}): {bad.size} rows of "
+        f"block rows {start}:{start + len(result)} would be written as Inf. Write float32 "
+        f"(--dtype float32), or L2-normalise the output (--renormalize)")
 
 
 @dataclass
@@ -156,26 +177,55 @@ class Transform:
 
     @classmethod
     def load(cls, path, *, storage_options: Optional[dict] = None) -> "Transform":
-        """Read a Transform saved with :meth:`save`."""
+        """Read a Transform saved with :meth:`save`. Anything else at ``path`` (nothing, a
+        plain Zarr array such as embeddings or an apply output, a foreign group, an
+        unfinished save) raises InputError saying what is there."""
         import zarr
 
         try:
             group = zarr.open_group(path, mode="r", storage_options=storage_options)
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
-            raise InputError(f"no transform at {path!r}") from e
+        except Exception as e:
+            if is_transient(e):
+                raise  # storage did not answer: not the user's mistake (exit code 75)
+            raise InputError(_not_a_transform(path, storage_options, e)) from e
         attrs = group.attrs.get("bigalign")
-        if not attrs or attrs.get("format") != FORMAT or attrs.get("state") == "writing":
+        if not isinstance(attrs, dict) or attrs.get("format") != FORMAT or \
+                attrs.get("state") == "writing":
             raise InputError(f"{path!r} is not a complete bigalign transform "
                              f"(missing or unknown 'bigalign' attribute)")
-        arrays = {k: np.asarray(group[k][...]) for k in
-                  ("rotation", "source_mean", "target_mean", "singular_values") if k in group}
-        statistics = None
-        if "statistics" in group:
-            stats = group["statistics"]
-            statistics = Moments.from_arrays({k: stats[k][...] for k in stats.array_keys()})
+        try:
+            arrays = {k: np.asarray(group[k][...]) for k in
+                      ("rotation", "source_mean", "target_mean", "singular_values") if k in group}
+            statistics = None
+            if "statistics" in group:
+                stats = group["statistics"]
+                statistics = Moments.from_arrays({k: stats[k][...] for k in stats.array_keys()})
+        except Exception as e:
+            if is_transient(e):
+                raise
+            raise InputError(f"{path!r}: unreadable bigalign transform "
+                             f"({type(e).__name__}: {e})") from e
+        missing = [k for k in ("rotation", "source_mean", "target_mean") if k not in arrays]
+        if missing:
+            raise InputError(f"{path!r}: bigalign transform without {', '.join(missing)}")
         return cls(arrays["rotation"], arrays["source_mean"], arrays["target_mean"],
                    float(attrs["scale"]), attrs.get("options", {}), attrs.get("metadata", {}),
                    arrays.get("singular_values"), statistics)
+
+
+def _not_a_transform(path, storage_options, error: Exception) -> str:
+    """What is at ``path`` instead of a transform, for the error message."""
+    import zarr
+
+    try:
+        arr = zarr.open_array(path, mode="r", storage_options=storage_options)
+    except Exception:
+        if isinstance(error, FileNotFoundError):  # zarr's "no group here" is one too
+            return f"no transform at {path!r} (no Zarr group there)"
+        return f"{path!r} is not a bigalign transform ({type(error).__name__}: {error})"
+    shape = "(" + ", ".join(str(n) for n in arr.shape) + ")"
+    return (f"{path!r} is a Zarr array of shape {shape}, not a bigalign transform (a "
+            "transform is the Zarr group written by 'bigalign fit')")
 
 
 def _jsonable(obj: Any) -> Any:

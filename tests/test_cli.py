@@ -25,9 +25,9 @@ def run(capsys, *argv):
 
 def test_fit_apply_info_roundtrip(files, capsys):
     s, t, tmp, a = files
-    code, out, _ = run(capsys, "fit", s, t, "-o", tmp / "t", "--center", "-q")
+    code, out, _ = run(capsys, "fit", s, t, "-o", tmp / "t", "--center")
     assert code == 0 and "maps 6 -> 6 dims, fitted on 400 pairs" in out
-    code, out, _ = run(capsys, "apply", tmp / "t", s, "-o", tmp / "o.zarr", "-q")
+    code, out, _ = run(capsys, "apply", tmp / "t", s, "-o", tmp / "o.zarr")
     assert code == 0 and "wrote 400 rows" in out and "marked complete" in out
     code, out, _ = run(capsys, "info", tmp / "t", "--json")
     meta = json.loads(out)
@@ -42,7 +42,11 @@ def test_fit_apply_info_roundtrip(files, capsys):
     (["fit", "{s}", "{short}", "-o", "{tmp}/x"], "source has 400 rows but target has 300"),
     (["fit", "{s}", "{ints}", "-o", "{tmp}/x"], "dtype int32 is not float"),
     (["fit", "{s}", "{empty}", "-o", "{tmp}/x"], "empty array"),
-    (["fit", "{s}", "{t}", "-o", "{tmp}/x", "--rows", "500:600"], "empty for an array of 400"),
+    (["fit", "{s}", "{t}", "-o", "{tmp}/x", "--rows", "500:600"], "start 500 is outside the array's 400 rows"),
+    (["fit", "{s}", "{t}", "-o", "{tmp}/x", "--rows", "300:200"], "empty for an array of 400"),
+    (["fit", "{s}", "{t}", "-o", "{tmp}/x", "--rows=-500:"], "start -500 is outside"),
+    (["info", "{s}"], r"is a Zarr array of shape \(400, 6\), not a bigalign transform"),
+    (["fit", "{s}", "{t}", "-o", "{tmp}/x", "--storage-option", "k={{bad"], "not valid JSON"),
     (["fit", "{s}", "{wide}", "-o", "{tmp}/x", "--no-reflection"], "needs equal dimensions"),
     (["fit", "{s}", "{t}", "-o", "{s}"], "never writes over its inputs"),
     (["apply", "{tmp}/nothing", "{s}", "-o", "{tmp}/y"], "not a transform|no transform"),

@@ -1,5 +1,7 @@
 """End to end on dask.distributed: a LocalCluster of 2 worker processes on loopback."""
 
+import json
+
 import numpy as np
 import pytest
 import zarr
@@ -44,3 +46,49 @@ def test_cli_starts_its_own_local_cluster(tmp_path):
     assert main(["apply", str(tmp_path / "t"), s, "-o", str(tmp_path / "o.zarr"),
                  "--workers", "2", "--memory-limit", "1GiB", "-q"]) == 0
     assert bigalign.output_status(str(tmp_path / "o.zarr"))["complete"]
+
+
+def calls_then(path, outcome):
+    """A task that records each call in a file (workers are other processes), then fails
+    deterministically ("nan"), fails transiently on its first call ("flaky"), or returns 42."""
+    with open(path, "a") as f:
+        f.write("call\n")
+    with open(path) as f:
+        n = len(f.readlines())
+    if outcome == "nan":
+        from bigalign.errors import NonFiniteError
+        raise NonFiniteError("source row 5 holds NaN or Inf")
+    if outcome == "flaky" and n == 1:
+        raise ConnectionResetError("connection reset by peer")
+    return 42
+
+
+@pytest.mark.slow
+def test_deterministic_errors_are_not_retried(tmp_path, cluster):
+    """A NaN row (or a corrupt chunk) fails at once: distributed's retries would re-run it."""
+    from bigalign.cluster import Session
+    from bigalign.errors import NonFiniteError
+    with distributed.Client(cluster) as client:
+        with pytest.raises(NonFiniteError, match="row 5"):
+            Session(client).get({"x": (calls_then, str(tmp_path / "nan"), "nan")}, "x")
+        # a transient error that no lower layer retried is re-run in the task
+        assert Session(client).get({"y": (calls_then, str(tmp_path / "flaky"), "flaky")},
+                                   "y") == 42
+    assert (tmp_path / "nan").read_text().count("call") == 1
+    assert (tmp_path / "flaky").read_text().count("call") == 2
+
+
+@pytest.mark.slow
+def test_progress_lines_on_distributed(tmp_path, cluster, capsys):
+    """Not a terminal: line-based progress on stderr, nothing on stdout (distributed's own
+    bar writes \\r updates to stdout)."""
+    from bigalign.cli import main
+    a, b, _ = planted(3000, 8, seed=13)
+    s, t = write_zarr(tmp_path / "a.zarr", a, 100), write_zarr(tmp_path / "b.zarr", b, 100)
+    assert main(["fit", s, t, "-o", str(tmp_path / "t"), "--scheduler",
+                 cluster.scheduler_address, "--block-mb", "0.01", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["metadata"]["n_pairs"] == 3000
+    assert "\r" not in err and "\r" not in out
+    lines = [ln for ln in err.splitlines() if ln.startswith("bigalign: progress ")]
+    assert lines and lines[-1].startswith("bigalign: progress 100% ("), err

@@ -119,7 +119,7 @@ def test_lease_on_s3_is_a_conditional_create(s3):
 
 def test_rerun_on_s3_is_a_noop_and_a_rewritten_input_is_detected(s3):
     a, b, _ = planted(600, 4, seed=34)
-    src, tgt = "s3://bigalign-test/e.zarr", "s3://bigalign-test/f.zarr"
+    src, tgt = "s3://bigalign-test/rerun-a.zarr", "s3://bigalign-test/rerun-b.zarr"
     zarr.create_array(src, data=a, chunks=(100, 4), storage_options=s3, overwrite=True)
     zarr.create_array(tgt, data=b, chunks=(100, 4), storage_options=s3, overwrite=True)
     first = bigalign.fit(src, tgt, output="s3://bigalign-test/t5", storage_options=s3)
@@ -128,3 +128,23 @@ def test_rerun_on_s3_is_a_noop_and_a_rewritten_input_is_detected(s3):
     zarr.open_array(tgt, mode="r+", storage_options=s3)[:] = b[::-1]  # same shape, new data
     with pytest.raises(bigalign.InputError, match=r"target.content"):
         bigalign.fit(src, tgt, output="s3://bigalign-test/t5", storage_options=s3)
+
+
+def test_cli_nested_storage_options(s3, capsys):
+    """Nested fsspec options as JSON values, and a whole --storage-options object, reach
+    s3fs from every command: the endpoint is given only inside client_kwargs, so nothing
+    works unless the nested value is passed on."""
+    a, b, _ = planted(300, 4, seed=33)
+    zarr.create_array("s3://bigalign-test/e.zarr", data=a, chunks=(100, 4), storage_options=s3)
+    zarr.create_array("s3://bigalign-test/f.zarr", data=b, chunks=(100, 4), storage_options=s3)
+    nested = ['--storage-option=client_kwargs={"endpoint_url": "%s", "region_name": '
+              '"us-east-1"}' % s3["endpoint_url"],
+              '--storage-option=config_kwargs={"s3": {"addressing_style": "path"}}']
+    blob = '{"key": "testing", "secret": "testing"}'
+    assert main(["fit", "s3://bigalign-test/e.zarr", "s3://bigalign-test/f.zarr", "-o",
+                 "s3://bigalign-test/t3", "-q", "--storage-options", blob, *nested]) == 0
+    assert main(["status", "s3://bigalign-test/t3", "--storage-options", blob, *nested]) == 0
+    assert "finished" in capsys.readouterr().out
+    assert main(["info", "s3://bigalign-test/t3", "--json", "--storage-options", blob,
+                 *nested]) == 0
+    assert '"n_pairs": 300' in capsys.readouterr().out

@@ -65,9 +65,47 @@ def test_parse_rows():
     assert parse_rows(":5", 10) == (0, 5)
     assert parse_rows("-3:", 10) == (7, 10)
     assert parse_rows((1, 4), 10) == (1, 4)
-    for bad in ("5:2", "1", "a:b", "20:30"):
+    assert parse_rows("0:10", 10) == (0, 10) and parse_rows("-10:-1", 10) == (0, 9)
+    assert parse_rows("1_000:2_000", 5000) == (1000, 2000)
+    for bad in ("5:2", "1", "a:b", "20:30", "0:11", "-11:", "5:10000", (0, 11)):
         with pytest.raises(InputError):
             parse_rows(bad, 10)
+
+
+def test_parse_rows_never_clips():
+    """Out-of-range bounds name the array's row count instead of fitting on fewer rows."""
+    with pytest.raises(InputError, match=r"row range 0:5000: stop 5000 is outside the "
+                                         r"array's 1,500 rows"):
+        parse_rows("0:5000", 1500)
+    with pytest.raises(InputError, match=r"start -2000 is outside the array's 1,500 rows"):
+        parse_rows((-2000, None), 1500)
+
+
+def test_big_endian_zarr_v2(tmp_path):
+    """'>f4' Zarr v2 arrays: accepted, read in native byte order (also into the engine's
+    reused native buffers), and the fit's statistics match the little-endian copy."""
+    import bigalign
+    from conftest import planted
+
+    a, b, _ = planted(900, 6, noise=0.1, offset_a=3.0, seed=4)
+    p = str(tmp_path / "be.zarr")
+    zarr.create_array(p, shape=a.shape, chunks=(100, 6), dtype=">f4", zarr_format=2,
+                      compressors=None)[:] = a.astype(">f4")
+    assert zarr.open_array(p).dtype == np.dtype(">f4")
+    e = open_embeddings(p)
+    assert e.dtype == np.dtype("float32") and e.dtype.isnative
+    x = read_rows(e, 100, 300)
+    assert x.dtype.isnative and np.array_equal(x, a[100:300])
+    buf = np.empty((200, 6), np.float32)
+    assert read_rows(e, 100, 300, out=buf) is buf and np.array_equal(buf, a[100:300])
+    le = write_zarr(tmp_path / "le.zarr", a, 100)
+    t = write_zarr(tmp_path / "t.zarr", b, 100)
+    ref, got = bigalign.fit(le, t, center=True), bigalign.fit(p, t, center=True)
+    assert np.array_equal(got.rotation, ref.rotation)
+    assert got.statistics.equals(ref.statistics)
+    rep = bigalign.apply(got, p, str(tmp_path / "o.zarr"))
+    assert rep.rows == 900
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "o.zarr"))[:], ref.transform(a))
 
 
 def test_create_output_template(tmp_path):

@@ -44,6 +44,29 @@ def test_nonfinite_input_named():
         t.transform(x)
 
 
+def test_float16_overflow_named():
+    """A cast to float16 must not turn big values into Inf silently."""
+    from bigalign.transform import map_rows
+    x = np.ones((40, 3), np.float32)
+    x[29, 1] = 2e4
+    matrix = 4 * np.eye(3, dtype=np.float32)
+    with pytest.raises(NonFiniteError, match=r"source row 129 maps to values up to 80000.*"
+                                             r"beyond the float16 range"):
+        map_rows(x, matrix, np.zeros(3), np.zeros(3), dtype=np.float16, start=100)
+    ok = map_rows(x, matrix, np.zeros(3), np.zeros(3), dtype=np.float16, renormalize=True)
+    assert ok.dtype == np.float16 and np.isfinite(ok).all()
+    assert np.isfinite(map_rows(x, matrix, np.zeros(3), np.zeros(3), dtype=np.float32)).all()
+
+
+@pytest.mark.parametrize("fmt", [2, 3])
+def test_load_of_a_plain_array_says_what_it_is(tmp_path, fmt):
+    p = str(tmp_path / "x.zarr")
+    zarr.create_array(p, shape=(12, 5), dtype="f4", zarr_format=fmt)
+    with pytest.raises(InputError, match=r"is a Zarr array of shape \(12, 5\), not a "
+                                         r"bigalign transform"):
+        Transform.load(p)
+
+
 def test_wrong_dimension():
     with pytest.raises(ValueError, match="dimension 6"):
         make().transform(np.ones((3, 5)))

@@ -1,0 +1,326 @@
+"""The command line's contract with schedulers and shells: exit codes (0, 1, 2, 3, 75, 130),
+SIGTERM, output cut short by its reader, -q / --json, line-based progress in log files,
+nested storage options. Real processes where it matters (signals, pipes, stderr not a TTY)."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import zarr
+
+import bigalign
+from bigalign import stores
+from bigalign.cli import main, storage_options
+from bigalign.errors import (ChunkReadError, CheckpointError, InputError, NonFiniteError,
+                             TransientChunkReadError, TransientError, exit_code)
+from conftest import planted, write_zarr
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
+    [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+ENV.pop("BIGALIGN_FAULTS", None)
+CLI = [sys.executable, "-m", "bigalign.cli"]
+
+
+def cli(*argv, env=None, **kw):
+    return subprocess.run([*CLI, *map(str, argv)], env=env or ENV, capture_output=True,
+                          text=True, timeout=120, **kw)
+
+
+def run(capsys, *argv):
+    code = main([str(x) for x in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory):
+    """A pair of arrays, a fitted transform and a finished apply output."""
+    tmp = tmp_path_factory.mktemp("contract")
+    a, b, _ = planted(400, 6, noise=0.1, offset_b=2.0, seed=5)
+    s, t = write_zarr(tmp / "a.zarr", a, 50), write_zarr(tmp / "b.zarr", b, 50)
+    assert main(["fit", s, t, "-o", str(tmp / "t"), "--center", "-q"]) == 0
+    assert main(["apply", str(tmp / "t"), s, "-o", str(tmp / "o.zarr"), "-q"]) == 0
+    return {"s": s, "t": t, "tr": str(tmp / "t"), "out": str(tmp / "o.zarr"), "dir": tmp}
+
+
+# ---- 1. one mapping from errors to exit codes ---------------------------------------------
+
+@pytest.mark.parametrize("exc,code", [
+    (InputError("x"), 2), (NonFiniteError("x"), 2), (CheckpointError("x"), 2),
+    (ChunkReadError("corrupt chunk"), 2), (FileNotFoundError("x"), 2), (PermissionError("x"), 2),
+    (OSError(errno.ENOSPC, "disk full"), 2),
+    (TransientChunkReadError("x"), 75), (TransientError("x"), 75), (ConnectionError("x"), 75),
+    (ConnectionResetError("x"), 75), (TimeoutError("x"), 75), (OSError(errno.EIO, "x"), 75),
+    (KeyboardInterrupt(), 130), (RuntimeError("bug"), 1), (KeyError("bug"), 1),
+])
+def test_exit_code_mapping(exc, code):
+    assert exit_code(exc) == code
+
+
+def test_transient_chunk_error_is_both_kinds():
+    e = TransientChunkReadError("x")
+    assert isinstance(e, ChunkReadError) and isinstance(e, TransientError)
+
+
+def test_transient_read_failure_exits_75(done, capsys, monkeypatch, tmp_path):
+    """Storage that keeps timing out: retried, then exit 75 (EX_TEMPFAIL), not 2."""
+    calls = {"n": 0}
+
+    def timeout(self, *args, **kw):
+        calls["n"] += 1
+        raise TimeoutError("read timed out")
+
+    monkeypatch.setattr(stores, "RETRY_BACKOFF", 0.001)
+    monkeypatch.setattr(zarr.Array, "get_basic_selection", timeout)
+    code, out, err = run(capsys, "fit", done["s"], done["t"], "-o", tmp_path / "t", "-q")
+    assert code == 75, err
+    assert "cannot read source rows" in err and "after 4 tries" in err and "TimeoutError" in err
+    assert "rerun the same command later to resume" in err and "Traceback" not in err
+    assert calls["n"] >= 4 and out == ""
+
+
+def test_corrupt_chunk_is_not_retried_and_exits_2(tmp_path, capsys, monkeypatch):
+    a, b, _ = planted(400, 4, seed=6)
+    s, t = write_zarr(tmp_path / "a.zarr", a, 100), write_zarr(tmp_path / "b.zarr", b, 100)
+    (tmp_path / "a.zarr" / "c" / "2" / "0").write_bytes(b"\x00" * 7)
+    sleeps = []  # a retry would back off first
+    from bigalign import cluster
+    for module in (stores, cluster):
+        monkeypatch.setattr(module, "time", SimpleNamespace(sleep=sleeps.append))
+    code, _, err = run(capsys, "fit", s, t, "-o", tmp_path / "t", "-q")
+    assert code == 2 and "cannot read source rows 200:300" in err and sleeps == []
+
+
+def test_unreachable_storage_at_open_exits_75(capsys, monkeypatch, tmp_path):
+    pytest.importorskip("aiohttp")
+    with socket.socket() as sock:  # a port nobody listens on: connection refused at once
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setattr(stores, "RETRY_BACKOFF", 0.001)
+    url = f"http://127.0.0.1:{port}/a.zarr"
+    code, _, err = run(capsys, "fit", url, url, "-o", tmp_path / "t", "-q")
+    assert code == 75, err
+    assert f"source {url!r}: cannot open it (after 4 tries)" in err
+
+
+def test_unexpected_error_exits_1_with_traceback(done, capsys, monkeypatch, tmp_path):
+    def bug(*args, **kw):
+        raise RuntimeError("injected bug")
+
+    monkeypatch.setattr(bigalign, "fit", bug)
+    code, _, err = run(capsys, "fit", done["s"], done["t"], "-o", tmp_path / "t")
+    assert code == 1
+    assert "Traceback" in err and "RuntimeError: injected bug" in err and "a bug" in err
+
+
+def test_sigterm_exits_130_and_the_rerun_resumes(tmp_path):
+    a, b, _ = planted(8000, 8, seed=7)
+    s, t = write_zarr(tmp_path / "a.zarr", a, 200), write_zarr(tmp_path / "b.zarr", b, 200)
+    argv = [*CLI, "fit", s, t, "-o", str(tmp_path / "t"), "--block-mb", "0.01", "-q",
+            "--threads", "1"]
+    env = dict(ENV, BIGALIGN_FAULTS="delay:fit.block@0.2")
+    p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    units = tmp_path / "t.checkpoint" / "units"
+    deadline = time.monotonic() + 60
+    while p.poll() is None and time.monotonic() < deadline and not (
+            units.is_dir() and any(n.suffix == ".npz" for n in units.iterdir())):
+        time.sleep(0.02)
+    assert p.poll() is None, p.communicate()  # a unit stored, the fit still running
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "bigalign: interrupted; rerun the same command to resume" in err
+    assert "Traceback" not in err and out == ""
+    assert not (tmp_path / "t" / "zarr.json").exists()
+    again = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "resuming" in again.stderr
+    assert np.array_equal(bigalign.Transform.load(str(tmp_path / "t")).rotation,
+                          bigalign.fit(s, t, block_bytes=int(0.01 * 2**20)).rotation)
+
+
+def test_sigterm_handler_is_restored(done, capsys):
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["info", done["tr"]]) == 0
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ---- 3. status / info / transform arguments on the wrong kind of node ----------------------
+
+def test_status_of_finished_outputs_exits_0(done):
+    for path in (done["out"], done["tr"]):
+        r = cli("status", path)
+        assert r.returncode == 0, r.stderr
+        assert "finished, nothing in flight" in r.stdout and "Traceback" not in r.stderr
+    r = cli("status", done["out"], "--json")
+    assert r.returncode == 0 and json.loads(r.stdout) == {"finished": True}
+
+
+def test_embedding_array_where_a_transform_belongs_exits_2(done):
+    message = f"{done['s']!r} is a Zarr array of shape (400, 6), not a bigalign transform"
+    for argv in (["info", done["s"]],
+                 ["apply", done["s"], done["s"], "-o", done["dir"] / "x.zarr"],
+                 ["evaluate", done["s"], done["s"], done["t"]]):
+        r = cli(*argv)
+        assert r.returncode == 2, (argv, r.stderr)
+        assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    with pytest.raises(InputError, match=r"is a Zarr array of shape \(400, 6\)"):
+        bigalign.Transform.load(done["s"])
+
+
+def test_status_of_nothing_exits_2(tmp_path):
+    r = cli("status", tmp_path / "nothing")
+    assert r.returncode == 2 and "no progress recorded and no finished output" in r.stderr
+
+
+# ---- 4. output cut short by its reader ------------------------------------------------------
+
+def _closed_pipe_run(*argv):
+    """Run with stdout a real pipe whose reader is already gone: every write gets EPIPE."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run([*CLI, *map(str, argv)], env=ENV, stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+
+
+def test_closed_stdout_is_no_error(done):
+    for argv, code in ((["info", done["tr"], "--json"], 0), (["fit", "--help"], 0),
+                       (["status", done["out"]], 0), (["--version"], 0)):
+        r = _closed_pipe_run(*argv)
+        assert r.returncode == code, (argv, r.stderr)
+        assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, (argv, r.stderr)
+        assert r.stderr == "", (argv, r.stderr)
+
+
+def test_piped_into_head(done):
+    cmd = " ".join([*CLI, "info", done["tr"], "--json"])
+    r = subprocess.run(["bash", "-o", "pipefail", "-c", f"{cmd} | head -1"], env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout == "{\n" and r.stderr == "", r.stderr
+
+
+# ---- 5. row ranges are not clipped -----------------------------------------------------------
+
+def test_rows_past_the_end_exit_2(done):
+    r = cli("fit", done["s"], done["t"], "-o", done["dir"] / "r", "--rows", "0:5000", "-q")
+    assert r.returncode == 2
+    assert "row range 0:5000: stop 5000 is outside the array's 400 rows" in r.stderr
+    assert not (done["dir"] / "r").exists()
+
+
+# ---- 6. nested storage options ---------------------------------------------------------------
+
+def test_storage_options_nested_json():
+    ns = argparse.Namespace(storage_option=[
+        'client_kwargs={"region_name": "us-east-1"}',
+        'config_kwargs={"s3": {"addressing_style": "path"}}', "anon=TRUE", "port=9000",
+        'token="123"', "name=abc", "endpoint_url=http://x:1/?a=b"],
+        storage_options=['{"key": "k", "anon": false}', '{"secret": "s"}'])
+    assert storage_options(ns) == {
+        "client_kwargs": {"region_name": "us-east-1"},
+        "config_kwargs": {"s3": {"addressing_style": "path"}}, "anon": True, "port": 9000,
+        "token": "123", "name": "abc", "endpoint_url": "http://x:1/?a=b", "key": "k",
+        "secret": "s"}
+    for bad, message in ((["x={oops"], "not valid JSON"),):
+        with pytest.raises(InputError, match=message):
+            storage_options(argparse.Namespace(storage_option=bad, storage_options=[]))
+    for blob in ("[1, 2]", "{bad"):
+        with pytest.raises(InputError, match="--storage-options"):
+            storage_options(argparse.Namespace(storage_option=[], storage_options=[blob]))
+
+
+# ---- 7. quiet and JSON summaries -------------------------------------------------------------
+
+def test_quiet_prints_nothing_json_prints_a_summary(done, tmp_path):
+    r = cli("fit", done["s"], done["t"], "-o", tmp_path / "q", "-q")
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == ""
+    r = cli("fit", done["s"], done["t"], "-o", tmp_path / "j", "--center", "--json", "-q")
+    summary = json.loads(r.stdout)
+    assert summary["kind"] == "transform" and summary["metadata"]["n_pairs"] == 400
+    assert summary["dims"] == [6, 6] and summary["options"]["center"] is True
+    r = cli("apply", tmp_path / "j", done["s"], "-o", tmp_path / "o.zarr", "-q")
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == ""
+    r = cli("apply", tmp_path / "j", done["s"], "-o", tmp_path / "p.zarr", "--json")
+    summary = json.loads(r.stdout)
+    assert r.returncode == 0 and summary["complete"] is True and summary["rows"] == 400
+    r = cli("fit", done["s"], done["t"], "-o", tmp_path / "v")
+    assert r.returncode == 0 and "maps 6 -> 6 dims, fitted on 400 pairs" in r.stdout
+
+
+# ---- 8. progress in log files ----------------------------------------------------------------
+
+def test_progress_is_line_based_when_stderr_is_not_a_terminal(tmp_path):
+    a, b, _ = planted(4000, 8, seed=8)
+    s, t = write_zarr(tmp_path / "a.zarr", a, 100), write_zarr(tmp_path / "b.zarr", b, 100)
+    r = cli("fit", s, t, "-o", tmp_path / "t", "--block-mb", "0.01")
+    assert r.returncode == 0, r.stderr
+    assert "\r" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("bigalign: progress ")]
+    assert len(lines) >= 5, r.stderr
+    assert "% (" in lines[0] and " tasks) after " in lines[0]
+    assert lines[-1].startswith("bigalign: progress 100% (")
+
+
+def test_progress_bar_on_a_terminal():
+    from bigalign.cluster import Reporter
+
+    class Terminal:
+        text = ""
+
+        def write(self, s):
+            self.text += s
+
+        def flush(self):
+            pass
+
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    rep = Reporter(term)
+    rep.update(5, 10)
+    rep.update(10, 10, final=True)
+    assert term.text.startswith("\r[") and "10 of 10 tasks" in term.text
+    assert term.text.endswith("\n")
+
+
+# ---- 9. float16 overflow ---------------------------------------------------------------------
+
+def test_float16_overflow_exits_2_naming_the_row(tmp_path):
+    x = np.ones((300, 4), np.float32)
+    x[217] = 3e4  # maps to 3e4 * 3 = 9e4 > 65504
+    s = write_zarr(tmp_path / "x.zarr", x, 100)
+    bigalign.Transform(np.eye(4), np.zeros(4), np.zeros(4), 3.0).save(str(tmp_path / "t"))
+    r = cli("apply", tmp_path / "t", s, "-o", tmp_path / "o.zarr", "--dtype", "float16", "-q")
+    assert r.returncode == 2, r.stderr
+    assert "source row 217" in r.stderr and "float16" in r.stderr
+    assert not bigalign.output_status(str(tmp_path / "o.zarr"))["complete"]
+
+
+def test_status_of_unreachable_storage_exits_75(capsys, monkeypatch):
+    """'Nothing there' would be a lie when storage does not answer: exit 75, not 2."""
+    pytest.importorskip("aiohttp")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for command in ("status", "info"):
+        code, _, err = run(capsys, command, f"http://127.0.0.1:{port}/out.zarr")
+        assert code == 75, err
+        assert "storage or cluster unavailable" in err and "Traceback" not in err
