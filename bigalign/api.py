@@ -459,9 +459,11 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
     plan = make_apply_plan(last - first, opts.chunk_rows, src.row_step, row_bytes,
                            run.block_bytes, offset=first)
     if not plan.aligned:
-        log.warning("source chunks (%d rows) and output chunks (%d rows) share no small "
-                    "common multiple: some source chunks are read twice", src.row_step,
-                    opts.chunk_rows)
+        why = (f"--rows starts at row {first}, inside a source chunk of {src.row_step} rows"
+               if first % src.row_step else
+               f"source chunks ({src.row_step} rows) and output chunks ({opts.chunk_rows} "
+               "rows) share no small common multiple")
+        log.warning("%s: some source chunks are read twice", why)
     with checkpointed(ckpt, "apply", fingerprint, asdict(plan), storage_options=so,
                       restart=restart, replace=overwrite) as (job, manifest):
         plan = ApplyPlan(**manifest["plan"])

@@ -48,8 +48,12 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint", metavar="URL",
                    help="where progress is recorded (default: OUTPUT.checkpoint next to the output)")
     g.add_argument("--restart", action="store_true",
-                   help="discard recorded progress instead of resuming")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing output")
+                   help="discard recorded progress (and a finished output of this same job) "
+                        "and run anew, instead of resuming or doing nothing")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output made from other inputs or options (only "
+                        "outputs bigalign wrote: anything else is always refused). Without "
+                        "it the same job resumes, or does nothing when finished (exit 0)")
     g.add_argument("--allow-missing-chunks", action="store_true",
                    help="do not refuse inputs with unstored chunks (Zarr reads them as fill)")
     add_storage_option(g)
@@ -172,9 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "(row i of SOURCE with row i of TARGET) in one streaming pass, then one "
                     "SVD. dA != dB works: with dA < dB the source is embedded isometrically in "
                     "a dA-dim subspace of the target space; with dA > dB it is projected to dB "
-                    "dims (lossy). A killed fit resumes when rerun with the same command.")
-    f.add_argument("source", help="Zarr array (N, dA) of source-model vectors (path or URL)")
-    f.add_argument("target", help="Zarr array (N, dB) of target-model vectors, same rows")
+                    "dims (lossy). Inputs that are embedding stores with ids are paired by "
+                    "id (an inner join) instead of by row. A killed fit resumes when rerun "
+                    "with the same command; a finished one rerun does nothing (exit 0).")
+    f.add_argument("source", help="source-model vectors (N, dA): a Zarr array, or an "
+                                  "embedding store (a group with embeddings, ids, model)")
+    f.add_argument("target", help="target-model vectors (N, dB): same rows, or a store "
+                                  "whose ids pair with the source's")
     f.add_argument("-o", "--output", required=True, help="where to save the transform (Zarr group)")
     f.add_argument("--center", action="store_true", help=CENTER_HELP)
     f.add_argument("--normalize", action="store_true",
@@ -194,6 +202,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "float64 only for float64 input)")
     f.add_argument("--keep-checkpoint", action="store_true",
                    help="keep per-unit statistics after success")
+    g = f.add_argument_group("pairs by id (embedding stores with ids)")
+    g.add_argument("--pair-by", choices=("auto", "rows", "ids"), default="auto",
+                   help="rows: row i with row i; ids: rows with equal ids (inner join); "
+                        "auto (default): ids when both inputs are stores with ids")
+    g.add_argument("--duplicates", choices=("error", "first", "last"), default="error",
+                   help="an id occurring twice on one side: refuse (default), or keep its "
+                        "first / last row")
+    g.add_argument("--sample", type=int, metavar="N",
+                   help="fit on a reproducible random subset of N matched pairs")
+    g.add_argument("--seed", type=int, default=0, help="seed of --sample (default 0)")
+    g.add_argument("--scratch", metavar="DIR",
+                   help="local folder for the gathered pairs (default: the system's temporary "
+                        "folder; needs pairs x (dA + dB) x 4 bytes, removed after)")
+    g = f.add_argument_group("model stamps")
+    g.add_argument("--source-model", metavar="NAME",
+                   help="model of the source vectors (default: the store's model attribute)")
+    g.add_argument("--target-model", metavar="NAME",
+                   help="model of the target vectors (default: the store's model attribute)")
     _run_args(f)
 
     a = sub.add_parser(
@@ -202,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "task per whole-chunk region. OUTPUT is marked complete only after its "
                     "last region; a killed apply resumes when rerun with the same command.")
     a.add_argument("transform", help="a transform saved by 'bigalign fit'")
-    a.add_argument("source", help="Zarr array (N, dA) to map")
+    a.add_argument("source", help="Zarr array (N, dA) to map, or an embedding store")
     a.add_argument("-o", "--output", required=True, help="new Zarr array (N, dB)")
     a.add_argument("--dtype", choices=("float32", "float16", "float64"), default="float32",
                    help="output dtype (default float32); float16 refuses rows whose "
@@ -219,6 +245,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "zstd halves write speed)")
     a.add_argument("--chunk-rows", type=int, metavar="N",
                    help="rows per output chunk (default: the source's)")
+    a.add_argument("--rows", metavar="START:STOP",
+                   help="map only these source rows; the output holds STOP - START rows "
+                        "(output row r is source row START + r)")
+    a.add_argument("--bad-rows", choices=("fail", "nan", "zero"), default="fail",
+                   help="a source row holding NaN/Inf (or of zero norm when the transform "
+                        "normalises): stop naming it (default), or write a NaN / zero row and "
+                        "go on; their row numbers go into the output's bigalign.bad_rows "
+                        "attribute. A run stopped by a bad row resumes with nan or zero")
+    a.add_argument("--allow-model-mismatch", action="store_true",
+                   help="map a source store stamped with another model than the transform's "
+                        "source model (refused by default)")
     _run_args(a)
 
     i = sub.add_parser("info", help="describe a transform, an apply output or progress in flight")
@@ -244,6 +281,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use a local cluster of N worker processes instead of threads")
     d.add_argument("-q", "--quiet", action="store_true")
 
+    sm = sub.add_parser(
+        "sample", help="choose which items to re-embed with the new model",
+        description="Write a reproducible sample of a corpus's rows (and ids, for a store) "
+                    "to a Parquet file: the items to embed with the new model before a fit by "
+                    "id. --method uniform (default): every row equally likely; gathering "
+                    "their old vectors later reads up to one stored chunk per row. --method "
+                    "chunks: whole stored chunks at random, spread over the corpus; the "
+                    "gather reads only N / rows-per-chunk chunks, but the sample is "
+                    "clustered (prefer uniform when storage order follows content).")
+    sm.add_argument("corpus", help="the old corpus: a Zarr array or an embedding store")
+    sm.add_argument("--pairs", type=int, required=True, metavar="N", help="rows to sample")
+    sm.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    sm.add_argument("--method", choices=("uniform", "chunks"), default="uniform",
+                    help="uniform (default) or chunks (see above)")
+    sm.add_argument("-o", "--output", required=True, help="Parquet file to write (local)")
+    sm.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    add_storage_option(sm)
+
     from .cli_evaluate import add_commands
     COMMANDS.update(add_commands(sub))
     return p
@@ -256,7 +311,10 @@ def _fit(args) -> int:
                      normalize=args.normalize, scale=args.scale,
                      reflection=not args.no_reflection, rows=args.rows,
                      diagnostics=not args.no_diagnostics, precision=args.precision,
-                     keep_checkpoint=args.keep_checkpoint, **_common(args))
+                     keep_checkpoint=args.keep_checkpoint, pair_by=args.pair_by,
+                     duplicates=args.duplicates, sample=args.sample, seed=args.seed,
+                     scratch=args.scratch, source_model=args.source_model,
+                     target_model=args.target_model, **_common(args))
     if args.json:
         _print_json(_transform_json(t, args.output))
     elif not args.quiet:
@@ -275,26 +333,38 @@ def _apply(args) -> int:
 
     r = bigalign.apply(args.transform, args.source, args.output, dtype=args.dtype,
                        renormalize=args.renormalize, target_centred=args.target_centred,
-                       compression=args.compression,
-                       chunk_rows=args.chunk_rows, **_common(args))
+                       compression=args.compression, chunk_rows=args.chunk_rows,
+                       rows=args.rows, bad_rows=args.bad_rows,
+                       allow_model_mismatch=args.allow_model_mismatch, **_common(args))
     if args.json:
         _print_json({"kind": "apply-output", "path": args.output, "complete": True,
-                     "rows": r.rows, "seconds": r.seconds, "rows_per_second": r.rows_per_second,
-                     "tasks": r.tasks, "regions": r.units_total,
-                     "regions_resumed": r.units_resumed})
+                     "already_complete": r.already_complete, "rows": r.rows_total,
+                     "rows_written": r.rows, "seconds": r.seconds,
+                     "rows_per_second": r.rows_per_second, "tasks": r.tasks,
+                     "regions": r.units_total, "regions_resumed": r.units_resumed,
+                     "bad_rows": len(r.bad_rows)})
     elif not args.quiet:
-        resumed = f", {r.units_resumed} of {r.units_total} regions were already done" \
+        if r.already_complete:
+            print(f"{args.output} is already complete ({r.rows_total:,} rows): nothing to do")
+            return 0
+        resumed = f"; {r.units_resumed} of {r.units_total} regions were already done" \
             if r.units_resumed else ""
+        bad = f"; {len(r.bad_rows):,} bad rows written as {args.bad_rows}" if r.bad_rows else ""
         print(f"wrote {r.rows:,} rows to {args.output} in {r.seconds:.1f}s "
-              f"({r.rows_per_second:,.0f} rows/s{resumed}); marked complete")
+              f"({r.rows_per_second:,.0f} rows/s{resumed}{bad}); marked complete")
     return 0
 
 
 def _describe_transform(t, path) -> str:
     m = t.metadata
+    pairs = m.get("pairs")
+    where = (f"paired by id; {pairs['source_only']:,} source and {pairs['target_only']:,} "
+             "target ids unmatched" if pairs else f"rows {m.get('rows')}")
+    models = f"  models: {m.get('source_model') or '?'} -> {m.get('target_model') or '?'}" \
+        if m.get("source_model") or m.get("target_model") else None
     lines = [f"transform {path}",
              f"  maps {t.dims[0]} -> {t.dims[1]} dims, fitted on {m.get('n_pairs', '?'):,} pairs "
-             f"(rows {m.get('rows')})",
+             f"({where})", *([models] if models else []),
              "  options: " + ", ".join(f"{k}={v}" for k, v in t.options.items()),
              f"  scale {t.scale:.6g}; relative residual ||sAQ-B||^2/||B||^2 = "
              f"{m.get('relative_residual')}"]
@@ -394,7 +464,19 @@ def _demo(args) -> int:
     return 0
 
 
-COMMANDS = {"fit": _fit, "apply": _apply, "info": _info, "status": _status, "demo": _demo}  # + cli_evaluate
+def _sample(args) -> int:
+    from .sampling import sample_corpus
+
+    s = sample_corpus(args.corpus, args.pairs, args.output, method=args.method, seed=args.seed,
+                      overwrite=args.overwrite, storage_options=storage_options(args))
+    print(f"wrote {s['rows']:,} sampled rows to {args.output} ({s['method']}, seed "
+          f"{s['seed']}; they lie in {s['chunks_touched']:,} of {s['chunks_total']:,} stored "
+          "chunks)")
+    return 0
+
+
+COMMANDS = {"fit": _fit, "apply": _apply, "info": _info, "status": _status, "demo": _demo,
+            "sample": _sample}  # + cli_evaluate
 
 
 class _StderrHandler(logging.StreamHandler):
