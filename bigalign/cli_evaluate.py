@@ -92,7 +92,8 @@ def add_commands(sub) -> dict:
         "training statistics. Also prints the paper's bound on the training set.",
         TRANSFORM, SOURCE, TARGET)
     e.add_argument("--rows", metavar="START:STOP",
-                   help="held-out rows (default: the rows after, else before, the transform's "
+                   help="held-out rows (default: all rows when SOURCE/TARGET are not the arrays "
+                        "the transform was fitted on, else the rows after, else before, its "
                         "training rows)")
     e.add_argument("--csls", action="store_true",
                    help="also rank with CSLS (penalises 'hub' targets near many queries)")
@@ -273,6 +274,9 @@ def format_evaluation(result: dict) -> str:
            f"searched by exact cosine among all {result['targets']:,} held-out targets"
            + (" (queries sampled)" if result["sampled"] else "")
            + f"; chance recall@1 = {result['chance'][f'recall@{ks[0]}']:.4f}" * (ks[0] == 1)]
+    if tr.get("arrays") == "different":
+        out.append("SOURCE/TARGET are not the arrays the transform was fitted on: no row of "
+                   "them was used to fit it")
     if result.get("overlap_with_training"):
         out.append(f"WARNING: {result['overlap_with_training']:,} of these rows were used to "
                    "fit the transform")

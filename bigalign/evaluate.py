@@ -29,6 +29,8 @@ queries; the searched set is always every held-out target.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import time
 import warnings
 from typing import Optional, Sequence, Union
@@ -48,7 +50,8 @@ from .stores import EmbeddingArray, open_embeddings, parse_rows, read_rows, vali
 
 log = logging.getLogger("bigalign")
 
-__all__ = ["evaluate", "evaluate_maps", "training_moments", "DEFAULT_MAX_QUERIES"]
+__all__ = ["evaluate", "evaluate_maps", "training_moments", "training_arrays", "same_array",
+           "canonical_url", "DEFAULT_MAX_QUERIES"]
 
 #: Queries searched when the held-out set is larger (seeded sample); exact search of 10^4
 #: queries among 10^5 targets of 384 dims is ~1.5 TFLOP per method and search variant.
@@ -286,6 +289,7 @@ def evaluate_maps(methods: Sequence[Method], source, target, rows=None, *,
     work = np.dtype(dtype)
     n = stop - start
     ranges = blocks(start, stop, [src, tgt], block_rows)
+
     sample = query_sample(n, max_queries, seed)
     nq = len(sample)
     csls_k = min(csls_k, nq) if csls else 0
@@ -395,7 +399,8 @@ def load_transform(transform, storage_options=None):
 
 
 def _default_heldout(train: Optional[Sequence[int]], n: int) -> tuple[int, int]:
-    """Rows the transform was not fitted on: after its training range, else before it."""
+    """Rows of the training arrays the transform was not fitted on: after its training
+    range, else before it."""
     if train is None:
         raise InputError("the transform does not record its training rows; pass --rows "
                          "START:STOP for the held-out pairs")
@@ -404,8 +409,77 @@ def _default_heldout(train: Optional[Sequence[int]], n: int) -> tuple[int, int]:
         return b, n
     if a > 0:
         return 0, a
-    raise InputError(f"the transform was fitted on all {n} rows, so none are held out; pass "
-                     "--rows START:STOP (rows it was fitted on flatter every method)")
+    raise InputError(f"the transform was fitted on all {n} rows of these arrays, so none are "
+                     "held out; pass the held-out arrays, or --rows START:STOP (rows it was "
+                     "fitted on flatter every method)")
+
+
+# ---- which arrays a transform was fitted on ------------------------------------------------
+
+_PROTOCOL_ALIASES = {"s3a": "s3", "gcs": "gs", "local": "file"}
+
+
+def canonical_url(url: str) -> str:
+    """Where an array lives, spelled one way: the real absolute path for local paths (also
+    ``file://``; symlinks, ``./x``, ``x/`` resolved) and ``protocol://path`` without
+    repeated or trailing slashes for other fsspec URLs (the target of a chained URL such as
+    ``simplecache::s3://b/k``). Relative paths resolve against the current directory."""
+    url = str(url).split("::")[-1]
+    if "://" in url:
+        protocol, path = url.split("://", 1)
+        protocol = _PROTOCOL_ALIASES.get(protocol.lower(), protocol.lower())
+        if protocol != "file":
+            return f"{protocol}://{re.sub('/+', '/', path).strip('/')}"
+        url = path
+    return os.path.realpath(os.path.expanduser(url))
+
+
+def _path_parts(path: str) -> list[str]:
+    return [p for p in os.path.normpath(path).split(os.sep) if p not in ("", ".", "..")]
+
+
+def same_array(recorded: Optional[dict], arr) -> Optional[bool]:
+    """Is ``arr`` the array whose fingerprint (:meth:`bigalign.stores.EmbeddingArray.
+    fingerprint`, recorded by the fit in ``Transform.metadata["inputs"]``) is ``recorded``?
+
+    True: the same location (compared as :func:`canonical_url`), whatever its shape now (an
+    array rewritten or grown in place still holds the rows fitted on). For a recorded
+    *relative* path, whose working directory is unknown: also when the path of ``arr`` ends
+    with it (``data/a.zarr`` matches ``/home/u/data/a.zarr``). False: provably another
+    array. None: cannot tell (nothing recorded, or ``arr`` is an in-memory numpy array).
+    """
+    url = (recorded or {}).get("url")
+    if not url or not isinstance(arr, EmbeddingArray):
+        return None
+    here = canonical_url(arr.url)
+    if canonical_url(url) == here:
+        return True
+    spelled = str(url).split("::")[-1]
+    if "://" not in spelled and not os.path.isabs(os.path.expanduser(spelled)):
+        tail = _path_parts(spelled)
+        given = arr.url.split("::")[-1].removeprefix("file://")
+        for path in (here, os.path.abspath(os.path.expanduser(given))):
+            parts = _path_parts(path)
+            if tail and parts[-len(tail):] == tail:
+                return True
+    return False
+
+
+def training_arrays(t, source, target) -> str:
+    """Are ``source`` / ``target`` the arrays ``t`` was fitted on (its recorded input
+    fingerprints, :func:`same_array`)? "same" when either is either training array (an
+    inverted transform maps its fit's target to its source); "different" only when both
+    provably are neither (then none of their rows were used to fit it); "unknown" when it
+    cannot be told, which callers treat as "same" (the cautious side: a training row taken
+    for a held-out one would flatter every number)."""
+    inputs = (getattr(t, "metadata", None) or {}).get("inputs") or {}
+    found = [same_array(inputs.get(side), arr) for side in ("source", "target")
+             for arr in (source, target)]
+    if True in found:
+        return "same"
+    if found and all(f is False for f in found):
+        return "different"
+    return "unknown"
 
 
 def training_statistics(t, statistics: Optional[Moments] = None, *, want: bool = True,
@@ -444,11 +518,9 @@ def training_statistics(t, statistics: Optional[Moments] = None, *, want: bool =
         return None, None
     inputs = t.metadata.get("inputs") or {}
     for side, arr in (("source", src), ("target", tgt)):
-        fitted = (inputs.get(side) or {}).get("url")
-        if fitted and isinstance(arr, EmbeddingArray) and \
-                fitted.rstrip("/") != arr.url.rstrip("/"):
+        if same_array(inputs.get(side), arr) is False:
             log.warning("baselines: fitting on rows %d:%d of %s %s; the transform was fitted "
-                        "on %s", a, b, side, arr.url, fitted)
+                        "on %s", a, b, side, arr.url, inputs[side]["url"])
     log.info("baselines: one streaming pass over training rows %d:%d for their statistics "
              "(transforms saved by bigalign fit store them and skip this)", a, b)
     m = training_moments(src, tgt, (a, b), normalize=t.normalize, gram=True,
@@ -483,8 +555,9 @@ def evaluate(transform, source, target, rows=None, *, baselines: bool = True,
              check_chunks: bool = True) -> dict:
     """Evaluate ``transform`` on held-out pairs of ``source`` (N, dA) / ``target`` (N, dB).
 
-    rows : the held-out row range (default: the rows after, else before, the transform's
-        training rows).
+    rows : the held-out row range. Default: every row when ``source``/``target`` are not the
+        arrays the transform was fitted on (:func:`training_arrays`, from the input
+        fingerprints the fit recorded), else the rows after, else before, its training rows.
     baselines : also evaluate none / least squares / ridge / the other centring, fitted from
         the training statistics: ``statistics`` when given, else those stored with the
         transform, else one streaming pass over the transform's training rows of
@@ -497,24 +570,37 @@ def evaluate(transform, source, target, rows=None, *, baselines: bool = True,
         raise InputError(f"the transform maps {t.dims[0]} -> {t.dims[1]} dims but source has "
                          f"{src.dim} and target {tgt.dim}")
     train = t.options.get("rows")
-    start, stop = row_range(rows, src.rows, "held-out rows") if rows is not None else \
-        _default_heldout(train, src.rows)
+    arrays = training_arrays(t, src, tgt)
+    if arrays == "different":
+        log.info("%s and %s are not the arrays the transform was fitted on (%s, %s): all "
+                 "their rows are held out", src.url, tgt.url,
+                 t.metadata["inputs"]["source"]["url"], t.metadata["inputs"]["target"]["url"])
+    if rows is not None:
+        start, stop = row_range(rows, src.rows, "held-out rows")
+    elif arrays == "different":
+        start, stop = 0, src.rows
+    else:
+        start, stop = _default_heldout(train, src.rows)
     overlap = 0
-    if train:
+    if train and arrays != "different":
         overlap = max(0, min(stop, int(train[1])) - max(start, int(train[0])))
         if overlap:
             log.warning("%d of the %d evaluated rows were used to fit the transform: the "
                         "numbers flatter every fitted method", overlap, stop - start)
-    if train_source is None and train_target is None:
-        train_source, train_target = src, tgt
+    if train_source is None and train_target is None and arrays != "different":
+        train_source, train_target = src, tgt  # they hold the training rows
     moments, origin = training_statistics(
         t, statistics, want=baselines, train_source=train_source, train_target=train_target,
         storage_options=storage_options, check_chunks=check_chunks, block_rows=block_rows)
+    if moments is None and baselines and train_source is None and arrays == "different":
+        log.warning("no baselines: the transform stores no training statistics, and %s / %s "
+                    "are not its training arrays (pass --train-source/--train-target)",
+                    src.url, tgt.url)
     methods = methods_for(t, moments if baselines else None, ridge)
     result = evaluate_maps(methods, src, tgt, (start, stop), ks=ks, max_queries=max_queries,
                            seed=seed, csls=csls, csls_k=csls_k, dtype=dtype,
                            block_rows=block_rows)
-    training = {"rows": train, "statistics": origin,
+    training = {"rows": train, "arrays": arrays, "statistics": origin,
                 "fit_diagnostics": t.metadata.get("discrepancy")}
     if moments is not None:
         training["n"] = int(moments.n)

@@ -232,3 +232,18 @@ def test_bound_lines_of_a_recorded_zero_bound_do_not_crash():
                          "bound_mean_sq_distance": 0.0, "achieved_residual": 0.06}, {"n": 10})
     assert "achieved = 0.06" in text and "without a bound on their round-off" in text
 
+
+def test_evaluate_held_out_arrays_from_the_command_line(tmp_path, capsys, monkeypatch):
+    """`bigalign evaluate T heldout_a.zarr heldout_b.zarr` after fitting on every row of
+    train_*.zarr: all held-out rows evaluated (before: refused, "fitted on all 500 rows")."""
+    a, b, _ = planted(1000, 8, noise=0.2, seed=4)
+    monkeypatch.chdir(tmp_path)
+    for name, x in (("train_a", a[:500]), ("train_b", b[:500]), ("heldout_a", a[500:]),
+                    ("heldout_b", b[500:])):
+        write_zarr(f"{name}.zarr", x, 100)
+    assert main(["fit", "train_a.zarr", "train_b.zarr", "-o", "T", "-q"]) == 0
+    code, out, err = run(capsys, "evaluate", "T", "heldout_a.zarr", "heldout_b.zarr", "-q")
+    assert code == 0, err
+    assert "rows 0:500" in out and "not the arrays the transform was fitted on" in out
+    code, _, err = run(capsys, "evaluate", "T", "train_a.zarr", "train_b.zarr")
+    assert code == 2 and "none are held out" in err

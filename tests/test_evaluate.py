@@ -206,3 +206,101 @@ def test_real_minilm_to_static64_dimension_mismatch():
     assert r["orthogonal + centring"]["centred"]["recall@10"] > 0.68
     assert r["orthogonal + centring"]["centred"]["recall@1"] > 0.35
     assert r["orthogonal + centring"]["centred"]["recall@1"] > r["orthogonal"]["raw"]["recall@1"]
+
+
+# ---- held-out arrays: rows are training rows only in the arrays fitted on ---------------------
+
+
+def _split_to_zarr(tmp_path, a, b, cut, chunk=100):
+    """train_{a,b}.zarr = rows [0, cut), heldout_{a,b}.zarr = rows [cut, 2 cut)."""
+    for name, x in (("train_a", a[:cut]), ("train_b", b[:cut]),
+                    ("heldout_a", a[cut:2 * cut]), ("heldout_b", b[cut:2 * cut])):
+        write_zarr(tmp_path / f"{name}.zarr", x.astype(np.float32), chunk)
+
+
+def test_evaluate_held_out_arrays_are_all_held_out(tmp_path, monkeypatch, caplog):
+    """A transform fitted on every row of train_*.zarr, evaluated on heldout_*.zarr (same
+    shape and chunking, so the same metadata hash): every held-out row is evaluated, none
+    counted as training. Before, this was refused ("fitted on all 400 rows")."""
+    import bigalign
+
+    a, b = pairs(800, 8, 8, seed=31)
+    _split_to_zarr(tmp_path, a, b, 400)
+    monkeypatch.chdir(tmp_path)
+    t = bigalign.fit("train_a.zarr", "train_b.zarr", center=True)      # relative paths
+    with caplog.at_level(logging.WARNING, logger="bigalign"):
+        res = evaluate(t, "heldout_a.zarr", "heldout_b.zarr", dtype="float64")
+    assert res["rows"] == [0, 400] and res["overlap_with_training"] == 0
+    assert res["training"]["arrays"] == "different" and "flatter" not in caplog.text
+    x, y = a[400:].astype(np.float32), b[400:].astype(np.float32).astype(np.float64)
+    f = t.transform(x, dtype=np.float64)
+    this = next(m for m in res["methods"] if m["this"])
+    assert this["relative_residual"] == pytest.approx(
+        ((f - y) ** 2).sum() / ((y - y.mean(0)) ** 2).sum(), rel=1e-9)
+    # the training arrays themselves, however spelled: today's behaviour
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "link_a.zarr").symlink_to(tmp_path / "train_a.zarr")
+    for spelled in ("train_a.zarr", "./train_a.zarr/", str(tmp_path / "link_a.zarr"),
+                    f"file://{tmp_path}/train_a.zarr"):
+        with pytest.raises(InputError, match="none are held out"):
+            evaluate(t, spelled, "heldout_b.zarr")     # one side is a training array
+    with pytest.raises(InputError, match="none are held out"):    # inverted: B -> A
+        evaluate(t.inverse(), "train_b.zarr", "train_a.zarr")
+    monkeypatch.chdir(tmp_path / "elsewhere")           # another working directory
+    with pytest.raises(InputError, match="none are held out"):
+        evaluate(t, str(tmp_path / "train_a.zarr"), str(tmp_path / "train_b.zarr"))
+    res = evaluate(t, str(tmp_path / "heldout_a.zarr"), str(tmp_path / "heldout_b.zarr"))
+    assert res["rows"] == [0, 400]
+
+
+def test_evaluate_partial_fit_default_rows_depend_on_the_arrays(tmp_path, monkeypatch):
+    import bigalign
+
+    a, b = pairs(800, 8, 8, seed=32)
+    _split_to_zarr(tmp_path, a, b, 400)
+    src, tgt = str(tmp_path / "train_a.zarr"), str(tmp_path / "train_b.zarr")
+    t = bigalign.fit(src, tgt, rows=(0, 300))
+    assert evaluate(t, src, tgt)["rows"] == [300, 400]               # the rest of them
+    other = evaluate(t, str(tmp_path / "heldout_a.zarr"), str(tmp_path / "heldout_b.zarr"))
+    assert other["rows"] == [0, 400] and other["overlap_with_training"] == 0
+    assert evaluate(t, src, tgt, rows=(250, 400))["overlap_with_training"] == 50
+
+
+def test_no_baselines_streamed_from_held_out_arrays(tmp_path, caplog):
+    """A transform without stored statistics: its baselines need its training rows, which
+    the held-out arrays do not hold. Before, rows 0:400 of the *held-out* arrays were
+    streamed as "training" pairs, so the baselines were fitted on the evaluation rows."""
+    import bigalign
+
+    a, b = pairs(800, 8, 8, seed=33)
+    _split_to_zarr(tmp_path, a, b, 400)
+    t = bigalign.fit(str(tmp_path / "train_a.zarr"), str(tmp_path / "train_b.zarr"),
+                     center=True)
+    t.statistics = None                     # as a transform saved by an older version
+    with caplog.at_level(logging.WARNING, logger="bigalign"):
+        res = evaluate(t, str(tmp_path / "heldout_a.zarr"), str(tmp_path / "heldout_b.zarr"))
+    assert [m["name"] for m in res["methods"]] == ["none", "orthogonal + centring"]
+    assert res["training"]["statistics"] is None and "--train-source" in caplog.text
+    res = evaluate(t, str(tmp_path / "heldout_a.zarr"), str(tmp_path / "heldout_b.zarr"),
+                   train_source=str(tmp_path / "train_a.zarr"),
+                   train_target=str(tmp_path / "train_b.zarr"))
+    assert res["training"]["statistics"] == "streamed from the training rows"
+    assert res["training"]["reproduces_transform"] is True
+
+
+def test_same_array_and_canonical_urls(tmp_path, monkeypatch):
+    from bigalign.evaluate import canonical_url, same_array
+    from bigalign.stores import open_embeddings
+
+    assert canonical_url("s3://bucket//emb/a.zarr/") == canonical_url("S3A://bucket/emb/a.zarr")
+    assert canonical_url("simplecache::s3://bucket/a.zarr") == "s3://bucket/a.zarr"
+    assert canonical_url(f"file://{tmp_path}/x/../a.zarr") == canonical_url(str(tmp_path / "a.zarr"))
+    assert canonical_url("s3://bucket/a.zarr") != canonical_url("gs://bucket/a.zarr")
+    path = write_zarr(tmp_path / "data" / "a.zarr", np.ones((4, 2), np.float32), 2)
+    arr = open_embeddings(path)
+    assert same_array({"url": path}, arr) is True
+    assert same_array({"url": "data/a.zarr"}, arr) is True        # relative, fit elsewhere
+    assert same_array({"url": "other/a.zarr"}, arr) is False
+    assert same_array({"url": "s3://bucket/data/a.zarr"}, arr) is False
+    assert same_array(None, arr) is None and same_array({"url": path}, np.ones((4, 2))) is None
+
