@@ -277,6 +277,8 @@ def format_evaluation(result: dict) -> str:
     if tr.get("arrays") == "different":
         out.append("SOURCE/TARGET are not the arrays the transform was fitted on: no row of "
                    "them was used to fit it")
+    if result.get("normalized_targets"):
+        out.append("target rows L2-normalised, as the fit normalised them")
     if result.get("overlap_with_training"):
         out.append(f"WARNING: {result['overlap_with_training']:,} of these rows were used to "
                    "fit the transform")

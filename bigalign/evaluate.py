@@ -45,7 +45,7 @@ from .metrics import (CosineHistogram, Method, count_better, fit_diagnostics, me
                       unit_rows)
 from .plan import Block, choose_block_rows, common_step, plan_blocks
 from .solve import NotUniqueWarning, procrustes
-from .stats import Moments, block_moments, check_finite, merge
+from .stats import Moments, block_moments, check_finite, merge, normalize_rows
 from .stores import EmbeddingArray, open_embeddings, parse_rows, read_rows, validate_pair
 
 log = logging.getLogger("bigalign")
@@ -262,8 +262,13 @@ def evaluate_maps(methods: Sequence[Method], source, target, rows=None, *,
                   ks: Sequence[int] = (1, 10), max_queries: Optional[int] = DEFAULT_MAX_QUERIES,
                   seed: int = 0, csls: bool = False, csls_k: int = 10, dtype="float32",
                   block_rows: Optional[int] = None, storage_options=None,
-                  check_chunks: bool = True, workers: Optional[int] = None) -> dict:
+                  check_chunks: bool = True, workers: Optional[int] = None,
+                  normalize_target: bool = False) -> dict:
     """Evaluate every map in ``methods`` on paired rows [start, stop) of source / target.
+
+    ``normalize_target``: L2-normalise the target rows before comparing, as a fit with
+    ``normalize`` did (its maps normalise source rows themselves; the target rows they were
+    fitted to were unit vectors too, and so must be the ones they are compared with).
 
     Pass 1 reads the held-out pairs once: residuals, raw cosines, each side's mean, and the
     sampled query rows. Pass 2 reads them again: centred cosines, and every target block
@@ -290,6 +295,12 @@ def evaluate_maps(methods: Sequence[Method], source, target, rows=None, *,
     n = stop - start
     ranges = blocks(start, stop, [src, tgt], block_rows)
 
+    def targets_of(s: int, e: int, checked: bool = False) -> np.ndarray:
+        """Target rows [s, e) in ``work``, preprocessed as the fit did."""
+        b = read_checked(tgt, s, e, work) if checked else \
+            read_rows(tgt, s, e).astype(work, copy=False)
+        return normalize_rows(b, work, s, "target") if normalize_target else b
+
     sample = query_sample(n, max_queries, seed)
     nq = len(sample)
     csls_k = min(csls_k, nq) if csls else 0
@@ -306,7 +317,7 @@ def evaluate_maps(methods: Sequence[Method], source, target, rows=None, *,
     ys = np.empty((nq, tgt.dim), dtype=work)
     for blk in ranges:
         s, e = blk.start, blk.stop
-        a, b = read_rows(src, s, e), read_checked(tgt, s, e, work)
+        a, b = read_rows(src, s, e), targets_of(s, e, checked=True)
         t_sum += b.sum(axis=0, dtype=np.float64)
         t_sq += float(np.einsum("ij,ij->", b, b, dtype=np.float64))
         lo, hi = np.searchsorted(sample, [s - start, e - start])
@@ -338,7 +349,7 @@ def evaluate_maps(methods: Sequence[Method], source, target, rows=None, *,
     pool = Parallel(workers)
     for blk in ranges:
         s, e = blk.start, blk.stop
-        a, b = read_rows(src, s, e), read_rows(tgt, s, e).astype(work, copy=False)
+        a, b = read_rows(src, s, e), targets_of(s, e)
         bc = b - mu_t_w
         targets = {"raw": unit_rows(b), "centred": unit_rows(bc)}
         tasks = []
@@ -353,7 +364,7 @@ def evaluate_maps(methods: Sequence[Method], source, target, rows=None, *,
         for sc in scorers.values():
             sc.start_csls(n)
         for blk in ranges:
-            b = read_rows(tgt, blk.start, blk.stop).astype(work, copy=False)
+            b = targets_of(blk.start, blk.stop)
             targets = {"raw": unit_rows(b), "centred": unit_rows(b - mu_t_w)}
             pool.run([t for (name, variant), sc in scorers.items()
                       for t in sc.csls_tasks(pool, targets[variant], blk.start - start)])
@@ -378,6 +389,7 @@ def evaluate_maps(methods: Sequence[Method], source, target, rows=None, *,
     log.info("evaluate: done in %.1fs", seconds)
     return {"rows": [start, stop], "pairs": n, "queries": nq, "targets": n,
             "sampled": nq < n, "seed": seed, "ks": ks, "csls_k": csls_k or None,
+            "normalized_targets": bool(normalize_target),
             "chance": {f"recall@{k}": min(k / n, 1.0) for k in ks},
             "seconds": seconds, "methods": out_methods}
 
@@ -599,7 +611,7 @@ def evaluate(transform, source, target, rows=None, *, baselines: bool = True,
     methods = methods_for(t, moments if baselines else None, ridge)
     result = evaluate_maps(methods, src, tgt, (start, stop), ks=ks, max_queries=max_queries,
                            seed=seed, csls=csls, csls_k=csls_k, dtype=dtype,
-                           block_rows=block_rows)
+                           block_rows=block_rows, normalize_target=t.normalize)
     training = {"rows": train, "arrays": arrays, "statistics": origin,
                 "fit_diagnostics": t.metadata.get("discrepancy")}
     if moments is not None:
