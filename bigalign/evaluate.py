@@ -457,13 +457,17 @@ def same_array(recorded: Optional[dict], arr) -> Optional[bool]:
     True: the same location (compared as :func:`canonical_url`), whatever its shape now (an
     array rewritten or grown in place still holds the rows fitted on). For a recorded
     *relative* path, whose working directory is unknown: also when the path of ``arr`` ends
-    with it (``data/a.zarr`` matches ``/home/u/data/a.zarr``). False: provably another
-    array. None: cannot tell (nothing recorded, or ``arr`` is an in-memory numpy array).
+    with it (``data/a.zarr`` matches ``/home/u/data/a.zarr``). A recorded ``canonical_url``
+    (:func:`canonical_url` where the fit ran) is compared exactly instead. False: provably
+    another array. None: cannot tell (nothing recorded, or ``arr`` is an in-memory numpy
+    array).
     """
     url = (recorded or {}).get("url")
     if not url or not isinstance(arr, EmbeddingArray):
         return None
     here = canonical_url(arr.url)
+    if recorded.get("canonical_url"):  # resolved where the fit ran: no guessing needed
+        return recorded["canonical_url"] == here
     if canonical_url(url) == here:
         return True
     spelled = str(url).split("::")[-1]

@@ -303,6 +303,10 @@ def test_same_array_and_canonical_urls(tmp_path, monkeypatch):
     assert same_array({"url": "other/a.zarr"}, arr) is False
     assert same_array({"url": "s3://bucket/data/a.zarr"}, arr) is False
     assert same_array(None, arr) is None and same_array({"url": path}, np.ones((4, 2))) is None
+    # a fit that records where the relative path resolved: exact, no guessing
+    assert same_array({"url": "a.zarr", "canonical_url": canonical_url(path)}, arr) is True
+    assert same_array({"url": "data/a.zarr", "canonical_url": "/elsewhere/data/a.zarr"},
+                      arr) is False
 
 
 # ---- a fit that normalised rows is evaluated on normalised targets ----------------------------
