@@ -18,6 +18,7 @@ from .cli import add_storage_option, json_safe as _plain, storage_options
 from .curve import learning_curve
 from .errors import InputError
 from .evaluate import DEFAULT_MAX_QUERIES, evaluate
+from .metrics import figure
 from .retrieval import evaluate_retrieval
 
 log = logging.getLogger("bigalign")
@@ -91,7 +92,8 @@ def add_commands(sub) -> dict:
         "training statistics. Also prints the paper's bound on the training set.",
         TRANSFORM, SOURCE, TARGET)
     e.add_argument("--rows", metavar="START:STOP",
-                   help="held-out rows (default: the rows after, else before, the transform's "
+                   help="held-out rows (default: all rows when SOURCE/TARGET are not the arrays "
+                        "the transform was fitted on, else the rows after, else before, its "
                         "training rows)")
     e.add_argument("--csls", action="store_true",
                    help="also rank with CSLS (penalises 'hub' targets near many queries)")
@@ -259,6 +261,11 @@ def format_evaluation(result: dict) -> str:
            f"searched by exact cosine among all {result['targets']:,} held-out targets"
            + (" (queries sampled)" if result["sampled"] else "")
            + f"; chance recall@1 = {result['chance'][f'recall@{ks[0]}']:.4f}" * (ks[0] == 1)]
+    if tr.get("arrays") == "different":
+        out.append("SOURCE/TARGET are not the arrays the transform was fitted on: no row of "
+                   "them was used to fit it")
+    if result.get("normalized_targets"):
+        out.append("target rows L2-normalised, as the fit normalised them")
     if result.get("overlap_with_training"):
         out.append(f"WARNING: {result['overlap_with_training']:,} of these rows were used to "
                    "fit the transform")
@@ -278,19 +285,35 @@ def format_evaluation(result: dict) -> str:
 
 
 def _bound_lines(d: dict, tr: dict) -> str:
+    """The paper's numbers, each printed with its round-off (:func:`bigalign.metrics.figure`):
+    a figure the arithmetic cannot resolve prints as "<= x", never as a wrong number."""
     n = d.get("n") or tr.get("n")
+    fig = lambda key: figure(d.get(key), d.get(f"{key}_interval"))  # noqa: E731
+    centred = "centred" if d.get("center") else "uncentred"
     lines = ["paper bound (arXiv 2510.13406) on the training pairs"
-             + (f" (n = {n:,}, {'centred' if d.get('center') else 'uncentred'})" if n else "") + ":",
-             f"  dot-product discrepancy eps = ||AA'-BB'||_F = {d['epsilon']:.4g}; "
-             f"per pair delta = eps/n = {d['delta']:.4g}"]
+             + (f" (n = {n:,}, {centred})" if n else "") + ":",
+             f"  dot-product discrepancy eps = ||AA'-BB'||_F {fig('epsilon')}; "
+             f"per pair delta = eps/n {fig('delta')}"]
     if "achieved_residual" in d:
-        holds = "holds" if d.get("bound_holds", True) else "VIOLATED"
-        lines.append(f"  ||AQ-B||_F: achieved {d['achieved_residual']:.4g} <= bound "
-                     f"(2D)^(1/4) sqrt(eps) = {d['bound_residual']:.4g} ({holds}; "
-                     f"achieved/bound = {d['achieved_residual'] / d['bound_residual']:.2f})")
+        check = d.get("bound_check") or ("holds" if d.get("bound_holds", True) else "violated")
+        if "bound_check" in d:
+            tight = d.get("tightness")
+        else:  # recorded by a fit, without intervals
+            tight = d["achieved_residual"] / d["bound_residual"] if d["bound_residual"] else None
+        lines.append(f"  ||AQ-B||_F: achieved {fig('achieved_residual')}; bound (2D)^(1/4) "
+                     f"sqrt(eps) {fig('bound_residual')} "
+                     f"({'VIOLATED' if check == 'violated' else check}"
+                     + (f"; achieved/bound = {tight:.2f}" if tight is not None else "") + ")")
         if "achieved_mean_sq_distance" in d:
-            lines.append(f"  per pair: mean squared distance {d['achieved_mean_sq_distance']:.4g}"
-                         f" <= sqrt(2D) delta = {d['bound_mean_sq_distance']:.4g}")
+            lines.append(f"  per pair: mean squared distance {fig('achieved_mean_sq_distance')}"
+                         f"; bound sqrt(2D) delta {fig('bound_mean_sq_distance')}")
+    if "epsilon_interval" not in d:
+        lines.append("  (as recorded by the fit, without a bound on their round-off: on nearly "
+                     "isometric pairs these figures may be off; docs/evaluation.md)")
+    elif not all((d.get("resolved") or {}).values()):
+        lines.append(f"  '<= x': below the round-off of these {d.get('precision', '')} "
+                     "statistics (a difference of nearly equal sums); fit with --precision "
+                     "float64 to resolve it")
     return "\n".join(lines)
 
 
@@ -326,7 +349,7 @@ def format_curve(result: dict) -> str:
         row = [p["pairs"], p["name"], p["train"].get("relative_residual"),
                p["relative_residual"], p["cosine"]["mean"]]
         row += [p["retrieval"][v][f"recall@{k}"] for v in ("raw", "centred") for k in ks]
-        row += [_g(d.get("epsilon")), _g(d.get("bound_residual")), _g(d.get("achieved_residual"))]
+        row += [_g(d, "epsilon"), _g(d, "bound_residual"), _g(d, "achieved_residual")]
         rows.append(row)
     sat = result["saturation"]
     a, b = result["train_rows"]
@@ -341,11 +364,15 @@ def format_curve(result: dict) -> str:
         + ", ".join(f"{k}={v}" for k, v in result["options"].items()),
         "", table(headers, rows), "", verdict,
         RESID_HELP + ".  eps / bound / achieved: the paper's discrepancy, its bound on "
-        "||AQ-B||_F and the value reached (orthogonal, training pairs)."])
+        "||AQ-B||_F and the value reached (orthogonal, training pairs); '<=x': below the "
+        "round-off of the statistics, '+-': their round-off (docs/evaluation.md)."])
 
 
-def _g(v):
-    return None if v is None else f"{v:.4g}"
+def _g(d: dict, key: str):
+    """A curve cell: the figure with its round-off ("<=x" when unresolved)."""
+    if d.get(key) is None:
+        return None
+    return figure(d[key], d.get(f"{key}_interval")).removeprefix("= ").replace(" ", "")
 
 
 def main(argv=None) -> int:  # pragma: no cover - convenience for `python -m`

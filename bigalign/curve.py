@@ -79,7 +79,7 @@ def learning_curve(source, target, train_rows, eval_rows, *, sizes: Optional[Seq
                                       train=train_numbers(res, m)))
             diags[size] = fit_diagnostics(m, center=center)
     res = evaluate_maps(methods, src, tgt, (c, d), ks=ks, max_queries=max_queries, seed=seed,
-                        dtype=dtype, block_rows=block_rows)
+                        dtype=dtype, block_rows=block_rows, normalize_target=normalize)
     points = []
     for entry in res.pop("methods"):
         method, size = entry["name"].rsplit("@", 1)

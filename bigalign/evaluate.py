@@ -29,6 +29,8 @@ queries; the searched set is always every held-out target.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import time
 import warnings
 from typing import Optional, Sequence, Union
@@ -43,12 +45,13 @@ from .metrics import (CosineHistogram, Method, count_better, fit_diagnostics, me
                       unit_rows)
 from .plan import Block, choose_block_rows, common_step, plan_blocks
 from .solve import NotUniqueWarning, procrustes
-from .stats import Moments, block_moments, check_finite, merge
+from .stats import Moments, block_moments, check_finite, merge, normalize_rows
 from .stores import EmbeddingArray, open_embeddings, parse_rows, read_rows, validate_pair
 
 log = logging.getLogger("bigalign")
 
-__all__ = ["evaluate", "evaluate_maps", "training_moments", "DEFAULT_MAX_QUERIES"]
+__all__ = ["evaluate", "evaluate_maps", "training_moments", "training_arrays", "same_array",
+           "canonical_url", "DEFAULT_MAX_QUERIES"]
 
 #: Queries searched when the held-out set is larger (seeded sample); exact search of 10^4
 #: queries among 10^5 targets of 384 dims is ~1.5 TFLOP per method and search variant.
@@ -259,8 +262,13 @@ def evaluate_maps(methods: Sequence[Method], source, target, rows=None, *,
                   ks: Sequence[int] = (1, 10), max_queries: Optional[int] = DEFAULT_MAX_QUERIES,
                   seed: int = 0, csls: bool = False, csls_k: int = 10, dtype="float32",
                   block_rows: Optional[int] = None, storage_options=None,
-                  check_chunks: bool = True, workers: Optional[int] = None) -> dict:
+                  check_chunks: bool = True, workers: Optional[int] = None,
+                  normalize_target: bool = False) -> dict:
     """Evaluate every map in ``methods`` on paired rows [start, stop) of source / target.
+
+    ``normalize_target``: L2-normalise the target rows before comparing, as a fit with
+    ``normalize`` did (its maps normalise source rows themselves; the target rows they were
+    fitted to were unit vectors too, and so must be the ones they are compared with).
 
     Pass 1 reads the held-out pairs once: residuals, raw cosines, each side's mean, and the
     sampled query rows. Pass 2 reads them again: centred cosines, and every target block
@@ -286,6 +294,13 @@ def evaluate_maps(methods: Sequence[Method], source, target, rows=None, *,
     work = np.dtype(dtype)
     n = stop - start
     ranges = blocks(start, stop, [src, tgt], block_rows)
+
+    def targets_of(s: int, e: int, checked: bool = False) -> np.ndarray:
+        """Target rows [s, e) in ``work``, preprocessed as the fit did."""
+        b = read_checked(tgt, s, e, work) if checked else \
+            read_rows(tgt, s, e).astype(work, copy=False)
+        return normalize_rows(b, work, s, "target") if normalize_target else b
+
     sample = query_sample(n, max_queries, seed)
     nq = len(sample)
     csls_k = min(csls_k, nq) if csls else 0
@@ -302,7 +317,7 @@ def evaluate_maps(methods: Sequence[Method], source, target, rows=None, *,
     ys = np.empty((nq, tgt.dim), dtype=work)
     for blk in ranges:
         s, e = blk.start, blk.stop
-        a, b = read_rows(src, s, e), read_checked(tgt, s, e, work)
+        a, b = read_rows(src, s, e), targets_of(s, e, checked=True)
         t_sum += b.sum(axis=0, dtype=np.float64)
         t_sq += float(np.einsum("ij,ij->", b, b, dtype=np.float64))
         lo, hi = np.searchsorted(sample, [s - start, e - start])
@@ -334,7 +349,7 @@ def evaluate_maps(methods: Sequence[Method], source, target, rows=None, *,
     pool = Parallel(workers)
     for blk in ranges:
         s, e = blk.start, blk.stop
-        a, b = read_rows(src, s, e), read_rows(tgt, s, e).astype(work, copy=False)
+        a, b = read_rows(src, s, e), targets_of(s, e)
         bc = b - mu_t_w
         targets = {"raw": unit_rows(b), "centred": unit_rows(bc)}
         tasks = []
@@ -349,7 +364,7 @@ def evaluate_maps(methods: Sequence[Method], source, target, rows=None, *,
         for sc in scorers.values():
             sc.start_csls(n)
         for blk in ranges:
-            b = read_rows(tgt, blk.start, blk.stop).astype(work, copy=False)
+            b = targets_of(blk.start, blk.stop)
             targets = {"raw": unit_rows(b), "centred": unit_rows(b - mu_t_w)}
             pool.run([t for (name, variant), sc in scorers.items()
                       for t in sc.csls_tasks(pool, targets[variant], blk.start - start)])
@@ -374,6 +389,7 @@ def evaluate_maps(methods: Sequence[Method], source, target, rows=None, *,
     log.info("evaluate: done in %.1fs", seconds)
     return {"rows": [start, stop], "pairs": n, "queries": nq, "targets": n,
             "sampled": nq < n, "seed": seed, "ks": ks, "csls_k": csls_k or None,
+            "normalized_targets": bool(normalize_target),
             "chance": {f"recall@{k}": min(k / n, 1.0) for k in ks},
             "seconds": seconds, "methods": out_methods}
 
@@ -395,7 +411,8 @@ def load_transform(transform, storage_options=None):
 
 
 def _default_heldout(train: Optional[Sequence[int]], n: int) -> tuple[int, int]:
-    """Rows the transform was not fitted on: after its training range, else before it."""
+    """Rows of the training arrays the transform was not fitted on: after its training
+    range, else before it."""
     if train is None:
         raise InputError("the transform does not record its training rows; pass --rows "
                          "START:STOP for the held-out pairs")
@@ -404,8 +421,81 @@ def _default_heldout(train: Optional[Sequence[int]], n: int) -> tuple[int, int]:
         return b, n
     if a > 0:
         return 0, a
-    raise InputError(f"the transform was fitted on all {n} rows, so none are held out; pass "
-                     "--rows START:STOP (rows it was fitted on flatter every method)")
+    raise InputError(f"the transform was fitted on all {n} rows of these arrays, so none are "
+                     "held out; pass the held-out arrays, or --rows START:STOP (rows it was "
+                     "fitted on flatter every method)")
+
+
+# ---- which arrays a transform was fitted on ------------------------------------------------
+
+_PROTOCOL_ALIASES = {"s3a": "s3", "gcs": "gs", "local": "file"}
+
+
+def canonical_url(url: str) -> str:
+    """Where an array lives, spelled one way: the real absolute path for local paths (also
+    ``file://``; symlinks, ``./x``, ``x/`` resolved) and ``protocol://path`` without
+    repeated or trailing slashes for other fsspec URLs (the target of a chained URL such as
+    ``simplecache::s3://b/k``). Relative paths resolve against the current directory."""
+    url = str(url).split("::")[-1]
+    if "://" in url:
+        protocol, path = url.split("://", 1)
+        protocol = _PROTOCOL_ALIASES.get(protocol.lower(), protocol.lower())
+        if protocol != "file":
+            return f"{protocol}://{re.sub('/+', '/', path).strip('/')}"
+        url = path
+    return os.path.realpath(os.path.expanduser(url))
+
+
+def _path_parts(path: str) -> list[str]:
+    return [p for p in os.path.normpath(path).split(os.sep) if p not in ("", ".", "..")]
+
+
+def same_array(recorded: Optional[dict], arr) -> Optional[bool]:
+    """Is ``arr`` the array whose fingerprint (:meth:`bigalign.stores.EmbeddingArray.
+    fingerprint`, recorded by the fit in ``Transform.metadata["inputs"]``) is ``recorded``?
+
+    True: the same location (compared as :func:`canonical_url`), whatever its shape now (an
+    array rewritten or grown in place still holds the rows fitted on). For a recorded
+    *relative* path, whose working directory is unknown: also when the path of ``arr`` ends
+    with it (``data/a.zarr`` matches ``/home/u/data/a.zarr``). A recorded ``canonical_url``
+    (:func:`canonical_url` where the fit ran) is compared exactly instead. False: provably
+    another array. None: cannot tell (nothing recorded, or ``arr`` is an in-memory numpy
+    array).
+    """
+    url = (recorded or {}).get("url")
+    if not url or not isinstance(arr, EmbeddingArray):
+        return None
+    here = canonical_url(arr.url)
+    if recorded.get("canonical_url"):  # resolved where the fit ran: no guessing needed
+        return recorded["canonical_url"] == here
+    if canonical_url(url) == here:
+        return True
+    spelled = str(url).split("::")[-1]
+    if "://" not in spelled and not os.path.isabs(os.path.expanduser(spelled)):
+        tail = _path_parts(spelled)
+        given = arr.url.split("::")[-1].removeprefix("file://")
+        for path in (here, os.path.abspath(os.path.expanduser(given))):
+            parts = _path_parts(path)
+            if tail and parts[-len(tail):] == tail:
+                return True
+    return False
+
+
+def training_arrays(t, source, target) -> str:
+    """Are ``source`` / ``target`` the arrays ``t`` was fitted on (its recorded input
+    fingerprints, :func:`same_array`)? "same" when either is either training array (an
+    inverted transform maps its fit's target to its source); "different" only when both
+    provably are neither (then none of their rows were used to fit it); "unknown" when it
+    cannot be told, which callers treat as "same" (the cautious side: a training row taken
+    for a held-out one would flatter every number)."""
+    inputs = (getattr(t, "metadata", None) or {}).get("inputs") or {}
+    found = [same_array(inputs.get(side), arr) for side in ("source", "target")
+             for arr in (source, target)]
+    if True in found:
+        return "same"
+    if found and all(f is False for f in found):
+        return "different"
+    return "unknown"
 
 
 def training_statistics(t, statistics: Optional[Moments] = None, *, want: bool = True,
@@ -444,11 +534,9 @@ def training_statistics(t, statistics: Optional[Moments] = None, *, want: bool =
         return None, None
     inputs = t.metadata.get("inputs") or {}
     for side, arr in (("source", src), ("target", tgt)):
-        fitted = (inputs.get(side) or {}).get("url")
-        if fitted and isinstance(arr, EmbeddingArray) and \
-                fitted.rstrip("/") != arr.url.rstrip("/"):
+        if same_array(inputs.get(side), arr) is False:
             log.warning("baselines: fitting on rows %d:%d of %s %s; the transform was fitted "
-                        "on %s", a, b, side, arr.url, fitted)
+                        "on %s", a, b, side, arr.url, inputs[side]["url"])
     log.info("baselines: one streaming pass over training rows %d:%d for their statistics "
              "(transforms saved by bigalign fit store them and skip this)", a, b)
     m = training_moments(src, tgt, (a, b), normalize=t.normalize, gram=True,
@@ -483,8 +571,9 @@ def evaluate(transform, source, target, rows=None, *, baselines: bool = True,
              check_chunks: bool = True) -> dict:
     """Evaluate ``transform`` on held-out pairs of ``source`` (N, dA) / ``target`` (N, dB).
 
-    rows : the held-out row range (default: the rows after, else before, the transform's
-        training rows).
+    rows : the held-out row range. Default: every row when ``source``/``target`` are not the
+        arrays the transform was fitted on (:func:`training_arrays`, from the input
+        fingerprints the fit recorded), else the rows after, else before, its training rows.
     baselines : also evaluate none / least squares / ridge / the other centring, fitted from
         the training statistics: ``statistics`` when given, else those stored with the
         transform, else one streaming pass over the transform's training rows of
@@ -497,24 +586,37 @@ def evaluate(transform, source, target, rows=None, *, baselines: bool = True,
         raise InputError(f"the transform maps {t.dims[0]} -> {t.dims[1]} dims but source has "
                          f"{src.dim} and target {tgt.dim}")
     train = t.options.get("rows")
-    start, stop = row_range(rows, src.rows, "held-out rows") if rows is not None else \
-        _default_heldout(train, src.rows)
+    arrays = training_arrays(t, src, tgt)
+    if arrays == "different":
+        log.info("%s and %s are not the arrays the transform was fitted on (%s, %s): all "
+                 "their rows are held out", src.url, tgt.url,
+                 t.metadata["inputs"]["source"]["url"], t.metadata["inputs"]["target"]["url"])
+    if rows is not None:
+        start, stop = row_range(rows, src.rows, "held-out rows")
+    elif arrays == "different":
+        start, stop = 0, src.rows
+    else:
+        start, stop = _default_heldout(train, src.rows)
     overlap = 0
-    if train:
+    if train and arrays != "different":
         overlap = max(0, min(stop, int(train[1])) - max(start, int(train[0])))
         if overlap:
             log.warning("%d of the %d evaluated rows were used to fit the transform: the "
                         "numbers flatter every fitted method", overlap, stop - start)
-    if train_source is None and train_target is None:
-        train_source, train_target = src, tgt
+    if train_source is None and train_target is None and arrays != "different":
+        train_source, train_target = src, tgt  # they hold the training rows
     moments, origin = training_statistics(
         t, statistics, want=baselines, train_source=train_source, train_target=train_target,
         storage_options=storage_options, check_chunks=check_chunks, block_rows=block_rows)
+    if moments is None and baselines and train_source is None and arrays == "different":
+        log.warning("no baselines: the transform stores no training statistics, and %s / %s "
+                    "are not its training arrays (pass --train-source/--train-target)",
+                    src.url, tgt.url)
     methods = methods_for(t, moments if baselines else None, ridge)
     result = evaluate_maps(methods, src, tgt, (start, stop), ks=ks, max_queries=max_queries,
                            seed=seed, csls=csls, csls_k=csls_k, dtype=dtype,
-                           block_rows=block_rows)
-    training = {"rows": train, "statistics": origin,
+                           block_rows=block_rows, normalize_target=t.normalize)
+    training = {"rows": train, "arrays": arrays, "statistics": origin,
                 "fit_diagnostics": t.metadata.get("discrepancy")}
     if moments is not None:
         training["n"] = int(moments.n)

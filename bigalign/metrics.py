@@ -19,11 +19,13 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .solve import NotUniqueWarning, discrepancy, least_squares, paper_bound, procrustes, sums
-from .stats import Moments
+from .solve import (NotUniqueWarning, discrepancy_interval, least_squares, paper_bound,
+                    procrustes, sums)
+from .stats import Moments, unit_roundoff
 from .transform import map_rows
 
-__all__ = ["AffineMap", "Method", "fit_diagnostics", "baseline_methods", "transform_methods",
+__all__ = ["AffineMap", "Method", "fit_diagnostics", "figure", "baseline_methods",
+           "transform_methods",
            "methods_for", "train_numbers", "unit_rows", "row_cosine", "topk_merge", "sort_topk",
            "exact_search", "topk_block", "count_better", "score_rows", "recall_from_ranks",
            "ndcg_at_k", "recall_at_k", "CosineHistogram", "query_sample", "SCORE_BYTES"]
@@ -95,33 +97,105 @@ class Method:
 def fit_diagnostics(m: Moments, *, center: bool = False) -> dict:
     """The paper's quantities for the training set summarised by ``m`` (needs Gram stats).
 
-    epsilon : ||A A^T - B B^T||_F, the dot-product discrepancy over all n^2 pairs (exact).
+    epsilon : ||A A^T - B B^T||_F, the dot-product discrepancy over all n^2 pairs.
     delta : epsilon / n, the root mean squared dot-product gap per pair of items.
     bound_residual : (2D)^(1/4) sqrt(epsilon), the bound on ||A Q - B||_F for the best
         orthogonal Q (D = max(dA, dB)).
     bound_mean_sq_distance : sqrt(2D) delta, the same bound per pair.
     achieved_residual, achieved_mean_sq_distance : what the best orthogonal Q (no scale)
         actually reaches, from the same statistics.
-    bound_holds : achieved <= bound (it must; False would mean a bug or broken statistics).
-    tightness : achieved / bound (small: the bound is loose; near 1: it is tight).
+    *_interval : [lo, hi] for each of the above: where the exact value lies, given the
+        round-off of the statistics (:func:`bigalign.solve.discrepancy_interval`,
+        ``Procrustes.residual_error``). epsilon and the achieved residual are differences of
+        nearly equal large numbers when the models are nearly isometric; lo == 0 means the
+        arithmetic cannot resolve the figure: report "<= hi" (:func:`figure`), never the
+        computed value, which may be far off (float32 statistics gave epsilon 13.1 where the
+        float64 value is 2.3).
+    resolved : {"epsilon": lo > 0, "achieved_residual": lo > 0}.
+    bound_check : "holds" (achieved <= bound even at the ends of both intervals),
+        "holds within round-off" (the intervals overlap: neither proven nor refuted) or
+        "violated" (proven: it would mean a bug or broken statistics).
+    bound_holds : bound_check != "violated".
+    tightness : achieved / bound when both are resolved, else None.
+    precision : the GEMM precision of the statistics ("float32", "float64", "unknown").
 
     With ``center`` the centred statistics are used, as a centred fit does.
     """
-    eps = discrepancy(m, center=center)
+    eps, eps_lo, eps_hi = discrepancy_interval(m, center=center)
     out = paper_bound(eps, *m.dims, m.n)
+    lo, hi = paper_bound(eps_lo, *m.dims, m.n), paper_bound(eps_hi, *m.dims, m.n)
+    for key in ("epsilon", "delta", "bound_residual", "bound_mean_sq_distance"):
+        out[f"{key}_interval"] = [lo[key], hi[key]]
+    out["resolved"] = {"epsilon": eps_lo > 0}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotUniqueWarning)
         sol = procrustes(m, center=center)
     if sol.residual is not None:
-        achieved = math.sqrt(sol.residual)
+        r, err = sol.residual, sol.residual_error
+        r_lo, r_hi = max(r - err, 0.0), r + err
+        achieved = math.sqrt(r)
         out["achieved_residual"] = achieved
-        out["achieved_mean_sq_distance"] = sol.residual / m.n
-        out["bound_holds"] = bool(achieved <= out["bound_residual"] * (1 + 1e-9) + 1e-12)
-        out["tightness"] = achieved / out["bound_residual"] if out["bound_residual"] > 0 \
-            else float("nan")
+        out["achieved_residual_interval"] = [math.sqrt(r_lo), math.sqrt(r_hi)]
+        out["achieved_mean_sq_distance"] = r / m.n
+        out["achieved_mean_sq_distance_interval"] = [r_lo / m.n, r_hi / m.n]
+        out["resolved"]["achieved_residual"] = r_lo > 0
+        if math.sqrt(r_hi) <= lo["bound_residual"]:
+            check = "holds"
+        elif math.sqrt(r_lo) > hi["bound_residual"] * (1 + 1e-12):
+            check = "violated"
+        else:
+            check = "holds within round-off"
+        out["bound_check"] = check
+        out["bound_holds"] = check != "violated"
+        both = eps_lo > 0 and r_lo > 0 and out["bound_residual"] > 0
+        out["tightness"] = achieved / out["bound_residual"] if both else None
+    out["precision"] = _precision_name(m)
     out["center"] = bool(center)
     out["n"] = int(m.n)
     return out
+
+
+def _precision_name(m: Moments) -> str:
+    if m.rounding is None:
+        return "unknown"
+    u = float(m.rounding[0])
+    for name in ("float32", "float64"):
+        if u == unit_roundoff(name):
+            return name
+    return "unknown"
+
+
+def figure(value: Optional[float], interval: Optional[Sequence[float]] = None,
+           digits: int = 4) -> str:
+    """A figure as text, honest about round-off: "= 78.54" when its interval (see
+    :func:`fit_diagnostics`) lies within half a unit of the last digit shown, "= 78.5 +- 0.8"
+    otherwise, "<= 14.3" when the interval reaches 0 (the arithmetic cannot tell the figure
+    from 0), "-" when unknown. Bounds are rounded outwards, so the text is never wrong.
+    E.g. 13.1 computed with interval [0, 14.21] prints "<= 14.3", not "= 13.1".
+    Without an interval, the value as recorded."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if interval is None:
+        return f"= {value:.{digits}g}"
+    lo, hi = float(interval[0]), float(interval[1])
+    if hi <= 0:
+        return "= 0"
+    if lo <= 0:
+        return f"<= {_round_up(hi, 3)}"
+    shown = f"{value:.{digits}g}"
+    v = float(shown)
+    err = max(hi - v, v - lo, 0.0)
+    half_unit = 0.5 * 10.0 ** (math.floor(math.log10(abs(v))) - digits + 1) if v else 0.0
+    if err <= half_unit:
+        return f"= {shown}"
+    return f"= {shown} +- {_round_up(err, 2)}"
+
+
+def _round_up(x: float, digits: int) -> str:
+    """``x`` > 0 to ``digits`` significant digits, rounded up (an upper bound stays one, to
+    within 1e-9 relative: far inside the slack of the worst-case bounds it prints)."""
+    step = 10.0 ** (math.floor(math.log10(x)) - digits + 1)
+    return f"{math.ceil(x / step * (1 - 1e-9)) * step:.{digits}g}"
 
 
 def train_numbers(residual: Optional[float], m: Moments) -> dict:

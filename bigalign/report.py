@@ -107,13 +107,19 @@ def _bound_text(result: dict) -> str:
                   f"  mean cosine {this['cosine']['mean']:.3f}",
                   f"  relative residual {this['relative_residual']:.3f}", ""]
     if d:
-        holds = d.get("bound_holds")
+        from .metrics import figure  # each figure with its round-off: "<= x" when unresolved
+
+        iv = lambda key: d.get(f"{key}_interval")  # noqa: E731
+        check = d.get("bound_check") or {True: "holds",
+                                          False: "violated"}.get(d.get("bound_holds"))
         lines += [f"paper bound (training, n = {d.get('n', tr.get('n', '?'))}):",
-                  f"  eps = ||AA'-BB'||_F = {d['epsilon']:.4g}",
-                  f"  delta = eps/n = {d['delta']:.4g}",
-                  f"  ||AQ-B||_F: achieved {d.get('achieved_residual', float('nan')):.4g}"
-                  f"  <=  bound {d['bound_residual']:.4g}"
-                  + ("" if holds is None else ("  (holds)" if holds else "  (VIOLATED)"))]
+                  f"  eps = ||AA'-BB'||_F {figure(d['epsilon'], iv('epsilon'))}",
+                  f"  delta = eps/n {figure(d['delta'], iv('delta'))}",
+                  f"  ||AQ-B||_F: achieved "
+                  f"{figure(d.get('achieved_residual'), iv('achieved_residual'))}",
+                  f"  bound {figure(d['bound_residual'], iv('bound_residual'))}"
+                  + ("" if check is None else
+                     f"  ({'VIOLATED' if check == 'violated' else check})")]
     return "\n".join(lines)
 
 

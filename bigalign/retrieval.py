@@ -17,12 +17,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, NonFiniteError
 from .evaluate import (DEFAULT_MAX_QUERIES, Parallel, blocks, load_transform, open_rows,
                        read_checked, row_range, take_rows, training_statistics)
 from .metrics import (methods_for, ndcg_at_k, query_sample, recall_at_k, score_rows,
                       sort_topk, topk_block, unit_rows)
-from .stats import Moments
+from .stats import Moments, normalize_rows
 
 log = logging.getLogger("bigalign")
 
@@ -149,6 +149,22 @@ def evaluate_retrieval(transform, queries, docs, qrels, *, map_side: str = "quer
              "%s mapped, %d methods", len(qids), q0, q1, n_docs, d0, d1, map_side,
              len(methods) + (nat is not None))
 
+    def fixed(x: np.ndarray, start: int = 0, side: str = "target", ids=None) -> np.ndarray:
+        """Rows in the target model's space, preprocessed as the fit preprocessed its
+        targets (unit rows when it normalised: its maps normalise their inputs). ``ids``:
+        the row indices of ``x`` when they are not ``start, start + 1, ...``."""
+        x = x.astype(work, copy=False)
+        if not t.normalize:
+            return x
+        if ids is None:
+            return normalize_rows(x, work, start, side)
+        norms = np.linalg.norm(x, axis=1)
+        bad = np.flatnonzero(~(norms > 0))
+        if bad.size:
+            raise NonFiniteError(f"{side} row {int(ids[bad[0]])} is a zero-norm row "
+                                 "(cannot normalise, as the transform's fit did)")
+        return x / norms.astype(work)[:, None]
+
     # entries: (name, note, this, query vectors, doc stream key); streams: key -> (rows, map)
     q_raw = take_rows(qa, qids)
     entries, streams = [], {}
@@ -156,11 +172,11 @@ def evaluate_retrieval(transform, queries, docs, qrels, *, map_side: str = "quer
         streams["docs"] = (da, None)
         if nat is not None:
             entries.append(("native", "queries embedded by the document model", False,
-                            take_rows(nat, qids).astype(work), "docs"))
+                            fixed(take_rows(nat, qids), side=nat.side, ids=qids), "docs"))
         for m in methods:
             entries.append((m.name, m.note, m.this, m.map(q_raw, work), "docs"))
     else:
-        q_work = q_raw.astype(work)
+        q_work = fixed(q_raw, side=qa.side, ids=qids)
         if nat is not None:
             streams["native"] = (nat, None)
             entries.append(("native", "documents embedded by the query model", False,
@@ -178,7 +194,7 @@ def evaluate_retrieval(transform, queries, docs, qrels, *, map_side: str = "quer
             s = blk.start
             read = {id(arr): read_checked(arr, s, blk.stop) for arr in arrays}
             yield s, {key: fn(read[id(arr)], work, start=s) if fn is not None
-                      else read[id(arr)].astype(work, copy=False)
+                      else fixed(read[id(arr)], s, arr.side)
                       for key, (arr, fn) in streams.items()}
 
     # pass 1: the mean of each document stream (for centred search)

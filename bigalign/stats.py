@@ -14,11 +14,23 @@ sq_a       sum ||a_i - mean_a||^2                       float
 sq_b       sum ||b_i - mean_b||^2                       float
 gram_a     sum (a_i - mean_a)(a_i - mean_a)^T or None   (dA, dA)
 gram_b     sum (b_i - mean_b)(b_i - mean_b)^T or None   (dB, dB)
+rounding   what bounds their round-off, or None         (5,)
 =========  ===========================================  ==========
 
 Two partials of disjoint row ranges merge exactly with the pairwise update of Chan, Golub
 and LeVeque, so a tree of merges, a checkpoint of partials and a resume are one algebra.
 The uncentred sums follow without cancellation (``raw_cross = cross + n mean_a mean_b^T``).
+
+``rounding`` records how the sums were computed, so that :mod:`bigalign.solve` can bound
+their round-off rigorously (and say when a figure derived from them, such as the paper's
+discrepancy or the closed-form residual, is below what the arithmetic can resolve):
+``[u, k, depth, eta_a, eta_b]`` = the unit round-off of the block GEMMs (2^-24 for float32,
+2^-53 for float64), the most rows summed by one GEMM, the depth of the merge tree, and the
+relative perturbation of the source / target rows before centring (0 for float16/32 input
+kept as is; ``u`` where float64 input is rounded to a float32 GEMM; the normalisation's
+round-off with ``normalize``). Merging takes the maximum of each, and depth + 1. None:
+unknown (statistics from an older version or built by hand); :func:`bigalign.solve.
+statistic_errors` then assumes the worst the code could have done.
 
 Pure numpy: no Dask, no Zarr.
 """
@@ -32,7 +44,33 @@ import numpy as np
 
 from .errors import NonFiniteError
 
-__all__ = ["Moments", "block_moments", "merge", "merge_all", "NonFiniteError"]
+__all__ = ["Moments", "block_moments", "merge", "merge_all", "NonFiniteError", "rounding_of",
+           "unit_roundoff"]
+
+
+def unit_roundoff(dtype) -> float:
+    """u = 2^-24 (float32), 2^-53 (float64): |fl(x) - x| <= u |x|."""
+    return float(np.finfo(np.dtype(dtype)).eps) / 2
+
+
+def _gamma(m: float, u: float) -> float:
+    """Higham's gamma_m = m u / (1 - m u): the relative error bound of m roundings."""
+    return m * u / (1 - m * u) if m * u < 0.5 else float("inf")
+
+
+def rounding_of(n_rows: int, dtype, a_dtype, b_dtype, dim_a: int, dim_b: int,
+                normalize: bool) -> np.ndarray:
+    """The ``rounding`` record of one block (see the module doc): GEMMs of ``n_rows`` rows
+    in ``dtype`` over inputs of ``a_dtype`` / ``b_dtype``."""
+    u = unit_roundoff(dtype)
+    itemsize = np.dtype(dtype).itemsize
+
+    def eta(in_dtype, dim):
+        if normalize:  # cast, d squares summed in dtype, sqrt, cast, divide: < gamma_(d+5)
+            return _gamma(dim + 5, u)
+        return u if np.dtype(in_dtype).itemsize > itemsize else 0.0
+
+    return np.array([u, float(n_rows), 0.0, eta(a_dtype, dim_a), eta(b_dtype, dim_b)])
 
 
 @dataclass(frozen=True, eq=False)
@@ -47,6 +85,7 @@ class Moments:
     sq_b: float
     gram_a: Optional[np.ndarray] = None
     gram_b: Optional[np.ndarray] = None
+    rounding: Optional[np.ndarray] = None
 
     @property
     def dims(self) -> tuple[int, int]:
@@ -95,7 +134,8 @@ class Moments:
     def from_arrays(cls, arrays) -> "Moments":
         get = lambda k: np.asarray(arrays[k]) if k in arrays else None  # noqa: E731
         return cls(int(get("n")), get("mean_a"), get("mean_b"), get("cross"),
-                   float(get("sq_a")), float(get("sq_b")), get("gram_a"), get("gram_b"))
+                   float(get("sq_a")), float(get("sq_b")), get("gram_a"), get("gram_b"),
+                   get("rounding"))
 
     def equals(self, other: "Moments") -> bool:
         """Bit-for-bit equality (used by resume tests and checkpoint validation)."""
@@ -148,6 +188,7 @@ def block_moments(a: np.ndarray, b: np.ndarray, *, gram: bool = False,
     if dtype is None:
         dtype = np.float64 if (a.dtype == np.float64 or b.dtype == np.float64) else np.float32
     dtype = np.dtype(dtype)
+    rounding = rounding_of(n, dtype, a.dtype, b.dtype, a.shape[1], b.shape[1], normalize)
     if normalize:
         a = normalize_rows(a, dtype, start, "source")
         b = normalize_rows(b, dtype, start, "target")
@@ -162,7 +203,7 @@ def block_moments(a: np.ndarray, b: np.ndarray, *, gram: bool = False,
     if gram:
         ga = (ac.T @ ac).astype(np.float64) - n * np.outer(ra, ra)
         gb = (bc.T @ bc).astype(np.float64) - n * np.outer(rb, rb)
-    return Moments(n, mean_a, mean_b, cross, sq_a, sq_b, ga, gb)
+    return Moments(n, mean_a, mean_b, cross, sq_a, sq_b, ga, gb, rounding)
 
 
 def _row_sq(x: np.ndarray) -> np.ndarray:
@@ -220,6 +261,10 @@ def merge(p: Moments, q: Moments) -> Moments:
     if p.has_gram:
         out = replace(out, gram_a=p.gram_a + q.gram_a + w * np.outer(da, da),
                       gram_b=p.gram_b + q.gram_b + w * np.outer(db, db))
+    if p.rounding is not None and q.rounding is not None:
+        r = np.maximum(p.rounding, q.rounding)
+        r[2] += 1.0  # one more level of merges
+        out = replace(out, rounding=r)
     return out
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import scipy.linalg
 
 from bigalign import Transform
 from bigalign.metrics import unit_rows
@@ -56,3 +57,39 @@ def brute_ndcg(scores, rel, k):
     ideal = sorted((v for v in rel.values() if v > 0), reverse=True)[:k]
     return dcg / sum(v / math.log2(r + 2) for r, v in enumerate(ideal))
 
+
+
+def near_isometric(n=1500, d=32, noise=1e-4, offset=2.0, seed=11, identical=False):
+    """float32 rows B = A Q0 + tiny noise (or B = A), with common offsets: the pairs whose
+    discrepancy and residual are differences of nearly equal large sums."""
+    rng = np.random.default_rng(seed)
+    q0, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    a = rng.standard_normal((n, d)) + offset * rng.standard_normal(d)
+    b = a.copy() if identical else \
+        a @ q0 + noise * rng.standard_normal((n, d)) + offset * rng.standard_normal(d)
+    return a.astype(np.float32), b.astype(np.float32)
+
+
+def isometry_oracle(a, b, center):
+    """float64 in memory: (eps = ||A A^T - B B^T||_F straight from the n x n matrices, the
+    optimal residual ||A Q - B||_F^2 from scipy, A, B as float64 (centred with ``center``))."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    if center:
+        a, b = a - a.mean(0), b - b.mean(0)
+    q, _ = scipy.linalg.orthogonal_procrustes(a, b)
+    return float(np.linalg.norm(a @ a.T - b @ b.T)), float(np.sum((a @ q - b) ** 2)), a, b
+
+
+def agrees(text, truth):
+    """Does a figure printed by bigalign.metrics.figure ("= v", "= v +- e", "<= x") state
+    something true about ``truth``?"""
+    text = text.strip()
+    if text.startswith("<="):
+        return truth <= float(text[2:])
+    if "+-" in text:
+        v, e = (float(x) for x in text.lstrip("= ").split("+-"))
+        return abs(truth - v) <= e
+    v = float(text.lstrip("= "))
+    digits = len(text.lstrip("= ").split("e")[0].replace(".", "").replace("-", "").lstrip("0"))
+    half_unit = 0.5 * 10.0 ** (math.floor(math.log10(abs(v))) - digits + 1) if v else 0.0
+    return abs(truth - v) <= half_unit * (1 + 1e-9)

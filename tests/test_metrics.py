@@ -10,11 +10,12 @@ import pytest
 
 from bigalign import InputError, Transform
 from bigalign.metrics import (AffineMap, CosineHistogram, baseline_methods, count_better,
-                              exact_search, fit_diagnostics, methods_for, ndcg_at_k,
+                              exact_search, figure, fit_diagnostics, methods_for, ndcg_at_k,
                               query_sample, recall_at_k, recall_from_ranks, unit_rows)
 from bigalign.stats import block_moments
 from conftest import load_shared
-from evaluation_reference import brute_ndcg, brute_ranks, pairs, streamed, transform_from
+from evaluation_reference import (agrees, brute_ndcg, brute_ranks, isometry_oracle,
+                                  near_isometric, pairs, streamed, transform_from)
 
 # the 4-bit e5 vectors are numerically rank 381 of 384: expected, and said by the fit
 pytestmark = pytest.mark.filterwarnings("ignore::bigalign.solve.NotUniqueWarning")
@@ -244,3 +245,47 @@ def test_query_sample_is_seeded_sorted_and_complete_when_small():
     assert len(s) == 37 == len(set(s.tolist())) and np.all(np.diff(s) > 0)
     np.testing.assert_array_equal(s, query_sample(1000, 37, seed=4))
     assert not np.array_equal(s, query_sample(1000, 37, seed=5))
+
+
+# ---- round-off: figures printed honestly -----------------------------------------------------
+
+
+def test_figure_prints_what_the_arithmetic_resolves():
+    assert figure(78.54, [78.46, 78.62]) == "= 78.54 +- 0.08"
+    assert figure(13.1, [0.0, 14.21]) == "<= 14.3"           # rounded up, never down
+    assert figure(2.3, [2.3 - 1e-12, 2.3 + 1e-12]) == "= 2.3"
+    assert figure(0.0, [0.0, 0.0]) == "= 0"
+    assert figure(None) == "-" and figure(5.0) == "= 5"
+    for text, truth in (("<= 14.3", 14.21), ("= 78.54 +- 0.08", 78.62), ("= 2.3", 2.3)):
+        assert agrees(text, truth)
+    assert not agrees("= 13.1", 2.3) and not agrees("<= 14.2", 14.21)
+
+
+@pytest.mark.parametrize("identical", [False, True])
+@pytest.mark.parametrize("gemm", [np.float32, np.float64])
+def test_printed_diagnostics_agree_with_the_float64_oracle(identical, gemm):
+    """Nearly isometric pairs (B = A Q0 + 1e-4 noise) and identical inputs: every figure of
+    fit_diagnostics, as printed, is true of the float64 in-memory oracle. (Before: float32
+    statistics printed eps 3.77 for 3.40 here; identical inputs "bound 0, achieved 0.03".)"""
+    a, b = near_isometric(identical=identical)
+    m = block_moments(a, b, gram=True, dtype=gemm)
+    d = fit_diagnostics(m, center=True)
+    eps, res, _, _ = isometry_oracle(a, b, True)
+    n, big = len(a), a.shape[1]
+    truth = {"epsilon": eps, "delta": eps / n, "achieved_residual": math.sqrt(res),
+             "bound_residual": (2 * big) ** 0.25 * math.sqrt(eps),
+             "achieved_mean_sq_distance": res / n,
+             "bound_mean_sq_distance": math.sqrt(2 * big) * eps / n}
+    for key, value in truth.items():
+        text = figure(d[key], d[f"{key}_interval"])
+        assert agrees(text, value), (key, text, value)
+    assert d["bound_holds"] and d["bound_check"] != "violated"
+    if identical:  # 0 and 0: unresolved, consistent, not a violation
+        assert d["bound_check"] == "holds within round-off" and d["tightness"] is None
+        assert figure(d["epsilon"], d["epsilon_interval"]).startswith("<=")
+    elif gemm is np.float64:  # float64 statistics resolve every figure
+        assert all(d["resolved"].values()) and d["bound_check"] == "holds"
+        assert d["tightness"] == pytest.approx(truth["achieved_residual"]
+                                               / truth["bound_residual"], rel=1e-3)
+    else:  # float32 statistics of this pair cannot resolve epsilon: it says so
+        assert not d["resolved"]["epsilon"]

@@ -138,3 +138,69 @@ def test_raw_sums_follow_by_addition():
     ga, gb = m.raw_gram()
     np.testing.assert_allclose(ga, a.T @ a, rtol=1e-12)
     np.testing.assert_allclose(m.raw_sq(), [(a * a).sum(), (b * b).sum()], rtol=1e-12)
+
+
+# ---- the round-off record and the rigorous error bounds built on it --------------------------
+
+def test_rounding_record_block_merge_and_roundtrip():
+    from bigalign.stats import unit_roundoff
+
+    a, b = data(90, 5, 3, dtype=np.float32)
+    m = block_moments(a, b, gram=True)
+    assert m.rounding.tolist() == [unit_roundoff(np.float32), 90.0, 0.0, 0.0, 0.0]
+    assert block_moments(a, b, dtype=np.float64).rounding[0] == unit_roundoff(np.float64)
+    # float64 input rounded for a float32 GEMM: perturbed by u; normalised rows: by more
+    a64, b64 = data(90, 5, 3)
+    r = block_moments(a64, b64, dtype=np.float32).rounding
+    assert r[3] == r[4] == unit_roundoff(np.float32)
+    r = block_moments(a, b, normalize=True).rounding
+    assert r[3] > unit_roundoff(np.float32) and r[4] > unit_roundoff(np.float32)
+    # merging keeps the worst of each and counts the merge levels
+    m = merge_all([block_moments(a[i:i + 30], b[i:i + 30]) for i in (0, 30, 60)])
+    assert m.rounding.tolist() == [unit_roundoff(np.float32), 30.0, 2.0, 0.0, 0.0]
+    back = Moments.from_arrays(m.to_arrays())
+    assert back.equals(m) and back.rounding.tolist() == m.rounding.tolist()
+    # statistics from before the record existed: unknown, and unknown once merged
+    old = Moments.from_arrays({k: v for k, v in m.to_arrays().items() if k != "rounding"})
+    assert old.rounding is None and merge(old, m).rounding is None
+
+
+@pytest.mark.parametrize("case", ["float32", "float64", "f64-input-f32-gemm", "normalize",
+                                  "offset", "float16", "unrecorded"])
+def test_error_bounds_hold_against_a_float64_oracle(case):
+    """statistic_errors bounds the actual error of every statistic (Frobenius for matrices),
+    measured against float64 two-pass sums of the same rows."""
+    from dataclasses import replace
+
+    from bigalign.solve import statistic_errors
+
+    dtype, kw, offset, in_dtype = np.float32, {}, 0.5, np.float32
+    if case == "float64":
+        dtype = np.float64
+    elif case == "f64-input-f32-gemm":
+        in_dtype = np.float64
+    elif case == "normalize":
+        kw = {"normalize": True}
+    elif case == "offset":
+        offset = 300.0
+    elif case == "float16":
+        in_dtype = np.float16
+    a, b = data(3000, 24, 17, seed=5, offset=offset, dtype=in_dtype)
+    m = merge_all(block_moments(a[i:i + 700], b[i:i + 700], gram=True, dtype=dtype, **kw)
+                  for i in range(0, len(a), 700))
+    if case == "unrecorded":
+        m = replace(m, rounding=None)
+    if kw.get("normalize"):
+        a = a.astype(np.float64) / np.linalg.norm(a.astype(np.float64), axis=1, keepdims=True)
+        b = b.astype(np.float64) / np.linalg.norm(b.astype(np.float64), axis=1, keepdims=True)
+    ref = oracle(a, b)
+    e = statistic_errors(m)
+    for key, bound in (("cross", e["cross"]), ("gram_a", e["gram_a"]), ("gram_b", e["gram_b"])):
+        err = np.linalg.norm(getattr(m, key) - ref[key])
+        assert err <= bound, (key, err, bound)
+        assert bound < 1e-2 * np.linalg.norm(ref[key])       # and is not vacuous
+    for key in ("sq_a", "sq_b"):
+        assert abs(getattr(m, key) - ref[key]) <= e[key], key
+    raw = m.raw_cross()
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    assert np.linalg.norm(raw - a64.T @ b64) <= e["cross"] + 1e-13 * np.linalg.norm(a64.T @ b64)
