@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import math
 import os
 import tempfile
 import time
@@ -29,13 +28,14 @@ from .checkpoint import Job, checkpointed, clear_finished, describe_changes
 from .cluster import session
 from .engine import apply_graph, fit_graph
 from .errors import CheckpointError, InputError
-from .locations import check_disjoint
+from .locations import canonical_url, check_disjoint
 from .options import ApplyOptions, Execution, FitOptions
 from .outputs import check_replaceable
 from .pairing import GatherReport, gather, join, sample_pairs, store_parts
 from .plan import (DEFAULT_BLOCK_BYTES, ApplyPlan, FitPlan, apply_task_bytes, fit_task_bytes,
                    make_apply_plan, make_fit_plan)
-from .solve import discrepancy, paper_bound, procrustes
+from .metrics import fit_diagnostics
+from .solve import procrustes
 from .stores import create_output, open_embeddings, parse_rows, validate_pair
 from .transform import Transform
 
@@ -172,6 +172,8 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
         if sample is not None:
             raise InputError("--sample needs pairs by id (--pair-by ids)")
     fingerprints = {"source": src.fingerprint(), "target": tgt.fingerprint()}
+    recorded = {side: dict(fp, canonical_url=canonical_url(fp["url"], so))
+                for side, fp in fingerprints.items()}  # where the fit ran: for evaluate
     pairs = None
     if by_ids:
         pairs = join(src_ids, tgt_ids, duplicates=duplicates)
@@ -219,7 +221,7 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
             raise InputError(f"output {output!r} is an unfinished transform with no recorded "
                              "progress; pass --overwrite to replace it")
     with _gathered(pairs, src, tgt, scratch) as (src, tgt):
-        return _fit_job(src, tgt, start, stop, opts, gram, fingerprint, fingerprints, models,
+        return _fit_job(src, tgt, start, stop, opts, gram, fingerprint, recorded, models,
                         pairs, output, checkpoint, overwrite, restart, keep_checkpoint, run,
                         fan_in, so, t0)
 
@@ -318,11 +320,10 @@ def _solve(moments, dims, inputs: dict, start, stop, opts: FitOptions, gram: boo
         "bigalign_version": __version__,
         "inputs": inputs,
     }
-    if gram:
-        eps = discrepancy(moments, center=opts.center)
-        meta["discrepancy"] = paper_bound(eps, dim_a, dim_b, moments.n)
-        if sol.residual is not None:
-            meta["discrepancy"]["achieved_residual"] = math.sqrt(sol.residual)
+    if sol.residual is not None:
+        meta["residual_error"] = sol.residual_error  # round-off bound of the residual
+    if gram:  # the paper's numbers, each with the interval its round-off allows
+        meta["discrepancy"] = fit_diagnostics(moments, center=opts.center)
     options = {"center": opts.center, "normalize": opts.normalize, "scale": opts.scale,
                "reflection": opts.reflection, "rows": [start, stop],
                "precision": opts.precision, "diagnostics": gram}

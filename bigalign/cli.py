@@ -363,16 +363,18 @@ def _describe_transform(t, path) -> str:
     models = f"  models: {m.get('source_model') or '?'} -> {m.get('target_model') or '?'}" \
         if m.get("source_model") or m.get("target_model") else None
     lines = [f"transform {path}",
-             f"  maps {t.dims[0]} -> {t.dims[1]} dims, fitted on {m.get('n_pairs', '?'):,} pairs "
-             f"({where})", *([models] if models else []),
+             f"  maps {t.dims[0]} -> {t.dims[1]} dims, " + (
+                 f"fitted on {m['n_pairs']:,} pairs ({where})"
+                 if isinstance(m.get("n_pairs"), int) else "not fitted directly (composed)"),
+             *([models] if models else []),
              "  options: " + ", ".join(f"{k}={v}" for k, v in t.options.items()),
              f"  scale {t.scale:.6g}; relative residual ||sAQ-B||^2/||B||^2 = "
              f"{m.get('relative_residual')}"]
     disc = m.get("discrepancy")
-    if disc:
-        lines.append(f"  dot-product discrepancy eps = {disc['epsilon']:.4g}; paper bound on "
-                     f"||AQ-B||_F: {disc['bound_residual']:.4g} (achieved "
-                     f"{disc.get('achieved_residual', float('nan')):.4g})")
+    if disc:  # each figure with its round-off: never a wrong number (docs/evaluation.md)
+        from .cli_evaluate import _bound_lines
+        lines += ["  " + line for line in _bound_lines(
+            dict(disc, center=t.options.get("center")), {"n": m.get("n_pairs")}).splitlines()]
     run = m.get("run")
     if run:
         rate = f"{run['rows_per_second']:,.0f} rows/s" if run.get("rows_per_second") else \

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 import warnings
 from typing import Optional, Sequence, Union
@@ -40,6 +39,7 @@ from dask.system import CPU_COUNT
 
 from .cluster import Session
 from .errors import InputError, NonFiniteError
+from .locations import canonical_url
 from .metrics import (CosineHistogram, Method, count_better, fit_diagnostics, methods_for,
                       query_sample, recall_from_ranks, row_cosine, score_rows, topk_block,
                       unit_rows)
@@ -427,24 +427,6 @@ def _default_heldout(train: Optional[Sequence[int]], n: int) -> tuple[int, int]:
 
 
 # ---- which arrays a transform was fitted on ------------------------------------------------
-
-_PROTOCOL_ALIASES = {"s3a": "s3", "gcs": "gs", "local": "file"}
-
-
-def canonical_url(url: str) -> str:
-    """Where an array lives, spelled one way: the real absolute path for local paths (also
-    ``file://``; symlinks, ``./x``, ``x/`` resolved) and ``protocol://path`` without
-    repeated or trailing slashes for other fsspec URLs (the target of a chained URL such as
-    ``simplecache::s3://b/k``). Relative paths resolve against the current directory."""
-    url = str(url).split("::")[-1]
-    if "://" in url:
-        protocol, path = url.split("://", 1)
-        protocol = _PROTOCOL_ALIASES.get(protocol.lower(), protocol.lower())
-        if protocol != "file":
-            return f"{protocol}://{re.sub('/+', '/', path).strip('/')}"
-        url = path
-    return os.path.realpath(os.path.expanduser(url))
-
 
 def _path_parts(path: str) -> list[str]:
     return [p for p in os.path.normpath(path).split(os.sep) if p not in ("", ".", "..")]

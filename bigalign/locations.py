@@ -20,7 +20,7 @@ from typing import Mapping, Optional
 
 from .errors import InputError
 
-__all__ = ["Location", "canonical", "check_disjoint"]
+__all__ = ["Location", "canonical", "canonical_url", "check_disjoint"]
 
 #: Protocol aliases that name the same storage.
 _ALIASES = {"local": "file", "s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az"}
@@ -68,6 +68,13 @@ def canonical(url, storage_options: Optional[dict] = None) -> Location:
     protocol = _ALIASES.get(protocol, protocol)
     path = posixpath.normpath("/" + match.group(2)).lstrip("/")
     return Location(protocol, "" if path == "." else path)
+
+
+def canonical_url(url, storage_options: Optional[dict] = None) -> str:
+    """:func:`canonical` as one string: the real absolute path for local paths, and
+    ``protocol://path`` for other fsspec URLs (what a transform records of its inputs)."""
+    loc = canonical(url, storage_options)
+    return loc.path if loc.protocol == "file" else str(loc)
 
 
 def _url_of(obj) -> str:
