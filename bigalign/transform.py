@@ -138,15 +138,21 @@ class Transform:
         """What is added after the rotation: target_mean, or zeros in the centred space."""
         return np.zeros_like(self.target_mean) if target_centred else self.target_mean
 
-    def inverse(self) -> "Transform":
-        """The map back from target to source space (exact when dA == dB; for dA < dB it is
-        the least-squares inverse, projecting onto the fitted subspace)."""
-        if self.normalize:
-            raise ValueError("a transform fitted with normalize=True has no exact inverse")
-        return Transform(self.rotation.T.copy(), self.target_mean.copy(),
-                         self.source_mean.copy(), 1.0 / self.scale,
-                         dict(self.options, inverted=True), dict(self.metadata),
-                         self.singular_values)  # the statistics describe the forward fit
+    def inverse(self, *, allow_lossy: bool = False) -> "Transform":
+        """The map back from target to source space (see :func:`bigalign.transforms.invert`):
+        exact when dA == dB; for dA < dB a left inverse (exact on this map's image, a
+        projection onto it elsewhere); for dA > dB or normalize=True refused as lossy unless
+        ``allow_lossy``. Model stamps are swapped."""
+        from .transforms import invert
+
+        return invert(self, allow_lossy=allow_lossy)
+
+    def then(self, other: "Transform", *, allow_model_mismatch: bool = False) -> "Transform":
+        """This map followed by ``other``, as one Transform (see
+        :func:`bigalign.transforms.compose`): ``self.then(other)(x) == other(self(x))``."""
+        from .transforms import compose
+
+        return compose(self, other, allow_model_mismatch=allow_model_mismatch)
 
     # ---- storage ------------------------------------------------------------------
     def save(self, path, *, overwrite: bool = False, storage_options: Optional[dict] = None) -> None:
