@@ -634,9 +634,6 @@ def test_cli_help(command, capsys):
             "invert": "--allow-lossy"}[command] in out
 
 
-@pytest.mark.xfail(reason="cli._describe_transform formats a missing n_pairs with ',' "
-                          "(ValueError); composed transforms record no n_pairs. Not fixed "
-                          "here: cli.py belongs to another branch", raises=ValueError)
 def test_info_describes_a_composed_transform(tmp_path, capsys):
     make(4, 6).save(tmp_path / "ab")
     make(6, 5, seed=2).save(tmp_path / "bc")
