@@ -22,6 +22,7 @@ from .checkpoint import Progress
 from .cluster import session
 from .engine import apply_graph, fit_graph
 from .errors import InputError
+from .gpu import check_device
 from .plan import (DEFAULT_BLOCK_BYTES, MIN_BLOCKS, apply_task_bytes, choose_block_rows,
                    choose_fan_in, common_step, fit_block_rows, fit_task_bytes, group,
                    partial_bytes, plan_blocks, plan_units)
@@ -90,7 +91,8 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
         workers: Optional[int] = None, memory_limit: Optional[str] = None,
         threads: Optional[int] = None, block_bytes: int = DEFAULT_BLOCK_BYTES,
         progress: bool = False, storage_options: Optional[dict] = None,
-        check_chunks: bool = True, fan_in: Optional[int] = None) -> Transform:
+        check_chunks: bool = True, fan_in: Optional[int] = None,
+        device: str = "cpu") -> Transform:
     """Fit an orthogonal map from paired rows of ``source`` (N, dA) to ``target`` (N, dB).
 
     One streaming pass reads each chunk once and accumulates float64 statistics; one SVD of
@@ -116,10 +118,14 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
     keep_checkpoint : keep the per-unit statistics after success.
     scheduler / workers / memory_limit / threads : where to run (see bigalign.cluster).
     block_bytes : input bytes per task (default 64 MiB).
+    device : "cpu" (default) or "cuda": run the block kernels on the GPU with CuPy (the same
+        plan and graph; statistics equal to the CPU's within float32 GEMM round-off; see
+        bigalign.gpu and the README's "GPU backend").
 
     Returns the fitted :class:`Transform` (also saved to ``output`` when given).
     """
     t0 = time.perf_counter()
+    device = check_device(device)
     src = open_embeddings(source, side="source", storage_options=storage_options,
                           check_chunks=check_chunks)
     tgt = open_embeddings(target, side="target", storage_options=storage_options,
@@ -172,7 +178,8 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
         graph, key, tasks = fit_graph(src, tgt, blocks, units, done=done, progress=prog,
                                       normalize=normalize, gram=gram, dtype=dtype,
                                       fan_in=fan_in or plan["fan_in"],
-                                      rows_per_read=plan["rows_per_read"], step=plan["step"])
+                                      rows_per_read=plan["rows_per_read"], step=plan["step"],
+                                      device=device)
         with session(**_run_options(scheduler, workers, memory_limit, threads, progress)) as s:
             moments = s.get(graph, key)
         seconds = time.perf_counter() - t0
@@ -180,7 +187,7 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
                            scale=scale, reflection=reflection, dtype=dtype, gram=gram)
         transform.metadata["run"] = {
             "seconds": seconds, "rows_per_second": (stop - start) / seconds,
-            "tasks": tasks, "units": len(units), "units_resumed": len(done)}
+            "tasks": tasks, "units": len(units), "units_resumed": len(done), "device": device}
         faults.point("fit.solved")
         if output is not None:
             transform.save(output, overwrite=True, storage_options=storage_options)
@@ -280,7 +287,7 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
           workers: Optional[int] = None, memory_limit: Optional[str] = None,
           threads: Optional[int] = None, block_bytes: int = DEFAULT_BLOCK_BYTES,
           progress: bool = False, storage_options: Optional[dict] = None,
-          check_chunks: bool = True) -> RunReport:
+          check_chunks: bool = True, device: str = "cpu") -> RunReport:
     """Map every row of ``source`` (N, dA) with ``transform`` into a new Zarr array
     ``output`` (N, dB): ``y = (x - source_mean) * scale @ rotation + target_mean``.
 
@@ -297,9 +304,13 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
         large common offset in the target model this retrieves better, see README).
     checkpoint : where done-markers go (default OUTPUT.checkpoint); False records none (the
         output is still marked complete at the end, but a killed run starts over).
+    device : "cpu" (default) or "cuda": map on the GPU with CuPy (same regions; rows equal
+        to the CPU's within float32 round-off, so a resume on another device is not
+        byte-identical).
     Returns a :class:`RunReport`.
     """
     t0 = time.perf_counter()
+    device = check_device(device)
     if not isinstance(transform, Transform):
         transform = Transform.load(transform, storage_options=storage_options)
     if dtype not in ("float16", "float32", "float64"):
@@ -365,7 +376,7 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
                   transform.output_mean(target_centred), str(output))
         graph, key, tasks = apply_graph(src, out, params, blocks, done=done, progress=prog,
                                         dtype=dtype, renormalize=renormalize,
-                                        normalize=transform.normalize)
+                                        normalize=transform.normalize, device=device)
         mb = apply_task_bytes(plan["rows_per_block"], dim_a, dim_b, src.dtype.itemsize,
                               np.dtype(dtype).itemsize) / 2**20
         log.info("apply: %d rows of %d -> %d dims in %d tasks (~%.0f MB per thread)",

@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import faults
+from . import faults, gpu
 from .checkpoint import Progress
 from .plan import Block, merge_tree, plan_blocks
 from .stats import Moments, block_moments, merge, merge_all
@@ -50,6 +50,7 @@ def release_buffers() -> None:
     """Drop every thread's buffers in this process (after a run: no memory stays held)."""
     with _buffers_lock:
         _buffers.clear()
+    gpu.release_lanes()
 
 
 def _read(emb: EmbeddingArray, start: int, stop: int, name: str) -> np.ndarray:
@@ -59,9 +60,16 @@ def _read(emb: EmbeddingArray, start: int, stop: int, name: str) -> np.ndarray:
 # ---- task functions (module level: they are pickled to workers) ------------------------
 
 def block_task(source: EmbeddingArray, target: EmbeddingArray, start: int, stop: int,
-               normalize: bool, gram: bool, dtype: str, step: int, rows_per_read: int) -> Moments:
+               normalize: bool, gram: bool, dtype: str, step: int, rows_per_read: int,
+               device: str = "cpu") -> Moments:
     """Read paired rows [start, stop) once, ``rows_per_read`` (whole chunks) at a time, and
-    reduce them to float64 statistics; memory is one read plus the running statistics."""
+    reduce them to float64 statistics; memory is one read plus the running statistics.
+    ``device="cuda"``: the same on the GPU (bigalign.gpu), statistics left on the device."""
+    if device != "cpu":
+        total = gpu.fit_block(source, target, start, stop, normalize, gram, dtype, step,
+                              rows_per_read, device)
+        faults.point("fit.block")
+        return total
     total = None
     for r in plan_blocks(start, stop, step, rows_per_read):
         a = _read(source, r.start, r.stop, "source")
@@ -77,25 +85,31 @@ def block_task(source: EmbeddingArray, target: EmbeddingArray, start: int, stop:
 
 def save_unit_task(progress: Progress, index: int, moments: Moments) -> Moments:
     """Store a finished unit's statistics (the unit's durable progress)."""
-    progress.save_unit(index, moments)
+    progress.save_unit(index, gpu.to_host(moments))
     faults.point("fit.unit-saved")
     return moments
 
 
 def merge_task(*parts: Moments) -> Moments:
+    if any(isinstance(p, gpu.DeviceMoments) for p in parts):
+        return gpu.merge_task(*parts)
     return merge_all(parts)
 
 
 def region_task(source: EmbeddingArray, output, params: tuple, start: int, stop: int,
                 index: int, progress: Optional[Progress], dtype: str, renormalize: bool,
-                normalize: bool) -> int:
+                normalize: bool, device: str = "cpu") -> int:
     """Map source rows [start, stop) and write them as whole output chunks; then record the
-    region as done (the marker is written after the data, never before)."""
+    region as done (the marker is written after the data, never before). ``device="cuda"``
+    maps on the GPU (bigalign.gpu)."""
     matrix, source_mean, target_mean, url = params
-    x = _read(source, start, stop, "source")
-    y = map_rows(x, matrix, source_mean, target_mean, normalize=normalize,
-                 renormalize=renormalize, dtype=dtype, start=start, inplace=True,
-                 out=buffer("mapped", stop - start, matrix.shape[1], matrix.dtype))
+    if device != "cpu":
+        y = gpu.map_region(source, start, stop, params, dtype, renormalize, normalize, device)
+    else:
+        x = _read(source, start, stop, "source")
+        y = map_rows(x, matrix, source_mean, target_mean, normalize=normalize,
+                     renormalize=renormalize, dtype=dtype, start=start, inplace=True,
+                     out=buffer("mapped", stop - start, matrix.shape[1], matrix.dtype))
     write_rows(output, start, y, url=url)
     faults.point("apply.region-written")
     if progress is not None:
@@ -128,12 +142,14 @@ def fit_graph(source: EmbeddingArray, target: EmbeddingArray, blocks: list[Block
               units: list[range], *, done: set[int] = frozenset(),
               progress: Optional[Progress] = None, normalize: bool = False,
               gram: bool = False, dtype: str = "float32", fan_in: int = 8,
-              step: int, rows_per_read: int):
+              step: int, rows_per_read: int, device: str = "cpu"):
     """Graph whose key holds the merged Moments of all ``blocks``.
 
     Each block task streams its rows ``rows_per_read`` at a time (reads start on multiples
     of ``step``). Units in ``done`` are loaded from ``progress`` instead of computed; the
     others write their merged statistics there when they finish (when ``progress`` is given).
+    ``device="cuda"``: leaves run on the GPU and partials stay there through the merge
+    trees; the key holds numpy Moments all the same.
     Returns (graph, key, number of leaf tasks).
     """
     token = uuid.uuid4().hex[:12]
@@ -150,19 +166,24 @@ def fit_graph(source: EmbeddingArray, target: EmbeddingArray, blocks: list[Block
                 b = blocks[i]
                 bk = (f"bigalign-block-{token}", b.index)
                 graph[bk] = (block_task, src, tgt, b.start, b.stop, normalize, gram, dtype,
-                             step, rows_per_read)
+                             step, rows_per_read, device)
                 block_keys.append(bk)
             leaves += len(block_keys)
             root = _tree(graph, f"bigalign-merge-{token}-{u}", block_keys, fan_in)
             graph[key] = (save_unit_task, progress, u, root) if progress is not None else \
                 (merge_task, root)
         unit_keys.append(key)
-    return graph, _tree(graph, f"bigalign-total-{token}", unit_keys, fan_in), leaves
+    root = _tree(graph, f"bigalign-total-{token}", unit_keys, fan_in)
+    if device != "cpu":
+        graph[f"bigalign-host-{token}"] = (gpu.to_host_task, root)
+        root = f"bigalign-host-{token}"
+    return graph, root, leaves
 
 
 def apply_graph(source: EmbeddingArray, output, params: tuple, blocks: list[Block], *,
                 done: set[int] = frozenset(), progress: Optional[Progress] = None,
-                dtype: str = "float32", renormalize: bool = False, normalize: bool = False):
+                dtype: str = "float32", renormalize: bool = False, normalize: bool = False,
+                device: str = "cpu"):
     """Graph whose key holds the number of rows written; one task per block not in ``done``.
     Returns (graph, key, number of region tasks)."""
     token = uuid.uuid4().hex[:12]
@@ -175,7 +196,7 @@ def apply_graph(source: EmbeddingArray, output, params: tuple, blocks: list[Bloc
             continue
         key = (f"bigalign-region-{token}", b.index)
         graph[key] = (region_task, src, out, par, b.start, b.stop, b.index, progress,
-                      dtype, renormalize, normalize)
+                      dtype, renormalize, normalize, device)
         keys.append(key)
     total = f"bigalign-written-{token}"
     graph[total] = (count_task, *keys)
