@@ -98,8 +98,11 @@ class DeviceMoments(Moments):
 
 
 def _row_sq(xp, x):
-    """Per-row squared norms summed in x's dtype, returned float64 (as stats._row_sq)."""
-    return xp.einsum("ij,ij->i", x, x).astype(xp.float64)
+    """Per-row squared norms summed in x's dtype, returned float64 (as stats._row_sq; on
+    the device a plain reduction, not einsum, which CuPy may turn into batched GEMMs)."""
+    if xp is np:
+        return np.einsum("ij,ij->i", x, x).astype(np.float64)
+    return (x * x).sum(axis=1, dtype=x.dtype).astype(xp.float64)
 
 
 def _normalize(xp, x, dtype):
