@@ -346,7 +346,8 @@ def run_case(d: int, n: int, args, cp, data: Path, out: Path) -> None:
     case["write_ceiling"] = {"s": ws, "rows_per_s": n / statistics.median(ws)}
     case["copy_ceiling"] = {"s": cs, "rows_per_s": n / statistics.median(cs)}
     log(f"  ceilings rows/s: read {case['read_ceiling']['rows_per_s']:,.0f} "
-        f"({case['read_ceiling']['GBps']:.1f} GB/s) | write {case['write_ceiling']['rows_per_s']:,.0f}"
+        f"({case['read_ceiling']['GBps']:.1f} GB/s) | "
+        f"write {case['write_ceiling']['rows_per_s']:,.0f}"
         f" | copy (read+write) {case['copy_ceiling']['rows_per_s']:,.0f}")
     save(out)
 
@@ -370,7 +371,8 @@ def run_case(d: int, n: int, args, cp, data: Path, out: Path) -> None:
             for _ in range(repeats(dev, first=diag)):
                 r, tr = timed_fit(src_url, tgt_url, dev, diag, args.threads)
                 runs.append(r)
-                log(f"  {key:8s} {dev:4s}: {r['rows_per_s']:,.0f} rows/s (stream {r['stream_s']:.2f}s,"
+                log(f"  {key:8s} {dev:4s}: {r['rows_per_s']:,.0f} rows/s "
+                    f"(stream {r['stream_s']:.2f}s,"
                     f" total {r['wall_s']:.2f}s, {r['tasks']} tasks)")
             if not runs:
                 continue

@@ -38,7 +38,6 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 

@@ -110,7 +110,8 @@ def test_block_moments_flags_bad_blocks(where):
 
 def test_merge_numpy_matches_cpu_merge():
     a, b = _block(n=900)
-    parts = [block_moments(a[i:j], b[i:j], gram=True) for i, j in [(0, 200), (200, 650), (650, 900)]]
+    parts = [block_moments(a[i:j], b[i:j], gram=True)
+             for i, j in [(0, 200), (200, 650), (650, 900)]]
     dev = [gpu.to_device(np, p) for p in parts]
     want = merge(merge(parts[0], parts[1]), parts[2])
     got = gpu.merge(np, gpu.merge(np, dev[0], dev[1]), dev[2])
@@ -201,7 +202,8 @@ def test_apply_on_emulated_device_writes_the_cpu_bytes(pair, emulated, tmp_path,
     bigalign.apply(tr, s, str(tmp_path / "cpu.zarr"), **options)
     r = bigalign.apply(tr, s, str(tmp_path / "dev.zarr"), device="cuda", threads=3, **options)
     assert r.rows == 1500 and r.tasks > 3
-    got, want = zarr.open_array(str(tmp_path / "dev.zarr")), zarr.open_array(str(tmp_path / "cpu.zarr"))
+    got = zarr.open_array(str(tmp_path / "dev.zarr"))
+    want = zarr.open_array(str(tmp_path / "cpu.zarr"))
     assert got.attrs["bigalign"]["complete"] is True
     np.testing.assert_array_equal(got[:], want[:])
 
@@ -245,7 +247,8 @@ def test_normalized_fit_on_emulated_device_names_a_zero_row(tmp_path, emulated):
 
 def test_apply_on_emulated_device_names_the_bad_row(tmp_path, emulated):
     a, b, _ = planted(600, 8)
-    tr = bigalign.fit(write_zarr(tmp_path / "a.zarr", a, 100), write_zarr(tmp_path / "b.zarr", b, 100))
+    tr = bigalign.fit(write_zarr(tmp_path / "a.zarr", a, 100),
+                      write_zarr(tmp_path / "b.zarr", b, 100))
     a[412, 0] = np.inf
     s = write_zarr(tmp_path / "bad.zarr", a, 100)
     dev = _error(lambda: bigalign.apply(tr, s, str(tmp_path / "o1.zarr"), device="cuda"))
