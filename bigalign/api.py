@@ -28,6 +28,7 @@ from .checkpoint import Job, checkpointed, clear_finished, describe_changes
 from .cluster import session
 from .engine import apply_graph, fit_graph
 from .errors import CheckpointError, InputError
+from .gpu import check_device
 from .locations import canonical_url, check_disjoint
 from .options import ApplyOptions, Execution, FitOptions
 from .outputs import check_replaceable
@@ -105,7 +106,7 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
         check_chunks: bool = True, fan_in: Optional[int] = None, pair_by: str = "auto",
         duplicates: str = "error", sample: Optional[int] = None, seed: int = 0,
         source_model: Optional[str] = None, target_model: Optional[str] = None,
-        scratch: Optional[str] = None) -> Transform:
+        scratch: Optional[str] = None, device: str = "cpu") -> Transform:
     """Fit an orthogonal map from paired rows of ``source`` (N, dA) to ``target`` (N, dB).
 
     One streaming pass reads each chunk once and accumulates float64 statistics; one SVD of
@@ -125,6 +126,10 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
         stores' ``model`` attributes); ``apply`` refuses sources of another model.
     scratch : folder for the gathered pairs of a fit by id (default: the system's temporary
         folder); it needs pairs x (dA + dB) x itemsize bytes, and is removed after.
+    device : "cpu" (default) or "cuda": run the block kernels on the GPU with CuPy (the same
+        plan and graph; statistics equal to the CPU's within float32 GEMM round-off; see
+        bigalign.gpu and the README's "GPU backend"). Not part of the fingerprint: a fit
+        killed on one device may resume on the other.
     rows : (start, stop) or "START:STOP": fit on this contiguous row range only.
     center : remove each side's mean first (recommended whenever a model's vectors share a
         common offset, which real models often do; see README).
@@ -150,7 +155,8 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
     """
     t0 = time.perf_counter()
     so = storage_options
-    run = Execution(scheduler, workers, memory_limit, threads, block_bytes, progress)
+    run = Execution(scheduler, workers, memory_limit, threads, block_bytes, progress,
+                    check_device(device))
     src_url, src_ids, src_model = store_parts(source, so)
     tgt_url, tgt_ids, tgt_model = store_parts(target, so)
     src = open_embeddings(src_url, side="source", storage_options=so, check_chunks=check_chunks)
@@ -185,7 +191,7 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
         if scheduler or workers:
             log.warning("a fit by id reads its gathered pairs from local scratch: it runs "
                         "in this process, not on the cluster")
-            run = Execution(None, None, None, threads, block_bytes, progress)
+            run = Execution(None, None, None, threads, block_bytes, progress, run.device)
     start, stop = (0, pairs.matched) if pairs is not None else parse_rows(rows, src.rows)
     dim_a, dim_b = src.dim, tgt.dim
     opts = FitOptions(center, normalize, scale, reflection, diagnostics,
@@ -271,7 +277,7 @@ def _fit_job(src, tgt, start, stop, opts, gram, fingerprint, fingerprints, model
                  f", progress saved in {len(units)} units" if job else "")
         graph, key, tasks = fit_graph(src, tgt, plan, done=done, job=job,
                                       normalize=opts.normalize, gram=gram,
-                                      dtype=opts.precision, fan_in=fan_in)
+                                      dtype=opts.precision, fan_in=fan_in, device=run.device)
         with session(**run.session_args()) as s:
             moments = s.get(graph, key)
         if moments.n != stop - start:  # verify before anything is marked finished
@@ -286,7 +292,8 @@ def _fit_job(src, tgt, start, stop, opts, gram, fingerprint, fingerprints, model
         transform.metadata["run"] = {  # the rate counts rows read by this run only
             "seconds": seconds, "rows": computed,
             "rows_per_second": computed / seconds if computed else None,
-            "tasks": tasks, "units": len(units), "units_resumed": len(done)}
+            "tasks": tasks, "units": len(units), "units_resumed": len(done),
+            "device": run.device}
         transform.metadata["job"] = {"run_id": manifest["run_id"],
                                      "fingerprint": _transform_fingerprint(fingerprint, opts)}
         faults.point("fit.solved")
@@ -381,7 +388,7 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
           threads: Optional[int] = None, block_bytes: int = DEFAULT_BLOCK_BYTES,
           progress: bool = False, storage_options: Optional[dict] = None,
           check_chunks: bool = True, bad_rows: str = "fail", rows=None,
-          allow_model_mismatch: bool = False) -> RunReport:
+          allow_model_mismatch: bool = False, device: str = "cpu") -> RunReport:
     """Map every row of ``source`` (N, dA) with ``transform`` into a new Zarr array
     ``output`` (N, dB): ``y = (x - source_mean) * scale @ rotation + target_mean``.
 
@@ -412,11 +419,15 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
     allow_model_mismatch : map a source store stamped with another model than the one the
         transform was fitted from (refused by default: same-dimension models would be mixed
         silently).
+    device : "cpu" (default) or "cuda": map on the GPU with CuPy (same regions; rows equal
+        to the CPU's within float32 round-off, so a resume on another device is not
+        byte-identical).
     Returns a :class:`RunReport`.
     """
     t0 = time.perf_counter()
     so = storage_options
-    run = Execution(scheduler, workers, memory_limit, threads, block_bytes, progress)
+    run = Execution(scheduler, workers, memory_limit, threads, block_bytes, progress,
+                    check_device(device))
     transform_url = None if isinstance(transform, Transform) else transform
     if transform_url is not None:
         transform = Transform.load(transform_url, storage_options=so)
@@ -493,7 +504,7 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
         graph, key, tasks = apply_graph(src, out, params, blocks, done=done, job=job,
                                         dtype=opts.dtype, renormalize=renormalize,
                                         normalize=transform.normalize, bad_rows=bad_rows,
-                                        offset=plan.offset)
+                                        offset=plan.offset, device=run.device)
         mb = apply_task_bytes(plan.rows_per_block, dim_a, dim_b, src.dtype.itemsize,
                               np.dtype(opts.dtype).itemsize) / 2**20
         log.info("apply: %d rows of %d -> %d dims in %d tasks (~%.0f MB per thread)",

@@ -43,6 +43,9 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--memory-limit", metavar="SIZE", help="per worker with --workers, e.g. 4GiB")
     g.add_argument("--threads", type=int, metavar="N",
                    help="threads for the in-process default (default: one per core)")
+    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the block kernels run: cpu (default) or cuda (a GPU through "
+                        "CuPy: pip install 'bigalign[gpu]')")
     g.add_argument("--block-mb", type=float, default=64, metavar="MB",
                    help="input megabytes per task (default 64)")
     g.add_argument("--checkpoint", metavar="URL",
@@ -153,7 +156,7 @@ def _common(args) -> dict:
                 threads=args.threads, block_bytes=int(args.block_mb * 2**20),
                 checkpoint=args.checkpoint, restart=args.restart, overwrite=args.overwrite,
                 progress=not args.quiet, check_chunks=not args.allow_missing_chunks,
-                storage_options=storage_options(args))
+                storage_options=storage_options(args), device=args.device)
 
 
 def build_parser() -> argparse.ArgumentParser:

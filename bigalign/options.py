@@ -80,7 +80,8 @@ class ApplyOptions:
 @dataclass(frozen=True)
 class Execution:
     """Where and how a run executes (never part of a fingerprint): see
-    :func:`bigalign.cluster.session`; ``block_bytes`` is the input bytes per task."""
+    :func:`bigalign.cluster.session`; ``block_bytes`` is the input bytes per task;
+    ``device`` where the block kernels run ("cpu" or "cuda", :mod:`bigalign.gpu`)."""
 
     scheduler: Optional[str] = None
     workers: Optional[int] = None
@@ -88,6 +89,7 @@ class Execution:
     threads: Optional[int] = None
     block_bytes: int = DEFAULT_BLOCK_BYTES
     progress: bool = False
+    device: str = "cpu"
 
     def session_args(self) -> dict:
         return dict(scheduler=self.scheduler, workers=self.workers,
