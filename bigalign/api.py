@@ -11,11 +11,8 @@ and options is a no-op, and a changed one is refused naming what changed.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -32,7 +29,7 @@ from .gpu import check_device
 from .locations import canonical_url, check_disjoint
 from .options import ApplyOptions, Execution, FitOptions
 from .outputs import check_replaceable
-from .pairing import GatherReport, gather, join, sample_pairs, store_parts
+from .pairing import gathered, join, sample_pairs, store_parts
 from .plan import (DEFAULT_BLOCK_BYTES, ApplyPlan, FitPlan, apply_task_bytes, fit_task_bytes,
                    make_apply_plan, make_fit_plan)
 from .metrics import fit_diagnostics
@@ -226,30 +223,10 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
                                                        Job(checkpoint, so).exists()):
             raise InputError(f"output {output!r} is an unfinished transform with no recorded "
                              "progress; pass --overwrite to replace it")
-    with _gathered(pairs, src, tgt, scratch) as (src, tgt):
+    with gathered(pairs, src, tgt, scratch) as (src, tgt):
         return _fit_job(src, tgt, start, stop, opts, gram, fingerprint, recorded, models,
                         pairs, output, checkpoint, overwrite, restart, keep_checkpoint, run,
                         fan_in, so, t0)
-
-
-@contextlib.contextmanager
-def _gathered(pairs, src, tgt, scratch):
-    """For a fit by id: the paired rows of both sides gathered (each needed chunk read
-    once) into memory-mapped scratch files, as row-aligned inputs; removed afterwards.
-    Without pairs: the inputs themselves."""
-    if pairs is None:
-        yield src, tgt
-        return
-    from .evaluate import ArrayRows
-
-    with tempfile.TemporaryDirectory(prefix="bigalign-pairs-", dir=scratch) as tmp:
-        reports = (GatherReport(), GatherReport())
-        a = gather(src, pairs.source_rows, os.path.join(tmp, "source.npy"), report=reports[0])
-        b = gather(tgt, pairs.target_rows, os.path.join(tmp, "target.npy"), report=reports[1])
-        log.info("gathered %d pairs: %d source and %d target chunks read", pairs.matched,
-                 reports[0].chunks_read, reports[1].chunks_read)
-        yield ArrayRows(a, "source"), ArrayRows(b, "target")
-        del a, b
 
 
 def _fit_job(src, tgt, start, stop, opts, gram, fingerprint, fingerprints, models, pairs,

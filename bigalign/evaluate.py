@@ -46,7 +46,8 @@ from .metrics import (CosineHistogram, Method, count_better, fit_diagnostics, me
 from .plan import Block, choose_block_rows, common_step, plan_blocks
 from .solve import NotUniqueWarning, procrustes
 from .stats import Moments, block_moments, check_finite, merge, normalize_rows
-from .stores import EmbeddingArray, open_embeddings, parse_rows, read_rows, validate_pair
+from .stores import (ArrayRows, EmbeddingArray, open_embeddings, parse_rows, read_rows,
+                     validate_pair)
 
 log = logging.getLogger("bigalign")
 
@@ -63,23 +64,6 @@ BLOCK_BYTES = 32 * 2**20
 # ---------------------------------------------------------------------------------------
 # inputs: Zarr arrays (bigalign.stores) or numpy arrays, read in blocks of whole chunks
 # ---------------------------------------------------------------------------------------
-
-class ArrayRows:
-    """An in-memory (rows, dim) numpy array with the attributes of a
-    :class:`bigalign.stores.EmbeddingArray` that reading needs, so that
-    :func:`bigalign.stores.read_rows` and the planner serve both (a numpy "chunk" is a row).
-    """
-
-    def __init__(self, array: np.ndarray, side: str):
-        if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:
-            raise InputError(f"{side}: expected a non-empty 2-D (rows, dim) array, "
-                             f"got shape {array.shape}")
-        self.array, self.side, self.url = array, side, f"<{side} array>"
-        self.rows, self.dim = array.shape
-        self.dtype = array.dtype
-        self.row_step = 1
-        self.row_bytes = self.dim * array.dtype.itemsize
-
 
 Rows = Union[EmbeddingArray, ArrayRows]
 

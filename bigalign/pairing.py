@@ -19,8 +19,11 @@ explicitly joined pairs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
+import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,8 +33,10 @@ import numpy as np
 
 from .errors import InputError
 
-__all__ = ["Pairs", "store_parts", "join", "sample_pairs", "gather", "GatherReport",
-           "DUPLICATES"]
+log = logging.getLogger("bigalign")
+
+__all__ = ["Pairs", "store_parts", "join", "sample_pairs", "gather", "gathered",
+           "GatherReport", "DUPLICATES"]
 
 DUPLICATES = ("error", "first", "last")
 
@@ -215,3 +220,24 @@ def store_parts(url, storage_options: Optional[dict] = None):
     model = group.attrs.get("model")
     return (f"{str(url).rstrip('/')}/embeddings", group["ids"] if "ids" in group else None,
             str(model) if model else None)
+
+
+@contextlib.contextmanager
+def gathered(pairs: Optional[Pairs], source, target, scratch: Optional[str] = None):
+    """The paired rows of ``source`` and ``target`` (opened embedding arrays) as row-aligned
+    in-memory inputs (:class:`bigalign.stores.ArrayRows` over memory-mapped scratch files
+    in ``scratch``, default the system's temporary folder), each needed chunk read once;
+    the scratch is removed on exit. With ``pairs`` None: the inputs themselves."""
+    from .stores import ArrayRows
+
+    if pairs is None:
+        yield source, target
+        return
+    with tempfile.TemporaryDirectory(prefix="bigalign-pairs-", dir=scratch) as tmp:
+        reports = (GatherReport(), GatherReport())
+        a = gather(source, pairs.source_rows, os.path.join(tmp, "source.npy"), report=reports[0])
+        b = gather(target, pairs.target_rows, os.path.join(tmp, "target.npy"), report=reports[1])
+        log.info("gathered %d pairs: %d source and %d target chunks read", pairs.matched,
+                 reports[0].chunks_read, reports[1].chunks_read)
+        yield ArrayRows(a, "source"), ArrayRows(b, "target")
+        del a, b

@@ -18,7 +18,7 @@ from zarr.core.buffer.cpu import NDBuffer
 
 from .errors import ChunkReadError, InputError, TransientChunkReadError, TransientError, is_transient
 
-__all__ = ["open_embeddings", "EmbeddingArray", "validate_pair", "create_output",
+__all__ = ["open_embeddings", "EmbeddingArray", "ArrayRows", "validate_pair", "create_output",
            "read_rows", "write_rows", "parse_rows", "COMPRESSIONS"]
 
 FLOAT_DTYPES = (np.float16, np.float32, np.float64)
@@ -145,6 +145,23 @@ def _fs_and_root(arr):
         root = str(store.root).rstrip("/")
         return LocalFileSystem(), f"{root}/{node}" if node else root
     return None, None
+
+
+class ArrayRows:
+    """An in-memory (rows, dim) numpy array with the attributes of a
+    :class:`bigalign.stores.EmbeddingArray` that reading needs, so that
+    :func:`bigalign.stores.read_rows` and the planner serve both (a numpy "chunk" is a row).
+    """
+
+    def __init__(self, array: np.ndarray, side: str):
+        if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:
+            raise InputError(f"{side}: expected a non-empty 2-D (rows, dim) array, "
+                             f"got shape {array.shape}")
+        self.array, self.side, self.url = array, side, f"<{side} array>"
+        self.rows, self.dim = array.shape
+        self.dtype = array.dtype
+        self.row_step = 1
+        self.row_bytes = self.dim * array.dtype.itemsize
 
 
 def open_embeddings(source, *, side: str = "source", storage_options: Optional[dict] = None,
