@@ -217,6 +217,12 @@ def store_parts(url, storage_options: Optional[dict] = None):
         return url, None, None
     if "embeddings" not in group:
         return url, None, None
+    meta = group.attrs.get("bigalign")
+    if isinstance(meta, dict) and meta.get("kind") == "embedding-store" and \
+            not meta.get("complete"):
+        raise InputError(f"{str(url)!r} is an unfinished embedding store (its import or "
+                         "apply was interrupted or is still running): rerun that command to "
+                         "finish it first")
     model = group.attrs.get("model")
     return (f"{str(url).rstrip('/')}/embeddings", group["ids"] if "ids" in group else None,
             str(model) if model else None)

@@ -193,3 +193,15 @@ def test_store_inputs_open_their_embeddings(tmp_path):
     url, ids, model = store_parts(s)
     assert url.endswith("a.store/embeddings") and ids.shape == (300,) and model is None
     np.testing.assert_array_equal(open_embeddings(url).array[:], a)
+
+
+def test_unfinished_store_is_refused(tmp_path):
+    a, b, _ = planted(200, 4, seed=10)
+    s = make_store(tmp_path / "a.store", a, np.arange(200))
+    t = make_store(tmp_path / "b.store", b, np.arange(200))
+    g = zarr.open_group(s, mode="r+")
+    g.attrs["bigalign"] = {"kind": "embedding-store", "complete": False}
+    with pytest.raises(InputError, match="unfinished embedding store"):
+        bigalign.fit(s, t)
+    g.attrs["bigalign"] = {"kind": "embedding-store", "complete": True}
+    assert bigalign.fit(s, t).metadata["pairs"]["matched"] == 200
