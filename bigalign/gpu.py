@@ -43,7 +43,7 @@ import numpy as np
 
 from .errors import InputError, NonFiniteError
 from .plan import plan_blocks
-from .stats import Moments
+from .stats import Moments, merge_with, rounding_of
 from .stores import EmbeddingArray, read_rows
 
 log = logging.getLogger("bigalign")
@@ -135,6 +135,7 @@ def block_moments(xp, a, b, *, gram: bool = False, normalize: bool = False, dtyp
     """
     n = a.shape[0]
     dtype = np.dtype(dtype)
+    a_dtype, b_dtype = a.dtype, b.dtype  # before normalising: what the rounding record needs
     bad = xp.zeros((), dtype=bool)
     if normalize:
         a, bad_a = _normalize(xp, a, dtype)
@@ -151,32 +152,15 @@ def block_moments(xp, a, b, *, gram: bool = False, normalize: bool = False, dtyp
     if gram:
         ga = (ac.T @ ac).astype(xp.float64) - n * xp.outer(ra, ra)
         gb = (bc.T @ bc).astype(xp.float64) - n * xp.outer(rb, rb)
-    return DeviceMoments(n, mean_a, mean_b, cross, sq_a, sq_b, ga, gb), bad
+    rounding = rounding_of(n, dtype, a_dtype, b_dtype, a.shape[1], b.shape[1], normalize)
+    return DeviceMoments(n, mean_a, mean_b, cross, sq_a, sq_b, ga, gb, rounding), bad
 
 
 def merge(xp, p: Moments, q: Moments) -> DeviceMoments:
-    """Exact pairwise merge (Chan et al.), the arithmetic of :func:`bigalign.stats.merge`
-    on ``xp``'s device; numpy Moments (a resumed unit) are copied to the device first."""
-    p, q = to_device(xp, p), to_device(xp, q)
-    if p.dims != q.dims or p.has_gram != q.has_gram:
-        raise ValueError(f"cannot merge statistics of dims {p.dims} (gram {p.has_gram}) and "
-                         f"{q.dims} (gram {q.has_gram})")
-    if q.n == 0:
-        return p
-    if p.n == 0:
-        return q
-    n = p.n + q.n
-    w = p.n * q.n / n
-    da = q.mean_a - p.mean_a
-    db = q.mean_b - p.mean_b
-    ga = gb = None
-    if p.has_gram:
-        ga = p.gram_a + q.gram_a + w * xp.outer(da, da)
-        gb = p.gram_b + q.gram_b + w * xp.outer(db, db)
-    return DeviceMoments(
-        n, p.mean_a + da * (q.n / n), p.mean_b + db * (q.n / n),
-        p.cross + q.cross + w * xp.outer(da, db),
-        p.sq_a + q.sq_a + w * (da @ da), p.sq_b + q.sq_b + w * (db @ db), ga, gb)
+    """Exact pairwise merge (Chan et al.): :func:`bigalign.stats.merge_with` on ``xp``'s
+    device; numpy Moments (a resumed unit) are copied to the device first."""
+    return merge_with(to_device(xp, p), to_device(xp, q), outer=xp.outer, cls=DeviceMoments,
+                      scalar=lambda v: v)
 
 
 def to_device(xp, m: Moments) -> DeviceMoments:
@@ -185,7 +169,7 @@ def to_device(xp, m: Moments) -> DeviceMoments:
         return m
     put = lambda v: None if v is None else xp.asarray(v, dtype=xp.float64)  # noqa: E731
     return DeviceMoments(int(m.n), put(m.mean_a), put(m.mean_b), put(m.cross), put(m.sq_a),
-                         put(m.sq_b), put(m.gram_a), put(m.gram_b))
+                         put(m.sq_b), put(m.gram_a), put(m.gram_b), m.rounding)
 
 
 def to_host(m: Moments) -> Moments:
@@ -195,7 +179,7 @@ def to_host(m: Moments) -> Moments:
     get = lambda v: None if v is None else _asnumpy(v).astype(np.float64, copy=False)  # noqa: E731
     return Moments(int(m.n), get(m.mean_a), get(m.mean_b), get(m.cross),
                    float(_asnumpy(m.sq_a)), float(_asnumpy(m.sq_b)), get(m.gram_a),
-                   get(m.gram_b))
+                   get(m.gram_b), m.rounding)
 
 
 def _asnumpy(v) -> np.ndarray:

@@ -37,14 +37,14 @@ Pure numpy: no Dask, no Zarr.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import numpy as np
 
 from .errors import NonFiniteError
 
-__all__ = ["Moments", "block_moments", "merge", "merge_all", "NonFiniteError", "rounding_of",
+__all__ = ["Moments", "block_moments", "merge", "merge_with", "merge_all", "NonFiniteError", "rounding_of",
            "unit_roundoff"]
 
 
@@ -238,6 +238,15 @@ def check_finite(colsum: np.ndarray, x: np.ndarray, start: int, side: str) -> No
 
 def merge(p: Moments, q: Moments) -> Moments:
     """Exact pairwise merge of the statistics of two disjoint row sets (Chan et al.)."""
+    return merge_with(p, q, outer=np.outer, cls=Moments, scalar=float)
+
+
+def merge_with(p: Moments, q: Moments, *, outer, cls, scalar):
+    """The merge's arithmetic for any array module: ``outer`` its outer product, ``cls``
+    the Moments class to build (bigalign.gpu's device Moments share it), ``scalar`` how a
+    0-d product becomes ``sq_a``/``sq_b`` (``float`` on the host; identity on a device,
+    where it stays a 0-d array). The ``rounding`` record (host numpy) merges by maximum,
+    one more level of merges."""
     if p.dims != q.dims:
         raise ValueError(f"cannot merge statistics of dims {p.dims} and {q.dims}")
     if p.has_gram != q.has_gram:
@@ -250,22 +259,18 @@ def merge(p: Moments, q: Moments) -> Moments:
     w = p.n * q.n / n
     da = q.mean_a - p.mean_a
     db = q.mean_b - p.mean_b
-    out = Moments(
-        n,
-        p.mean_a + da * (q.n / n),
-        p.mean_b + db * (q.n / n),
-        p.cross + q.cross + w * np.outer(da, db),
-        p.sq_a + q.sq_a + w * float(da @ da),
-        p.sq_b + q.sq_b + w * float(db @ db),
-    )
+    ga = gb = None
     if p.has_gram:
-        out = replace(out, gram_a=p.gram_a + q.gram_a + w * np.outer(da, da),
-                      gram_b=p.gram_b + q.gram_b + w * np.outer(db, db))
+        ga = p.gram_a + q.gram_a + w * outer(da, da)
+        gb = p.gram_b + q.gram_b + w * outer(db, db)
+    rounding = None
     if p.rounding is not None and q.rounding is not None:
-        r = np.maximum(p.rounding, q.rounding)
-        r[2] += 1.0  # one more level of merges
-        out = replace(out, rounding=r)
-    return out
+        rounding = np.maximum(p.rounding, q.rounding)
+        rounding[2] += 1.0  # one more level of merges
+    return cls(n, p.mean_a + da * (q.n / n), p.mean_b + db * (q.n / n),
+               p.cross + q.cross + w * outer(da, db),
+               p.sq_a + q.sq_a + w * scalar(da @ da), p.sq_b + q.sq_b + w * scalar(db @ db),
+               ga, gb, rounding)
 
 
 def merge_all(parts) -> Moments:

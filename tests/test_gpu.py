@@ -27,7 +27,7 @@ from conftest import planted, write_zarr
 # the bad-row tests feed NaN/Inf through numpy on purpose
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
-FIELDS = ("mean_a", "mean_b", "cross", "sq_a", "sq_b", "gram_a", "gram_b")
+FIELDS = ("mean_a", "mean_b", "cross", "sq_a", "sq_b", "gram_a", "gram_b", "rounding")
 
 
 def _cupy_or_skip():
