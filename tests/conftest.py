@@ -46,3 +46,29 @@ def load_shared(name):
     if not path.exists():
         pytest.skip(f"real embedding sample {path} not available")
     return np.load(path)
+
+
+def race_for_lease(url, storage_options=None, runs: int = 8):
+    """``runs`` threads take the lease of the job at ``url`` at the same instant; returns
+    (winners' leases, refusal messages). The caller releases the winners."""
+    import threading
+
+    from bigalign.checkpoint import Job
+    from bigalign.errors import CheckpointError
+
+    barrier, won, refused = threading.Barrier(runs), [], []
+
+    def start():
+        job = Job(url, storage_options)
+        barrier.wait()
+        try:
+            won.append(job.lease(ttl=60).__enter__())
+        except CheckpointError as e:
+            refused.append(str(e))
+
+    threads = [threading.Thread(target=start) for _ in range(runs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return won, refused

@@ -1,7 +1,6 @@
 import json
 import os
 import socket
-import threading
 import time
 
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 from bigalign.checkpoint import Job, Lease, LeaseLostError, checkpointed, describe_changes
 from bigalign.errors import CheckpointError
 from bigalign.stats import block_moments
+from conftest import race_for_lease
 
 
 def moments(n=50, seed=0):
@@ -106,25 +106,9 @@ def test_lease_refuses_second_run_and_releases(tmp_path):
 def test_simultaneous_starters_exactly_one_wins(tmp_path, url):
     """Conditional create: of 8 runs starting at the same instant, one gets the lease."""
     base = str(tmp_path / "ck") if url == "local" else f"memory://race-{time.time_ns()}"
-    barrier, results = threading.Barrier(8), []
-
-    def start():
-        job = Job(base)
-        barrier.wait()
-        try:
-            lease = job.lease(ttl=60).__enter__()
-            results.append(("won", lease))
-        except CheckpointError as e:
-            results.append(("refused", str(e)))
-
-    threads = [threading.Thread(target=start) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    winners = [r for r in results if r[0] == "won"]
-    assert len(winners) == 1 and len(results) == 8
-    winners[0][1].__exit__(None, None, None)
+    won, refused = race_for_lease(base)
+    assert len(won) == 1 and len(refused) == 7
+    won[0].__exit__(None, None, None)
 
 
 def test_lost_lease_stops_every_write(tmp_path):

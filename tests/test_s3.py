@@ -7,7 +7,7 @@ import zarr
 
 import bigalign
 from bigalign.cli import main
-from conftest import planted
+from conftest import planted, race_for_lease
 
 s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -93,28 +93,9 @@ def test_output_aliasing_the_source_on_s3_is_refused(s3, spelling):
 
 def test_lease_on_s3_is_a_conditional_create(s3):
     """Eight runs starting at once against moto's S3 (If-None-Match: *): one wins."""
-    import threading
-    from bigalign.checkpoint import Job
-    from bigalign.errors import CheckpointError
-
-    barrier, results = threading.Barrier(8), []
-
-    def start():
-        job = Job("s3://bigalign-test/race.checkpoint", s3)
-        barrier.wait()
-        try:
-            results.append(("won", job.lease(ttl=60).__enter__()))
-        except CheckpointError as e:
-            results.append(("refused", str(e)))
-
-    threads = [threading.Thread(target=start) for _ in range(8)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    winners = [r for r in results if r[0] == "won"]
-    assert len(results) == 8 and len(winners) == 1, results
-    winners[0][1].__exit__(None, None, None)
+    won, refused = race_for_lease("s3://bigalign-test/race.checkpoint", s3)
+    assert len(won) == 1 and len(refused) == 7, refused
+    won[0].__exit__(None, None, None)
 
 
 def test_rerun_on_s3_is_a_noop_and_a_rewritten_input_is_detected(s3):
