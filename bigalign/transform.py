@@ -273,7 +273,11 @@ def _set_statistics(self, value) -> None:
     self.__dict__["_statistics"] = value
 
 
-Transform.statistics = property(_get_statistics, _set_statistics, doc=(
+def _del_statistics(self) -> None:  # back to the default: none
+    self.__dict__["_statistics"] = None
+
+
+Transform.statistics = property(_get_statistics, _set_statistics, _del_statistics, doc=(
     "The training set's sufficient statistics (bigalign.stats.Moments), or None; read from "
     "storage on first access for a loaded transform."))
 
