@@ -299,17 +299,20 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 def stable_unit(keys, seed: int = 0) -> np.ndarray:
     """A uniform number in [0, 1) per key, a pure function of (key, seed): (n,) float64.
 
-    Integer keys (ids or row numbers, as int64) go through splitmix64; string keys through
-    BLAKE2b-64 of their UTF-8 bytes. The top 53 bits of the hash make the float."""
+    Integer keys (ids or row numbers, as int64) go through splitmix64; string keys (any
+    numpy string dtype, or bytes) through BLAKE2b-64 of their UTF-8 bytes. The top 53 bits
+    of the hash make the float."""
     keys = np.asarray(keys)
     salt = _splitmix64(np.array([seed], dtype=np.int64).view(np.uint64))[0]
     if keys.dtype.kind in "iub":
         h = _splitmix64(keys.astype(np.int64).view(np.uint64) ^ salt)
     else:
         person = int(salt).to_bytes(8, "little")
-        h = np.fromiter((int.from_bytes(hashlib.blake2b(str(k).encode("utf-8"), digest_size=8,
-                                                        person=person).digest(), "little")
-                         for k in keys.tolist()), dtype=np.uint64, count=len(keys))
+        def digest(k) -> int:
+            raw = k if isinstance(k, bytes) else str(k).encode("utf-8")
+            return int.from_bytes(hashlib.blake2b(raw, digest_size=8, person=person).digest(),
+                                  "little")
+        h = np.fromiter((digest(k) for k in keys.tolist()), dtype=np.uint64, count=len(keys))
     return (h >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
@@ -366,8 +369,6 @@ def _split(cfg: RealignConfig, src: _Side, tgt: _Side, by_ids: bool) -> dict:
         pairs = join(src.ids, tgt.ids, duplicates=cfg.duplicates)
         s_rows, t_rows = pairs.source_rows, pairs.target_rows
         keys = _ids_at(src.ids, s_rows)
-        if keys.dtype.kind not in "iub":
-            keys = keys.astype(str)
         unmatched = {"source_only": pairs.source_only, "target_only": pairs.target_only}
     else:
         from .stores import validate_pair

@@ -185,6 +185,22 @@ def test_row_aligned_arrays_and_the_stable_split(data):
     np.testing.assert_allclose(t.rotation, ref.rotation, atol=1e-9)
 
 
+def test_string_ids_pair_and_split_by_id(data):
+    tmp, a, b = data
+    names = np.array([f"pkg-{i:05d}" for i in range(N)])
+    store(tmp / "s-old.zarr", a, names.astype("T"), "old-model")   # numpy StringDType
+    keep = np.random.default_rng(2).permutation(N)[:900]
+    store(tmp / "s-new.zarr", b[keep], names[keep].astype("T"), "new-model")
+    cfg = config(tmp / "str.toml", "reg-str", source="s-old.zarr", target="s-new.zarr",
+                 apply=False)
+    assert realign(cfg, "--run-id", "strings", "--summary", tmp / "str.json") == 0
+    s = summary(tmp / "str.json")
+    assert s["pairs"]["by"] == "ids" and s["pairs"]["pairs"] == 900
+    assert s["pairs"]["holdout"] == int(holdout_mask(names[keep], 0.2).sum())
+    np.testing.assert_array_equal(holdout_mask(names[keep].astype("T"), 0.2),
+                                  holdout_mask(names[keep].astype("S"), 0.2))
+
+
 def test_stable_unit_depends_on_the_key_alone():
     keys = np.arange(100_000, dtype=np.int64) * 7919 - 5
     u = stable_unit(keys)
