@@ -234,6 +234,9 @@ def load_config(path_or_text: Union[str, os.PathLike, dict], *, base: Optional[s
     _keys(fit, FIT_OPTIONS, "[fit]")
     for k, v in fit.items():
         _typed(v, FIT_OPTIONS[k], f"[fit] {k}")
+    if fit.get("precision", "auto") not in ("auto", "float32", "float64"):
+        raise InputError(f"[fit] precision must be auto, float32 or float64, got "
+                         f"{fit['precision']!r}")
     g = dict(data.get("gate") or {})
     _keys(g, ("min_recall_at_10", "max_relative_residual", "not_worse_than_current",
               "tolerance", "max_queries"), "[gate]")
@@ -261,9 +264,24 @@ def load_config(path_or_text: Union[str, os.PathLike, dict], *, base: Optional[s
         if "{version}" not in output:
             raise InputError(f"[apply] output {output!r} must contain {{version}} (each "
                              "version maps the corpus into its own output)")
+        try:
+            output.format(version="v0001")
+        except (KeyError, IndexError, ValueError) as e:
+            raise InputError(f"[apply] output {output!r}: only {{version}} may be replaced "
+                             f"({type(e).__name__}: {e})") from None
         corpus = _typed(a.pop("corpus"), str, "[apply] corpus")
         for k, v in a.items():
             _typed(v, APPLY_OPTIONS[k], f"[apply] {k}")
+        # checked now, not after the version is written (apply runs after the publish)
+        from .options import ApplyOptions
+        from .stores import COMPRESSIONS
+        try:
+            ApplyOptions(**{k: v for k, v in a.items() if k != "compression"}).validate()
+        except InputError as e:
+            raise InputError(f"[apply]: {e}") from None
+        if a.get("compression", "none") not in COMPRESSIONS:
+            raise InputError(f"[apply] compression must be one of {', '.join(COMPRESSIONS)}, "
+                             f"got {a['compression']!r}")
         apply_cfg = ApplyConfig(_located(corpus, base), _located(output, base), a)
     so = data.get("storage_options") or {}
     if not isinstance(so, dict):

@@ -228,6 +228,8 @@ def test_stable_unit_depends_on_the_key_alone():
     ('[pairs]\nsource = "a"\ntarget = "b"\nholdout = 1.5\n', "between 0 and 1"),
     ('[apply]\ncorpus = "c"\noutput = "mapped.zarr"\n', "must contain {version}"),
     ('[fit]\ncenter = "yes"\n', "[fit] center: expected bool"),
+    ('[apply]\ncorpus = "c"\noutput = "m-{version}-{date}.zarr"\n', "only {version}"),
+    ('[apply]\ncorpus = "c"\noutput = "m-{version}.zarr"\ndtype = "float8"\n', "--dtype"),
     ('registry = [1\n', "not valid TOML"),
 ])
 def test_configuration_errors_exit_2(tmp_path, capsys, change, message):
