@@ -305,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_evaluate import add_commands
     COMMANDS.update(add_commands(sub))
     from .cli_transforms import add_commands as add_transforms; COMMANDS.update(add_transforms(sub))
+    from .cli_registry import add_commands as add_registry; COMMANDS.update(add_registry(sub))
     return p
 
 

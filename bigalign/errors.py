@@ -6,7 +6,8 @@ Exit codes of the command line (:func:`exit_code`)::
     1    unexpected error: a bug (a traceback is printed)
     2    usage, bad input or a refused run (the message says what and where)
     3    unfinished (``bigalign status`` / ``info`` on a run in flight or interrupted)
-    4    reserved (a future quality gate of ``realign``; never used today)
+    4    ``realign``'s quality gate failed: the candidate was not published (a retry gives
+         the same verdict, so a scheduler should fail the job, not retry it)
     75   transient failure after retries (EX_TEMPFAIL): storage or scheduler did not answer;
          a scheduler should retry the same command, which resumes
     130  interrupted by SIGINT or SIGTERM; rerun the same command to resume
@@ -20,7 +21,7 @@ EXIT_OK = 0
 EXIT_BUG = 1
 EXIT_USAGE = 2
 EXIT_UNFINISHED = 3
-EXIT_GATE = 4  # reserved
+EXIT_GATE = 4  # realign: the quality gate failed, nothing was published
 EXIT_TEMPFAIL = 75
 EXIT_INTERRUPTED = 130
 
@@ -44,6 +45,11 @@ class ChunkReadError(BigalignError, OSError):
 
 class CheckpointError(BigalignError):
     """Progress cannot be resumed: inputs or options changed, or another run holds the lock."""
+
+
+class GateFailedError(BigalignError):
+    """``realign``: the candidate transform failed its quality gate and was not published
+    (exit code 4). Deterministic: rerunning the same run gives the same verdict."""
 
 
 class TransientError(BigalignError):
@@ -93,6 +99,8 @@ def exit_code(exc: BaseException) -> int:
         return EXIT_INTERRUPTED
     if is_transient(exc):
         return EXIT_TEMPFAIL
+    if isinstance(exc, GateFailedError):
+        return EXIT_GATE
     if isinstance(exc, BigalignError) or is_persistent_os_error(exc):
         return EXIT_USAGE
     return EXIT_BUG

@@ -12,6 +12,7 @@ Zarr group: arrays ``rotation`` (dA, dB), ``source_mean`` (dA,), ``target_mean``
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -162,6 +163,7 @@ class Transform:
         from .outputs import check_replaceable
 
         check_replaceable(path, "transform output", storage_options)  # never a user's node
+        statistics = self.statistics  # read (if lazy) before a save over its own source
         group = zarr.open_group(path, mode="w" if overwrite else "w-",
                                 storage_options=storage_options)
         # first, so a save cut short is recognisably bigalign's (and not loadable)
@@ -171,9 +173,9 @@ class Transform:
             if value is not None:
                 group.create_array(name, data=np.asarray(value, dtype=np.float64),
                                    compressors=None)
-        if self.statistics is not None:
+        if statistics is not None:
             stats = group.create_group("statistics")
-            for name, value in self.statistics.to_arrays().items():
+            for name, value in statistics.to_arrays().items():
                 stats.create_array(name, data=np.asarray(value, dtype=np.float64)
                                    if name != "n" else np.asarray(value), compressors=None)
         # the attribute goes last: a group without it is an unfinished save
@@ -185,9 +187,18 @@ class Transform:
     def load(cls, path, *, storage_options: Optional[dict] = None) -> "Transform":
         """Read a Transform saved with :meth:`save`. Anything else at ``path`` (nothing, a
         plain Zarr array such as embeddings or an apply output, a foreign group, an
-        unfinished save) raises InputError saying what is there."""
+        unfinished save) raises InputError saying what is there.
+
+        ``path`` may also be a registry (:mod:`bigalign.registry`): its current version is
+        loaded, and ``metadata["registry"]`` says which. The training statistics
+        (``statistics``: d x d matrices, ~400 MB at d = 4096) are read only when first
+        accessed; mapping vectors never needs them."""
         import zarr
 
+        registry = None
+        if isinstance(path, (str, os.PathLike)):  # a registry stands for its current version
+            from .registry import resolve_transform
+            path, registry = resolve_transform(os.fspath(path), storage_options)
         try:
             group = zarr.open_group(path, mode="r", storage_options=storage_options)
         except Exception as e:
@@ -204,8 +215,8 @@ class Transform:
                       ("rotation", "source_mean", "target_mean", "singular_values") if k in group}
             statistics = None
             if "statistics" in group:
-                stats = group["statistics"]
-                statistics = Moments.from_arrays({k: stats[k][...] for k in stats.array_keys()})
+                statistics = _LazyStatistics(os.fspath(path), storage_options) \
+                    if isinstance(path, (str, os.PathLike)) else _read_statistics(group)
         except Exception as e:
             if is_transient(e):
                 raise
@@ -214,9 +225,61 @@ class Transform:
         missing = [k for k in ("rotation", "source_mean", "target_mean") if k not in arrays]
         if missing:
             raise InputError(f"{path!r}: bigalign transform without {', '.join(missing)}")
+        metadata = attrs.get("metadata", {})
+        if registry is not None:
+            metadata = dict(metadata, registry=registry)
         return cls(arrays["rotation"], arrays["source_mean"], arrays["target_mean"],
-                   float(attrs["scale"]), attrs.get("options", {}), attrs.get("metadata", {}),
+                   float(attrs["scale"]), attrs.get("options", {}), metadata,
                    arrays.get("singular_values"), statistics)
+
+
+# ---- lazily loaded training statistics ------------------------------------------------
+# ``Transform.statistics`` is a dataclass field whose value may be a _LazyStatistics: the
+# property below reads the arrays on first access (and keeps them). Query-time users of
+# Transform.load never pay for the d x d matrices; evaluate, baselines and save do.
+
+class _LazyStatistics:
+    """Reads the ``statistics`` group of a saved transform when called (picklable)."""
+
+    def __init__(self, path: str, storage_options: Optional[dict]):
+        self.path, self.storage_options = path, storage_options
+
+    def __call__(self) -> Moments:
+        import zarr
+
+        try:
+            return _read_statistics(zarr.open_group(self.path, mode="r",
+                                                    storage_options=self.storage_options))
+        except Exception as e:
+            if is_transient(e):
+                raise
+            raise InputError(f"{self.path!r}: cannot read the transform's training statistics "
+                             f"({type(e).__name__}: {e})") from e
+
+
+def _read_statistics(group) -> Moments:
+    stats = group["statistics"]
+    return Moments.from_arrays({k: stats[k][...] for k in stats.array_keys()})
+
+
+def _get_statistics(self) -> Optional[Moments]:
+    value = self.__dict__.get("_statistics")
+    if isinstance(value, _LazyStatistics):
+        value = self.__dict__["_statistics"] = value()
+    return value
+
+
+def _set_statistics(self, value) -> None:
+    self.__dict__["_statistics"] = value
+
+
+def _del_statistics(self) -> None:  # back to the default: none
+    self.__dict__["_statistics"] = None
+
+
+Transform.statistics = property(_get_statistics, _set_statistics, _del_statistics, doc=(
+    "The training set's sufficient statistics (bigalign.stats.Moments), or None; read from "
+    "storage on first access for a loaded transform."))
 
 
 def _not_a_transform(path, storage_options, error: Exception) -> str:

@@ -1,0 +1,331 @@
+"""bigalign realign: the scheduled job. Publish, gate failure (exit 4, nothing published),
+reruns of a finished run id (nothing new), a second realign refused while one runs, a
+SIGKILL at chosen moments then a rerun (the same version), the stable held-out split, and
+the configuration's errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import zarr
+
+import bigalign
+from bigalign.cli import main
+from bigalign.realign import holdout_mask, load_config, stable_unit
+from bigalign.registry import Registry
+from conftest import planted
+
+N, DIM, CHUNK = 1200, 8, 200
+
+
+def store(path, emb, ids, model):
+    """An embedding store: a group with embeddings, ids and a model stamp."""
+    g = zarr.open_group(str(path), mode="w")
+    g.create_array("embeddings", data=emb, chunks=(CHUNK, emb.shape[1]), compressors=None)
+    g.create_array("ids", data=ids, chunks=(CHUNK,), compressors=None)
+    g.attrs["model"] = model
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Stores paired by id (the target holds 1000 of the 1200 items, in its own order),
+    a corpus, and the same pairs as bare row-aligned arrays."""
+    tmp = tmp_path_factory.mktemp("realign")
+    a, b, _ = planted(N, DIM, noise=0.05, offset_a=2.0, offset_b=1.0, seed=5)
+    ids = np.arange(N, dtype=np.int64) * 3 + 11
+    perm = np.random.default_rng(1).permutation(N)[:1000]
+    store(tmp / "old.zarr", a, ids, "old-model")
+    store(tmp / "new.zarr", b[perm], ids[perm], "new-model")
+    zarr.create_array(str(tmp / "corpus.zarr"), data=a, chunks=(CHUNK, DIM), compressors=None)
+    zarr.create_array(str(tmp / "a.zarr"), data=a, chunks=(CHUNK, DIM), compressors=None)
+    zarr.create_array(str(tmp / "b.zarr"), data=b, chunks=(CHUNK, DIM), compressors=None)
+    return tmp, a, b
+
+
+def config(path, registry, *, source="old.zarr", target="new.zarr", gate=None, fit=None,
+           apply=True, extra=""):
+    """Write a realign TOML next to the data (relative paths are relative to it)."""
+    gate = gate or {"min_recall_at_10": 0.9, "max_relative_residual": 0.6,
+                    "not_worse_than_current": True}
+    fit = fit or {"center": True}
+    lines = [f'registry = "{registry}"', extra, "[pairs]", f'source = "{source}"',
+             f'target = "{target}"', "holdout = 0.2", "[fit]",
+             *(f"{k} = {json.dumps(v)}" for k, v in fit.items()), "[gate]",
+             *(f"{k} = {json.dumps(v)}" for k, v in gate.items())]
+    if apply:
+        lines += ["[apply]", 'corpus = "corpus.zarr"', 'output = "out/mapped-{version}.zarr"']
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def realign(*argv):
+    return main(["realign", *map(str, argv), "-q"])
+
+
+def summary(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_publish_then_rerun_of_the_finished_run_is_a_noop(data, capsys):
+    tmp, a, _ = data
+    cfg = config(tmp / "pub.toml", "reg-pub")
+    reg = Registry(tmp / "reg-pub")
+    assert realign(cfg, "--run-id", "week-1", "--summary", tmp / "s1.json") == 0
+    s = summary(tmp / "s1.json")
+    assert s["status"] == "published" and s["passed"] and s["exit_code"] == 0
+    assert s["version"] == "v0001" and s["previous"] is None and s["current"] == "v0001"
+    assert s["pairs"]["by"] == "ids" and s["pairs"]["pairs"] == 1000
+    assert s["pairs"]["train"] + s["pairs"]["holdout"] == 1000
+    assert s["candidate"]["recall@10"] >= 0.9 and s["no_alignment"]["recall@10"] < 0.5
+    assert {c["name"] for c in s["gate"]["criteria"]} == {
+        "min_recall_at_10", "max_relative_residual", "not_worse_than_current"}
+    assert reg.versions() == ["v0001"] and reg.current() == "v0001"
+    record = reg.record("v0001")
+    assert record["run_id"] == "week-1" and record["models"] == {"source": "old-model",
+                                                                  "target": "new-model"}
+    assert record["inputs"]["source"]["content"]["sha256"]  # input fingerprints
+    assert record["bigalign_version"] == bigalign.__version__
+    t = bigalign.Transform.load(str(tmp / "reg-pub"))
+    assert t.metadata["registry"]["version"] == "v0001"
+    mapped = zarr.open_array(str(tmp / "out" / "mapped-v0001.zarr"))
+    assert mapped.attrs["bigalign"]["complete"]
+    np.testing.assert_allclose(mapped[:], t.transform(a), rtol=1e-5, atol=1e-5)
+    # the run's scratch copies and candidate are gone; its verdict stays
+    run = tmp / "reg-pub" / "runs" / "week-1"
+    assert sorted(os.listdir(run)) == ["evaluation.json", "publish.json", "split.json",
+                                       "verdict.json"]
+    history = reg.history()
+    # rerun of the finished run id: exit 0, nothing new
+    assert realign(cfg, "--run-id", "week-1", "--summary", tmp / "s2.json") == 0
+    again = summary(tmp / "s2.json")
+    assert again["already_done"] and again["version"] == "v0001"
+    assert reg.versions() == ["v0001"] and reg.history() == history
+    # another run on the same data compares with the current version and publishes v0002
+    assert realign(cfg, "--run-id", "week-2", "--summary", tmp / "s3.json") == 0
+    s3 = summary(tmp / "s3.json")
+    assert s3["version"] == "v0002" and s3["previous"] == "v0001"
+    assert s3["current_version"]["version"] == "v0001"
+    assert s3["current_version"]["recall@10"] == pytest.approx(s["candidate"]["recall@10"])
+    assert reg.current() == "v0002"
+    # the same run id with other options is refused, naming what changed
+    changed = config(tmp / "pub.toml", "reg-pub", gate={"min_recall_at_10": 0.5})
+    capsys.readouterr()
+    assert realign(changed, "--run-id", "week-2") == 2
+    err = capsys.readouterr().err
+    assert "already finished" in err and "min_recall_at_10" in err
+    assert reg.versions() == ["v0001", "v0002"]
+
+
+def test_a_failed_gate_publishes_nothing_and_exits_4(data, capsys):
+    tmp, _, _ = data
+    cfg = config(tmp / "fail.toml", "reg-fail", gate={"min_recall_at_10": 0.9,
+                                                      "max_relative_residual": 1e-9})
+    assert realign(cfg, "--run-id", "r1", "--summary", tmp / "f1.json") == 4
+    assert "failed the gate (max_relative_residual)" in capsys.readouterr().err
+    s = summary(tmp / "f1.json")
+    assert s["status"] == "rejected" and not s["passed"] and s["exit_code"] == 4
+    assert s["version"] is None and s["apply"] is None
+    failed = [c for c in s["gate"]["criteria"] if not c["passed"]]
+    assert [c["name"] for c in failed] == ["max_relative_residual"]
+    reg = Registry(tmp / "reg-fail")
+    assert reg.versions() == [] and reg.current() is None and reg.history() == []
+    assert not os.path.exists(tmp / "out" / "mapped-v0001.zarr.checkpoint")
+    # the rejected candidate stays for inspection; the gathered copies are removed
+    assert bigalign.Transform.load(s["candidate_transform"]).dims == (DIM, DIM)
+    assert not os.path.exists(tmp / "reg-fail" / "runs" / "r1" / "pairs")
+    # a rerun gives the same verdict: 4 again, nothing published
+    assert realign(cfg, "--run-id", "r1", "--summary", tmp / "f2.json") == 4
+    assert summary(tmp / "f2.json")["already_done"]
+    assert reg.versions() == []
+    assert main(["info", str(tmp / "reg-fail")]) == 2  # nothing current to describe
+
+
+def test_a_candidate_worse_than_the_current_version_is_rejected(data):
+    tmp, _, _ = data
+    loose = {"min_recall_at_10": 0.0, "max_relative_residual": 10.0,
+             "not_worse_than_current": True}
+    good = config(tmp / "good.toml", "reg-worse", gate=loose, apply=False)
+    assert realign(good, "--run-id", "centred") == 0
+    # without centring, the offsets spoil the fit: worse than v0001 on the same pairs
+    worse = config(tmp / "worse.toml", "reg-worse", gate=loose, apply=False,
+                   fit={"center": False})
+    assert realign(worse, "--run-id", "uncentred", "--summary", tmp / "w.json") == 4
+    s = summary(tmp / "w.json")
+    (c,) = [c for c in s["gate"]["criteria"] if c["name"] == "not_worse_than_current"]
+    assert not c["passed"] and c["version"] == "v0001"
+    assert c["value"]["relative_residual"] > c["current"]["relative_residual"]
+    assert Registry(tmp / "reg-worse").current() == "v0001"
+    # with the comparison switched off the same candidate passes
+    off = config(tmp / "off.toml", "reg-worse", apply=False, fit={"center": False},
+                 gate=dict(loose, not_worse_than_current=False))
+    assert realign(off, "--run-id", "uncentred-2") == 0
+    assert Registry(tmp / "reg-worse").current() == "v0002"
+
+
+def test_row_aligned_arrays_and_the_stable_split(data):
+    tmp, a, b = data
+    cfg = config(tmp / "rows.toml", "reg-rows", source="a.zarr", target="b.zarr",
+                 apply=False)
+    assert realign(cfg, "--run-id", "rows", "--summary", tmp / "r.json") == 0
+    s = summary(tmp / "r.json")
+    held = holdout_mask(np.arange(N), 0.2)
+    assert s["pairs"]["by"] == "rows" and s["pairs"]["holdout"] == int(held.sum())
+    # the candidate was fitted on exactly the rows not held out
+    t = Registry(tmp / "reg-rows").load()
+    ref = bigalign.fit(zarr.array(a[~held], chunks=(CHUNK, DIM)),
+                       zarr.array(b[~held], chunks=(CHUNK, DIM)), center=True)
+    np.testing.assert_allclose(t.rotation, ref.rotation, atol=1e-9)
+
+
+def test_string_ids_pair_and_split_by_id(data):
+    tmp, a, b = data
+    names = np.array([f"pkg-{i:05d}" for i in range(N)])
+    store(tmp / "s-old.zarr", a, names.astype("T"), "old-model")   # numpy StringDType
+    keep = np.random.default_rng(2).permutation(N)[:900]
+    store(tmp / "s-new.zarr", b[keep], names[keep].astype("T"), "new-model")
+    cfg = config(tmp / "str.toml", "reg-str", source="s-old.zarr", target="s-new.zarr",
+                 apply=False)
+    assert realign(cfg, "--run-id", "strings", "--summary", tmp / "str.json") == 0
+    s = summary(tmp / "str.json")
+    assert s["pairs"]["by"] == "ids" and s["pairs"]["pairs"] == 900
+    assert s["pairs"]["holdout"] == int(holdout_mask(names[keep], 0.2).sum())
+    np.testing.assert_array_equal(holdout_mask(names[keep].astype("T"), 0.2),
+                                  holdout_mask(names[keep].astype("S"), 0.2))
+
+
+def test_stable_unit_depends_on_the_key_alone():
+    keys = np.arange(100_000, dtype=np.int64) * 7919 - 5
+    u = stable_unit(keys)
+    assert u.min() >= 0 and u.max() < 1 and abs(u.mean() - 0.5) < 0.01
+    assert abs(holdout_mask(keys, 0.1).mean() - 0.1) < 0.005
+    # adding keys (in any order) does not move the existing ones
+    more = np.concatenate([keys[::-1], np.arange(10**9, 10**9 + 5000)])
+    np.testing.assert_array_equal(stable_unit(more)[:len(keys)][::-1], u)
+    # a larger fraction only adds held-out keys; another seed is another split
+    assert (holdout_mask(keys, 0.2) >= holdout_mask(keys, 0.1)).all()
+    assert (holdout_mask(keys, 0.1, seed=1) != holdout_mask(keys, 0.1)).any()
+    strings = np.array([f"doc-{i}" for i in range(20_000)])
+    us = stable_unit(strings)
+    assert abs(us.mean() - 0.5) < 0.02
+    np.testing.assert_array_equal(stable_unit(strings[5:10]), us[5:10])
+    # known values: the split must not change between bigalign versions
+    np.testing.assert_allclose(stable_unit(np.array([0, 1, 42])),
+                               [0.6524484863740322, 0.03401170130434639, 0.30315012456577295])
+    np.testing.assert_allclose(stable_unit(np.array(["a", "doc-1"])),
+                               [0.63765703957097, 0.031192345850460934])
+
+
+@pytest.mark.parametrize("change, message", [
+    ('[gate]\nmin_recall_at10 = 0.9\n', "unknown key min_recall_at10"),
+    ('[pairs]\nsource = "a"\ntarget = "b"\nholdout = 1.5\n', "between 0 and 1"),
+    ('[apply]\ncorpus = "c"\noutput = "mapped.zarr"\n', "must contain {version}"),
+    ('[fit]\ncenter = "yes"\n', "[fit] center: expected bool"),
+    ('[apply]\ncorpus = "c"\noutput = "m-{version}-{date}.zarr"\n', "only {version}"),
+    ('[apply]\ncorpus = "c"\noutput = "m-{version}.zarr"\ndtype = "float8"\n', "--dtype"),
+    ('registry = [1\n', "not valid TOML"),
+])
+def test_configuration_errors_exit_2(tmp_path, capsys, change, message):
+    base = 'registry = "reg"\n' if not change.startswith("registry") else ""
+    if not change.startswith("[pairs]") and not change.startswith("registry"):
+        base += '[pairs]\nsource = "a"\ntarget = "b"\n'
+    (tmp_path / "c.toml").write_text(base + change)
+    assert realign(tmp_path / "c.toml") == 2
+    assert message in capsys.readouterr().err
+
+
+def test_config_relative_paths_and_defaults(tmp_path):
+    (tmp_path / "c.toml").write_text('registry = "s3://bucket/reg"\n[pairs]\nsource = "x.zarr"\n'
+                                     'target = "/abs/y.zarr"\n')
+    cfg = load_config(tmp_path / "c.toml")
+    assert cfg.registry == "s3://bucket/reg" and cfg.source == str(tmp_path / "x.zarr")
+    assert cfg.target == "/abs/y.zarr" and cfg.holdout == 0.1 and cfg.apply is None
+    assert cfg.gate.not_worse_than_current and cfg.gate.min_recall_at_10 is None
+
+
+def test_a_second_realign_is_refused_while_one_holds_the_registry(data, capsys):
+    tmp, _, _ = data
+    cfg = config(tmp / "busy.toml", "reg-busy", apply=False)
+    reg = Registry(tmp / "reg-busy")
+    with reg.lock():  # what a running realign holds
+        assert realign(cfg, "--run-id", "second") == 2
+        err = capsys.readouterr().err
+        assert "is in use" in err and "another bigalign run holds" in err
+        assert main(["registry", "rollback", str(tmp / "reg-busy")]) == 2
+    assert reg.versions() == []
+    # --wait: a retried pod outlasts the lease of a holder that died elsewhere
+    lock = reg.lock()
+    lock.__enter__()
+    threading.Timer(1.0, lambda: lock.__exit__(None, None, None)).start()
+    assert realign(cfg, "--run-id", "second", "--wait", "120") == 0
+    assert reg.versions() == ["v0001"]
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLI = [sys.executable, "-m", "bigalign.cli"]
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
+    [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+ENV.pop("BIGALIGN_FAULTS", None)
+
+
+@pytest.mark.slow
+def test_two_realigns_started_together_one_runs_one_is_refused(data):
+    tmp, _, _ = data
+    cfg = config(tmp / "race.toml", "reg-race", apply=False)
+    env = dict(ENV, BIGALIGN_FAULTS="delay:realign.split@4")  # the holder stays in there
+    procs = [subprocess.Popen([*CLI, "realign", cfg, "--run-id", f"race-{i}", "-q"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    results = sorted((p.wait(timeout=300), p.stderr.read()) for p in procs)
+    assert [code for code, _ in results] == [0, 2], results
+    assert "is in use" in results[1][1]
+    assert Registry(tmp / "reg-race").versions() == ["v0001"]
+
+
+@pytest.fixture(scope="module")
+def reference(data):
+    """An uninterrupted run: what every killed-then-resumed run must publish."""
+    tmp, _, _ = data
+    cfg = config(tmp / "ref.toml", "reg-ref", apply=False)
+    assert realign(cfg, "--run-id", "ref") == 0
+    return Registry(tmp / "reg-ref").load("v0001")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["fit.block@2", "realign.evaluated",
+                                   "realign.version-written", "apply.region-done@2",
+                                   "realign.published"])
+def test_killed_mid_run_the_rerun_publishes_the_same_version(data, reference, fault):
+    tmp, a, _ = data
+    name = fault.split("@")[0].replace(".", "-")
+    reg_path = tmp / f"reg-kill-{name}"
+    cfg = config(tmp / f"kill-{name}.toml", reg_path.name, apply=True)
+    text = (tmp / f"kill-{name}.toml").read_text()
+    (tmp / f"kill-{name}.toml").write_text(
+        text.replace("out/mapped-{version}", f"out-{name}/mapped-{{version}}"))
+    killed = subprocess.run([*CLI, "realign", cfg, "--run-id", "nightly", "-q"],
+                            env=dict(ENV, BIGALIGN_FAULTS=f"kill:{fault}"),
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, (killed.returncode, killed.stderr)
+    reg = Registry(reg_path)
+    assert reg.verdict("nightly") is None
+    # the rerun (in this process: the dead holder's lease is taken over at once)
+    assert realign(cfg, "--run-id", "nightly", "--summary", tmp / f"k-{name}.json") == 0
+    s = summary(tmp / f"k-{name}.json")
+    assert s["version"] == "v0001" and not s["already_done"]
+    assert reg.versions() == ["v0001"] and reg.current() == "v0001"
+    assert [p["version"] for p in reg.history()] == ["v0001"]  # the pointer moved once
+    t = reg.load()
+    np.testing.assert_array_equal(t.rotation, reference.rotation)
+    mapped = zarr.open_array(str(tmp / f"out-{name}" / "mapped-v0001.zarr"))
+    assert mapped.attrs["bigalign"]["complete"]
+    np.testing.assert_allclose(mapped[:], t.transform(a), rtol=1e-5, atol=1e-5)
+    assert not os.path.exists(reg_path / "runs" / "nightly" / "pairs")
+    assert not os.path.exists(reg_path / "runs" / "nightly" / "job")
