@@ -11,7 +11,6 @@ and options is a no-op, and a changed one is refused naming what changed.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -318,14 +317,6 @@ def _solve(moments, dims, inputs: dict, start, stop, opts: FitOptions, gram: boo
                      sol.scale, options, meta, sol.singular_values, moments)
 
 
-def _transform_digest(t: Transform) -> str:
-    h = hashlib.sha256()
-    for a in (t.rotation, t.source_mean, t.target_mean):
-        h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
-    h.update(repr((t.scale, t.normalize)).encode())
-    return h.hexdigest()
-
-
 def run_status(path, storage_options: Optional[dict] = None) -> Optional[dict]:
     """Progress of a fit or apply in flight (or interrupted), from storage alone: ``path`` is
     the run's output (transform or apply output) or its checkpoint URL. Returns
@@ -428,7 +419,7 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
     ckpt = checkpoint or None
     check_disjoint({"source": source, "transform": transform_url},
                    {"output": output, "checkpoint": ckpt}, so)
-    fingerprint = {"source": src.fingerprint(), "transform": _transform_digest(transform),
+    fingerprint = {"source": src.fingerprint(), "transform": transform.digest(),
                    "rows": [first, last],
                    "options": {k: v for k, v in opts.as_dict().items() if k != "bad_rows"}}
     node = check_replaceable(output, "output", so)

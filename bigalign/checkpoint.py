@@ -59,8 +59,12 @@ FORMAT = "bigalign.checkpoint/2"
 #: Names a checkpoint folder may hold: what :meth:`Job.clear` removes.
 OWN_NAMES = ("manifest.json", "lease", "units", "done")
 
-__all__ = ["Job", "Lease", "LeaseLostError", "checkpointed", "clear_finished",
+__all__ = ["Job", "Lease", "LeaseHeldError", "LeaseLostError", "checkpointed", "clear_finished",
            "describe_changes", "FORMAT"]
+
+
+class LeaseHeldError(CheckpointError):
+    """Another live run holds this job's lease (or took it at the same moment): refused."""
 
 
 class LeaseLostError(CheckpointError):
@@ -113,7 +117,7 @@ class Job:
     def _local(self) -> bool:
         return isinstance(self.fs, LocalFileSystem)
 
-    def _put(self, path: str, data: bytes, *, create: bool = False) -> None:
+    def put_file(self, path: str, data: bytes, *, create: bool = False) -> None:
         """Write a whole file. ``create``: only if absent (FileExistsError otherwise),
         atomically: no other writer can create it too, and no reader sees it partial."""
         def put():
@@ -148,7 +152,7 @@ class Job:
         if not _retrying(f"cannot write {path!r}", put_once):
             raise FileExistsError(path)
 
-    def _get(self, path: str) -> Optional[bytes]:
+    def get_file(self, path: str) -> Optional[bytes]:
         def get():
             try:
                 return self.fs.cat_file(path)
@@ -156,7 +160,7 @@ class Job:
                 return None
         return _retrying(f"cannot read {path!r}", get)
 
-    def _list(self, sub: str = "") -> list[str]:
+    def list_names(self, sub: str = "") -> list[str]:
         def ls():
             try:
                 try:
@@ -169,7 +173,7 @@ class Job:
             return [n.rstrip("/").rsplit("/", 1)[-1] for n in names]
         return _retrying(f"cannot list {self.url!r}", ls)
 
-    def _rm(self, path: str) -> None:
+    def remove_file(self, path: str) -> None:
         def rm():
             try:
                 self.fs.rm_file(path)
@@ -179,12 +183,12 @@ class Job:
 
     # ---- where ----------------------------------------------------------------------
     def exists(self) -> bool:
-        return self._get(self._path("manifest.json")) is not None
+        return self.get_file(self._path("manifest.json")) is not None
 
     def check_location(self) -> None:
         """Refuse a checkpoint location that holds files bigalign did not write (a shared
         folder, a bucket prefix with other data): bigalign deletes only what it wrote."""
-        names = [n for n in self._list() if not n.startswith("manifest.json.tmp-")]
+        names = [n for n in self.list_names() if not n.startswith("manifest.json.tmp-")]
         foreign = sorted(n for n in names if n not in OWN_NAMES)
         if foreign:
             raise CheckpointError(
@@ -195,7 +199,7 @@ class Job:
 
     # ---- manifest -----------------------------------------------------------------
     def manifest(self) -> Optional[dict]:
-        raw = self._get(self._path("manifest.json"))
+        raw = self.get_file(self._path("manifest.json"))
         if raw is None:
             return None
         try:
@@ -258,13 +262,13 @@ class Job:
 
     def fenced_put(self, path: str, data: bytes) -> None:
         self.check_fence()
-        self._put(path, data)
+        self.put_file(path, data)
 
     # ---- clean-up: only what bigalign wrote --------------------------------------------
     def _clear(self, sub: str, ours) -> None:
-        for name in self._list(sub):
+        for name in self.list_names(sub):
             if ours(name) or ".tmp-" in name:
-                self._rm(self._path(sub, name))
+                self.remove_file(self._path(sub, name))
 
     def clear_markers(self) -> None:
         """Remove apply's done-markers (fenced): their output is being re-created."""
@@ -276,22 +280,22 @@ class Job:
         self.check_fence()
         self._clear("units", lambda n: n.endswith(".npz"))
         self._clear("done", str.isdigit)
-        self._rm(self._path("manifest.json"))
+        self.remove_file(self._path("manifest.json"))
 
     def clear(self) -> None:
         """After success: remove every file of this job (progress, then the lease), then
         the folders if they are empty. Files bigalign did not write stay, and so does
         their folder."""
         self.clear_progress()
-        for name in self._list("lease"):
+        for name in self.list_names("lease"):
             if name.endswith(".json") or ".tmp-" in name:
-                self._rm(self._path("lease", name))
+                self.remove_file(self._path("lease", name))
         for sub in ("units", "done", "lease", ""):
             path = self._path(sub) if sub else self.root
             try:
                 if self._local():
                     os.rmdir(path)
-                elif not self._list(sub):
+                elif not self.list_names(sub):
                     self.fs.rmdir(path)
             except (OSError, NotImplementedError):
                 pass  # not empty (files of others), or object stores without folders
@@ -309,7 +313,7 @@ class Job:
         return moments
 
     def load_unit(self, index: int, start: int, stop: int) -> Moments:
-        raw = self._get(self._unit_path(index))
+        raw = self.get_file(self._unit_path(index))
         if raw is None:
             raise CheckpointError(f"{self.url}: unit {index} is recorded as done but missing")
         with np.load(io.BytesIO(raw)) as z:
@@ -335,7 +339,7 @@ class Job:
         this run and cover exactly their rows. Anything else (a stale file of an earlier
         run, a truncated file, a wrong range) is ignored with a warning and recomputed."""
         done = set()
-        names = {n for n in self._list("units") if n.endswith(".npz")}
+        names = {n for n in self.list_names("units") if n.endswith(".npz")}
         for index, (start, stop) in sorted(expected.items()):
             if f"{index:09d}.npz" not in names:
                 continue
@@ -361,13 +365,13 @@ class Job:
     def region_markers(self, expected: dict[int, tuple[int, int]]) -> dict[int, dict]:
         """Markers of ``expected`` regions (index -> (start, stop)) written by this run for
         exactly those rows: index -> marker. One listing, then one read per marker."""
-        names = {n for n in self._list("done") if n.isdigit()}
+        names = {n for n in self.list_names("done") if n.isdigit()}
         found = {}
         for index, (start, stop) in expected.items():
             if f"{index:09d}" not in names:
                 continue
             try:
-                info = json.loads(self._get(self._path("done", f"{index:09d}")) or b"{}")
+                info = json.loads(self.get_file(self._path("done", f"{index:09d}")) or b"{}")
             except ValueError:
                 continue
             if info.get("run_id") == self.run_id and \
@@ -399,16 +403,16 @@ class Job:
         start, stop = blocks[0].start, blocks[-1].stop
         times = []
         if kind == "fit":
-            names = {n for n in self._list("units") if n.endswith(".npz")}
+            names = {n for n in self.list_names("units") if n.endswith(".npz")}
             done = {i for i in range(len(units)) if f"{i:09d}.npz" in names}
             for i in done:  # npz members load lazily: only the timestamp is read
                 with self.fs.open(self._unit_path(i), "rb") as f, np.load(f) as z:
                     times.append(float(z["saved_at"]) if "saved_at" in z.files else 0.0)
         else:
-            names = {n for n in self._list("done") if n.isdigit()}
+            names = {n for n in self.list_names("done") if n.isdigit()}
             done = {i for i in range(len(units)) if f"{i:09d}" in names}
             for i in done:
-                info = json.loads(self._get(self._path("done", f"{i:09d}")) or b"{}")
+                info = json.loads(self.get_file(self._path("done", f"{i:09d}")) or b"{}")
                 times.append(float(info.get("t", 0.0)))
         rows_done = sum(b.rows for i in done for b in units[i])
         out = {"kind": kind, "run_id": manifest["run_id"], "units_done": len(done),
@@ -497,12 +501,12 @@ class Lease:
     def newest(job: Job) -> Optional[tuple[int, dict]]:
         """(generation, record) of the newest lease file, or None. An unreadable record
         reads as {} (a dead holder)."""
-        gens = [int(n[:-5]) for n in job._list("lease")
+        gens = [int(n[:-5]) for n in job.list_names("lease")
                 if n.endswith(".json") and n[:-5].isdigit()]
         if not gens:
             return None
         g = max(gens)
-        raw = job._get(job._path("lease", f"{g:012d}.json"))
+        raw = job.get_file(job._path("lease", f"{g:012d}.json"))
         try:
             return g, (json.loads(raw) if raw else {})
         except ValueError:
@@ -535,21 +539,21 @@ class Lease:
         newest = self.newest(self.job)
         if newest is not None and self.alive(newest[1]):
             holder = newest[1]
-            raise CheckpointError(
+            raise LeaseHeldError(
                 f"{self.job.url}: another bigalign run holds this job (host "
                 f"{holder.get('host')}, pid {holder.get('pid')}, lease renewed "
                 f"{time.time() - holder.get('renewed', 0):.0f}s ago). Wait for it to finish; if "
                 f"it died, its lease expires within {self.ttl:.0f}s of its last renewal.")
         self.generation = (newest[0] if newest else 0) + 1
         try:
-            self.job._put(self._file(self.generation), self._record(), create=True)
+            self.job.put_file(self._file(self.generation), self._record(), create=True)
         except FileExistsError:
-            raise CheckpointError(f"{self.job.url}: another bigalign run took this job at "
+            raise LeaseHeldError(f"{self.job.url}: another bigalign run took this job at "
                                   "the same moment") from None
         self.job.token = (self.generation, self.owner)
-        for name in self.job._list("lease"):  # older generations: dead holders' files
+        for name in self.job.list_names("lease"):  # older generations: dead holders' files
             if name.endswith(".json") and name[:-5].isdigit() and int(name[:-5]) < self.generation:
-                self.job._rm(self.job._path("lease", name))
+                self.job.remove_file(self.job._path("lease", name))
         self._thread = threading.Thread(target=self._renew, daemon=True, name="bigalign-lease")
         self._thread.start()
         return self
@@ -558,7 +562,7 @@ class Lease:
         while not self._stop.wait(self.ttl / 4):
             try:
                 self.job.check_fence()
-                self.job._put(self._file(self.generation), self._record())
+                self.job.put_file(self._file(self.generation), self._record())
             except LeaseLostError:
                 return  # the next fenced write of the run raises
             except Exception:  # a missed renewal is retried on the next tick
@@ -573,7 +577,7 @@ class Lease:
             if newest is not None and newest[0] == self.generation and \
                     newest[1].get("owner") == self.owner:
                 # released, not deleted: a lower generation must never become newest again
-                self.job._put(self._file(self.generation), self._record(released=True))
+                self.job.put_file(self._file(self.generation), self._record(released=True))
         except Exception:
             pass  # the lease then lapses by itself
         self.job.token = None

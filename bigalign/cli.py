@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -25,6 +24,7 @@ import warnings
 from typing import Optional
 
 from . import __version__
+from .jsonsafe import json_safe
 
 CENTER_HELP = ("remove each side's mean before fitting, and map (x - mean_src) Q + mean_tgt. "
                "Use it whenever a model's vectors share a common offset, which real models "
@@ -129,22 +129,6 @@ def storage_options(args) -> Optional[dict]:
             raise InputError(f"--storage-option {item!r}: expected KEY=VALUE")
         out[key.strip()] = parse_storage_value(key.strip(), value)
     return out or None
-
-
-def json_safe(obj):
-    """JSON-safe: NaN/Inf become null, numpy scalars and arrays plain numbers and lists,
-    anything else unknown its str()."""
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if hasattr(obj, "tolist"):
-        return json_safe(obj.tolist())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if obj is None or isinstance(obj, (str, int, float, bool)):
-        return obj
-    return str(obj)
 
 
 def _print_json(obj) -> None:

@@ -14,7 +14,8 @@ import logging
 import math
 import sys
 
-from .cli import add_storage_option, json_safe as _plain, storage_options
+from .cli import add_storage_option, storage_options
+from .jsonsafe import json_safe as _plain
 from .curve import learning_curve
 from .errors import InputError
 from .evaluate import DEFAULT_MAX_QUERIES, evaluate

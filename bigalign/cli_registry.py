@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import sys
 
-from .cli import add_storage_option, json_safe, storage_options
+from .cli import add_storage_option, storage_options
+from .jsonsafe import json_safe
 from .errors import GateFailedError
 
 EPILOG = ("Exit codes: 0 published (or already finished); 2 bad configuration or input, a "

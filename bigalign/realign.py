@@ -427,7 +427,7 @@ class _RunFiles:
         return self.reg._json("runs", self.run_id, name)
 
     def write(self, name: str, value: dict) -> None:
-        from .cli import json_safe
+        from .jsonsafe import json_safe
 
         self.job.fenced_put(self.reg._path("runs", self.run_id, name),
                             json.dumps(json_safe(value), indent=1).encode())
@@ -627,13 +627,10 @@ def _finished(reg: Registry, run_id: str, fingerprint: dict) -> Optional[dict]:
 
 def _lease_held(e: BaseException) -> bool:
     """Was ``e`` a refusal because another run holds a lease (the registry's, this run's or
-    its fit's)? Those are the only errors :func:`realign`'s ``wait`` retries. (The lease's
-    refusal is a plain CheckpointError; its text is the job protocol's.)"""
-    from .checkpoint import LeaseLostError
-    from .errors import CheckpointError
+    its fit's)? Those are the only errors :func:`realign`'s ``wait`` retries."""
+    from .checkpoint import LeaseHeldError
 
-    return isinstance(e, CheckpointError) and not isinstance(e, LeaseLostError) and \
-        "another bigalign run" in str(e)
+    return isinstance(e, LeaseHeldError)
 
 
 def realign(config, *, run_id: Optional[str] = None, execution: Optional[Execution] = None,
@@ -776,7 +773,6 @@ def _run(cfg: RealignConfig, reg: Registry, lock: Job, files: _RunFiles, src: _S
         version = reg.next_version()
         files.write("publish.json", {"version": version})
     if reg.record(version, missing_ok=True) is None:
-        from .api import _transform_digest
         from .transform import Transform
 
         cand = Transform.load(files.candidate, storage_options=so)
@@ -790,7 +786,7 @@ def _run(cfg: RealignConfig, reg: Registry, lock: Job, files: _RunFiles, src: _S
                           "relative_residual": cand.metadata.get("relative_residual")},
                   "gate": dict(decision, figures=figures,
                                compared_with=evaluation["compared_with"]),
-                  "transform_sha256": _transform_digest(cand)}
+                  "transform_sha256": cand.digest()}
         reg.write_version(lock, version, cand, record)
         log.info("realign %s: wrote version %s", run_id, version)
     faults.point("realign.version-written")
@@ -825,7 +821,7 @@ def summary(verdict: dict) -> dict:
 def write_summary(path: str, value: dict, storage_options: Optional[dict] = None) -> None:
     """Write a JSON summary to a local path (atomically: temporary file, then rename) or
     an fsspec URL (one PUT)."""
-    from .cli import json_safe
+    from .jsonsafe import json_safe
 
     data = json.dumps(json_safe(value), indent=2) + "\n"
     if "://" in str(path):

@@ -15,7 +15,7 @@ Layout at ``REG`` (a local folder or any fsspec URL)::
     .lock/lease/...                the registry lock: a checkpoint lease (bigalign.checkpoint)
 
 **The current pointer** is a sequence of small files, each created with the job protocol's
-conditional create (:meth:`bigalign.checkpoint.Job._put` with ``create=True``: a hard link
+conditional create (:meth:`bigalign.checkpoint.Job.put_file` with ``create=True``: a hard link
 of a complete temporary file on local disks, ``If-None-Match: *`` on S3), exactly like a
 lease generation. Moving the pointer creates generation g+1; readers take the newest. So a
 reader sees the old version or the new one, never a half-written pointer, and two writers
@@ -39,7 +39,7 @@ import socket
 from datetime import datetime, timezone
 from typing import Iterator, Optional
 
-from .checkpoint import Job
+from .checkpoint import Job, LeaseHeldError
 from .errors import BigalignError, CheckpointError, InputError, TransientError
 
 log = logging.getLogger("bigalign")
@@ -84,7 +84,7 @@ class Registry:
         return self.files._path(*parts)
 
     def _json(self, *parts: str) -> Optional[dict]:
-        raw = self.files._get(self._path(*parts))
+        raw = self.files.get_file(self._path(*parts))
         if raw is None:
             return None
         try:
@@ -115,14 +115,14 @@ class Registry:
         bigalign writes only where it owns the place."""
         if self.exists():
             return
-        names = [n for n in self.files._list() if n not in (".lock", "runs")]
+        names = [n for n in self.files.list_names() if n not in (".lock", "runs")]
         if names:
             raise InputError(f"{self.url!r} is not empty and not a bigalign registry (it holds "
                              f"{', '.join(sorted(names)[:5])}); choose a new location for "
                              "the registry")
         lock.check_fence()
         try:
-            self.files._put(self._path("registry.json"), json.dumps(
+            self.files.put_file(self._path("registry.json"), json.dumps(
                 {"format": FORMAT, "created": _now()}).encode(), create=True)
         except FileExistsError:
             pass
@@ -130,7 +130,7 @@ class Registry:
     # ---- versions ---------------------------------------------------------------------
     def _version_dirs(self) -> list[str]:
         """Names of every version folder, complete or not, oldest first."""
-        return sorted((n for n in self.files._list("versions") if _VERSION.match(n)),
+        return sorted((n for n in self.files.list_names("versions") if _VERSION.match(n)),
                       key=version_number)
 
     def versions(self) -> list[str]:
@@ -159,7 +159,7 @@ class Registry:
 
     # ---- the current pointer ----------------------------------------------------------------
     def _generations(self) -> list[int]:
-        return sorted(int(n[:-5]) for n in self.files._list("current")
+        return sorted(int(n[:-5]) for n in self.files.list_names("current")
                       if n.endswith(".json") and n[:-5].isdigit())
 
     def pointer(self, generation: Optional[int] = None) -> Optional[dict]:
@@ -198,14 +198,14 @@ class Registry:
     def lock(self, what: str = "change") -> Iterator[Job]:
         """Hold the registry lock (a checkpoint lease at ``REG/.lock``) and yield its Job,
         whose :meth:`~bigalign.checkpoint.Job.check_fence` guards every write. Another
-        holder alive: CheckpointError (exit 2) naming it."""
+        holder alive: LeaseHeldError (a CheckpointError, exit 2) naming it."""
         job = Job(f"{self.url}/.lock", self.storage_options)
         try:
             lease = job.lease()
             lease.__enter__()
-        except CheckpointError as e:
-            raise CheckpointError(f"registry {self.url!r} is in use: another realign, rollback "
-                                  f"or gc holds it, so this {what} is refused. {e}") from None
+        except LeaseHeldError as e:
+            raise LeaseHeldError(f"registry {self.url!r} is in use: another realign, rollback "
+                                 f"or gc holds it, so this {what} is refused. {e}") from None
         try:
             yield job
         finally:
@@ -236,7 +236,7 @@ class Registry:
         record = dict(record, format=RECORD_FORMAT, version=version)
         lock.check_fence()
         try:
-            self.files._put(self._path("versions", version, "record.json"),
+            self.files.put_file(self._path("versions", version, "record.json"),
                             json.dumps(record, indent=1, default=str).encode(), create=True)
         except FileExistsError:
             raise CheckpointError(f"{self.url}: version {version} was written by someone "
@@ -255,7 +255,7 @@ class Registry:
                    "host": socket.gethostname(), **extra}
         lock.check_fence()
         try:
-            self.files._put(self._path("current", f"{generation:012d}.json"),
+            self.files.put_file(self._path("current", f"{generation:012d}.json"),
                             json.dumps(pointer, indent=1).encode(), create=True)
         except FileExistsError:
             raise CheckpointError(f"{self.url}: the current pointer moved at the same moment "
@@ -316,13 +316,13 @@ class Registry:
         from .outputs import inspect
 
         lock.check_fence()
-        self.files._rm(self._path("versions", version, "record.json"))
+        self.files.remove_file(self._path("versions", version, "record.json"))
         url = self.transform_url(version)
         if inspect(url, self.storage_options).kind in ("transform", "partial-transform"):
             lock.check_fence()
             self.files.fs.rm(self._path("versions", version, "transform"), recursive=True)
         with contextlib.suppress(OSError, NotImplementedError):
-            if not self.files._list(f"versions/{version}"):
+            if not self.files.list_names(f"versions/{version}"):
                 self.files.fs.rmdir(self._path("versions", version))
         log.info("%s: deleted version %s", self.url, version)
 

@@ -135,6 +135,17 @@ class Transform:
 
     __call__ = transform
 
+    def digest(self) -> str:
+        """SHA-256 of what the map computes: rotation and means (float64 bytes), scale,
+        normalize. Identifies a transform in apply fingerprints and registry records."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for a in (self.rotation, self.source_mean, self.target_mean):
+            h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
+        h.update(repr((self.scale, self.normalize)).encode())
+        return h.hexdigest()
+
     def output_mean(self, target_centred: bool = False) -> np.ndarray:
         """What is added after the rotation: target_mean, or zeros in the centred space."""
         return np.zeros_like(self.target_mean) if target_centred else self.target_mean

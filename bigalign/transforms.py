@@ -31,7 +31,6 @@ source model, unless ``allow_model_mismatch``), invert swaps them, export record
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -107,13 +106,8 @@ SNIPPETS = {"npz": (NUMPY_SNIPPET, "old2new.npz"), "json": (JSON_SNIPPET, "old2n
 # ---- small helpers ------------------------------------------------------------------
 
 def digest(t: Transform) -> str:
-    """sha256 of what the map computes: rotation, means (float64 bytes), scale, normalize.
-    (The same recipe as the apply fingerprint's transform digest.)"""
-    h = hashlib.sha256()
-    for a in (t.rotation, t.source_mean, t.target_mean):
-        h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
-    h.update(repr((t.scale, t.normalize)).encode())
-    return h.hexdigest()
+    """:meth:`Transform.digest` (what the map computes)."""
+    return t.digest()
 
 
 def models(t: Transform) -> tuple:
