@@ -2,7 +2,8 @@
 
 Exit codes (one mapping, :func:`bigalign.errors.exit_code`): 0 done or already done; 1 an
 unexpected error (a bug: traceback); 2 usage, bad input or a refused run (the message says
-what and where); 3 unfinished (``status``/``info``); 4 reserved; 75 a transient failure
+what and where); 3 unfinished (``status``/``info``); 4 ``realign``'s quality gate
+rejected the candidate (nothing published); 75 a transient failure
 after retries (storage unreachable: a scheduler should retry, the rerun resumes); 130
 interrupted by SIGINT or SIGTERM. Output cut short by its reader (``| head``) is not an
 error: the rest of stdout is discarded and the exit code is the command's own.
@@ -151,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "corpora of any size.",
         epilog="Quick start: 'bigalign demo' runs the whole job on generated data. Exit codes: "
                "0 done or already done; 1 unexpected error (a bug); 2 usage, bad input or a "
-               "refused run; 3 unfinished (status, info); 75 storage or cluster unavailable "
+               "refused run; 3 unfinished (status, info); 4 realign's quality gate failed "
+               "(nothing published); 75 storage or cluster unavailable "
                "after retries (retry later: the rerun resumes); 130 interrupted by SIGINT or "
                "SIGTERM (rerun to resume).")
     p.add_argument("--version", action="version", version=f"bigalign {__version__}")
