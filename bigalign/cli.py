@@ -162,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .cli_evaluate import add_commands
     COMMANDS.update(add_commands(sub))
+    from .cli_import import add_commands as add_import; COMMANDS.update(add_import(sub))
     return p
 
 
