@@ -18,15 +18,22 @@ How it works, in the house style (a plan + a job + a graph):
   the rows into *regions* of whole output chunks, and lists for each region the slices of
   the one, two or more files that cover it. Files rarely end on chunk boundaries, so a
   region may read the tail of one file and the head of the next; no two regions ever
-  write the same chunk.
+  write the same chunk. Consecutive regions are grouped into *units*, one task each: a
+  Parquet read that starts inside a row group decodes that row group from its start, so
+  a unit runs on until a row group (or file) starts close to a region boundary, and each
+  row group is decoded about once; .npy/.fvecs rows are read directly, so there every
+  region is a unit.
 * **The job** is :func:`bigalign.checkpoint.checkpointed`, exactly as for apply: the
   fingerprint holds every input file (path, size, mtime/ETag, rows, format) and the
   options; a region's marker is written after its data; the store is marked complete only
   after every region is verified done. A rerun after a crash writes the missing regions; a
   rerun of a finished import is a no-op; changed inputs are refused, naming what changed.
-* **The graph** has one task per region: read the slices, validate them (right dimension,
-  no nulls, numbers, finite), cast to the store's dtype, write the embeddings (and ids)
-  chunks, mark the region done. Any error names the file and the row in it (0-based).
+* **The graph** has one task per unit: stream the unit's file spans once, in batches of
+  about a region; fill one region buffer at a time, validate (right dimension, no nulls,
+  numbers, finite), cast to the store's dtype, write the region's embeddings (and ids)
+  chunks and mark it done. Memory per task: one region plus the batch in hand (and, for
+  Parquet, what polars holds while decoding a row group). Any error names the file and
+  the row in it (0-based).
 
 Readers: .npy through ``np.memmap`` at the array's data offset (local files: memory-mapped,
 so files larger than RAM work; remote ones: byte ranges through fsspec); .fvecs likewise
@@ -69,6 +76,10 @@ TARGET_CHUNK_BYTES = 32 * 2**20
 
 STORE_DTYPES = ("float16", "float32", "float64")
 
+#: A new task may start inside a Parquet row group when the rows it decodes for nothing (the
+#: row group's rows before it) are at most this fraction of the previous task's rows.
+UNIT_WASTE = 0.25
+
 
 # ==== the plan (pure: no I/O) ==============================================================
 
@@ -108,10 +119,16 @@ class ImportPlan:
     (an :class:`~bigalign.plan.ApplyPlan`: rows [0, N) in regions of whole output chunks of
     ``regions.step`` rows). The job's manifest stores ``asdict(regions)`` (so ``bigalign
     status`` reads it like an apply's); the file rows are in the job's fingerprint, which a
-    resume must match."""
+    resume must match.
+
+    ``row_groups``: for each file, the rows of its row groups (Parquet), or None where any
+    row can be read directly (.npy, .fvecs). They decide the *units*, runs of consecutive
+    regions that one task streams through (see :meth:`units`); they change how work is
+    grouped, never what is written."""
 
     file_rows: tuple
     regions: ApplyPlan
+    row_groups: tuple = ()
 
     @property
     def rows(self) -> int:
@@ -150,6 +167,41 @@ class ImportPlan:
             out.append(Region(b.index, b.start, b.stop, tuple(slices)))
         return out
 
+    def restart_cost(self, row: int) -> int:
+        """Rows decoded for nothing when a read starts at store row ``row``: a Parquet read
+        starting inside a row group decodes it from its start. 0 for files read directly
+        and at file or row-group starts."""
+        if row >= self.rows:
+            return 0
+        f, i = self.locate(row)
+        groups = self.row_groups[f] if f < len(self.row_groups) else None
+        if groups is None:
+            return 0
+        if not groups:  # unknown: the whole file is one row group
+            return i
+        begin = 0
+        for g in groups:
+            if i < begin + g:
+                return i - begin
+            begin += g
+        return 0
+
+    def units(self, waste: float = UNIT_WASTE) -> list[list[int]]:
+        """Consecutive regions grouped into units, one task each. A unit ends before a
+        region whose start would cost a new reader at most ``waste`` x the unit's rows of
+        decoding for nothing (:meth:`restart_cost`): every region is its own unit for
+        .npy/.fvecs and small row groups; with large row groups a unit runs on until the
+        next row group start is near, so each row group is decoded about once."""
+        blocks = self.blocks()
+        units = [[blocks[0].index]]
+        for b in blocks[1:]:
+            first = blocks[units[-1][0]]
+            if self.restart_cost(b.start) <= waste * (b.start - first.start):
+                units.append([b.index])
+            else:
+                units[-1].append(b.index)
+        return units
+
     def locate(self, row: int) -> tuple[int, int]:
         """(file index, row in that file) of store row ``row``."""
         offsets = self.offsets()
@@ -171,17 +223,21 @@ def choose_chunk_rows(dim: int, itemsize: int, rows: int,
 
 
 def make_import_plan(file_rows: Sequence[int], row_bytes: int, chunk_rows: int,
-                     block_bytes: int = DEFAULT_BLOCK_BYTES) -> ImportPlan:
+                     block_bytes: int = DEFAULT_BLOCK_BYTES,
+                     row_groups: Sequence = ()) -> ImportPlan:
     """Plan an import of files of ``file_rows`` rows (in order): regions of whole chunks of
     ``chunk_rows`` holding about ``block_bytes`` of output (``row_bytes`` a row), at least
-    :data:`~bigalign.plan.MIN_BLOCKS` regions when there are enough chunks."""
+    :data:`~bigalign.plan.MIN_BLOCKS` regions when there are enough chunks; ``row_groups``
+    as :class:`ImportPlan` says (default: every file read directly)."""
     total = int(sum(file_rows))
     if total <= 0:
         raise InputError("the inputs hold no rows")
     if chunk_rows <= 0:
         raise InputError(f"chunk rows must be positive, got {chunk_rows}")
     per = choose_block_rows(total, chunk_rows, row_bytes, block_bytes, MIN_BLOCKS)
-    return ImportPlan(tuple(int(n) for n in file_rows), ApplyPlan(total, chunk_rows, per))
+    groups = tuple(None if g is None else tuple(int(n) for n in g) for g in row_groups)
+    return ImportPlan(tuple(int(n) for n in file_rows), ApplyPlan(total, chunk_rows, per),
+                      groups)
 
 
 # ==== inputs: expanding, probing, reading ====================================================
@@ -192,7 +248,8 @@ class SourceFile:
     ``url`` (what is opened: an absolute local path or an fsspec URL), ``format``, ``rows``,
     ``dim``, ``dtype`` (of the stored values), ``size`` and ``stamp`` (mtime or ETag);
     ``offset``/``order`` (npy, fvecs: where rows start, C or F order); ``vector_column`` /
-    ``ids_column`` / ``ids_kind`` (Parquet)."""
+    ``ids_column`` / ``ids_kind`` / ``row_groups`` (Parquet: rows of each row group, from the
+    footer; None when unknown)."""
 
     name: str
     url: str
@@ -208,6 +265,7 @@ class SourceFile:
     vector_column: Optional[str] = None
     ids_column: Optional[str] = None
     ids_kind: Optional[str] = None
+    row_groups: Optional[tuple] = None
 
     def fingerprint(self, index: int) -> dict:
         return {"position": index, "format": self.format, "size": self.size,
@@ -298,8 +356,12 @@ def probe(name: str, url: str, fs, path: str, local: bool, *,
         return SourceFile(**common, **_probe_npy(name, fs, path))
     if fmt == "fvecs":
         return SourceFile(**common, **_probe_fvecs(name, fs, path, size))
-    return SourceFile(**common, **_probe_parquet(name, url, local, vector_column, ids_column,
-                                                 _storage_options_of(fs)))
+    found = _probe_parquet(name, url, local, vector_column, ids_column,
+                           _storage_options_of(fs))
+    groups = parquet_row_groups(fs, path, size)
+    if groups is not None and sum(groups) != found["rows"]:
+        groups = None
+    return SourceFile(**common, **found, row_groups=groups)
 
 
 def _probe_npy(name, fs, path) -> dict:
@@ -529,18 +591,27 @@ def _raw_rows(f: SourceFile, start: int, stop: int, row_bytes: int, so) -> np.nd
 
 
 def _read_parquet(f: SourceFile, start: int, stop: int, so) -> tuple:
-    import polars as pl
-
     from .stores import retrying
 
-    cols = [f.vector_column] + ([f.ids_column] if f.ids_column else [])
     df = retrying(f"cannot read rows {start}:{stop} of {f.name!r}",
                   lambda: _scan(f.url, f.local, so).slice(start, stop - start)
-                  .select(cols).collect())
-    n, col = stop - start, f.vector_column
-    if df.height != n:
+                  .select(_columns(f)).collect())
+    if df.height != stop - start:
         raise InputError(f"{f.name}: rows {start}:{stop} read {df.height} rows (the file "
                          "changed?)")
+    return _frame_arrays(f, df, start)
+
+
+def _columns(f: SourceFile) -> list[str]:
+    return [f.vector_column] + ([f.ids_column] if f.ids_column else [])
+
+
+def _frame_arrays(f: SourceFile, df, start: int) -> tuple:
+    """(vectors (n, dim), ids or None) of a frame holding rows [start, start + n) of ``f``,
+    validated: no null or ragged vectors, no null values or ids."""
+    import polars as pl
+
+    n, col = df.height, f.vector_column
     s = df[col]
 
     def first(mask: "pl.Series") -> int:
@@ -574,52 +645,265 @@ def _read_parquet(f: SourceFile, start: int, stop: int, so) -> tuple:
                 ids = s.cast(pl.Int64, strict=True).to_numpy()
             except Exception:
                 raise InputError(f"{f.name}: ids in column {f.ids_column!r} rows "
-                                 f"{start}:{stop} do not fit in int64") from None
+                                 f"{start}:{start + n} do not fit in int64") from None
         else:
             ids = s.cast(pl.String).to_numpy()
     return values, ids
 
 
-# ==== execution: one task per region ========================================================
+def iter_rows(f: SourceFile, start: int, stop: int, batch_rows: int,
+              storage_options: Optional[dict] = None):
+    """Rows [start, stop) of ``f`` in order, as ``(file row, vectors, ids or None)`` batches
+    of at most about ``batch_rows`` rows, validated like :func:`read_slice`.
 
-def region_task(files: tuple, region: Region, embeddings, ids, job, *, row_ids: bool,
-                url: str, storage_options: Optional[dict] = None) -> int:
-    """Read the slices of ``region``, validate and cast them, write its whole chunks of
-    ``embeddings`` (and ``ids``), then record the region as done (marker after data; both
-    fenced). Returns the rows written."""
-    from .engine import buffer
-    from .stores import write_rows
+    Parquet is read as *one* stream (polars' ``collect_batches``): a slice that starts
+    inside a row group decodes it from its start (there is no row index inside a row group
+    without a page index), so reading a span slice by slice would decode its row groups
+    over and over. Polars without ``collect_batches`` falls back to one slice per batch."""
+    batch_rows = max(1, int(batch_rows))
+    if f.format != "parquet" or not _HAS_BATCHES:
+        for a in range(start, stop, batch_rows):
+            b = min(stop, a + batch_rows)
+            values, ids = read_slice(f, a, b, storage_options)
+            yield a, values, ids
+        return
+    lazy = _scan(f.url, f.local, storage_options or {}).slice(start, stop - start) \
+        .select(_columns(f))
+    batches = lazy.collect_batches(chunk_size=batch_rows)
+    row = start
+    try:
+        for df in batches:
+            if df.height == 0:
+                continue
+            if row + df.height > stop:
+                raise InputError(f"{f.name}: rows {start}:{stop} read more rows than asked "
+                                 "(the file changed?)")
+            values, ids = _frame_arrays(f, df, row)
+            yield row, values, ids
+            row += df.height
+    finally:  # an error or an early exit: stop the stream (older polars) or drop it
+        stop_early = getattr(batches, "stop", None)
+        if row < stop and stop_early is not None:
+            stop_early()
+        del batches
+    if row != stop:
+        raise InputError(f"{f.name}: rows {start}:{stop} read {row - start} rows (the file "
+                         "changed?)")
 
-    dtype = np.dtype(embeddings.dtype)
-    out = buffer("import", region.rows, files[region.slices[0].file].dim, dtype)
-    id_parts = []
-    for sl in region.slices:
-        f = files[sl.file]
-        values, found = read_slice(f, sl.file_start, sl.file_stop, storage_options)
-        dst = out[sl.start - region.start: sl.start - region.start + sl.rows]
-        with np.errstate(over="ignore", invalid="ignore"):
-            np.copyto(dst, values, casting="unsafe")
-        bad = _first_nonfinite(dst)
-        if bad is not None:
-            cast = "" if np.dtype(f.dtype) == dtype else \
-                f" (or a value too large for {dtype.name})"
-            raise NonFiniteError(f"{f.name} row {sl.file_start + bad}: the vector holds NaN "
-                                 f"or Inf{cast}; embeddings must be finite")
-        if ids is not None:
-            id_parts.append(np.arange(sl.start, sl.start + sl.rows, dtype=np.int64)
-                            if row_ids else found)
-        del values
-    if job is not None:
-        job.check_fence()
-    write_rows(embeddings, region.start, out, url=f"{url}/embeddings")
-    if ids is not None:
-        values = np.concatenate(id_parts) if len(id_parts) > 1 else id_parts[0]
-        write_rows(ids, region.start, values, url=f"{url}/ids")
-    faults.point("import.region-written")
-    if job is not None:
-        job.mark_done(region.index, region.start, region.stop)
-        faults.point("import.region-done")
-    return region.rows
+
+def _has_batches() -> bool:
+    import polars as pl
+
+    return hasattr(pl.LazyFrame, "collect_batches")
+
+
+_HAS_BATCHES = _has_batches()
+
+
+# ---- Parquet footers: row group sizes ------------------------------------------------------
+# polars reads no row-group metadata, and pyarrow is not a dependency; the footer is a
+# Thrift (compact protocol) FileMetaData whose field 4 lists the row groups, each with its
+# row count in field 3. This reader decodes the compact protocol generically.
+
+def parquet_row_groups(fs, path: str, size: int) -> Optional[tuple]:
+    """Rows of each row group of a Parquet file, read from its footer (one or two ranged
+    reads), or None when the footer cannot be read (the import then treats the file as one
+    row group: correct, only less parallel)."""
+    import struct
+
+    try:
+        tail = fs.cat_file(path, start=max(0, size - 8), end=size)
+        if len(tail) != 8 or tail[4:] != b"PAR1":
+            return None
+        n = struct.unpack("<i", tail[:4])[0]
+        if not 0 < n <= size - 12:
+            return None
+        footer = fs.cat_file(path, start=size - 8 - n, end=size - 8)
+        meta, _ = _thrift_struct(memoryview(footer), 0)
+        groups = tuple(int(rg[3]) for rg in meta.get(4, []))
+        return groups if sum(groups) == int(meta[3]) else None
+    except Exception:
+        return None
+
+
+def _varint(buf, pos: int) -> tuple[int, int]:
+    shift = result = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _zigzag(n: int) -> int:
+    return (n >> 1) ^ -(n & 1)
+
+
+def _thrift_value(buf, pos: int, t: int):
+    if t in (1, 2):  # booleans live in the field header
+        return t == 1, pos
+    if t == 3:
+        return buf[pos], pos + 1
+    if t in (4, 5, 6):
+        v, pos = _varint(buf, pos)
+        return _zigzag(v), pos
+    if t == 7:
+        return None, pos + 8
+    if t == 8:
+        n, pos = _varint(buf, pos)
+        return None, pos + n  # binary: skipped
+    if t in (9, 10):
+        head = buf[pos]
+        pos += 1
+        n, et = head >> 4, head & 0x0F
+        if n == 15:
+            n, pos = _varint(buf, pos)
+        out = []
+        for _ in range(n):
+            if et in (1, 2):  # booleans in lists take a byte each
+                v, pos = buf[pos] == 1, pos + 1
+            else:
+                v, pos = _thrift_value(buf, pos, et)
+            out.append(v)
+        return out, pos
+    if t == 11:
+        n, pos = _varint(buf, pos)
+        if n == 0:
+            return {}, pos
+        kv = buf[pos]
+        pos += 1
+        for _ in range(n):
+            _key, pos = _thrift_value(buf, pos, kv >> 4)
+            _val, pos = _thrift_value(buf, pos, kv & 0x0F)
+        return {}, pos
+    if t == 12:
+        return _thrift_struct(buf, pos)
+    raise ValueError(f"unknown Thrift compact type {t}")
+
+
+def _thrift_struct(buf, pos: int) -> tuple[dict, int]:
+    out, fid = {}, 0
+    while True:
+        head = buf[pos]
+        pos += 1
+        if head == 0:
+            return out, pos
+        delta, t = head >> 4, head & 0x0F
+        if delta:
+            fid += delta
+        else:
+            v, pos = _varint(buf, pos)
+            fid = _zigzag(v)
+        out[fid], pos = _thrift_value(buf, pos, t)
+
+
+# ==== execution: one task per unit of regions ==============================================
+
+class _RegionWriter:
+    """Fills one region's rows at a time from batches of rows, in order; when a region is
+    full it is validated (finite), written (embeddings, then ids) and marked done (after
+    its data; both fenced). Memory: one region's buffer (reused) plus the batch in hand."""
+
+    def __init__(self, files, regions: list, embeddings, ids, job, row_ids: bool, url: str):
+        from .engine import buffer
+
+        self.files, self.regions, self.embeddings, self.ids = files, regions, embeddings, ids
+        self.job, self.row_ids, self.url = job, row_ids, url
+        self.dtype = np.dtype(embeddings.dtype)
+        self.dim = int(embeddings.shape[1])
+        self.buffer = buffer
+        self.k = -1
+        self.written = 0
+        self._next()
+
+    def _next(self) -> None:
+        self.k += 1
+        self.filled = 0
+        self.id_parts: list = []
+        if self.k < len(self.regions):
+            r = self.regions[self.k]
+            self.out = self.buffer("import", r.rows, self.dim, self.dtype)
+
+    def add(self, f: SourceFile, file_row: int, values: np.ndarray, found) -> None:
+        """Rows [file_row, file_row + len(values)) of ``f``, which land where the current
+        region is filled up to."""
+        i = 0
+        while i < len(values):
+            r = self.regions[self.k]
+            take = min(len(values) - i, r.rows - self.filled)
+            dst = self.out[self.filled:self.filled + take]
+            with np.errstate(over="ignore", invalid="ignore"):
+                np.copyto(dst, values[i:i + take], casting="unsafe")
+            bad = _first_nonfinite(dst)
+            if bad is not None:
+                cast = "" if np.dtype(f.dtype) == self.dtype else \
+                    f" (or a value too large for {self.dtype.name})"
+                raise NonFiniteError(f"{f.name} row {file_row + i + bad}: the vector holds "
+                                     f"NaN or Inf{cast}; embeddings must be finite")
+            if self.ids is not None:
+                row = r.start + self.filled
+                self.id_parts.append(np.arange(row, row + take, dtype=np.int64)
+                                     if self.row_ids else found[i:i + take])
+            self.filled += take
+            i += take
+            if self.filled == r.rows:
+                self._finish(r)
+
+    def _finish(self, r: Region) -> None:
+        from .stores import write_rows
+
+        if self.job is not None:
+            self.job.check_fence()
+        write_rows(self.embeddings, r.start, self.out, url=f"{self.url}/embeddings")
+        if self.ids is not None:
+            parts = self.id_parts
+            write_rows(self.ids, r.start, np.concatenate(parts) if len(parts) > 1
+                       else parts[0], url=f"{self.url}/ids")
+        faults.point("import.region-written")
+        if self.job is not None:
+            self.job.mark_done(r.index, r.start, r.stop)
+            faults.point("import.region-done")
+        self.written += r.rows
+        self._next()
+
+
+def _spans(regions: list) -> list[tuple[int, int, int]]:
+    """The file spans (file, file_start, file_stop) that the consecutive ``regions`` read,
+    adjacent slices of one file merged: each span is read as one stream."""
+    spans: list[list[int]] = []
+    for r in regions:
+        for sl in r.slices:
+            if spans and spans[-1][0] == sl.file and spans[-1][2] == sl.file_start:
+                spans[-1][2] = sl.file_stop
+            else:
+                spans.append([sl.file, sl.file_start, sl.file_stop])
+    return [tuple(sp) for sp in spans]
+
+
+def unit_task(files: tuple, regions: tuple, embeddings, ids, job, *, row_ids: bool,
+              url: str, storage_options: Optional[dict] = None) -> int:
+    """Import ``regions`` (the regions of one unit not yet done, in order): stream the file
+    spans of each run of consecutive regions once, writing each region as soon as it is
+    full. Returns the rows written."""
+    written = 0
+    run: list = []
+    for r in list(regions) + [None]:
+        if run and (r is None or r.start != run[-1].stop):
+            writer = _RegionWriter(files, run, embeddings, ids, job, row_ids, url)
+            batch = max(region.rows for region in run)
+            for fi, a, b in _spans(run):
+                for row, values, found in iter_rows(files[fi], a, b, batch, storage_options):
+                    writer.add(files[fi], row, values, found)
+            if writer.k != len(run):
+                raise CheckpointError(f"regions {run[0].start}:{run[-1].stop} were not "
+                                      "filled: the files hold fewer rows than planned")
+            written += writer.written
+            run = []
+        if r is not None:
+            run.append(r)
+    return written
 
 
 def _first_nonfinite(x: np.ndarray) -> Optional[int]:
@@ -640,8 +924,8 @@ def _count(*rows: int) -> int:
 def import_graph(files: tuple, plan: ImportPlan, embeddings, ids, *, done=frozenset(),
                  job=None, row_ids: bool = False, url: str = "",
                  storage_options: Optional[dict] = None):
-    """Raw Dask graph: one :func:`region_task` per region not in ``done``; the key holds
-    the rows written. Returns (graph, key, tasks)."""
+    """Raw Dask graph: one :func:`unit_task` per unit of the plan with regions not in
+    ``done``; the key holds the rows written. Returns (graph, key, tasks)."""
     import uuid
     from functools import partial
 
@@ -649,13 +933,15 @@ def import_graph(files: tuple, plan: ImportPlan, embeddings, ids, *, done=frozen
     fk, ek, ik = (f"bigalign-files-{token}", f"bigalign-store-{token}",
                   f"bigalign-ids-{token}")
     graph: dict = {fk: files, ek: embeddings, ik: ids}
-    task = partial(region_task, row_ids=row_ids, url=url, storage_options=storage_options)
+    task = partial(unit_task, row_ids=row_ids, url=url, storage_options=storage_options)
+    regions = plan.region_list()
     keys = []
-    for region in plan.region_list():
-        if region.index in done:
+    for u, unit in enumerate(plan.units()):
+        todo = tuple(regions[i] for i in unit if i not in done)
+        if not todo:
             continue
-        key = (f"bigalign-import-{token}", region.index)
-        graph[key] = (task, fk, region, ek, ik, job)
+        key = (f"bigalign-import-{token}", u)
+        graph[key] = (task, fk, todo, ek, ik, job)
         keys.append(key)
     total = f"bigalign-imported-{token}"
     graph[total] = (_count, *keys)
@@ -663,6 +949,14 @@ def import_graph(files: tuple, plan: ImportPlan, embeddings, ids, *, done=frozen
 
 
 # ==== the public face ========================================================================
+
+def _restart_points(f: SourceFile) -> Optional[tuple]:
+    """What the plan needs to know of where reads of ``f`` can start cheaply: None for files
+    read directly, the row groups for Parquet (``()``: unknown, one row group)."""
+    if f.format != "parquet":
+        return None
+    return f.row_groups or ()
+
 
 def _store_dtype(files: list[SourceFile], dtype: Optional[str]) -> np.dtype:
     if dtype is not None:
@@ -741,7 +1035,7 @@ def import_vectors(inputs, output: str, *, ids_column: Optional[str] = None,
     chunk = int(chunk_rows or choose_chunk_rows(dim, store_dtype.itemsize, total))
     ids_kind = "int64" if row_ids else next(f.ids_kind for f in files if f.rows)
     plan = make_import_plan([f.rows for f in files], dim * store_dtype.itemsize, chunk,
-                            run.block_bytes)
+                            run.block_bytes, [_restart_points(f) for f in files])
     fingerprint = {
         "inputs": {f.url: f.fingerprint(i) for i, f in enumerate(files)},
         "options": {"dtype": store_dtype.name, "chunk_rows": chunk, "ids": ids_kind,
@@ -762,7 +1056,7 @@ def import_vectors(inputs, output: str, *, ids_column: Optional[str] = None,
                          "--overwrite to replace it)")
     with checkpointed(ckpt, "import", fingerprint, asdict(plan.regions), storage_options=so,
                       restart=restart, replace=overwrite) as (job, manifest):
-        plan = ImportPlan(plan.file_rows, ApplyPlan(**manifest["plan"]))
+        plan = ImportPlan(plan.file_rows, ApplyPlan(**manifest["plan"]), plan.row_groups)
         expected = plan.region_rows()
         faults.point("import.begun")
         store = _store_of_run(output, manifest["run_id"], plan, dim, store_dtype, ids_kind,

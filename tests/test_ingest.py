@@ -6,6 +6,7 @@ outputs that alias inputs."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -119,6 +120,60 @@ def test_plan_shard_boundary_inside_a_chunk():
     assert big.regions.rows_per_block == 64  # at least MIN_BLOCKS regions where possible
 
 
+def test_units_follow_row_groups():
+    # files read directly (.npy, .fvecs): every region is a task of its own
+    direct = make_import_plan([500, 500], 4, 50, block_bytes=200, row_groups=[None, None])
+    assert direct.units() == [[i] for i in range(20)]
+    # small row groups (50 rows): a read can start at any region cheaply
+    small = make_import_plan([500, 500], 4, 50, block_bytes=200, row_groups=[(50,) * 10, (50,) * 10])
+    assert small.units() == [[i] for i in range(20)]
+    # one row group per file: a task streams a file (and a new one starts at a file start)
+    big = make_import_plan([500, 500], 4, 50, block_bytes=200, row_groups=[(500,), ()])
+    assert big.units() == [list(range(10)), list(range(10, 20))]
+    assert big.restart_cost(520) == 20 and big.restart_cost(500) == 0
+    # a boundary inside a chunk: the unit starting there pays 30 rows of file 1's group
+    odd = make_import_plan([530, 470], 4, 50, block_bytes=200, row_groups=[(530,), (470,)])
+    assert odd.units() == [list(range(11)), list(range(11, 20))]
+    assert odd.restart_cost(550) == 20
+
+
+@pytest.mark.parametrize("groups", [7, 64, 1000, None], ids=lambda g: f"row-groups-{g}")
+def test_parquet_row_groups_from_the_footer(tmp_path, groups):
+    import fsspec
+
+    from bigalign.ingest import parquet_row_groups
+    x = vectors(1000, seed=6)
+    path = write_parquet(tmp_path / "r.parquet", x, [str(i) for i in range(1000)],
+                         **({"row_group_size": groups} if groups else {}))
+    fs = fsspec.filesystem("file")
+    got = parquet_row_groups(fs, path, os.path.getsize(path))
+    assert sum(got) == 1000 and len(got) == (math.ceil(1000 / groups) if groups else 1)
+    assert parquet_row_groups(fs, str(tmp_path / "r.parquet"), 7) is None  # no footer there
+    (tmp_path / "junk.parquet").write_bytes(b"PAR1" + b"\xff" * 40 + b"\x10\0\0\0PAR1")
+    assert parquet_row_groups(fs, str(tmp_path / "junk.parquet"), 52) is None
+
+
+@pytest.mark.parametrize("row_group_size", [37, 10_000])
+@pytest.mark.parametrize("batches", [True, False], ids=["stream", "slices"])
+def test_parquet_row_groups_and_readers_round_trip(tmp_path, monkeypatch, row_group_size,
+                                                   batches):
+    from bigalign import ingest
+    monkeypatch.setattr(ingest, "_HAS_BATCHES", batches and ingest._HAS_BATCHES)
+    x = vectors(2000, seed=7)
+    files = [write_parquet(tmp_path / f"p{i}.parquet", x[a:b], list(range(a, b)),
+                           row_group_size=row_group_size)
+             for i, (a, b) in enumerate([(0, 777), (777, 2000)])]
+    rep = import_vectors(files, str(tmp_path / "s"), ids_column="doc_id", chunk_rows=50,
+                         block_bytes=50 * DIM * 4)
+    got, ids, _ = read_store(tmp_path / "s")
+    assert np.array_equal(got, x) and np.array_equal(ids, np.arange(2000))
+    assert rep.units_total == 40
+    if row_group_size == 37:  # a task starts wherever <= 25% of its rows are decoded twice
+        assert 10 <= rep.tasks < 40
+    else:  # one row group per file: one task per file
+        assert rep.tasks == 2
+
+
 @pytest.mark.parametrize("dim,itemsize", [(4, 4), (64, 4), (384, 4), (768, 2), (1024, 4),
                                           (4096, 8)])
 def test_default_chunks_hold_16_to_64_mb(dim, itemsize):
@@ -162,7 +217,9 @@ def test_parquet_shards_with_string_ids_in_file_order(tmp_path, array):
     rep = import_vectors(files, str(tmp_path / "s"), ids_column="doc_id", chunk_rows=64,
                          block_bytes=64 * DIM * 4)
     got, ids, _ = read_store(tmp_path / "s")
-    assert rep.rows == 1000 and rep.tasks == 16
+    # 16 regions; one row group per shard, so a task streams on until a shard starts
+    # near a region boundary: [0, 192), [192, 448), [448, 768), [768, 1000)
+    assert rep.rows == 1000 and rep.units_total == 16 and rep.tasks == 4
     assert np.array_equal(got, x)
     assert list(ids) == [f"doc-{j}" for j in range(1000)]
 
