@@ -20,7 +20,9 @@ one .npy file, reads everything once to warm the page cache, then times, side by
   so it is not slowed by the check above);
 * ``bigalign-import``: ``bigalign import SHARDS -o STORE --ids-column doc_id`` (Python API,
   checkpointing on, default threads); ``bigalign-import-noids``: the same without ids;
-  ``bigalign-import-npy``: from the .npy file.
+  ``bigalign-import-npy``: from the .npy file; ``bigalign-import-per-region``: Parquet with
+  every region a task of its own (``UNIT_WASTE`` set huge), i.e. without the row-group
+  aware units, to show what they save.
 
 Every run is a fresh subprocess reporting its wall time and peak RSS (VmHWM); repeats go
 round-robin over the methods; the table shows medians (of 3 by default) as rows/s and MiB/s
@@ -49,7 +51,7 @@ import numpy as np
 MB = 2**20
 RESULT_TAG = "BENCH-RESULT "
 METHODS = ("zarr-from-memory", "zarr-from-memory-wec", "parquet-read", "naive-parquet-to-zarr", "bigalign-import",
-           "bigalign-import-noids", "bigalign-import-npy")
+           "bigalign-import-noids", "bigalign-import-npy", "bigalign-import-per-region")
 
 
 def shard_bounds(rows: int, shards: int) -> list[int]:
@@ -126,6 +128,9 @@ def run_one(method: str, work: Path, rows: int, dim: int) -> dict:
             arr[a:a + len(x)] = x
             a += len(x)
     elif method.startswith("bigalign-import"):
+        if method.endswith("per-region"):
+            import bigalign.ingest
+            bigalign.ingest.UNIT_WASTE = 1e12
         inputs = [str(work / "data" / "all.npy")] if method.endswith("npy") else files
         ids = "doc_id" if method == "bigalign-import" else None
         rep = import_vectors(inputs, str(out), ids_column=ids)

@@ -77,8 +77,9 @@ TARGET_CHUNK_BYTES = 32 * 2**20
 STORE_DTYPES = ("float16", "float32", "float64")
 
 #: A new task may start inside a Parquet row group when the rows it decodes for nothing (the
-#: row group's rows before it) are at most this fraction of the previous task's rows.
-UNIT_WASTE = 0.25
+#: row group's rows before it) are at most this fraction of the previous task's rows or of
+#: the row group (and at most one region): see :meth:`ImportPlan.units`.
+UNIT_WASTE = 0.5
 
 
 # ==== the plan (pure: no I/O) ==============================================================
@@ -167,36 +168,46 @@ class ImportPlan:
             out.append(Region(b.index, b.start, b.stop, tuple(slices)))
         return out
 
-    def restart_cost(self, row: int) -> int:
-        """Rows decoded for nothing when a read starts at store row ``row``: a Parquet read
-        starting inside a row group decodes it from its start. 0 for files read directly
-        and at file or row-group starts."""
+    def restart_cost(self, row: int) -> tuple[int, int]:
+        """``(rows decoded for nothing, rows of the row group)`` when a read starts at store
+        row ``row``: a Parquet read starting inside a row group decodes it from its start.
+        ``(0, 0)`` for files read directly; the cost is 0 at file and row-group starts."""
         if row >= self.rows:
-            return 0
+            return 0, 0
         f, i = self.locate(row)
         groups = self.row_groups[f] if f < len(self.row_groups) else None
         if groups is None:
-            return 0
+            return 0, 0
         if not groups:  # unknown: the whole file is one row group
-            return i
+            return i, self.file_rows[f]
         begin = 0
         for g in groups:
             if i < begin + g:
-                return i - begin
+                return i - begin, g
             begin += g
-        return 0
+        return 0, 0
 
-    def units(self, waste: float = UNIT_WASTE) -> list[list[int]]:
-        """Consecutive regions grouped into units, one task each. A unit ends before a
-        region whose start would cost a new reader at most ``waste`` x the unit's rows of
-        decoding for nothing (:meth:`restart_cost`): every region is its own unit for
-        .npy/.fvecs and small row groups; with large row groups a unit runs on until the
-        next row group start is near, so each row group is decoded about once."""
+    def units(self, waste: Optional[float] = None) -> list[list[int]]:
+        """Consecutive regions grouped into units, one task each.
+
+        A task starting at a region that begins inside a Parquet row group decodes that
+        row group from its start for nothing (:meth:`restart_cost`). A new unit starts at
+        a region when that costs at most one region's rows, at most ``waste`` (50 %) of the
+        larger of the current unit and the row group, and less than the current unit's
+        rows (a unit that began in the same row group streams on for free); otherwise the
+        region joins the current unit, whose task streams on. So every region is a unit
+        for .npy/.fvecs and small row groups; with one large row group per file a unit is
+        about a file, and with huge row groups about a row group: each row group is decoded
+        about once, and no task decodes more than a region for nothing. (Units group work;
+        they never change what is written, so they may change between versions.)"""
+        waste = UNIT_WASTE if waste is None else waste
         blocks = self.blocks()
+        per = self.regions.rows_per_block
         units = [[blocks[0].index]]
         for b in blocks[1:]:
-            first = blocks[units[-1][0]]
-            if self.restart_cost(b.start) <= waste * (b.start - first.start):
+            cost, group = self.restart_cost(b.start)
+            rows = b.start - blocks[units[-1][0]].start
+            if cost <= per and cost <= waste * max(rows, group) and (cost < rows or not cost):
                 units.append([b.index])
             else:
                 units[-1].append(b.index)
@@ -1081,11 +1092,11 @@ def import_vectors(inputs, output: str, *, ids_column: Optional[str] = None,
         graph, key, tasks = import_graph(tuple(files), plan, embeddings, ids, done=done,
                                          job=job, row_ids=row_ids, url=str(output),
                                          storage_options=so)
-        log.info("import: %d rows x %d (%s) from %d file%s in %d tasks of ~%.3g MB "
-                 "(chunks of %d rows, %.3g MB)", plan.rows, dim, store_dtype.name,
-                 len(files), "s" * (len(files) != 1), tasks,
+        log.info("import: %d rows x %d (%s) from %d file%s: %d regions of ~%.3g MB (chunks "
+                 "of %d rows, %.3g MB) in %d tasks", plan.rows, dim, store_dtype.name,
+                 len(files), "s" * (len(files) != 1), len(expected),
                  plan.regions.rows_per_block * dim * store_dtype.itemsize / 2**20,
-                 plan.chunk_rows, plan.chunk_rows * dim * store_dtype.itemsize / 2**20)
+                 plan.chunk_rows, plan.chunk_rows * dim * store_dtype.itemsize / 2**20, tasks)
         with session(**run.session_args()) as s:
             written = s.get(graph, key)
         seconds = time.perf_counter() - t0
