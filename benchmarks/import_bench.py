@@ -21,7 +21,7 @@ one .npy file, reads everything once to warm the page cache, then times, side by
 * ``bigalign-import``: ``bigalign import SHARDS -o STORE --ids-column doc_id`` (Python API,
   checkpointing on, default threads); ``bigalign-import-noids``: the same without ids;
   ``bigalign-import-npy``: from the .npy file; ``bigalign-import-per-region``: Parquet with
-  every region a task of its own (``UNIT_WASTE`` set huge), i.e. without the row-group
+  every region a task of its own (``UNIT_WASTE = inf``), i.e. without the row-group
   aware units, to show what they save.
 
 Every run is a fresh subprocess reporting its wall time and peak RSS (VmHWM); repeats go
@@ -130,7 +130,7 @@ def run_one(method: str, work: Path, rows: int, dim: int) -> dict:
     elif method.startswith("bigalign-import"):
         if method.endswith("per-region"):
             import bigalign.ingest
-            bigalign.ingest.UNIT_WASTE = 1e12
+            bigalign.ingest.UNIT_WASTE = float("inf")
         inputs = [str(work / "data" / "all.npy")] if method.endswith("npy") else files
         ids = "doc_id" if method == "bigalign-import" else None
         rep = import_vectors(inputs, str(out), ids_column=ids)

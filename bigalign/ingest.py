@@ -202,6 +202,8 @@ class ImportPlan:
         they never change what is written, so they may change between versions.)"""
         waste = UNIT_WASTE if waste is None else waste
         blocks = self.blocks()
+        if waste == math.inf:  # no grouping: a task per region (benchmarks compare it)
+            return [[b.index] for b in blocks]
         per = self.regions.rows_per_block
         units = [[blocks[0].index]]
         for b in blocks[1:]:
@@ -367,9 +369,10 @@ def probe(name: str, url: str, fs, path: str, local: bool, *,
         return SourceFile(**common, **_probe_npy(name, fs, path))
     if fmt == "fvecs":
         return SourceFile(**common, **_probe_fvecs(name, fs, path, size))
+    footer = parquet_footer(fs, path, size)
     found = _probe_parquet(name, url, local, vector_column, ids_column,
-                           _storage_options_of(fs))
-    groups = parquet_row_groups(fs, path, size)
+                           _storage_options_of(fs), footer)
+    groups = None if footer is None else footer["row_groups"]
     if groups is not None and sum(groups) != found["rows"]:
         groups = None
     return SourceFile(**common, **found, row_groups=groups)
@@ -466,7 +469,8 @@ def _np_dtype(pl_dtype) -> Optional[np.dtype]:
     return np.dtype(pl.Series([], dtype=pl_dtype).to_numpy().dtype)
 
 
-def _probe_parquet(name, url, local, vector_column, ids_column, so) -> dict:
+def _probe_parquet(name, url, local, vector_column, ids_column, so,
+                   footer: Optional[dict] = None) -> dict:
     import polars as pl
 
     try:
@@ -501,7 +505,9 @@ def _probe_parquet(name, url, local, vector_column, ids_column, so) -> dict:
             raise InputError(f"{name}: column {vector_column!r} is {vtype}, not one vector "
                              "per row")
         dim = int(vtype.size)
-    elif rows:
+    elif rows and _dim_from_footer(footer, vector_column):
+        dim = _dim_from_footer(footer, vector_column)
+    elif rows:  # reading one row decodes its column chunk: ~40% of reading the file
         first = lazy.head(1).select(pl.col(vector_column).list.len()).collect().item()
         if first is None:
             raise InputError(f"{name} row 0: the vector in column {vector_column!r} is null")
@@ -716,10 +722,10 @@ _HAS_BATCHES = _has_batches()
 # Thrift (compact protocol) FileMetaData whose field 4 lists the row groups, each with its
 # row count in field 3. This reader decodes the compact protocol generically.
 
-def parquet_row_groups(fs, path: str, size: int) -> Optional[tuple]:
-    """Rows of each row group of a Parquet file, read from its footer (one or two ranged
-    reads), or None when the footer cannot be read (the import then treats the file as one
-    row group: correct, only less parallel)."""
+def parquet_footer(fs, path: str, size: int) -> Optional[dict]:
+    """What the footer of a Parquet file says (one or two ranged reads): ``rows``,
+    ``row_groups`` (rows of each) and ``values`` (top-level column -> its leaf values per
+    row group, nulls included), or None when it cannot be read."""
     import struct
 
     try:
@@ -732,9 +738,39 @@ def parquet_row_groups(fs, path: str, size: int) -> Optional[tuple]:
         footer = fs.cat_file(path, start=size - 8 - n, end=size - 8)
         meta, _ = _thrift_struct(memoryview(footer), 0)
         groups = tuple(int(rg[3]) for rg in meta.get(4, []))
-        return groups if sum(groups) == int(meta[3]) else None
+        if sum(groups) != int(meta[3]):
+            return None
+        values: dict = {}
+        for g, rg in enumerate(meta.get(4, [])):
+            for chunk in rg.get(1, []):
+                cm = chunk.get(3) or {}
+                path_in_schema = cm.get(3) or []
+                if path_in_schema and 5 in cm:
+                    name = bytes(path_in_schema[0]).decode("utf-8", "replace")
+                    values.setdefault(name, [0] * len(groups))[g] += int(cm[5])
+        return {"rows": int(meta[3]), "row_groups": groups,
+                "values": {k: tuple(v) for k, v in values.items()}}
     except Exception:
         return None
+
+
+def parquet_row_groups(fs, path: str, size: int) -> Optional[tuple]:
+    """Rows of each row group of a Parquet file, from its footer, or None when the footer
+    cannot be read (the import then treats the file as one row group: correct, only less
+    parallel)."""
+    footer = parquet_footer(fs, path, size)
+    return None if footer is None else footer["row_groups"]
+
+
+def _dim_from_footer(footer: Optional[dict], column: str) -> Optional[int]:
+    """A list column's vector length when the footer proves every row group holds exactly
+    rows x d values (d the same everywhere), else None. Every row is still checked while
+    reading; this only spares reading a row per file to learn d up front."""
+    if not footer or column not in footer["values"]:
+        return None
+    dims = {v // g if g and v % g == 0 else None
+            for v, g in zip(footer["values"][column], footer["row_groups"]) if g}
+    return dims.pop() if len(dims) == 1 and None not in dims and 0 not in dims else None
 
 
 def _varint(buf, pos: int) -> tuple[int, int]:
@@ -764,7 +800,7 @@ def _thrift_value(buf, pos: int, t: int):
         return None, pos + 8
     if t == 8:
         n, pos = _varint(buf, pos)
-        return None, pos + n  # binary: skipped
+        return buf[pos:pos + n], pos + n
     if t in (9, 10):
         head = buf[pos]
         pos += 1
