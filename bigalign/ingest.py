@@ -37,9 +37,9 @@ How it works, in the house style (a plan + a job + a graph):
 
 Readers: .npy through ``np.memmap`` at the array's data offset (local files: memory-mapped,
 so files larger than RAM work; remote ones: byte ranges through fsspec); .fvecs likewise
-(each row is an int32 dimension followed by that many float32); Parquet through polars
-(``scan_parquet(...).slice(offset, n)``, local paths or polars' own object-store client,
-to which S3 storage options are translated). Fault points for the crash tests:
+(each row is an int32 dimension followed by that many float32); Parquet through polars,
+one ``scan_parquet(...).slice(offset, n).collect_batches()`` stream per file span (local
+paths, or polars' own object-store client, to which S3 storage options are translated). Fault points for the crash tests:
 ``import.begun``, ``import.region-written`` (data stored, marker not yet),
 ``import.region-done``, ``import.before-complete``.
 """
@@ -66,7 +66,9 @@ from .plan import DEFAULT_BLOCK_BYTES, MIN_BLOCKS, ApplyPlan, Block, choose_bloc
 log = logging.getLogger("bigalign")
 
 __all__ = ["import_vectors", "ImportPlan", "Slice", "Region", "SourceFile", "make_import_plan",
-           "choose_chunk_rows", "expand_inputs", "probe", "read_slice", "FORMATS"]
+           "choose_chunk_rows", "expand_inputs", "probe", "probe_all", "read_slice",
+           "iter_rows", "parquet_footer", "parquet_row_groups", "unit_task", "import_graph",
+           "FORMATS"]
 
 #: File extensions and the format they mean.
 FORMATS = {".npy": "npy", ".fvecs": "fvecs", ".parquet": "parquet", ".pq": "parquet"}

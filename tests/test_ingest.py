@@ -21,7 +21,7 @@ from hypothesis import given, settings, strategies as st
 import bigalign
 from bigalign.embedding_store import create_store, open_store
 from bigalign.errors import InputError, NonFiniteError
-from bigalign.ingest import (ImportPlan, choose_chunk_rows, import_vectors, make_import_plan)
+from bigalign.ingest import choose_chunk_rows, import_vectors, make_import_plan
 
 DIM = 8
 
