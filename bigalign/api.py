@@ -20,7 +20,7 @@ from typing import Optional, Union
 import numpy as np
 
 from . import __version__, faults
-from .checkpoint import Job, checkpointed, clear_finished, describe_changes
+from .checkpoint import Job, checkpointed, finished_or_refuse
 from .cluster import session
 from .engine import apply_graph, fit_graph
 from .errors import CheckpointError, InputError
@@ -28,7 +28,8 @@ from .gpu import check_device
 from .locations import canonical_url, check_disjoint
 from .options import ApplyOptions, Execution, FitOptions
 from .outputs import check_replaceable
-from .pairing import gathered, join, sample_pairs, store_parts
+from .embedding_store import store_parts
+from .pairing import gathered, join, sample_pairs
 from .plan import (DEFAULT_BLOCK_BYTES, ApplyPlan, FitPlan, apply_task_bytes, fit_task_bytes,
                    make_apply_plan, make_fit_plan)
 from .metrics import fit_diagnostics
@@ -66,29 +67,6 @@ class RunReport:
 def default_checkpoint(output: str) -> str:
     """Progress of a run writing ``output`` is kept next to it."""
     return str(output).rstrip("/") + ".checkpoint"
-
-
-def _finished_or_refuse(node, fingerprint: dict, output, overwrite: bool, restart: bool,
-                        checkpoint, storage_options) -> bool:
-    """For a complete output: True when it is this very job, finished (same fingerprint,
-    and neither --overwrite nor --restart asks for a new run) -- its leftover checkpoint is
-    removed; raise InputError naming what changed when it is another job and --overwrite
-    is not given; False when a new run may replace it."""
-    stored = node.attrs.get("job") or (node.attrs.get("metadata") or {}).get("job") or {}
-    same = stored.get("fingerprint") == fingerprint
-    if same and not restart:
-        if clear_finished(checkpoint, stored.get("run_id"), storage_options):
-            log.warning("removed the leftover checkpoint %s of the finished run", checkpoint)
-        return True
-    if overwrite or (same and restart):
-        return False
-    if stored.get("fingerprint") is None:
-        why = "it records no fingerprint to compare (written by an older bigalign)"
-    else:
-        why = "it was made from other inputs or options:\n  " + "\n  ".join(
-            describe_changes(stored["fingerprint"], fingerprint))
-    raise InputError(f"output {str(output)!r} already exists and is complete, but {why}\n"
-                     "Pass --overwrite (overwrite=True) to replace it.")
 
 
 def fit(source, target, *, rows=None, center: bool = False, normalize: bool = False,
@@ -210,7 +188,7 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
     if output is not None:
         node = check_replaceable(output, "output", so)
         if node.kind == "transform":
-            if _finished_or_refuse(node, _transform_fingerprint(fingerprint, opts), output,
+            if finished_or_refuse(node, _transform_fingerprint(fingerprint, opts), output,
                                    overwrite, restart, checkpoint, so):
                 log.warning("%s is already complete with the same inputs and options: "
                             "nothing to do", output)
@@ -424,7 +402,7 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
                    "options": {k: v for k, v in opts.as_dict().items() if k != "bad_rows"}}
     node = check_replaceable(output, "output", so)
     if node.kind == "apply-output" and node.complete:
-        if _finished_or_refuse(node, fingerprint, output, overwrite, restart, ckpt, so):
+        if finished_or_refuse(node, fingerprint, output, overwrite, restart, ckpt, so):
             log.warning("%s is already complete with the same inputs and options: nothing "
                         "to do", output)
             return RunReport(0, time.perf_counter() - t0, 0, 0, 0, last - first, True)

@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import socket
 import threading
@@ -51,8 +52,10 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 import numpy as np
 
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 from .stats import Moments
+
+log = logging.getLogger("bigalign")
 
 FORMAT = "bigalign.checkpoint/2"
 
@@ -60,6 +63,7 @@ FORMAT = "bigalign.checkpoint/2"
 OWN_NAMES = ("manifest.json", "lease", "units", "done")
 
 __all__ = ["Job", "Lease", "LeaseHeldError", "LeaseLostError", "checkpointed", "clear_finished",
+           "finished_or_refuse",
            "describe_changes", "FORMAT"]
 
 
@@ -626,3 +630,26 @@ def clear_finished(url: Optional[str], run_id: Optional[str],
             return False
         job.clear()
     return True
+
+
+def finished_or_refuse(node, fingerprint: dict, output, overwrite: bool, restart: bool,
+                        checkpoint, storage_options) -> bool:
+    """For a complete output: True when it is this very job, finished (same fingerprint,
+    and neither --overwrite nor --restart asks for a new run) -- its leftover checkpoint is
+    removed; raise InputError naming what changed when it is another job and --overwrite
+    is not given; False when a new run may replace it."""
+    stored = node.attrs.get("job") or (node.attrs.get("metadata") or {}).get("job") or {}
+    same = stored.get("fingerprint") == fingerprint
+    if same and not restart:
+        if clear_finished(checkpoint, stored.get("run_id"), storage_options):
+            log.warning("removed the leftover checkpoint %s of the finished run", checkpoint)
+        return True
+    if overwrite or (same and restart):
+        return False
+    if stored.get("fingerprint") is None:
+        why = "it records no fingerprint to compare (written by an older bigalign)"
+    else:
+        why = "it was made from other inputs or options:\n  " + "\n  ".join(
+            describe_changes(stored["fingerprint"], fingerprint))
+    raise InputError(f"output {str(output)!r} already exists and is complete, but {why}\n"
+                     "Pass --overwrite (overwrite=True) to replace it.")

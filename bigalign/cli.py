@@ -290,8 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .cli_evaluate import add_commands
     COMMANDS.update(add_commands(sub))
-    from .cli_transforms import add_commands as add_transforms; COMMANDS.update(add_transforms(sub))
-    from .cli_registry import add_commands as add_registry; COMMANDS.update(add_registry(sub))
+    from .cli_import import add_commands as add_import
+    from .cli_registry import add_commands as add_registry
+    from .cli_transforms import add_commands as add_transforms
+    for add in (add_import, add_transforms, add_registry):
+        COMMANDS.update(add(sub))
     return p
 
 

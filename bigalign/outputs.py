@@ -10,11 +10,14 @@ absent              nothing (or an empty folder)
 transform           a finished transform (Zarr group, ``bigalign`` attribute with its format)
 partial-transform   a transform whose save was cut short (``state: "writing"``)
 apply-output        an array written by ``apply`` (``bigalign`` attribute, complete or not)
+embedding-store     a group written by ``import`` (``bigalign.kind``; complete or not)
 foreign             anything else: a user's array or group, a folder of files, a file
 ==================  ==========================================================================
 
-Only the middle three may be replaced (with ``--overwrite``, or by the run that owns them);
-a foreign node is refused whatever the flags, with a message saying so.
+Only the middle ones may be replaced (with ``--overwrite``, or by the run that owns them);
+a foreign node is refused whatever the flags, with a message saying so. An embedding store
+is replaced only by ``import`` (``kinds=OURS``): fit and apply refuse it even with
+``--overwrite``, so an imported corpus is never lost to a mistyped ``-o``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from .errors import InputError
 __all__ = ["Node", "inspect", "check_replaceable", "TRANSFORM_FORMAT"]
 
 TRANSFORM_FORMAT = "bigalign.transform/1"
-OURS = ("transform", "partial-transform", "apply-output")
+OURS = ("transform", "partial-transform", "apply-output", "embedding-store")
+REPLACEABLE = OURS[:3]  # by fit and apply: see the module doc
 
 
 @dataclass(frozen=True)
@@ -46,8 +50,8 @@ class Node:
 
     @property
     def complete(self) -> bool:
-        return self.kind == "transform" or (self.kind == "apply-output" and
-                                            bool(self.attrs.get("complete")))
+        return self.kind == "transform" or (self.kind in ("apply-output", "embedding-store")
+                                            and bool(self.attrs.get("complete")))
 
 
 def inspect(url, storage_options: Optional[dict] = None) -> Node:
@@ -74,6 +78,8 @@ def inspect(url, storage_options: Optional[dict] = None) -> Node:
         if attrs.get("format") == TRANSFORM_FORMAT:
             kind = "partial-transform" if attrs.get("state") == "writing" else "transform"
             return Node(kind, attrs)
+        if attrs.get("kind") == "embedding-store":
+            return Node("embedding-store", attrs)
         return Node("foreign")
     if "complete" in attrs:
         return Node("apply-output", attrs)
@@ -81,10 +87,13 @@ def inspect(url, storage_options: Optional[dict] = None) -> Node:
 
 
 def check_replaceable(url, what: str, storage_options: Optional[dict] = None,
-                      node: Optional[Node] = None) -> Node:
-    """Raise InputError unless the node at ``url`` is absent or written by bigalign.
-    Returns the node."""
+                      node: Optional[Node] = None, kinds=REPLACEABLE) -> Node:
+    """Raise InputError unless the node at ``url`` is absent or written by bigalign (one
+    of ``kinds``). Returns the node."""
     node = node or inspect(url, storage_options)
+    if node.ours and node.kind not in kinds:
+        raise InputError(f"{what} {str(url)!r} is a bigalign {node.kind}; only 'bigalign "
+                         "import' replaces one. Remove it yourself or choose another location.")
     if node.kind == "foreign":
         raise InputError(
             f"{what} {str(url)!r} already exists and was not written by bigalign (no "

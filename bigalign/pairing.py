@@ -35,7 +35,7 @@ from .errors import InputError
 
 log = logging.getLogger("bigalign")
 
-__all__ = ["Pairs", "store_parts", "join", "sample_pairs", "gather", "gathered",
+__all__ = ["Pairs", "join", "sample_pairs", "gather", "gathered",
            "GatherReport", "DUPLICATES"]
 
 DUPLICATES = ("error", "first", "last")
@@ -200,32 +200,6 @@ def gather(emb, rows: np.ndarray, path: str, *, threads: Optional[int] = None,
         list(pool.map(one, range(len(starts))))
     out.flush()
     return out
-
-
-def store_parts(url, storage_options: Optional[dict] = None):
-    """An input as (embeddings, ids, model): for an embedding store (a Zarr group holding
-    ``embeddings`` and optionally ``ids`` and a ``model`` attribute), the URL of its
-    embeddings array, its ids array (or None) and its model stamp (or None); for anything
-    else (a bare array, an open zarr.Array) the input itself, None, None."""
-    import zarr
-
-    if not isinstance(url, (str, os.PathLike)):
-        return url, None, None
-    try:
-        group = zarr.open_group(str(url), mode="r", storage_options=storage_options)
-    except Exception:
-        return url, None, None
-    if "embeddings" not in group:
-        return url, None, None
-    meta = group.attrs.get("bigalign")
-    if isinstance(meta, dict) and meta.get("kind") == "embedding-store" and \
-            not meta.get("complete"):
-        raise InputError(f"{str(url)!r} is an unfinished embedding store (its import or "
-                         "apply was interrupted or is still running): rerun that command to "
-                         "finish it first")
-    model = group.attrs.get("model")
-    return (f"{str(url).rstrip('/')}/embeddings", group["ids"] if "ids" in group else None,
-            str(model) if model else None)
 
 
 @contextlib.contextmanager

@@ -361,7 +361,7 @@ class _Side:
 
 
 def _open_side(name: str, url: str, so) -> _Side:
-    from .pairing import store_parts
+    from .embedding_store import store_parts
     from .stores import open_embeddings
 
     emb_url, ids, model = store_parts(url, so)

@@ -28,7 +28,7 @@ import numpy as np
 
 from .errors import InputError
 from .locations import check_disjoint
-from .pairing import store_parts
+from .embedding_store import store_parts
 from .stores import open_embeddings
 
 __all__ = ["sample_rows", "sample_corpus", "METHODS"]

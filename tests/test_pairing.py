@@ -189,7 +189,7 @@ def test_apply_rows_maps_a_slice(tmp_path):
 def test_store_inputs_open_their_embeddings(tmp_path):
     a, _, _ = planted(300, 4, seed=9)
     s = make_store(tmp_path / "a.store", a, np.arange(300))
-    from bigalign.pairing import store_parts
+    from bigalign.embedding_store import store_parts
     url, ids, model = store_parts(s)
     assert url.endswith("a.store/embeddings") and ids.shape == (300,) and model is None
     np.testing.assert_array_equal(open_embeddings(url).array[:], a)
