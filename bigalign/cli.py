@@ -383,6 +383,24 @@ def _info(args) -> int:
     from .transform import Transform
 
     so = storage_options(args)
+    from .embedding_store import store_attrs
+
+    store = store_attrs(args.path, so)
+    if store is not None:  # an embedding store (written by import)
+        info = {"kind": "embedding-store", "path": args.path,
+                **{k: v for k, v in store.items() if k not in ("kind", "job")}}
+        if not store.get("complete"):
+            info["progress"] = bigalign.run_status(args.path, so)
+        if args.json:
+            _print_json(info)
+        else:
+            state = "complete" if store.get("complete") else \
+                "INCOMPLETE (rerun the import to resume)"
+            print(f"embedding store {args.path}: {state}, {store.get('rows', '?'):,} rows x "
+                  f"{store.get('dim', '?')}, ids: {store.get('ids') or 'none (row numbers)'}")
+            if info.get("progress"):
+                print("  " + _describe_progress(info["progress"]))
+        return 0 if store.get("complete") else 3
     status = bigalign.output_status(args.path, so)
     if status is not None:
         info = {"kind": "apply-output", "path": args.path, **status}
@@ -426,9 +444,11 @@ def _status(args) -> int:
     so = storage_options(args)
     p = bigalign.run_status(args.path, so)
     if p is None:
-        status = bigalign.output_status(args.path, so)
+        from .embedding_store import store_attrs
+
+        status = bigalign.output_status(args.path, so) or store_attrs(args.path, so)
         done = bool(status and status.get("complete"))
-        if not done and status is None:  # not an apply output: a transform?
+        if not done and status is None:  # not an apply output or a store: a transform?
             try:
                 bigalign.Transform.load(args.path, storage_options=so)
                 done = True

@@ -501,3 +501,19 @@ def test_create_and_open_store(tmp_path):
     from bigalign.outputs import inspect
     assert inspect(str(tmp_path / "s")).kind == "embedding-store"
     assert not inspect(str(tmp_path / "s")).complete
+
+
+def test_info_and_status_of_a_store(tmp_path):
+    """info describes a finished store (exit 0); status says it is finished (exit 0)."""
+    import subprocess
+    import sys
+
+    np.save(tmp_path / "a.npy", np.ones((300, 4), np.float32))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "bigalign.cli", *map(str, a)],  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)
+    assert run("import", tmp_path / "a.npy", "-o", tmp_path / "s.store", "--row-ids",
+               "-q").returncode == 0
+    info = run("info", tmp_path / "s.store")
+    assert info.returncode == 0 and "embedding store" in info.stdout and "300 rows x 4" in info.stdout
+    status = run("status", tmp_path / "s.store")
+    assert status.returncode == 0 and "finished" in status.stdout
