@@ -38,6 +38,10 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     x.add_argument("--scheduler", metavar="ADDRESS",
                    help="address of a running dask.distributed scheduler (tcp://host:8786) or "
                         "its scheduler file (.json)")
+    x.add_argument("--scheduler-file", metavar="FILE",
+                   help="the scheduler file of a running dask.distributed scheduler (as "
+                        "'dask scheduler --scheduler-file FILE' writes it). With neither "
+                        "option, DASK_SCHEDULER_ADDRESS is used when set")
     x.add_argument("--workers", type=int, metavar="N",
                    help="start a local cluster of N worker processes")
     g.add_argument("--memory-limit", metavar="SIZE", help="per worker with --workers, e.g. 4GiB")
@@ -152,7 +156,8 @@ def _print_json(obj) -> None:
 
 
 def _common(args) -> dict:
-    return dict(scheduler=args.scheduler, workers=args.workers, memory_limit=args.memory_limit,
+    return dict(scheduler=args.scheduler or args.scheduler_file, workers=args.workers,
+                memory_limit=args.memory_limit,
                 threads=args.threads, block_bytes=int(args.block_mb * 2**20),
                 checkpoint=args.checkpoint, restart=args.restart, overwrite=args.overwrite,
                 progress=not args.quiet, check_chunks=not args.allow_missing_chunks,
@@ -305,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_evaluate import add_commands
     COMMANDS.update(add_commands(sub))
     from .cli_transforms import add_commands as add_transforms; COMMANDS.update(add_transforms(sub))
+    from .cli_plan import add_commands as add_plan; COMMANDS.update(add_plan(sub))
     return p
 
 
