@@ -463,19 +463,20 @@ def make_apply_plan(rows: int, chunk_rows: int, source_step: int, row_bytes: int
 
 # ---- estimates: what a plan costs (``bigalign plan``), from shapes alone -------------------
 
-#: Rows per second per core (one Dask thread, one BLAS thread), measured with
-#: benchmarks/core_rates.py on this project's 2-core dev machine (OpenBLAS Haswell kernels,
-#: float32 Zarr in the page cache, 16 MiB chunks): fit with Gram matrices (the default),
-#: fit without them (--no-diagnostics), and apply. Other d interpolate in the arithmetic per
-#: row (:func:`core_rate`). Cores with AVX-512 or faster memory run faster; a cluster on an
+#: Rows per second per core, measured with benchmarks/core_rates.py on this project's 2-core
+#: dev machine (OpenBLAS 0.3.31 Haswell kernels, float32 Zarr in the page cache, 16 MiB
+#: chunks, one Dask thread per core and every core busy, reads and writes included, the
+#: final SVD not): fit with Gram matrices (the default), fit without them
+#: (--no-diagnostics), and apply. Other d interpolate in the arithmetic per row
+#: (:func:`core_rate`). Cores with AVX-512 or faster memory run faster; a cluster on an
 #: object store may be bound by its bandwidth instead (compare the plan's bytes with it).
 CORE_RATES = {
-    "fit": {384: 46_000, 1024: 8_600, 4096: 540},
-    "fit-nodiag": {384: 77_000, 1024: 15_500, 4096: 1_050},
-    "apply": {384: 80_000, 1024: 15_000, 4096: 1_000},
+    "fit": {384: 137_400, 1024: 19_500, 4096: 830},
+    "fit-nodiag": {384: 220_800, 1024: 40_100, 4096: 2_420},
+    "apply": {384: 197_900, 1024: 43_600, 4096: 3_000},
 }
 #: Where CORE_RATES come from, printed with every estimate.
-CORE_RATES_SOURCE = "measured 2026-11-27, benchmarks/core_rates.py, 2-core Haswell-class VM"
+CORE_RATES_SOURCE = "measured 2026-11-27 by benchmarks/core_rates.py on a 2-core Haswell VM"
 
 #: Memory of a Dask worker process before any task (Python, numpy, Dask, Zarr, s3fs).
 WORKER_BASE_BYTES = 300 * 2**20
