@@ -31,7 +31,7 @@ from .outputs import check_replaceable
 from .embedding_store import store_parts
 from .pairing import gathered, join, sample_pairs
 from .plan import (DEFAULT_BLOCK_BYTES, ApplyPlan, FitPlan, apply_task_bytes, fit_task_bytes,
-                   make_apply_plan, make_fit_plan)
+                   make_apply_plan, make_fit_plan, output_layout)
 from .metrics import fit_diagnostics
 from .solve import procrustes
 from .stores import create_output, open_embeddings, parse_rows, validate_pair
@@ -211,7 +211,9 @@ def _fit_job(src, tgt, start, stop, opts, gram, fingerprint, fingerprints, model
     """The checkpointed fit of rows [start, stop) of two row-aligned inputs."""
     dim_a, dim_b = src.dim, tgt.dim
     plan = make_fit_plan(start, stop, (src.row_step, tgt.row_step), (dim_a, dim_b),
-                         (src.dtype.itemsize, tgt.dtype.itemsize), gram, run.block_bytes)
+                         (src.dtype.itemsize, tgt.dtype.itemsize), gram, run.block_bytes,
+                         read_steps=(getattr(src, "read_step", src.row_step),
+                                     getattr(tgt, "read_step", tgt.row_step)))
     if not plan.aligned:
         log.warning("source and target chunkings (%d and %d rows) share no small common "
                     "multiple: target chunks on task boundaries are read twice",
@@ -390,8 +392,11 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
                          "two models' vectors. Pass --allow-model-mismatch if that is "
                          "really intended.")
     first, last = parse_rows(rows, src.rows)
-    opts = ApplyOptions(dtype, renormalize, target_centred, compression,
-                        int(chunk_rows or src.row_step), bad_rows).validate()
+    out_chunk, out_shard = output_layout(src.read_step, src.shard_rows, dim_b,
+                                         np.dtype(dtype).itemsize if dtype in
+                                         ("float16", "float32", "float64") else 4, chunk_rows)
+    opts = ApplyOptions(dtype, renormalize, target_centred, compression, out_chunk,
+                        bad_rows).validate()
     if checkpoint is not False and checkpoint is None:
         checkpoint = default_checkpoint(output)
     ckpt = checkpoint or None
@@ -415,7 +420,8 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
                          "to replace it)")
     row_bytes = src.row_bytes + dim_b * np.dtype(opts.dtype).itemsize
     plan = make_apply_plan(last - first, opts.chunk_rows, src.row_step, row_bytes,
-                           run.block_bytes, offset=first)
+                           run.block_bytes, offset=first, shard_rows=out_shard,
+                           source_read_step=src.read_step)
     if not plan.aligned:
         why = (f"--rows starts at row {first}, inside a source chunk of {src.row_step} rows"
                if first % src.row_step else
@@ -427,14 +433,15 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
         plan = ApplyPlan(**manifest["plan"])
         blocks, expected = plan.blocks(), plan.region_rows()
         faults.point("apply.begun")
-        out = _output_of_run(output, manifest["run_id"], plan.rows, dim_b, opts, so)
+        out = _output_of_run(output, manifest["run_id"], plan.rows, dim_b, opts, so,
+                             out_shard)
         if out is None:  # absent, or not this run's: (re)create it, forget its markers
             if job is not None:
                 job.check_fence()
                 job.clear_markers()
             out = create_output(output, rows=plan.rows, dim=dim_b, chunk_rows=opts.chunk_rows,
                                 dtype=opts.dtype, compression=opts.compression,
-                                overwrite=True, storage_options=so,
+                                overwrite=True, storage_options=so, shard_rows=out_shard,
                                 attributes={"bigalign": {
                                     "complete": False, "run_id": manifest["run_id"],
                                     "transform": fingerprint["transform"],
@@ -450,9 +457,12 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
         graph, key, tasks = apply_graph(src, out, params, blocks, done=done, job=job,
                                         dtype=opts.dtype, renormalize=renormalize,
                                         normalize=transform.normalize, bad_rows=bad_rows,
-                                        offset=plan.offset, device=run.device)
-        mb = apply_task_bytes(plan.rows_per_block, dim_a, dim_b, src.dtype.itemsize,
-                              np.dtype(opts.dtype).itemsize) / 2**20
+                                        offset=plan.offset, device=run.device,
+                                        layout=plan.layout())
+        _, per_write, _, per_read = plan.layout()
+        mb = apply_task_bytes(per_read, dim_a, dim_b, src.dtype.itemsize,
+                              np.dtype(opts.dtype).itemsize, per_write,
+                              out_shard is not None) / 2**20
         log.info("apply: %d rows of %d -> %d dims in %d tasks (~%.0f MB per thread)",
                  plan.rows, dim_a, dim_b, tasks, mb)
         with session(**run.session_args()) as s:
@@ -490,9 +500,10 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
 MAX_BAD_ROWS_LISTED = 100_000
 
 
-def _output_of_run(output, run_id: str, rows: int, dim: int, opts: ApplyOptions, so):
+def _output_of_run(output, run_id: str, rows: int, dim: int, opts: ApplyOptions, so,
+                   shard_rows=None):
     """The existing output array when it was created by run ``run_id`` with the expected
-    shape, chunks and dtype (a resume may write into it); None otherwise."""
+    shape, chunks, shards and dtype (a resume may write into it); None otherwise."""
     import zarr
 
     try:
@@ -503,8 +514,10 @@ def _output_of_run(output, run_id: str, rows: int, dim: int, opts: ApplyOptions,
     attrs = arr.attrs.get("bigalign") or {}
     if attrs.get("run_id") != run_id or attrs.get("complete"):
         return None
+    shards = getattr(arr, "shards", None)
     if tuple(arr.shape) != (rows, dim) or tuple(arr.chunks) != (opts.chunk_rows, dim) or \
-            np.dtype(arr.dtype) != np.dtype(opts.dtype):
+            (tuple(shards) if shards else None) != ((shard_rows, dim) if shard_rows else None) \
+            or np.dtype(arr.dtype) != np.dtype(opts.dtype):
         log.warning("the output %s does not have the shape, chunks or dtype this run "
                     "planned: re-creating it", output)
         return None

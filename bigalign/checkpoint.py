@@ -6,15 +6,32 @@ Every command that streams (fit, apply, and the commands built on them) runs as 
 
     manifest.json          format, kind, run id, fingerprint of inputs and options, plan
     lease/000000000007.json  the lease: generation 7 is held by the run whose token it names
-    units/000000012.npz    fit: merged float64 statistics of unit 12, stamped with the run id
-    done/000000012         apply: marker of region 12, stamped with the run id, written
-                           after the region's data
+    units/000000012_RUN_START_STOP_N.npz
+                           fit: merged float64 statistics of unit 12 (rows START:STOP, N
+                           pairs) of run RUN, also stamped inside the file
+    done/000000012_RUN_START_STOP_B
+                           apply: marker of region 12 (rows START:STOP, B bad rows) of run
+                           RUN, written after the region's data; its JSON body lists the
+                           bad rows
+
+**Names carry the stamps.** Resume, verification and ``status`` decide what is done from
+*one listing* of ``units/`` or ``done/`` (pages of 1000 names on object stores), never one
+read per file: at 10^5 markers one GET each would take longer than the listing by three
+orders of magnitude. A file is written whole under its final name, so a name that is
+listed vouches for its run, its rows and (units) its pair count exactly as the stamps inside
+it do; the contents are read only where they are needed: a unit's statistics when a resumed
+fit merges them (checked against the name; a mismatch recomputes the unit), and a marker's
+list of bad rows when its name says it has some. Markers stay one per region (a group
+marker written when a whole group is done would lose the group on a kill); the planner
+bounds their number instead (:mod:`bigalign.plan`). Files named the older way (no stamps in
+the name) are never trusted, and are removed with the rest.
 
 The protocol:
 
 * **Run id.** A job's manifest names its run id; every unit, marker and the output's
-  attributes carry it. On resume only files of the manifest's run, with the row range and
-  count the plan expects, are trusted; anything else is ignored and recomputed.
+  attributes carry it (in their names and inside). On resume only files of the manifest's
+  run, with the row range and count the plan expects, are trusted; anything else is ignored
+  and recomputed.
 * **Lease.** One writer per job. Taking the lease is a conditional create of the next
   lease generation (``O_EXCL``-style hard link on local disks; ``If-None-Match: *`` on S3;
   fsspec's ``mode="create"`` elsewhere), so two starters cannot both win. The generation is
@@ -41,6 +58,7 @@ import io
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -63,8 +81,43 @@ FORMAT = "bigalign.checkpoint/2"
 OWN_NAMES = ("manifest.json", "lease", "units", "done")
 
 __all__ = ["Job", "Lease", "LeaseHeldError", "LeaseLostError", "checkpointed", "clear_finished",
-           "finished_or_refuse",
-           "describe_changes", "FORMAT"]
+           "finished_or_refuse", "describe_changes", "FORMAT"]
+
+
+#: ``done/`` marker names: index, run id, rows and count of bad rows.
+_MARKER = re.compile(r"(\d{9,})_([0-9A-Za-z-]+)_(\d+)_(\d+)_(\d+)")
+#: ``units/`` names: index, run id, rows and pair count.
+_UNIT = re.compile(r"(\d{9,})_([0-9A-Za-z-]+)_(\d+)_(\d+)_(\d+)\.npz")
+
+
+def _parse(pattern, name: str) -> Optional[tuple]:
+    """(index, run id, start, stop, count) from a stamped file name, or None."""
+    m = pattern.fullmatch(name)
+    if m is None:
+        return None
+    return int(m[1]), m[2], int(m[3]), int(m[4]), int(m[5])
+
+
+def _marker_name(index: int, run_id: str, start: int, stop: int, bad: int) -> str:
+    return f"{index:09d}_{run_id}_{start}_{stop}_{bad}"
+
+
+def _unit_name(index: int, run_id: str, start: int, stop: int, n: int) -> str:
+    return f"{index:09d}_{run_id}_{start}_{stop}_{n}.npz"
+
+
+def _mtime(info: dict) -> float:
+    """Modification time (seconds since the epoch) of a listing entry: ``mtime`` on file
+    systems, ``LastModified`` on object stores; 0 when neither is there."""
+    t = info.get("mtime", info.get("LastModified", info.get("last_modified")))
+    if t is None:
+        return 0.0
+    if hasattr(t, "timestamp"):
+        return float(t.timestamp())
+    try:
+        return float(t)
+    except (TypeError, ValueError):
+        return 0.0
 
 
 class LeaseHeldError(CheckpointError):
@@ -177,6 +230,20 @@ class Job:
             return [n.rstrip("/").rsplit("/", 1)[-1] for n in names]
         return _retrying(f"cannot list {self.url!r}", ls)
 
+    def _list_detail(self, sub: str) -> dict[str, dict]:
+        """One listing of ``sub`` with details: name -> info (size, mtime/LastModified)."""
+        def ls():
+            path = self._path(sub)
+            try:
+                try:
+                    entries = self.fs.ls(path, detail=True, refresh=True)
+                except TypeError:
+                    entries = self.fs.ls(path, detail=True)
+            except FileNotFoundError:
+                return {}
+            return {e["name"].rstrip("/").rsplit("/", 1)[-1]: e for e in entries}
+        return _retrying(f"cannot list {self.url!r}", ls)
+
     def remove_file(self, path: str) -> None:
         def rm():
             try:
@@ -277,13 +344,13 @@ class Job:
     def clear_markers(self) -> None:
         """Remove apply's done-markers (fenced): their output is being re-created."""
         self.check_fence()
-        self._clear("done", str.isdigit)
+        self._clear("done", _is_marker)
 
     def clear_progress(self) -> None:
         """Remove units, markers and the manifest (fenced), keeping the lease."""
         self.check_fence()
         self._clear("units", lambda n: n.endswith(".npz"))
-        self._clear("done", str.isdigit)
+        self._clear("done", _is_marker)
         self.remove_file(self._path("manifest.json"))
 
     def clear(self) -> None:
@@ -305,26 +372,57 @@ class Job:
                 pass  # not empty (files of others), or object stores without folders
 
     # ---- fit units ----------------------------------------------------------------
-    def _unit_path(self, index: int) -> str:
-        return self._path("units", f"{index:09d}.npz")
+    def _unit_path(self, index: int, start: int, stop: int, n: int) -> str:
+        return self._path("units", _unit_name(index, self.run_id or "", start, stop, n))
 
     def save_unit(self, index: int, moments: Moments, start: int, stop: int) -> Moments:
-        """Store a finished unit's statistics, stamped with the run id and row range."""
+        """Store a finished unit's statistics, stamped with the run id, row range and pair
+        count (in its name and inside)."""
         buf = io.BytesIO()
         np.savez(buf, saved_at=time.time(), run_id=np.str_(self.run_id or ""),
                  rows=np.array([start, stop], dtype=np.int64), **moments.to_arrays())
-        self.fenced_put(self._unit_path(index), buf.getvalue())
+        self.fenced_put(self._unit_path(index, start, stop, int(moments.n)), buf.getvalue())
         return moments
 
     def load_unit(self, index: int, start: int, stop: int) -> Moments:
-        raw = self.get_file(self._unit_path(index))
+        """The stored statistics of unit ``index`` (rows [start, stop)) of this run; raises
+        CheckpointError saying why when there are none or they do not match."""
+        raw = self.get_file(self._unit_path(index, start, stop, stop - start))
         if raw is None:
-            raise CheckpointError(f"{self.url}: unit {index} is recorded as done but missing")
-        with np.load(io.BytesIO(raw)) as z:
-            problem = self._unit_problem(z, start, stop)
-            if problem:
-                raise CheckpointError(f"{self.url}: unit {index} {problem}; pass --restart")
-            return Moments.from_arrays(z)
+            problems = [p for p in (self._unit_name_problem(n, index, start, stop)
+                                    for n in self.list_names("units")) if p]
+            why = problems[0] if problems else "is recorded as done but missing"
+            raise CheckpointError(f"{self.url}: unit {index} {why}")
+        try:
+            with np.load(io.BytesIO(raw)) as z:
+                problem = self._unit_problem(z, start, stop)
+                if problem:
+                    raise CheckpointError(f"{self.url}: unit {index} {problem}; pass --restart")
+                return Moments.from_arrays(z)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{self.url}: unit {index} is unreadable ({e})") from None
+
+    def _unit_name_problem(self, name: str, index: int, start: int,
+                           stop: int) -> Optional[str]:
+        """Why the unit file ``name`` cannot be unit ``index`` (rows [start, stop)) of this
+        run, or None; names of other units give None too (nothing to say about them)."""
+        parsed = _parse(_UNIT, name)
+        if parsed is None:
+            if name.endswith(".npz") and name[:9].isdigit() and int(name[:9]) == index:
+                return "has no run stamp in its name (written by another version)"
+            return None
+        i, run, a, b, n = parsed
+        if i != index:
+            return None
+        if run != self.run_id:
+            return f"belongs to run {run[:12]}, not {str(self.run_id)[:12]}"
+        if [a, b] != [start, stop]:
+            return f"covers rows {[a, b]}, not {[start, stop]}"
+        if n != stop - start:
+            return f"holds {n} pairs for {stop - start} rows"
+        return None
 
     def _unit_problem(self, z, start: int, stop: int) -> Optional[str]:
         """Why a stored unit cannot be used for rows [start, stop) of this run, or None."""
@@ -340,52 +438,72 @@ class Job:
 
     def done_units(self, expected: dict[int, tuple[int, int]]) -> set[int]:
         """Units of ``expected`` (index -> (start, stop)) whose stored statistics belong to
-        this run and cover exactly their rows. Anything else (a stale file of an earlier
-        run, a truncated file, a wrong range) is ignored with a warning and recomputed."""
+        this run and cover exactly their rows, by their names in one listing of ``units/``
+        (no file is read). Anything else (a stale file of an earlier run, a wrong range or
+        pair count, an older name) is ignored with a warning and recomputed; a file whose
+        contents turn out not to match its name is recomputed when the fit loads it."""
         done = set()
-        names = {n for n in self.list_names("units") if n.endswith(".npz")}
-        for index, (start, stop) in sorted(expected.items()):
-            if f"{index:09d}.npz" not in names:
+        seen: dict[int, str] = {}
+        for name in sorted(self.list_names("units")):
+            parsed = _parse(_UNIT, name)
+            index = parsed[0] if parsed else (int(name[:9]) if name[:9].isdigit() and
+                                               name.endswith(".npz") else None)
+            if index is None or index not in expected:
                 continue
-            try:
-                with self.fs.open(self._unit_path(index), "rb") as f, np.load(f) as z:
-                    problem = self._unit_problem(z, start, stop)
-            except Exception as e:
-                problem = f"is unreadable ({e})"
-            if problem:
+            problem = self._unit_name_problem(name, index, *expected[index])
+            if problem is None:
+                done.add(index)
+            else:
+                seen.setdefault(index, problem)
+        for index, problem in sorted(seen.items()):
+            if index not in done:
                 warnings.warn(f"{self.url}: unit {index} {problem}; recomputing it")
-                continue
-            done.add(index)
         return done
 
     # ---- apply regions ------------------------------------------------------------
     def mark_done(self, index: int, start: int, stop: int, bad: Optional[list] = None) -> None:
         """Record region ``index`` (rows [start, stop)) as written; call after its data.
         ``bad``: the global numbers of rows written as NaN/zero (``--bad-rows``)."""
+        bad = list(bad or [])
         info = {"run_id": self.run_id, "start": start, "stop": stop, "t": time.time(),
-                "bad_rows": list(bad or [])}
-        self.fenced_put(self._path("done", f"{index:09d}"), json.dumps(info).encode())
+                "bad_rows": bad}
+        name = _marker_name(index, self.run_id or "", start, stop, len(bad))
+        self.fenced_put(self._path("done", name), json.dumps(info).encode())
+
+    def _markers(self, expected: Optional[dict[int, tuple[int, int]]] = None) -> dict[int, dict]:
+        """This run's markers from one listing of ``done/``: index -> {start, stop, t,
+        bad_count}, only those of ``expected`` (index -> (start, stop)) with exactly those
+        rows when given."""
+        found = {}
+        for name, entry in self._list_detail("done").items():
+            parsed = _parse(_MARKER, name)
+            if parsed is None or parsed[1] != self.run_id:
+                continue
+            index, _, start, stop, nbad = parsed
+            if expected is not None and list(expected.get(index, ())) != [start, stop]:
+                continue
+            found[index] = {"run_id": self.run_id, "start": start, "stop": stop,
+                            "t": _mtime(entry), "bad_count": nbad, "name": name}
+        return found
 
     def region_markers(self, expected: dict[int, tuple[int, int]]) -> dict[int, dict]:
         """Markers of ``expected`` regions (index -> (start, stop)) written by this run for
-        exactly those rows: index -> marker. One listing, then one read per marker."""
-        names = {n for n in self.list_names("done") if n.isdigit()}
-        found = {}
-        for index, (start, stop) in expected.items():
-            if f"{index:09d}" not in names:
-                continue
-            try:
-                info = json.loads(self.get_file(self._path("done", f"{index:09d}")) or b"{}")
-            except ValueError:
-                continue
-            if info.get("run_id") == self.run_id and \
-                    [info.get("start"), info.get("stop")] == [start, stop]:
-                found[index] = info
+        exactly those rows: index -> marker ({run_id, start, stop, t, bad_rows}). One
+        listing; a marker's file is read only when its name says it holds bad rows."""
+        found = self._markers(expected)
+        for info in found.values():
+            info["bad_rows"] = []
+            if info["bad_count"]:
+                try:
+                    body = json.loads(self.get_file(self._path("done", info["name"])) or b"{}")
+                    info["bad_rows"] = list(body.get("bad_rows", []))
+                except ValueError:
+                    pass
         return found
 
     def done_regions(self, expected: dict[int, tuple[int, int]]) -> set[int]:
-        """Regions of ``expected`` with a marker of this run (see :meth:`region_markers`)."""
-        return set(self.region_markers(expected))
+        """Regions of ``expected`` with a marker of this run: one listing, no reads."""
+        return set(self._markers(expected))
 
     # ---- progress in flight -------------------------------------------------------
     def summary(self) -> Optional[dict]:
@@ -405,19 +523,21 @@ class Job:
         units = [[blocks[i] for i in unit] for unit in
                  (plan.units() if kind == "fit" else [[b.index] for b in blocks])]
         start, stop = blocks[0].start, blocks[-1].stop
-        times = []
-        if kind == "fit":
-            names = {n for n in self.list_names("units") if n.endswith(".npz")}
-            done = {i for i in range(len(units)) if f"{i:09d}.npz" in names}
-            for i in done:  # npz members load lazily: only the timestamp is read
-                with self.fs.open(self._unit_path(i), "rb") as f, np.load(f) as z:
-                    times.append(float(z["saved_at"]) if "saved_at" in z.files else 0.0)
+        self.run_id = manifest["run_id"]
+        expected = {i: (u[0].start, u[-1].stop) for i, u in enumerate(units)}
+        if kind == "fit":  # one listing: names carry run, rows and pairs; times its dates
+            listing = self._list_detail("units")
+            done, times = set(), []
+            for name, entry in listing.items():
+                parsed = _parse(_UNIT, name)
+                if parsed and parsed[0] in expected and \
+                        self._unit_name_problem(name, parsed[0], *expected[parsed[0]]) is None:
+                    done.add(parsed[0])
+                    times.append(_mtime(entry))
         else:
-            names = {n for n in self.list_names("done") if n.isdigit()}
-            done = {i for i in range(len(units)) if f"{i:09d}" in names}
-            for i in done:
-                info = json.loads(self.get_file(self._path("done", f"{i:09d}")) or b"{}")
-                times.append(float(info.get("t", 0.0)))
+            markers = self._markers(expected)
+            done = set(markers)
+            times = [m["t"] for m in markers.values()]
         rows_done = sum(b.rows for i in done for b in units[i])
         out = {"kind": kind, "run_id": manifest["run_id"], "units_done": len(done),
                "units_total": len(units), "rows_done": rows_done, "rows_total": stop - start,
@@ -434,6 +554,11 @@ class Job:
     # ---- lease --------------------------------------------------------------------
     def lease(self, ttl: float = 120.0) -> "Lease":
         return Lease(self, ttl)
+
+
+def _is_marker(name: str) -> bool:
+    """A done-marker name, stamped or of the older kind (digits only)."""
+    return name.isdigit() or _MARKER.fullmatch(name) is not None
 
 
 def _rebuild(url, storage_options, run_id, token):

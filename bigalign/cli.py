@@ -39,6 +39,10 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     x.add_argument("--scheduler", metavar="ADDRESS",
                    help="address of a running dask.distributed scheduler (tcp://host:8786) or "
                         "its scheduler file (.json)")
+    x.add_argument("--scheduler-file", metavar="FILE",
+                   help="the scheduler file of a running dask.distributed scheduler (as "
+                        "'dask scheduler --scheduler-file FILE' writes it). With neither "
+                        "option, DASK_SCHEDULER_ADDRESS is used when set")
     x.add_argument("--workers", type=int, metavar="N",
                    help="start a local cluster of N worker processes")
     g.add_argument("--memory-limit", metavar="SIZE", help="per worker with --workers, e.g. 4GiB")
@@ -137,7 +141,8 @@ def _print_json(obj) -> None:
 
 
 def _common(args) -> dict:
-    return dict(scheduler=args.scheduler, workers=args.workers, memory_limit=args.memory_limit,
+    return dict(scheduler=args.scheduler or args.scheduler_file, workers=args.workers,
+                memory_limit=args.memory_limit,
                 threads=args.threads, block_bytes=int(args.block_mb * 2**20),
                 checkpoint=args.checkpoint, restart=args.restart, overwrite=args.overwrite,
                 progress=not args.quiet, check_chunks=not args.allow_missing_chunks,
@@ -291,9 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_evaluate import add_commands
     COMMANDS.update(add_commands(sub))
     from .cli_import import add_commands as add_import
+    from .cli_plan import add_commands as add_plan
     from .cli_registry import add_commands as add_registry
     from .cli_transforms import add_commands as add_transforms
-    for add in (add_import, add_transforms, add_registry):
+    for add in (add_import, add_transforms, add_registry, add_plan):
         COMMANDS.update(add(sub))
     return p
 

@@ -2,9 +2,22 @@
 or an existing dask.distributed scheduler (dask-jobqueue, Kubernetes, ...).
 
 BLAS threads: OpenBLAS's own threads on top of Dask's threads collapse throughput (3-5x
-slower, measured), so the in-process default pins BLAS to one thread per Dask thread with
-threadpoolctl. dask.distributed's nanny already starts workers with OPENBLAS_NUM_THREADS=1
-(config ``distributed.nanny.pre-spawn-environ``).
+slower, measured), and a GEMM split over another number of BLAS threads can round
+differently (a fit on ``dask worker --no-nanny`` differed from the in-process one by 6e-9).
+So every task runs with BLAS pinned to one thread (:func:`blas_pinned`, in
+:func:`run_task`), whatever runs it: the in-process threads, a LocalCluster, a worker with a
+nanny (which sets OPENBLAS_NUM_THREADS=1 itself) or without one. The pin is held only while
+bigalign tasks run, not for the whole run: see :func:`blas_pinned` for what that means to
+other threads of the same process.
+
+Per-thread buffers (:func:`bigalign.engine.buffer`) are released at the end of every run, in
+this process and, on a cluster, on every worker (long-lived workers would keep them).
+
+Which cluster: ``scheduler`` is an address (``tcp://host:8786``) or a scheduler file (the
+JSON that ``dask scheduler --scheduler-file`` writes); with neither ``scheduler`` nor
+``workers``, the scheduler named by Dask's configuration (``DASK_SCHEDULER_ADDRESS``, or
+``scheduler-address`` in a Dask config file) is used when set, as ``distributed.Client()``
+does; otherwise threads in this process.
 
 Retries: only transient errors are retried, inside the task that met them. Reads and
 writes of chunks retry in :mod:`bigalign.stores`; any other transient error of a task (a
@@ -22,6 +35,9 @@ logs) one line per 10% of the tasks or per PROGRESS_INTERVAL seconds, never ``\\
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
+import re
 import sys
 import threading
 import time
@@ -30,26 +46,110 @@ from typing import Optional
 import dask
 from dask.callbacks import Callback
 
-__all__ = ["session", "Session", "run_task"]
+__all__ = ["session", "Session", "run_task", "blas_pinned", "scheduler_from_config",
+           "client_arguments"]
+
+log = logging.getLogger("bigalign")
 
 #: seconds between progress lines when stderr is not a terminal (at least one per 10%)
 PROGRESS_INTERVAL = 10.0
 
 
+_pin_lock = threading.Lock()
+_pin_count = 0
+_pin_saved: list = []  # (setter, previous thread count) while pinned
+_pin_libs = None  # [(get, set)] per BLAS library loaded in this process
+
+
+def _blas_libraries() -> list:
+    """(get, set) of the thread count of every BLAS library loaded in this process, found
+    once by threadpoolctl. OpenBLAS's own setter is called directly: threadpoolctl 3.8 lets
+    only the first thread that set an OpenBLAS (pthreads) limit set it again and silently
+    ignores the others, which in a pool of Dask threads left tasks unpinned."""
+    from threadpoolctl import ThreadpoolController
+
+    out = []
+    for lib in ThreadpoolController().lib_controllers:
+        if lib.user_api != "blas":
+            continue
+        setter = None
+        if lib.internal_api == "openblas":
+            for name in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+                         "openblas_set_num_threads64_", "openblas_set_num_threads"):
+                setter = getattr(lib.dynlib, name, None)
+                if setter is not None:
+                    break
+        out.append((lib.get_num_threads, setter or lib.set_num_threads))
+    return out
+
+
+@contextlib.contextmanager
+def blas_pinned():
+    """BLAS limited to one thread while the body runs.
+
+    The BLAS thread count is process state (OpenBLAS keeps one number per process, even
+    behind its ``..._local`` setter; MKL's global setting likewise), so the pin is counted:
+    the first task to enter sets one thread, the last to leave restores what was there
+    before. While any bigalign task runs in a process, every other thread of that process
+    (a library user's own numpy work, say) also gets one BLAS thread; between runs, and
+    after them, their setting is back as it was. Entering costs microseconds (the library
+    scan is done once per process)."""
+    global _pin_count, _pin_libs
+    with _pin_lock:
+        if _pin_count == 0:
+            try:
+                if _pin_libs is None:
+                    _pin_libs = _blas_libraries()
+                for get, set_ in _pin_libs:
+                    before = get()
+                    if before != 1:
+                        set_(1)
+                        _pin_saved.append((set_, before))
+            except Exception:  # no threadpoolctl support here: run unpinned
+                pass
+        _pin_count += 1
+    try:
+        yield
+    finally:
+        with _pin_lock:
+            _pin_count -= 1
+            if _pin_count == 0:
+                while _pin_saved:
+                    set_, before = _pin_saved.pop()
+                    try:
+                        set_(before)
+                    except Exception:
+                        pass
+
+
 def run_task(func, *args):
-    """Run one task, re-running it when it raises a transient error that nothing below
-    retried (bigalign's own errors, transient ones included, are final: their retries are
-    done). Deterministic errors propagate at once, unchanged."""
+    """Run one task with BLAS pinned to one thread (:func:`blas_pinned`), re-running it
+    when it raises a transient error that nothing below retried (bigalign's own errors,
+    transient ones included, are final: their retries are done). Deterministic errors
+    propagate at once, unchanged."""
     from .errors import BigalignError, is_transient
     from .stores import RETRIES, RETRY_BACKOFF
 
     for attempt in range(RETRIES + 1):
         try:
-            return func(*args)
+            with blas_pinned():
+                return func(*args)
         except Exception as e:
             if attempt == RETRIES or isinstance(e, BigalignError) or not is_transient(e):
                 raise
             time.sleep(RETRY_BACKOFF * 2**attempt)
+
+
+def _release_everywhere(client) -> None:
+    """Free the per-thread buffers of every worker (and this process's) after a run; a
+    worker that is gone or slow to answer is skipped (its buffers go with it)."""
+    from .engine import release_buffers
+
+    release_buffers()
+    try:
+        client.run(release_buffers, on_error="ignore")
+    except Exception:
+        pass
 
 
 def _guarded(graph: dict) -> dict:
@@ -70,14 +170,14 @@ class Session:
         """Compute ``key`` of a raw task graph; exceptions of tasks propagate unchanged."""
         graph = _guarded(graph)
         if self.client is not None:
-            future = self.client.get(graph, key, sync=False, retries=0)
-            if self.progress:
-                _distributed_progress(future, Reporter())
-            return future.result()
-        from threadpoolctl import threadpool_limits
-
+            try:
+                future = self.client.get(graph, key, sync=False, retries=0)
+                if self.progress:
+                    _distributed_progress(future, Reporter())
+                return future.result()
+            finally:
+                _release_everywhere(self.client)
         with contextlib.ExitStack() as stack:
-            stack.enter_context(threadpool_limits(limits=1))
             if self.progress:
                 stack.enter_context(_ThreadedProgress(Reporter()))
             try:
@@ -233,6 +333,27 @@ def _distributed_progress(future, reporter: Reporter) -> None:
         reporter.close()
 
 
+_ADDRESS = re.compile(r"[\w.\-]+:\d+|\[[0-9a-fA-F:]+\]:\d+")
+
+
+def client_arguments(scheduler: str) -> dict:
+    """``distributed.Client`` arguments for ``scheduler``: an address (``tcp://...``,
+    ``tls://...``, any ``PROTOCOL://``, or a bare ``host:port``) or else a scheduler file
+    (the JSON that ``dask scheduler --scheduler-file`` writes; it may not exist yet, while
+    the scheduler starts: the client waits for it)."""
+    text = str(scheduler)
+    if "://" in text or (_ADDRESS.fullmatch(text) and not os.path.exists(text)):
+        return {"address": text}
+    return {"scheduler_file": text}
+
+
+def scheduler_from_config() -> Optional[str]:
+    """The scheduler Dask's configuration names (``DASK_SCHEDULER_ADDRESS`` or
+    ``scheduler-address``), as ``distributed.Client()`` would use it, or None."""
+    value = dask.config.get("scheduler-address", None)
+    return str(value) if value else None
+
+
 @contextlib.contextmanager
 def session(scheduler: Optional[str] = None, workers: Optional[int] = None,
             memory_limit: Optional[str] = None, threads: Optional[int] = None,
@@ -240,18 +361,24 @@ def session(scheduler: Optional[str] = None, workers: Optional[int] = None,
     """Yield a Session.
 
     scheduler : address of a running dask.distributed scheduler (``tcp://host:8786``) or a
-        path to its scheduler file; the cluster's workers do the work.
+        path to its scheduler file (:func:`client_arguments`); the cluster's workers do
+        the work.
     workers : start a LocalCluster of this many worker processes (one thread each), each
         limited to ``memory_limit`` (e.g. "4GiB").
-    neither : threads in this process (``threads``, default: one per core).
+    neither : the scheduler of Dask's configuration (``DASK_SCHEDULER_ADDRESS``) when one is
+        set, else threads in this process (``threads``, default: one per core).
     """
     if scheduler and workers:
         raise ValueError("give either a scheduler address or a number of workers, not both")
+    if not scheduler and not workers:
+        scheduler = scheduler_from_config()
+        if scheduler:
+            log.info("using the Dask scheduler %s (DASK_SCHEDULER_ADDRESS / "
+                     "scheduler-address)", scheduler)
     if scheduler:
         from distributed import Client
 
-        kw = {"scheduler_file": scheduler} if scheduler.endswith(".json") else {"address": scheduler}
-        with Client(**kw) as client:
+        with Client(**client_arguments(scheduler)) as client:
             yield Session(client, progress=progress)
     elif workers:
         from distributed import Client, LocalCluster

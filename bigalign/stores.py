@@ -1,15 +1,27 @@
 """Opening, validating, reading and creating Zarr arrays (local paths and fsspec URLs).
 
 Everything that touches Zarr for embedding data lives here, so the engine sees numpy blocks
-and clear errors. Reads and writes are whole-chunk (whole-shard) aligned by the planner.
+and clear errors. Reads are whole-chunk aligned by the planner (inner chunks of a sharded
+array: a read of part of a shard fetches only those chunks and the shard's index), writes
+whole chunks, or whole shards of a sharded output.
+
+Missing chunks: Zarr reads a chunk that is not stored as the fill value, silently. They are
+found twice, with public APIs only: up front, from the one listing of each input's objects
+that its content witness takes anyway (no second listing; the keys are matched against the
+chunk grid through the array metadata's ``encode_chunk_key``), and while streaming, by
+:func:`read_rows`: a chunk that reads entirely as the fill value (its first row is checked,
+then the whole chunk) is an error naming its rows. The streaming check costs one row
+comparison per chunk, catches what a stale object-store listing missed, and also finds an
+inner chunk absent from a stored shard, which no listing shows.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
@@ -44,6 +56,10 @@ class EmbeddingArray:
     array: Any  # zarr.Array
     url: str
     side: str
+    #: check, while reading, that no whole chunk reads as the fill value (not stored)
+    check_chunks: bool = field(default=False, compare=False)
+    #: the content witness, taken with the up-front missing-chunk check's listing
+    witness: Optional[dict] = field(default=None, compare=False, repr=False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -74,6 +90,17 @@ class EmbeddingArray:
         return int((shards or self.array.chunks)[0])
 
     @property
+    def read_step(self) -> int:
+        """Rows of one chunk (the inner chunk when sharded): the unit of reads."""
+        return int(self.array.chunks[0])
+
+    @property
+    def shard_rows(self) -> Optional[int]:
+        """Rows of one shard, or None when the array is not sharded."""
+        shards = getattr(self.array, "shards", None)
+        return int(shards[0]) if shards else None
+
+    @property
     def row_bytes(self) -> int:
         return self.dim * self.dtype.itemsize
 
@@ -86,18 +113,31 @@ class EmbeddingArray:
                 "shards": list(self.array.shards) if getattr(self.array, "shards", None) else None,
                 "dtype": str(self.dtype), "zarr_format": int(self.array.metadata.zarr_format),
                 "metadata_sha256": hashlib.sha256(blob).hexdigest(),
-                "content": content_witness(self.array)}
+                "content": self.witness or content_witness(self.array)}
 
 
-def content_witness(arr) -> dict:
+def content_witness(arr, listing: Optional[list] = None) -> dict:
     """A witness of an array's stored content, from one listing of its objects: their
     number, total bytes, and a SHA-256 of every (key, size, stamp), where the stamp is the
     object's ETag on object stores or its modification time on file systems. Re-writing
     any chunk in place (a re-embedded input with the same shape) changes it; reading
     doesn't. ``kind`` says what the stamp is; for stores fsspec cannot list (in-memory
-    stores), the keys and sizes of the objects are hashed ("keys+sizes")."""
-    fs, root = _fs_and_root(arr)
+    stores), the keys and sizes of the objects are hashed ("keys+sizes").
+    ``listing``: that listing (:func:`list_objects`), when the caller has it already."""
+    kind, entries = listing if listing is not None else list_objects(arr)
     h, count, total = hashlib.sha256(), 0, 0
+    for rel, size, stamp in entries:
+        h.update((f"{rel}\0{size}\0{stamp}\n" if kind != "keys+sizes" else
+                  f"{rel}\0{size}\n").encode())
+        count, total = count + 1, total + size
+    return {"kind": kind, "objects": count, "bytes": total, "sha256": h.hexdigest()}
+
+
+def list_objects(arr) -> tuple[str, list]:
+    """One listing of an array's stored objects: (kind, [(key relative to the array, size,
+    stamp)] sorted by key); ``kind`` is "etag", "mtime" or "keys+sizes" (stamp None)."""
+    fs, root = _fs_and_root(arr)
+    out = []
     if fs is not None:
         try:
             if getattr(fs, "asynchronous", False):  # zarr's FsspecStore holds an async fs
@@ -117,19 +157,16 @@ def content_witness(arr) -> dict:
             else:
                 stamp = info.get("mtime") or info.get("LastModified") or info.get("created")
             rel = name[len(root):].lstrip("/") if name.startswith(root) else name
-            h.update(f"{rel}\0{size}\0{stamp}\n".encode())
-            count, total = count + 1, total + size
-        return {"kind": kind, "objects": count, "bytes": total, "sha256": h.hexdigest()}
+            out.append((rel, size, stamp))
+        return kind, out
     from zarr.core.sync import sync
 
     async def keys():
         return sorted([k async for k in arr.store.list_prefix(arr.path)])
 
     for key in sync(keys()):
-        size = sync(arr.store.getsize(key))
-        h.update(f"{key}\0{size}\n".encode())
-        count, total = count + 1, total + size
-    return {"kind": "keys+sizes", "objects": count, "bytes": total, "sha256": h.hexdigest()}
+        out.append((key, sync(arr.store.getsize(key)), None))
+    return "keys+sizes", out
 
 
 def _fs_and_root(arr):
@@ -141,8 +178,9 @@ def _fs_and_root(arr):
         root = str(store.path).rstrip("/")
         return store.fs, f"{root}/{node}" if node else root
     if hasattr(store, "root") and type(store).__name__ == "LocalStore":
+        import os
         from fsspec.implementations.local import LocalFileSystem
-        root = str(store.root).rstrip("/")
+        root = os.path.abspath(str(store.root)).rstrip("/")  # fs.find answers absolute paths
         return LocalFileSystem(), f"{root}/{node}" if node else root
     return None, None
 
@@ -186,7 +224,7 @@ def open_embeddings(source, *, side: str = "source", storage_options: Optional[d
             kind = _node_kind(url, storage_options)
             what = f"a Zarr {kind}, not an array" if kind else f"not a readable Zarr array ({e})"
             raise InputError(f"{side} {url!r}: {what}") from e
-    emb = EmbeddingArray(arr, url, side)
+    emb = EmbeddingArray(arr, url, side, check_chunks=check_chunks)
     if arr.ndim != 2:
         raise InputError(f"{side} {url!r}: expected a 2-D (rows, dim) array, got shape {emb.shape}")
     if emb.dtype not in [np.dtype(t) for t in FLOAT_DTYPES]:  # any byte order
@@ -198,7 +236,10 @@ def open_embeddings(source, *, side: str = "source", storage_options: Optional[d
         raise InputError(f"{side} {url!r}: chunks {arr.chunks} split the embedding dimension; "
                          f"bigalign needs whole rows per chunk (chunks=(rows, {emb.dim}))")
     if check_chunks:
-        _check_no_missing(emb)
+        listing = list_objects(arr)
+        _check_no_missing(emb, listing[1])
+        emb = EmbeddingArray(arr, url, side, check_chunks=True,
+                             witness=content_witness(arr, listing))
     return emb
 
 
@@ -210,30 +251,88 @@ def _node_kind(url, storage_options) -> Optional[str]:
         return None
 
 
-def _check_no_missing(emb: EmbeddingArray) -> None:
-    """Zarr reads a chunk that is not stored as its fill value, silently. Embeddings never
-    legitimately have an all-fill chunk, so a missing one is an error, found up front."""
-    arr = emb.array
-    try:
-        from zarr.core.array import _shards_initialized
-        from zarr.core.sync import sync
+def _key_pattern(arr) -> tuple[str, str]:
+    """(prefix, suffix) around the row index in the store key of a chunk (a shard when
+    sharded) of a whole-row 2-D array, from the metadata's public ``encode_chunk_key``:
+    ``c/12/0`` -> ("c/", "/0"); Zarr v2 ``12.0`` -> ("", ".0")."""
+    sentinel = 987654321
+    key = arr.metadata.encode_chunk_key((sentinel, 0))
+    pre, _, post = key.partition(str(sentinel))
+    return pre, post
 
-        present = set(sync(_shards_initialized(arr._async_array)))
-        expected = list(arr._iter_shard_keys())
-    except Exception:  # private helpers moved: fall back to a count
-        if arr.nchunks_initialized < arr.nchunks:
-            raise InputError(f"{emb.side} {emb.url!r}: {arr.nchunks - arr.nchunks_initialized} "
-                             f"of {arr.nchunks} chunks are not stored")
+
+def _check_no_missing(emb: EmbeddingArray, entries: list) -> None:
+    """Zarr reads a chunk that is not stored as its fill value, silently. Embeddings never
+    legitimately have an all-fill chunk, so a missing one is an error, found up front from
+    ``entries`` (:func:`list_objects`: the one listing the content witness uses too).
+    Memory: one byte per chunk (shard) of the grid, whatever the key count."""
+    arr = emb.array
+    step = emb.row_step  # keys are per shard when sharded
+    total = math.ceil(emb.rows / step)
+    present = np.zeros(total, dtype=bool)
+    node = str(getattr(arr, "path", "") or "").strip("/")
+    try:
+        pre, post = _key_pattern(arr)
+    except Exception:  # an encoding without the index in decimal: count objects instead
+        pre = post = None
+    for rel, _, _ in entries:
+        if pre is None:
+            continue
+        if node and rel.startswith(node + "/"):  # keys listed by the store, not the fs
+            rel = rel[len(node) + 1:]
+        if rel.startswith(pre) and rel.endswith(post):
+            middle = rel[len(pre):len(rel) - len(post)] if post else rel[len(pre):]
+            if middle.isdigit() and int(middle) < total:
+                present[int(middle)] = True
+    if pre is None:
         return
-    missing = [i for i, k in enumerate(expected) if k not in present]
-    if missing:
-        step = emb.row_step
-        first = missing[0] * step
+    missing = np.flatnonzero(~present)
+    if missing.size:
+        first = int(missing[0]) * step
         raise InputError(
-            f"{emb.side} {emb.url!r}: {len(missing)} of {len(expected)} chunks are not stored "
+            f"{emb.side} {emb.url!r}: {missing.size} of {total} chunks are not stored "
             f"(first missing: rows {first}:{min(first + step, emb.rows)}); Zarr would read them "
             f"as the fill value {arr.fill_value!r}. Re-create the missing chunks or pass "
             f"check_chunks=False / --allow-missing-chunks if that is intended.")
+
+
+def _fill_rows(x: np.ndarray, fill) -> np.ndarray:
+    """Which rows of ``x`` are entirely the fill value (NaN-aware)."""
+    if fill is None:
+        fill = 0
+    fill = np.asarray(fill)
+    if np.issubdtype(fill.dtype, np.floating) and np.isnan(fill):
+        return np.isnan(x).all(axis=1)
+    return (x == fill.astype(x.dtype)).all(axis=1)
+
+
+def _check_read(emb: EmbeddingArray, start: int, x: np.ndarray) -> None:
+    """The streaming missing-chunk check of rows [start, start + len(x)) just read: the
+    first row read of each chunk is compared with the fill value, and only when it is all
+    fill, the chunk's rows in this read; a chunk whose rows all read as the fill value
+    raises InputError naming it. One row comparison per chunk."""
+    step = emb.read_step
+    stop = start + len(x)
+    first = (start // step + 1) * step
+    rows = np.array([start] + list(range(first, stop, step))) - start
+    suspects = rows[_fill_rows(x[rows], emb.array.fill_value)]
+    for r in suspects:
+        a = start + int(r)
+        c0 = a // step * step
+        b = min(c0 + step, emb.rows)
+        if a > c0 and a != start:
+            continue
+        if _fill_rows(x[a - start:min(b, stop) - start], emb.array.fill_value).all():
+            where = f"rows {c0}:{b}"
+            shard = emb.shard_rows
+            inner = f" (an inner chunk of the shard at rows {c0 // shard * shard}:" \
+                    f"{min(c0 // shard * shard + shard, emb.rows)})" if shard else ""
+            raise InputError(
+                f"{emb.side} {emb.url!r}: the chunk at {where}{inner} reads entirely as the "
+                f"fill value {emb.array.fill_value!r}: it is not stored (deleted after the "
+                "listing, or missing from its shard) or was stored as the fill value. "
+                "Re-create it, or pass check_chunks=False / --allow-missing-chunks if that "
+                "is intended.")
 
 
 def parse_rows(rows, n: int) -> tuple[int, int]:
@@ -323,13 +422,17 @@ def read_rows(emb: EmbeddingArray, start: int, stop: int,
     faults on new 32 MB allocations)."""
     what = f"cannot read {emb.side} rows {start}:{stop} of {emb.url!r}"
     if out is None or not hasattr(emb.array, "get_basic_selection"):
-        return _retrying(what, lambda: _native(emb.array[start:stop]))
+        x = _retrying(what, lambda: _native(emb.array[start:stop]))
+    else:
+        def into():
+            emb.array.get_basic_selection(slice(start, stop),
+                                          out=NDBuffer.from_numpy_array(out))
+            return out
 
-    def into():
-        emb.array.get_basic_selection(slice(start, stop), out=NDBuffer.from_numpy_array(out))
-        return out
-
-    return _retrying(what, into)
+        x = _retrying(what, into)
+    if getattr(emb, "check_chunks", False) and len(x):
+        _check_read(emb, start, x)
+    return x
 
 
 def write_rows(arr, start: int, values: np.ndarray, *, url: str = "") -> None:
@@ -356,14 +459,17 @@ def _compressors(compression: str):
 
 def create_output(url: str, *, rows: int, dim: int, chunk_rows: int, dtype,
                   compression: str = "none", attributes: Optional[dict] = None,
-                  overwrite: bool = False, storage_options: Optional[dict] = None):
+                  overwrite: bool = False, storage_options: Optional[dict] = None,
+                  shard_rows: Optional[int] = None):
     """Create an empty (rows, dim) output array from a template: whole-row chunks of
-    ``chunk_rows``, ``write_empty_chunks=True`` so every written chunk is stored (existence
+    ``chunk_rows`` (in shards of ``shard_rows`` when given: each written whole by one
+    task), ``write_empty_chunks=True`` so every written chunk is stored (existence
     is never taken as proof of completion, but a written chunk should exist), NaN fill so an
     unwritten region reads as NaN rather than plausible zeros."""
     try:
         return zarr.create_array(
             url, shape=(rows, dim), chunks=(chunk_rows, dim), dtype=np.dtype(dtype),
+            shards=(shard_rows, dim) if shard_rows else None,
             compressors=_compressors(compression), fill_value=np.nan,
             attributes=attributes or {}, overwrite=overwrite,
             config={"write_empty_chunks": True}, storage_options=storage_options)

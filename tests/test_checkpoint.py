@@ -54,12 +54,47 @@ def test_stale_units_are_never_trusted(tmp_path):
     lease.__exit__(None, None, None)
 
 
-def test_unreadable_unit_is_recomputed(tmp_path):
+def test_unstamped_or_unreadable_units(tmp_path):
+    """A unit named the older way is not trusted; one whose name is right but whose file
+    is unreadable is found done by the listing and refused when loaded (the engine then
+    recomputes it: test_resume)."""
     job, lease = started(tmp_path / "ck")
     os.makedirs(tmp_path / "ck" / "units", exist_ok=True)
     (tmp_path / "ck" / "units" / "000000003.npz").write_bytes(b"truncated")
-    with pytest.warns(UserWarning, match="unit 3 is unreadable"):
+    with pytest.warns(UserWarning, match="unit 3 has no run stamp in its name"):
         assert job.done_units({3: (0, 10)}) == set()
+    name = f"000000004_{job.run_id}_10_20_10.npz"
+    (tmp_path / "ck" / "units" / name).write_bytes(b"truncated")
+    assert job.done_units({4: (10, 20)}) == {4}
+    with pytest.raises(CheckpointError, match="unit 4 is unreadable"):
+        job.load_unit(4, 10, 20)
+    lease.__exit__(None, None, None)
+
+
+def test_progress_is_read_from_one_listing(tmp_path, monkeypatch):
+    """Resume, verify and status list units/ and done/ once and read no file (a marker's
+    body only when its name says it lists bad rows)."""
+    job, lease = started(tmp_path / "ck", kind="apply",
+                         plan={"rows": 40, "step": 5, "rows_per_block": 5, "aligned": True})
+    for i in range(8):
+        job.mark_done(i, 5 * i, 5 * i + 5, bad=[5 * i + 1] if i == 3 else None)
+    Job(str(tmp_path / "ck"), run_id="stale").mark_done(0, 0, 5)  # another run's: ignored
+    names = sorted(os.listdir(tmp_path / "ck" / "done"))
+    assert f"000000003_{job.run_id}_15_20_1" in names
+    reads = []
+    original = Job.get_file
+    monkeypatch.setattr(Job, "get_file", lambda self, path: (reads.append(path), original(self, path))[1])
+    expected = {i: (5 * i, 5 * i + 5) for i in range(8)}
+    assert job.done_regions(expected) == set(range(8))
+    assert not [p for p in reads if "/done/" in p]
+    markers = job.region_markers(expected)
+    assert markers[3]["bad_rows"] == [16] and markers[2]["bad_rows"] == []
+    assert [p for p in reads if "/done/" in p] == [
+        str(tmp_path / "ck" / "done" / f"000000003_{job.run_id}_15_20_1")]
+    reads.clear()
+    s = Job(str(tmp_path / "ck")).summary()
+    assert s["units_done"] == 8 and s["rows_done"] == 40
+    assert not [p for p in reads if "/done/" in p or "/units/" in p]
     lease.__exit__(None, None, None)
 
 

@@ -191,8 +191,10 @@ def test_fit_on_emulated_device_checkpoints_and_resumes(pair, emulated, tmp_path
     # an interrupted run: no transform yet, half of the units stored; the rerun merges
     # resumed host partials with fresh device partials
     shutil.rmtree(out)
-    for u in done[len(done) // 2:]:
-        os.remove(os.path.join(prog.url, "units", f"{u:09d}.npz"))
+    for u in done[len(done) // 2:]:  # unit files are named INDEX_RUN_START_STOP_N.npz
+        for name in os.listdir(os.path.join(prog.url, "units")):
+            if name.startswith(f"{u:09d}_"):
+                os.remove(os.path.join(prog.url, "units", name))
     again = bigalign.fit(s, t, device="cuda", output=out, **kw)
     assert again.metadata["run"]["units_resumed"] == len(done) // 2
     _assert_moments_equal(again.statistics, cpu.statistics)

@@ -1,0 +1,248 @@
+"""Real clusters: ``dask scheduler`` and ``dask worker`` processes started from the command
+line on 127.0.0.1 (a scheduler file, as dask-jobqueue and HPC launchers use), and fit and
+apply through ``--scheduler-file`` and ``DASK_SCHEDULER_ADDRESS``, bit for bit equal to the
+embedded (in-process) run: with a worker that has a nanny and one without (whose BLAS is not
+pinned by any environment: bigalign pins it per task), and with a worker SIGKILLed in the
+middle of an apply and a new one started in its place. Every process is torn down with
+timeouts, whatever a test does."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+import bigalign
+from conftest import planted, write_zarr
+
+distributed = pytest.importorskip("distributed")
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+#: widens the window of the kill test: each region sleeps after its data, before its marker
+DELAY = "delay:apply.region-written@0.1"
+
+
+def _env(**extra) -> dict:
+    """This interpreter's environment for a Dask process: bigalign importable from this
+    checkout, no BLAS thread settings (a worker without nanny must really be unpinned), no
+    scheduler address or faults unless given."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"),
+                                         env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+              "BIGALIGN_FAULTS", "DASK_SCHEDULER_ADDRESS"):
+        env.pop(k, None)
+    env.update(extra)
+    return env
+
+
+class Cluster:
+    """A scheduler started with ``dask scheduler --scheduler-file`` and the workers that
+    tests add; :meth:`close` ends them all (SIGTERM, then SIGKILL after 10 s)."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.file = str(tmp / "scheduler.json")
+        self.procs: list[subprocess.Popen] = []
+        self.sched = self._start(["scheduler", "--host", "127.0.0.1", "--port", "0",
+                                  "--scheduler-file", self.file, "--no-dashboard"], "scheduler")
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                self.address = json.loads(Path(self.file).read_text())["address"]
+                break
+            except (OSError, ValueError, KeyError):
+                time.sleep(0.2)
+        else:
+            raise RuntimeError("dask scheduler did not write its scheduler file")
+        self.client = distributed.Client(self.address, timeout="30s")
+
+    def _start(self, args, name, env=None) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}-{len(self.procs)}.log", "wb")
+        p = subprocess.Popen([sys.executable, "-m", "dask", *args], env=env or _env(),
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def add_worker(self, *extra, env=None) -> subprocess.Popen:
+        """Start ``dask worker --scheduler-file F --nthreads 1`` (plus ``extra``); wait until
+        the scheduler sees one more worker."""
+        before = len(self.client.scheduler_info()["workers"])
+        p = self._start(["worker", "--scheduler-file", self.file, "--nthreads", "1",
+                         "--host", "127.0.0.1", "--no-dashboard", *extra], "worker",
+                        env or _env(BIGALIGN_FAULTS=DELAY))
+        self.wait_workers(before + 1)
+        return p
+
+    def wait_workers(self, n: int, timeout: float = 60) -> None:
+        deadline = time.time() + timeout
+        while len(self.client.scheduler_info()["workers"]) != n:
+            if time.time() > deadline:
+                raise RuntimeError(f"expected {n} workers, scheduler has "
+                                   f"{len(self.client.scheduler_info()['workers'])}")
+            time.sleep(0.1)
+
+    def stop(self, p: subprocess.Popen, sig=signal.SIGTERM) -> None:
+        """Signal ``p``'s whole process group (a nanny and its worker), wait for it."""
+        with _suppress():
+            os.killpg(p.pid, sig)
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with _suppress():
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=10)
+
+    def close(self) -> None:
+        with _suppress():
+            self.client.close(timeout=5)
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                self.stop(p)
+
+
+class _suppress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return exc[0] is not None and issubclass(exc[0], (OSError, ProcessLookupError,
+                                                           TimeoutError))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        c.nanny = c.add_worker()  # with a nanny (it sets OPENBLAS_NUM_THREADS=1 itself)
+        c.bare = c.add_worker("--no-nanny")  # without: BLAS unpinned unless bigalign pins
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Inputs big enough that OpenBLAS would use several threads for a block's GEMMs, and
+    the embedded run's results."""
+    tmp = tmp_path_factory.mktemp("cluster-data")
+    a, b, _ = planted(24_000, 96, noise=0.1, offset_a=2.0, offset_b=-1.0, seed=31)
+    s, t = write_zarr(tmp / "a.zarr", a, 500), write_zarr(tmp / "b.zarr", b, 500)
+    kw = dict(center=True, block_bytes=1000 * 96 * 8)
+    ref = bigalign.fit(s, t, threads=2, **kw)
+    ref.save(str(tmp / "ref.t"))
+    bigalign.apply(str(tmp / "ref.t"), s, str(tmp / "ref.zarr"), threads=2,
+                   block_bytes=kw["block_bytes"])
+    return s, t, tmp, kw, ref, zarr.open_array(str(tmp / "ref.zarr"))[:]
+
+
+def _same(t, ref):
+    for name in ("rotation", "source_mean", "target_mean"):
+        np.testing.assert_array_equal(getattr(t, name), getattr(ref, name), err_msg=name)
+    assert t.scale == ref.scale
+
+
+def test_cli_through_scheduler_file_and_env_address(cluster, data, monkeypatch, tmp_path):
+    """``fit --scheduler-file F`` and ``apply`` with DASK_SCHEDULER_ADDRESS set (no flag),
+    on a worker with a nanny and one without: the embedded run's bits."""
+    import dask
+    from bigalign.cli import main
+    s, t, _, kw, ref, ref_out = data
+    block = str(kw["block_bytes"] / 2**20)
+    assert main(["fit", s, t, "-o", str(tmp_path / "t"), "--center", "--block-mb", block,
+                 "--scheduler-file", cluster.file, "-q"]) == 0
+    fitted = bigalign.Transform.load(str(tmp_path / "t"))
+    _same(fitted, ref)
+    assert fitted.metadata["run"]["tasks"] > 2
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", cluster.address)
+    dask.config.refresh()
+    try:
+        from bigalign.cluster import scheduler_from_config
+        assert scheduler_from_config() == cluster.address
+        assert main(["apply", str(tmp_path / "t"), s, "-o", str(tmp_path / "o.zarr"),
+                     "--block-mb", block, "-q"]) == 0
+    finally:
+        monkeypatch.delenv("DASK_SCHEDULER_ADDRESS")
+        dask.config.refresh()
+    out = zarr.open_array(str(tmp_path / "o.zarr"))
+    assert out.attrs["bigalign"]["complete"]
+    np.testing.assert_array_equal(out[:], ref_out)
+    # no worker keeps its per-thread buffers after the run
+    from bigalign import engine
+    held = cluster.client.run(lambda: sum(len(p) for p in engine._buffers.values()))
+    assert len(held) == 2 and set(held.values()) == {0}
+
+
+def test_worker_without_nanny_pins_blas_per_task(cluster, data, tmp_path):
+    """On ``dask worker --no-nanny`` nothing pins BLAS (no nanny environment): outside
+    tasks the worker keeps its own setting, inside bigalign's tasks it has one thread, and
+    a fit run there alone equals the embedded one bit for bit."""
+    from threadpoolctl import threadpool_info
+    from bigalign.cluster import run_task
+
+    def blas_threads():
+        return max([i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"],
+                   default=1)
+
+    bare = [w for w, info in cluster.client.scheduler_info()["workers"].items()
+            if info.get("nanny") is None]
+    assert len(bare) == 1
+    outside = cluster.client.run(blas_threads, workers=bare)[bare[0]]
+    if (os.cpu_count() or 1) > 1:
+        assert outside > 1  # really unpinned there
+    assert cluster.client.submit(run_task, blas_threads, workers=bare, pure=False).result() == 1
+    assert cluster.client.run(blas_threads, workers=bare)[bare[0]] == outside  # restored
+    # the worker with a nanny leaves: the fit runs on the unpinned worker only
+    cluster.stop(cluster.nanny)
+    cluster.wait_workers(1)
+    s, t, _, kw, ref, _ = data
+    _same(bigalign.fit(s, t, scheduler=cluster.file, **kw), ref)
+
+
+def test_worker_killed_mid_apply_and_replaced(cluster, data, tmp_path):
+    """SIGKILL a worker while regions are being written (each sleeps after its data), start
+    a new one: the scheduler re-runs the lost tasks there, and the output equals the
+    embedded run's bytes, verified region by region before ``complete``."""
+    s, t, tmp, kw, _, ref_out = data
+    out = str(tmp_path / "o.zarr")
+    done_dir = Path(bigalign.api.default_checkpoint(out)) / "done"
+    result: dict = {}
+
+    def run():
+        try:
+            result["report"] = bigalign.apply(str(tmp / "ref.t"), s, out,
+                                              scheduler=cluster.file,
+                                              block_bytes=kw["block_bytes"])
+        except BaseException as e:  # reported below
+            result["error"] = e
+
+    if len(cluster.client.scheduler_info()["workers"]) < 2:
+        cluster.add_worker()
+    th = threading.Thread(target=run)
+    th.start()
+    deadline = time.time() + 60
+    while time.time() < deadline and th.is_alive():
+        if done_dir.is_dir() and len(os.listdir(done_dir)) >= 3:
+            break
+        time.sleep(0.05)
+    assert th.is_alive(), result
+    cluster.stop(cluster.bare, signal.SIGKILL)  # mid-apply, no goodbye
+    replacement = cluster.add_worker("--no-nanny")
+    th.join(timeout=120)
+    assert not th.is_alive() and "error" not in result, result
+    rep = result["report"]
+    assert rep.rows == rep.rows_total == len(ref_out)
+    arr = zarr.open_array(out)
+    assert arr.attrs["bigalign"]["complete"]
+    np.testing.assert_array_equal(arr[:], ref_out)
+    assert replacement.poll() is None
