@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -72,3 +73,26 @@ def race_for_lease(url, storage_options=None, runs: int = 8):
     for t in threads:
         t.join()
     return won, refused
+
+
+@contextlib.contextmanager
+def moto_s3(*buckets):
+    """An S3-compatible server (moto's) on 127.0.0.1 with ``buckets`` created; yields the
+    fsspec storage options that reach it. Skips when moto is not installed."""
+    moto_server = pytest.importorskip("moto.server")
+    import boto3
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        opts = {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing",
+                "client_kwargs": {"region_name": "us-east-1"}}
+        client = boto3.client("s3", endpoint_url=opts["endpoint_url"],
+                              aws_access_key_id="testing", aws_secret_access_key="testing",
+                              region_name="us-east-1")
+        for bucket in buckets:
+            client.create_bucket(Bucket=bucket)
+        yield opts
+    finally:
+        server.stop()

@@ -12,21 +12,13 @@ from bigalign.ingest import _polars_options, import_vectors
 
 s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
+from conftest import moto_s3  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def s3():
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    opts = {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing",
-            "client_kwargs": {"region_name": "us-east-1"}}
-    import boto3
-    boto3.client("s3", endpoint_url=opts["endpoint_url"], aws_access_key_id="testing",
-                 aws_secret_access_key="testing", region_name="us-east-1").create_bucket(
-        Bucket="bigalign-import")
-    yield opts
-    server.stop()
+    with moto_s3("bigalign-import") as opts:
+        yield opts
 
 
 def test_polars_options_translate_s3fs_keys():

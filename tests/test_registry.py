@@ -18,7 +18,7 @@ from bigalign.cli import main
 from bigalign.errors import CheckpointError, InputError
 from bigalign.registry import Registry, is_registry
 from bigalign.transform import Transform
-from conftest import planted
+from conftest import planted, moto_s3
 
 
 def fitted(seed: int, n: int = 400, dim: int = 6) -> Transform:
@@ -207,17 +207,8 @@ moto_server = pytest.importorskip("moto.server")
 
 @pytest.fixture(scope="module")
 def s3():
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    opts = {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing",
-            "client_kwargs": {"region_name": "us-east-1"}}
-    import boto3
-    boto3.client("s3", endpoint_url=opts["endpoint_url"], aws_access_key_id="testing",
-                 aws_secret_access_key="testing", region_name="us-east-1").create_bucket(
-        Bucket="registry-test")
-    yield opts
-    server.stop()
+    with moto_s3("registry-test") as opts:
+        yield opts
 
 
 def test_registry_and_realign_on_s3(s3, tmp_path, transforms):

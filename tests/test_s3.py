@@ -7,7 +7,7 @@ import zarr
 
 import bigalign
 from bigalign.cli import main
-from conftest import planted, race_for_lease
+from conftest import planted, race_for_lease, moto_s3
 
 s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -15,17 +15,8 @@ moto_server = pytest.importorskip("moto.server")
 
 @pytest.fixture(scope="module")
 def s3():
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    opts = {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing",
-            "client_kwargs": {"region_name": "us-east-1"}}
-    import boto3
-    boto3.client("s3", endpoint_url=opts["endpoint_url"], aws_access_key_id="testing",
-                 aws_secret_access_key="testing", region_name="us-east-1").create_bucket(
-        Bucket="bigalign-test")
-    yield opts
-    server.stop()
+    with moto_s3("bigalign-test") as opts:
+        yield opts
 
 
 def test_fit_apply_resume_on_s3(s3, monkeypatch):
