@@ -286,7 +286,9 @@ def _solve(moments, dims, inputs: dict, start, stop, opts: FitOptions, gram: boo
     if sol.residual is not None:
         meta["residual_error"] = sol.residual_error  # round-off bound of the residual
     if gram:  # the paper's numbers, each with the interval its round-off allows
-        meta["discrepancy"] = fit_diagnostics(moments, center=opts.center)
+        same = not opts.scale and opts.reflection  # then sol is the diagnostics' solution
+        meta["discrepancy"] = fit_diagnostics(moments, center=opts.center,
+                                              solution=sol if same else None)
     options = {"center": opts.center, "normalize": opts.normalize, "scale": opts.scale,
                "reflection": opts.reflection, "rows": [start, stop],
                "precision": opts.precision, "diagnostics": gram}

@@ -94,7 +94,7 @@ class Method:
     this: bool = False
 
 
-def fit_diagnostics(m: Moments, *, center: bool = False) -> dict:
+def fit_diagnostics(m: Moments, *, center: bool = False, solution=None) -> dict:
     """The paper's quantities for the training set summarised by ``m`` (needs Gram stats).
 
     epsilon : ||A A^T - B B^T||_F, the dot-product discrepancy over all n^2 pairs.
@@ -119,7 +119,10 @@ def fit_diagnostics(m: Moments, *, center: bool = False) -> dict:
     tightness : achieved / bound when both are resolved, else None.
     precision : the GEMM precision of the statistics ("float32", "float64", "unknown").
 
-    With ``center`` the centred statistics are used, as a centred fit does.
+    With ``center`` the centred statistics are used, as a centred fit does. ``solution``:
+    the :func:`bigalign.solve.procrustes` result of ``m`` with the same ``center``, no scale
+    and reflections allowed, when the caller has it (the fit does: it saves a second d x d
+    SVD, 0.3 s at d = 1024).
     """
     eps, eps_lo, eps_hi = discrepancy_interval(m, center=center)
     out = paper_bound(eps, *m.dims, m.n)
@@ -127,9 +130,11 @@ def fit_diagnostics(m: Moments, *, center: bool = False) -> dict:
     for key in ("epsilon", "delta", "bound_residual", "bound_mean_sq_distance"):
         out[f"{key}_interval"] = [lo[key], hi[key]]
     out["resolved"] = {"epsilon": eps_lo > 0}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotUniqueWarning)
-        sol = procrustes(m, center=center)
+    sol = solution
+    if sol is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotUniqueWarning)
+            sol = procrustes(m, center=center)
     if sol.residual is not None:
         r, err = sol.residual, sol.residual_error
         r_lo, r_hi = max(r - err, 0.0), r + err

@@ -289,3 +289,17 @@ def test_printed_diagnostics_agree_with_the_float64_oracle(identical, gemm):
                                                / truth["bound_residual"], rel=1e-3)
     else:  # float32 statistics of this pair cannot resolve epsilon: it says so
         assert not d["resolved"]["epsilon"]
+
+
+def test_fit_diagnostics_reuses_a_given_solution():
+    """The fit passes its own Procrustes solution: the result is the same as recomputing."""
+    from bigalign.metrics import fit_diagnostics
+    from bigalign.solve import procrustes
+    from bigalign.stats import block_moments
+
+    r = np.random.default_rng(3)
+    a = r.standard_normal((500, 12))
+    m = block_moments(a, a @ np.linalg.qr(r.standard_normal((12, 12)))[0] +
+                      0.1 * r.standard_normal((500, 12)), gram=True)
+    given = fit_diagnostics(m, center=True, solution=procrustes(m, center=True))
+    assert given == fit_diagnostics(m, center=True)
