@@ -74,10 +74,16 @@ def sample_corpus(corpus, n: int, output: str, *, method: str = "uniform", seed:
     emb = open_embeddings(url, side="corpus", storage_options=storage_options,
                           check_chunks=False)
     check_disjoint({"corpus": corpus}, {"output": output}, storage_options)
-    if os.path.exists(output) and not overwrite:
-        raise InputError(f"output {output!r} already exists (pass --overwrite to replace it)")
     if os.path.isdir(output):
         raise InputError(f"output {output!r} is a folder; give a file name (.parquet)")
+    if os.path.exists(output):
+        if not _written_by_sample(output):
+            raise InputError(f"output {output!r} already exists and was not written by "
+                             "'bigalign sample': bigalign deletes only what it wrote, even "
+                             "with --overwrite. Remove it yourself or choose another name.")
+        if not overwrite:
+            raise InputError(f"output {output!r} already exists (pass --overwrite to "
+                             "replace it)")
     rows = sample_rows(emb.rows, n, method=method, seed=seed, chunk_rows=emb.row_step)
     columns = {"row": rows}
     if ids is not None:
@@ -97,6 +103,16 @@ def sample_corpus(corpus, n: int, output: str, *, method: str = "uniform", seed:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return summary
+
+
+def _written_by_sample(path: str) -> bool:
+    """Is ``path`` a Parquet file this module wrote (its ``bigalign`` metadata key)?"""
+    import polars as pl
+
+    try:
+        return "bigalign" in pl.read_parquet_metadata(path)
+    except Exception:
+        return False
 
 
 def _take_ids(ids, rows: np.ndarray) -> np.ndarray:

@@ -49,5 +49,10 @@ def test_sample_corpus_writes_rows_and_ids(tmp_path):
         sample_corpus(store, 250, out)
     sample_corpus(store, 100, out, overwrite=True)
     assert pl.read_parquet(out).height == 100
+    foreign = tmp_path / "mine.parquet"
+    foreign.write_bytes(b"not ours")
+    with pytest.raises(InputError, match="was not written by 'bigalign sample'"):
+        sample_corpus(store, 10, str(foreign), overwrite=True)
+    assert foreign.read_bytes() == b"not ours"
     with pytest.raises(InputError, match="never writes over its inputs"):
         sample_corpus(store, 10, str(tmp_path / "c.store" / "x.parquet"))
