@@ -72,6 +72,8 @@ METHODS = {m.name: m for m in [
            "bigalign.fit(center=True, output=...): checkpointing on"),
     Method("dask-fit", "fit", "loop-fit",
            "naive dask: (a.T @ b).compute(), threaded scheduler, default settings"),
+    Method("dask-fit-pinned", "fit", "loop-fit",
+           "naive dask: (a.T @ b).compute(), BLAS pinned to 1 thread per Dask thread"),
     Method("scipy-fit", "fit", "loop-fit",
            "in memory: load both arrays, centre, scipy orthogonal_procrustes"),
     Method("loop-apply", "apply", "loop-apply",
@@ -82,6 +84,8 @@ METHODS = {m.name: m for m in [
            "bigalign.apply(..., checkpoint=False): no done-markers (checkpoint overhead)"),
     Method("dask-apply", "apply", "loop-apply",
            "naive dask: (a @ Q).to_zarr(out, overwrite=True, compressors=None)"),
+    Method("dask-apply-pinned", "apply", "loop-apply",
+           "naive dask: (a @ Q).to_zarr(...), BLAS pinned to 1 thread per Dask thread"),
 ]}
 
 
@@ -200,22 +204,43 @@ def loop_apply(src: str, out: str, transform, blas_threads: int = 1) -> int:
 
 # ---- the other methods ------------------------------------------------------------------
 
-def dask_fit(src: str, tgt: str) -> int:
-    """Naive Dask: the uncentred cross product with default settings."""
+def _dask_settings(threads, pinned: bool):
+    """Context for a naive Dask run: ``threads`` threaded-scheduler workers (None: Dask's
+    default, one per CPU), and with ``pinned`` BLAS limited to one thread, so that each
+    Dask thread runs a single-threaded GEMM (the fair comparison: bigalign pins BLAS per
+    task the same way). OpenBLAS's thread count is process-wide, so setting it once from
+    this thread holds inside every Dask thread."""
+    import contextlib
+
+    import dask
+    from threadpoolctl import threadpool_limits
+
+    stack = contextlib.ExitStack()
+    if threads:
+        stack.enter_context(dask.config.set(scheduler="threads", num_workers=threads))
+    if pinned:
+        stack.enter_context(threadpool_limits(limits=1, user_api="blas"))
+    return stack
+
+
+def dask_fit(src: str, tgt: str, threads=None, pinned: bool = False) -> int:
+    """Naive Dask: the uncentred cross product, default settings (or pinned BLAS)."""
     import dask.array as da
 
     a, b = da.from_zarr(src), da.from_zarr(tgt)
-    (a.T @ b).compute()
+    with _dask_settings(threads, pinned):
+        (a.T @ b).compute()
     return int(a.shape[0])
 
 
-def dask_apply(src: str, out: str, transform) -> int:
+def dask_apply(src: str, out: str, transform, threads=None, pinned: bool = False) -> int:
     """Naive Dask apply: ``a @ Q`` stored uncompressed (like every other output here)."""
     import dask.array as da
 
     a = da.from_zarr(src)
     q = transform.matrix(np.float32)
-    (a @ q).to_zarr(out, overwrite=True, compressors=None)
+    with _dask_settings(threads, pinned):
+        (a @ q).to_zarr(out, overwrite=True, compressors=None)
     return int(a.shape[0])
 
 
@@ -234,9 +259,10 @@ def scipy_fit(src: str, tgt: str) -> int:
 
 
 def make_runner(name: str, src: str, tgt: str, transform_path: str, scratch: str,
-                loop_blas_threads: int = 1):
+                loop_blas_threads: int = 1, threads=None):
     """A zero-argument callable that runs method ``name`` once and returns the number of
-    rows it processed (the transform of the apply methods is loaded here, untimed)."""
+    rows it processed (the transform of the apply methods is loaded here, untimed).
+    ``threads``: Dask threads of the bigalign and naive-Dask methods (None: one per CPU)."""
     import bigalign
 
     out = str(Path(scratch) / f"{name}.zarr")
@@ -246,18 +272,24 @@ def make_runner(name: str, src: str, tgt: str, transform_path: str, scratch: str
         "loop-fit": lambda: loop_fit(src, tgt, gram=False, blas_threads=loop_blas_threads),
         "loop-fit-diag": lambda: loop_fit(src, tgt, gram=True,
                                           blas_threads=loop_blas_threads),
-        "bigalign-fit": lambda: bigalign.fit(src, tgt, center=True).metadata["n_pairs"],
+        "bigalign-fit": lambda: bigalign.fit(src, tgt, center=True,
+                                             threads=threads).metadata["n_pairs"],
         "bigalign-fit-nodiag": lambda: bigalign.fit(
-            src, tgt, center=True, diagnostics=False).metadata["n_pairs"],
+            src, tgt, center=True, diagnostics=False, threads=threads).metadata["n_pairs"],
         "bigalign-fit-ckpt": lambda: bigalign.fit(
-            src, tgt, center=True, output=out, overwrite=True).metadata["n_pairs"],
-        "dask-fit": lambda: dask_fit(src, tgt),
+            src, tgt, center=True, output=out, overwrite=True,
+            threads=threads).metadata["n_pairs"],
+        "dask-fit": lambda: dask_fit(src, tgt, threads),
+        "dask-fit-pinned": lambda: dask_fit(src, tgt, threads, pinned=True),
         "scipy-fit": lambda: scipy_fit(src, tgt),
         "loop-apply": lambda: loop_apply(src, out, transform, blas_threads=loop_blas_threads),
-        "bigalign-apply": lambda: bigalign.apply(transform, src, out, overwrite=True).rows,
+        "bigalign-apply": lambda: bigalign.apply(transform, src, out, overwrite=True,
+                                                 threads=threads).rows,
         "bigalign-apply-nockpt": lambda: bigalign.apply(transform, src, out, overwrite=True,
-                                                        checkpoint=False).rows,
-        "dask-apply": lambda: dask_apply(src, out, transform),
+                                                        checkpoint=False,
+                                                        threads=threads).rows,
+        "dask-apply": lambda: dask_apply(src, out, transform, threads),
+        "dask-apply-pinned": lambda: dask_apply(src, out, transform, threads, pinned=True),
     }
     return runners[name]
 
@@ -270,7 +302,7 @@ def child_main(args) -> None:
     import zarr  # noqa: F401
 
     run = make_runner(args.one, args.src, args.tgt, args.transform, args.scratch,
-                      args.loop_blas_threads)
+                      args.loop_blas_threads, args.threads)
     base = rss_mb()
     t0 = time.perf_counter()
     rows = run()
@@ -292,6 +324,12 @@ class Case:
     chunk_rows: int
     methods: tuple
     repeat: int
+    threads: tuple = (None,)  # Dask thread counts to run each method with (None: default)
+
+    @property
+    def runs(self) -> list[tuple[str, object]]:
+        """(method, threads) pairs, in round-robin order."""
+        return [(m, t) for t in self.threads for m in self.methods]
 
     @property
     def array_bytes(self) -> int:
@@ -428,11 +466,13 @@ def log(msg: str) -> None:
 
 
 def run_child(method: str, src: str, tgt: str, transform: str, scratch: Path,
-              loop_blas_threads: int) -> dict:
+              loop_blas_threads: int, threads=None) -> dict:
     """Run one method once in a fresh interpreter and return its result record."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", method, "--src", src,
            "--tgt", tgt, "--transform", transform, "--scratch", str(scratch),
            "--loop-blas-threads", str(loop_blas_threads)]
+    if threads:
+        cmd += ["--threads", str(threads)]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_TAG):
@@ -476,23 +516,28 @@ def run_case(case: Case, args) -> list[dict]:
     scratch = case_dir(workdir, case) / "scratch"
     clean_outputs(scratch)
     skip = skip_reasons(case, args, scratch)
-    runs: dict[str, list] = {m: [] for m in case.methods if m not in skip}
+    runs: dict[tuple, list] = {(m, t): [] for m, t in case.runs if m not in skip}
+    failed: dict[tuple, str] = {}
     for rep in range(case.repeat):
-        for method in [m for m in runs if m not in skip]:
+        for method, threads in [k for k in runs if k not in failed]:
+            label = method + (f" @{threads} threads" if threads else "")
             try:
-                r = run_child(method, src, tgt, transform, scratch, args.loop_blas_threads)
+                r = run_child(method, src, tgt, transform, scratch, args.loop_blas_threads,
+                              threads)
             except RuntimeError as e:  # one broken method must not end an hour-long run
                 log(str(e))
-                skip[method] = "failed: " + (str(e).strip().splitlines() or ["?"])[-1]
+                failed[(method, threads)] = "failed: " + (str(e).strip().splitlines()
+                                                          or ["?"])[-1]
                 continue
             finally:
                 clean_outputs(scratch)
-            runs[method].append(r)
-            log(f"[{case.title()} rep {rep + 1}/{case.repeat}] {method}: "
+            runs[(method, threads)].append(r)
+            log(f"[{case.title()} rep {rep + 1}/{case.repeat}] {label}: "
                 f"{r['seconds']:.2f} s, {r['rows'] / r['seconds']:,.0f} rows/s, "
                 f"peak RSS {r['peak_rss_mb']:.0f} MB")
     shutil.rmtree(scratch, ignore_errors=True)
-    return summarise(case, runs, skip, cache)
+    return summarise(case, runs, {**{(m, t): why for m, why in skip.items()
+                                     for t in case.threads}, **failed}, cache)
 
 
 def cache_state(case: Case) -> str:
@@ -508,44 +553,56 @@ def cache_state(case: Case) -> str:
 
 
 def summarise(case: Case, runs: dict, skip: dict, cache: str) -> list[dict]:
-    """Median rows/s per method, its ratio to the matching loop, and peak RSS; skipped and
-    failed methods keep their reason."""
-    rate = {m: case.rows / statistics.median(r["seconds"] for r in rs)
-            for m, rs in runs.items() if m not in skip}
+    """Median rows/s per (method, threads), its ratio to the matching loop (same threads),
+    and peak RSS; skipped and failed runs keep their reason."""
+    rate = {k: case.rows / statistics.median(r["seconds"] for r in rs)
+            for k, rs in runs.items() if k not in skip and rs}
     out = []
-    for m in case.methods:
+    for m, t in case.runs:
         rec = {"case": case.label, "dim": case.dim, "rows": case.rows,
                "chunk_rows": case.chunk_rows, "gb_per_array": case.array_bytes / GB,
-               "method": m, "kind": METHODS[m].kind, "baseline": METHODS[m].baseline,
-               "about": METHODS[m].about, "cache": cache}
-        if m in skip:
-            out.append({**rec, "skipped": skip[m]})
+               "method": m, "threads": t, "kind": METHODS[m].kind,
+               "baseline": METHODS[m].baseline, "about": METHODS[m].about, "cache": cache}
+        if (m, t) in skip or (m, t) not in rate:
+            out.append({**rec, "skipped": skip.get((m, t), "not run")})
             continue
-        base = rate.get(METHODS[m].baseline)
-        out.append({**rec, "repeat": len(runs[m]),
-                    "seconds": [r["seconds"] for r in runs[m]],
-                    "median_seconds": statistics.median(r["seconds"] for r in runs[m]),
-                    "rows_per_second": rate[m],
-                    "ratio_to_loop": rate[m] / base if base else None,
-                    "peak_rss_mb": max(r["peak_rss_mb"] for r in runs[m]),
-                    "base_rss_mb": min(r["base_rss_mb"] for r in runs[m])})
+        base = rate.get((METHODS[m].baseline, t))
+        one = rate.get((m, 1))
+        rs = runs[(m, t)]
+        out.append({**rec, "repeat": len(rs),
+                    "seconds": [r["seconds"] for r in rs],
+                    "median_seconds": statistics.median(r["seconds"] for r in rs),
+                    "rows_per_second": rate[(m, t)],
+                    "ratio_to_loop": rate[(m, t)] / base if base else None,
+                    "speedup": rate[(m, t)] / one if one and t else None,
+                    "efficiency": rate[(m, t)] / (one * t) if one and t else None,
+                    "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
+                    "base_rss_mb": min(r["base_rss_mb"] for r in rs)})
     return out
 
 
 def markdown_table(results: list[dict]) -> str:
-    """The results as a Markdown table (one row per case and method)."""
-    lines = ["| case | method | median s | median rows/s | vs loop | peak RSS MB |",
-             "|---|---|---:|---:|---:|---:|"]
+    """The results as a Markdown table (one row per case, method and thread count)."""
+    lines = ["| case | method | threads | median s | median rows/s | vs loop | speedup | "
+             "efficiency | peak RSS MB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def fmt(v, spec):
+        return "–" if v is None else format(v, spec)
+
     for r in results:
         case = f"{r['case']} d={r['dim']} N={r['rows']:,} ({r['gb_per_array']:.2f} GB)"
         if r["cache"] != "warm":
             case += " cold"
+        threads = r.get("threads") or "all"
         if "skipped" in r:
-            lines.append(f"| {case} | {r['method']} | skipped: {r['skipped']} | | | |")
+            lines.append(f"| {case} | {r['method']} | {threads} | skipped: {r['skipped']} "
+                         "| | | | | |")
             continue
-        ratio = "–" if r["ratio_to_loop"] is None else f"{r['ratio_to_loop']:.2f}"
-        lines.append(f"| {case} | {r['method']} | {r['median_seconds']:.2f} | "
-                     f"{r['rows_per_second']:,.0f} | {ratio} | {r['peak_rss_mb']:,.0f} |")
+        lines.append(f"| {case} | {r['method']} | {threads} | {r['median_seconds']:.2f} | "
+                     f"{r['rows_per_second']:,.0f} | {fmt(r['ratio_to_loop'], '.2f')} | "
+                     f"{fmt(r.get('speedup'), '.2f')} | {fmt(r.get('efficiency'), '.0%')} | "
+                     f"{r['peak_rss_mb']:,.0f} |")
     return "\n".join(lines)
 
 
@@ -616,7 +673,18 @@ def build_cases(args) -> list[Case]:
         base = int(args.size_gb * GB) // (4 * d)
         for k in mults:
             cases.append(Case(f"{k}x", d, base * k, chunk_rows_for(d, args.chunk_mb), methods,
-                              args.repeat))
+                              args.repeat, (args.threads,)))
+    if args.scaling:
+        threads, t = [], 1
+        while t < (os.cpu_count() or 1):
+            threads.append(t)
+            t *= 2
+        threads.append(os.cpu_count() or 1)
+        cases.append(Case("scaling", args.scaling_dim,
+                          int(args.size_gb * GB) // (4 * args.scaling_dim),
+                          chunk_rows_for(args.scaling_dim, args.chunk_mb),
+                          tuple(args.scaling_methods.split(",")), args.repeat,
+                          tuple(threads)))
     if args.scale_run:
         scale_methods = tuple(args.scale_methods.split(","))
         cases.append(Case("scale", 384, args.scale_rows, chunk_rows_for(384, args.chunk_mb),
@@ -627,8 +695,9 @@ def build_cases(args) -> list[Case]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dims", default="384,1024",
-                   help="embedding dimensions (default 384,1024; '' for the scale run only)")
+    p.add_argument("--dims", default="384,1024,4096",
+                   help="embedding dimensions (default 384,1024,4096; '' for the scaling or "
+                        "scale run only)")
     p.add_argument("--size-gb", type=float, default=1.5,
                    help="GB per array of the 1x cases (default 1.5)")
     p.add_argument("--multipliers", default="1,4", help="N multipliers (default 1,4)")
@@ -643,6 +712,17 @@ def parse_args(argv=None):
     p.add_argument("--inmem-max-gb", type=float, default=4.0,
                    help="run scipy-fit only when both arrays together are at most this "
                         "many GB (default 4)")
+    p.add_argument("--scaling", action="store_true",
+                   help="also run a thread-scaling case: each of --scaling-methods with 1, 2, "
+                        "4, ... and all cores' Dask threads (speedup and parallel efficiency "
+                        "against 1 thread)")
+    p.add_argument("--scaling-dim", type=int, default=1024, help="d of the scaling case")
+    p.add_argument("--scaling-methods",
+                   default="bigalign-fit-nodiag,bigalign-fit,bigalign-apply,dask-fit-pinned",
+                   help="methods of the scaling case")
+    p.add_argument("--threads", type=int, default=None,
+                   help="Dask threads of the bigalign and naive-Dask methods (default: one "
+                        "per CPU)")
     p.add_argument("--scale-run", action="store_true",
                    help="also run 10^7 x 384 (15.4 GB per array) to show flat memory")
     p.add_argument("--scale-rows", type=int, default=10**7, help="rows of the scale run")
@@ -670,7 +750,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.out = args.out or ("bench-results/quick.json" if args.quick
                             else "bench-results/results.json")
-    unknown = [m for m in (args.methods + "," + args.scale_methods).split(",")
+    unknown = [m for m in (args.methods + "," + args.scale_methods + "," +
+                           args.scaling_methods).split(",")
                if m not in METHODS]
     if unknown:
         p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")

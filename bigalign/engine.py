@@ -23,7 +23,7 @@ from . import faults, gpu
 from .checkpoint import Job
 from .plan import COUNT_FAN_IN, Block, FitPlan, merge_tree, plan_blocks
 from .errors import NonFiniteError
-from .stats import Moments, block_moments, merge, merge_all
+from .stats import Accumulator, Moments, merge_all
 from .stores import EmbeddingArray, read_rows, write_rows
 from .transform import map_rows
 
@@ -74,15 +74,14 @@ def block_task(source: EmbeddingArray, target: EmbeddingArray, start: int, stop:
                               rows_per_read, device)
         faults.point("fit.block")
         return total
-    total = None
+    acc = Accumulator(source.dim, target.dim, gram=gram, normalize=normalize, dtype=dtype)
     for r in plan_blocks(start, stop, step, rows_per_read):
         a = _read(source, r.start, r.stop, "source")
         b = _read(target, r.start, r.stop, "target")
         scratch = (buffer("centred-source", r.rows, source.dim, dtype),
                    buffer("centred-target", r.rows, target.dim, dtype))
-        m = block_moments(a, b, gram=gram, normalize=normalize, dtype=dtype, start=r.start,
-                          scratch=scratch)
-        total = m if total is None else merge(total, m)
+        acc.add(a, b, start=r.start, scratch=scratch)
+    total = acc.moments()
     faults.point("fit.block")
     return total
 

@@ -44,8 +44,8 @@ import numpy as np
 
 from .errors import NonFiniteError
 
-__all__ = ["Moments", "block_moments", "merge", "merge_with", "merge_all", "NonFiniteError", "rounding_of",
-           "unit_roundoff"]
+__all__ = ["Moments", "Accumulator", "block_moments", "merge", "merge_with", "merge_all",
+           "NonFiniteError", "rounding_of", "unit_roundoff"]
 
 
 def unit_roundoff(dtype) -> float:
@@ -204,6 +204,117 @@ def block_moments(a: np.ndarray, b: np.ndarray, *, gram: bool = False,
         ga = (ac.T @ ac).astype(np.float64) - n * np.outer(ra, ra)
         gb = (bc.T @ bc).astype(np.float64) - n * np.outer(rb, rb)
     return Moments(n, mean_a, mean_b, cross, sq_a, sq_b, ga, gb, rounding)
+
+
+class Accumulator:
+    """The statistics of a stream of blocks, merged in place: ``add(a, b)`` for each block,
+    then :meth:`moments`. Equal to ``merge_all([block_moments(a, b) for each block])`` up
+    to float64 round-off (the same centring, GEMMs and Chan updates, in another order), at a
+    fraction of its memory traffic: the float64 (dA, dB) state is allocated once and each
+    block costs one cast-add of its float32 GEMM and two rank-1 updates, where a merge of
+    fresh partials allocates a handful of d x d temporaries per block (at d = 4096 each is
+    128 MB, and the page faults of allocating it cost more than the arithmetic). This is
+    the fit's streaming form; :func:`block_moments` stays the one-block reference.
+
+    dim_a, dim_b : widths of the source and target blocks. gram : also the Gram matrices.
+    normalize : L2-normalise rows first. dtype : GEMM dtype (float32 or float64); None: as
+    :func:`block_moments` chooses for the first block.
+    """
+
+    def __init__(self, dim_a: int, dim_b: int, *, gram: bool = False,
+                 normalize: bool = False, dtype=None):
+        self.dims = (int(dim_a), int(dim_b))
+        self.gram, self.normalize, self.dtype = gram, normalize, dtype
+        self.n = 0
+        self._state = None  # mean_a, mean_b, cross, sq (2,), gram_a, gram_b
+        self.rounding = None
+
+    def add(self, a: np.ndarray, b: np.ndarray, *, start: int = 0, scratch=None) -> None:
+        """Fold one block of paired rows in (see :func:`block_moments` for ``a``, ``b``,
+        ``start`` and ``scratch``)."""
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[0] or \
+                (a.shape[1], b.shape[1]) != self.dims:
+            raise ValueError(f"expected paired blocks of widths {self.dims} with equal row "
+                             f"counts, got {a.shape} and {b.shape}")
+        n = a.shape[0]
+        if n == 0:
+            return
+        dtype = self.dtype
+        if dtype is None:
+            dtype = np.float64 if (a.dtype == np.float64 or b.dtype == np.float64) \
+                else np.float32
+        dtype = self.dtype = np.dtype(dtype)
+        rounding = rounding_of(n, dtype, a.dtype, b.dtype, *self.dims, self.normalize)
+        if self.normalize:
+            a = normalize_rows(a, dtype, start, "source")
+            b = normalize_rows(b, dtype, start, "target")
+        out_a, out_b = scratch if scratch is not None else (None, None)
+        mean_a, ac, ra = _centre(a, dtype, start, "source", out_a)
+        mean_b, bc, rb = _centre(b, dtype, start, "target", out_b)
+        if self._state is None:
+            self._start(dtype)
+        m_a, m_b, cross, sq, g_a, g_b = self._state
+        total = self.n + n
+        w = self.n * n / total  # 0 for the first block
+        da, db = mean_a - m_a, mean_b - m_b
+        _add_product(cross, ac.T, bc, (-n, ra, rb), (w, da, db))
+        sq[0] += float(_row_sq(ac).sum()) - n * float(ra @ ra) + w * float(da @ da)
+        sq[1] += float(_row_sq(bc).sum()) - n * float(rb @ rb) + w * float(db @ db)
+        if self.gram:
+            _add_product(g_a, ac.T, ac, (-n, ra, ra), (w, da, da))
+            _add_product(g_b, bc.T, bc, (-n, rb, rb), (w, db, db))
+        m_a += da * (n / total)
+        m_b += db * (n / total)
+        if self.rounding is None:
+            self.rounding = rounding
+        else:  # as merge(): the worst of each, one more level of merges
+            self.rounding = np.maximum(self.rounding, rounding)
+            self.rounding[2] += 1.0
+        self.n = total
+
+    def _start(self, dtype) -> None:
+        dim_a, dim_b = self.dims
+        z = np.zeros
+        self._state = (z(dim_a), z(dim_b), z((dim_a, dim_b)), z(2),
+                       z((dim_a, dim_a)) if self.gram else None,
+                       z((dim_b, dim_b)) if self.gram else None)
+
+    def moments(self) -> Moments:
+        """The statistics so far (the accumulator's own arrays: do not add to it after)."""
+        if self._state is None:
+            return Moments.empty(*self.dims, self.gram)
+        m_a, m_b, cross, sq, g_a, g_b = self._state
+        return Moments(self.n, m_a, m_b, cross, float(sq[0]), float(sq[1]), g_a, g_b,
+                       self.rounding)
+
+
+def _add_product(acc: np.ndarray, x: np.ndarray, y: np.ndarray, *rank_ones) -> None:
+    """acc (float64, C order) += x @ y (a GEMM in x's dtype; numpy's matmul, which calls
+    syrk for x.T @ x; measured: writing into a reused ``out=`` buffer was not faster) plus
+    the rank-1 terms ``alpha * u v^T`` of ``rank_ones`` ((alpha, u, v) each), in place."""
+    acc += x @ y
+    for alpha, u, v in rank_ones:
+        if alpha:
+            _rank_one(acc, alpha, u, v)
+
+
+def _rank_one(acc: np.ndarray, alpha: float, u: np.ndarray, v: np.ndarray) -> None:
+    """acc += alpha * outer(u, v) in place (BLAS dger on the transposed, Fortran-ordered
+    view: no d x d temporary); numpy in row bands where that is not possible."""
+    try:
+        from scipy.linalg.blas import dger
+    except ImportError:  # pragma: no cover - scipy is a dependency
+        dger = None
+    if dger is not None and acc.flags.c_contiguous and acc.dtype == np.float64:
+        out = dger(float(alpha), np.ascontiguousarray(v, np.float64),
+                   np.ascontiguousarray(u, np.float64), a=acc.T, overwrite_a=True)
+        if np.shares_memory(out, acc):
+            return
+        acc[...] = out.T  # pragma: no cover - scipy copied after all
+        return
+    band = max(1, 2**20 // max(acc.shape[1], 1))
+    for i in range(0, acc.shape[0], band):
+        acc[i:i + band] += (alpha * u[i:i + band])[:, None] * v
 
 
 def _row_sq(x: np.ndarray) -> np.ndarray:

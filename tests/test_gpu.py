@@ -72,6 +72,15 @@ def _assert_moments_close(got: Moments, want: Moments, rtol=2e-6):
                                    err_msg=f)
 
 
+def _assert_streamed_equal(got: Moments, want: Moments):
+    """A device fit against the CPU fit: the same centring and GEMMs, but the CPU folds a
+    task's blocks into one in-place stats.Accumulator while the device merges per-block
+    partials (stats.merge_with), so float64 sums agree to round-off, not bit for bit; the
+    rounding record is the same."""
+    _assert_moments_close(got, want, rtol=1e-12)
+    np.testing.assert_array_equal(gpu.to_host(got).rounding, want.rounding)
+
+
 # ---- the kernels with xp = numpy: the same bits as the CPU kernels --------------------------
 
 @pytest.mark.parametrize("gram", [False, True])
@@ -166,8 +175,8 @@ def test_fit_on_emulated_device_equals_cpu_fit(pair, emulated, diagnostics):
     dev = bigalign.fit(s, t, device="cuda", **kw)
     assert dev.metadata["run"]["device"] == "cuda" and cpu.metadata["run"]["device"] == "cpu"
     assert dev.metadata["run"]["tasks"] > 4
-    _assert_moments_equal(dev.statistics, cpu.statistics)
-    np.testing.assert_array_equal(dev.rotation, cpu.rotation)
+    _assert_streamed_equal(dev.statistics, cpu.statistics)
+    np.testing.assert_allclose(dev.rotation, cpu.rotation, rtol=0, atol=1e-10)
     assert gpu._lanes == {}  # released after the run
 
 
@@ -179,7 +188,7 @@ def test_fit_on_emulated_device_checkpoints_and_resumes(pair, emulated, tmp_path
     cpu = bigalign.fit(s, t, **kw)
     out = str(tmp_path / "t.transform")
     dev = bigalign.fit(s, t, device="cuda", output=out, keep_checkpoint=True, **kw)
-    _assert_moments_equal(dev.statistics, cpu.statistics)
+    _assert_streamed_equal(dev.statistics, cpu.statistics)
     # units saved by the device run are plain numpy Moments, equal to the CPU's
     prog = Job(bigalign.api.default_checkpoint(out))
     manifest = prog.manifest()
@@ -197,7 +206,7 @@ def test_fit_on_emulated_device_checkpoints_and_resumes(pair, emulated, tmp_path
                 os.remove(os.path.join(prog.url, "units", name))
     again = bigalign.fit(s, t, device="cuda", output=out, **kw)
     assert again.metadata["run"]["units_resumed"] == len(done) // 2
-    _assert_moments_equal(again.statistics, cpu.statistics)
+    _assert_streamed_equal(again.statistics, cpu.statistics)
 
 
 @pytest.mark.parametrize("options", [{}, {"renormalize": True, "dtype": "float16"},
@@ -218,7 +227,7 @@ def test_normalized_fit_and_apply_on_emulated_device(pair, emulated, tmp_path):
     s, t, *_ = pair(n=800, dim_a=10, chunk_a=100)
     cpu = bigalign.fit(s, t, normalize=True, center=True)
     dev = bigalign.fit(s, t, normalize=True, center=True, device="cuda")
-    _assert_moments_equal(dev.statistics, cpu.statistics)
+    _assert_streamed_equal(dev.statistics, cpu.statistics)
     bigalign.apply(cpu, s, str(tmp_path / "c.zarr"))
     bigalign.apply(cpu, s, str(tmp_path / "d.zarr"), device="cuda")
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "d.zarr"))[:],

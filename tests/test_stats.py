@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from bigalign.errors import NonFiniteError
-from bigalign.stats import Moments, block_moments, merge, merge_all
+from bigalign.stats import Accumulator, Moments, block_moments, merge, merge_all
 
 
 def oracle(a, b):
@@ -204,3 +204,56 @@ def test_error_bounds_hold_against_a_float64_oracle(case):
     raw = m.raw_cross()
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     assert np.linalg.norm(raw - a64.T @ b64) <= e["cross"] + 1e-13 * np.linalg.norm(a64.T @ b64)
+
+
+# ---- the streaming accumulator (the engine's form of "block_moments, then merge") -------
+
+@pytest.mark.parametrize("gram", [False, True])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_accumulator_equals_merged_blocks_and_a_float64_oracle(gram, normalize, dtype):
+    rng = np.random.default_rng(7)
+    a = (rng.standard_normal((2300, 24)) * 3 + 40).astype(np.float32)  # large common offset
+    b = (rng.standard_normal((2300, 16)) - 7).astype(np.float32)
+    sizes = [1, 700, 0, 333, 1266]  # ragged, with a one-row and an empty block
+    acc = Accumulator(24, 16, gram=gram, normalize=normalize, dtype=dtype)
+    parts, start = [], 0
+    for k in sizes:
+        acc.add(a[start:start + k], b[start:start + k], start=start)
+        if k:
+            parts.append(block_moments(a[start:start + k], b[start:start + k], gram=gram,
+                                       normalize=normalize, dtype=dtype))
+        start += k
+    got, want = acc.moments(), merge_all(parts)
+    assert got.n == want.n == 2300 and got.has_gram == gram
+    np.testing.assert_array_equal(got.rounding, want.rounding)
+    for f in ("mean_a", "mean_b", "cross", "sq_a", "sq_b", "gram_a", "gram_b"):
+        g, w = getattr(got, f), getattr(want, f)
+        if w is None:
+            assert g is None
+            continue
+        np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12 * np.abs(w).max(), err_msg=f)
+    # and against float64 arithmetic on the whole data
+    x, y = a.astype(np.float64), b.astype(np.float64)
+    if normalize:
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        y /= np.linalg.norm(y, axis=1, keepdims=True)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    scale = np.linalg.norm(xc) * np.linalg.norm(yc)
+    assert np.linalg.norm(got.cross - xc.T @ yc) <= tol * scale
+    # means are float64-accurate, except for rows normalised in float32
+    mtol = 1e-7 if (normalize and dtype == np.float32) else 1e-12
+    np.testing.assert_allclose(got.mean_a, x.mean(0), rtol=mtol, atol=mtol)
+
+
+def test_accumulator_empty_errors_and_bad_rows():
+    acc = Accumulator(3, 2)
+    assert acc.moments().n == 0
+    with pytest.raises(ValueError, match="widths"):
+        acc.add(np.zeros((4, 2)), np.zeros((4, 2)))
+    a = np.ones((10, 3), np.float32)
+    a[6, 1] = np.nan
+    acc.add(np.ones((5, 3), np.float32), np.ones((5, 2), np.float32))
+    with pytest.raises(NonFiniteError, match="source row 106"):
+        acc.add(a, np.ones((10, 2), np.float32), start=100)
