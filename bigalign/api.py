@@ -356,8 +356,9 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
       string, the source's ids of the mapped rows (a source without ids: its row
       numbers, stored only when ``rows`` starts past row 0, where they stop being the
       output's row numbers), and the ``model`` attribute, the transform's target model
-      (when it records one). ``fit``, ``evaluate``, ``sample`` and ``export`` read it
-      like an imported store;
+      (when it records one). Commands that take stores (fit, sample, realign) read it
+      like an imported store, once complete; those that take arrays take
+      ``OUTPUT/embeddings``;
     - a bare (N, dA) array (or ``STORE/embeddings``) gives a bare (N, dB) array, as
       before, with the target model in its ``bigalign.model`` attribute.
 
@@ -365,10 +366,11 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
     uncompressed unless ``compression`` is "lz4" or "zstd"; ids in chunks of the same
     rows), then one task per whole-chunk region reads, maps and writes its rows (and
     ids) and records the region as done. The output's ``bigalign`` attribute says
-    ``complete: true`` only after every region is verified done. A rerun after a crash writes only the missing regions; a rerun of a finished
-    apply with the same inputs and options does nothing; other inputs or options are
-    refused unless ``overwrite`` (anything at ``output`` that bigalign did not write, and
-    an imported embedding store, are always refused).
+    ``complete: true`` only after every region is verified done. A rerun after a crash
+    writes only the missing regions; a rerun of a finished apply with the same inputs and
+    options does nothing; other inputs or options are refused unless ``overwrite``
+    (anything at ``output`` that bigalign did not write, and an imported embedding store,
+    are always refused).
 
     dtype : output dtype, float16/float32/float64 (float64 computes in float64).
     renormalize : L2-normalise each output row.
