@@ -321,9 +321,12 @@ def apply_graph(source: EmbeddingArray, output, params: tuple, blocks: list[Bloc
     ``ids``: (source ids or None, output ids) copied by the same tasks (output stores).
     Returns (graph, key, number of region tasks)."""
     token = uuid.uuid4().hex[:12]
-    src, out, par, idk = (f"bigalign-source-{token}", f"bigalign-output-{token}",
-                          f"bigalign-params-{token}", f"bigalign-ids-{token}")
-    graph: dict = {src: source, out: output, par: params, idk: ids}
+    src, out, par = (f"bigalign-source-{token}", f"bigalign-output-{token}",
+                     f"bigalign-params-{token}")
+    graph: dict = {src: source, out: output, par: params}
+    idk = f"bigalign-ids-{token}" if ids is not None else None
+    if idk is not None:  # data, not a task: the graph's task count is as without ids
+        graph[idk] = ids
     keys = []
     for b in blocks:
         if b.index in done:
