@@ -27,14 +27,15 @@ from .errors import CheckpointError, InputError
 from .gpu import check_device
 from .locations import canonical_url, check_disjoint
 from .options import ApplyOptions, Execution, FitOptions
-from .outputs import check_replaceable
-from .embedding_store import store_parts
+from .outputs import APPLY_KINDS, check_replaceable
+from .embedding_store import (KIND as STORE_KIND, create_store, ids_kind_of, is_store,
+                              open_for_writing, store_parts)
 from .pairing import gathered, join, sample_pairs
 from .plan import (DEFAULT_BLOCK_BYTES, ApplyPlan, FitPlan, apply_task_bytes, fit_task_bytes,
                    make_apply_plan, make_fit_plan, output_layout)
 from .metrics import fit_diagnostics
 from .solve import procrustes
-from .stores import create_output, open_embeddings, parse_rows, validate_pair
+from .stores import content_witness, create_output, open_embeddings, parse_rows, validate_pair
 from .transform import Transform
 
 log = logging.getLogger("bigalign")
@@ -193,7 +194,7 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
                 log.warning("%s is already complete with the same inputs and options: "
                             "nothing to do", output)
                 return Transform.load(output, storage_options=so)
-        elif node.kind == "apply-output" and not overwrite:
+        elif node.kind in APPLY_KINDS and not overwrite:
             raise InputError(f"output {output!r} already exists (an apply output; pass "
                              "--overwrite to replace it)")
         elif node.kind == "partial-transform" and not (overwrite or restart or
@@ -312,21 +313,26 @@ def run_status(path, storage_options: Optional[dict] = None) -> Optional[dict]:
 
 
 def output_status(output, storage_options: Optional[dict] = None) -> Optional[dict]:
-    """The ``bigalign`` attribute of an apply output: {"complete": bool, ...}, or None when
-    there is no Zarr array with one at ``output``. Storage that does not answer raises (a
-    transient error: "nothing there" would be a lie)."""
+    """The ``bigalign`` attribute of an apply output (a bare array, or an embedding store
+    written by apply): {"complete": bool, ...}, or None when there is no such output at
+    ``output``. Storage that does not answer raises (a transient error: "nothing there"
+    would be a lie)."""
     import zarr
 
     from .errors import is_transient
 
     try:
-        arr = zarr.open_array(output, mode="r", storage_options=storage_options)
+        node = zarr.open(output, mode="r", storage_options=storage_options)
     except Exception as e:
         if is_transient(e):
             raise
         return None
-    attrs = arr.attrs.get("bigalign")
-    return dict(attrs) if isinstance(attrs, dict) and attrs else None
+    attrs = node.attrs.get("bigalign")
+    if not isinstance(attrs, dict) or not attrs:
+        return None
+    if isinstance(node, zarr.Group) and attrs.get("made_by") != "apply":
+        return None
+    return dict(attrs)
 
 
 def apply(transform: Union[Transform, str], source, output: str, *, dtype: str = "float32",
@@ -339,17 +345,32 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
           progress: bool = False, storage_options: Optional[dict] = None,
           check_chunks: bool = True, bad_rows: str = "fail", rows=None,
           allow_model_mismatch: bool = False, device: str = "cpu") -> RunReport:
-    """Map every row of ``source`` (N, dA) with ``transform`` into a new Zarr array
-    ``output`` (N, dB): ``y = (x - source_mean) * scale @ rotation + target_mean``.
+    """Map every row of ``source`` (N, dA) with ``transform`` into ``output`` (N, dB):
+    ``y = (x - source_mean) * scale @ rotation + target_mean``.
+
+    What ``output`` is depends on the source:
+
+    - a source *embedding store* (a Zarr group holding ``embeddings``, imported by
+      bigalign or made by a user) gives an embedding store (``made_by: "apply"``):
+      ``OUTPUT/embeddings`` (N, dB) the mapped vectors, ``OUTPUT/ids`` (N,) int64 or
+      string, the source's ids of the mapped rows (a source without ids: its row
+      numbers, stored only when ``rows`` starts past row 0, where they stop being the
+      output's row numbers), and the ``model`` attribute, the transform's target model
+      (when it records one). Commands that take stores (fit, sample, realign) read it
+      like an imported store, once complete; those that take arrays take
+      ``OUTPUT/embeddings``;
+    - a bare (N, dA) array (or ``STORE/embeddings``) gives a bare (N, dB) array, as
+      before, with the target model in its ``bigalign.model`` attribute.
 
     The output is created from a template (row chunks as the source's, or ``chunk_rows``;
-    uncompressed unless ``compression`` is "lz4" or "zstd"), then one task per whole-chunk
-    region reads, maps and writes its rows and records the region as done. The output's
-    ``bigalign`` attribute says ``complete: true`` only after every region is verified
-    done. A rerun after a crash writes only the missing regions; a rerun of a finished
-    apply with the same inputs and options does nothing; other inputs or options are
-    refused unless ``overwrite`` (anything at ``output`` that bigalign did not write is
-    always refused).
+    uncompressed unless ``compression`` is "lz4" or "zstd"; ids in chunks of the same
+    rows), then one task per whole-chunk region reads, maps and writes its rows (and
+    ids) and records the region as done. The output's ``bigalign`` attribute says
+    ``complete: true`` only after every region is verified done. A rerun after a crash
+    writes only the missing regions; a rerun of a finished apply with the same inputs and
+    options does nothing; other inputs or options are refused unless ``overwrite``
+    (anything at ``output`` that bigalign did not write, and an imported embedding store,
+    are always refused).
 
     dtype : output dtype, float16/float32/float64 (float64 computes in float64).
     renormalize : L2-normalise each output row.
@@ -381,7 +402,8 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
     transform_url = None if isinstance(transform, Transform) else transform
     if transform_url is not None:
         transform = Transform.load(transform_url, storage_options=so)
-    src_url, _, src_model = store_parts(source, so)
+    src_url, src_ids, src_model = store_parts(source, so)
+    as_store = is_store(source, so)
     src = open_embeddings(src_url, side="source", storage_options=so, check_chunks=check_chunks)
     dim_a, dim_b = transform.dims
     if src.dim != dim_a:
@@ -404,17 +426,22 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
     ckpt = checkpoint or None
     check_disjoint({"source": source, "transform": transform_url},
                    {"output": output, "checkpoint": ckpt}, so)
+    target_model = transform.metadata.get("target_model")
+    ids_kind = _output_ids_kind(src_ids, first) if as_store else None
     fingerprint = {"source": src.fingerprint(), "transform": transform.digest(),
                    "rows": [first, last],
                    "options": {k: v for k, v in opts.as_dict().items() if k != "bad_rows"}}
+    if as_store:  # absent for bare outputs: their fingerprints stay as they were
+        fingerprint["output"] = {"kind": STORE_KIND, "model": target_model,
+                                 "ids": _ids_fingerprint(src_ids, ids_kind)}
     node = check_replaceable(output, "output", so)
-    if node.kind == "apply-output" and node.complete:
+    if node.kind in APPLY_KINDS and node.complete:
         if finished_or_refuse(node, fingerprint, output, overwrite, restart, ckpt, so):
             log.warning("%s is already complete with the same inputs and options: nothing "
                         "to do", output)
             return RunReport(0, time.perf_counter() - t0, 0, 0, 0, last - first, True)
-    elif node.kind == "apply-output" and not (overwrite or restart or
-                                              (ckpt and Job(ckpt, so).exists())):
+    elif node.kind in APPLY_KINDS and not (overwrite or restart or
+                                           (ckpt and Job(ckpt, so).exists())):
         raise InputError(f"output {output!r} exists, is incomplete and has no recorded "
                          "progress; pass --overwrite to write it again")
     elif node.kind in ("transform", "partial-transform") and not overwrite:
@@ -435,32 +462,29 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
         plan = ApplyPlan(**manifest["plan"])
         blocks, expected = plan.blocks(), plan.region_rows()
         faults.point("apply.begun")
-        out = _output_of_run(output, manifest["run_id"], plan.rows, dim_b, opts, so,
-                             out_shard)
-        if out is None:  # absent, or not this run's: (re)create it, forget its markers
+        layout = _OutputLayout(plan.rows, dim_b, opts, out_shard, as_store, ids_kind)
+        written_by = _output_of_run(output, manifest["run_id"], layout, so)
+        if written_by is None:  # absent, or not this run's: (re)create it, forget its markers
             if job is not None:
                 job.check_fence()
                 job.clear_markers()
-            out = create_output(output, rows=plan.rows, dim=dim_b, chunk_rows=opts.chunk_rows,
-                                dtype=opts.dtype, compression=opts.compression,
-                                overwrite=True, storage_options=so, shard_rows=out_shard,
-                                attributes={"bigalign": {
-                                    "complete": False, "run_id": manifest["run_id"],
-                                    "transform": fingerprint["transform"],
-                                    "source": src.url, "source_rows": [first, last],
-                                    "target_centred": target_centred,
-                                    "model": transform.metadata.get("target_model")}})
+            written_by = _create_output(output, layout, target_model, so, {
+                "run_id": manifest["run_id"], "transform": fingerprint["transform"],
+                "source": str(source) if as_store else src.url,
+                "source_rows": [first, last], "target_centred": target_centred})
             done: set[int] = set()
         else:
             done = job.done_regions(expected) if job is not None else set()
             log.warning("resuming: %d of %d regions done", len(done), len(blocks))
+        out_node, out, out_ids = written_by
         params = (transform.matrix(opts.dtype), transform.source_mean,
                   transform.output_mean(target_centred), str(output))
         graph, key, tasks = apply_graph(src, out, params, blocks, done=done, job=job,
                                         dtype=opts.dtype, renormalize=renormalize,
                                         normalize=transform.normalize, bad_rows=bad_rows,
                                         offset=plan.offset, device=run.device,
-                                        layout=plan.layout())
+                                        layout=plan.layout(),
+                                        ids=None if out_ids is None else (src_ids, out_ids))
         _, per_write, _, per_read = plan.layout()
         mb = apply_task_bytes(per_read, dim_a, dim_b, src.dtype.itemsize,
                               np.dtype(opts.dtype).itemsize, per_write,
@@ -482,7 +506,7 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
                                       "rerun to resume")
             job.check_fence()
         # the completion mark goes last: before it, readers see an incomplete output
-        attrs = dict(out.attrs.get("bigalign", {}))
+        attrs = dict(out_node.attrs.get("bigalign", {}))
         if bad:
             log.warning("%d source rows held NaN/Inf%s: written as %s rows (first: %s); "
                         "their numbers are in the output's bigalign.bad_rows attribute",
@@ -493,7 +517,7 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
                                "rows": bad[:MAX_BAD_ROWS_LISTED]},
                      job={"run_id": manifest["run_id"], "fingerprint": fingerprint},
                      completed=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        out.attrs["bigalign"] = attrs
+        out_node.attrs["bigalign"] = attrs
     return RunReport(int(written), seconds, tasks, len(blocks), len(done), plan.rows,
                      bad_rows=bad)
 
@@ -502,25 +526,95 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
 MAX_BAD_ROWS_LISTED = 100_000
 
 
-def _output_of_run(output, run_id: str, rows: int, dim: int, opts: ApplyOptions, so,
-                   shard_rows=None):
-    """The existing output array when it was created by run ``run_id`` with the expected
-    shape, chunks, shards and dtype (a resume may write into it); None otherwise."""
+def _output_ids_kind(source_ids, first: int) -> Optional[str]:
+    """Ids kind of an output store: the source's ("int64" or "string"); for a source
+    without ids, int64 row numbers when the output starts past source row 0 (they are
+    then no longer the output's row numbers), else none (row numbers are the ids)."""
+    if source_ids is not None:
+        return ids_kind_of(source_ids.dtype)
+    return "int64" if first else None
+
+
+def _ids_fingerprint(source_ids, ids_kind: Optional[str]):
+    """What identifies the ids an output store copies: the source ids' dtype, shape,
+    chunks and content witness; "row numbers" or None for a source without ids."""
+    if source_ids is None:
+        return "row numbers" if ids_kind else None
+    return {"dtype": str(source_ids.dtype), "shape": list(source_ids.shape),
+            "chunks": list(source_ids.chunks), "content": content_witness(source_ids)}
+
+
+@dataclass(frozen=True)
+class _OutputLayout:
+    """What an apply's output must look like: (rows, dim) of ``opts.dtype`` in chunks of
+    ``opts.chunk_rows`` rows (shards of ``shard_rows``), and, when ``store``, an
+    embedding store with ids of ``ids_kind`` (or none) in chunks of the shard (or chunk)
+    rows."""
+
+    rows: int
+    dim: int
+    opts: ApplyOptions
+    shard_rows: Optional[int]
+    store: bool
+    ids_kind: Optional[str]
+
+    def fits(self, embeddings, ids) -> bool:
+        """Whether existing output arrays have exactly this layout."""
+        shards = getattr(embeddings, "shards", None)
+        if tuple(embeddings.shape) != (self.rows, self.dim) or \
+                tuple(embeddings.chunks) != (self.opts.chunk_rows, self.dim) or \
+                (tuple(shards) if shards else None) != \
+                ((self.shard_rows, self.dim) if self.shard_rows else None) or \
+                np.dtype(embeddings.dtype) != np.dtype(self.opts.dtype):
+            return False
+        if (ids is None) != (self.ids_kind is None):
+            return False
+        return ids is None or (tuple(ids.chunks) == (self.shard_rows or self.opts.chunk_rows,)
+                               and ids_kind_of(ids.dtype) == self.ids_kind)
+
+
+def _create_output(output, layout: _OutputLayout, model: Optional[str], so,
+                   attributes: dict) -> tuple:
+    """Create the empty output (replacing what is there: the caller checked it may), with
+    ``attributes`` in its ``bigalign`` attribute (``complete`` false). Returns (node
+    holding the attribute, embeddings, ids or None): a store's group and arrays, or a
+    bare array (twice) and None."""
+    opts = layout.opts
+    if layout.store:
+        create_store(output, rows=layout.rows, dim=layout.dim, dtype=opts.dtype,
+                     chunk_rows=opts.chunk_rows, ids_kind=layout.ids_kind, model=model,
+                     attributes=dict(attributes, made_by="apply"),
+                     compression=opts.compression, storage_options=so,
+                     shard_rows=layout.shard_rows)
+        return open_for_writing(output, storage_options=so)
+    arr = create_output(output, rows=layout.rows, dim=layout.dim, chunk_rows=opts.chunk_rows,
+                        dtype=opts.dtype, compression=opts.compression, overwrite=True,
+                        storage_options=so, shard_rows=layout.shard_rows,
+                        attributes={"bigalign": dict(attributes, complete=False,
+                                                     model=model)})
+    return arr, arr, None
+
+
+def _output_of_run(output, run_id: str, layout: _OutputLayout, so) -> Optional[tuple]:
+    """(node, embeddings, ids or None) of the existing output when it was created by run
+    ``run_id`` with the expected layout (a resume may write into it); None otherwise."""
     import zarr
 
     try:
-        arr = zarr.open_array(output, mode="r+", storage_options=so,
-                              config={"write_empty_chunks": True})
+        if layout.store:
+            node, emb, ids = open_for_writing(output, storage_options=so)
+        else:
+            node = emb = zarr.open_array(output, mode="r+", storage_options=so,
+                                         config={"write_empty_chunks": True})
+            ids = None
     except Exception:
         return None
-    attrs = arr.attrs.get("bigalign") or {}
-    if attrs.get("run_id") != run_id or attrs.get("complete"):
+    attrs = node.attrs.get("bigalign") or {}
+    if attrs.get("run_id") != run_id or attrs.get("complete") or \
+            (layout.store and attrs.get("made_by") != "apply"):
         return None
-    shards = getattr(arr, "shards", None)
-    if tuple(arr.shape) != (rows, dim) or tuple(arr.chunks) != (opts.chunk_rows, dim) or \
-            (tuple(shards) if shards else None) != ((shard_rows, dim) if shard_rows else None) \
-            or np.dtype(arr.dtype) != np.dtype(opts.dtype):
+    if not layout.fits(emb, ids):
         log.warning("the output %s does not have the shape, chunks or dtype this run "
                     "planned: re-creating it", output)
         return None
-    return arr
+    return node, emb, ids

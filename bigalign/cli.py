@@ -219,11 +219,20 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser(
         "apply", help="map every row of a source array into the target space",
         description="Write OUTPUT[i] = (SOURCE[i] - mean_A) s Q + mean_B for every row, one "
-                    "task per whole-chunk region. OUTPUT is marked complete only after its "
-                    "last region; a killed apply resumes when rerun with the same command.")
+                    "task per whole-chunk region. When SOURCE is an embedding store (a "
+                    "Zarr group holding 'embeddings'), OUTPUT is an embedding store too: "
+                    "OUTPUT/embeddings (N, dB), OUTPUT/ids (the source's ids of those rows; "
+                    "with --rows and a source without ids, its row numbers) and the "
+                    "transform's target model as its 'model' attribute; when SOURCE is a "
+                    "bare Zarr array, OUTPUT is a bare (N, dB) array. OUTPUT is marked "
+                    "complete only after its last region; a killed apply resumes when "
+                    "rerun with the same command. An imported store or anything bigalign "
+                    "did not write is never replaced, even with --overwrite.")
     a.add_argument("transform", help="a transform saved by 'bigalign fit'")
     a.add_argument("source", help="Zarr array (N, dA) to map, or an embedding store")
-    a.add_argument("-o", "--output", required=True, help="new Zarr array (N, dB)")
+    a.add_argument("-o", "--output", required=True,
+                   help="new embedding store (for a store SOURCE: embeddings, ids, model) or "
+                        "Zarr array (N, dB) (for an array SOURCE)")
     a.add_argument("--dtype", choices=("float32", "float16", "float64"), default="float32",
                    help="output dtype (default float32); float16 refuses rows whose "
                         "mapped values exceed its range (65504), naming the first one "
@@ -241,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows per output chunk (default: the source's)")
     a.add_argument("--rows", metavar="START:STOP",
                    help="map only these source rows; the output holds STOP - START rows "
-                        "(output row r is source row START + r)")
+                        "(output row r is source row START + r) and, for a store, their ids")
     a.add_argument("--bad-rows", choices=("fail", "nan", "zero"), default="fail",
                    help="a source row holding NaN/Inf (or of zero norm when the transform "
                         "normalises): stop naming it (default), or write a NaN / zero row and "
@@ -392,18 +401,26 @@ def _info(args) -> int:
     from .embedding_store import store_attrs
 
     store = store_attrs(args.path, so)
-    if store is not None:  # an embedding store (written by import)
-        info = {"kind": "embedding-store", "path": args.path,
+    if store is not None:  # an embedding store (written by import or apply)
+        from .embedding_store import open_store
+
+        model = open_store(args.path, storage_options=so, allow_incomplete=True)[2]
+        info = {"kind": "embedding-store", "path": args.path, "model": model,
                 **{k: v for k, v in store.items() if k not in ("kind", "job")}}
         if not store.get("complete"):
             info["progress"] = bigalign.run_status(args.path, so)
         if args.json:
             _print_json(info)
         else:
+            made_by = store.get("made_by") or "import"
             state = "complete" if store.get("complete") else \
-                "INCOMPLETE (rerun the import to resume)"
+                f"INCOMPLETE (rerun the {made_by} to resume)"
             print(f"embedding store {args.path}: {state}, {store.get('rows', '?'):,} rows x "
-                  f"{store.get('dim', '?')}, ids: {store.get('ids') or 'none (row numbers)'}")
+                  f"{store.get('dim', '?')}, ids: {store.get('ids') or 'none (row numbers)'}"
+                  f", model: {model or 'not recorded'}")
+            if made_by == "apply":
+                a, b = store.get("source_rows") or ("?", "?")
+                print(f"  written by apply from {store.get('source')} rows {a}:{b}")
             if info.get("progress"):
                 print("  " + _describe_progress(info["progress"]))
         return 0 if store.get("complete") else 3

@@ -132,11 +132,17 @@ def merge_task(*parts: Moments) -> Moments:
 def region_task(source: EmbeddingArray, output, params: tuple, start: int, stop: int,
                 index: int, job: Optional[Job], dtype: str, renormalize: bool,
                 normalize: bool, bad_rows: str = "fail", offset: int = 0,
-                device: str = "cpu", layout: Optional[tuple] = None) -> tuple[int, list[int]]:
+                device: str = "cpu", layout: Optional[tuple] = None,
+                ids: Optional[tuple] = None) -> tuple[int, list[int]]:
     """Map source rows [offset + start, offset + stop) and write them as output rows
     [start, stop), whole output chunks (or shards); then record the region as done (the
     marker is written after the data, never before). Every write is fenced: a run that lost
     its lease raises instead of writing.
+
+    ``ids``: (source ids or None, output ids) of an output embedding store: with each write
+    the ids of its rows are copied too (the output's id chunks are its writes' rows, so a
+    task writes only its own id chunks); a source without ids gives its row numbers. The
+    ids are a host copy whatever the device.
 
     ``layout``: (write_step, rows_per_write, read_step, rows_per_read) of the plan
     (:meth:`bigalign.plan.ApplyPlan.layout`): the region is written ``rows_per_write`` rows
@@ -172,11 +178,29 @@ def region_task(source: EmbeddingArray, output, params: tuple, start: int, stop:
         if job is not None:
             job.check_fence()
         write_rows(output, w.start, y, url=url)
+        if ids is not None:
+            _copy_ids(*ids, offset + w.start, offset + w.stop, w.start, url)
     faults.point("apply.region-written")
     if job is not None:
         job.mark_done(index, start, stop, bad=found)
         faults.point("apply.region-done")
     return stop - start, found
+
+
+def _copy_ids(source_ids, output_ids, start: int, stop: int, out_start: int,
+              url: str) -> None:
+    """Source ids of rows [start, stop) (their row numbers when ``source_ids`` is None)
+    written as output ids [out_start, out_start + stop - start): (n,) int64 or str."""
+    from .embedding_store import as_ids, ids_kind_of
+    from .stores import retrying
+
+    if source_ids is None:
+        values = np.arange(start, stop, dtype=np.int64)
+    else:
+        values = retrying(f"cannot read source ids {start}:{stop} of {url!r}",
+                          lambda: np.asarray(source_ids[start:stop]))
+    write_rows(output_ids, out_start, as_ids(values, ids_kind_of(output_ids.dtype)),
+               url=f"{url}/ids")
 
 
 def _map(source: EmbeddingArray, params: tuple, start: int, stop: int, dtype: str,
@@ -289,22 +313,26 @@ def apply_graph(source: EmbeddingArray, output, params: tuple, blocks: list[Bloc
                 done: set[int] = frozenset(), job: Optional[Job] = None,
                 dtype: str = "float32", renormalize: bool = False, normalize: bool = False,
                 bad_rows: str = "fail", offset: int = 0, device: str = "cpu",
-                layout: Optional[tuple] = None):
+                layout: Optional[tuple] = None, ids: Optional[tuple] = None):
     """Graph whose key holds (rows written, bad row numbers); one task per block (output
     rows; source rows ``offset`` later) not in ``done``, streamed as ``layout`` says
     (:meth:`bigalign.plan.ApplyPlan.layout`), summed by a tree of fan-in COUNT_FAN_IN.
+    ``ids``: (source ids or None, output ids) copied by the same tasks (output stores).
     Returns (graph, key, number of region tasks)."""
     token = uuid.uuid4().hex[:12]
     src, out, par = (f"bigalign-source-{token}", f"bigalign-output-{token}",
                      f"bigalign-params-{token}")
     graph: dict = {src: source, out: output, par: params}
+    idk = f"bigalign-ids-{token}" if ids is not None else None
+    if idk is not None:  # data, not a task: the graph's task count is as without ids
+        graph[idk] = ids
     keys = []
     for b in blocks:
         if b.index in done:
             continue
         key = (f"bigalign-region-{token}", b.index)
         graph[key] = (region_task, src, out, par, b.start, b.stop, b.index, job,
-                      dtype, renormalize, normalize, bad_rows, offset, device, layout)
+                      dtype, renormalize, normalize, bad_rows, offset, device, layout, idk)
         keys.append(key)
     if not keys:
         total = f"bigalign-written-{token}"

@@ -1118,7 +1118,7 @@ def import_vectors(inputs, output: str, *, ids_column: Optional[str] = None,
             group = create_store(
                 output, rows=plan.rows, dim=dim, dtype=store_dtype, chunk_rows=plan.chunk_rows,
                 ids_kind=ids_kind, model=model, storage_options=so,
-                attributes={"run_id": manifest["run_id"],
+                attributes={"made_by": "import", "run_id": manifest["run_id"],
                             "inputs": [f.name for f in files[:1000]],
                             "input_files": len(files)})
             from .embedding_store import open_for_writing

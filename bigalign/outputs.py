@@ -10,14 +10,18 @@ absent              nothing (or an empty folder)
 transform           a finished transform (Zarr group, ``bigalign`` attribute with its format)
 partial-transform   a transform whose save was cut short (``state: "writing"``)
 apply-output        an array written by ``apply`` (``bigalign`` attribute, complete or not)
+apply-store         an embedding store written by ``apply`` from a store source
+                    (``bigalign.kind`` "embedding-store", ``made_by: "apply"``)
 embedding-store     a group written by ``import`` (``bigalign.kind``; complete or not)
 foreign             anything else: a user's array or group, a folder of files, a file
 ==================  ==========================================================================
 
 Only the middle ones may be replaced (with ``--overwrite``, or by the run that owns them);
-a foreign node is refused whatever the flags, with a message saying so. An embedding store
-is replaced only by ``import`` (``kinds=OURS``): fit and apply refuse it even with
-``--overwrite``, so an imported corpus is never lost to a mistyped ``-o``.
+a foreign node is refused whatever the flags, with a message saying so. An imported
+embedding store is replaced only by ``import`` (``kinds=OURS``): fit and apply refuse it
+even with ``--overwrite``, so an imported corpus is never lost to a mistyped ``-o``. An
+apply store is derived data (apply can write it again from its source), so it is
+replaceable like a bare apply output.
 """
 
 from __future__ import annotations
@@ -29,11 +33,12 @@ import fsspec
 
 from .errors import InputError
 
-__all__ = ["Node", "inspect", "check_replaceable", "TRANSFORM_FORMAT"]
+__all__ = ["Node", "inspect", "check_replaceable", "TRANSFORM_FORMAT", "APPLY_KINDS"]
 
 TRANSFORM_FORMAT = "bigalign.transform/1"
-OURS = ("transform", "partial-transform", "apply-output", "embedding-store")
-REPLACEABLE = OURS[:3]  # by fit and apply: see the module doc
+OURS = ("transform", "partial-transform", "apply-output", "apply-store", "embedding-store")
+REPLACEABLE = OURS[:4]  # by fit and apply: see the module doc
+APPLY_KINDS = ("apply-output", "apply-store")
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,7 @@ class Node:
 
     @property
     def complete(self) -> bool:
-        return self.kind == "transform" or (self.kind in ("apply-output", "embedding-store")
+        return self.kind == "transform" or (self.kind in (*APPLY_KINDS, "embedding-store")
                                             and bool(self.attrs.get("complete")))
 
 
@@ -79,7 +84,8 @@ def inspect(url, storage_options: Optional[dict] = None) -> Node:
             kind = "partial-transform" if attrs.get("state") == "writing" else "transform"
             return Node(kind, attrs)
         if attrs.get("kind") == "embedding-store":
-            return Node("embedding-store", attrs)
+            return Node("apply-store" if attrs.get("made_by") == "apply" else
+                        "embedding-store", attrs)
         return Node("foreign")
     if "complete" in attrs:
         return Node("apply-output", attrs)

@@ -373,7 +373,8 @@ def _existing_transform(output, operation: str, fingerprint: dict, overwrite: bo
     if not overwrite:
         what = {"transform": "a bigalign transform made from other inputs",
                 "partial-transform": "an unfinished bigalign transform",
-                "apply-output": "a bigalign apply output"}[node.kind]
+                "apply-output": "a bigalign apply output",
+                "apply-store": "an embedding store written by bigalign apply"}[node.kind]
         raise InputError(f"output {str(output)!r} already exists ({what}); pass --overwrite "
                          "(overwrite=True) to replace it")
     return None

@@ -19,6 +19,23 @@ def write_zarr(path, data, chunk_rows, **kw):
     return str(path)
 
 
+def imported_store(path, vectors, ids=None, *, model=None, chunk_rows=100):
+    """An embedding store made by ``bigalign import`` from a Parquet file of ``vectors``
+    (n, d) and ``ids`` (n,) int or str (a ``doc_id`` column; None: no ids); returns its
+    path as str."""
+    import polars as pl
+
+    from bigalign.ingest import import_vectors
+
+    cols = {} if ids is None else {"doc_id": np.asarray(ids)}
+    parquet = f"{path}.parquet"
+    pl.DataFrame({**cols, "emb": np.asarray(vectors)}).with_columns(
+        pl.col("emb").arr.to_list()).write_parquet(parquet)
+    import_vectors([parquet], str(path), ids_column=None if ids is None else "doc_id",
+                   model=model, chunk_rows=chunk_rows)
+    return str(path)
+
+
 def planted(n, dim_a, dim_b=None, *, noise=0.01, offset_a=0.0, offset_b=0.0, seed=0,
             dtype=np.float32):
     """Paired rows B = A Q + noise with a known Q (dA, dB) with orthonormal rows/cols."""

@@ -5,7 +5,7 @@ import zarr
 
 import bigalign
 from bigalign.errors import InputError, NonFiniteError
-from conftest import planted, write_zarr
+from conftest import imported_store, planted, write_zarr
 
 
 def oracle_rotation(a, b, center):
@@ -198,3 +198,109 @@ def test_no_buffers_held_after_a_run(tmp_path):
     assert engine._buffers
     engine.release_buffers()
     assert engine._buffers == {}
+
+
+# ---- apply of an embedding store: an embedding store with the source's ids ----------------
+
+def oracle_map(tr, x):
+    """The independent oracle of apply: (x - mu_A) s Q + mu_B in float64 numpy."""
+    return (x.astype(np.float64) - tr.source_mean) * tr.scale @ tr.rotation + tr.target_mean
+
+
+def check_mapped(tr, got, x):
+    """``got`` (the output's embeddings) is ``x`` mapped: equal to Transform.transform and
+    to the float64 oracle within float32 round-off (a row off by one fails by ~1)."""
+    np.testing.assert_allclose(got, tr.transform(x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got.astype(np.float64), oracle_map(tr, x), rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["string", "int"])
+@pytest.mark.parametrize("rows,first,last", [
+    (None, 0, 2000),
+    ("300:1700", 300, 1700),   # starts inside a 128-row chunk
+    ("256:1024", 256, 1024),   # on chunk boundaries
+])
+def test_apply_of_an_imported_store_writes_a_store_with_its_ids(tmp_path, kind, rows, first,
+                                                                last):
+    from bigalign.embedding_store import open_store
+    from bigalign.outputs import inspect
+
+    a, b, _ = planted(2000, 8, noise=0.1, offset_a=2.0, offset_b=-1.0, seed=31)
+    order = np.random.default_rng(7).permutation(2000)  # ids not in row order
+    ids = np.array([f"doc-{i:05d}-é" for i in order]) if kind == "string" else \
+        order.astype(np.int64) * 1_000_003 - 5
+    s = imported_store(tmp_path / "a.store", a, ids, model="old-model", chunk_rows=128)
+    t = imported_store(tmp_path / "b.store", b, ids, model="new-model", chunk_rows=128)
+    tr = bigalign.fit(s, t, center=True, scale=True, output=str(tmp_path / "t"))
+    out = str(tmp_path / "o.store")
+    rep = bigalign.apply(str(tmp_path / "t"), s, out, rows=rows, block_bytes=3000)
+    assert rep.rows == last - first and rep.tasks > 1
+    emb, got_ids, model = open_store(out)
+    assert emb.shape == (last - first, 8) and emb.chunks == (128, 8)
+    assert got_ids.shape == (last - first,) and got_ids.chunks == (128,)
+    assert got_ids[:].tolist() == ids[first:last].tolist()
+    assert model == tr.metadata["target_model"] == "new-model"
+    check_mapped(tr, emb[:], a[first:last])
+    meta = zarr.open_group(out).attrs["bigalign"]
+    assert (meta["kind"], meta["made_by"], meta["complete"]) == ("embedding-store", "apply",
+                                                                 True)
+    assert meta["ids"] == ("string" if kind == "string" else "int64")
+    assert meta["source_rows"] == [first, last] and meta["rows"] == last - first
+    assert inspect(out).kind == "apply-store" and bigalign.output_status(out)["complete"]
+    # a finished apply store is an input like an imported one: fit pairs it with b by id
+    again = bigalign.fit(out, t, center=True)
+    assert again.metadata["n_pairs"] == last - first
+    assert again.metadata["source_model"] == "new-model"
+
+
+def test_apply_of_a_user_made_sharded_store(tmp_path):
+    """A group a user made (no bigalign attribute), sharded, uint32 ids, no model: the
+    output is sharded like it, ids (int64) chunked by whole shards, no model stamp."""
+    from bigalign.embedding_store import open_store
+
+    a, b, _ = planted(1700, 8, noise=0.1, offset_a=1.0, seed=32)
+    ids = (np.arange(1700, dtype=np.uint32) * 3 + 4_000_000_000).astype(np.uint32)
+    g = zarr.open_group(str(tmp_path / "a.store"), mode="w")
+    g.create_array("embeddings", data=a, chunks=(50, 8), shards=(200, 8), compressors=None)
+    g.create_array("ids", data=ids, chunks=(50,))
+    tr = bigalign.fit(str(tmp_path / "a.store"), write_zarr(tmp_path / "b.zarr", b, 100),
+                      center=True)
+    out = str(tmp_path / "o.store")
+    bigalign.apply(tr, str(tmp_path / "a.store"), out, rows="130:1530", block_bytes=4000)
+    emb, got_ids, model = open_store(out)
+    assert emb.shards == (200, 8) and emb.chunks == (50, 8) and got_ids.chunks == (200,)
+    assert got_ids.dtype == np.int64 and model is None
+    np.testing.assert_array_equal(got_ids[:], ids[130:1530].astype(np.int64))
+    check_mapped(tr, emb[:], a[130:1530])
+    assert "model" not in zarr.open_group(out).attrs
+
+
+@pytest.mark.parametrize("rows,ids", [(None, None), ("100:1000", np.arange(100, 1000))])
+def test_apply_of_a_store_without_ids(tmp_path, rows, ids):
+    """A store without ids: row numbers are its ids. The output has no ids while its row
+    numbers are the source's; past row 0 it gets the source row numbers as ids."""
+    from bigalign.embedding_store import open_store
+
+    a, b, _ = planted(1000, 6, noise=0.1, seed=33)
+    s = imported_store(tmp_path / "a.store", a, chunk_rows=128)
+    tr = bigalign.fit(s, write_zarr(tmp_path / "b.zarr", b, 100), center=True)
+    out = str(tmp_path / "o.store")
+    bigalign.apply(tr, s, out, rows=rows, block_bytes=2000)
+    emb, got_ids, _ = open_store(out)
+    if ids is None:
+        assert got_ids is None and emb.shape == (1000, 6)
+    else:
+        np.testing.assert_array_equal(got_ids[:], ids)
+    check_mapped(tr, emb[:], a[ids if ids is not None else slice(None)])
+
+
+def test_apply_of_a_bare_array_still_writes_a_bare_array(tmp_path):
+    """Backward compatible: an array source (also STORE/embeddings) gives an array."""
+    a, b, _ = planted(500, 4, seed=34)
+    s = imported_store(tmp_path / "a.store", a, np.arange(500) + 7, model="m")
+    tr = bigalign.fit(s, write_zarr(tmp_path / "b.zarr", b, 100))
+    bigalign.apply(tr, f"{s}/embeddings", str(tmp_path / "o.zarr"))
+    out = zarr.open_array(str(tmp_path / "o.zarr"))
+    assert out.attrs["bigalign"]["complete"] is True and "made_by" not in out.attrs["bigalign"]
+    check_mapped(tr, out[:], a)

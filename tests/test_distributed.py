@@ -7,7 +7,7 @@ import pytest
 import zarr
 
 import bigalign
-from conftest import planted, write_zarr
+from conftest import imported_store, planted, write_zarr
 
 distributed = pytest.importorskip("distributed")
 
@@ -35,6 +35,21 @@ def test_fit_apply_on_two_worker_processes(tmp_path, cluster):
     out = zarr.open_array(str(tmp_path / "o.zarr"))
     np.testing.assert_allclose(out[:], remote.transform(a), rtol=1e-6, atol=1e-6)
     assert out.attrs["bigalign"]["complete"]
+
+
+@pytest.mark.slow
+def test_apply_of_a_store_on_two_worker_processes(tmp_path, cluster):
+    """The region tasks carry the source and output ids arrays to worker processes."""
+    a, b, _ = planted(3000, 8, noise=0.05, seed=13)
+    ids = np.array([f"w{i * 17 % 3000}" for i in range(3000)])
+    s = imported_store(tmp_path / "a.store", a, ids, model="old", chunk_rows=200)
+    tr = bigalign.fit(s, write_zarr(tmp_path / "b.zarr", b, 200), center=True)
+    bigalign.apply(tr, s, str(tmp_path / "o.store"), rows="100:2900",
+                   scheduler=cluster.scheduler_address)
+    out = zarr.open_group(str(tmp_path / "o.store"))
+    assert out.attrs["bigalign"]["complete"] and out["ids"][:].tolist() == ids[100:2900].tolist()
+    np.testing.assert_allclose(out["embeddings"][:], tr.transform(a[100:2900]), rtol=1e-6,
+                               atol=1e-6)
 
 
 @pytest.mark.slow

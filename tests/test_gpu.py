@@ -22,7 +22,7 @@ from bigalign.errors import InputError, NonFiniteError
 from bigalign.stats import Moments, block_moments, merge
 from bigalign.transform import map_rows
 
-from conftest import planted, write_zarr
+from conftest import imported_store, planted, write_zarr
 
 # the bad-row tests feed NaN/Inf through numpy on purpose
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -223,6 +223,28 @@ def test_apply_on_emulated_device_writes_the_cpu_bytes(pair, emulated, tmp_path,
     np.testing.assert_array_equal(got[:], want[:])
 
 
+def _apply_store_on(device, tmp_path, **kw):
+    """Apply of an imported store (string ids) on ``device`` and on the CPU: (device
+    output group, CPU output group, source ids)."""
+    a, b, _ = planted(1500, 12, noise=0.1, offset_a=2.0, seed=41)
+    ids = np.array([f"k{i * 13 % 1500}" for i in range(1500)])
+    s = imported_store(tmp_path / "a.store", a, ids, model="old", chunk_rows=100)
+    t = imported_store(tmp_path / "b.store", b, ids, model="new", chunk_rows=100)
+    tr = bigalign.fit(s, t, center=True)
+    bigalign.apply(tr, s, str(tmp_path / "cpu.store"), **kw)
+    bigalign.apply(tr, s, str(tmp_path / "dev.store"), device=device, threads=3, **kw)
+    return (zarr.open_group(str(tmp_path / "dev.store")),
+            zarr.open_group(str(tmp_path / "cpu.store")), ids)
+
+
+def test_apply_of_a_store_on_emulated_device_copies_the_ids(emulated, tmp_path):
+    """The device path writes the ids too (a host copy): the CPU's store, byte for byte."""
+    got, want, ids = _apply_store_on("cuda", tmp_path, rows="150:1450")
+    assert got.attrs["bigalign"]["complete"] is True and got.attrs["model"] == "new"
+    assert got["ids"][:].tolist() == want["ids"][:].tolist() == ids[150:1450].tolist()
+    np.testing.assert_array_equal(got["embeddings"][:], want["embeddings"][:])
+
+
 def test_normalized_fit_and_apply_on_emulated_device(pair, emulated, tmp_path):
     s, t, *_ = pair(n=800, dim_a=10, chunk_a=100)
     cpu = bigalign.fit(s, t, normalize=True, center=True)
@@ -363,6 +385,15 @@ def test_fit_and_apply_on_cuda_match_cpu(pair, tmp_path):
     want = zarr.open_array(str(tmp_path / "c.zarr"))[:]
     np.testing.assert_allclose(zarr.open_array(str(tmp_path / "d.zarr"))[:], want,
                                rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
+def test_apply_of_a_store_on_cuda_copies_the_ids(tmp_path):
+    _cupy_or_skip()
+    got, want, ids = _apply_store_on("cuda", tmp_path, rows="150:1450")
+    assert got.attrs["bigalign"]["complete"] is True and got.attrs["model"] == "new"
+    assert got["ids"][:].tolist() == ids[150:1450].tolist()
+    np.testing.assert_allclose(got["embeddings"][:], want["embeddings"][:], rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_fit_on_cuda_names_the_bad_row(tmp_path):

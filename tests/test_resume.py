@@ -20,7 +20,7 @@ import zarr
 import bigalign
 from bigalign import stores
 from bigalign.errors import ChunkReadError
-from conftest import planted, write_zarr
+from conftest import imported_store, planted, write_zarr
 
 ROWS, DIM, CHUNK = 40_000, 32, 500
 # 0.1 MB blocks -> 80 blocks of 500 rows in 8 checkpoint units of 10 blocks (a unit's
@@ -114,6 +114,54 @@ def test_apply_killed_then_rerun_gives_the_same_bytes(data, tmp_path, fault):
     assert arr.attrs["bigalign"]["complete"] is True
     assert np.array_equal(arr[:], ref_out)
     assert cli("info", out).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def store_data(tmp_path_factory):
+    """An imported store with string ids (8000 x 16, chunks of 250), a transform, and the
+    store an uninterrupted apply of rows 100:7900 writes (the reference)."""
+    tmp = tmp_path_factory.mktemp("resume-store")
+    a, b, _ = planted(8000, 16, noise=0.1, offset_a=2.0, seed=22)
+    ids = np.array([f"item-{i * 7919 % 8000}" for i in range(8000)])
+    s = imported_store(tmp / "a.store", a, ids, model="old", chunk_rows=250)
+    t = imported_store(tmp / "b.store", b, ids, model="new", chunk_rows=250)
+    cli("fit", s, t, "-o", tmp / "ref.t", "--center", *SMALL, check=0)
+    argv = ["apply", tmp / "ref.t", s, "--rows", "100:7900", "--block-mb", "0.02", "-q"]
+    cli(*argv, "-o", tmp / "ref.store", check=0)
+    ref = zarr.open_group(str(tmp / "ref.store"))
+    return argv, ref["embeddings"][:], ref["ids"][:], ids
+
+
+@pytest.mark.parametrize("fault", [
+    "kill:apply.begun@1",            # manifest written, store not yet created
+    "kill:apply.region-written@2",   # vectors and ids of a region stored, marker not yet
+    "kill:apply.region-done@5",
+    "kill:apply.before-complete@1",  # every region done, completion mark not yet
+])
+def test_apply_of_a_store_killed_then_rerun_gives_the_same_store(store_data, tmp_path, fault):
+    from bigalign.embedding_store import open_store, store_parts
+    argv, ref_emb, ref_ids, ids = store_data
+    out = tmp_path / "o.store"
+    killed = cli(*argv, "-o", out, faults=fault)
+    assert killed.returncode == -signal.SIGKILL
+    if fault != "kill:apply.begun@1":
+        assert bigalign.output_status(str(out))["complete"] is False
+        for read in (open_store, store_parts):  # never mistaken for a finished store
+            with pytest.raises(bigalign.InputError, match="incomplete|unfinished"):
+                read(str(out))
+        info = cli("info", out)
+        assert info.returncode == 3 and "INCOMPLETE (rerun the apply" in info.stdout
+        assert json.loads(cli("status", out, "--json").stdout)["kind"] == "apply"
+    again = cli(*argv, "-o", out, check=0)
+    assert ("resuming:" in again.stderr) == (fault != "kill:apply.begun@1")
+    emb, got_ids, model = open_store(str(out))
+    assert np.array_equal(emb[:], ref_emb) and got_ids[:].tolist() == ref_ids.tolist()
+    assert got_ids[:].tolist() == ids[100:7900].tolist() and model == "new"
+    assert cli("info", out).returncode == 0
+    assert not os.path.exists(f"{out}.checkpoint")
+    mtime = os.path.getmtime(out / "zarr.json")  # a rerun of the finished job: a no-op
+    r = cli(*argv, "-o", out, check=0)
+    assert "nothing to do" in r.stderr and os.path.getmtime(out / "zarr.json") == mtime
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])

@@ -20,7 +20,7 @@ import zarr
 import bigalign
 from bigalign.checkpoint import Job, Lease, LeaseLostError
 from bigalign.errors import CheckpointError, InputError
-from conftest import planted, write_zarr
+from conftest import imported_store, planted, write_zarr
 
 ROWS, DIM, CHUNK = 6000, 8, 250
 SMALL = ["--block-mb", "0.02", "-q"]  # 24 blocks: room for kills between units
@@ -332,3 +332,113 @@ def test_bad_rows_policy_resumes_a_run_stopped_by_a_nan_row(tmp_path, policy):
         assert np.isnan(got[~ok]).all()
     else:
         assert (got[~ok] == 0).all()
+
+
+# ---- apply outputs that are embedding stores (a store source) ------------------------------
+
+@pytest.fixture
+def stores(tmp_path):
+    """An imported source store with string ids, a target store, a transform."""
+    a, b, _ = planted(ROWS, DIM, noise=0.1, offset_a=1.0, seed=6)
+    ids = np.array([f"id-{i * 31 % ROWS}" for i in range(ROWS)])
+    s = imported_store(tmp_path / "a.store", a, ids, model="old", chunk_rows=CHUNK)
+    t = imported_store(tmp_path / "b.store", b, ids, model="new", chunk_rows=CHUNK)
+    tr = bigalign.fit(s, t, center=True, output=str(tmp_path / "t"))
+    return tmp_path, s, t, a, ids, tr
+
+
+def test_apply_never_replaces_an_imported_store_or_a_foreign_group(stores):
+    """Even with --overwrite: an imported store (bigalign's, but not apply's), a store a
+    user made, a plain group. Each is left byte for byte as it was."""
+    tmp, s, t, _, _, _ = stores
+    user = zarr.open_group(str(tmp / "user.store"), mode="w")
+    user.create_array("embeddings", data=np.ones((10, DIM), np.float32), chunks=(5, DIM))
+    zarr.open_group(str(tmp / "group.zarr"), mode="w").attrs["mine"] = True
+    for out, why in ((t, "only 'bigalign import' replaces one"),
+                     (tmp / "user.store", "was not written by bigalign"),
+                     (tmp / "group.zarr", "was not written by bigalign")):
+        before = snapshot(out)
+        for extra in ([], ["--overwrite"], ["--restart"]):
+            r = cli("apply", tmp / "t", s, "-o", out, *extra, "-q", check=2)
+            assert why in r.stderr, r.stderr
+        assert snapshot(out) == before
+    assert bigalign.outputs.inspect(t).kind == "embedding-store"
+
+
+def test_apply_store_output_never_aliases_the_source_store(stores):
+    tmp, s, _, _, _, _ = stores
+    before = snapshot(s)
+    for out in (s, f"{s}/mapped", f"{s}/ids", f"file://{s}/"):
+        r = cli("apply", tmp / "t", s, "-o", out, "--overwrite", "-q", check=2)
+        assert "never writes over its inputs" in r.stderr
+    assert snapshot(s) == before
+
+
+def test_apply_over_its_own_finished_store(stores):
+    """A rerun is a no-op; other options are refused naming them; --overwrite replaces it.
+    An old bare-array output of the same rows (apply of STORE/embeddings, as bigalign wrote
+    before stores) is refused as another job, and replaced with --overwrite."""
+    tmp, s, _, a, ids, tr = stores
+    out = tmp / "o.store"
+    apply = ["apply", tmp / "t", s, "-o", out, "-q"]
+    cli(*apply, check=0)
+    mtime = os.path.getmtime(out / "zarr.json")
+    r = cli(*apply[:-1], check=0)
+    assert "nothing to do" in r.stderr and os.path.getmtime(out / "zarr.json") == mtime
+    r = cli(*apply, "--dtype", "float16", check=2)
+    assert "options.dtype: 'float32' -> 'float16'" in r.stderr and "--overwrite" in r.stderr
+    r = cli(*apply, "--rows", "250:5000", check=2)
+    assert "rows: [0, 6000] -> [250, 5000]" in r.stderr
+    cli(*apply, "--rows", "250:5000", "--dtype", "float16", "--overwrite", check=0)
+    g = zarr.open_group(str(out))
+    assert g["embeddings"].dtype == np.float16 and g["embeddings"].shape == (4750, DIM)
+    assert g["ids"][:].tolist() == ids[250:5000].tolist()
+    got = g["embeddings"][:]  # float32 GEMM round-off, then float16: within a float16 ulp
+    assert not np.isnan(got).any()
+    np.testing.assert_allclose(got, tr.transform(a[250:5000], dtype=np.float16), rtol=1e-3,
+                               atol=1e-3)
+    bare = tmp / "bare.zarr"
+    cli("apply", tmp / "t", f"{s}/embeddings", "-o", bare, "-q", check=0)
+    r = cli("apply", tmp / "t", s, "-o", bare, "-q", check=2)
+    assert "output: None -> {'kind': 'embedding-store'" in r.stderr
+    cli("apply", tmp / "t", s, "-o", bare, "--overwrite", "-q", check=0)
+    assert zarr.open_group(str(bare))["ids"][:].tolist() == ids.tolist()
+
+
+def test_stale_store_of_another_run_is_recreated(stores):
+    """As test_stale_output_of_another_run_is_recreated, for a store: run A killed half
+    way, run B (--overwrite, other chunks and dtype) killed before it made its store, B
+    rerun: A's store is not reused; B's vectors and ids are all there."""
+    tmp, s, _, a, ids, tr = stores
+    out = tmp / "o.store"
+    cli("apply", tmp / "t", s, "-o", out, "--block-mb", "0.02", "-q",
+        faults="kill:apply.region-done@5")
+    assert zarr.open_group(str(out))["ids"].chunks == (CHUNK,)
+    argv = ["apply", tmp / "t", s, "-o", out, "--chunk-rows", "500", "--dtype", "float16",
+            "--block-mb", "0.02", "-q"]
+    killed = cli(*argv, "--overwrite", faults="kill:apply.begun@1")
+    assert killed.returncode == -signal.SIGKILL
+    cli(*argv, check=0)
+    g = zarr.open_group(str(out))
+    assert g.attrs["bigalign"]["complete"] is True
+    assert g["embeddings"].dtype == np.float16 and g["embeddings"].chunks == (500, DIM)
+    assert g["ids"].chunks == (500,) and g["ids"][:].tolist() == ids.tolist()
+    got = g["embeddings"][:]
+    assert not np.isnan(got).any()  # A's regions are not taken as B's
+    np.testing.assert_allclose(got, tr.transform(a, dtype=np.float16), rtol=1e-3, atol=1e-3)
+
+
+def test_source_ids_rewritten_in_place_are_detected(stores):
+    """The ids an output store copies are part of the job: re-written between a kill and
+    the rerun, the rerun is refused; --restart copies the new ones."""
+    tmp, s, _, _, ids, _ = stores
+    out = tmp / "o.store"
+    apply = ["apply", tmp / "t", s, "-o", out, "--block-mb", "0.02", "-q"]
+    cli(*apply, faults="kill:apply.region-done@3")
+    time.sleep(0.01)
+    new_ids = np.array([f"new-{i}" for i in range(ROWS)], dtype=np.dtypes.StringDType())
+    zarr.open_group(s, mode="r+")["ids"][:] = new_ids
+    r = cli(*apply, check=2)
+    assert "output.ids.content" in r.stderr and "changed" in r.stderr
+    cli(*apply, "--restart", check=0)
+    assert zarr.open_group(str(out))["ids"][:].tolist() == new_ids.tolist()
