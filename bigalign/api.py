@@ -242,6 +242,7 @@ def _fit_job(src, tgt, start, stop, opts, gram, fingerprint, fingerprints, model
                                   f"{stop - start} rows; rerun with --restart")
         seconds = time.perf_counter() - t0
         transform = _solve(moments, (dim_a, dim_b), fingerprints, start, stop, opts, gram)
+        solve_seconds = time.perf_counter() - t0 - seconds
         transform.metadata.update({k: v for k, v in models.items() if v})
         if pairs is not None:
             transform.metadata["pairs"] = pairs.summary()
@@ -249,6 +250,7 @@ def _fit_job(src, tgt, start, stop, opts, gram, fingerprint, fingerprints, model
         transform.metadata["run"] = {  # the rate counts rows read by this run only
             "seconds": seconds, "rows": computed,
             "rows_per_second": computed / seconds if computed else None,
+            "solve_seconds": solve_seconds,  # the SVD (and diagnostics), on this node
             "tasks": tasks, "units": len(units), "units_resumed": len(done),
             "device": run.device}
         transform.metadata["job"] = {"run_id": manifest["run_id"],

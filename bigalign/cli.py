@@ -388,8 +388,10 @@ def _describe_transform(t, path) -> str:
     if run:
         rate = f"{run['rows_per_second']:,.0f} rows/s" if run.get("rows_per_second") else \
             "all rows resumed"
+        solve = (f"; solve {run['solve_seconds']:.1f}s" if run.get("solve_seconds") is not None
+                 else "")
         lines.append(f"  fit took {run['seconds']:.1f}s ({rate}, {run['tasks']} tasks, "
-                     f"{run['units_resumed']} of {run['units']} units resumed)")
+                     f"{run['units_resumed']} of {run['units']} units resumed{solve})")
     return "\n".join(lines)
 
 

@@ -336,13 +336,16 @@ def normalize_rows(x: np.ndarray, dtype, start: int = 0, side: str = "source") -
 
 
 def check_finite(colsum: np.ndarray, x: np.ndarray, start: int, side: str) -> None:
-    """Raise NonFiniteError naming the first bad row if ``colsum`` (a float64 column sum or
-    mean of ``x``) is not finite. Finite float16/32 values cannot overflow a float64 sum,
-    so a finite ``colsum`` proves the block clean at no extra pass."""
+    """Raise NonFiniteError naming the first bad row if ``colsum`` (a column sum or mean of
+    ``x``) is not finite and some row of ``x`` holds NaN/Inf. A finite float64 sum of
+    float16/32 values proves the block clean at no extra pass; a float32 sum can also
+    overflow on finite values, so a non-finite sum with no bad row passes."""
     if np.isfinite(colsum).all():
         return
     rows = np.flatnonzero(~np.isfinite(x).all(axis=1))
-    i = int(rows[0]) if rows.size else 0
+    if not rows.size:
+        return
+    i = int(rows[0])
     raise NonFiniteError(f"{side} row {start + i} holds NaN or Inf "
                          f"({rows.size} bad rows in block rows {start}:{start + len(x)})")
 
