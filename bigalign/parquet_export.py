@@ -145,12 +145,12 @@ def check_folder(url, storage_options: Optional[dict] = None) -> Optional[dict]:
     if manifest is None and all(_owned(n, parts) for n in names):
         return None  # only the temporary file of a first manifest cut short
     if foreign:
-        why = "holds files bigalign did not write" if manifest is not None else \
-            "already exists and is not a bigalign export (no _bigalign_export.json)"
+        listed = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        why = "" if manifest is not None else f"; it has no {MANIFEST}: not a bigalign export"
         raise InputError(
-            f"output {str(url)!r} {why} ({', '.join(foreign[:5])}"
-            f"{', ...' if len(foreign) > 5 else ''}): bigalign deletes only what it wrote, "
-            "even with --overwrite. Remove them yourself or choose another location.")
+            f"output {str(url)!r} holds files bigalign did not write ({listed}{why}): "
+            "bigalign deletes only what it wrote, even with --overwrite. Remove them "
+            "yourself or choose another location.")
     return manifest
 
 
@@ -536,10 +536,11 @@ def export_parquet(source, output: str, *, ids_column: str = "id",
                         {"format": FORMAT, "run_id": manifest["run_id"], "model": model,
                          "source": head["source"]}, so)
         graph, key, tasks = export_graph(emb, ids, plan, spec, done=done, job=job)
-        log.info("export: %d rows x %d (%s, ids %s) to %d Parquet files of up to %d rows "
-                 "(~%.0f MB) in %d tasks", plan.rows, emb.dim, out_dtype.name, kind,
-                 len(expected), plan.rows_per_file,
-                 plan.rows_per_file * emb.dim * out_dtype.itemsize / 2**20, tasks)
+        per = min(plan.rows_per_file, plan.rows)
+        log.info("export: %d rows x %d (%s, ids %s) to %d Parquet file%s of up to %d rows "
+                 "(~%.3g MB of vectors) in %d tasks", plan.rows, emb.dim, out_dtype.name,
+                 kind, len(expected), "s" * (len(expected) != 1), per,
+                 per * emb.dim * out_dtype.itemsize / 2**20, tasks)
         with session(**run.session_args()) as s:
             written = s.get(graph, key)
         seconds = time.perf_counter() - t0
