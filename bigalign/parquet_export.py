@@ -27,7 +27,8 @@ How it works, in the house style (a plan + a job + a graph):
 
 * **The plan** (:class:`bigalign.plan.ExportPlan`, pure) cuts the rows into files of whole
   source chunks (shards when sharded) of about 256 MB (``--rows-per-file``: a multiple of
-  the chunk rows), each written in row groups of one source read.
+  the chunk rows), each read from the source ~32 MiB at a time and written in row groups of
+  that many rows.
 * **The job** is :func:`bigalign.checkpoint.checkpointed`, exactly as for apply and import:
   the fingerprint holds the source (its content witness), the ids, the rows and the
   options; a file is written under a temporary name and renamed into place (on object
@@ -47,6 +48,7 @@ crash tests: ``export.begun``, ``export.file-written`` (file in place, marker no
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -177,7 +179,10 @@ def _listing(folder) -> dict[str, int]:
 
     def ls():
         try:
-            entries = folder.fs.ls(folder.root, detail=True)
+            try:
+                entries = folder.fs.ls(folder.root, detail=True, refresh=True)
+            except TypeError:  # file systems without a listing cache
+                entries = folder.fs.ls(folder.root, detail=True)
         except FileNotFoundError:
             return {}
         return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
@@ -200,8 +205,6 @@ def open_source(source, storage_options: Optional[dict] = None, check_chunks: bo
     if node.kind in ("transform", "partial-transform"):
         raise InputError(f"{str(source)!r} is a transform, which has no vectors to write as "
                          "Parquet: export it with --format npz, json or safetensors")
-    if node.kind == "absent":
-        raise InputError(f"no embedding store or Zarr array at {str(source)!r}")
     if node.kind == "apply-output" and not node.complete:
         raise InputError(f"{str(source)!r} is an unfinished apply output (interrupted or "
                          "still running): rerun that apply to finish it first")
@@ -286,7 +289,8 @@ def read_group(source, ids, start: int, stop: int, spec: FileSpec):
     from .stores import read_rows, retrying
 
     x = read_rows(source, start, stop)
-    values = x if x.dtype == np.dtype(spec.dtype) else x.astype(spec.dtype)
+    with np.errstate(over="ignore"):  # an overflow becomes Inf, named below
+        values = x if x.dtype == np.dtype(spec.dtype) else x.astype(spec.dtype)
     bad = _first_nonfinite(values)
     if bad is not None:
         cast = "" if x.dtype == values.dtype else f" (or a value too large for {spec.dtype})"
@@ -315,8 +319,8 @@ def _ids_series(raw: np.ndarray, spec: FileSpec, start: int):
 
 
 def write_file(source, ids, groups: list, spec: FileSpec, name: str) -> int:
-    """Write the rows of ``groups`` (blocks, in order) as the Parquet file ``name`` of the
-    output folder, one row group each, streamed: a local file goes to a temporary name
+    """Write the rows of ``groups`` (blocks: source reads, in order) as the Parquet file
+    ``name`` of the output folder, in row groups of the largest read's rows, streamed: a local file goes to a temporary name
     and is renamed into place; on other file systems the upload appears whole when
     closed. Returns the rows written."""
     import fsspec
@@ -337,23 +341,35 @@ def write_file(source, ids, groups: list, spec: FileSpec, name: str) -> int:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     else:
-        f = fs.open(f"{root}/{name}", "wb")
+        path = f"{root}/{name}"
+        f = fs.open(path, "wb")
         try:
             _sink(frames, spec, f, rows_per_group, meta)
         except BaseException:
-            discard = getattr(f, "discard", None)
-            if discard is not None:  # an abandoned upload: nothing appears
-                discard()
+            _abandon(f, fs, path)
             raise
         f.close()
     return block[1] - block[0]
 
 
+def _abandon(f, fs, path: str) -> None:
+    """Drop a remote file whose writing failed: abort the upload (s3fs: nothing appears),
+    mark the file closed so that collecting it commits nothing, and remove whatever a
+    backend that writes through left at ``path``."""
+    with contextlib.suppress(Exception):
+        f.discard()
+    with contextlib.suppress(Exception):
+        f.closed = True
+    with contextlib.suppress(Exception):
+        fs.rm_file(path)
+
+
 def _sink(frames, spec: FileSpec, target, rows_per_group: int, meta: dict) -> None:
     """Write ``frames`` (an iterator of frames of ``spec.schema()``) to ``target`` (a path
-    or a binary file) as one Parquet file, a row group per frame. Streamed through polars'
-    IO source and streaming sink, so a few frames are in memory at a time; polars without
-    them (older versions) gets the frames concatenated and written at once."""
+    or a binary file) as one Parquet file, in row groups of ``rows_per_group`` rows.
+    Streamed through polars' IO source and streaming sink, so a few frames are in memory at
+    a time; polars without them (older versions) gets the frames concatenated and written
+    at once."""
     import polars as pl
 
     kw = dict(compression=spec.compression, row_group_size=rows_per_group, metadata=meta,

@@ -393,9 +393,9 @@ class ApplyPlan:
 class ExportPlan:
     """Source rows [start, stop) written as files of ``rows_per_file`` rows, one task each
     (file boundaries on multiples of ``step``, the source's shards or chunks, so a task
-    owns whole stored objects; the first and last file may be shorter), each file written
-    in row groups of ``rows_per_group`` rows, one source read each (boundaries on multiples
-    of ``read_step``, its inner chunks)."""
+    owns whole stored objects; the first and last file may be shorter), each file read
+    ``rows_per_group`` rows at a time (boundaries on multiples of ``read_step``, its inner
+    chunks) and written in row groups of ``rows_per_group`` rows from its start."""
 
     start: int
     stop: int
@@ -416,7 +416,7 @@ class ExportPlan:
         return {b.index: (b.start, b.stop) for b in self.blocks()}
 
     def groups(self, block: Block) -> list[Block]:
-        """The row groups (source reads) of one file, in order."""
+        """The source reads of one file, in order."""
         return plan_blocks(block.start, block.stop, self.read_step, self.rows_per_group)
 
     def tasks(self) -> int:
