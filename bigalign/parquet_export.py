@@ -554,9 +554,9 @@ def export_parquet(source, output: str, *, ids_column: str = "id",
         graph, key, tasks = export_graph(emb, ids, plan, spec, done=done, job=job)
         per = min(plan.rows_per_file, plan.rows)
         log.info("export: %d rows x %d (%s, ids %s) to %d Parquet file%s of up to %d rows "
-                 "(~%.3g MB of vectors) in %d tasks", plan.rows, emb.dim, out_dtype.name,
+                 "(~%.3g MB of vectors) in %d task%s", plan.rows, emb.dim, out_dtype.name,
                  kind, len(expected), "s" * (len(expected) != 1), per,
-                 per * emb.dim * out_dtype.itemsize / 2**20, tasks)
+                 per * emb.dim * out_dtype.itemsize / 2**20, tasks, "s" * (tasks != 1))
         with session(**run.session_args()) as s:
             written = s.get(graph, key)
         seconds = time.perf_counter() - t0
