@@ -61,7 +61,7 @@ from typing import Optional, Union
 import numpy as np
 
 from . import faults
-from .errors import CheckpointError, InputError, NonFiniteError
+from .errors import CheckpointError, InputError, NonFiniteError, TransientError
 from .plan import ExportPlan, make_export_plan
 
 log = logging.getLogger("bigalign")
@@ -104,7 +104,7 @@ def _owned(name: str, parts: set) -> bool:
 
 
 def _parts_of(manifest: Optional[dict]) -> set:
-    return {f["name"] for f in (manifest or {}).get("files", [])}
+    return {f.get("name") for f in (manifest or {}).get("files", []) if isinstance(f, dict)}
 
 
 # ==== the output folder: what is there, and what is ours ======================================
@@ -118,12 +118,15 @@ def _folder(url, so):
 
 def export_manifest(url, storage_options: Optional[dict] = None) -> Optional[dict]:
     """The manifest of a bigalign Parquet export at ``url``, or None when there is none
-    (or it is not one)."""
+    (or it is not one). Storage that does not answer raises (TransientError): "nothing
+    there" would be a lie."""
     try:
         folder = _folder(url, storage_options)
         raw = folder.get_file(folder._path(MANIFEST))
         manifest = json.loads(raw) if raw is not None else None
-    except Exception:
+    except TransientError:
+        raise
+    except Exception:  # not a folder, not readable, not JSON: not an export
         return None
     return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT \
         else None
@@ -320,9 +323,9 @@ def _ids_series(raw: np.ndarray, spec: FileSpec, start: int):
 
 def write_file(source, ids, groups: list, spec: FileSpec, name: str) -> int:
     """Write the rows of ``groups`` (blocks: source reads, in order) as the Parquet file
-    ``name`` of the output folder, in row groups of the largest read's rows, streamed: a local file goes to a temporary name
-    and is renamed into place; on other file systems the upload appears whole when
-    closed. Returns the rows written."""
+    ``name`` of the output folder, in row groups of the largest read's rows, streamed: a
+    local file goes to a temporary name and is renamed into place; on other file systems
+    the upload appears whole when closed. Returns the rows written."""
     import fsspec
     from fsspec.implementations.local import LocalFileSystem
 
@@ -372,8 +375,7 @@ def _sink(frames, spec: FileSpec, target, rows_per_group: int, meta: dict) -> No
     at once."""
     import polars as pl
 
-    kw = dict(compression=spec.compression, row_group_size=rows_per_group, metadata=meta,
-              statistics=False)
+    kw = dict(compression=spec.compression, row_group_size=rows_per_group, metadata=meta)
     if not _CAN_STREAM:
         pl.concat(list(frames), rechunk=False).write_parquet(target, **kw)
         return
@@ -387,15 +389,18 @@ def _sink(frames, spec: FileSpec, target, rows_per_group: int, meta: dict) -> No
 
 
 def _can_stream() -> bool:
+    """Does this polars have IO sources and a streaming sink that writes key-value
+    metadata?"""
     import inspect as _inspect
 
     import polars as pl
 
     try:
-        from polars.io.plugins import register_io_source  # noqa: F401
+        import polars.io.plugins as plugins
     except ImportError:
         return False
-    return "metadata" in _inspect.signature(pl.LazyFrame.sink_parquet).parameters
+    return hasattr(plugins, "register_io_source") and \
+        "metadata" in _inspect.signature(pl.LazyFrame.sink_parquet).parameters
 
 
 _CAN_STREAM = _can_stream()
