@@ -261,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "source model (refused by default)")
     _run_args(a)
 
-    i = sub.add_parser("info", help="describe a transform, an apply output or progress in flight")
+    i = sub.add_parser("info", help="describe a transform, an apply output, an embedding store, "
+                                    "a Parquet export or progress in flight")
     i.add_argument("path")
     i.add_argument("--json", action="store_true", help="print machine-readable JSON")
     add_storage_option(i)
@@ -402,6 +403,11 @@ def _info(args) -> int:
     so = storage_options(args)
     from .embedding_store import store_attrs
 
+    from .parquet_export import export_manifest
+
+    export = export_manifest(args.path, so)
+    if export is not None:  # a folder of Parquet files (export --format parquet)
+        return _describe_export(args, export, so)
     store = store_attrs(args.path, so)
     if store is not None:  # an embedding store (written by import or apply)
         from .embedding_store import open_store
@@ -455,6 +461,32 @@ def _info(args) -> int:
     return 0
 
 
+def _describe_export(args, export: dict, so) -> int:
+    """``info`` of a Parquet export: 0 when complete, 3 (with its progress) when not."""
+    import bigalign
+
+    files = export.get("files", [])
+    info = {"kind": "parquet-export", "path": args.path,
+            **{k: v for k, v in export.items() if k not in ("job", "files", "format")},
+            "files": len(files), "bytes": sum(f.get("bytes", 0) for f in files)}
+    if not export.get("complete"):
+        info["progress"] = bigalign.run_status(args.path, so)
+    if args.json:
+        _print_json(info)
+    else:
+        state = "complete" if export.get("complete") else \
+            "INCOMPLETE (rerun the export to resume)"
+        a, b = export.get("rows", [0, 0])
+        print(f"Parquet export {args.path}: {state}, rows {a:,}:{b:,} of "
+              f"{export.get('source')} in {len(files):,} files ({info['bytes'] / 2**20:,.1f} "
+              f"MiB); columns {export.get('ids_column')}: {export.get('ids')}, "
+              f"{export.get('vector_column')}: {export.get('dtype')}[{export.get('dim')}]; "
+              f"model: {export.get('model') or '?'}")
+        if info.get("progress"):
+            print("  " + _describe_progress(info["progress"]))
+    return 0 if export.get("complete") else 3
+
+
 def _describe_progress(p: dict) -> str:
     rate = f"{p['rows_per_second']:,.0f} rows/s" if p.get("rows_per_second") else "rate unknown"
     eta = f", about {p['eta_seconds']:.0f}s left" if p.get("eta_seconds") is not None else ""
@@ -471,7 +503,10 @@ def _status(args) -> int:
     if p is None:
         from .embedding_store import store_attrs
 
-        status = bigalign.output_status(args.path, so) or store_attrs(args.path, so)
+        from .parquet_export import export_manifest
+
+        status = bigalign.output_status(args.path, so) or store_attrs(args.path, so) or \
+            export_manifest(args.path, so)
         done = bool(status and status.get("complete"))
         if not done and status is None:  # not an apply output or a store: a transform?
             try:

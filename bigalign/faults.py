@@ -10,7 +10,10 @@ statistics stored), ``fit.solved`` (SVD done, transform not yet saved), ``fit.sa
 (transform saved, checkpoint not yet removed), ``apply.region-written`` (a region's data
 stored, its done-marker not yet), ``apply.region-done`` (marker stored),
 ``apply.begun`` (manifest written, output not yet created or checked),
-``apply.before-complete`` (all regions done, completion attribute not yet written).
+``apply.before-complete`` (all regions done, completion attribute not yet written);
+``import.*`` (:mod:`bigalign.ingest`) and ``export.begun``, ``export.file-written`` (a Parquet
+file in place, its marker not yet), ``export.file-done``, ``export.before-complete``
+(:mod:`bigalign.parquet_export`).
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ __all__ = ["Block", "common_step", "choose_block_rows", "plan_blocks", "count_bl
            "fit_task_bytes", "apply_task_bytes", "output_layout", "DEFAULT_BLOCK_BYTES",
            "MAX_UNITS", "COUNT_FAN_IN", "FitPlan", "ApplyPlan", "make_fit_plan",
            "make_apply_plan", "plan_from_dict", "CORE_RATES", "core_rate", "estimate_fit",
-           "estimate_apply"]
+           "estimate_apply", "ExportPlan", "make_export_plan", "FILE_BYTES", "GROUP_BYTES"]
 
 #: Default input bytes per task: chunks of ~8-32 MB read fastest here, and a task of a few
 #: of them amortises Dask's per-task overhead (~1 ms) to nothing.
@@ -63,6 +63,12 @@ COUNT_FAN_IN = 32
 #: A sharded output mirrors its source's shards unless one would pass this many bytes: a
 #: task holds a whole output shard (twice: mapped and encoded) while writing it.
 MAX_OUTPUT_SHARD_BYTES = 512 * 2**20
+
+#: ``export --format parquet``: bytes per file (vector database bulk loaders take files of
+#: 100 MB to 1 GB best; one file is one task) and per row group (what a writer holds while
+#: encoding, and what a reader decodes at a time).
+FILE_BYTES = 256 * 2**20
+GROUP_BYTES = 32 * 2**20
 
 
 @dataclass(frozen=True)
@@ -383,9 +389,73 @@ class ApplyPlan:
         return apply_task_count(count_blocks(0, self.rows, self.step, self.rows_per_block))
 
 
+@dataclass(frozen=True)
+class ExportPlan:
+    """Source rows [start, stop) written as files of ``rows_per_file`` rows, one task each
+    (file boundaries on multiples of ``step``, the source's shards or chunks, so a task
+    owns whole stored objects; the first and last file may be shorter), each file read
+    ``rows_per_group`` rows at a time (boundaries on multiples of ``read_step``, its inner
+    chunks) and written in row groups of ``rows_per_group`` rows from its start."""
+
+    start: int
+    stop: int
+    step: int
+    rows_per_file: int
+    rows_per_group: int
+    read_step: int
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+    def blocks(self) -> list[Block]:
+        """The files, in order: block ``i`` is file ``i``."""
+        return plan_blocks(self.start, self.stop, self.step, self.rows_per_file)
+
+    def region_rows(self) -> dict[int, tuple[int, int]]:
+        return {b.index: (b.start, b.stop) for b in self.blocks()}
+
+    def groups(self, block: Block) -> list[Block]:
+        """The source reads of one file, in order."""
+        return plan_blocks(block.start, block.stop, self.read_step, self.rows_per_group)
+
+    def tasks(self) -> int:
+        """Tasks of the graph with nothing done: one per file and the tree that counts."""
+        return apply_task_count(count_blocks(self.start, self.stop, self.step,
+                                             self.rows_per_file))
+
+
+def make_export_plan(start: int, stop: int, step: int, row_bytes: int, *,
+                     read_step: Optional[int] = None, rows_per_file: Optional[int] = None,
+                     file_bytes: int = FILE_BYTES, group_bytes: int = GROUP_BYTES,
+                     task_budget: Optional[int] = None) -> ExportPlan:
+    """Plan an export of source rows [start, stop) whose stored objects hold ``step`` rows
+    (inner chunks ``read_step``, default ``step``), ``row_bytes`` bytes a row as written:
+    files of ``rows_per_file`` rows (a positive multiple of ``step``; ValueError
+    otherwise), by default about ``file_bytes`` (whole objects, at least one; more when the
+    files would pass the task budget, :func:`max_tasks`), in row groups of about
+    ``group_bytes`` (whole inner chunks, at least one, at most a file)."""
+    read_step = int(read_step or step)
+    if step <= 0 or read_step <= 0 or step % read_step:
+        raise ValueError(f"bad steps: objects of {step} rows, reads of {read_step}")
+    if not 0 <= start < stop:
+        raise ValueError(f"bad row range {start}:{stop}")
+    if rows_per_file is not None:
+        per = int(rows_per_file)
+        if per <= 0 or per % step:
+            raise ValueError(f"rows per file {per} is not a positive multiple of {step}")
+    else:
+        per = choose_block_rows(stop - start, step, row_bytes, file_bytes)
+        budget = max_tasks(stop - start) if task_budget is None else task_budget
+        while apply_task_count(count_blocks(start, stop, step, per)) > budget:
+            per = _grow(per, step)
+    group_rows = min(per, choose_block_rows(stop - start, read_step, row_bytes, group_bytes))
+    return ExportPlan(start, stop, step, per, group_rows, read_step)
+
+
 def plan_from_dict(kind: str, values: dict):
     """The plan a manifest stores (``dataclasses.asdict`` of it), rebuilt."""
-    return (FitPlan if kind == "fit" else ApplyPlan)(**values)
+    return {"fit": FitPlan, "export": ExportPlan}.get(kind, ApplyPlan)(**values)
 
 
 def _read_step(read_steps, step: int, row_bytes: int, block_bytes: int) -> int:
