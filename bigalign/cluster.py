@@ -65,7 +65,10 @@ def _blas_libraries() -> list:
     """(get, set) of the thread count of every BLAS library loaded in this process, found
     once by threadpoolctl. OpenBLAS's own setter is called directly: threadpoolctl 3.8 lets
     only the first thread that set an OpenBLAS (pthreads) limit set it again and silently
-    ignores the others, which in a pool of Dask threads left tasks unpinned."""
+    ignores the others, which in a pool of Dask threads left tasks unpinned. SciPy's BLAS
+    (the fit's rank-1 updates call it) is loaded first, so that a process which had not
+    imported SciPy yet does not leave that second library unpinned."""
+    import scipy.linalg.blas  # noqa: F401  (loads SciPy's OpenBLAS before the scan)
     from threadpoolctl import ThreadpoolController
 
     out = []
