@@ -127,7 +127,7 @@ def add_commands(sub) -> dict:
         sub, "evaluate-retrieval", "query -> document retrieval across two models (nDCG@10)",
         "Queries embedded by one model, documents by another, relevance judgements as a table "
         "(query_id, doc_id, relevance; parquet or CSV; ids are row indices of QUERIES and "
-        "DOCS). Reports nDCG and recall@k for native (with --native), none, the baselines and "
+        "DOCS, or their ids when both are embedding stores with ids). Reports nDCG and recall@k for native (with --native), none, the baselines and "
         "the aligned transform, searched raw and centred. --map queries (default): TRANSFORM "
         "maps the query model into the document model's space (upgrade the query model "
         "without re-indexing); --map docs: it maps documents into the query space.",
@@ -145,6 +145,7 @@ def add_commands(sub) -> dict:
     r.add_argument("--doc-rows", metavar="START:STOP", help="search documents in these rows")
     r.add_argument("--ndcg-k", type=int, default=10, metavar="K", help="nDCG cut-off (default 10)")
     _baseline_args(r)
+    _pairing_args(r, "error")
     _io_args(r, ks="1,10,100")
 
     c = _command(
@@ -199,7 +200,9 @@ def _evaluate_retrieval(args) -> int:
                                 train_source=args.train_source, train_target=args.train_target,
                                 ridge=args.ridge, query_rows=args.query_rows,
                                 doc_rows=args.doc_rows, ks=_ints(args.k, "--k"),
-                                ndcg_k=args.ndcg_k, **_common(args))
+                                ndcg_k=args.ndcg_k, pair_by=args.pair_by,
+                                duplicates=args.duplicates or "error", scratch=args.scratch,
+                                **_common(args))
     return _finish(args, result, format_retrieval)
 
 
@@ -387,9 +390,21 @@ def format_retrieval(result: dict) -> str:
             for m in result["methods"]]
     q0, q1 = result["query_rows"]
     d0, d1 = result["doc_rows"]
-    return "\n".join([
-        f"{result['queries']:,} queries (rows {q0}:{q1}) searched among {result['documents']:,} "
-        f"documents (rows {d0}:{d1}); {result['map']} mapped by the transform",
+    pairing = result.get("pairing") or {"by": "rows"}
+    lines = [f"{result['queries']:,} queries (rows {q0}:{q1}) searched among "
+             f"{result['documents']:,} documents (rows {d0}:{d1}); {result['map']} mapped by "
+             "the transform"]
+    if pairing["by"] == "ids":
+        lines.append(f"qrels by id: {pairing['qrels_queries']:,} judged query ids "
+                     f"({pairing['queries_missing']:,} not in QUERIES, left out), "
+                     f"{pairing['qrels_documents']:,} judged document ids; duplicate ids: "
+                     f"{pairing['duplicates']}")
+        if pairing.get("native"):
+            nat = pairing["native"]
+            lines.append(f"native paired by id: {nat['matched']:,} matched; ids on one side "
+                         f"only: {nat['mapped_only']:,} mapped side, {nat['native_only']:,} "
+                         "native")
+    return "\n".join(lines + [
         "", table(headers, rows), "",
         f"* this transform.  nDCG@{nk}: ranking quality of the top {nk} against the relevance "
         "judgements (1 = ideal order).  R@k: share of a query's relevant documents in its "

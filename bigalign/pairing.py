@@ -146,23 +146,25 @@ def _dedupe(frame, side: str, duplicates: str):
     return kept, frame.height - kept.height
 
 
-def join(source_ids, target_ids, *, duplicates: str = "error") -> Pairs:
+def join(source_ids, target_ids, *, duplicates: str = "error",
+         sides: tuple = ("source", "target")) -> Pairs:
     """Inner join of two id arrays (zarr arrays or numpy, (n,) int or string): pairs
     sorted by source row. Ids of both sides must be of one kind (both int or both
     string). Raises InputError for duplicates (unless ``duplicates`` says which row to
-    keep), missing ids, or no match at all."""
+    keep), missing ids, or no match at all; ``sides`` names the two sides in errors."""
     import polars as pl
 
-    a, dup_a = _dedupe(_ids_frame(source_ids, "source"), "source", duplicates)
-    b, dup_b = _dedupe(_ids_frame(target_ids, "target"), "target", duplicates)
+    one, two = sides
+    a, dup_a = _dedupe(_ids_frame(source_ids, one), one, duplicates)
+    b, dup_b = _dedupe(_ids_frame(target_ids, two), two, duplicates)
     if a.schema["id"] != b.schema["id"]:
-        raise InputError(f"source ids are {a.schema['id']} but target ids are "
+        raise InputError(f"{one} ids are {a.schema['id']} but {two} ids are "
                          f"{b.schema['id']}: they cannot match")
     joined = (a.lazy().join(b.lazy(), on="id", how="inner", suffix="_target")
               .select(pl.col("row").alias("source"), pl.col("row_target").alias("target"))
               .sort("source").collect())
     if joined.height == 0:
-        raise InputError(f"no id of the source ({a.height} ids) occurs in the target "
+        raise InputError(f"no id of the {one} ({a.height} ids) occurs in the {two} "
                          f"({b.height} ids): nothing to pair")
     src = joined["source"].to_numpy()
     tgt = joined["target"].to_numpy()
