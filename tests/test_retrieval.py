@@ -135,9 +135,9 @@ def test_real_query_model_upgrade_retrieval():
 
 @pytest.mark.parametrize("map_side", ["queries", "docs"])
 def test_retrieval_by_ids_equals_rows_on_the_joined_arrays(tmp_path, map_side, caplog):
-    """Queries, documents and native twins in stores with string ids, each in its own order;
-    qrels naming items by id (one query id unknown). Equal to the evaluation by rows of the
-    arrays put in qrels order by hand."""
+    """Queries, documents and native twins in stores with string ids, each in its own order
+    (the documents searched: rows 10:100 of theirs); qrels naming items by id (one query id
+    unknown). Equal to the evaluation by rows of the arrays put in qrels order by hand."""
     import logging
 
     import polars as pl
@@ -164,13 +164,17 @@ def test_retrieval_by_ids_equals_rows_on_the_joined_arrays(tmp_path, map_side, c
     pq, pd_, pn = rng.permutation(70), rng.permutation(90), None
     queries, docs = (q_src, d_tgt) if map_side == "queries" else (q_tgt, d_src)
     qs = make_store(tmp_path / "q.store", queries[pq], qid[pq], chunk=16)
-    ds = make_store(tmp_path / "d.store", docs[pd_], did[pd_], chunk=16)
+    filler = rng.standard_normal((10, 8)).astype(np.float32)   # rows 0:10, not searched
+    ds = make_store(tmp_path / "d.store", np.concatenate([filler, docs[pd_]]),
+                    np.concatenate([[f"other-{i}" for i in range(10)], did[pd_]]), chunk=16)
     twins, twin_ids = (q_tgt, qid) if map_side == "queries" else (d_tgt, did)
     pn = rng.permutation(len(twins))
     ns = make_store(tmp_path / "n.store", twins[pn], twin_ids[pn], chunk=16)
     with caplog.at_level(logging.WARNING, logger="bigalign"):
         got = evaluate_retrieval(t, qs, ds, qrels, map_side=map_side, native=ns,
-                                 statistics=m, ks=(1, 5), dtype="float64", block_rows=20)
+                                 doc_rows="10:100", statistics=m, ks=(1, 5), dtype="float64",
+                                 block_rows=20)
+    assert got["doc_rows"] == [10, 100] and got["documents"] == 90
     assert "1 of 71 judged query ids are not in the queries" in caplog.text
     want = evaluate_retrieval(t, queries, docs, pl.DataFrame(
         [(q, d, r) for q, rel in rels.items() for d, r in rel.items()],
