@@ -360,6 +360,9 @@ def _describe_transform(t, path) -> str:
     pairs = m.get("pairs")
     where = (f"paired by id; {pairs['source_only']:,} source and {pairs['target_only']:,} "
              "target ids unmatched" if pairs else f"rows {m.get('rows')}")
+    if pairs and pairs.get("joined") and pairs["joined"] > pairs["matched"]:
+        where += (f"; a sample of the {pairs['joined']:,} matched pairs, seed "
+                  f"{pairs.get('seed')}: 'bigalign evaluate' holds out the others")
     models = f"  models: {m.get('source_model') or '?'} -> {m.get('target_model') or '?'}" \
         if m.get("source_model") or m.get("target_model") else None
     lines = [f"transform {path}",
