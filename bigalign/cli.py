@@ -407,6 +407,9 @@ def _info(args) -> int:
                 "INCOMPLETE (rerun the import to resume)"
             print(f"embedding store {args.path}: {state}, {store.get('rows', '?'):,} rows x "
                   f"{store.get('dim', '?')}, ids: {store.get('ids') or 'none (row numbers)'}")
+            if store.get("duplicate_ids"):
+                print(f"  {store['duplicate_ids']:,} ids occur more than once: a fit pairing by "
+                      "id needs --duplicates first|last")
             if info.get("progress"):
                 print("  " + _describe_progress(info["progress"]))
         return 0 if store.get("complete") else 3

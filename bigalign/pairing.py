@@ -42,7 +42,8 @@ from .errors import InputError
 log = logging.getLogger("bigalign")
 
 __all__ = ["Pairs", "pair_by_ids", "join", "sample_positions", "sample_pairs", "fit_record",
-           "fitted_pairing", "training_positions", "common_positions", "gather", "gathered",
+           "fitted_pairing", "training_positions", "common_positions", "duplicate_ids", "gather",
+           "gathered",
            "GatherReport", "DUPLICATES", "PAIR_BY"]
 
 DUPLICATES = ("error", "first", "last")
@@ -126,6 +127,23 @@ def _ids_frame(ids, side: str, chunk_rows: Optional[int] = None):
     if not parts:
         raise InputError(f"{side} ids: empty")
     return pl.concat(parts, rechunk=False)
+
+
+def duplicate_ids(ids, side: str = "ids") -> tuple[int, Optional[dict]]:
+    """Ids that occur more than once in ``ids`` (a zarr or numpy (n,) int or string array),
+    counted with polars on Arrow columns read a chunk at a time (no Python object per id):
+    (how many distinct ids occur more than once, an example {"id", "rows": its first two
+    rows, "occurrences"} or None). One hash pass (``n_unique``) when there are none."""
+    import polars as pl
+
+    frame = _ids_frame(ids, side)
+    if frame["id"].n_unique() == frame.height:
+        return 0, None
+    counts = (frame.lazy().group_by("id").agg(pl.len().alias("n"), pl.col("row").min())
+              .filter(pl.col("n") > 1).collect())
+    first = counts.sort("row").row(0, named=True)
+    rows = frame.filter(pl.col("id") == first["id"])["row"].head(2).to_list()
+    return counts.height, {"id": first["id"], "rows": rows, "occurrences": int(first["n"])}
 
 
 def _dedupe(frame, side: str, duplicates: str):
