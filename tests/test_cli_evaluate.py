@@ -359,3 +359,43 @@ def test_curve_and_retrieval_by_ids_real(real_ids, capsys):
     assert code == 0, err
     assert f"qrels by id: {len(held):,} judged query ids (0 not in QUERIES" in out
     assert f"{len(held):,} queries" in out
+
+
+def test_duplicates_and_pair_by_from_the_command_line(tmp_path, capsys):
+    """A store with an id twice: fit --duplicates last; evaluate keeps the fit's policy by
+    default, --duplicates error refuses (exit 2), first re-pairs; curve refuses without
+    --duplicates; --pair-by rows pairs row i with row i of equally long stores."""
+    import numpy as np
+
+    from conftest import make_store
+
+    a, b, _ = planted(600, 8, noise=0.2, offset_a=1.0, seed=5)
+    ids = np.arange(600) * 10
+    ids[599] = ids[3]                                          # id 30 twice in the source
+    perm = np.random.default_rng(5).permutation(600)
+    s = make_store(tmp_path / "a.store", a, ids, chunk=64)
+    t = make_store(tmp_path / "b.store", b[perm], np.arange(600)[perm] * 10, chunk=64)
+    tr = str(tmp_path / "t")
+    code, _, err = run(capsys, "fit", s, t, "-o", tr, "-q")
+    assert code == 2 and "occur more than once" in err and "--duplicates first|last" in err
+    assert main(["fit", s, t, "-o", tr, "--duplicates", "last", "--sample", "400", "-q"]) == 0
+    code, out, err = run(capsys, "evaluate", tr, s, t, "--json", "-q")
+    assert code == 0, err
+    res = json.loads(out)["pairing"]
+    assert (res["duplicates"], res["matched"], res["training_pairs"], res["evaluated"],
+            res["duplicates_dropped"]) == ("last", 599, 400, 199, {"source": 1})
+    code, _, err = run(capsys, "evaluate", tr, s, t, "--duplicates", "error", "-q")
+    assert code == 2 and "source ids: 1 ids occur more than once" in err
+    code, out, _ = run(capsys, "evaluate", tr, s, t, "--duplicates", "first", "--json", "-q")
+    first = json.loads(out)["pairing"]
+    # under "first" the pair of id 30 is (3, .), not the fitted (599, .): held out if fitted
+    fitted_599 = 598 in np.random.default_rng(0).choice(599, 400, replace=False)
+    assert first["duplicates"] == "first" and first["evaluated"] == 199 + fitted_599
+    code, _, err = run(capsys, "curve", s, t, "--train-rows", "0:400", "--eval-rows", "400:599")
+    assert code == 2 and "occur more than once" in err
+    code, out, err = run(capsys, "curve", s, t, "--train-rows", "0:400", "--eval-rows",
+                         "400:599", "--duplicates", "first", "--sizes", "50,400", "-q")
+    assert code == 0 and "training positions 0:400" in out and "paired by id: 599" in out
+    code, out, err = run(capsys, "curve", s, t, "--train-rows", "0:400", "--eval-rows",
+                         "400:600", "--pair-by", "rows", "--sizes", "50,400", "--json", "-q")
+    assert code == 0 and json.loads(out)["pairing"] == {"by": "rows"}
