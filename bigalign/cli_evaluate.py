@@ -41,8 +41,9 @@ def _ints(text: str, what: str) -> list[int]:
 
 EPILOG = "What each number means: docs/evaluation.md"
 TRANSFORM = ("transform", "a transform saved by 'bigalign fit'")
-SOURCE = ("source", "Zarr array (N, dA) of source-model vectors")
-TARGET = ("target", "Zarr array (N, dB) of target-model vectors, same rows")
+SOURCE = ("source", "Zarr array (N, dA) of source-model vectors, or an embedding store")
+TARGET = ("target", "Zarr array (N, dB) of target-model vectors, same rows; or an embedding "
+                    "store whose ids pair with the source's")
 
 
 def _command(sub, name: str, summary: str, description: str, *positionals):
@@ -98,7 +99,9 @@ def add_commands(sub) -> dict:
     """Register subcommands on the argparse ``sub`` parsers; return {name: handler(args)}."""
     e = _command(
         sub, "evaluate", "held-out quality of a transform next to its baselines",
-        "Evaluate TRANSFORM on held-out pairs (row i of SOURCE with row i of TARGET), "
+        "Evaluate TRANSFORM on held-out pairs (row i of SOURCE with row i of TARGET, or rows "
+        "with equal ids when both are embedding stores with ids: then the matched pairs the "
+        "fit did not use, rebuilt from what it recorded), "
         "streaming: relative residual, cosine per pair, and cross-model retrieval (each "
         "aligned source row searched, by exact cosine, among all held-out target rows; "
         "recall@k), in the raw target space and with each side's mean removed. Baselines "
@@ -127,8 +130,8 @@ def add_commands(sub) -> dict:
         sub, "evaluate-retrieval", "query -> document retrieval across two models (nDCG@10)",
         "Queries embedded by one model, documents by another, relevance judgements as a table "
         "(query_id, doc_id, relevance; parquet or CSV; ids are row indices of QUERIES and "
-        "DOCS, or their ids when both are embedding stores with ids). Reports nDCG and recall@k for native (with --native), none, the baselines and "
-        "the aligned transform, searched raw and centred. --map queries (default): TRANSFORM "
+        "DOCS, or their ids when both are embedding stores with ids). Reports nDCG and "
+        "recall@k for native (with --native), none, the baselines and the aligned transform, searched raw and centred. --map queries (default): TRANSFORM "
         "maps the query model into the document model's space (upgrade the query model "
         "without re-indexing); --map docs: it maps documents into the query space.",
         TRANSFORM, ("queries", "Zarr array of query embeddings"),
