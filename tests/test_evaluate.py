@@ -460,6 +460,15 @@ def test_evaluate_by_ids_equals_rows_on_the_joined_held_out_arrays(tmp_path):
     with pytest.raises(InputError, match="occur more than once"):
         evaluate(tr, s, t, duplicates="error")
 
+    # the inverse maps the new store back to the old: the same pairs, seen from the other side
+    inv = evaluate(tr.inverse(), t, s, dtype="float64")
+    assert inv["pairing"]["training_pairs"] == 600
+    assert inv["pairing"]["evaluated"] == len(held) and inv["overlap_with_training"] == 0
+    back = np.argsort(tgt_rows[held])                    # the inverse's order: by new-store row
+    _same_numbers(inv, evaluate_maps(methods_for(tr.inverse(), tr.inverse().statistics),
+                                     b[tgt_rows[held]][back], a[src_rows[held]][back],
+                                     dtype="float64"))
+
     # --rows: positions in the matched pairs; training pairs among them are counted
     some = evaluate(tr, s, t, rows="100:400", dtype="float64")
     assert some["pairing"]["positions"] == [100, 400] and some["rows"] == [100, 400]
