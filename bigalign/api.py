@@ -96,6 +96,10 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
     duplicates : with ids, "error" (default) refuses ids that occur twice on a side;
         "first" / "last" keep the first / last row of each id.
     sample, seed : with ids, fit on a reproducible random subset of ``sample`` pairs.
+        A fit by id records its pairing in ``metadata["pairs"]``
+        (:func:`bigalign.pairing.fit_record`: matched and unmatched counts, duplicates,
+        sample, seed, the SHA-256 of the fitted pairs), from which ``bigalign evaluate``
+        rebuilds which matched pairs were training pairs.
     source_model, target_model : model names stamped on the transform (default: the
         stores' ``model`` attributes); ``apply`` refuses sources of another model.
     scratch : folder for the gathered pairs of a fit by id (default: the system's temporary
