@@ -575,8 +575,9 @@ def _training_pairs(t, joined: Pairs, policy: str, source_ids, target_ids
     """Positions in ``joined`` (sorted (k,) int64) of the pairs the transform was fitted on,
     and how that is known; (None, why) when it cannot be told. A fit by id: its recorded
     pairing rebuilt (:func:`bigalign.pairing.training_positions`, with the fit's duplicates
-    policy, a second join when ``policy`` differs) and verified by its SHA-256. A fit by
-    rows [a, b): the matched pairs (i, i) with a <= i < b."""
+    policy, a second join when ``policy`` differs or the transform is an inverse, whose
+    record is marked ``swapped``) and verified by its SHA-256. A fit by rows [a, b): the
+    matched pairs (i, i) with a <= i < b."""
     record = fitted_pairing(t.metadata)
     if record is None:
         train = t.options.get("rows")
@@ -586,10 +587,12 @@ def _training_pairs(t, joined: Pairs, policy: str, source_ids, target_ids
         s, g = joined.source_rows, joined.target_rows
         return (np.flatnonzero((s == g) & (s >= a) & (s < b)),
                 f"fitted row by row on rows {a}:{b}: the matched pairs (i, i) in that range")
+    swapped = bool(record.get("swapped"))  # an inverse: the fit's source is our target
     fit_join = joined
-    if record["duplicates"] != policy:
+    if swapped or record["duplicates"] != policy:
+        sides = (target_ids, source_ids) if swapped else (source_ids, target_ids)
         try:
-            fit_join = join(source_ids, target_ids, duplicates=record["duplicates"])
+            fit_join = join(*sides, duplicates=record["duplicates"])
         except InputError as e:
             return None, f"its pairs cannot be rebuilt ({e})"
     pos = training_positions(fit_join, record)
@@ -597,7 +600,10 @@ def _training_pairs(t, joined: Pairs, policy: str, source_ids, target_ids
         return None, ("its recorded pairs are not the pairs of these stores' ids (the stores "
                       "or their ids changed since the fit: sha256 differs)")
     if fit_join is not joined:
-        pos = common_positions(fit_join.take(pos), joined)
+        fitted = fit_join.take(pos)
+        if swapped:
+            fitted = Pairs(fitted.target_rows, fitted.source_rows)
+        pos = np.sort(common_positions(fitted, joined))
     how = (f"a sample of {record['matched']:,}, seed {record['seed']}" if record["sample"]
            and record["matched"] < fit_join.matched else "every matched pair")
     return pos, (f"the fit's pairs ({how}; duplicates {record['duplicates']}), rebuilt from "

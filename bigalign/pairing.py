@@ -220,8 +220,9 @@ def fit_record(joined: Pairs, fitted: Pairs, duplicates: str, sample: Optional[i
 
 def fitted_pairing(metadata: Optional[dict]) -> Optional[dict]:
     """How a transform's fit paired by id, from its metadata: {duplicates, sample, seed,
-    matched (pairs fitted), joined (matched before sampling, or None), sha256}; None for a
-    fit by rows (or a transform built by hand). Transforms fitted before
+    matched (pairs fitted), joined (matched before sampling, or None), sha256, swapped (an
+    inverse: the fit's source side is this transform's target)}; None for a fit by rows (or
+    a transform built by hand). Transforms fitted before
     :func:`fit_record` existed have the policy only in their job fingerprint: read there."""
     pairs = (metadata or {}).get("pairs")
     if not isinstance(pairs, dict) or pairs.get("by", "ids") != "ids":
@@ -230,7 +231,8 @@ def fitted_pairing(metadata: Optional[dict]) -> Optional[dict]:
     get = lambda key, default=None: pairs.get(key, job.get(key, default))  # noqa: E731
     return {"duplicates": get("duplicates", "error"), "sample": get("sample"),
             "seed": int(get("seed", 0) or 0), "matched": int(pairs["matched"]),
-            "joined": pairs.get("joined"), "sha256": pairs.get("pairs_sha256", job.get("sha256"))}
+            "joined": pairs.get("joined"), "sha256": pairs.get("pairs_sha256", job.get("sha256")),
+            "swapped": bool(pairs.get("swapped"))}
 
 
 def training_positions(joined: Pairs, record: dict) -> Optional[np.ndarray]:
