@@ -460,6 +460,15 @@ def test_evaluate_by_ids_equals_rows_on_the_joined_held_out_arrays(tmp_path):
     with pytest.raises(InputError, match="occur more than once"):
         evaluate(tr, s, t, duplicates="error")
 
+    # a transform saved before the pairing record existed: the policy from its job fingerprint
+    import copy
+
+    older = copy.deepcopy(tr)
+    for key in ("by", "duplicates", "sample", "seed", "joined"):
+        del older.metadata["pairs"][key]
+    assert older.metadata["job"]["fingerprint"]["pairs"]["sample"] == 600
+    assert evaluate(older, s, t, baselines=False)["pairing"]["evaluated"] == len(held)
+
     # the inverse maps the new store back to the old: the same pairs, seen from the other side
     inv = evaluate(tr.inverse(), t, s, dtype="float64")
     assert inv["pairing"]["training_pairs"] == 600
