@@ -30,7 +30,7 @@ from .options import ApplyOptions, Execution, FitOptions
 from .outputs import APPLY_KINDS, check_replaceable
 from .embedding_store import (KIND as STORE_KIND, create_store, ids_kind_of, is_store,
                               open_for_writing, store_parts)
-from .pairing import gathered, join, sample_pairs
+from .pairing import fit_record, gathered, join, pair_by_ids, sample_pairs
 from .plan import (DEFAULT_BLOCK_BYTES, ApplyPlan, FitPlan, apply_task_bytes, fit_task_bytes,
                    make_apply_plan, make_fit_plan, output_layout)
 from .metrics import fit_diagnostics
@@ -97,6 +97,10 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
     duplicates : with ids, "error" (default) refuses ids that occur twice on a side;
         "first" / "last" keep the first / last row of each id.
     sample, seed : with ids, fit on a reproducible random subset of ``sample`` pairs.
+        A fit by id records its pairing in ``metadata["pairs"]``
+        (:func:`bigalign.pairing.fit_record`: matched and unmatched counts, duplicates,
+        sample, seed, the SHA-256 of the fitted pairs), from which ``bigalign evaluate``
+        rebuilds which matched pairs were training pairs.
     source_model, target_model : model names stamped on the transform (default: the
         stores' ``model`` attributes); ``apply`` refuses sources of another model.
     scratch : folder for the gathered pairs of a fit by id (default: the system's temporary
@@ -137,15 +141,8 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
     src = open_embeddings(src_url, side="source", storage_options=so, check_chunks=check_chunks)
     tgt = open_embeddings(tgt_url, side="target", storage_options=so, check_chunks=check_chunks)
     models = {"source_model": source_model or src_model, "target_model": target_model or tgt_model}
-    if pair_by not in ("auto", "rows", "ids"):
-        raise InputError(f"--pair-by must be auto, rows or ids, got {pair_by!r}")
-    by_ids = pair_by == "ids" or (pair_by == "auto" and src_ids is not None and
-                                  tgt_ids is not None)
+    by_ids = pair_by_ids(pair_by, src_ids, tgt_ids)
     if by_ids:
-        if src_ids is None or tgt_ids is None:
-            raise InputError("--pair-by ids needs both inputs to be embedding stores with ids "
-                             f"(source: {'ids' if src_ids is not None else 'no ids'}, target: "
-                             f"{'ids' if tgt_ids is not None else 'no ids'})")
         if rows is not None:
             raise InputError("--rows selects row-aligned pairs; with ids use --sample")
     else:
@@ -155,13 +152,14 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
     fingerprints = {"source": src.fingerprint(), "target": tgt.fingerprint()}
     recorded = {side: dict(fp, canonical_url=canonical_url(fp["url"], so))
                 for side, fp in fingerprints.items()}  # where the fit ran: for evaluate
-    pairs = None
+    pairs = record = None
     if by_ids:
-        pairs = join(src_ids, tgt_ids, duplicates=duplicates)
+        joined = pairs = join(src_ids, tgt_ids, duplicates=duplicates)
         if sample is not None:
-            pairs = sample_pairs(pairs, int(sample), seed)
+            pairs = sample_pairs(joined, int(sample), seed)
+        record = fit_record(joined, pairs, duplicates, sample, seed)
         log.info("paired by id: %d pairs; %d source and %d target ids unmatched%s",
-                 pairs.matched, pairs.source_only, pairs.target_only,
+                 joined.matched, pairs.source_only, pairs.target_only,
                  f"; sampled {pairs.matched} (seed {seed})" if sample else "")
         if scheduler or workers:
             log.warning("a fit by id reads its gathered pairs from local scratch: it runs "
@@ -203,13 +201,15 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
                              "progress; pass --overwrite to replace it")
     with gathered(pairs, src, tgt, scratch) as (src, tgt):
         return _fit_job(src, tgt, start, stop, opts, gram, fingerprint, recorded, models,
-                        pairs, output, checkpoint, overwrite, restart, keep_checkpoint, run,
+                        record, output, checkpoint, overwrite, restart, keep_checkpoint, run,
                         fan_in, so, t0)
 
 
-def _fit_job(src, tgt, start, stop, opts, gram, fingerprint, fingerprints, models, pairs,
+def _fit_job(src, tgt, start, stop, opts, gram, fingerprint, fingerprints, models, pairing,
              output, checkpoint, overwrite, restart, keep_checkpoint, run, fan_in, so, t0):
-    """The checkpointed fit of rows [start, stop) of two row-aligned inputs."""
+    """The checkpointed fit of rows [start, stop) of two row-aligned inputs. ``pairing``:
+    for a fit by id, what :func:`bigalign.pairing.fit_record` says of its pairs (stored in
+    the transform's metadata as ``pairs``)."""
     dim_a, dim_b = src.dim, tgt.dim
     plan = make_fit_plan(start, stop, (src.row_step, tgt.row_step), (dim_a, dim_b),
                          (src.dtype.itemsize, tgt.dtype.itemsize), gram, run.block_bytes,
@@ -244,8 +244,8 @@ def _fit_job(src, tgt, start, stop, opts, gram, fingerprint, fingerprints, model
         transform = _solve(moments, (dim_a, dim_b), fingerprints, start, stop, opts, gram)
         solve_seconds = time.perf_counter() - t0 - seconds
         transform.metadata.update({k: v for k, v in models.items() if v})
-        if pairs is not None:
-            transform.metadata["pairs"] = pairs.summary()
+        if pairing is not None:
+            transform.metadata["pairs"] = pairing
         computed = sum(b - a for u, (a, b) in plan.unit_rows().items() if u not in done)
         transform.metadata["run"] = {  # the rate counts rows read by this run only
             "seconds": seconds, "rows": computed,

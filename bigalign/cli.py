@@ -370,6 +370,9 @@ def _describe_transform(t, path) -> str:
     pairs = m.get("pairs")
     where = (f"paired by id; {pairs['source_only']:,} source and {pairs['target_only']:,} "
              "target ids unmatched" if pairs else f"rows {m.get('rows')}")
+    if pairs and pairs.get("joined") and pairs["joined"] > pairs["matched"]:
+        where += (f"; a sample of the {pairs['joined']:,} matched pairs, seed "
+                  f"{pairs.get('seed')}: 'bigalign evaluate' holds out the others")
     models = f"  models: {m.get('source_model') or '?'} -> {m.get('target_model') or '?'}" \
         if m.get("source_model") or m.get("target_model") else None
     lines = [f"transform {path}",
@@ -429,6 +432,9 @@ def _info(args) -> int:
             if made_by == "apply":
                 a, b = store.get("source_rows") or ("?", "?")
                 print(f"  written by apply from {store.get('source')} rows {a}:{b}")
+            if store.get("duplicate_ids"):
+                print(f"  {store['duplicate_ids']:,} ids occur more than once: a fit pairing by "
+                      "id needs --duplicates first|last")
             if info.get("progress"):
                 print("  " + _describe_progress(info["progress"]))
         return 0 if store.get("complete") else 3

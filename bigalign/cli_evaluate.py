@@ -41,8 +41,9 @@ def _ints(text: str, what: str) -> list[int]:
 
 EPILOG = "What each number means: docs/evaluation.md"
 TRANSFORM = ("transform", "a transform saved by 'bigalign fit'")
-SOURCE = ("source", "Zarr array (N, dA) of source-model vectors")
-TARGET = ("target", "Zarr array (N, dB) of target-model vectors, same rows")
+SOURCE = ("source", "Zarr array (N, dA) of source-model vectors, or an embedding store")
+TARGET = ("target", "Zarr array (N, dB) of target-model vectors, same rows; or an embedding "
+                    "store whose ids pair with the source's")
 
 
 def _command(sub, name: str, summary: str, description: str, *positionals):
@@ -81,11 +82,26 @@ def _baseline_args(p) -> None:
                    help="target array holding the transform's training rows (default: TARGET)")
 
 
+def _pairing_args(p, duplicates_default: str) -> None:
+    g = p.add_argument_group("pairs by id (embedding stores with ids)")
+    g.add_argument("--pair-by", choices=("auto", "rows", "ids"), default="auto",
+                   help="rows: row i with row i; ids: rows with equal ids (inner join, as fit "
+                        "pairs); auto (default): ids when both inputs are stores with ids")
+    g.add_argument("--duplicates", choices=("error", "first", "last"), default=None,
+                   help="an id occurring twice on one side: refuse, or keep its first / last "
+                        f"row (default: {duplicates_default})")
+    g.add_argument("--scratch", metavar="DIR",
+                   help="local folder for the gathered pairs (default: the system's temporary "
+                        "folder; needs pairs x (dA + dB) x 4 bytes, removed after)")
+
+
 def add_commands(sub) -> dict:
     """Register subcommands on the argparse ``sub`` parsers; return {name: handler(args)}."""
     e = _command(
         sub, "evaluate", "held-out quality of a transform next to its baselines",
-        "Evaluate TRANSFORM on held-out pairs (row i of SOURCE with row i of TARGET), "
+        "Evaluate TRANSFORM on held-out pairs (row i of SOURCE with row i of TARGET, or rows "
+        "with equal ids when both are embedding stores with ids: then the matched pairs the "
+        "fit did not use, rebuilt from what it recorded), "
         "streaming: relative residual, cosine per pair, and cross-model retrieval (each "
         "aligned source row searched, by exact cosine, among all held-out target rows; "
         "recall@k), in the raw target space and with each side's mean removed. Baselines "
@@ -95,7 +111,9 @@ def add_commands(sub) -> dict:
     e.add_argument("--rows", metavar="START:STOP",
                    help="held-out rows (default: all rows when SOURCE/TARGET are not the arrays "
                         "the transform was fitted on, else the rows after, else before, its "
-                        "training rows)")
+                        "training rows). Paired by id: positions in the list of matched pairs "
+                        "(sorted by source row; default: the matched pairs the fit did not "
+                        "use)")
     e.add_argument("--csls", action="store_true",
                    help="also rank with CSLS (penalises 'hub' targets near many queries)")
     e.add_argument("--csls-k", type=int, default=10, metavar="K",
@@ -105,14 +123,15 @@ def add_commands(sub) -> dict:
                         "training rows that baselines need when the transform does not store "
                         "its statistics")
     _baseline_args(e)
+    _pairing_args(e, "the fit's own policy on the stores it was fitted on, else error")
     _io_args(e, ks="1,10")
 
     r = _command(
         sub, "evaluate-retrieval", "query -> document retrieval across two models (nDCG@10)",
         "Queries embedded by one model, documents by another, relevance judgements as a table "
         "(query_id, doc_id, relevance; parquet or CSV; ids are row indices of QUERIES and "
-        "DOCS). Reports nDCG and recall@k for native (with --native), none, the baselines and "
-        "the aligned transform, searched raw and centred. --map queries (default): TRANSFORM "
+        "DOCS, or their ids when both are embedding stores with ids). Reports nDCG and "
+        "recall@k for native (with --native), none, the baselines and the aligned transform, searched raw and centred. --map queries (default): TRANSFORM "
         "maps the query model into the document model's space (upgrade the query model "
         "without re-indexing); --map docs: it maps documents into the query space.",
         TRANSFORM, ("queries", "Zarr array of query embeddings"),
@@ -129,6 +148,7 @@ def add_commands(sub) -> dict:
     r.add_argument("--doc-rows", metavar="START:STOP", help="search documents in these rows")
     r.add_argument("--ndcg-k", type=int, default=10, metavar="K", help="nDCG cut-off (default 10)")
     _baseline_args(r)
+    _pairing_args(r, "error")
     _io_args(r, ks="1,10,100")
 
     c = _command(
@@ -138,9 +158,11 @@ def add_commands(sub) -> dict:
         "where more pairs stop helping.",
         SOURCE, TARGET)
     c.add_argument("--train-rows", required=True, metavar="START:STOP",
-                   help="rows to fit on (prefixes of it for each size)")
+                   help="rows to fit on (prefixes of it for each size); paired by id: "
+                        "positions in the list of matched pairs (sorted by source row)")
     c.add_argument("--eval-rows", required=True, metavar="START:STOP",
-                   help="held-out rows (must not overlap --train-rows)")
+                   help="held-out rows (must not overlap --train-rows); paired by id: "
+                        "positions in the list of matched pairs")
     c.add_argument("--sizes", metavar="N,N",
                    help="training sizes (default 100,300,1000,3000,... and all training rows)")
     c.add_argument("--center", action="store_true", help="fit with centring (as fit --center)")
@@ -150,6 +172,7 @@ def add_commands(sub) -> dict:
                    help="only the orthogonal fit (no least-squares curve)")
     c.add_argument("--ridge", type=float, default=0.0, metavar="LAMBDA",
                    help="ridge penalty for the least-squares curve (default 0)")
+    _pairing_args(c, "error")
     _io_args(c, ks="1,10")
     return {"evaluate": _evaluate, "evaluate-retrieval": _evaluate_retrieval, "curve": _curve}
 
@@ -165,6 +188,7 @@ def _evaluate(args) -> int:
     if args.csls_k < 1:
         raise InputError("--csls-k must be positive")
     result = evaluate(args.transform, args.source, args.target, args.rows,
+                      pair_by=args.pair_by, duplicates=args.duplicates, scratch=args.scratch,
                       baselines=not args.no_baselines, train_source=args.train_source,
                       train_target=args.train_target, ridge=args.ridge,
                       ks=_ints(args.k, "--k"), csls=args.csls, csls_k=args.csls_k,
@@ -179,7 +203,9 @@ def _evaluate_retrieval(args) -> int:
                                 train_source=args.train_source, train_target=args.train_target,
                                 ridge=args.ridge, query_rows=args.query_rows,
                                 doc_rows=args.doc_rows, ks=_ints(args.k, "--k"),
-                                ndcg_k=args.ndcg_k, **_common(args))
+                                ndcg_k=args.ndcg_k, pair_by=args.pair_by,
+                                duplicates=args.duplicates or "error", scratch=args.scratch,
+                                **_common(args))
     return _finish(args, result, format_retrieval)
 
 
@@ -188,7 +214,9 @@ def _curve(args) -> int:
     result = learning_curve(args.source, args.target, args.train_rows, args.eval_rows,
                             sizes=sizes, center=args.center, normalize=args.normalize,
                             scale=args.scale, least_squares=not args.no_least_squares,
-                            ridge=args.ridge, ks=_ints(args.k, "--k"), **_common(args))
+                            ridge=args.ridge, ks=_ints(args.k, "--k"), pair_by=args.pair_by,
+                            duplicates=args.duplicates or "error", scratch=args.scratch,
+                            **_common(args))
     return _finish(args, result, format_curve)
 
 
@@ -257,22 +285,33 @@ def format_evaluation(result: dict) -> str:
         row += [m["retrieval"][v][f"recall@{k}"] for v in variants for k in ks]
         rows.append(row)
     tr = result.get("training") or {}
-    a, b = result["rows"]
-    out = [f"held-out pairs: rows {a}:{b} ({result['pairs']:,}); {result['queries']:,} queries "
+    pairing = result.get("pairing") or {"by": "rows"}
+    by_ids = pairing["by"] == "ids"
+    out = [_held_out_line(result, pairing) + f"; {result['queries']:,} queries "
            f"searched by exact cosine among all {result['targets']:,} held-out targets"
            + (" (queries sampled)" if result["sampled"] else "")
            + f"; chance recall@1 = {result['chance'][f'recall@{ks[0]}']:.4f}" * (ks[0] == 1)]
+    if by_ids:
+        out.append(pairing_line(pairing))
+        known = pairing.get("training_pairs")
+        out.append(f"training pairs: {known:,}, {pairing['training']}" if known is not None
+                   else f"training pairs: cannot be told ({pairing['training']})")
     if tr.get("arrays") == "different":
         out.append("SOURCE/TARGET are not the arrays the transform was fitted on: no row of "
                    "them was used to fit it")
     if result.get("normalized_targets"):
         out.append("target rows L2-normalised, as the fit normalised them")
+    what = "pairs" if by_ids else "rows"
     if result.get("overlap_with_training"):
-        out.append(f"WARNING: {result['overlap_with_training']:,} of these rows were used to "
+        out.append(f"WARNING: {result['overlap_with_training']:,} of these {what} were used to "
                    "fit the transform")
+    elif result.get("overlap_with_training", 0) is None:
+        out.append(f"WARNING: how many of these {what} were used to fit the transform cannot "
+                   "be told")
     if tr.get("statistics"):
-        out.append(f"baselines fitted on training rows {tr['rows'][0]}:{tr['rows'][1]} "
-                   f"(statistics {tr['statistics']})")
+        fitted = (f"the transform's {tr['n']:,} training pairs" if tr.get("pairs") and
+                  tr.get("n") else f"training rows {tr['rows'][0]}:{tr['rows'][1]}")
+        out.append(f"baselines fitted on {fitted} (statistics {tr['statistics']})")
     out += ["", table(headers, rows), "",
             "* this transform.  " + RESID_HELP + ".",
             "cos: cosine between each aligned source row and its own target row.  R@k: share of "
@@ -283,6 +322,31 @@ def format_evaluation(result: dict) -> str:
     if d:
         out += ["", _bound_lines(d, tr)]
     return "\n".join(out)
+
+
+def _held_out_line(result: dict, pairing: dict) -> str:
+    """"held-out pairs: ...": a row range, or pairs matched by id (all the fit did not use,
+    or positions in the list of matched pairs)."""
+    if pairing["by"] != "ids":
+        a, b = result["rows"]
+        return f"held-out pairs: rows {a}:{b} ({result['pairs']:,})"
+    n, m = result["pairs"], pairing["matched"]
+    if pairing.get("positions"):
+        a, b = pairing["positions"]
+        return f"held-out pairs: positions {a}:{b} of the {m:,} pairs matched by id ({n:,})"
+    if n == m:
+        return f"held-out pairs: all {m:,} pairs matched by id"
+    return f"held-out pairs: the {n:,} of the {m:,} pairs matched by id that the fit did not use"
+
+
+def pairing_line(pairing: dict) -> str:
+    """One line on a pairing by id: matched pairs, ids on one side only, duplicates."""
+    dropped = pairing.get("duplicates_dropped") or {}
+    return (f"paired by id: {pairing['matched']:,} matched pairs; ids on one side only: "
+            f"{pairing['source_only']:,} source, {pairing['target_only']:,} target; duplicate "
+            f"ids: {pairing['duplicates']}" +
+            (" (rows dropped: " + ", ".join(f"{k} {v:,}" for k, v in dropped.items()) + ")"
+             if dropped else ""))
 
 
 def _bound_lines(d: dict, tr: dict) -> str:
@@ -329,9 +393,21 @@ def format_retrieval(result: dict) -> str:
             for m in result["methods"]]
     q0, q1 = result["query_rows"]
     d0, d1 = result["doc_rows"]
-    return "\n".join([
-        f"{result['queries']:,} queries (rows {q0}:{q1}) searched among {result['documents']:,} "
-        f"documents (rows {d0}:{d1}); {result['map']} mapped by the transform",
+    pairing = result.get("pairing") or {"by": "rows"}
+    lines = [f"{result['queries']:,} queries (rows {q0}:{q1}) searched among "
+             f"{result['documents']:,} documents (rows {d0}:{d1}); {result['map']} mapped by "
+             "the transform"]
+    if pairing["by"] == "ids":
+        lines.append(f"qrels by id: {pairing['qrels_queries']:,} judged query ids "
+                     f"({pairing['queries_missing']:,} not in QUERIES, left out), "
+                     f"{pairing['qrels_documents']:,} judged document ids; duplicate ids: "
+                     f"{pairing['duplicates']}")
+        if pairing.get("native"):
+            nat = pairing["native"]
+            lines.append(f"native paired by id: {nat['matched']:,} matched; ids on one side "
+                         f"only: {nat['mapped_only']:,} mapped side, {nat['native_only']:,} "
+                         "native")
+    return "\n".join(lines + [
         "", table(headers, rows), "",
         f"* this transform.  nDCG@{nk}: ranking quality of the top {nk} against the relevance "
         "judgements (1 = ideal order).  R@k: share of a query's relevant documents in its "
@@ -359,10 +435,13 @@ def format_curve(result: dict) -> str:
                f"{sat['value']:.3f} at {result['sizes'][-1]:,})" if sat["pairs"] else
                f"still improving at {result['sizes'][-1]:,} pairs ({sat['metric']} "
                f"{sat['value']:.3f}): more training pairs would help")
+    pairing = result.get("pairing") or {"by": "rows"}
+    what = "positions" if pairing["by"] == "ids" else "rows"
     return "\n".join([
-        f"training rows {a}:{b} (prefixes), held-out rows {c}:{d} ({result['pairs']:,} pairs, "
-        f"{result['queries']:,} queries); fit options: "
-        + ", ".join(f"{k}={v}" for k, v in result["options"].items()),
+        f"training {what} {a}:{b} (prefixes), held-out {what} {c}:{d} ({result['pairs']:,} "
+        f"pairs, {result['queries']:,} queries); fit options: "
+        + ", ".join(f"{k}={v}" for k, v in result["options"].items())]
+        + ([pairing_line(pairing)] if pairing["by"] == "ids" else []) + [
         "", table(headers, rows), "", verdict,
         RESID_HELP + ".  eps / bound / achieved: the paper's discrepancy, its bound on "
         "||AQ-B||_F and the value reached (orthogonal, training pairs); '<=x': below the "

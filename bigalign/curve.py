@@ -14,7 +14,10 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .errors import InputError
-from .evaluate import DEFAULT_MAX_QUERIES, evaluate_maps, open_pair, row_range, training_moments
+from .evaluate import (DEFAULT_MAX_QUERIES, evaluate_maps, open_input, pairing_summary, row_range,
+                       training_moments)
+from .pairing import gathered, join, pair_by_ids
+from .stores import validate_pair
 from .metrics import AffineMap, Method, fit_diagnostics, train_numbers
 from .solve import NotUniqueWarning, least_squares as fit_least_squares, procrustes
 
@@ -40,7 +43,9 @@ def learning_curve(source, target, train_rows, eval_rows, *, sizes: Optional[Seq
                    reflection: bool = True, least_squares: bool = True, ridge: float = 0.0,
                    ks: Sequence[int] = (1, 10), max_queries: Optional[int] = DEFAULT_MAX_QUERIES,
                    seed: int = 0, dtype="float32", block_rows: Optional[int] = None,
-                   storage_options=None, check_chunks: bool = True) -> dict:
+                   pair_by: str = "auto", duplicates: str = "error",
+                   scratch: Optional[str] = None, storage_options=None,
+                   check_chunks: bool = True) -> dict:
     """Quality against the number of training pairs.
 
     Fits on the first ``n`` rows of ``train_rows`` for each ``n`` in ``sizes`` (nested
@@ -49,10 +54,25 @@ def learning_curve(source, target, train_rows, eval_rows, *, sizes: Optional[Seq
     ``saturation``: the smallest size whose centred recall@1 (orthogonal) is within
     ``SATURATION`` (0.01) of the largest size's; None when only the largest size gets there
     (still improving: more pairs would help). Returns a JSON-ready dict ("kind": "curve").
+
+    ``pair_by`` / ``duplicates`` / ``scratch``: as for :func:`bigalign.fit`. By ids (both
+    inputs stores with ids, unless ``pair_by="rows"``), ``train_rows`` and ``eval_rows``
+    are positions START:STOP in the list of pairs matched by id (sorted by source row);
+    those pairs are gathered (:func:`bigalign.pairing.gathered`) and the curve runs on
+    them, so it equals the curve of the explicitly joined arrays. ``pairing`` in the result
+    reports the matched pairs and the ids found on one side only.
     """
-    src, tgt = open_pair(source, target, storage_options, check_chunks)
-    a, b = row_range(train_rows, src.rows, "training rows")
-    c, d = row_range(eval_rows, src.rows, "held-out rows")
+    src, src_ids = open_input(source, "source", storage_options, check_chunks)
+    tgt, tgt_ids = open_input(target, "target", storage_options, check_chunks)
+    joined = None
+    if pair_by_ids(pair_by, src_ids, tgt_ids):
+        joined = join(src_ids, tgt_ids, duplicates=duplicates)
+        n, what = joined.matched, " (positions in the pairs matched by id)"
+    else:
+        validate_pair(src, tgt)
+        n, what = src.rows, ""
+    a, b = row_range(train_rows, n, "training rows" + what)
+    c, d = row_range(eval_rows, n, "held-out rows" + what)
     if max(a, c) < min(b, d):
         raise InputError(f"training rows {a}:{b} and held-out rows {c}:{d} overlap")
     total = b - a
@@ -60,6 +80,25 @@ def learning_curve(source, target, train_rows, eval_rows, *, sizes: Optional[Seq
     if sizes[0] < 2 or sizes[-1] > total:
         raise InputError(f"training sizes must lie in 2..{total} (the training rows), got {sizes}")
     b = a + sizes[-1]
+    pairs, train, held, pairing = None, (a, b), (c, d), {"by": "rows"}
+    if joined is not None:  # training pairs, then held-out pairs, gathered end to end
+        pairs = joined.take(np.concatenate([np.arange(a, b), np.arange(c, d)]))
+        train, held = (0, b - a), (b - a, b - a + d - c)
+        pairing = pairing_summary(joined, duplicates)
+    with gathered(pairs, src, tgt, scratch) as (x, y):
+        res = _curve(x, y, train, held, sizes, center=center, normalize=normalize,
+                     scale=scale, reflection=reflection, least_squares=least_squares,
+                     ridge=ridge, ks=ks, max_queries=max_queries, seed=seed, dtype=dtype,
+                     block_rows=block_rows)
+    return dict(res, source=src.url, target=tgt.url, train_rows=[a, b], rows=[c, d],
+                pairing=pairing)
+
+
+def _curve(src, tgt, train: tuple, held: tuple, sizes: list, *, center, normalize, scale,
+           reflection, least_squares, ridge, ks, max_queries, seed, dtype, block_rows) -> dict:
+    """The curve on row-aligned opened inputs: prefixes of rows ``train`` = (a, b) of
+    ``sizes`` rows, evaluated on rows ``held`` = (c, d)."""
+    (a, b), (c, d) = train, held
     snaps = training_moments(src, tgt, (a, b), normalize=normalize, gram=True,
                              cuts=[a + s for s in sizes[:-1]], block_rows=block_rows)
     if not isinstance(snaps, list):

@@ -32,14 +32,18 @@ import logging
 import os
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import numpy as np
 from dask.system import CPU_COUNT
 
 from .cluster import Session
+from .embedding_store import store_parts
 from .errors import InputError, NonFiniteError
 from .locations import canonical_url
+from .pairing import (Pairs, common_positions, fitted_pairing, gathered, join, pair_by_ids,
+                      training_positions)
 from .metrics import (CosineHistogram, Method, count_better, fit_diagnostics, methods_for,
                       query_sample, recall_from_ranks, row_cosine, score_rows, topk_block,
                       unit_rows)
@@ -52,7 +56,7 @@ from .stores import (ArrayRows, EmbeddingArray, open_embeddings, parse_rows, rea
 log = logging.getLogger("bigalign")
 
 __all__ = ["evaluate", "evaluate_maps", "training_moments", "training_arrays", "same_array",
-           "canonical_url", "DEFAULT_MAX_QUERIES"]
+           "canonical_url", "open_input", "pairing_summary", "HeldOut", "DEFAULT_MAX_QUERIES"]
 
 #: Queries searched when the held-out set is larger (seeded sample); exact search of 10^4
 #: queries among 10^5 targets of 384 dims is ~1.5 TFLOP per method and search variant.
@@ -68,14 +72,23 @@ BLOCK_BYTES = 32 * 2**20
 Rows = Union[EmbeddingArray, ArrayRows]
 
 
-def open_rows(data, side: str, storage_options=None, check_chunks: bool = True) -> Rows:
-    """A numpy array, an opened input (passed through) or a Zarr path / URL / array."""
+def open_input(data, side: str, storage_options=None, check_chunks: bool = True):
+    """``(rows, ids)`` of a numpy array, an opened input (passed through), a Zarr path / URL
+    / array, or an embedding store (:func:`bigalign.embedding_store.store_parts`: its
+    ``embeddings``). ``ids``: the store's (N,) ids array, or None (row numbers are the
+    ids)."""
     if isinstance(data, (EmbeddingArray, ArrayRows)):
-        return data
+        return data, None
     if isinstance(data, np.ndarray):
-        return ArrayRows(data, side)
-    return open_embeddings(data, side=side, storage_options=storage_options,
-                           check_chunks=check_chunks)
+        return ArrayRows(data, side), None
+    url, ids, _ = store_parts(data, storage_options)
+    return open_embeddings(url, side=side, storage_options=storage_options,
+                           check_chunks=check_chunks), ids
+
+
+def open_rows(data, side: str, storage_options=None, check_chunks: bool = True) -> Rows:
+    """The rows of an input (:func:`open_input` without its ids)."""
+    return open_input(data, side, storage_options, check_chunks)[0]
 
 
 def open_pair(source, target, storage_options=None, check_chunks: bool = True):
@@ -483,6 +496,10 @@ def training_statistics(t, statistics: Optional[Moments] = None, *, want: bool =
     if not want or train_source is None:
         return None, None
     train = t.options.get("rows")
+    if fitted_pairing(t.metadata) is not None:  # its rows are positions of gathered pairs
+        log.warning("no baselines: the transform was fitted on pairs matched by id and "
+                    "stores no training statistics")
+        return None, None
     if not train:
         log.warning("no baselines: the transform does not record its training rows")
         return None, None
@@ -528,47 +545,223 @@ def _reproduces(t, m: Moments) -> Optional[bool]:
     return bool(abs(sol.residual - recorded) <= 1e-6 * max(sol.target_energy, 1e-300))
 
 
-def evaluate(transform, source, target, rows=None, *, baselines: bool = True,
+# ---- which pairs are held out --------------------------------------------------------------
+
+@dataclass
+class HeldOut:
+    """The pairs an evaluation reads. ``pairs``: by id, the evaluated pairs (gathered
+    before reading; ``rows`` is then (0, len)); None: rows [start, stop) of row-aligned
+    inputs. ``overlap``: how many of them the transform was fitted on (None: cannot be
+    told). ``pairing``: what the result reports ({"by": "rows"}, or the id pairing:
+    matched pairs, ids found on one side only, training pairs and how they are known)."""
+
+    rows: tuple
+    overlap: Optional[int]
+    pairing: dict
+    pairs: Optional[Pairs] = None
+
+
+def pairing_summary(joined: Pairs, policy: str) -> dict:
+    """What an evaluation reports of a pairing by id: {"by": "ids", "duplicates": policy,
+    "matched": pairs, "source_only" / "target_only": ids found on one side only,
+    "duplicates_dropped": {side: rows}}."""
+    return {"by": "ids", "duplicates": policy, "matched": joined.matched,
+            "source_only": joined.source_only, "target_only": joined.target_only,
+            "duplicates_dropped": dict(joined.duplicates)}
+
+
+def _training_pairs(t, joined: Pairs, policy: str, source_ids, target_ids
+                    ) -> tuple[Optional[np.ndarray], str]:
+    """Positions in ``joined`` (sorted (k,) int64) of the pairs the transform was fitted on,
+    and how that is known; (None, why) when it cannot be told. A fit by id: its recorded
+    pairing rebuilt (:func:`bigalign.pairing.training_positions`, with the fit's duplicates
+    policy, a second join when ``policy`` differs or the transform is an inverse, whose
+    record is marked ``swapped``) and verified by its SHA-256. A fit by rows [a, b): the
+    matched pairs (i, i) with a <= i < b."""
+    record = fitted_pairing(t.metadata)
+    if record is None:
+        train = t.options.get("rows")
+        if not train:
+            return None, "the transform records neither its pairs nor its training rows"
+        a, b = int(train[0]), int(train[1])
+        s, g = joined.source_rows, joined.target_rows
+        return (np.flatnonzero((s == g) & (s >= a) & (s < b)),
+                f"fitted row by row on rows {a}:{b}: the matched pairs (i, i) in that range")
+    swapped = bool(record.get("swapped"))  # an inverse: the fit's source is our target
+    fit_join = joined
+    if swapped or record["duplicates"] != policy:
+        sides = (target_ids, source_ids) if swapped else (source_ids, target_ids)
+        try:
+            fit_join = join(*sides, duplicates=record["duplicates"])
+        except InputError as e:
+            return None, f"its pairs cannot be rebuilt ({e})"
+    pos = training_positions(fit_join, record)
+    if pos is None:
+        return None, ("its recorded pairs are not the pairs of these stores' ids (the stores "
+                      "or their ids changed since the fit: sha256 differs)")
+    if fit_join is not joined:
+        fitted = fit_join.take(pos)
+        if swapped:
+            fitted = Pairs(fitted.target_rows, fitted.source_rows)
+        pos = np.sort(common_positions(fitted, joined))
+    how = (f"a sample of {record['matched']:,}, seed {record['seed']}" if record["sample"]
+           and record["matched"] < fit_join.matched else "every matched pair")
+    return pos, (f"the fit's pairs ({how}; duplicates {record['duplicates']}), rebuilt from "
+                 "its record and verified by their sha256")
+
+
+def _ids_heldout(t, source_ids, target_ids, arrays: str, rows, duplicates: Optional[str]
+                 ) -> HeldOut:
+    """Held-out pairs matched by id: the matched pairs (:func:`bigalign.pairing.join`,
+    sorted by source row) the transform was not fitted on; all of them on stores it was not
+    fitted on. ``rows``: positions START:STOP in the list of matched pairs instead (pairs
+    it was fitted on are counted, with a warning). ``duplicates``: None = the fit's policy
+    (on its stores), else "error"."""
+    record = fitted_pairing(t.metadata)
+    policy = duplicates or (record["duplicates"] if record and arrays != "different"
+                            else "error")
+    joined = join(source_ids, target_ids, duplicates=policy)
+    if arrays == "different":
+        train, how = np.empty(0, np.int64), ("none: these are not the stores the transform "
+                                            "was fitted on")
+    else:
+        train, how = _training_pairs(t, joined, policy, source_ids, target_ids)
+    m = joined.matched
+    if rows is not None:
+        start, stop = row_range(rows, m, "held-out pairs (positions in the matched pairs)")
+        positions = np.arange(start, stop, dtype=np.int64)
+        overlap = None
+        if train is None:
+            log.warning("which matched pairs the transform was fitted on cannot be told (%s): "
+                        "pairs %d:%d may include training pairs", how, start, stop)
+        else:
+            overlap = int(np.count_nonzero((train >= start) & (train < stop)))
+            if overlap:
+                log.warning("%d of the %d evaluated pairs were used to fit the transform: the "
+                            "numbers flatter every fitted method", overlap, stop - start)
+    else:
+        if train is None:
+            raise InputError(f"which of the {m:,} matched pairs the transform was fitted on "
+                             f"cannot be told: {how}. Pass --rows START:STOP (positions in "
+                             "the list of matched pairs) to evaluate some anyway")
+        keep = np.ones(m, dtype=bool)
+        keep[train] = False
+        positions, overlap = np.flatnonzero(keep), 0
+        if not len(positions):
+            raise InputError(f"the transform was fitted on all {m:,} pairs matched by id in "
+                             "these stores, so none are held out; pass held-out stores, or "
+                             "--rows START:STOP (positions in the list of matched pairs; "
+                             "pairs it was fitted on flatter every method)")
+    pairing = dict(pairing_summary(joined, policy),
+               training_pairs=None if train is None else int(len(train)),
+               training=how, evaluated=int(len(positions)),
+               positions=None if rows is None else [int(positions[0]), int(positions[-1]) + 1])
+    log.info("evaluate: paired by id: %d matched pairs (%d source and %d target ids "
+             "unmatched); %s pairs held out", m, joined.source_only, joined.target_only,
+             f"{len(positions):,}")
+    return HeldOut((0, len(positions)), overlap, pairing, joined.take(positions))
+
+
+def _rows_heldout(t, src: Rows, tgt: Rows, source_ids, target_ids, arrays: str, rows
+                  ) -> HeldOut:
+    """Held-out rows of row-aligned inputs (row i with row i): ``rows``, else every row of
+    arrays the transform was not fitted on, else the rows after (else before) its training
+    rows. A transform fitted by id has no training row range: ``rows`` is then required,
+    and its overlap is counted from its rebuilt pairs (i, i) when the inputs have ids."""
+    validate_pair(src, tgt)
+    record = fitted_pairing(t.metadata)
+    train = None if record else t.options.get("rows")
+    if rows is not None:
+        start, stop = row_range(rows, src.rows, "held-out rows")
+    elif arrays == "different":
+        start, stop = 0, src.rows
+    elif record:
+        raise InputError("the transform was fitted on pairs matched by id, so its training "
+                         "pairs are not a row range: pair by ids (--pair-by ids, the default "
+                         "when both inputs are stores with ids), or pass --rows START:STOP")
+    else:
+        start, stop = _default_heldout(train, src.rows)
+    overlap: Optional[int] = 0
+    if arrays != "different" and record:
+        overlap = _id_fit_overlap_with_rows(t, source_ids, target_ids, start, stop)
+    elif train and arrays != "different":
+        overlap = max(0, min(stop, int(train[1])) - max(start, int(train[0])))
+    if overlap:
+        log.warning("%d of the %d evaluated rows were used to fit the transform: the "
+                    "numbers flatter every fitted method", overlap, stop - start)
+    return HeldOut((start, stop), overlap, {"by": "rows"})
+
+
+def _id_fit_overlap_with_rows(t, source_ids, target_ids, start: int, stop: int
+                              ) -> Optional[int]:
+    """How many rows i in [start, stop) a transform fitted by id used as a pair (i, i):
+    from its rebuilt pairs; None (with a warning) when they cannot be rebuilt."""
+    why = "the inputs have no ids"
+    if source_ids is not None and target_ids is not None:
+        record = fitted_pairing(t.metadata)
+        try:
+            joined = join(source_ids, target_ids, duplicates=record["duplicates"])
+            pos, why = _training_pairs(t, joined, record["duplicates"], source_ids, target_ids)
+        except InputError as e:
+            pos, why = None, str(e)
+        if pos is not None:
+            s, g = joined.source_rows[pos], joined.target_rows[pos]
+            return int(np.count_nonzero((s == g) & (s >= start) & (s < stop)))
+    log.warning("the transform was fitted on pairs matched by id, and which of rows %d:%d "
+                "it used cannot be told (%s)", start, stop, why)
+    return None
+
+
+def evaluate(transform, source, target, rows=None, *, pair_by: str = "auto",
+             duplicates: Optional[str] = None, scratch: Optional[str] = None,
+             baselines: bool = True,
              statistics: Optional[Moments] = None, train_source=None, train_target=None,
              ridge: float = 0.0, ks: Sequence[int] = (1, 10),
              max_queries: Optional[int] = DEFAULT_MAX_QUERIES, seed: int = 0,
              csls: bool = False, csls_k: int = 10, dtype="float32",
              block_rows: Optional[int] = None, storage_options=None,
              check_chunks: bool = True) -> dict:
-    """Evaluate ``transform`` on held-out pairs of ``source`` (N, dA) / ``target`` (N, dB).
+    """Evaluate ``transform`` on held-out pairs of ``source`` (N, dA) / ``target`` (M, dB):
+    Zarr arrays, embedding stores, or numpy arrays.
 
-    rows : the held-out row range. Default: every row when ``source``/``target`` are not the
-        arrays the transform was fitted on (:func:`training_arrays`, from the input
-        fingerprints the fit recorded), else the rows after, else before, its training rows.
+    pair_by : "rows" (row i with row i), "ids" (rows with equal ids, the inner join
+        :func:`bigalign.pairing.join`, as ``bigalign.fit`` pairs; both inputs must be stores
+        with ids) or "auto" (ids when both have them).
+    duplicates : by ids: "error", "first" or "last", as for fit; default (None): the fit's
+        own policy on the stores it was fitted on, else "error".
+    scratch : by ids, the folder the held-out pairs are gathered into (as fit's: pairs x
+        (dA + dB) x itemsize bytes, removed after).
+    rows : row-aligned: the held-out row range. Default: every row when ``source``/
+        ``target`` are not the arrays the transform was fitted on (:func:`training_arrays`,
+        from the input fingerprints the fit recorded), else the rows after, else before,
+        its training rows. By ids: positions START:STOP in the list of matched pairs (sorted
+        by source row). Default: the matched pairs the fit did not use (rebuilt from what
+        it recorded: its duplicates policy, ``sample``/``seed``, verified by the SHA-256 of
+        its pairs); every matched pair on stores it was not fitted on.
     baselines : also evaluate none / least squares / ridge / the other centring, fitted from
         the training statistics: ``statistics`` when given, else those stored with the
         transform, else one streaming pass over the transform's training rows of
         ``train_source``/``train_target`` (default: ``source``/``target``).
-    Other options as :func:`evaluate_maps`. Returns a JSON-ready dict ("kind": "evaluate").
+    Other options as :func:`evaluate_maps`. Returns a JSON-ready dict ("kind": "evaluate");
+    ``pairing`` says how pairs were formed (by ids: matched pairs, ids found on one side
+    only, training and held-out pairs), ``overlap_with_training`` how many evaluated pairs
+    the transform was fitted on (None: cannot be told).
     """
     t = load_transform(transform, storage_options)
-    src, tgt = open_pair(source, target, storage_options, check_chunks)
+    src, src_ids = open_input(source, "source", storage_options, check_chunks)
+    tgt, tgt_ids = open_input(target, "target", storage_options, check_chunks)
     if (src.dim, tgt.dim) != tuple(t.dims):
         raise InputError(f"the transform maps {t.dims[0]} -> {t.dims[1]} dims but source has "
                          f"{src.dim} and target {tgt.dim}")
-    train = t.options.get("rows")
     arrays = training_arrays(t, src, tgt)
     if arrays == "different":
         log.info("%s and %s are not the arrays the transform was fitted on (%s, %s): all "
                  "their rows are held out", src.url, tgt.url,
                  t.metadata["inputs"]["source"]["url"], t.metadata["inputs"]["target"]["url"])
-    if rows is not None:
-        start, stop = row_range(rows, src.rows, "held-out rows")
-    elif arrays == "different":
-        start, stop = 0, src.rows
+    if pair_by_ids(pair_by, src_ids, tgt_ids):
+        held = _ids_heldout(t, src_ids, tgt_ids, arrays, rows, duplicates)
     else:
-        start, stop = _default_heldout(train, src.rows)
-    overlap = 0
-    if train and arrays != "different":
-        overlap = max(0, min(stop, int(train[1])) - max(start, int(train[0])))
-        if overlap:
-            log.warning("%d of the %d evaluated rows were used to fit the transform: the "
-                        "numbers flatter every fitted method", overlap, stop - start)
+        held = _rows_heldout(t, src, tgt, src_ids, tgt_ids, arrays, rows)
     if train_source is None and train_target is None and arrays != "different":
         train_source, train_target = src, tgt  # they hold the training rows
     moments, origin = training_statistics(
@@ -579,11 +772,15 @@ def evaluate(transform, source, target, rows=None, *, baselines: bool = True,
                     "are not its training arrays (pass --train-source/--train-target)",
                     src.url, tgt.url)
     methods = methods_for(t, moments if baselines else None, ridge)
-    result = evaluate_maps(methods, src, tgt, (start, stop), ks=ks, max_queries=max_queries,
-                           seed=seed, csls=csls, csls_k=csls_k, dtype=dtype,
-                           block_rows=block_rows, normalize_target=t.normalize)
-    training = {"rows": train, "arrays": arrays, "statistics": origin,
-                "fit_diagnostics": t.metadata.get("discrepancy")}
+    with gathered(held.pairs, src, tgt, scratch) as (a, b):
+        result = evaluate_maps(methods, a, b, held.rows, ks=ks, max_queries=max_queries,
+                               seed=seed, csls=csls, csls_k=csls_k, dtype=dtype,
+                               block_rows=block_rows, normalize_target=t.normalize)
+    if held.pairs is not None:
+        result["rows"] = held.pairing["positions"]
+    training = {"rows": t.options.get("rows"), "arrays": arrays, "statistics": origin,
+                "fit_diagnostics": t.metadata.get("discrepancy"),
+                "pairs": fitted_pairing(t.metadata)}
     if moments is not None:
         training["n"] = int(moments.n)
         training["reproduces_transform"] = _reproduces(t, moments)
@@ -596,4 +793,5 @@ def evaluate(transform, source, target, rows=None, *, baselines: bool = True,
             "transform": {"path": None if not isinstance(transform, str) else transform,
                           "dims": list(t.dims), "options": t.options,
                           "n_pairs": t.metadata.get("n_pairs")},
-            "overlap_with_training": overlap, "training": training, **result}
+            "pairing": held.pairing, "overlap_with_training": held.overlap,
+            "training": training, **result}

@@ -1051,7 +1051,10 @@ def import_vectors(inputs, output: str, *, ids_column: Optional[str] = None,
     overwrite, checkpoint, restart, scheduler, workers, memory_limit, threads, block_bytes,
     progress, storage_options : as for :func:`bigalign.apply`.
 
-    Duplicate ids are not detected (pairing by id checks them).
+    Duplicate ids are counted once the ids are written (:func:`bigalign.pairing.duplicate_ids`,
+    polars on Arrow columns): the count is the store's ``bigalign.duplicate_ids`` attribute,
+    and a warning names an example and the remedy (``fit --duplicates first|last``). Not an
+    error: a fit pairing by id decides.
 
     Returns a :class:`bigalign.RunReport` (``already_complete`` for a rerun of a finished
     import).
@@ -1149,11 +1152,31 @@ def import_vectors(inputs, output: str, *, ids_column: Optional[str] = None,
                                       f"{a}:{b}); rerun to resume")
             job.check_fence()
         attrs = dict(group.attrs.get("bigalign", {}))
+        if ids is not None:  # row numbers (--row-ids) cannot repeat
+            attrs["duplicate_ids"] = 0 if row_ids else _count_duplicate_ids(ids, output)
         attrs.update(complete=True, seconds=seconds,
                      job={"run_id": manifest["run_id"], "fingerprint": fingerprint},
                      completed=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         group.attrs["bigalign"] = attrs  # the completion mark goes last
     return RunReport(int(written), seconds, tasks, len(expected), len(done), plan.rows)
+
+
+def _count_duplicate_ids(ids, output) -> int:
+    """Distinct ids occurring more than once in the store's ``ids`` array
+    (:func:`bigalign.pairing.duplicate_ids`); a warning names one and the remedy. Not an
+    error: the fit decides (``--duplicates error|first|last``)."""
+    from .pairing import duplicate_ids
+
+    t0 = time.perf_counter()
+    count, example = duplicate_ids(ids)
+    log.info("import: duplicate ids counted in %.2fs", time.perf_counter() - t0)
+    if count:
+        log.warning("%s: %d id%s occur more than once (e.g. id %r, %d times, at rows %s); a "
+                    "fit pairing by id will refuse them unless told which row to keep: "
+                    "--duplicates first|last", output, count, "s" * (count != 1),
+                    example["id"], example["occurrences"],
+                    ", ".join(str(r) for r in example["rows"]))
+    return count
 
 
 def _store_of_run(output, run_id: str, plan: ImportPlan, dim: int, dtype: np.dtype,

@@ -15,6 +15,12 @@ fit then needs pairs (source row, target row) with equal ids:
 
 The fit then runs unchanged on the two gathered arrays: a fit by id *is* a fit on the
 explicitly joined pairs.
+
+Every command that pairs (fit, evaluate, evaluate-retrieval, curve, realign) decides
+rows-or-ids with :func:`pair_by_ids`. A fit records how it paired (:func:`fit_record`, in
+``Transform.metadata["pairs"]``), so that evaluation can rebuild which matched pairs were
+training pairs (:func:`fitted_pairing`, :func:`training_positions`, verified against the
+recorded SHA-256 of the fitted pairs) and hold out the others.
 """
 
 from __future__ import annotations
@@ -35,10 +41,27 @@ from .errors import InputError
 
 log = logging.getLogger("bigalign")
 
-__all__ = ["Pairs", "join", "sample_pairs", "gather", "gathered",
-           "GatherReport", "DUPLICATES"]
+__all__ = ["Pairs", "pair_by_ids", "join", "sample_positions", "sample_pairs", "fit_record",
+           "fitted_pairing", "training_positions", "common_positions", "duplicate_ids", "gather",
+           "gathered",
+           "GatherReport", "DUPLICATES", "PAIR_BY"]
 
 DUPLICATES = ("error", "first", "last")
+PAIR_BY = ("auto", "rows", "ids")
+
+
+def pair_by_ids(pair_by: str, source_ids, target_ids, option: str = "--pair-by") -> bool:
+    """Are rows paired by id? ``pair_by`` "rows": no; "ids": yes, and both inputs must have
+    ids (their ``ids`` arrays, or None); "auto": when both have ids. ``option`` names the
+    setting in errors."""
+    if pair_by not in PAIR_BY:
+        raise InputError(f"{option} must be auto, rows or ids, got {pair_by!r}")
+    both = source_ids is not None and target_ids is not None
+    if pair_by == "ids" and not both:
+        raise InputError(f"{option} ids needs both inputs to be embedding stores with ids "
+                         f"(source: {'ids' if source_ids is not None else 'no ids'}, target: "
+                         f"{'ids' if target_ids is not None else 'no ids'})")
+    return pair_by == "ids" or (pair_by == "auto" and both)
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,6 +93,13 @@ class Pairs:
                 "target_only": self.target_only, "duplicates_dropped": dict(self.duplicates),
                 "pairs_sha256": self.digest()}
 
+    def take(self, positions: np.ndarray) -> "Pairs":
+        """The pairs at ``positions`` ((k,) int64 ascending, indices into this list), with
+        this pairing's counts of unmatched and dropped ids."""
+        positions = np.asarray(positions, dtype=np.int64)
+        return Pairs(self.source_rows[positions], self.target_rows[positions],
+                     self.source_only, self.target_only, self.duplicates)
+
 
 def _ids_frame(ids, side: str, chunk_rows: Optional[int] = None):
     """polars DataFrame {id, row} of an ids array (zarr or numpy), read a chunk at a time
@@ -99,6 +129,24 @@ def _ids_frame(ids, side: str, chunk_rows: Optional[int] = None):
     return pl.concat(parts, rechunk=False)
 
 
+def duplicate_ids(ids, side: str = "ids") -> tuple[int, Optional[dict]]:
+    """Ids that occur more than once in ``ids`` (a zarr or numpy (n,) int or string array),
+    counted with polars on Arrow columns read a chunk at a time (no Python object per id):
+    (how many distinct ids occur more than once, an example {"id", "rows": its first two
+    rows, "occurrences"} or None). One hash pass (``n_unique``) when there are none."""
+    import polars as pl
+
+    frame = _ids_frame(ids, side)
+    if frame["id"].rechunk().n_unique() == frame.height:  # one buffer: 3-4x faster on strings
+        return 0, None
+    counts = (frame.lazy().group_by("id").agg(pl.len().alias("n")).filter(pl.col("n") > 1)
+              .collect())
+    first = frame.filter(pl.col("id").is_in(counts["id"].implode()))["id"][0]  # row order
+    rows = frame.filter(pl.col("id") == first)["row"]
+    return counts.height, {"id": first, "rows": rows.head(2).to_list(),
+                           "occurrences": len(rows)}
+
+
 def _dedupe(frame, side: str, duplicates: str):
     import polars as pl
 
@@ -117,23 +165,25 @@ def _dedupe(frame, side: str, duplicates: str):
     return kept, frame.height - kept.height
 
 
-def join(source_ids, target_ids, *, duplicates: str = "error") -> Pairs:
+def join(source_ids, target_ids, *, duplicates: str = "error",
+         sides: tuple = ("source", "target")) -> Pairs:
     """Inner join of two id arrays (zarr arrays or numpy, (n,) int or string): pairs
     sorted by source row. Ids of both sides must be of one kind (both int or both
     string). Raises InputError for duplicates (unless ``duplicates`` says which row to
-    keep), missing ids, or no match at all."""
+    keep), missing ids, or no match at all; ``sides`` names the two sides in errors."""
     import polars as pl
 
-    a, dup_a = _dedupe(_ids_frame(source_ids, "source"), "source", duplicates)
-    b, dup_b = _dedupe(_ids_frame(target_ids, "target"), "target", duplicates)
+    one, two = sides
+    a, dup_a = _dedupe(_ids_frame(source_ids, one), one, duplicates)
+    b, dup_b = _dedupe(_ids_frame(target_ids, two), two, duplicates)
     if a.schema["id"] != b.schema["id"]:
-        raise InputError(f"source ids are {a.schema['id']} but target ids are "
+        raise InputError(f"{one} ids are {a.schema['id']} but {two} ids are "
                          f"{b.schema['id']}: they cannot match")
     joined = (a.lazy().join(b.lazy(), on="id", how="inner", suffix="_target")
               .select(pl.col("row").alias("source"), pl.col("row_target").alias("target"))
               .sort("source").collect())
     if joined.height == 0:
-        raise InputError(f"no id of the source ({a.height} ids) occurs in the target "
+        raise InputError(f"no id of the {one} ({a.height} ids) occurs in the {two} "
                          f"({b.height} ids): nothing to pair")
     src = joined["source"].to_numpy()
     tgt = joined["target"].to_numpy()
@@ -141,16 +191,74 @@ def join(source_ids, target_ids, *, duplicates: str = "error") -> Pairs:
                  {k: v for k, v in (("source", dup_a), ("target", dup_b)) if v})
 
 
-def sample_pairs(pairs: Pairs, n: int, seed: int = 0) -> Pairs:
-    """A reproducible random subset of ``n`` pairs (all when n >= matched), kept in source
-    row order."""
+def sample_positions(matched: int, n: int, seed: int = 0) -> np.ndarray:
+    """Positions ((min(n, matched),) int64 ascending) of a reproducible random subset of
+    ``n`` of ``matched`` pairs: the fit's ``--sample N --seed S``; all when n >= matched."""
     if n <= 0:
         raise InputError(f"--sample must be positive, got {n}")
-    if n >= pairs.matched:
-        return pairs
-    keep = np.sort(np.random.default_rng(seed).choice(pairs.matched, size=n, replace=False))
-    return Pairs(pairs.source_rows[keep], pairs.target_rows[keep], pairs.source_only,
-                 pairs.target_only, pairs.duplicates)
+    if n >= matched:
+        return np.arange(matched, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(matched, size=n, replace=False))
+
+
+def sample_pairs(pairs: Pairs, n: int, seed: int = 0) -> Pairs:
+    """A reproducible random subset of ``n`` pairs (all when n >= matched), kept in source
+    row order (:func:`sample_positions`)."""
+    keep = sample_positions(pairs.matched, n, seed)
+    return pairs if len(keep) == pairs.matched else pairs.take(keep)
+
+
+def fit_record(joined: Pairs, fitted: Pairs, duplicates: str, sample: Optional[int],
+               seed: int) -> dict:
+    """What a fit by id records in ``Transform.metadata["pairs"]``: the fitted pairs'
+    :meth:`Pairs.summary` (``matched``: pairs fitted; ``pairs_sha256``: their digest) and
+    how to rebuild them: ``by`` "ids", the ``duplicates`` policy, ``sample`` / ``seed``,
+    and ``joined``, the matched pairs before sampling."""
+    return dict(fitted.summary(), by="ids", duplicates=duplicates, sample=sample, seed=seed,
+                joined=joined.matched)
+
+
+def fitted_pairing(metadata: Optional[dict]) -> Optional[dict]:
+    """How a transform's fit paired by id, from its metadata: {duplicates, sample, seed,
+    matched (pairs fitted), joined (matched before sampling, or None), sha256, swapped (an
+    inverse: the fit's source side is this transform's target)}; None for a fit by rows (or
+    a transform built by hand). Transforms fitted before
+    :func:`fit_record` existed have the policy only in their job fingerprint: read there."""
+    pairs = (metadata or {}).get("pairs")
+    if not isinstance(pairs, dict) or pairs.get("by", "ids") != "ids":
+        return None
+    job = (((metadata or {}).get("job") or {}).get("fingerprint") or {}).get("pairs") or {}
+    get = lambda key, default=None: pairs.get(key, job.get(key, default))  # noqa: E731
+    return {"duplicates": get("duplicates", "error"), "sample": get("sample"),
+            "seed": int(get("seed", 0) or 0), "matched": int(pairs["matched"]),
+            "joined": pairs.get("joined"), "sha256": pairs.get("pairs_sha256", job.get("sha256")),
+            "swapped": bool(pairs.get("swapped"))}
+
+
+def training_positions(joined: Pairs, record: dict) -> Optional[np.ndarray]:
+    """Positions ((k,) int64 ascending) in ``joined`` of the pairs a fit by id was fitted
+    on, rebuilt from its :func:`fitted_pairing` record: ``joined`` must be the join of the
+    same ids with the fit's duplicates policy; its ``sample`` / ``seed`` pick the same
+    positions (:func:`sample_positions`). None when the rebuilt pairs do not have the
+    recorded digest (the stores or their ids changed since the fit): then which pairs were
+    fitted on cannot be told."""
+    sample = record.get("sample")
+    pos = (sample_positions(joined.matched, int(sample), record.get("seed", 0)) if sample
+           else np.arange(joined.matched, dtype=np.int64))
+    if record.get("sha256") is None or joined.take(pos).digest() != record["sha256"]:
+        return None
+    return pos
+
+
+def common_positions(pairs: Pairs, within: Pairs) -> np.ndarray:
+    """Positions ((k,) int64 ascending) in ``within`` of the pairs that are also in
+    ``pairs`` (same source and target row). Both lists come from :func:`join`: sorted by
+    source row, each source row at most once."""
+    i = np.searchsorted(within.source_rows, pairs.source_rows)
+    at = np.minimum(i, max(within.matched - 1, 0))
+    ok = (i < within.matched) & (within.source_rows[at] == pairs.source_rows) & \
+        (within.target_rows[at] == pairs.target_rows)
+    return i[ok].astype(np.int64)
 
 
 @dataclass

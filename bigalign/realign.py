@@ -84,6 +84,7 @@ from .checkpoint import Job, checkpointed, describe_changes
 from .errors import InputError
 from .locations import canonical_url, check_disjoint
 from .options import Execution
+from .pairing import pair_by_ids
 from .registry import Registry
 
 log = logging.getLogger("bigalign")
@@ -662,11 +663,7 @@ def realign(config, *, run_id: Optional[str] = None, execution: Optional[Executi
                     "apply output": cfg.apply.output.format(version="v0001")
                     if cfg.apply else None}, so)
     src, tgt = _open_side("source", cfg.source, so), _open_side("target", cfg.target, so)
-    if cfg.pair_by == "ids" and (src.ids is None or tgt.ids is None):
-        raise InputError("[pairs] pair_by = \"ids\" needs both inputs to be embedding stores "
-                         "with ids")
-    by_ids = cfg.pair_by == "ids" or (cfg.pair_by == "auto" and src.ids is not None and
-                                      tgt.ids is not None)
+    by_ids = pair_by_ids(cfg.pair_by, src.ids, tgt.ids, option="[pairs] pair_by")
     fingerprint = {"config": cfg.identity(),
                    "inputs": {"source": src.fingerprint(), "target": tgt.fingerprint()}}
     if run_id is None:

@@ -46,6 +46,7 @@ import numpy as np
 from .errors import InputError
 from .locations import check_disjoint
 from .outputs import check_replaceable
+from .pairing import fitted_pairing
 from .stats import Moments
 from .transform import Transform
 
@@ -341,6 +342,11 @@ def invert(t: TransformLike, *, allow_lossy: bool = False, output=None,
     meta = {"kind": "inverse", "dims": [d_b, d_a], "source_model": target_model,
             "target_model": source_model, "inverse": info, "inverse_of": _provenance(t, path),
             "n_pairs": m.get("n_pairs"), "rows": m.get("rows"), "inputs": inputs}
+    record = fitted_pairing(m)
+    if record is not None:  # the same pairs seen from the other side: evaluate rebuilds them
+        meta["pairs"] = dict(m["pairs"], by="ids", duplicates=record["duplicates"],
+                             sample=record["sample"], seed=record["seed"],
+                             swapped=not record["swapped"])
     stats = t.statistics
     swapped = None
     if stats is not None and not t.normalize:

@@ -36,6 +36,36 @@ def imported_store(path, vectors, ids=None, *, model=None, chunk_rows=100):
     return str(path)
 
 
+def make_store(path, vectors, ids=None, model=None, chunk=100):
+    """An embedding store by hand: a group with embeddings (+ ids, + model attribute)."""
+    g = zarr.open_group(str(path), mode="w")
+    g.create_array("embeddings", data=vectors, chunks=(chunk, vectors.shape[1]),
+                   compressors=None)
+    if ids is not None:
+        ids = np.asarray(ids)
+        if ids.dtype.kind == "U":  # variable-length strings, as zarr 3 specifies them
+            ids = ids.astype(np.dtypes.StringDType())
+        g.create_array("ids", data=ids, chunks=(chunk,))
+    if model:
+        g.attrs["model"] = model
+    return str(path)
+
+
+def reference_join(ids_a, ids_b, keep="error"):
+    """Plain Python: pairs (row_a, row_b) of equal ids, sorted by row_a. ``keep``: "first" /
+    "last" keeps one row per id on each side (first / last occurrence); "error" assumes
+    unique ids."""
+    def index(ids):
+        where = {}
+        for i, v in enumerate(ids):
+            if keep == "last" or v not in where:
+                where[v] = i
+        return where
+
+    where_a, where_b = index(list(ids_a)), index(list(ids_b))
+    return sorted((i, where_b[v]) for v, i in where_a.items() if v in where_b)
+
+
 def planted(n, dim_a, dim_b=None, *, noise=0.01, offset_a=0.0, offset_b=0.0, seed=0,
             dtype=np.float32):
     """Paired rows B = A Q + noise with a known Q (dA, dB) with orthonormal rows/cols."""

@@ -12,9 +12,9 @@ from bigalign import InputError
 from bigalign.errors import NonFiniteError
 from bigalign.evaluate import (blocks, evaluate, evaluate_maps, open_pair, take_rows,
                                training_moments)
-from bigalign.metrics import baseline_methods, unit_rows
+from bigalign.metrics import baseline_methods, methods_for, unit_rows
 from bigalign.stats import block_moments
-from conftest import load_shared, write_zarr
+from conftest import load_shared, make_store, reference_join, write_zarr
 from evaluation_reference import brute_ndcg, brute_ranks, pairs, streamed, transform_from
 
 # the 4-bit e5 vectors are numerically rank 381 of 384: expected, and said by the fit
@@ -375,3 +375,187 @@ def test_normalized_curve_and_retrieval_use_normalized_targets(tmp_path):
 
     assert this["ndcg@10"] == pytest.approx(ndcg(unit_rows(d)))
     assert abs(ndcg(unit_rows(d)) - ndcg(d)) > 0.01         # the preprocessing matters here
+
+
+# ---- pairs by id: the held-out pairs are the matched pairs the fit did not use ---------------
+
+
+def _id_stores(tmp_path, n=1500, dim=8, seed=40):
+    """An old corpus of ``n`` items with string ids (one id twice: rows 7 and 900) and a new
+    store holding 1,100 of them shuffled, 40 unknown ids and one id twice (two different
+    vectors). Returns (source store, target store, a, ids_a, b_new, ids_b)."""
+    a, b = pairs(n, dim, dim, noise=0.3, seed=seed)
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    rng = np.random.default_rng(seed)
+    ids_a = np.array([f"item-{i}" for i in range(n)])
+    ids_a[900] = ids_a[7]                          # a duplicate in the old corpus
+    keep = rng.permutation(n)[:1100]
+    ids_b = np.concatenate([ids_a[keep], [f"new-{i}" for i in range(40)], [ids_a[keep[0]]]])
+    b_new = np.concatenate([b[keep], rng.standard_normal((41, dim)).astype(np.float32)])
+    order = rng.permutation(len(ids_b))
+    ids_b, b_new = ids_b[order], b_new[order]
+    s = make_store(tmp_path / "old.store", a, ids_a, chunk=128)
+    t = make_store(tmp_path / "new.store", b_new, ids_b, chunk=100)
+    return s, t, a, ids_a, b_new, ids_b
+
+
+def _oracle(a, ids_a, b, ids_b, keep):
+    """Plain-Python join: (source rows, target rows), sorted by source row."""
+    ref = np.array(reference_join(ids_a, ids_b, keep), dtype=np.int64)
+    return ref[:, 0], ref[:, 1]
+
+
+def _same_numbers(got, want):
+    assert [m["name"] for m in got["methods"]] == [m["name"] for m in want["methods"]]
+    assert got["pairs"] == want["pairs"] and got["queries"] == want["queries"]
+    for x, y in zip(got["methods"], want["methods"]):
+        assert x["relative_residual"] == pytest.approx(y["relative_residual"], rel=1e-9)
+        assert x["cosine"] == pytest.approx(y["cosine"])
+        assert x["retrieval"] == y["retrieval"], x["name"]
+
+
+def test_evaluate_by_ids_equals_rows_on_the_joined_held_out_arrays(tmp_path):
+    """Shuffled, missing and duplicated ids, a fit on --sample 600 --seed 5 of the matched
+    pairs: the default held-out pairs are the other matched pairs, and evaluating them by
+    id gives the numbers of evaluating, row by row, the arrays joined in plain Python."""
+    import bigalign
+
+    s, t, a, ids_a, b, ids_b = _id_stores(tmp_path)
+    with pytest.raises(InputError, match="occur more than once"):
+        bigalign.fit(s, t, center=True)
+    tr = bigalign.fit(s, t, center=True, duplicates="last", sample=600, seed=5,
+                      output=str(tmp_path / "t"))
+    rec = tr.metadata["pairs"]
+    assert (rec["by"], rec["duplicates"], rec["sample"], rec["seed"]) == ("ids", "last", 600, 5)
+    src_rows, tgt_rows = _oracle(a, ids_a, b, ids_b, "last")
+    assert rec["joined"] == len(src_rows) and rec["matched"] == 600
+    # the fit's training pairs: documented rule (positions of a seeded sample of the matched
+    # pairs in source-row order), checked against the statistics the fit itself stored
+    train = np.sort(np.random.default_rng(5).choice(len(src_rows), 600, replace=False))
+    m = block_moments(a[src_rows[train]], b[tgt_rows[train]], gram=False, dtype=np.float64)
+    np.testing.assert_allclose(tr.statistics.mean_a, m.mean_a, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(tr.statistics.cross, m.cross, rtol=1e-5, atol=1e-5)
+    held = np.setdiff1d(np.arange(len(src_rows)), train)
+
+    res = evaluate(str(tmp_path / "t"), s, t, dtype="float64")   # the fit's policy: last
+    p = res["pairing"]
+    assert p["by"] == "ids" and p["duplicates"] == "last"
+    assert (p["matched"], p["training_pairs"], p["evaluated"]) == (len(src_rows), 600, len(held))
+    assert p["source_only"] == len(set(ids_a)) - len(src_rows)
+    assert p["target_only"] == 40 and p["duplicates_dropped"] == {"source": 1, "target": 1}
+    assert res["overlap_with_training"] == 0 and res["rows"] is None
+    want = evaluate_maps(methods_for(tr, tr.statistics), a[src_rows[held]],
+                         b[tgt_rows[held]], dtype="float64")
+    _same_numbers(res, want)
+
+    # another duplicates policy: another join, the same training pairs found in it
+    first = evaluate(tr, s, t, duplicates="first", dtype="float64")
+    fs, ft = _oracle(a, ids_a, b, ids_b, "first")
+    trained = set(zip(src_rows[train].tolist(), tgt_rows[train].tolist()))
+    rest = np.array([i for i, pr in enumerate(zip(fs.tolist(), ft.tolist()))
+                     if pr not in trained])
+    assert first["pairing"]["evaluated"] == len(rest)
+    _same_numbers(first, evaluate_maps(methods_for(tr, tr.statistics), a[fs[rest]], b[ft[rest]],
+                                       dtype="float64"))
+    with pytest.raises(InputError, match="occur more than once"):
+        evaluate(tr, s, t, duplicates="error")
+
+    # a transform saved before the pairing record existed: the policy from its job fingerprint
+    import copy
+
+    older = copy.deepcopy(tr)
+    for key in ("by", "duplicates", "sample", "seed", "joined"):
+        del older.metadata["pairs"][key]
+    assert older.metadata["job"]["fingerprint"]["pairs"]["sample"] == 600
+    assert evaluate(older, s, t, baselines=False)["pairing"]["evaluated"] == len(held)
+
+    # the inverse maps the new store back to the old: the same pairs, seen from the other side
+    inv = evaluate(tr.inverse(), t, s, dtype="float64")
+    assert inv["pairing"]["training_pairs"] == 600
+    assert inv["pairing"]["evaluated"] == len(held) and inv["overlap_with_training"] == 0
+    back = np.argsort(tgt_rows[held])                    # the inverse's order: by new-store row
+    _same_numbers(inv, evaluate_maps(methods_for(tr.inverse(), tr.inverse().statistics),
+                                     b[tgt_rows[held]][back], a[src_rows[held]][back],
+                                     dtype="float64"))
+
+    # --rows: positions in the matched pairs; training pairs among them are counted
+    some = evaluate(tr, s, t, rows="100:400", dtype="float64")
+    assert some["pairing"]["positions"] == [100, 400] and some["rows"] == [100, 400]
+    assert some["overlap_with_training"] == int(((train >= 100) & (train < 400)).sum()) > 0
+    _same_numbers(some, evaluate_maps(methods_for(tr, tr.statistics), a[src_rows[100:400]],
+                                      b[tgt_rows[100:400]], dtype="float64"))
+
+
+def test_evaluate_by_ids_all_pairs_fitted_other_stores_and_changed_ids(tmp_path, caplog):
+    import bigalign
+    import zarr
+
+    s, t, a, ids_a, b, ids_b = _id_stores(tmp_path)
+    tr = bigalign.fit(s, t, duplicates="first")                # every matched pair
+    with pytest.raises(InputError, match=r"fitted on all [\d,]+ pairs matched by id"):
+        evaluate(tr, s, t)
+    # other stores (copies elsewhere): every matched pair is held out
+    (tmp_path / "other").mkdir()
+    s2 = make_store(tmp_path / "other" / "old.store", a, ids_a, chunk=128)
+    t2 = make_store(tmp_path / "other" / "new.store", b, ids_b, chunk=100)
+    res = evaluate(tr, s2, t2, duplicates="first")
+    assert res["training"]["arrays"] == "different"
+    assert res["pairing"]["evaluated"] == res["pairing"]["matched"] == tr.metadata["n_pairs"]
+    # ids changed since the fit: which pairs were fitted on cannot be told
+    g = zarr.open_group(t, mode="r+")
+    changed = ids_b.copy()
+    changed[:50] = [f"renamed-{i}" for i in range(50)]
+    g["ids"][:] = changed.astype(np.dtypes.StringDType())
+    with pytest.raises(InputError, match="cannot be told.*changed since the fit"):
+        evaluate(tr, s, t)
+    with caplog.at_level(logging.WARNING, logger="bigalign"):
+        res = evaluate(tr, s, t, rows="0:100", baselines=False)
+    assert res["overlap_with_training"] is None and "cannot be told" in caplog.text
+
+
+def test_evaluate_pair_by_rows_override_and_row_fits_by_ids(tmp_path):
+    """--pair-by rows on stores with ids pairs row i with row i (as bare arrays would); a
+    transform fitted row by row, evaluated by id: its training pairs are the pairs (i, i)
+    inside its training rows."""
+    import bigalign
+
+    a, b = pairs(1000, 8, 8, seed=41)
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    ids = np.arange(1000) * 3
+    perm = np.arange(1000)                         # rows 0..299 shuffled, the rest in place
+    perm[:300] = np.random.default_rng(41).permutation(300)
+    s = make_store(tmp_path / "a.store", a, ids)
+    t = make_store(tmp_path / "b.store", b[perm], ids[perm])    # same items, another order
+    s_rows = make_store(tmp_path / "a_rows.store", a, ids)
+    t_rows = make_store(tmp_path / "b_rows.store", b, ids)      # row-aligned, with ids
+    tr = bigalign.fit(s_rows, t_rows, pair_by="rows", rows="0:600", center=True)
+    by_rows = evaluate(tr, s_rows, t_rows, pair_by="rows", dtype="float64")
+    assert by_rows["pairing"] == {"by": "rows"} and by_rows["rows"] == [600, 1000]
+    bare = evaluate(tr, f"{s_rows}/embeddings", f"{t_rows}/embeddings", dtype="float64")
+    _same_numbers(by_rows, bare)
+    # the same transform by ids on the row-aligned stores: pairs (i, i), i < 600, trained on
+    by_ids = evaluate(tr, s_rows, t_rows, dtype="float64")
+    assert by_ids["pairing"]["training_pairs"] == 600 and by_ids["pairing"]["evaluated"] == 400
+    _same_numbers(by_ids, by_rows)
+    # a row-by-row fit on the partly shuffled stores: of the pairs matched by id, those
+    # (i, i) with i < 600 were trained on
+    tr_rows = bigalign.fit(s, t, pair_by="rows", rows="0:600")
+    fitted = int(np.sum((perm == np.arange(1000)) & (np.arange(1000) < 600)))
+    shuffled = evaluate(tr_rows, s, t, rows="0:1000", baselines=False)
+    assert shuffled["overlap_with_training"] == fitted > 300
+    assert evaluate(tr_rows, s, t, baselines=False)["pairing"]["evaluated"] == 1000 - fitted
+    with pytest.raises(InputError, match="rows but target has|must match"):
+        evaluate(tr, s, make_store(tmp_path / "short.store", b[:900], ids[:900]),
+                 pair_by="rows", rows="0:900")
+    # a fit by id evaluated row by row: its training rows are not a range
+    by_id_fit = bigalign.fit(s, t, sample=500, seed=2)
+    with pytest.raises(InputError, match="fitted on pairs matched by id"):
+        evaluate(by_id_fit, s, t, pair_by="rows")
+    res = evaluate(by_id_fit, s, t, pair_by="rows", rows="0:1000", baselines=False)
+    sample = np.sort(np.random.default_rng(2).choice(1000, 500, replace=False))  # source rows
+    assert res["overlap_with_training"] == int(np.sum(perm[sample] == sample)) > 200
+    bare = evaluate(by_id_fit, f"{s}/embeddings", f"{t}/embeddings", rows="0:1000",
+                    baselines=False)                        # no ids: cannot be told
+    assert bare["overlap_with_training"] is None
+    with pytest.raises(InputError, match="needs both inputs to be embedding stores with ids"):
+        evaluate(tr, s, f"{t}/embeddings", pair_by="ids")

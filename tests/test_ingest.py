@@ -517,3 +517,43 @@ def test_info_and_status_of_a_store(tmp_path):
     assert info.returncode == 0 and "embedding store" in info.stdout and "300 rows x 4" in info.stdout
     status = run("status", tmp_path / "s.store")
     assert status.returncode == 0 and "finished" in status.stdout
+
+
+@pytest.mark.parametrize("kind", ["int", "string"])
+def test_duplicate_ids_counted_at_import(tmp_path, kind, caplog):
+    """Ids repeated across shards and inside one: the store records how many distinct ids
+    occur more than once (against a plain-Python count) and warns with an example and the
+    remedy; no error. Unique ids record 0, --row-ids records 0 without counting."""
+    import collections
+    import logging
+
+    rng = np.random.default_rng(7)
+    raw = rng.integers(0, 900, 1000)                    # ~ 1000 draws from 900: repeats
+    ids = raw if kind == "int" else np.array([f"doc-{v}" for v in raw])
+    x = vectors(1000, seed=7)
+    files = [write_parquet(tmp_path / f"p{i}.parquet", x[a:b], ids[a:b])
+             for i, (a, b) in enumerate([(0, 300), (300, 1000)])]
+    with caplog.at_level(logging.WARNING, logger="bigalign"):
+        import_vectors(files, str(tmp_path / "s"), ids_column="doc_id", chunk_rows=64)
+    counts = collections.Counter(ids.tolist())
+    want = sum(1 for c in counts.values() if c > 1)
+    assert want > 100
+    attrs = zarr.open_group(str(tmp_path / "s")).attrs["bigalign"]
+    assert attrs["duplicate_ids"] == want and attrs["complete"]
+    first = next(v for v in ids.tolist() if counts[v] > 1)   # the earliest repeated id
+    rows = [i for i, v in enumerate(ids.tolist()) if v == first][:2]
+    assert f"{want} ids occur more than once (e.g. id {first!r}, {counts[first]} times, at " \
+        f"rows {rows[0]}, {rows[1]})" in caplog.text and "--duplicates first|last" in caplog.text
+    assert f"{want:,} ids occur more than once" in cli("info", tmp_path / "s", check=0).stdout
+    # unique ids, row ids
+    caplog.clear()
+    uniq = np.arange(1000) if kind == "int" else np.array([f"u{i}" for i in range(1000)])
+    import_vectors([write_parquet(tmp_path / "u.parquet", x, uniq)], str(tmp_path / "u"),
+                   ids_column="doc_id", chunk_rows=64)
+    assert zarr.open_group(str(tmp_path / "u")).attrs["bigalign"]["duplicate_ids"] == 0
+    assert "more than once" not in caplog.text
+    np.save(tmp_path / "x.npy", x)
+    import_vectors([str(tmp_path / "x.npy")], str(tmp_path / "r"), row_ids=True)
+    assert zarr.open_group(str(tmp_path / "r")).attrs["bigalign"]["duplicate_ids"] == 0
+    import_vectors([str(tmp_path / "x.npy")], str(tmp_path / "n"))          # no ids
+    assert "duplicate_ids" not in zarr.open_group(str(tmp_path / "n")).attrs["bigalign"]

@@ -13,28 +13,7 @@ from bigalign import stores
 from bigalign.errors import InputError
 from bigalign.pairing import GatherReport, gather, join, sample_pairs
 from bigalign.stores import open_embeddings
-from conftest import planted
-
-
-def make_store(path, vectors, ids=None, model=None, chunk=100):
-    """An embedding store by hand: a group with embeddings (+ ids, + model attribute)."""
-    g = zarr.open_group(str(path), mode="w")
-    g.create_array("embeddings", data=vectors, chunks=(chunk, vectors.shape[1]),
-                   compressors=None)
-    if ids is not None:
-        ids = np.asarray(ids)
-        if ids.dtype.kind == "U":  # variable-length strings, as zarr 3 specifies them
-            ids = ids.astype(np.dtypes.StringDType())
-        g.create_array("ids", data=ids, chunks=(chunk,))
-    if model:
-        g.attrs["model"] = model
-    return str(path)
-
-
-def reference_join(ids_a, ids_b):
-    """Plain Python: pairs (row_a, row_b) of equal ids, sorted by row_a."""
-    where_b = {v: j for j, v in enumerate(ids_b)}
-    return [(i, where_b[v]) for i, v in enumerate(ids_a) if v in where_b]
+from conftest import make_store, planted, reference_join
 
 
 @pytest.mark.parametrize("kind", ["int", "str"])

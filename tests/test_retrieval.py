@@ -131,3 +131,69 @@ def test_real_query_model_upgrade_retrieval():
     assert 0.74 < by["orthogonal + centring"]["raw"]["ndcg@10"] < 0.87
     assert by["orthogonal + centring"]["centred"]["recall@10"] > 0.9
     assert by["orthogonal + centring"]["raw"]["ndcg@10"] > by["least squares"]["raw"]["ndcg@10"] + 0.1
+
+
+@pytest.mark.parametrize("map_side", ["queries", "docs"])
+def test_retrieval_by_ids_equals_rows_on_the_joined_arrays(tmp_path, map_side, caplog):
+    """Queries, documents and native twins in stores with string ids, each in its own order
+    (the documents searched: rows 10:100 of theirs); qrels naming items by id (one query id
+    unknown). Equal to the evaluation by rows of the arrays put in qrels order by hand."""
+    import logging
+
+    import polars as pl
+
+    from conftest import make_store
+
+    rng = np.random.default_rng(12)
+    a, b = pairs(200, 8, 8, noise=0.5, seed=12)
+    m = streamed(a, b)
+    t = transform_from(m, True, (0, 200))
+    # item i: a query vector (source model) and a document vector (target model); the other
+    # model's embedding of the mapped side is the native twin
+    q_src = (rng.standard_normal((70, 8)) + 0.5).astype(np.float32)
+    d_tgt = (rng.standard_normal((90, 8)) - 0.3).astype(np.float32)
+    q_tgt = (q_src @ np.linalg.qr(rng.standard_normal((8, 8)))[0]).astype(np.float32)
+    d_src = (rng.standard_normal((90, 8)) + 0.2).astype(np.float32)
+    qid = np.array([f"q{i}" for i in range(70)])
+    did = np.array([f"d{i}" for i in range(90)])
+    rels = {q: {int(d): float(rng.integers(1, 3)) for d in rng.choice(90, 3, replace=False)}
+            for q in range(70)}
+    rows = [(f"q{q}", f"d{d}", r) for q, rel in rels.items() for d, r in rel.items()]
+    rows.append(("q-unknown", "d1", 1.0))
+    qrels = pl.DataFrame(rows, schema=["query_id", "doc_id", "relevance"], orient="row")
+    pq, pd_, pn = rng.permutation(70), rng.permutation(90), None
+    queries, docs = (q_src, d_tgt) if map_side == "queries" else (q_tgt, d_src)
+    qs = make_store(tmp_path / "q.store", queries[pq], qid[pq], chunk=16)
+    filler = rng.standard_normal((10, 8)).astype(np.float32)   # rows 0:10, not searched
+    ds = make_store(tmp_path / "d.store", np.concatenate([filler, docs[pd_]]),
+                    np.concatenate([[f"other-{i}" for i in range(10)], did[pd_]]), chunk=16)
+    twins, twin_ids = (q_tgt, qid) if map_side == "queries" else (d_tgt, did)
+    pn = rng.permutation(len(twins))
+    ns = make_store(tmp_path / "n.store", twins[pn], twin_ids[pn], chunk=16)
+    with caplog.at_level(logging.WARNING, logger="bigalign"):
+        got = evaluate_retrieval(t, qs, ds, qrels, map_side=map_side, native=ns,
+                                 doc_rows="10:100", statistics=m, ks=(1, 5), dtype="float64",
+                                 block_rows=20)
+    assert got["doc_rows"] == [10, 100] and got["documents"] == 90
+    assert "1 of 71 judged query ids are not in the queries" in caplog.text
+    want = evaluate_retrieval(t, queries, docs, pl.DataFrame(
+        [(q, d, r) for q, rel in rels.items() for d, r in rel.items()],
+        schema=["query_id", "doc_id", "relevance"], orient="row"), map_side=map_side,
+        native=twins, statistics=m, ks=(1, 5), dtype="float64", block_rows=20)
+    p = got["pairing"]
+    assert (p["by"], p["qrels_queries"], p["queries_missing"], p["qrels_documents"]) == \
+        ("ids", 71, 1, len({d for rel in rels.values() for d in rel}))
+    assert p["native"]["matched"] == len(twins)
+    assert got["queries"] == want["queries"] == 70
+    for x, y in zip(got["methods"], want["methods"]):
+        assert x["name"] == y["name"]
+        for variant in ("raw", "centred"):
+            assert x["retrieval"][variant] == pytest.approx(y["retrieval"][variant]), \
+                (x["name"], variant)
+    # a judged document that is not in the documents is refused; --pair-by rows reads the
+    # qrels as row numbers
+    with pytest.raises(InputError, match="1 document id.*not in the documents"):
+        evaluate_retrieval(t, qs, ds, qrels.vstack(pl.DataFrame(
+            [("q1", "d-gone", 1.0)], schema=qrels.schema, orient="row")), map_side=map_side)
+    with pytest.raises(InputError, match="integer row indices"):
+        evaluate_retrieval(t, qs, ds, qrels, map_side=map_side, pair_by="rows")
