@@ -9,7 +9,7 @@ once to warm the page cache, then times, side by side:
   on) and bigalign apply;
 * the practical limit: a hand-written loop over the same chunks with the next chunk read in
   a second thread while the current one is multiplied (BLAS on one thread), computing the
-  same statistics with bigalign.stats (fit) or the same map (apply, with write-behind);
+  same statistics with bigalign.maths.stats (fit) or the same map (apply, with write-behind);
 * naive Dask: ``da.from_zarr`` then ``(a.T @ b).compute()`` / ``(a @ Q).to_zarr(...)``;
 * scipy.linalg.orthogonal_procrustes on arrays loaded into memory (small cases only).
 
@@ -134,13 +134,13 @@ def _chunk_starts(arr) -> list[int]:
 
 def loop_fit(src: str, tgt: str, gram: bool, blas_threads: int = 1) -> int:
     """Stream paired chunks, reading chunk i+1 in a second thread while chunk i is reduced
-    with bigalign.stats.block_moments (float64 mean, float32 centring and GEMMs, float64
+    with bigalign.maths.stats.block_moments (float64 mean, float32 centring and GEMMs, float64
     accumulation) and merged; then solve as bigalign.fit does (SVD, plus the discrepancy
     with Gram matrices; BLAS at its default threads, as in bigalign). Returns rows."""
     import zarr
     from threadpoolctl import threadpool_limits
-    from bigalign.solve import discrepancy, procrustes
-    from bigalign.stats import block_moments, merge
+    from bigalign.maths.solve import discrepancy, procrustes
+    from bigalign.maths.stats import block_moments, merge
 
     a = zarr.open_array(src, mode="r")
     b = zarr.open_array(tgt, mode="r")
@@ -366,7 +366,7 @@ def _is_complete(path: Path, case: Case, seed: int) -> bool:
 
 def _planted(dim: int, seed: int):
     """Planted rotation (float64) and the two offsets of a case."""
-    from bigalign.demo import planted_rotation
+    from bigalign.commands.demo import planted_rotation
 
     rng = np.random.default_rng([seed, dim, 1])
     return (planted_rotation(dim, seed + dim), rng.normal(0, 0.5, dim),

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Cost of counting duplicate ids at the end of ``bigalign import``
-(:func:`bigalign.pairing.duplicate_ids`; run by hand, not a test).
+(:func:`bigalign.execution.pairing.duplicate_ids`; run by hand, not a test).
 
 Writes an ``ids`` Zarr array as an import would (chunks of the store's row chunk: 21,845
 rows for 384-d float32 vectors; int64, or variable-length strings ``doc-<n>``), then times
@@ -57,7 +57,7 @@ def child(path: str) -> None:
 
     import zarr
 
-    from bigalign.pairing import duplicate_ids
+    from bigalign.execution.pairing import duplicate_ids
 
     ids = zarr.open_array(path, mode="r")
     base = peak_rss_mib()

@@ -43,8 +43,8 @@ METHODS = ("polars-write-once", "bigalign-export")
 
 
 def generate(work: Path, rows: int, dim: int) -> dict:
-    from bigalign.embedding_store import create_store
-    from bigalign.ingest import choose_chunk_rows
+    from bigalign.storage.embedding_store import create_store
+    from bigalign.commands.ingest import choose_chunk_rows
 
     meta = {"rows": rows, "dim": dim, "format": 1}
     stamp = work / "data.json"
@@ -69,8 +69,8 @@ def generate(work: Path, rows: int, dim: int) -> dict:
 def run_one(method: str, work: Path, rows: int, dim: int) -> dict:
     import polars as pl
 
-    from bigalign.embedding_store import open_store
-    from bigalign.parquet_export import export_parquet
+    from bigalign.storage.embedding_store import open_store
+    from bigalign.commands.parquet_export import export_parquet
 
     out = work / "out"
     shutil.rmtree(out, ignore_errors=True)

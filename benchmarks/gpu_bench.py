@@ -47,10 +47,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import bigalign  # noqa: E402
-from bigalign import gpu  # noqa: E402
-from bigalign.plan import (DEFAULT_BLOCK_BYTES, MIN_BLOCKS, choose_block_rows,  # noqa: E402
+from bigalign.execution import gpu  # noqa: E402
+from bigalign.planning.plan import (DEFAULT_BLOCK_BYTES, MIN_BLOCKS, choose_block_rows,  # noqa: E402
                            common_step, plan_blocks)
-from bigalign.stores import create_output, open_embeddings, read_rows, write_rows  # noqa: E402
+from bigalign.storage.stores import create_output, open_embeddings, read_rows, write_rows  # noqa: E402
 
 T0 = time.perf_counter()
 RESULTS: dict = {"cases": []}
@@ -153,7 +153,7 @@ def generate(case_dir: Path, n: int, d: int, chunk: int, threads: int, cp) -> tu
 
 
 def fit_reads(src, tgt) -> list:
-    plan = bigalign.api._fit_plan(src, tgt, 0, src.rows, DEFAULT_BLOCK_BYTES, True)
+    plan = bigalign.commands.api._fit_plan(src, tgt, 0, src.rows, DEFAULT_BLOCK_BYTES, True)
     return plan_blocks(0, src.rows, plan["step"], plan["rows_per_read"]), plan
 
 

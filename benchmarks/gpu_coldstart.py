@@ -30,7 +30,7 @@ def main():
     t = time.perf_counter()
     import cupy as cp
     import cupyx
-    from bigalign import gpu
+    from bigalign.execution import gpu
     print(f"import cupy: {time.perf_counter() - t:.3f}s", flush=True)
     timed("first kernel (arange.sum)", lambda: cp.arange(10).sum())
     held = []

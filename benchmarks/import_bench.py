@@ -96,7 +96,7 @@ def run_one(method: str, work: Path, rows: int, dim: int) -> dict:
     import polars as pl
     import zarr
 
-    from bigalign.ingest import choose_chunk_rows, import_vectors
+    from bigalign.commands.ingest import choose_chunk_rows, import_vectors
 
     out = work / "out"
     shutil.rmtree(out, ignore_errors=True)
@@ -129,8 +129,8 @@ def run_one(method: str, work: Path, rows: int, dim: int) -> dict:
             a += len(x)
     elif method.startswith("bigalign-import"):
         if method.endswith("per-region"):
-            import bigalign.ingest
-            bigalign.ingest.UNIT_WASTE = float("inf")
+            import bigalign.commands.ingest
+            bigalign.commands.ingest.UNIT_WASTE = float("inf")
         inputs = [str(work / "data" / "all.npy")] if method.endswith("npy") else files
         ids = "doc_id" if method == "bigalign-import" else None
         rep = import_vectors(inputs, str(out), ids_column=ids)

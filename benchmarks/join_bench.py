@@ -7,7 +7,7 @@ Each case runs in a fresh subprocess that reports its wall time and peak RSS (Vm
 corpus side has N ids in storage order (int64 row numbers, or strings "doc-<n>"), stored as a
 Zarr ids array in chunks of 2^20; the target side is a uniform sample of N/10 of them in
 random order plus N/100 ids the corpus does not have. What is timed is
-:func:`bigalign.pairing.join` reading both Zarr id arrays chunk by chunk, so the peak
+:func:`bigalign.execution.pairing.join` reading both Zarr id arrays chunk by chunk, so the peak
 includes reading the ids, not only the join. The gather case reads a (N, 8) float32 corpus
 in chunks of 10,000 rows and reports how many chunks it read for the sampled rows against
 the number of distinct chunks that hold them (equal: each needed chunk read once).
@@ -27,7 +27,7 @@ import numpy as np
 
 CHILD = r"""
 import json, sys, time, numpy as np, zarr
-from bigalign.pairing import join
+from bigalign.execution.pairing import join
 src = zarr.open_array(sys.argv[1]); tgt = zarr.open_array(sys.argv[2])
 t0 = time.perf_counter(); p = join(src, tgt); dt = time.perf_counter() - t0
 peak = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0]
@@ -69,8 +69,8 @@ def run_join(folder: str, n: int, kind: str) -> dict:
 def run_gather(folder: str, n: int) -> dict:
     import zarr
 
-    from bigalign.pairing import GatherReport, gather
-    from bigalign.stores import open_embeddings
+    from bigalign.execution.pairing import GatherReport, gather
+    from bigalign.storage.stores import open_embeddings
 
     path = os.path.join(folder, f"corpus-{n}.zarr")
     arr = zarr.create_array(path, shape=(n, 8), chunks=(10_000, 8), dtype="f4",

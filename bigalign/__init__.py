@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 from .errors import BigalignError, CheckpointError, ChunkReadError, InputError, NonFiniteError  # noqa: E402
 from .transform import Transform  # noqa: E402
-from .api import apply, fit, output_status, run_status, RunReport  # noqa: E402
+from .commands.api import apply, fit, output_status, run_status, RunReport  # noqa: E402
 
 __all__ = ["fit", "apply", "Transform", "RunReport", "output_status", "run_status", "BigalignError",
            "InputError", "NonFiniteError", "ChunkReadError", "CheckpointError", "__version__"]

@@ -19,63 +19,12 @@ from typing import Any, Optional
 import numpy as np
 
 from .errors import InputError, NonFiniteError, is_transient
-from .stats import Moments, check_finite, normalize_rows
+from .maths.stats import Moments
+from .maths.mapping import map_rows
 
-from .outputs import TRANSFORM_FORMAT as FORMAT  # noqa: E402
+from .storage.outputs import TRANSFORM_FORMAT as FORMAT  # noqa: E402
 
-__all__ = ["Transform", "map_rows", "FORMAT"]
-
-
-def map_rows(x: np.ndarray, matrix: np.ndarray, source_mean: np.ndarray,
-             target_mean: np.ndarray, *, normalize: bool = False, renormalize: bool = False,
-             dtype=np.float32, start: int = 0, inplace: bool = False,
-             out: Optional[np.ndarray] = None) -> np.ndarray:
-    """The apply kernel, shared by Transform.transform and the streaming apply.
-
-    x : (n, dA) float16/32/64 block. ``matrix`` : (dA, dB) = scale * rotation, already in the
-    compute dtype (float64 for float64 output, else float32). Returns (n, dB) in ``dtype``.
-    ``inplace``: x may be overwritten (the engine's read buffer); ``out``: an (n, dB) buffer
-    of the compute dtype for the product. Raises NonFiniteError naming the first bad row
-    (``start`` is the block's global offset): NaN/Inf, or a value the cast to a narrower
-    ``dtype`` overflows (float16 ends at 65504).
-    """
-    work = np.float64 if np.dtype(dtype) == np.float64 else np.float32
-    if normalize:
-        x = normalize_rows(x, work, start, "source")
-        inplace = True
-    elif x.dtype != work:
-        x = x.astype(work)
-        inplace = True
-    if inplace:
-        xc = np.subtract(x, source_mean.astype(work), out=x)
-    else:
-        xc = x - source_mean.astype(work)
-    y = np.matmul(xc, matrix, out=out)
-    y += target_mean.astype(work)
-    check_finite(y.sum(axis=0), y, start, "source")  # in y's dtype: a quarter of the time
-    if renormalize:
-        y /= np.linalg.norm(y, axis=1, keepdims=True).clip(min=np.finfo(work).tiny)
-    with np.errstate(over="ignore"):  # checked below, with a clearer message
-        result = y.astype(dtype, copy=False)
-    if result.dtype.itemsize < y.dtype.itemsize:
-        _check_range(result, y, start)
-    return result
-
-
-def _check_range(result: np.ndarray, y: np.ndarray, start: int) -> None:
-    """A cast to a narrower float (float16: largest 65504) turns big finite values into
-    Inf silently. ``y`` is finite (checked before the cast), so a finite float32 column sum
-    of ``result`` proves the cast clean at one cheap pass; otherwise name the first row."""
-    if np.isfinite(result.sum(axis=0, dtype=np.float32)).all():
-        return
-    bad = np.flatnonzero(~np.isfinite(result).all(axis=1))
-    i = int(bad[0]) if bad.size else 0
-    info = np.finfo(result.dtype)
-    raise NonFiniteError(
-        f"source row {start + i} maps to values up to {float(np.abs(y[i]).max()):.6g}, "
-        f"beyond the {result.dtype} range (largest {float(info.max):g}): {bad.size} rows of "
-        f"block rows {start}:{start + len(result)} would be written as Inf. Write float32 "
-        f"(--dtype float32), or L2-normalise the output (--renormalize)")
+__all__ = ["Transform", "FORMAT"]
 
 
 @dataclass
@@ -88,7 +37,7 @@ class Transform:
     scale : float, 1.0 unless a similarity scale was fitted.
     options : the fit options (center, normalize, scale, reflection, rows, ...).
     metadata : n_pairs, dims, singular values summary, residuals, discrepancy, version, ...
-    statistics : the training set's sufficient statistics (bigalign.stats.Moments, float64,
+    statistics : the training set's sufficient statistics (bigalign.maths.stats.Moments, float64,
         d x d matrices), saved with the transform so baselines and diagnostics need no
         second pass over the data; None for a transform built by hand.
     """
@@ -151,18 +100,18 @@ class Transform:
         return np.zeros_like(self.target_mean) if target_centred else self.target_mean
 
     def inverse(self, *, allow_lossy: bool = False) -> "Transform":
-        """The map back from target to source space (see :func:`bigalign.transforms.invert`):
+        """The map back from target to source space (see :func:`bigalign.commands.transforms.invert`):
         exact when dA == dB; for dA < dB a left inverse (exact on this map's image, a
         projection onto it elsewhere); for dA > dB or normalize=True refused as lossy unless
         ``allow_lossy``. Model stamps are swapped."""
-        from .transforms import invert
+        from .commands.transforms import invert
 
         return invert(self, allow_lossy=allow_lossy)
 
     def then(self, other: "Transform", *, allow_model_mismatch: bool = False) -> "Transform":
         """This map followed by ``other``, as one Transform (see
-        :func:`bigalign.transforms.compose`): ``self.then(other)(x) == other(self(x))``."""
-        from .transforms import compose
+        :func:`bigalign.commands.transforms.compose`): ``self.then(other)(x) == other(self(x))``."""
+        from .commands.transforms import compose
 
         return compose(self, other, allow_model_mismatch=allow_model_mismatch)
 
@@ -171,7 +120,7 @@ class Transform:
         """Write as a Zarr group at a local path or fsspec URL."""
         import zarr
 
-        from .outputs import check_replaceable
+        from .storage.outputs import check_replaceable
 
         check_replaceable(path, "transform output", storage_options)  # never a user's node
         statistics = self.statistics  # read (if lazy) before a save over its own source
@@ -200,7 +149,7 @@ class Transform:
         plain Zarr array such as embeddings or an apply output, a foreign group, an
         unfinished save) raises InputError saying what is there.
 
-        ``path`` may also be a registry (:mod:`bigalign.registry`): its current version is
+        ``path`` may also be a registry (:mod:`bigalign.storage.registry`): its current version is
         loaded, and ``metadata["registry"]`` says which. The training statistics
         (``statistics``: d x d matrices, ~400 MB at d = 4096) are read only when first
         accessed; mapping vectors never needs them."""
@@ -208,7 +157,7 @@ class Transform:
 
         registry = None
         if isinstance(path, (str, os.PathLike)):  # a registry stands for its current version
-            from .registry import resolve_transform
+            from .storage.registry import resolve_transform
             path, registry = resolve_transform(os.fspath(path), storage_options)
         try:
             group = zarr.open_group(path, mode="r", storage_options=storage_options)
@@ -289,7 +238,7 @@ def _del_statistics(self) -> None:  # back to the default: none
 
 
 Transform.statistics = property(_get_statistics, _set_statistics, _del_statistics, doc=(
-    "The training set's sufficient statistics (bigalign.stats.Moments), or None; read from "
+    "The training set's sufficient statistics (bigalign.maths.stats.Moments), or None; read from "
     "storage on first access for a loaded transform."))
 
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 import bigalign  # noqa: E402
-from bigalign.metrics import ndcg_at_k, recall_at_k  # noqa: E402
+from bigalign.maths.metrics import ndcg_at_k, recall_at_k  # noqa: E402
 
 
 def search(q: np.ndarray, d: np.ndarray, k: int = 10) -> np.ndarray:

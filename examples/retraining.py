@@ -15,7 +15,7 @@ version 1 that are rated often enough are tracked through every version.
 
 Each version k is aligned to version 1 with ``bigalign.fit(center=True)`` on half of the
 tracked items (the other half held out), and least squares from the same statistics
-(``bigalign.metrics.baseline_methods``) is the baseline. Measured on the held-out items:
+(``bigalign.maths.metrics.baseline_methods``) is the baseline. Measured on the held-out items:
 
 * similar-item recall@100: how many of item i's 100 nearest neighbours in version 1 are
   found when i's version-k vector (mapped or not) is searched among the version-1 vectors
@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 import bigalign  # noqa: E402
-from bigalign.evaluate import training_moments  # noqa: E402
-from bigalign.metrics import baseline_methods  # noqa: E402
+from bigalign.commands.evaluate import training_moments  # noqa: E402
+from bigalign.maths.metrics import baseline_methods  # noqa: E402
 
 
 def movielens_small():

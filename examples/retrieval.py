@@ -12,7 +12,7 @@ also with a scale) and its evaluation reports, next to none / least squares / ri
 uncentred orthogonal:
 
 * self-retrieval: each held-out A document mapped into B finds its own B document
-  (recall@1, @10), raw cosine and centred search (``bigalign.evaluate``);
+  (recall@1, @10), raw cosine and centred search (``bigalign.commands.evaluate``);
 * documents of the old model A mapped into the new model B's space, searched with B's
   queries, against a full re-embed with B (``bigalign.evaluate_retrieval``, map docs):
   nDCG@10, recall@10 and Drift-Adapter's Average Recall Retention ARR = recall@10 of the
@@ -20,7 +20,7 @@ uncentred orthogonal:
 * queries of a new query model A mapped into the index model B's space, against the index
   model's own queries (map queries);
 * the paper's bound (2D)^1/4 sqrt(eps) next to the achieved training residual ||AQ - B||_F;
-* the learning curve (``bigalign.curve.learning_curve``) up to 16,000 pairs (documents and
+* the learning curve (``bigalign.commands.curve.learning_curve``) up to 16,000 pairs (documents and
   synopses of 8,000 items, 20,000 texts in all in the sample), and where it flattens.
 
     python examples/retrieval.py --quick          # ~1 min on 2 cores, ../shared/data only
@@ -40,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 import bigalign  # noqa: E402
-from bigalign.curve import learning_curve  # noqa: E402
-from bigalign.evaluate import evaluate  # noqa: E402
-from bigalign.retrieval import evaluate_retrieval  # noqa: E402
+from bigalign.commands.curve import learning_curve  # noqa: E402
+from bigalign.commands.evaluate import evaluate  # noqa: E402
+from bigalign.commands.retrieval import evaluate_retrieval  # noqa: E402
 
 METHOD_ORDER = ["none", "least squares", "ridge", "orthogonal", "orthogonal + centring",
                 "orthogonal + centring + scale"]
@@ -226,7 +226,7 @@ def curves(args, models, pairs: list[tuple[str, str]], sizes, n_eval: int, max_q
             f"{sat['value']:.3f}): " +
             (f"{sat['pairs']} pairs" if sat["pairs"] else "not reached: still improving"))
         if args.out:
-            from bigalign.report import curve_png
+            from bigalign.commands.report import curve_png
 
             curve_png(res, str(Path(args.out) / f"curve_{a}_{b}.png"),
                       title=f"{a} → {b}: held-out recall vs training pairs")

@@ -25,7 +25,7 @@ def imported_store(path, vectors, ids=None, *, model=None, chunk_rows=100):
     path as str."""
     import polars as pl
 
-    from bigalign.ingest import import_vectors
+    from bigalign.commands.ingest import import_vectors
 
     cols = {} if ids is None else {"doc_id": np.asarray(ids)}
     parquet = f"{path}.parquet"
@@ -101,7 +101,7 @@ def race_for_lease(url, storage_options=None, runs: int = 8):
     (winners' leases, refusal messages). The caller releases the winners."""
     import threading
 
-    from bigalign.checkpoint import Job
+    from bigalign.storage.checkpoint import Job
     from bigalign.errors import CheckpointError
 
     barrier, won, refused = threading.Barrier(runs), [], []

@@ -9,9 +9,9 @@ import numpy as np
 import scipy.linalg
 
 from bigalign import Transform
-from bigalign.metrics import unit_rows
-from bigalign.solve import procrustes
-from bigalign.stats import block_moments, merge_all
+from bigalign.maths.metrics import unit_rows
+from bigalign.maths.solve import procrustes
+from bigalign.maths.stats import block_moments, merge_all
 
 
 def pairs(n=300, dim_a=12, dim_b=12, noise=0.3, offset=1.5, seed=0):
@@ -81,7 +81,7 @@ def isometry_oracle(a, b, center):
 
 
 def agrees(text, truth):
-    """Does a figure printed by bigalign.metrics.figure ("= v", "= v +- e", "<= x") state
+    """Does a figure printed by bigalign.maths.metrics.figure ("= v", "= v +- e", "<= x") state
     something true about ``truth``?"""
     text = text.strip()
     if text.startswith("<="):

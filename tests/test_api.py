@@ -189,7 +189,7 @@ def test_apply_target_centred(tmp_path):
 
 
 def test_no_buffers_held_after_a_run(tmp_path):
-    from bigalign import engine
+    from bigalign.execution import engine
     a, b, _ = planted(500, 8)
     s, t = write_zarr(tmp_path / "a.zarr", a, 100), write_zarr(tmp_path / "b.zarr", b, 100)
     bigalign.fit(s, t)
@@ -223,8 +223,8 @@ def check_mapped(tr, got, x):
 ])
 def test_apply_of_an_imported_store_writes_a_store_with_its_ids(tmp_path, kind, rows, first,
                                                                 last):
-    from bigalign.embedding_store import open_store
-    from bigalign.outputs import inspect
+    from bigalign.storage.embedding_store import open_store
+    from bigalign.storage.outputs import inspect
 
     a, b, _ = planted(2000, 8, noise=0.1, offset_a=2.0, offset_b=-1.0, seed=31)
     order = np.random.default_rng(7).permutation(2000)  # ids not in row order
@@ -257,7 +257,7 @@ def test_apply_of_an_imported_store_writes_a_store_with_its_ids(tmp_path, kind, 
 def test_apply_of_a_user_made_sharded_store(tmp_path):
     """A group a user made (no bigalign attribute), sharded, uint32 ids, no model: the
     output is sharded like it, ids (int64) chunked by whole shards, no model stamp."""
-    from bigalign.embedding_store import open_store
+    from bigalign.storage.embedding_store import open_store
 
     a, b, _ = planted(1700, 8, noise=0.1, offset_a=1.0, seed=32)
     ids = (np.arange(1700, dtype=np.uint32) * 3 + 4_000_000_000).astype(np.uint32)
@@ -280,7 +280,7 @@ def test_apply_of_a_user_made_sharded_store(tmp_path):
 def test_apply_of_a_store_without_ids(tmp_path, rows, ids):
     """A store without ids: row numbers are its ids. The output has no ids while its row
     numbers are the source's; past row 0 it gets the source row numbers as ids."""
-    from bigalign.embedding_store import open_store
+    from bigalign.storage.embedding_store import open_store
 
     a, b, _ = planted(1000, 6, noise=0.1, seed=33)
     s = imported_store(tmp_path / "a.store", a, chunk_rows=128)

@@ -6,9 +6,9 @@ import time
 import numpy as np
 import pytest
 
-from bigalign.checkpoint import Job, Lease, LeaseLostError, checkpointed, describe_changes
+from bigalign.storage.checkpoint import Job, Lease, LeaseLostError, checkpointed, describe_changes
 from bigalign.errors import CheckpointError
-from bigalign.stats import block_moments
+from bigalign.maths.stats import block_moments
 from conftest import race_for_lease
 
 

@@ -21,7 +21,7 @@ import pytest
 import zarr
 
 import bigalign
-from bigalign import stores
+from bigalign.storage import stores
 from bigalign.cli import main, storage_options
 from bigalign.errors import (ChunkReadError, CheckpointError, InputError, NonFiniteError,
                              TransientChunkReadError, TransientError, exit_code)
@@ -97,7 +97,7 @@ def test_corrupt_chunk_is_not_retried_and_exits_2(tmp_path, capsys, monkeypatch)
     s, t = write_zarr(tmp_path / "a.zarr", a, 100), write_zarr(tmp_path / "b.zarr", b, 100)
     (tmp_path / "a.zarr" / "c" / "2" / "0").write_bytes(b"\x00" * 7)
     sleeps = []  # a retry would back off first
-    from bigalign import cluster
+    from bigalign.execution import cluster
     for module in (stores, cluster):
         monkeypatch.setattr(module, "time", SimpleNamespace(sleep=sleeps.append))
     code, _, err = run(capsys, "fit", s, t, "-o", tmp_path / "t", "-q")
@@ -279,7 +279,7 @@ def test_progress_is_line_based_when_stderr_is_not_a_terminal(tmp_path):
 
 
 def test_progress_bar_on_a_terminal():
-    from bigalign.cluster import Reporter
+    from bigalign.execution.cluster import Reporter
 
     class Terminal:
         text = ""

@@ -15,7 +15,7 @@ from conftest import SHARED_DATA, load_shared, planted, write_zarr
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # the 4-bit e5 vectors are numerically rank 381 of 384: expected, and said by the fit
-pytestmark = pytest.mark.filterwarnings("ignore::bigalign.solve.NotUniqueWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::bigalign.maths.solve.NotUniqueWarning")
 
 
 def run(capsys, *argv):
@@ -230,7 +230,7 @@ def test_bound_lines_of_a_recorded_zero_bound_do_not_crash():
     """Figures recorded by a fit without intervals (older transforms): identical inputs gave
     bound 0 and achieved 0.06, and the table divided by the bound (ZeroDivisionError, exit 1).
     Now they print, flagged as unbounded in round-off."""
-    from bigalign.cli_evaluate import _bound_lines
+    from bigalign.cli.evaluate import _bound_lines
 
     text = _bound_lines({"epsilon": 0.0, "delta": 0.0, "bound_residual": 0.0,
                          "bound_mean_sq_distance": 0.0, "achieved_residual": 0.06}, {"n": 10})
@@ -293,8 +293,8 @@ def test_evaluate_by_ids_real(real_ids, capsys):
     import numpy as np
 
     from bigalign import Transform
-    from bigalign.evaluate import evaluate_maps
-    from bigalign.metrics import methods_for
+    from bigalign.commands.evaluate import evaluate_maps
+    from bigalign.maths.metrics import methods_for
 
     r = real_ids
     code, out, err = run(capsys, "evaluate", r["tr"], r["s"], r["t"], "-q")

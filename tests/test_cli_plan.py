@@ -10,7 +10,7 @@ import pytest
 import zarr
 
 import bigalign
-from bigalign import stores
+from bigalign.storage import stores
 from bigalign.cli import main
 from conftest import planted, write_zarr
 
@@ -52,7 +52,7 @@ def test_plan_from_real_inputs_reads_metadata_only(capsys, tmp_path, monkeypatch
     assert apply["rows"] == 4000 and apply["dims"] == [16, 16]
     monkeypatch.undo()
     # the plan printed is the one a real run stores
-    from bigalign.plan import make_fit_plan
+    from bigalign.planning.plan import make_fit_plan
     real = make_fit_plan(0, 5000, (100, 100), (16, 16), (4, 4), True, read_steps=(100, 100))
     assert fit["plan"]["rows_per_block"] == real.rows_per_block
     assert fit["tasks"] == real.tasks()

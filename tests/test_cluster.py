@@ -167,7 +167,7 @@ def test_cli_through_scheduler_file_and_env_address(cluster, data, monkeypatch, 
     monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", cluster.address)
     dask.config.refresh()
     try:
-        from bigalign.cluster import scheduler_from_config
+        from bigalign.execution.cluster import scheduler_from_config
         assert scheduler_from_config() == cluster.address
         assert main(["apply", str(tmp_path / "t"), s, "-o", str(tmp_path / "o.zarr"),
                      "--block-mb", block, "-q"]) == 0
@@ -178,7 +178,7 @@ def test_cli_through_scheduler_file_and_env_address(cluster, data, monkeypatch, 
     assert out.attrs["bigalign"]["complete"]
     np.testing.assert_array_equal(out[:], ref_out)
     # no worker keeps its per-thread buffers after the run
-    from bigalign import engine
+    from bigalign.execution import engine
     held = cluster.client.run(lambda: sum(len(p) for p in engine._buffers.values()))
     assert len(held) == 2 and set(held.values()) == {0}
 
@@ -188,7 +188,7 @@ def test_worker_without_nanny_pins_blas_per_task(cluster, data, tmp_path):
     tasks the worker keeps its own setting, inside bigalign's tasks it has one thread, and
     a fit run there alone equals the embedded one bit for bit."""
     from threadpoolctl import threadpool_info
-    from bigalign.cluster import run_task
+    from bigalign.execution.cluster import run_task
 
     def blas_threads():
         return max([i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"],
@@ -215,7 +215,7 @@ def test_worker_killed_mid_apply_and_replaced(cluster, data, tmp_path):
     embedded run's bytes, verified region by region before ``complete``."""
     s, t, tmp, kw, _, ref_out = data
     out = str(tmp_path / "o.zarr")
-    done_dir = Path(bigalign.api.default_checkpoint(out)) / "done"
+    done_dir = Path(bigalign.commands.api.default_checkpoint(out)) / "done"
     result: dict = {}
 
     def run():

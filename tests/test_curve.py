@@ -1,4 +1,4 @@
-"""bigalign.curve: training sizes, saturation, every size equal to a separate fit, and the
+"""bigalign.commands.curve: training sizes, saturation, every size equal to a separate fit, and the
 curve by ids equal to the curve of the explicitly joined arrays."""
 
 from __future__ import annotations
@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 
 from bigalign import InputError
-from bigalign.curve import default_sizes, learning_curve
-from bigalign.evaluate import evaluate_maps
-from bigalign.metrics import AffineMap, Method
-from bigalign.solve import procrustes
-from bigalign.stats import block_moments
+from bigalign.commands.curve import default_sizes, learning_curve
+from bigalign.commands.evaluate import evaluate_maps
+from bigalign.maths.metrics import AffineMap, Method
+from bigalign.maths.solve import procrustes
+from bigalign.maths.stats import block_moments
 from conftest import make_store, reference_join
 from evaluation_reference import pairs
 
 # the 4-bit e5 vectors are numerically rank 381 of 384: expected, and said by the fit
-pytestmark = pytest.mark.filterwarnings("ignore::bigalign.solve.NotUniqueWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::bigalign.maths.solve.NotUniqueWarning")
 
 
 def test_default_sizes():

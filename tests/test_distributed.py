@@ -81,7 +81,7 @@ def calls_then(path, outcome):
 @pytest.mark.slow
 def test_deterministic_errors_are_not_retried(tmp_path, cluster):
     """A NaN row (or a corrupt chunk) fails at once: distributed's retries would re-run it."""
-    from bigalign.cluster import Session
+    from bigalign.execution.cluster import Session
     from bigalign.errors import NonFiniteError
     with distributed.Client(cluster) as client:
         with pytest.raises(NonFiniteError, match="row 5"):

@@ -1,4 +1,4 @@
-"""bigalign.evaluate: evaluate_maps against brute force, the sources of the training
+"""bigalign.commands.evaluate: evaluate_maps against brute force, the sources of the training
 statistics, input errors, reading in whole chunks, and the real samples in ../shared/data."""
 
 from __future__ import annotations
@@ -10,15 +10,15 @@ import pytest
 
 from bigalign import InputError
 from bigalign.errors import NonFiniteError
-from bigalign.evaluate import (blocks, evaluate, evaluate_maps, open_pair, take_rows,
+from bigalign.commands.evaluate import (blocks, evaluate, evaluate_maps, open_pair, take_rows,
                                training_moments)
-from bigalign.metrics import baseline_methods, methods_for, unit_rows
-from bigalign.stats import block_moments
+from bigalign.maths.metrics import baseline_methods, methods_for, unit_rows
+from bigalign.maths.stats import block_moments
 from conftest import load_shared, make_store, reference_join, write_zarr
 from evaluation_reference import brute_ndcg, brute_ranks, pairs, streamed, transform_from
 
 # the 4-bit e5 vectors are numerically rank 381 of 384: expected, and said by the fit
-pytestmark = pytest.mark.filterwarnings("ignore::bigalign.solve.NotUniqueWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::bigalign.maths.solve.NotUniqueWarning")
 
 
 # ---- reading in blocks, training statistics ----------------------------------------------------
@@ -289,8 +289,8 @@ def test_no_baselines_streamed_from_held_out_arrays(tmp_path, caplog):
 
 
 def test_same_array_and_canonical_urls(tmp_path, monkeypatch):
-    from bigalign.evaluate import canonical_url, same_array
-    from bigalign.stores import open_embeddings
+    from bigalign.commands.evaluate import canonical_url, same_array
+    from bigalign.storage.stores import open_embeddings
 
     assert canonical_url("s3://bucket//emb/a.zarr/") == canonical_url("S3A://bucket/emb/a.zarr")
     assert canonical_url("simplecache::s3://bucket/a.zarr") == "s3://bucket/a.zarr"
@@ -346,8 +346,8 @@ def test_normalized_fit_is_evaluated_against_normalized_targets(tmp_path):
 
 
 def test_normalized_curve_and_retrieval_use_normalized_targets(tmp_path):
-    from bigalign.curve import learning_curve
-    from bigalign.retrieval import evaluate_retrieval
+    from bigalign.commands.curve import learning_curve
+    from bigalign.commands.retrieval import evaluate_retrieval
 
     a, b, sa, sb = _normalized_pair(tmp_path, seed=35)
     res = learning_curve(sa, sb, (0, 300), (300, 400), sizes=[50, 300], center=True,

@@ -1,4 +1,4 @@
-"""The GPU backend (bigalign.gpu).
+"""The GPU backend (bigalign.execution.gpu).
 
 Without a GPU, the backend's kernels and tasks run with numpy (xp=numpy, NumpyBackend): the
 same code path, checked bit for bit against the CPU kernels (stats.block_moments,
@@ -17,10 +17,10 @@ import pytest
 import zarr
 
 import bigalign
-from bigalign import gpu
+from bigalign.execution import gpu
 from bigalign.errors import InputError, NonFiniteError
-from bigalign.stats import Moments, block_moments, merge
-from bigalign.transform import map_rows
+from bigalign.maths.stats import Moments, block_moments, merge
+from bigalign.maths.mapping import map_rows
 
 from conftest import imported_store, planted, write_zarr
 
@@ -160,7 +160,7 @@ def test_map_rows_flags_non_finite_rows():
 
 @pytest.fixture
 def emulated(monkeypatch):
-    """device="cuda" runs bigalign.gpu's task code with numpy arrays (NumpyBackend)."""
+    """device="cuda" runs bigalign.execution.gpu's task code with numpy arrays (NumpyBackend)."""
     monkeypatch.setattr(gpu, "_cupy", lambda: None)
     with gpu.using_backend(gpu.NumpyBackend()):
         yield
@@ -181,8 +181,8 @@ def test_fit_on_emulated_device_equals_cpu_fit(pair, emulated, diagnostics):
 
 
 def test_fit_on_emulated_device_checkpoints_and_resumes(pair, emulated, tmp_path):
-    from bigalign.checkpoint import Job
-    from bigalign.plan import FitPlan
+    from bigalign.storage.checkpoint import Job
+    from bigalign.planning.plan import FitPlan
     s, t, *_ = pair(n=3000, dim_a=8, chunk_a=50, offset_a=1.0)
     kw = dict(center=True, block_bytes=50 * 16 * 4, threads=3)
     cpu = bigalign.fit(s, t, **kw)
@@ -190,7 +190,7 @@ def test_fit_on_emulated_device_checkpoints_and_resumes(pair, emulated, tmp_path
     dev = bigalign.fit(s, t, device="cuda", output=out, keep_checkpoint=True, **kw)
     _assert_streamed_equal(dev.statistics, cpu.statistics)
     # units saved by the device run are plain numpy Moments, equal to the CPU's
-    prog = Job(bigalign.api.default_checkpoint(out))
+    prog = Job(bigalign.commands.api.default_checkpoint(out))
     manifest = prog.manifest()
     prog.run_id = manifest["run_id"]
     rows = FitPlan(**manifest["plan"]).unit_rows()

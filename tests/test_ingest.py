@@ -19,9 +19,9 @@ import zarr
 from hypothesis import given, settings, strategies as st
 
 import bigalign
-from bigalign.embedding_store import create_store, open_store
+from bigalign.storage.embedding_store import create_store, open_store
 from bigalign.errors import InputError, NonFiniteError
-from bigalign.ingest import choose_chunk_rows, import_vectors, make_import_plan
+from bigalign.commands.ingest import choose_chunk_rows, import_vectors, make_import_plan
 
 DIM = 8
 
@@ -145,7 +145,7 @@ def test_units_follow_row_groups():
 def test_parquet_row_groups_from_the_footer(tmp_path, groups):
     import fsspec
 
-    from bigalign.ingest import _dim_from_footer, parquet_footer, parquet_row_groups
+    from bigalign.commands.ingest import _dim_from_footer, parquet_footer, parquet_row_groups
     x = vectors(1000, seed=6)
     path = write_parquet(tmp_path / "r.parquet", x, [str(i) for i in range(1000)],
                          **({"row_group_size": groups} if groups else {}))
@@ -171,7 +171,7 @@ def test_parquet_row_groups_from_the_footer(tmp_path, groups):
 @pytest.mark.parametrize("batches", [True, False], ids=["stream", "slices"])
 def test_parquet_row_groups_and_readers_round_trip(tmp_path, monkeypatch, row_group_size,
                                                    batches):
-    from bigalign import ingest
+    from bigalign.commands import ingest
     monkeypatch.setattr(ingest, "_HAS_BATCHES", batches and ingest._HAS_BATCHES)
     x = vectors(2000, seed=7)
     files = [write_parquet(tmp_path / f"p{i}.parquet", x[a:b], list(range(a, b)),
@@ -498,7 +498,7 @@ def test_create_and_open_store(tmp_path):
     zarr.open_group(str(tmp_path / "g"), mode="w")
     with pytest.raises(InputError, match="not an embedding store .no .embeddings. array"):
         open_store(str(tmp_path / "g"))
-    from bigalign.outputs import inspect
+    from bigalign.storage.outputs import inspect
     assert inspect(str(tmp_path / "s")).kind == "embedding-store"
     assert not inspect(str(tmp_path / "s")).complete
 

@@ -6,9 +6,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from bigalign.embedding_store import open_store
+from bigalign.storage.embedding_store import open_store
 from bigalign.errors import InputError
-from bigalign.ingest import _polars_options, import_vectors
+from bigalign.commands.ingest import _polars_options, import_vectors
 
 s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")

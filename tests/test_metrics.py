@@ -1,4 +1,4 @@
-"""bigalign.metrics: diagnostics against direct computation, metrics against brute-force
+"""bigalign.maths.metrics: diagnostics against direct computation, metrics against brute-force
 references, baselines against numpy.linalg.lstsq, maps against the apply kernel."""
 
 from __future__ import annotations
@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 
 from bigalign import InputError, Transform
-from bigalign.metrics import (AffineMap, CosineHistogram, baseline_methods, count_better,
+from bigalign.maths.metrics import (AffineMap, CosineHistogram, baseline_methods, count_better,
                               exact_search, figure, fit_diagnostics, methods_for, ndcg_at_k,
                               query_sample, recall_at_k, recall_from_ranks, unit_rows)
-from bigalign.stats import block_moments
+from bigalign.maths.stats import block_moments
 from conftest import load_shared
 from evaluation_reference import (agrees, brute_ndcg, brute_ranks, isometry_oracle,
                                   near_isometric, pairs, streamed, transform_from)
 
 # the 4-bit e5 vectors are numerically rank 381 of 384: expected, and said by the fit
-pytestmark = pytest.mark.filterwarnings("ignore::bigalign.solve.NotUniqueWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::bigalign.maths.solve.NotUniqueWarning")
 
 
 # ---- the paper's diagnostics ---------------------------------------------------------------
@@ -293,9 +293,9 @@ def test_printed_diagnostics_agree_with_the_float64_oracle(identical, gemm):
 
 def test_fit_diagnostics_reuses_a_given_solution():
     """The fit passes its own Procrustes solution: the result is the same as recomputing."""
-    from bigalign.metrics import fit_diagnostics
-    from bigalign.solve import procrustes
-    from bigalign.stats import block_moments
+    from bigalign.maths.metrics import fit_diagnostics
+    from bigalign.maths.solve import procrustes
+    from bigalign.maths.stats import block_moments
 
     r = np.random.default_rng(3)
     a = r.standard_normal((500, 12))

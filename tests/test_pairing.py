@@ -9,10 +9,10 @@ import pytest
 import zarr
 
 import bigalign
-from bigalign import stores
+from bigalign.storage import stores
 from bigalign.errors import InputError
-from bigalign.pairing import GatherReport, gather, join, sample_pairs
-from bigalign.stores import open_embeddings
+from bigalign.execution.pairing import GatherReport, gather, join, sample_pairs
+from bigalign.storage.stores import open_embeddings
 from conftest import make_store, planted, reference_join
 
 
@@ -168,7 +168,7 @@ def test_apply_rows_maps_a_slice(tmp_path):
 def test_store_inputs_open_their_embeddings(tmp_path):
     a, _, _ = planted(300, 4, seed=9)
     s = make_store(tmp_path / "a.store", a, np.arange(300))
-    from bigalign.embedding_store import store_parts
+    from bigalign.storage.embedding_store import store_parts
     url, ids, model = store_parts(s)
     assert url.endswith("a.store/embeddings") and ids.shape == (300,) and model is None
     np.testing.assert_array_equal(open_embeddings(url).array[:], a)

@@ -20,13 +20,13 @@ import zarr
 from hypothesis import given, settings, strategies as st
 
 import bigalign
-from bigalign import parquet_export
+from bigalign.commands import parquet_export
 from bigalign.cli import main
-from bigalign.embedding_store import create_store, open_store
+from bigalign.storage.embedding_store import create_store, open_store
 from bigalign.errors import InputError, NonFiniteError
-from bigalign.parquet_export import (MANIFEST, check_folder, export_manifest, export_parquet,
+from bigalign.commands.parquet_export import (MANIFEST, check_folder, export_manifest, export_parquet,
                                      part_name)
-from bigalign.plan import FILE_BYTES, ExportPlan, make_export_plan, max_tasks
+from bigalign.planning.plan import FILE_BYTES, ExportPlan, make_export_plan, max_tasks
 from conftest import write_zarr
 
 ROWS, DIM, CHUNK = 3000, 8, 100
@@ -181,8 +181,8 @@ def test_float64_from_float32_sharded_source_and_zstd(tmp_path):
 def test_a_file_has_the_row_groups_of_its_plan(tmp_path):
     import fsspec
 
-    from bigalign.ingest import parquet_row_groups
-    from bigalign.parquet_export import FileSpec, file_task, open_source
+    from bigalign.commands.ingest import parquet_row_groups
+    from bigalign.commands.parquet_export import FileSpec, file_task, open_source
 
     x = vectors()
     emb, ids, _ = open_source(write_zarr(tmp_path / "a.zarr", x, CHUNK))

@@ -3,7 +3,7 @@ import math
 import pytest
 from hypothesis import given, strategies as st
 
-from bigalign.plan import (choose_block_rows, common_step, merge_tree, plan_blocks,
+from bigalign.planning.plan import (choose_block_rows, common_step, merge_tree, plan_blocks,
                            plan_units)
 
 
@@ -68,7 +68,7 @@ def test_merge_tree_covers_each_input_once(n, fan_in):
 
 
 def test_fit_tasks_outweigh_their_partials_at_large_d():
-    from bigalign.plan import choose_fan_in, fit_block_rows, partial_bytes
+    from bigalign.planning.plan import choose_fan_in, fit_block_rows, partial_bytes
     # d = 384: a 64 MB read already dwarfs the 3.5 MB partial: one read per task
     p384 = partial_bytes(384, 384, gram=True)
     assert fit_block_rows(21845, 384 * 8, p384) == 21845
@@ -82,7 +82,7 @@ def test_fit_tasks_outweigh_their_partials_at_large_d():
 
 
 def test_task_memory_estimates():
-    from bigalign.plan import apply_task_bytes, fit_task_bytes, partial_bytes
+    from bigalign.planning.plan import apply_task_bytes, fit_task_bytes, partial_bytes
     # d = 384 float32, 64 MB of reads: reads + centred copies + a few 3.5 MB partials
     reads = 21845 * 384 * 4 * 2
     est = fit_task_bytes(21845, 384, 384, 4, 4, 4, gram=True, fan_in=8)
@@ -104,7 +104,7 @@ def _sixteen_mib_chunks(d, itemsize=4):
 def test_task_and_file_counts_are_bounded_at_scale(rows, budget, d):
     """The issue's bounds: <= ~50k tasks at 10^9 rows and ~200k at 10^10, checkpoint writes
     within 2 % at every d, at most MAX_UNITS unit files, one marker per region."""
-    from bigalign.plan import (MAX_UNITS, make_apply_plan, make_fit_plan, max_tasks,
+    from bigalign.planning.plan import (MAX_UNITS, make_apply_plan, make_fit_plan, max_tasks,
                                partial_bytes)
     c = _sixteen_mib_chunks(d)
     fit = make_fit_plan(0, rows, (c, c), (d, d), (4, 4), gram=True)
@@ -124,8 +124,8 @@ def test_task_and_file_counts_are_bounded_at_scale(rows, budget, d):
 def test_plan_counts_the_graph_the_engine_builds(d, gram):
     """fit_task_count / apply_task_count are the engine's graphs, exactly, also when a small
     task budget makes blocks grow."""
-    from bigalign.engine import apply_graph, fit_graph
-    from bigalign.plan import make_apply_plan, make_fit_plan
+    from bigalign.execution.engine import apply_graph, fit_graph
+    from bigalign.planning.plan import make_apply_plan, make_fit_plan
     for budget in (None, 40):
         fit = make_fit_plan(0, 200_000, (100, 300), (d, d), (4, 4), gram, block_bytes=4096,
                             task_budget=budget)
@@ -139,13 +139,13 @@ def test_plan_counts_the_graph_the_engine_builds(d, gram):
                                 task_budget=budget)
         graph, _, regions = apply_graph(object(), None, None, apply.blocks(), job=object())
         assert len(graph) - 3 == apply.tasks() and regions == len(apply.blocks())
-        from bigalign.engine import count_task
+        from bigalign.execution.engine import count_task
         sums = [v for v in graph.values() if isinstance(v, tuple) and v[0] is count_task]
         assert sums and max(len(v) - 1 for v in sums) <= 32  # no task waits on 10^5 inputs
 
 
 def test_old_manifest_plans_load_and_keep_their_meaning():
-    from bigalign.plan import ApplyPlan, FitPlan, plan_from_dict
+    from bigalign.planning.plan import ApplyPlan, FitPlan, plan_from_dict
     old_fit = {"start": 0, "stop": 1000, "step": 100, "rows_per_block": 200,
                "rows_per_read": 100, "blocks_per_unit": 2, "fan_in": 8, "aligned": True}
     f = plan_from_dict("fit", old_fit)
@@ -159,7 +159,7 @@ def test_old_manifest_plans_load_and_keep_their_meaning():
 @given(st.integers(1, 5000), st.integers(1, 50), st.integers(1, 8), st.integers(1, 6))
 def test_apply_writes_tile_each_region(rows, chunk, per_shard, mult):
     """Writes of whole output shards (or chunks) tile every region; reads tile every write."""
-    from bigalign.plan import make_apply_plan
+    from bigalign.planning.plan import make_apply_plan
     shard = chunk * per_shard
     plan = make_apply_plan(rows, chunk, shard, 64, block_bytes=64 * chunk * mult,
                            shard_rows=shard if per_shard > 1 else None,
@@ -177,7 +177,7 @@ def test_apply_writes_tile_each_region(rows, chunk, per_shard, mult):
 
 
 def test_output_layout_mirrors_the_source():
-    from bigalign.plan import output_layout
+    from bigalign.planning.plan import output_layout
     assert output_layout(1000, None, 384, 4) == (1000, None)  # unsharded source
     assert output_layout(1000, 50_000, 384, 4) == (1000, 50_000)  # 73 MiB shards: mirrored
     # a 1 GiB output shard is split into the largest exact fraction within 512 MiB
@@ -191,7 +191,7 @@ def test_output_layout_mirrors_the_source():
 def test_fit_reads_inner_chunks_of_shards():
     """Sharded inputs: tasks own whole shards, reads are ~64 MiB of inner chunks (not a
     1 GiB shard at once)."""
-    from bigalign.plan import make_fit_plan
+    from bigalign.planning.plan import make_fit_plan
     d = 1024
     shard, chunk = 2**18, 2**12  # 1 GiB shards of 4 MiB... inner chunks of 16 MiB
     plan = make_fit_plan(0, 10**8, (shard, shard), (d, d), (4, 4), True,

@@ -17,8 +17,8 @@ import zarr
 
 import bigalign
 from bigalign.cli import main
-from bigalign.realign import holdout_mask, load_config, stable_unit
-from bigalign.registry import Registry
+from bigalign.commands.realign import holdout_mask, load_config, stable_unit
+from bigalign.storage.registry import Registry
 from conftest import planted
 
 N, DIM, CHUNK = 1200, 8, 200

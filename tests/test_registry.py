@@ -16,7 +16,7 @@ import zarr
 import bigalign
 from bigalign.cli import main
 from bigalign.errors import CheckpointError, InputError
-from bigalign.registry import Registry, is_registry
+from bigalign.storage.registry import Registry, is_registry
 from bigalign.transform import Transform
 from conftest import planted, moto_s3
 

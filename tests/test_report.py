@@ -1,4 +1,4 @@
-"""bigalign.report: each kind of result becomes a readable PNG, also from its JSON form."""
+"""bigalign.commands.report: each kind of result becomes a readable PNG, also from its JSON form."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from bigalign.curve import learning_curve
-from bigalign.evaluate import evaluate_maps
-from bigalign.metrics import AffineMap, Method, baseline_methods
-from bigalign.report import curve_png, evaluation_png, retrieval_png, write_png
-from bigalign.retrieval import evaluate_retrieval
-from bigalign.stats import block_moments
+from bigalign.commands.curve import learning_curve
+from bigalign.commands.evaluate import evaluate_maps
+from bigalign.maths.metrics import AffineMap, Method, baseline_methods
+from bigalign.commands.report import curve_png, evaluation_png, retrieval_png, write_png
+from bigalign.commands.retrieval import evaluate_retrieval
+from bigalign.maths.stats import block_moments
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -52,7 +52,7 @@ def results():
 
 def _transform(m):
     from bigalign import Transform
-    from bigalign.solve import procrustes
+    from bigalign.maths.solve import procrustes
 
     sol = procrustes(m, center=True)
     return Transform(sol.rotation, m.mean_a, m.mean_b, 1.0, {"center": True, "rows": [0, 300]},
@@ -72,7 +72,7 @@ def test_png_written_and_sized(results, tmp_path, kind, fn):
 
 def test_png_from_json_round_trip(results, tmp_path):
     """The CLI's --json output (NaN -> null) is enough to draw the report later."""
-    from bigalign.cli_evaluate import _plain
+    from bigalign.cli.evaluate import _plain
 
     for kind, res in results.items():
         back = json.loads(json.dumps(_plain(res)))

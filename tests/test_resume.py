@@ -18,7 +18,7 @@ import pytest
 import zarr
 
 import bigalign
-from bigalign import stores
+from bigalign.storage import stores
 from bigalign.errors import ChunkReadError
 from conftest import imported_store, planted, write_zarr
 
@@ -139,7 +139,7 @@ def store_data(tmp_path_factory):
     "kill:apply.before-complete@1",  # every region done, completion mark not yet
 ])
 def test_apply_of_a_store_killed_then_rerun_gives_the_same_store(store_data, tmp_path, fault):
-    from bigalign.embedding_store import open_store, store_parts
+    from bigalign.storage.embedding_store import open_store, store_parts
     argv, ref_emb, ref_ids, ids = store_data
     out = tmp_path / "o.store"
     killed = cli(*argv, "-o", out, faults=fault)
@@ -202,7 +202,7 @@ def test_changed_inputs_refused_then_restart(data, tmp_path):
 def test_concurrent_run_refused(data, tmp_path):
     s, t, _, _, _ = data
     out = tmp_path / "t"
-    from bigalign.checkpoint import Job
+    from bigalign.storage.checkpoint import Job
     with Job(f"{out}.checkpoint").lease(ttl=60):
         r = cli("fit", s, t, "-o", out, *SMALL, check=2)
     assert "another bigalign run holds this job" in r.stderr and f"pid {os.getpid()}" in r.stderr

@@ -1,4 +1,4 @@
-"""bigalign.retrieval: nDCG and recall of query -> document retrieval against brute force,
+"""bigalign.commands.retrieval: nDCG and recall of query -> document retrieval against brute force,
 relevance judgements, and the real query-model upgrade in ../shared/data."""
 
 from __future__ import annotations
@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 
 from bigalign import InputError
-from bigalign.evaluate import training_moments
-from bigalign.metrics import baseline_methods, recall_at_k, unit_rows
-from bigalign.retrieval import evaluate_retrieval, load_qrels
+from bigalign.commands.evaluate import training_moments
+from bigalign.maths.metrics import baseline_methods, recall_at_k, unit_rows
+from bigalign.commands.retrieval import evaluate_retrieval, load_qrels
 from conftest import load_shared
 from evaluation_reference import brute_ndcg, pairs, streamed, transform_from
 
 # the 4-bit e5 vectors are numerically rank 381 of 384: expected, and said by the fit
-pytestmark = pytest.mark.filterwarnings("ignore::bigalign.solve.NotUniqueWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::bigalign.maths.solve.NotUniqueWarning")
 
 
 def test_evaluate_retrieval_equals_brute_force(tmp_path):

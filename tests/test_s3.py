@@ -28,7 +28,7 @@ def test_fit_apply_resume_on_s3(s3, monkeypatch):
     assert bigalign.Transform.load("s3://bigalign-test/t", storage_options=s3).metadata[
         "n_pairs"] == 3000
     # an apply that fails half way (a region raises) leaves done-markers; the rerun resumes
-    from bigalign import engine
+    from bigalign.execution import engine
     real = engine.map_rows
     calls = {"n": 0}
 

@@ -18,7 +18,7 @@ import pytest
 import zarr
 
 import bigalign
-from bigalign.checkpoint import Job, Lease, LeaseLostError
+from bigalign.storage.checkpoint import Job, Lease, LeaseLostError
 from bigalign.errors import CheckpointError, InputError
 from conftest import imported_store, planted, write_zarr
 
@@ -362,7 +362,7 @@ def test_apply_never_replaces_an_imported_store_or_a_foreign_group(stores):
             r = cli("apply", tmp / "t", s, "-o", out, *extra, "-q", check=2)
             assert why in r.stderr, r.stderr
         assert snapshot(out) == before
-    assert bigalign.outputs.inspect(t).kind == "embedding-store"
+    assert bigalign.storage.outputs.inspect(t).kind == "embedding-store"
 
 
 def test_apply_store_output_never_aliases_the_source_store(stores):

@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 
 from bigalign.errors import InputError
-from bigalign.sampling import sample_corpus, sample_rows
+from bigalign.commands.sampling import sample_corpus, sample_rows
 from test_pairing import make_store
 
 

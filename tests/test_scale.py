@@ -14,7 +14,7 @@ import zarr
 
 import bigalign
 from bigalign.errors import InputError
-from bigalign.stores import open_embeddings, read_rows
+from bigalign.storage.stores import open_embeddings, read_rows
 from conftest import planted, write_zarr
 
 
@@ -49,7 +49,8 @@ def test_sharded_inputs_and_a_mirrored_sharded_output(tmp_path):
 def test_regions_stream_writes_and_resume(tmp_path, monkeypatch):
     """A small task budget makes regions of many writes; a run stopped by a failing region
     resumes, rewrites only the regions without a marker, and gives the same bytes."""
-    from bigalign import engine, plan as plan_mod
+    from bigalign.execution import engine
+    from bigalign.planning import plan as plan_mod
     a, b, _ = planted(40_000, 8, seed=4)
     s, t = write_zarr(tmp_path / "a.zarr", a, 100), write_zarr(tmp_path / "b.zarr", b, 100)
     fit = bigalign.fit(s, t, center=True)
@@ -73,7 +74,7 @@ def test_regions_stream_writes_and_resume(tmp_path, monkeypatch):
     assert 16 <= r.units_total <= 30 and 0 < r.units_resumed < r.units_total
     assert r.rows < 40_000  # only what was not done
     np.testing.assert_array_equal(zarr.open_array(out)[:], zarr.open_array(ref)[:])
-    assert not os.path.exists(bigalign.api.default_checkpoint(out))
+    assert not os.path.exists(bigalign.commands.api.default_checkpoint(out))
 
 
 def test_missing_chunks_found_up_front_and_while_streaming(tmp_path):
@@ -114,7 +115,7 @@ def test_resumed_unit_that_cannot_be_loaded_is_recomputed_to_the_same_bits(tmp_p
     ref = bigalign.fit(s, t, **kw)
     out = str(tmp_path / "t")
     bigalign.fit(s, t, output=out, keep_checkpoint=True, **kw)
-    units = os.path.join(bigalign.api.default_checkpoint(out), "units")
+    units = os.path.join(bigalign.commands.api.default_checkpoint(out), "units")
     names = sorted(os.listdir(units))
     assert len(names) > 2
     with open(os.path.join(units, names[1]), "wb") as f:
@@ -131,7 +132,7 @@ def test_blas_is_pinned_per_task_only():
     runs) the process's setting is untouched; overlapping tasks restore it only when the
     last one leaves."""
     from threadpoolctl import threadpool_info
-    from bigalign.cluster import blas_pinned, run_task
+    from bigalign.execution.cluster import blas_pinned, run_task
 
     def blas_threads():
         return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from bigalign.solve import (NotUniqueWarning, discrepancy, least_squares, paper_bound,
+from bigalign.maths.solve import (NotUniqueWarning, discrepancy, least_squares, paper_bound,
                             procrustes)
-from bigalign.stats import block_moments
+from bigalign.maths.stats import block_moments
 from conftest import planted
 from evaluation_reference import isometry_oracle, near_isometric
 
@@ -123,7 +123,7 @@ def test_least_squares_needs_gram():
 
 
 def test_zero_pairs_refused():
-    from bigalign.stats import Moments
+    from bigalign.maths.stats import Moments
     with pytest.raises(ValueError, match="zero rows"):
         procrustes(Moments.empty(3, 3))
 
@@ -146,8 +146,8 @@ def test_numerically_rank_deficient_warns_and_reports_rank():
 @pytest.mark.parametrize("gemm", [np.float32, np.float64])
 @pytest.mark.parametrize("center", [False, True])
 def test_epsilon_and_residual_intervals_hold_the_float64_oracle(identical, gemm, center):
-    from bigalign.solve import discrepancy_interval
-    from bigalign.stats import merge_all
+    from bigalign.maths.solve import discrepancy_interval
+    from bigalign.maths.stats import merge_all
 
     a, b = near_isometric(identical=identical)
     m = merge_all(block_moments(a[i:i + 400], b[i:i + 400], gram=True, dtype=gemm)
@@ -172,7 +172,7 @@ def test_epsilon_and_residual_intervals_hold_the_float64_oracle(identical, gemm,
 def test_float32_statistics_misreport_epsilon_without_the_interval():
     """The defect the interval fixes: from float32 statistics of a nearly isometric pair the
     plain formula is far off (here > 10 %); the interval says it is unresolved."""
-    from bigalign.solve import discrepancy, discrepancy_interval
+    from bigalign.maths.solve import discrepancy, discrepancy_interval
 
     a, b = near_isometric()
     m = block_moments(a, b, gram=True)

@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from bigalign.errors import NonFiniteError
-from bigalign.stats import Accumulator, Moments, block_moments, merge, merge_all
+from bigalign.maths.stats import Accumulator, Moments, block_moments, merge, merge_all
 
 
 def oracle(a, b):
@@ -143,7 +143,7 @@ def test_raw_sums_follow_by_addition():
 # ---- the round-off record and the rigorous error bounds built on it --------------------------
 
 def test_rounding_record_block_merge_and_roundtrip():
-    from bigalign.stats import unit_roundoff
+    from bigalign.maths.stats import unit_roundoff
 
     a, b = data(90, 5, 3, dtype=np.float32)
     m = block_moments(a, b, gram=True)
@@ -172,7 +172,7 @@ def test_error_bounds_hold_against_a_float64_oracle(case):
     measured against float64 two-pass sums of the same rows."""
     from dataclasses import replace
 
-    from bigalign.solve import statistic_errors
+    from bigalign.maths.solve import statistic_errors
 
     dtype, kw, offset, in_dtype = np.float32, {}, 0.5, np.float32
     if case == "float64":

@@ -5,7 +5,7 @@ import pytest
 import zarr
 
 from bigalign.errors import ChunkReadError, InputError
-from bigalign.stores import create_output, open_embeddings, parse_rows, read_rows
+from bigalign.storage.stores import create_output, open_embeddings, parse_rows, read_rows
 from conftest import write_zarr
 
 

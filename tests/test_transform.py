@@ -46,7 +46,7 @@ def test_nonfinite_input_named():
 
 def test_float16_overflow_named():
     """A cast to float16 must not turn big values into Inf silently."""
-    from bigalign.transform import map_rows
+    from bigalign.maths.mapping import map_rows
     x = np.ones((40, 3), np.float32)
     x[29, 1] = 2e4
     matrix = 4 * np.eye(3, dtype=np.float32)

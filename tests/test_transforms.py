@@ -1,4 +1,4 @@
-"""Transforms at query time (bigalign/transforms.py, cli_transforms.py): compose, invert,
+"""Transforms at query time (bigalign/commands/transforms.py, cli_transforms.py): compose, invert,
 export. The reference everywhere is Transform.transform (what apply computes): compose must
 equal applying twice, invert must undo T where an inverse exists, and an export read back
 with plain numpy -- never with bigalign -- must equal it in both directions."""
@@ -20,7 +20,7 @@ import pytest
 
 import bigalign
 from bigalign import Transform
-from bigalign import transforms as T
+from bigalign.commands import transforms as T
 from bigalign.cli import main
 from bigalign.errors import InputError
 from conftest import planted, write_zarr
@@ -492,7 +492,7 @@ def test_export_killed_midway(tmp_path):
     make(6, 6).save(tmp_path / "t.transform")
     code = textwrap.dedent(f"""
         import os, signal, sys
-        from bigalign import transforms as T
+        from bigalign.commands import transforms as T
         def dying(f, meta, directions):
             f.write(b"{{\\"format\\": half")
             f.flush()

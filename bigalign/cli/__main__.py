@@ -1,0 +1,7 @@
+"""``python -m bigalign.cli``: the command line."""
+
+import sys
+
+from .app import main
+
+sys.exit(main())

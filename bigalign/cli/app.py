@@ -1,0 +1,707 @@
+"""Command line: parses, calls the API, prints.
+
+Exit codes (one mapping, :func:`bigalign.errors.exit_code`): 0 done or already done; 1 an
+unexpected error (a bug: traceback); 2 usage, bad input or a refused run (the message says
+what and where); 3 unfinished (``status``/``info``); 4 ``realign``'s quality gate
+rejected the candidate (nothing published); 75 a transient failure
+after retries (storage unreachable: a scheduler should retry, the rerun resumes); 130
+interrupted by SIGINT or SIGTERM. Output cut short by its reader (``| head``) is not an
+error: the rest of stdout is discarded and the exit code is the command's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import threading
+import traceback
+import warnings
+from typing import Optional
+
+from .. import __version__
+from ..jsonsafe import json_safe
+
+CENTER_HELP = ("remove each side's mean before fitting, and map (x - mean_src) Q + mean_tgt. "
+               "Use it whenever a model's vectors share a common offset, which real models "
+               "often do (e5 -> MiniLM recall@1: 0.27 uncentred, 0.90-0.97 centred); without "
+               "it the rotation wastes itself aligning the offsets")
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("where it runs (default: threads in this process)")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--scheduler", metavar="ADDRESS",
+                   help="address of a running dask.distributed scheduler (tcp://host:8786) or "
+                        "its scheduler file (.json)")
+    x.add_argument("--scheduler-file", metavar="FILE",
+                   help="the scheduler file of a running dask.distributed scheduler (as "
+                        "'dask scheduler --scheduler-file FILE' writes it). With neither "
+                        "option, DASK_SCHEDULER_ADDRESS is used when set")
+    x.add_argument("--workers", type=int, metavar="N",
+                   help="start a local cluster of N worker processes")
+    g.add_argument("--memory-limit", metavar="SIZE", help="per worker with --workers, e.g. 4GiB")
+    g.add_argument("--threads", type=int, metavar="N",
+                   help="threads for the in-process default (default: one per core)")
+    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the block kernels run: cpu (default) or cuda (a GPU through "
+                        "CuPy: pip install 'bigalign[gpu]')")
+    g.add_argument("--block-mb", type=float, default=64, metavar="MB",
+                   help="input megabytes per task (default 64)")
+    g.add_argument("--checkpoint", metavar="URL",
+                   help="where progress is recorded (default: OUTPUT.checkpoint next to the output)")
+    g.add_argument("--restart", action="store_true",
+                   help="discard recorded progress (and a finished output of this same job) "
+                        "and run anew, instead of resuming or doing nothing")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output made from other inputs or options (only "
+                        "outputs bigalign wrote: anything else is always refused). Without "
+                        "it the same job resumes, or does nothing when finished (exit 0)")
+    g.add_argument("--allow-missing-chunks", action="store_true",
+                   help="do not refuse inputs with unstored chunks (Zarr reads them as fill)")
+    add_storage_option(g)
+    g.add_argument("-q", "--quiet", action="store_true",
+                   help="print nothing but warnings (such as resuming) and errors: no "
+                        "progress, no log lines, no summary on stdout (--json still prints). "
+                        "Without it, progress goes to stderr: a bar on a terminal, else (log "
+                        "files) a line per 10%% of the tasks or per 10 s")
+    g.add_argument("--json", action="store_true",
+                   help="print a machine-readable summary (JSON) on stdout when done")
+
+
+def add_storage_option(parser) -> None:
+    """--storage-option KEY=VALUE (repeatable) and --storage-options JSON: the fsspec
+    options of every command that opens URLs (parsed by :func:`storage_options`)."""
+    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="fsspec storage option for URLs (repeatable). VALUE: true/false/"
+                             "null, a number, a JSON object or list (nested options), a "
+                             "\"quoted\" JSON string, else taken as text; e.g. anon=true, "
+                             "endpoint_url=http://127.0.0.1:9000, "
+                             "client_kwargs='{\"region_name\": \"us-east-1\"}'")
+    parser.add_argument("--storage-options", action="append", default=[], metavar="JSON",
+                        help="fsspec storage options as one JSON object (repeatable; later "
+                             "ones and --storage-option win per key), e.g. "
+                             "'{\"anon\": true, \"config_kwargs\": {\"s3\": "
+                             "{\"addressing_style\": \"path\"}}}'")
+
+
+def parse_storage_value(key: str, value: str):
+    """One --storage-option value: true/false/null (any case), numbers, JSON objects and
+    lists become JSON values, a double-quoted JSON string its text; anything else stays as
+    written. A value that starts like a JSON object or list must be valid JSON."""
+    from ..errors import InputError
+
+    low = value.strip().lower()
+    if low in ("true", "false", "null"):
+        return json.loads(low)
+    text = value.strip()
+    if text[:1] in ("{", "[", '"'):
+        try:
+            return json.loads(text)
+        except ValueError as e:
+            raise InputError(f"--storage-option {key}={value}: not valid JSON ({e})") from None
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return value
+    return parsed if isinstance(parsed, (int, float)) else value
+
+
+def storage_options(args) -> Optional[dict]:
+    """The fsspec storage options of ``args``: every --storage-options JSON object merged in
+    order, then every --storage-option KEY=VALUE (:func:`parse_storage_value`). None when
+    none were given. Bad syntax raises InputError (exit code 2)."""
+    from ..errors import InputError
+
+    out: dict = {}
+    for blob in getattr(args, "storage_options", None) or []:
+        try:
+            value = json.loads(blob)
+        except ValueError as e:
+            raise InputError(f"--storage-options {blob!r}: not valid JSON ({e})") from None
+        if not isinstance(value, dict):
+            raise InputError(f"--storage-options {blob!r}: expected a JSON object "
+                             '({"key": value, ...})')
+        out.update(value)
+    for item in getattr(args, "storage_option", None) or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--storage-option {item!r}: expected KEY=VALUE")
+        out[key.strip()] = parse_storage_value(key.strip(), value)
+    return out or None
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(json_safe(obj), indent=2))
+
+
+def _common(args) -> dict:
+    return dict(scheduler=args.scheduler or args.scheduler_file, workers=args.workers,
+                memory_limit=args.memory_limit,
+                threads=args.threads, block_bytes=int(args.block_mb * 2**20),
+                checkpoint=args.checkpoint, restart=args.restart, overwrite=args.overwrite,
+                progress=not args.quiet, check_chunks=not args.allow_missing_chunks,
+                storage_options=storage_options(args), device=args.device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bigalign",
+        description="Align two embedding models with one orthogonal map (Procrustes), "
+                    "streaming chunked Zarr arrays with Dask: fit on paired rows, apply to "
+                    "corpora of any size.",
+        epilog="Quick start: 'bigalign demo' runs the whole job on generated data. Exit codes: "
+               "0 done or already done; 1 unexpected error (a bug); 2 usage, bad input or a "
+               "refused run; 3 unfinished (status, info); 4 realign's quality gate failed "
+               "(nothing published); 75 storage or cluster unavailable "
+               "after retries (retry later: the rerun resumes); 130 interrupted by SIGINT or "
+               "SIGTERM (rerun to resume).")
+    p.add_argument("--version", action="version", version=f"bigalign {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    f = sub.add_parser(
+        "fit", help="fit a transform from paired source/target rows",
+        description="Fit Q minimising ||s (A - mean_A) Q - (B - mean_B)||_F over paired rows "
+                    "(row i of SOURCE with row i of TARGET) in one streaming pass, then one "
+                    "SVD. dA != dB works: with dA < dB the source is embedded isometrically in "
+                    "a dA-dim subspace of the target space; with dA > dB it is projected to dB "
+                    "dims (lossy). Inputs that are embedding stores with ids are paired by "
+                    "id (an inner join) instead of by row. A killed fit resumes when rerun "
+                    "with the same command; a finished one rerun does nothing (exit 0).")
+    f.add_argument("source", help="source-model vectors (N, dA): a Zarr array, or an "
+                                  "embedding store (a group with embeddings, ids, model)")
+    f.add_argument("target", help="target-model vectors (N, dB): same rows, or a store "
+                                  "whose ids pair with the source's")
+    f.add_argument("-o", "--output", required=True, help="where to save the transform (Zarr group)")
+    f.add_argument("--center", action="store_true", help=CENTER_HELP)
+    f.add_argument("--normalize", action="store_true",
+                   help="L2-normalise rows before fitting (and source rows at apply time)")
+    f.add_argument("--scale", action="store_true", help="also fit a similarity scale s")
+    f.add_argument("--no-reflection", action="store_true",
+                   help="force det(Q) = +1, a proper rotation (equal dimensions only)")
+    f.add_argument("--rows", metavar="START:STOP",
+                   help="fit on this contiguous row range only (a training split); bounds "
+                        "past the array's end are an error; negative ones count from the "
+                        "end (write --rows=-1000: for a leading minus)")
+    f.add_argument("--no-diagnostics", action="store_true",
+                   help="skip the Gram matrices A^T A, B^T B: about 2x faster, but no "
+                        "dot-product discrepancy or bound in the metadata")
+    f.add_argument("--precision", choices=("auto", "float32", "float64"), default="auto",
+                   help="GEMM dtype per block; sums are float64 either way (default auto: "
+                        "float64 only for float64 input)")
+    f.add_argument("--keep-checkpoint", action="store_true",
+                   help="keep per-unit statistics after success")
+    g = f.add_argument_group("pairs by id (embedding stores with ids)")
+    g.add_argument("--pair-by", choices=("auto", "rows", "ids"), default="auto",
+                   help="rows: row i with row i; ids: rows with equal ids (inner join); "
+                        "auto (default): ids when both inputs are stores with ids")
+    g.add_argument("--duplicates", choices=("error", "first", "last"), default="error",
+                   help="an id occurring twice on one side: refuse (default), or keep its "
+                        "first / last row")
+    g.add_argument("--sample", type=int, metavar="N",
+                   help="fit on a reproducible random subset of N matched pairs")
+    g.add_argument("--seed", type=int, default=0, help="seed of --sample (default 0)")
+    g.add_argument("--scratch", metavar="DIR",
+                   help="local folder for the gathered pairs (default: the system's temporary "
+                        "folder; needs pairs x (dA + dB) x 4 bytes, removed after)")
+    g = f.add_argument_group("model stamps")
+    g.add_argument("--source-model", metavar="NAME",
+                   help="model of the source vectors (default: the store's model attribute)")
+    g.add_argument("--target-model", metavar="NAME",
+                   help="model of the target vectors (default: the store's model attribute)")
+    _run_args(f)
+
+    a = sub.add_parser(
+        "apply", help="map every row of a source array into the target space",
+        description="Write OUTPUT[i] = (SOURCE[i] - mean_A) s Q + mean_B for every row, one "
+                    "task per whole-chunk region. When SOURCE is an embedding store (a "
+                    "Zarr group holding 'embeddings'), OUTPUT is an embedding store too: "
+                    "OUTPUT/embeddings (N, dB), OUTPUT/ids (the source's ids of those rows; "
+                    "with --rows and a source without ids, its row numbers) and the "
+                    "transform's target model as its 'model' attribute; when SOURCE is a "
+                    "bare Zarr array, OUTPUT is a bare (N, dB) array. OUTPUT is marked "
+                    "complete only after its last region; a killed apply resumes when "
+                    "rerun with the same command. An imported store or anything bigalign "
+                    "did not write is never replaced, even with --overwrite.")
+    a.add_argument("transform", help="a transform saved by 'bigalign fit'")
+    a.add_argument("source", help="Zarr array (N, dA) to map, or an embedding store")
+    a.add_argument("-o", "--output", required=True,
+                   help="new embedding store (for a store SOURCE: embeddings, ids, model) or "
+                        "Zarr array (N, dB) (for an array SOURCE)")
+    a.add_argument("--dtype", choices=("float32", "float16", "float64"), default="float32",
+                   help="output dtype (default float32); float16 refuses rows whose "
+                        "mapped values exceed its range (65504), naming the first one "
+                        "(--renormalize keeps them within it)")
+    a.add_argument("--renormalize", action="store_true", help="L2-normalise each output row")
+    a.add_argument("--target-centred", action="store_true",
+                   help="write (x - mean_A) s Q without + mean_B: vectors in the target's "
+                        "centred space; search them among native target vectors minus the "
+                        "transform's target_mean (better retrieval when the target model has "
+                        "a large common offset)")
+    a.add_argument("--compression", choices=("none", "lz4", "zstd"), default="none",
+                   help="output compression (default none: embeddings compress ~1.05-1.1x and "
+                        "zstd halves write speed)")
+    a.add_argument("--chunk-rows", type=int, metavar="N",
+                   help="rows per output chunk (default: the source's)")
+    a.add_argument("--rows", metavar="START:STOP",
+                   help="map only these source rows; the output holds STOP - START rows "
+                        "(output row r is source row START + r) and, for a store, their ids")
+    a.add_argument("--bad-rows", choices=("fail", "nan", "zero"), default="fail",
+                   help="a source row holding NaN/Inf (or of zero norm when the transform "
+                        "normalises): stop naming it (default), or write a NaN / zero row and "
+                        "go on; their row numbers go into the output's bigalign.bad_rows "
+                        "attribute. A run stopped by a bad row resumes with nan or zero")
+    a.add_argument("--allow-model-mismatch", action="store_true",
+                   help="map a source store stamped with another model than the transform's "
+                        "source model (refused by default)")
+    _run_args(a)
+
+    i = sub.add_parser("info", help="describe a transform, an apply output, an embedding store, "
+                                    "a Parquet export or progress in flight")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    add_storage_option(i)
+
+    st = sub.add_parser("status", help="progress of a fit or apply in flight or interrupted",
+                        description="Units done, rows/s and time left, read from the run's "
+                                    "checkpoint (works from any machine that sees the storage). "
+                                    "Exit code 0: finished; 3: unfinished (rerun to resume); "
+                                    "2: nothing recorded there.")
+    st.add_argument("path", help="the run's output (transform or apply output) or checkpoint")
+    st.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    add_storage_option(st)
+
+    d = sub.add_parser("demo", help="generate a paired corpus, fit, apply and check (the main "
+                                    "job on an embedded default)")
+    d.add_argument("--rows", type=int, default=1_000_000, help="pairs to generate (default 1e6)")
+    d.add_argument("--dim", type=int, default=256, help="dimension (default 256)")
+    d.add_argument("--workdir", help="keep the data here (default: a temporary directory)")
+    d.add_argument("--workers", type=int, metavar="N",
+                   help="use a local cluster of N worker processes instead of threads")
+    d.add_argument("-q", "--quiet", action="store_true")
+
+    sm = sub.add_parser(
+        "sample", help="choose which items to re-embed with the new model",
+        description="Write a reproducible sample of a corpus's rows (and ids, for a store) "
+                    "to a Parquet file: the items to embed with the new model before a fit by "
+                    "id. --method uniform (default): every row equally likely; gathering "
+                    "their old vectors later reads up to one stored chunk per row. --method "
+                    "chunks: whole stored chunks at random, spread over the corpus; the "
+                    "gather reads only N / rows-per-chunk chunks, but the sample is "
+                    "clustered (prefer uniform when storage order follows content).")
+    sm.add_argument("corpus", help="the old corpus: a Zarr array or an embedding store")
+    sm.add_argument("--pairs", type=int, required=True, metavar="N", help="rows to sample")
+    sm.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    sm.add_argument("--method", choices=("uniform", "chunks"), default="uniform",
+                    help="uniform (default) or chunks (see above)")
+    sm.add_argument("-o", "--output", required=True, help="Parquet file to write (local)")
+    sm.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    add_storage_option(sm)
+
+    from .evaluate import add_commands
+    COMMANDS.update(add_commands(sub))
+    from .ingest import add_commands as add_import
+    from .plan import add_commands as add_plan
+    from .registry import add_commands as add_registry
+    from .transforms import add_commands as add_transforms
+    for add in (add_import, add_transforms, add_registry, add_plan):
+        COMMANDS.update(add(sub))
+    return p
+
+
+def _fit(args) -> int:
+    import bigalign
+
+    t = bigalign.fit(args.source, args.target, output=args.output, center=args.center,
+                     normalize=args.normalize, scale=args.scale,
+                     reflection=not args.no_reflection, rows=args.rows,
+                     diagnostics=not args.no_diagnostics, precision=args.precision,
+                     keep_checkpoint=args.keep_checkpoint, pair_by=args.pair_by,
+                     duplicates=args.duplicates, sample=args.sample, seed=args.seed,
+                     scratch=args.scratch, source_model=args.source_model,
+                     target_model=args.target_model, **_common(args))
+    if args.json:
+        _print_json(_transform_json(t, args.output))
+    elif not args.quiet:
+        print(_describe_transform(t, args.output))
+    return 0
+
+
+def _transform_json(t, path) -> dict:
+    """What ``info --json`` and ``fit --json`` print for a transform."""
+    return {"kind": "transform", "path": str(path), "dims": list(t.dims), "scale": t.scale,
+            "options": t.options, "metadata": t.metadata}
+
+
+def _apply(args) -> int:
+    import bigalign
+
+    r = bigalign.apply(args.transform, args.source, args.output, dtype=args.dtype,
+                       renormalize=args.renormalize, target_centred=args.target_centred,
+                       compression=args.compression, chunk_rows=args.chunk_rows,
+                       rows=args.rows, bad_rows=args.bad_rows,
+                       allow_model_mismatch=args.allow_model_mismatch, **_common(args))
+    if args.json:
+        _print_json({"kind": "apply-output", "path": args.output, "complete": True,
+                     "already_complete": r.already_complete, "rows": r.rows_total,
+                     "rows_written": r.rows, "seconds": r.seconds,
+                     "rows_per_second": r.rows_per_second, "tasks": r.tasks,
+                     "regions": r.units_total, "regions_resumed": r.units_resumed,
+                     "bad_rows": len(r.bad_rows)})
+    elif not args.quiet:
+        if r.already_complete:
+            print(f"{args.output} is already complete ({r.rows_total:,} rows): nothing to do")
+            return 0
+        resumed = f"; {r.units_resumed} of {r.units_total} regions were already done" \
+            if r.units_resumed else ""
+        bad = f"; {len(r.bad_rows):,} bad rows written as {args.bad_rows}" if r.bad_rows else ""
+        print(f"wrote {r.rows:,} rows to {args.output} in {r.seconds:.1f}s "
+              f"({r.rows_per_second:,.0f} rows/s{resumed}{bad}); marked complete")
+    return 0
+
+
+def _describe_transform(t, path) -> str:
+    m = t.metadata
+    pairs = m.get("pairs")
+    where = (f"paired by id; {pairs['source_only']:,} source and {pairs['target_only']:,} "
+             "target ids unmatched" if pairs else f"rows {m.get('rows')}")
+    if pairs and pairs.get("joined") and pairs["joined"] > pairs["matched"]:
+        where += (f"; a sample of the {pairs['joined']:,} matched pairs, seed "
+                  f"{pairs.get('seed')}: 'bigalign evaluate' holds out the others")
+    models = f"  models: {m.get('source_model') or '?'} -> {m.get('target_model') or '?'}" \
+        if m.get("source_model") or m.get("target_model") else None
+    lines = [f"transform {path}",
+             f"  maps {t.dims[0]} -> {t.dims[1]} dims, " + (
+                 f"fitted on {m['n_pairs']:,} pairs ({where})"
+                 if isinstance(m.get("n_pairs"), int) else "not fitted directly (composed)"),
+             *([models] if models else []),
+             "  options: " + ", ".join(f"{k}={v}" for k, v in t.options.items()),
+             f"  scale {t.scale:.6g}; relative residual ||sAQ-B||^2/||B||^2 = "
+             f"{m.get('relative_residual')}"]
+    disc = m.get("discrepancy")
+    if disc:  # each figure with its round-off: never a wrong number (docs/evaluation.md)
+        from .evaluate import _bound_lines
+        lines += ["  " + line for line in _bound_lines(
+            dict(disc, center=t.options.get("center")), {"n": m.get("n_pairs")}).splitlines()]
+    run = m.get("run")
+    if run:
+        rate = f"{run['rows_per_second']:,.0f} rows/s" if run.get("rows_per_second") else \
+            "all rows resumed"
+        solve = (f"; solve {run['solve_seconds']:.1f}s" if run.get("solve_seconds") is not None
+                 else "")
+        lines.append(f"  fit took {run['seconds']:.1f}s ({rate}, {run['tasks']} tasks, "
+                     f"{run['units_resumed']} of {run['units']} units resumed{solve})")
+    return "\n".join(lines)
+
+
+def _info(args) -> int:
+    import bigalign
+    from ..transform import Transform
+
+    so = storage_options(args)
+    from ..storage.embedding_store import store_attrs
+
+    from ..commands.parquet_export import export_manifest
+
+    export = export_manifest(args.path, so)
+    if export is not None:  # a folder of Parquet files (export --format parquet)
+        return _describe_export(args, export, so)
+    store = store_attrs(args.path, so)
+    if store is not None:  # an embedding store (written by import or apply)
+        from ..storage.embedding_store import open_store
+
+        model = open_store(args.path, storage_options=so, allow_incomplete=True)[2]
+        info = {"kind": "embedding-store", "path": args.path, "model": model,
+                **{k: v for k, v in store.items() if k not in ("kind", "job")}}
+        if not store.get("complete"):
+            info["progress"] = bigalign.run_status(args.path, so)
+        if args.json:
+            _print_json(info)
+        else:
+            made_by = store.get("made_by") or "import"
+            state = "complete" if store.get("complete") else \
+                f"INCOMPLETE (rerun the {made_by} to resume)"
+            print(f"embedding store {args.path}: {state}, {store.get('rows', '?'):,} rows x "
+                  f"{store.get('dim', '?')}, ids: {store.get('ids') or 'none (row numbers)'}"
+                  f", model: {model or 'not recorded'}")
+            if made_by == "apply":
+                a, b = store.get("source_rows") or ("?", "?")
+                print(f"  written by apply from {store.get('source')} rows {a}:{b}")
+            if store.get("duplicate_ids"):
+                print(f"  {store['duplicate_ids']:,} ids occur more than once: a fit pairing by "
+                      "id needs --duplicates first|last")
+            if info.get("progress"):
+                print("  " + _describe_progress(info["progress"]))
+        return 0 if store.get("complete") else 3
+    status = bigalign.output_status(args.path, so)
+    if status is not None:
+        info = {"kind": "apply-output", "path": args.path, **status}
+        if not status.get("complete"):
+            info["progress"] = bigalign.run_status(args.path, so)
+        if args.json:
+            _print_json(info)
+        else:
+            state = "complete" if status.get("complete") else "INCOMPLETE (rerun apply to resume)"
+            print(f"apply output {args.path}: {state}")
+            for k, v in info.items():
+                if k not in ("kind", "path", "progress"):
+                    print(f"  {k}: {v}")
+            if info.get("progress"):
+                print("  " + _describe_progress(info["progress"]))
+        return 0 if status.get("complete") else 3
+    try:
+        t = Transform.load(args.path, storage_options=so)
+    except bigalign.InputError as e:
+        if bigalign.run_status(args.path, so):
+            return _status(args)
+        raise bigalign.InputError(f"{args.path!r}: not a transform or apply output ({e})") from None
+    if args.json:
+        _print_json(_transform_json(t, args.path))
+    else:
+        print(_describe_transform(t, args.path))
+    return 0
+
+
+def _describe_export(args, export: dict, so) -> int:
+    """``info`` of a Parquet export: 0 when complete, 3 (with its progress) when not."""
+    import bigalign
+
+    files = export.get("files", [])
+    info = {"kind": "parquet-export", "path": args.path,
+            **{k: v for k, v in export.items() if k not in ("job", "files", "format")},
+            "files": len(files), "bytes": sum(f.get("bytes", 0) for f in files)}
+    if not export.get("complete"):
+        info["progress"] = bigalign.run_status(args.path, so)
+    if args.json:
+        _print_json(info)
+    else:
+        state = "complete" if export.get("complete") else \
+            "INCOMPLETE (rerun the export to resume)"
+        a, b = export.get("rows", [0, 0])
+        print(f"Parquet export {args.path}: {state}, rows {a:,}:{b:,} of "
+              f"{export.get('source')} in {len(files):,} files ({info['bytes'] / 2**20:,.1f} "
+              f"MiB); columns {export.get('ids_column')}: {export.get('ids')}, "
+              f"{export.get('vector_column')}: {export.get('dtype')}[{export.get('dim')}]; "
+              f"model: {export.get('model') or '?'}")
+        if info.get("progress"):
+            print("  " + _describe_progress(info["progress"]))
+    return 0 if export.get("complete") else 3
+
+
+def _describe_progress(p: dict) -> str:
+    rate = f"{p['rows_per_second']:,.0f} rows/s" if p.get("rows_per_second") else "rate unknown"
+    eta = f", about {p['eta_seconds']:.0f}s left" if p.get("eta_seconds") is not None else ""
+    state = "running" if p.get("running") else "not running (rerun the command to resume)"
+    return (f"{p['kind']}: {p['units_done']} of {p['units_total']} units done, "
+            f"{p['rows_done']:,} of {p['rows_total']:,} rows, {rate}{eta}; {state}")
+
+
+def _status(args) -> int:
+    import bigalign
+
+    so = storage_options(args)
+    p = bigalign.run_status(args.path, so)
+    if p is None:
+        from ..storage.embedding_store import store_attrs
+
+        from ..commands.parquet_export import export_manifest
+
+        status = bigalign.output_status(args.path, so) or store_attrs(args.path, so) or \
+            export_manifest(args.path, so)
+        done = bool(status and status.get("complete"))
+        if not done and status is None:  # not an apply output or a store: a transform?
+            try:
+                bigalign.Transform.load(args.path, storage_options=so)
+                done = True
+            except bigalign.InputError:
+                pass
+        if not done:
+            raise bigalign.InputError(f"{args.path!r}: no progress recorded and no finished output")
+        p = {"finished": True}
+        print(json.dumps(p) if args.json else f"{args.path}: finished, nothing in flight")
+        return 0
+    if args.json:
+        _print_json(p)
+    else:
+        print(_describe_progress(p))
+    return 3
+
+
+def _demo(args) -> int:
+    from ..commands.demo import run_demo
+
+    if args.workdir:
+        run_demo(args.workdir, rows=args.rows, dim=args.dim, workers=args.workers,
+                 progress=not args.quiet)
+    else:
+        with tempfile.TemporaryDirectory(prefix="bigalign-demo-") as tmp:
+            run_demo(tmp, rows=args.rows, dim=args.dim, workers=args.workers,
+                     progress=not args.quiet)
+    print("demo OK")
+    return 0
+
+
+def _sample(args) -> int:
+    from ..commands.sampling import sample_corpus
+
+    s = sample_corpus(args.corpus, args.pairs, args.output, method=args.method, seed=args.seed,
+                      overwrite=args.overwrite, storage_options=storage_options(args))
+    print(f"wrote {s['rows']:,} sampled rows to {args.output} ({s['method']}, seed "
+          f"{s['seed']}; they lie in {s['chunks_touched']:,} of {s['chunks_total']:,} stored "
+          "chunks)")
+    return 0
+
+
+COMMANDS = {"fit": _fit, "apply": _apply, "info": _info, "status": _status, "demo": _demo,
+            "sample": _sample}  # + cli_evaluate
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Log lines to whatever ``sys.stderr`` is when they are written (main() may run many
+    times in one process, each time with its own guarded stderr)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+class _Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like SIGINT's KeyboardInterrupt."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """While a command runs, SIGTERM (Kubernetes, SLURM and Argo stop jobs with it) unwinds
+    like Ctrl-C: leases are released and in-flight work is abandoned, and the exit code is
+    130. Later SIGTERMs during that unwinding are ignored (the orchestrator's SIGKILL after
+    its grace period still ends a stuck process). The previous handler is restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise _Interrupted()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _ClosedPipeGuard:
+    """A text stream that survives its reader going away (``bigalign info T | head -1``).
+
+    On EPIPE it points the file descriptor at /dev/null, as Python's documentation of
+    SIGPIPE recommends, so that this and every later write (and the interpreter's last flush)
+    succeed silently: no traceback, and the command still finishes and exits with its own
+    code. Exit 0 rather than 141 (128 + SIGPIPE) because the reader closing early is not a
+    failure of the command: a 141 would fail ``set -o pipefail`` scripts and look like an
+    error to schedulers, though the work was done."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.closed_by_reader = False
+
+    def _redirect(self) -> None:
+        self.closed_by_reader = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass  # no file descriptor (captured in tests): writes are dropped below
+
+    def write(self, text):
+        if self.closed_by_reader:
+            return len(text)
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._redirect()
+            return len(text)
+
+    def flush(self):
+        if self.closed_by_reader:
+            with contextlib.suppress(OSError, ValueError):
+                self._stream.flush()  # to /dev/null now, or the data is dropped
+            return
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._redirect()
+            with contextlib.suppress(OSError, ValueError):
+                self._stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _guarded_streams():
+    """stdout and stderr wrapped in :class:`_ClosedPipeGuard` while a command runs."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _ClosedPipeGuard(saved[0]), _ClosedPipeGuard(saved[1])
+    try:
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):  # a last EPIPE here, not at interpreter exit
+            with contextlib.suppress(Exception):
+                stream.flush()
+        sys.stdout, sys.stderr = saved
+
+
+def _report_error(command: str, e: BaseException) -> int:
+    """Print what went wrong for ``e`` and return its exit code (errors.exit_code)."""
+    from ..errors import EXIT_BUG, EXIT_INTERRUPTED, EXIT_TEMPFAIL, BigalignError, exit_code
+
+    code = exit_code(e)
+    if code == EXIT_INTERRUPTED:
+        print("bigalign: interrupted; rerun the same command to resume", file=sys.stderr)
+    elif code == EXIT_BUG:
+        traceback.print_exc(file=sys.stderr)
+        print(f"bigalign {command}: unexpected error (a bug; please report it with the "
+              f"traceback above): {type(e).__name__}: {e}", file=sys.stderr)
+    else:
+        what = str(e) if isinstance(e, BigalignError) else f"{type(e).__name__}: {e}"
+        print(f"bigalign {command}: error: {what}", file=sys.stderr)
+        if code == EXIT_TEMPFAIL:
+            print(f"bigalign {command}: storage or cluster unavailable (exit {code}); rerun "
+                  "the same command later to resume", file=sys.stderr)
+    return code
+
+
+def main(argv=None) -> int:
+    """Run one command; return its exit code (module doc). Usage errors exit 2 through
+    argparse (SystemExit), --help and --version exit 0 the same way."""
+    with _guarded_streams(), _sigterm_interrupts():
+        command = "?"
+        try:
+            args = build_parser().parse_args(argv)
+            command = args.command
+            quiet = getattr(args, "quiet", False)
+            logger = logging.getLogger("bigalign")
+            if not logger.handlers:
+                handler = _StderrHandler()
+                handler.setFormatter(logging.Formatter("bigalign: %(message)s"))
+                logger.addHandler(handler)
+                logger.propagate = False
+            logger.setLevel(logging.WARNING if quiet else logging.INFO)
+            warnings.simplefilter("default")
+            return COMMANDS[args.command](args)
+        except (Exception, KeyboardInterrupt) as e:
+            return _report_error(command, e)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

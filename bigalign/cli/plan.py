@@ -1,0 +1,296 @@
+"""Command line for ``bigalign plan fit|apply``: a dry run that reads metadata only.
+
+From real inputs (``plan fit SOURCE TARGET``, ``plan apply TRANSFORM SOURCE``: their Zarr
+metadata and the transform's shape are read, no chunk is listed or read) or from shapes
+(``--rows N --dims D[,D2] [--chunk-rows C] [--shard-rows S] [--dtype T]``) it prints what
+the run would do: tasks, checkpoint units or markers, bytes read and written, storage
+requests, memory per thread and worker and, with ``--workers``, an estimated time at
+measured per-core rates (:data:`bigalign.planning.plan.CORE_RATES`). ``--json`` for machines.
+Thin like cli.py: the arithmetic is :mod:`bigalign.planning.plan`'s.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from .app import add_storage_option, json_safe, storage_options
+from ..errors import InputError
+from ..planning.plan import (DEFAULT_BLOCK_BYTES, estimate_apply, estimate_fit, make_apply_plan,
+                   make_fit_plan, output_layout)
+
+DTYPES = ("float16", "float32", "float64")
+
+
+def add_commands(sub) -> dict:
+    """Register ``plan`` on the argparse ``sub`` parsers; return {name: handler(args)}."""
+    p = sub.add_parser(
+        "plan", help="dry run: tasks, checkpoint files, bytes, requests, memory and time of "
+                     "a fit or apply (reads metadata only)",
+        description="Print what 'bigalign fit' or 'bigalign apply' would do, without doing "
+                    "it: from real inputs (their metadata only) or from --rows/--dims. "
+                    "Estimated time needs --workers (and --threads-per-worker); it counts "
+                    "computation at measured per-core rates, not storage bandwidth: compare "
+                    "the bytes with what your storage delivers.")
+    p.add_argument("kind", choices=("fit", "apply"), help="which command to plan")
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="fit: SOURCE TARGET; apply: TRANSFORM SOURCE (leave out to plan "
+                        "from --rows and --dims)")
+    p.add_argument("--rows", metavar="N|START:STOP",
+                   help="without inputs: the number of rows (1e9, 10_000_000_000); with "
+                        "inputs: the row range, as fit/apply --rows")
+    p.add_argument("--dims", metavar="D[,D2]",
+                   help="source (and target) dimensions without inputs (default D2 = D); "
+                        "for apply from a source without a transform, the output dimension")
+    p.add_argument("--chunk-rows", metavar="C[,C2]",
+                   help="rows per (inner) chunk of the inputs (default: 16 MiB of rows); for "
+                        "apply from real inputs, the output's chunk rows as apply --chunk-rows")
+    p.add_argument("--shard-rows", metavar="S[,S2]",
+                   help="rows per shard of sharded inputs (default: not sharded)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="input dtype without inputs (default float32)")
+    p.add_argument("--out-dtype", choices=DTYPES, default="float32",
+                   help="apply: output dtype, as apply --dtype (default float32)")
+    p.add_argument("--no-diagnostics", action="store_true",
+                   help="fit: without the Gram matrices, as fit --no-diagnostics")
+    p.add_argument("--precision", choices=("auto", "float32", "float64"), default="auto",
+                   help="fit: GEMM dtype, as fit --precision")
+    p.add_argument("--block-mb", type=float, default=DEFAULT_BLOCK_BYTES / 2**20,
+                   metavar="MB", help="input megabytes per read (default 64), as --block-mb")
+    p.add_argument("--workers", type=int, metavar="W",
+                   help="Dask workers, for memory per worker and an estimated time")
+    p.add_argument("--threads-per-worker", type=int, default=1, metavar="T",
+                   help="threads per worker (default 1)")
+    p.add_argument("--rate", type=float, metavar="ROWS_PER_S",
+                   help="rows/s per core instead of the measured rates (time the real thing "
+                        "on your cluster: a small fit prints its rows/s)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    add_storage_option(p)
+    return {"plan": _plan}
+
+
+def _count(text: str, what: str) -> int:
+    try:
+        value = float(str(text).replace("_", ""))
+    except ValueError:
+        raise InputError(f"{what} {text!r}: expected a number of rows, e.g. 1e9") from None
+    if value < 1 or value != int(value):
+        raise InputError(f"{what} {text!r}: expected a positive whole number")
+    return int(value)
+
+
+def _pair(text, what: str, default=None) -> tuple:
+    if text is None:
+        return (default, default)
+    parts = [_count(t, what) for t in str(text).split(",") if t.strip()]
+    if not 1 <= len(parts) <= 2:
+        raise InputError(f"{what} {text!r}: expected one or two comma-separated numbers")
+    return (parts[0], parts[-1])
+
+
+class _Input:
+    """What the planner needs of an input: rows, dim, itemsize, (inner) chunk and shard."""
+
+    def __init__(self, rows, dim, itemsize, chunk, shard):
+        self.rows, self.dim, self.itemsize = rows, dim, itemsize
+        self.chunk, self.shard = chunk, shard
+
+    @classmethod
+    def of(cls, emb) -> "_Input":
+        return cls(emb.rows, emb.dim, emb.dtype.itemsize, emb.read_step, emb.shard_rows)
+
+
+def _synthetic(args, sides: int) -> list[_Input]:
+    if args.rows is None or args.dims is None:
+        raise InputError("plan without inputs needs --rows N and --dims D[,D2]")
+    rows = _count(args.rows, "--rows")
+    dims = _pair(args.dims, "--dims")
+    item = np.dtype(args.dtype).itemsize
+    chunks = _pair(args.chunk_rows, "--chunk-rows")
+    shards = _pair(args.shard_rows, "--shard-rows")
+    out = []
+    for i in range(sides):
+        chunk = chunks[i] or max(1, (16 * 2**20) // (dims[i] * item))
+        shard = shards[i]
+        if shard and shard % chunk:
+            raise InputError(f"--shard-rows {shard} is not a multiple of the chunk rows {chunk}")
+        out.append(_Input(rows, dims[i], item, chunk, shard))
+    return out, dims
+
+
+def _open(url, side, so):
+    from ..storage.stores import open_embeddings
+    return open_embeddings(url, side=side, storage_options=so, check_chunks=False)
+
+
+def _rows(args, n: int) -> tuple[int, int]:
+    from ..storage.stores import parse_rows
+    return parse_rows(args.rows, n)
+
+
+def _plan(args) -> int:
+    so = storage_options(args)
+    block = int(args.block_mb * 2**20)
+    source_note = "shapes given on the command line"
+    if args.kind == "fit":
+        if args.inputs:
+            if len(args.inputs) != 2:
+                raise InputError("plan fit takes SOURCE TARGET (or none, with --rows/--dims)")
+            from ..storage.embedding_store import store_parts
+            src = _Input.of(_open(store_parts(args.inputs[0], so)[0], "source", so))
+            tgt = _Input.of(_open(store_parts(args.inputs[1], so)[0], "target", so))
+            if src.rows != tgt.rows:
+                raise InputError(f"source has {src.rows} rows but target has {tgt.rows}")
+            start, stop = _rows(args, src.rows)
+            source_note = f"metadata of {args.inputs[0]} and {args.inputs[1]}"
+        else:
+            (src, tgt), _ = _synthetic(args, 2)
+            start, stop = 0, src.rows
+        dims, items = (src.dim, tgt.dim), (src.itemsize, tgt.itemsize)
+        gram = not args.no_diagnostics or src.dim > tgt.dim
+        work = 8 if args.precision == "float64" or (args.precision == "auto" and 8 in items) \
+            else 4
+        plan = make_fit_plan(start, stop, (src.shard or src.chunk, tgt.shard or tgt.chunk),
+                             dims, items, gram, block, read_steps=(src.chunk, tgt.chunk))
+        est = estimate_fit(plan, dims, items, gram, (src.chunk, tgt.chunk),
+                           (src.shard, tgt.shard), work, args.workers,
+                           args.threads_per_worker, args.rate)
+        est["gram"] = gram
+    else:
+        item_out = np.dtype(args.out_dtype).itemsize
+        if args.inputs:
+            if len(args.inputs) not in (1, 2):
+                raise InputError("plan apply takes TRANSFORM SOURCE (or SOURCE with --dims, "
+                                 "or none with --rows/--dims)")
+            from ..storage.embedding_store import store_parts
+            src = _Input.of(_open(store_parts(args.inputs[-1], so)[0], "source", so))
+            if len(args.inputs) == 2:
+                import zarr
+                try:
+                    shape = zarr.open_group(args.inputs[0], mode="r",
+                                            storage_options=so)["rotation"].shape
+                except Exception as e:
+                    raise InputError(f"transform {args.inputs[0]!r}: cannot read its "
+                                     f"rotation's shape ({e})") from None
+                dim_b = int(shape[1])
+            elif args.dims:
+                dim_b = _pair(args.dims, "--dims")[1]
+            else:
+                raise InputError("plan apply SOURCE needs the transform (TRANSFORM SOURCE) "
+                                 "or --dims D,D2 for the output dimension")
+            first, last = _rows(args, src.rows)
+            user_chunk = _count(args.chunk_rows, "--chunk-rows") if args.chunk_rows else None
+            source_note = f"metadata of {', '.join(args.inputs)}"
+        else:
+            (src,), dims = _synthetic(args, 1)
+            dim_b = dims[1]
+            first, last, user_chunk = 0, src.rows, None
+        out_chunk, out_shard = output_layout(src.chunk, src.shard, dim_b, item_out, user_chunk)
+        row_bytes = src.dim * src.itemsize + dim_b * item_out
+        plan = make_apply_plan(last - first, out_chunk, src.shard or src.chunk, row_bytes,
+                               block, offset=first, shard_rows=out_shard,
+                               source_read_step=src.chunk)
+        dims = (src.dim, dim_b)
+        est = estimate_apply(plan, dims, src.itemsize, item_out, src.chunk, src.shard,
+                             out_chunk, out_shard, args.workers, args.threads_per_worker,
+                             args.rate)
+    est["from"] = source_note
+    est["plan"] = {k: v for k, v in plan.__dict__.items()}
+    if args.json:
+        print(json.dumps(json_safe(est), indent=2))
+    else:
+        print(describe(est))
+    return 0
+
+
+def _b(n: float) -> str:
+    """Bytes in the largest unit that keeps the number >= 1 (decimal: as storage bills)."""
+    for unit, size in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{n:,.0f} B"
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.2f} GiB" if n >= 2**28 else f"{n / 2**20:,.0f} MiB"
+
+
+def _n(x) -> str:
+    return f"{x:,}"
+
+
+def _t(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:,.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:,.0f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:,.1f} h"
+    return f"{seconds / 86400:,.1f} days"
+
+
+def describe(est: dict) -> str:
+    """The text ``bigalign plan`` prints for an estimate of :mod:`bigalign.planning.plan`."""
+    r = est["requests"]
+    m = est["memory"]
+    dims = "x".join(map(str, est["dims"])) if est["kind"] == "apply" else \
+        f"{est['dims'][0]} -> {est['dims'][1]}"
+    lines = [f"bigalign plan {est['kind']}: {_n(est['rows'])} rows, {dims} dims "
+             f"(from {est['from']})"]
+    if est["kind"] == "fit":
+        c = est["checkpoint"]
+        lines += [
+            f"  tasks             {_n(est['tasks'])}: {_n(est['leaf_tasks'])} reading tasks of "
+            f"{_n(est['rows_per_task'])} rows ({_b(est['input_bytes_per_task'])} of input), "
+            f"{_n(est['merge_tasks'])} merges (fan-in {est['fan_in']}"
+            f"{', Gram matrices on' if est.get('gram') else ''})",
+            f"  reads             {_n(est['rows_per_read'])} rows at a time (whole chunks)",
+            f"  checkpoint        {_n(c['units'])} units of {_n(c['blocks_per_unit'])} tasks: "
+            f"{_n(c['files'])} files, {_b(c['bytes_written'])} written "
+            f"({100 * c['fraction_of_input']:.2f} % of the input; 2 % budget)",
+            f"  bytes read        {_b(est['bytes_read'])}",
+            f"  bytes written     {_b(est['bytes_written'])} (checkpoint units and the transform)",
+            f"  storage requests  {_n(r['chunk_gets'])} chunk GETs"
+            + (f" + {_n(r['shard_index_gets'])} shard-index GETs" if r['shard_index_gets'] else "")
+            + f"; {_n(r['checkpoint_puts'])} unit PUTs, each after a fence check (LIST + GET); "
+            f"resume reads {_n(r['resume_list_pages'])} listing page(s)"
+            + (f"; ~{_n(r['lease_renewals'])} for lease renewals" if 'lease_renewals' in r
+               else ""),
+        ]
+    else:
+        c = est["checkpoint"]
+        o = est["output"]
+        shard = f", shards of {_n(o['shard_rows'])} rows" if o["shard_rows"] else ""
+        lines += [
+            f"  tasks             {_n(est['tasks'])}: {_n(est['region_tasks'])} regions of "
+            f"{_n(est['rows_per_task'])} rows, written {_n(est['rows_per_write'])} rows at a "
+            f"time from reads of {_n(est['rows_per_read'])}; {_n(est['count_tasks'])} "
+            "count tasks (fan-in 32)",
+            f"  output            chunks of {_n(o['chunk_rows'])} rows{shard}",
+            f"  checkpoint        {_n(c['markers'])} done-markers (one per region); resume, "
+            f"verify and status read {_n(c['list_pages'])} listing page(s), no marker files",
+            f"  bytes read        {_b(est['bytes_read'])}",
+            f"  bytes written     {_b(est['bytes_written'])}",
+            f"  storage requests  {_n(r['chunk_gets'])} chunk GETs"
+            + (f" + {_n(r['shard_index_gets'])} shard-index GETs" if r['shard_index_gets'] else "")
+            + f"; {_n(r['output_puts'])} output PUTs; {_n(r['marker_puts'])} marker PUTs; "
+            f"{_n(r['fence_checks'])} fence checks (LIST + GET each)"
+            + (f"; ~{_n(r['lease_renewals'])} for lease renewals" if 'lease_renewals' in r
+               else ""),
+        ]
+    lines.append(f"  memory            ~{_gib(m['per_thread'])} per thread; "
+                 f"~{_gib(m['per_worker'])} per worker with {m['threads_per_worker']} "
+                 f"thread(s); the client holds ~{_gib(m['client'])}")
+    rate = est["rate"]
+    lines.append(f"  rate              {_n(round(rate['rows_per_second_per_core']))} rows/s per "
+                 f"core ({rate['source']})")
+    if "time" in est:
+        t = est["time"]
+        lines.append(f"  estimated time    {_t(t['seconds'])} on {_n(t['workers'])} workers x "
+                     f"{t['threads_per_worker']} threads ({_n(t['cores'])} cores), reading "
+                     f"{_b(t['read_bytes_per_second'])}/s; storage slower than that makes it "
+                     "longer")
+    else:
+        lines.append("  estimated time    pass --workers W [--threads-per-worker T]")
+    return "\n".join(lines)

@@ -1,0 +1,278 @@
+"""Command line for scheduled re-alignment and the registry: ``realign`` and
+``registry list|show|rollback|gc``.
+
+Thin, like cli.py: parse, call :mod:`bigalign.commands.realign` / :mod:`bigalign.storage.registry`, print.
+Exit codes as everywhere (:func:`bigalign.errors.exit_code`); ``realign`` exits 4 when the
+candidate fails its quality gate (nothing is published), also when a finished run that was
+rejected is rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from .app import add_storage_option, storage_options
+from ..jsonsafe import json_safe
+from ..errors import GateFailedError
+
+EPILOG = ("Exit codes: 0 published (or already finished); 2 bad configuration or input, a "
+          "refused run (another realign holds the registry, or this run id finished with "
+          "other inputs); 4 the quality gate failed, nothing published (a retry gives the same "
+          "verdict: fail the job); 75 storage or cluster unavailable (retry: it resumes); 130 "
+          "interrupted (rerun: it resumes). The README's 'Scheduled re-alignment' and "
+          "workflows/ show CronJob, Argo, DaskJob and SLURM set-ups.")
+
+
+def add_commands(sub) -> dict:
+    """Register subcommands on the argparse ``sub`` parsers; return {name: handler(args)}."""
+    r = sub.add_parser(
+        "realign", help="refit on fresh pairs, gate on held-out quality, publish to a "
+                        "registry (the scheduled job)",
+        description="Run the re-alignment job configured by CONFIG (TOML: registry, [pairs], "
+                    "[fit], [gate], optional [apply]): split the pairs into training and "
+                    "held-out pairs stably by id (or row), fit on the training pairs, "
+                    "evaluate the candidate, the current version and no alignment on the "
+                    "held-out pairs, and publish the candidate as the registry's next "
+                    "version only if it passes the gate; with [apply], map the corpus with "
+                    "it; the registry's current pointer moves last. Every step resumes "
+                    "when the same run id is rerun; a finished run rerun does nothing.",
+        epilog=EPILOG)
+    r.add_argument("config", help="the realign configuration (TOML file)")
+    r.add_argument("--run-id", metavar="ID",
+                   help="names this run: the same id resumes it or, once finished, does "
+                        "nothing (use the Job / workflow name). Default: derived from the "
+                        "configuration and the inputs' fingerprints")
+    r.add_argument("--summary", metavar="PATH",
+                   help="write the verdict as JSON here (version, gate figures, candidate vs "
+                        "current), also when the gate fails or the run errs: for Argo "
+                        "output parameters")
+    r.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                   help="while another run holds the registry, keep trying for up to SECONDS "
+                        "before refusing (exit 2). A run that crashed on another machine "
+                        "holds it until its lease lapses (120 s): a retried pod should pass "
+                        "--wait 180. Default 0: refuse at once")
+    g = r.add_argument_group("where it runs (default: threads in this process)")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--scheduler", metavar="ADDRESS",
+                   help="a running dask.distributed scheduler (tcp://host:8786) or its "
+                        "scheduler file (.json), for the fit and apply")
+    x.add_argument("--workers", type=int, metavar="N", help="a local cluster of N workers")
+    g.add_argument("--memory-limit", metavar="SIZE", help="per worker with --workers")
+    g.add_argument("--threads", type=int, metavar="N",
+                   help="threads in this process (default: one per core)")
+    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where fit and apply run their block kernels (default cpu)")
+    g.add_argument("--block-mb", type=float, default=64, metavar="MB",
+                   help="input megabytes per task (default 64)")
+    add_storage_option(g)
+    g.add_argument("-q", "--quiet", action="store_true",
+                   help="print nothing but warnings and errors")
+    g.add_argument("--json", action="store_true", help="print the verdict as JSON on stdout")
+
+    reg = sub.add_parser(
+        "registry", help="list, show, roll back or collect versions of a registry",
+        description="A registry holds numbered, immutable versions of a transform (v0001, "
+                    "v0002, ...) and a current pointer that 'bigalign realign' moves when it "
+                    "publishes. Anywhere a transform is expected (apply, info, "
+                    "Transform.load) a registry stands for its current version.",
+        epilog="rollback and gc take the registry's lock: refused (exit 2) while a realign "
+               "runs.")
+    actions = reg.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
+    ls = actions.add_parser("list", help="versions, the current one, and the pointer history")
+    sh = actions.add_parser("show", help="one version's record (default: the current one)")
+    rb = actions.add_parser(
+        "rollback", help="make an earlier version current",
+        description="Move the current pointer to VERSION (--to), default the newest version "
+                    "older than the current one. Versions are not changed or deleted; "
+                    "rolling forward is 'rollback --to' a newer one.")
+    gc = actions.add_parser(
+        "gc", help="delete old versions, keeping the N newest and the current one",
+        description="Delete every complete version except the N newest and the current one "
+                    "(its record first, then its transform). Folders of a publish cut short "
+                    "are left for their realign to finish.")
+    for p in (ls, sh, rb, gc):
+        p.add_argument("registry", help="the registry (path or URL)")
+    sh.add_argument("version", nargs="?", help="v0001, v0002, ... (default: the current one)")
+    rb.add_argument("--to", metavar="VERSION", help="the version to make current")
+    gc.add_argument("--keep", type=int, required=True, metavar="N",
+                    help="keep the N newest versions (N >= 1; the current one is always kept)")
+    gc.add_argument("--dry-run", action="store_true", help="say what would be deleted")
+    for p in (ls, sh, rb, gc):
+        p.add_argument("--json", action="store_true", help="print JSON")
+        add_storage_option(p)
+    return {"realign": _realign, "registry": _registry}
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(json_safe(obj), indent=2))
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def describe_verdict(v: dict) -> str:
+    """The verdict in a few lines for people."""
+    if v["status"] == "published":
+        head = f"realign {v['run_id']}: published {v['version']} (previous: " \
+               f"{v.get('previous') or 'none'})"
+    else:
+        head = f"realign {v['run_id']}: REJECTED by the gate, nothing published (current: " \
+               f"{v.get('current') or 'none'})"
+    if v.get("already_done"):
+        head += " [already finished: nothing done]"
+    lines = [head, f"  gate: {'passed' if v['passed'] else 'FAILED'}"]
+    for c in v["gate"]["criteria"]:
+        mark = "ok" if c["passed"] else "FAILED"
+        if "threshold" in c:
+            op = ">=" if c["name"].startswith("min") else "<="
+            lines.append(f"    {c['name']:<24} {_fmt(c['value'])} {op} {_fmt(c['threshold'])}"
+                         f"  {mark}")
+        elif "current" in c:
+            lines.append(f"    {c['name']:<24} recall@10 {_fmt(c['value']['recall@10'])} vs "
+                         f"{_fmt(c['current']['recall@10'])}, residual "
+                         f"{_fmt(c['value']['relative_residual'])} vs "
+                         f"{_fmt(c['current']['relative_residual'])} ({c.get('version')})  {mark}")
+        else:
+            lines.append(f"    {c['name']:<24} {c.get('note')}  {mark}")
+    rows = [("candidate", v.get("candidate"))]
+    if v.get("current_version"):
+        rows.append((f"current {v['current_version'].get('version')}", v["current_version"]))
+    if v.get("no_alignment"):
+        rows.append(("no alignment", v["no_alignment"]))
+    pairs = v.get("pairs") or {}
+    lines.append(f"  held-out pairs: {pairs.get('holdout')} ({v.get('held_out_queries')} "
+                 f"queries); fitted on {pairs.get('train')} (paired by {pairs.get('by')})")
+    lines.append(f"    {'':<16} {'recall@1':>9} {'recall@10':>10} {'resid':>8}")
+    for name, f in rows:
+        if f:
+            lines.append(f"    {name:<16} {_fmt(f['recall@1']):>9} {_fmt(f['recall@10']):>10} "
+                         f"{_fmt(f['relative_residual']):>8}")
+    if v.get("apply"):
+        lines.append(f"  mapped corpus: {v['apply']['output']} ({v['apply']['rows']:,} rows)")
+    if v["status"] == "rejected" and v.get("candidate_transform"):
+        lines.append(f"  the rejected candidate: {v['candidate_transform']}")
+    return "\n".join(lines)
+
+
+def _realign(args) -> int:
+    from ..errors import exit_code
+    from ..planning.options import Execution
+    from ..commands.realign import realign, summary, write_summary
+
+    so = storage_options(args)
+    run = Execution(args.scheduler, args.workers, args.memory_limit, args.threads,
+                    int(args.block_mb * 2**20), not args.quiet, args.device)
+    try:
+        verdict = realign(args.config, run_id=args.run_id, execution=run, storage_options=so,
+                          wait=args.wait)
+    except (Exception, KeyboardInterrupt) as e:
+        if args.summary:  # Argo reads its output parameter whatever happened
+            try:
+                write_summary(args.summary, {"kind": "realign", "status": "error",
+                                             "run_id": args.run_id, "error": str(e),
+                                             "exit_code": exit_code(e)}, so)
+            except Exception as write_error:  # noqa: BLE001 - the first error matters
+                print(f"bigalign realign: cannot write --summary: {write_error}",
+                      file=sys.stderr)
+        raise
+    out = summary(verdict)
+    if args.summary:
+        write_summary(args.summary, out, so)
+    if args.json:
+        _print_json(out)
+    elif not args.quiet:
+        print(describe_verdict(out))
+    if not verdict["passed"]:
+        failed = ", ".join(c["name"] for c in verdict["gate"]["criteria"] if not c["passed"])
+        raise GateFailedError(f"the candidate of run {verdict['run_id']} failed the gate "
+                              f"({failed}); nothing was published")
+    return 0
+
+
+def _registry(args) -> int:
+    from ..storage.registry import Registry
+
+    reg = Registry(args.registry, storage_options(args))
+    return {"list": _list, "show": _show, "rollback": _rollback, "gc": _gc}[
+        args.registry_command](reg, args)
+
+
+def _list(reg, args) -> int:
+    info = reg.describe()
+    if args.json:
+        _print_json(info)
+        return 0
+    print(f"registry {reg.url}: {len(info['versions'])} versions, current "
+          f"{info['current'] or 'none'}")
+    if info["versions"]:
+        print(f"  {'version':<9} {'created':<26} {'pairs':>8} {'recall@10':>10} {'resid':>8}  run")
+    for r in reversed(info["versions"]):
+        cand = ((r.get("gate") or {}).get("figures") or {}).get("candidate") or {}
+        mark = "*" if r["version"] == info["current"] else " "
+        print(f"{mark} {r['version']:<9} {str(r.get('created')):<26} "
+              f"{str((r.get('fit') or {}).get('n_pairs')):>8} "
+              f"{_fmt(cand.get('recall@10')):>10} {_fmt(cand.get('relative_residual')):>8}  "
+              f"{r.get('run_id')}")
+    if info["history"]:
+        print("  pointer history (newest last):")
+        for p in info["history"][-10:]:
+            print(f"    {p.get('generation'):>4} {p.get('time')} {p.get('action'):<8} "
+                  f"{p.get('previous') or '-'} -> {p.get('version')}"
+                  + (f" (run {p['run_id']})" if p.get("run_id") else ""))
+    return 0
+
+
+def _show(reg, args) -> int:
+    from .app import _describe_transform
+
+    version = args.version or reg.require_current()
+    record = reg.record(version)
+    t = reg.load(version)
+    if args.json:
+        _print_json({"version": version, "current": version == reg.current(),
+                     "transform": reg.transform_url(version), "record": record,
+                     "dims": list(t.dims), "options": t.options})
+        return 0
+    print(f"version {version} of {reg.url}" + (" (current)" if version == reg.current() else ""))
+    print(f"  published by run {record.get('run_id')} at {record.get('created')} (bigalign "
+          f"{record.get('bigalign_version')}); previous {record.get('previous') or 'none'}")
+    models = record.get("models") or {}
+    print(f"  models: {models.get('source') or '?'} -> {models.get('target') or '?'}")
+    pairs = record.get("pairs") or {}
+    print(f"  pairs: {pairs.get('train')} fitted, {pairs.get('holdout')} held out (by "
+          f"{pairs.get('by')}, holdout {pairs.get('holdout_fraction')})")
+    for side, fp in (record.get("inputs") or {}).items():
+        print(f"  {side}: {fp.get('canonical_url') or fp.get('url')} shape {fp.get('shape')}")
+    g = record.get("gate") or {}
+    for c in g.get("criteria", []):
+        print(f"  gate {c['name']}: {'passed' if c['passed'] else 'FAILED'}")
+    print(_describe_transform(t, reg.transform_url(version)))
+    return 0
+
+
+def _rollback(reg, args) -> int:
+    out = reg.rollback(args.to)
+    if args.json:
+        _print_json(out)
+    elif out["changed"]:
+        print(f"{reg.url}: current version {out['from']} -> {out['to']}")
+    else:
+        print(f"{reg.url}: {out['to']} is already current: nothing to do")
+    return 0
+
+
+def _gc(reg, args) -> int:
+    out = reg.gc(args.keep, dry_run=args.dry_run)
+    if args.json:
+        _print_json(out)
+        return 0
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"{reg.url}: {verb} {len(out['deleted'])} versions"
+          + (f" ({', '.join(out['deleted'])})" if out["deleted"] else "")
+          + f"; kept {', '.join(out['kept']) or 'none'} (current {out['current'] or 'none'})")
+    if out["incomplete"]:
+        print(f"  left alone: unfinished publishes {', '.join(out['incomplete'])} (rerun their "
+              "realign to finish them)")
+    return 0

@@ -1,0 +1,285 @@
+"""Command line for transforms at query time: ``export``, ``compose`` and ``invert``; and
+``export --format parquet``, an embedding store's vectors out to Parquet files.
+
+Thin, like cli.py: parse, call :mod:`bigalign.commands.transforms` (or
+:func:`bigalign.commands.parquet_export.export_parquet`), print what was written to stdout;
+log lines (warnings such as a non-isometric composition) go to stderr. Bad input raises
+:class:`bigalign.InputError` (exit code 2). See docs/transforms.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .app import _common, _print_json, _run_args, add_storage_option, storage_options
+from ..errors import InputError
+from ..commands.parquet_export import COMPRESSIONS
+from ..commands.transforms import SNIPPETS, compose, export, invert
+
+EPILOG = "Transforms at query time, with the numpy lines that apply an export: docs/transforms.md"
+
+EXPORT_DESCRIPTION = """\
+Two uses, told apart by SOURCE:
+
+A transform: write its map in both directions as plain arrays: 'forward' (source -> target,
+old -> new model: for documents) and, where one exists, 'inverse' (target -> source, new ->
+old: for queries in a dual-read). Each direction is matrix M = scale * rotation,
+source_mean, target_mean and a normalize flag; y = (normalize(x) - source_mean) @ M +
+target_mean reproduces 'bigalign apply' / Transform.transform. The inverse is exact when
+dA == dB, a left inverse (a projection onto the fitted subspace) when dA < dB, and left out
+with the reason recorded when it would be lossy (dA > dB, or a --normalize fit) unless
+--allow-lossy. Written under a temporary name and renamed into place.
+
+An embedding store or a bare (N, d) Zarr array, with --format parquet: write its vectors to
+the folder OUTPUT as Parquet files part-00000.parquet, ... (one per task, ~256 MB each,
+ready for a vector database's bulk loader) with an id column (the store's ids, int64 or
+string; row numbers for a bare array) and a fixed-size list column of d floats, and last
+the manifest OUTPUT/_bigalign_export.json that says the export is complete. Runs in
+parallel as a checkpointed job: a killed export resumes when rerun with the same command
+(writing only the missing files), and a rerun of a finished one does nothing. OUTPUT must
+be absent, empty or an earlier export: a folder holding other files is refused, even with
+--overwrite (which removes only the files bigalign wrote)."""
+
+EXPORT_EPILOG = """\
+examples:
+  bigalign export old2new.transform -o old2new.npz
+  bigalign export corpus.store --format parquet -o corpus.parquet
+  bigalign export corpus.store --format parquet -o s3://bucket/corpus/ --dtype float16
+
+Transforms at query time, with the numpy lines that apply an export: docs/transforms.md"""
+
+#: Options of one use that the other refuses (the argparse dest, and the flag).
+_PARQUET_ONLY = (("ids_column", "--ids-column"), ("vector_column", "--vector-column"),
+                 ("rows", "--rows"), ("rows_per_file", "--rows-per-file"),
+                 ("compression", "--compression"))
+_TRANSFORM_ONLY = (("no_inverse", "--no-inverse"), ("allow_lossy", "--allow-lossy"))
+
+
+def _output_args(p, what: str) -> None:
+    p.add_argument("-o", "--output", required=True, help=what)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output written by bigalign (never anything "
+                        "else); a rerun with the same inputs and options is a no-op anyway")
+    add_storage_option(p)
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+
+
+def add_commands(sub) -> dict:
+    """Register subcommands on the argparse ``sub`` parsers; return {name: handler(args)}."""
+    e = sub.add_parser(
+        "export", help="write a transform as plain arrays (npz, JSON, safetensors), or an "
+                       "embedding store's vectors as Parquet files for a vector database",
+        description=EXPORT_DESCRIPTION, epilog=EXPORT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("source", metavar="SOURCE",
+                   help="a transform saved by 'bigalign fit' (or compose/invert), or an "
+                        "embedding store / (N, d) Zarr array with --format parquet")
+    e.add_argument("-o", "--output", required=True,
+                   help="the file to write (a transform: .npz, .json or .safetensors) or the "
+                        "folder of Parquet files (--format parquet)")
+    e.add_argument("--format", choices=("npz", "npy", "json", "safetensors", "parquet"),
+                   help="a transform: npz (alias npy), numpy's archive of arrays; json, plain "
+                        "lists (about 20 bytes a number: ~700 MB at d = 4096); safetensors, "
+                        "raw tensors with a JSON header; default: from the output's suffix. "
+                        "A store or array: parquet (required)")
+    e.add_argument("--dtype", choices=("float16", "float32", "float64"),
+                   help="a transform: float64 (default, exact) or float32 (half the size, "
+                        "equal to apply's float32 arithmetic). Parquet: the vectors' dtype "
+                        "(default: the source's)")
+    g = e.add_argument_group("transforms")
+    g.add_argument("--no-inverse", action="store_true",
+                   help="write the forward direction only")
+    g.add_argument("--allow-lossy", action="store_true",
+                   help="also write the inverse when it is only a pseudo-inverse (dA > dB: "
+                        "the map lost dims; --normalize fits: the norm is lost)")
+    g = e.add_argument_group("vectors (--format parquet)")
+    g.add_argument("--ids-column", metavar="NAME",
+                   help="name of the id column (default: id): the store's ids, int64 or "
+                        "string; row numbers (int64) for a bare array or a store without ids")
+    g.add_argument("--vector-column", metavar="NAME",
+                   help="name of the vector column (default: embedding), a fixed-size list "
+                        "of d floats")
+    g.add_argument("--rows", metavar="START:STOP",
+                   help="export only these source rows (negative values count from the end; "
+                        "write --rows=-1000: for a leading minus)")
+    g.add_argument("--rows-per-file", type=int, metavar="N",
+                   help="rows per file, a multiple of the source's chunk rows (default: whole "
+                        "chunks making about 256 MB per file)")
+    g.add_argument("--compression", choices=tuple(COMPRESSIONS),
+                   help="Parquet compression (default snappy: as fast as none, read by "
+                        "every loader; zstd is ~9%% smaller and ~1.4x slower to write)")
+    _run_args(e)
+    for action in e._actions:  # no GEMM to put on a GPU; a file, not a block, is a task
+        if action.dest in ("device", "block_mb"):
+            action.help = argparse.SUPPRESS
+
+    c = sub.add_parser(
+        "compose", help="one transform equal to FIRST then SECOND (v1 -> v2 -> v3 gives "
+                        "v1 -> v3)",
+        description="Fold two transforms into one: OUTPUT(x) = SECOND(FIRST(x)), means and "
+                    "scales included (rotation Q1 Q2, scale s1 s2, source mean of FIRST, "
+                    "target mean SECOND(target mean of FIRST)). FIRST's output dimension "
+                    "must be SECOND's input dimension; SECOND must not normalise its input "
+                    "(a --normalize fit: not foldable, apply the two in sequence). When both "
+                    "record model stamps, FIRST's target model must be SECOND's source model. "
+                    "A chain whose dims rise then fall (dA < dB > dC) is generally not an "
+                    "isometry: it is said and recorded. The inputs' training statistics are "
+                    "not kept (they describe neither fit); both inputs are recorded by path "
+                    "and digest.",
+        epilog=EPILOG)
+    c.add_argument("first", help="transform applied first (model A -> B)")
+    c.add_argument("second", help="transform applied second (model B -> C)")
+    _output_args(c, "where to save the composed transform (A -> C; a Zarr group)")
+    c.add_argument("--allow-model-mismatch", action="store_true",
+                   help="compose even when FIRST's target model stamp differs from SECOND's "
+                        "source model stamp (both are recorded in the output)")
+
+    i = sub.add_parser(
+        "invert", help="the transform back, target -> source (exact when dA == dB)",
+        description="Write the inverse map, target -> source: (y - target_mean) Q^T / s + "
+                    "source_mean, model stamps swapped. dA == dB: exact, inverse(T(x)) = x. "
+                    "dA < dB: a left inverse: exact for vectors T produced; other target "
+                    "vectors are first projected onto the dA-dim subspace T maps onto. "
+                    "dA > dB (T dropped dims) or a --normalize fit (T dropped the norm): not "
+                    "an inverse, refused unless --allow-lossy. What it is is recorded in the "
+                    "output's metadata ('inverse').",
+        epilog=EPILOG)
+    i.add_argument("transform", help="a transform saved by 'bigalign fit' (or compose)")
+    _output_args(i, "where to save the inverse transform (a Zarr group)")
+    i.add_argument("--allow-lossy", action="store_true",
+                   help="write the pseudo-inverse even when it is not an inverse")
+    return {"export": _export, "compose": _compose, "invert": _invert}
+
+
+def _models(meta: dict) -> str:
+    s, t = meta.get("source_model"), meta.get("target_model")
+    if s is None and t is None:
+        return ""
+    show = lambda m: "?" if m is None else (m if isinstance(m, str) else json.dumps(m))  # noqa: E731
+    return f", models {show(s)} -> {show(t)}"
+
+
+def _export(args) -> int:
+    """A transform to plain arrays, or a store's vectors to Parquet: by what SOURCE is."""
+    from ..storage.outputs import inspect
+
+    so = storage_options(args)
+    kind = inspect(args.source, so).kind
+    if kind == "absent":
+        raise InputError(f"no transform, embedding store or Zarr array at {args.source!r}")
+    is_transform = kind in ("transform", "partial-transform")
+    if args.format == "parquet" or not is_transform:
+        if is_transform:
+            raise InputError(f"{args.source!r} is a transform, which has no vectors to write "
+                             "as Parquet: export it with --format npz, json or safetensors")
+        if args.format != "parquet":
+            raise InputError(f"{args.source!r} is not a transform (an embedding store or a "
+                             "Zarr array): its vectors export as Parquet files, "
+                             f"'bigalign export {args.source} --format parquet -o DIR'")
+        _refuse(args, _TRANSFORM_ONLY, "a transform export")
+        return _export_vectors(args)
+    _refuse(args, _PARQUET_ONLY, "--format parquet")
+    return _export_transform(args, so)
+
+
+def _refuse(args, options, belongs_to: str) -> None:
+    given = [flag for dest, flag in options if getattr(args, dest) not in (None, False)]
+    if given:
+        raise InputError(f"{', '.join(given)}: only for {belongs_to}")
+
+
+def _export_vectors(args) -> int:
+    from ..commands.parquet_export import export_manifest, export_parquet
+
+    common = _common(args)
+    for key in ("device", "block_bytes"):
+        common.pop(key)
+    r = export_parquet(args.source, args.output, ids_column=args.ids_column or "id",
+                       vector_column=args.vector_column or "embedding", dtype=args.dtype,
+                       rows=args.rows, rows_per_file=args.rows_per_file,
+                       compression=args.compression or "snappy", **common)
+    m = export_manifest(args.output, common["storage_options"]) or {}
+    files = m.get("files", [])
+    size = sum(f.get("bytes", 0) for f in files)
+    if args.json:
+        _print_json({"kind": "parquet-export", "path": args.output, "complete": True,
+                     "already_complete": r.already_complete, "rows": r.rows_total,
+                     "rows_written": r.rows, "files": len(files), "bytes": size,
+                     "files_resumed": r.units_resumed, "seconds": r.seconds,
+                     "rows_per_second": r.rows_per_second, "tasks": r.tasks,
+                     "columns": {m.get("ids_column"): m.get("ids"),
+                                 m.get("vector_column"): f"{m.get('dtype')}[{m.get('dim')}]"}})
+    elif not args.quiet:
+        if r.already_complete:
+            print(f"{args.output}: already complete with the same inputs and options "
+                  f"({r.rows_total:,} rows in {_files(len(files))}); nothing to do")
+            return 0
+        resumed = f"; {r.units_resumed} of {r.units_total} files were already written" \
+            if r.units_resumed else ""
+        print(f"wrote {r.rows_total:,} rows to {args.output} as {_files(len(files))} "
+              f"({size / 2**20:,.1f} MiB; columns {m.get('ids_column')}: {m.get('ids')}, "
+              f"{m.get('vector_column')}: {m.get('dtype')}[{m.get('dim')}]) in "
+              f"{r.seconds:.1f}s ({r.rows_per_second:,.0f} rows/s{resumed}); marked complete "
+              "in _bigalign_export.json")
+    return 0
+
+
+def _files(n: int) -> str:
+    return f"{n:,} Parquet file" + "s" * (n != 1)
+
+
+def _export_transform(args, so) -> int:
+    r = export(args.source, args.output, args.format, dtype=args.dtype or "float64",
+               inverse=not args.no_inverse, allow_lossy=args.allow_lossy,
+               overwrite=args.overwrite, storage_options=so)
+    d_a, d_b = r.dims
+    if args.json:
+        _print_json({"kind": "transform-export", "path": args.output, "format": r.format,
+                     "dtype": r.dtype, "bytes": r.bytes, "dims": [d_a, d_b],
+                     "inverse": r.inverse, "inverse_omitted": r.inverse_omitted,
+                     "already_complete": r.nothing_to_do})
+        return 0
+    head = "already there, nothing to do:" if r.nothing_to_do else "wrote"
+    print(f"{head} {args.output} ({r.format}, {r.dtype}, {r.bytes:,} bytes{_models(r.metadata)})")
+    print(f"  forward: {d_a} -> {d_b} (old -> new: documents)")
+    if r.inverse:
+        print(f"  inverse: {d_b} -> {d_a} (new -> old: queries), {r.inverse}: "
+              f"{r.metadata['inverse']['meaning']}")
+    else:
+        print(f"  inverse: none ({r.inverse_omitted})")
+    if not args.quiet:
+        snippet, placeholder = SNIPPETS[r.format]
+        snippet = snippet.replace(json.dumps(placeholder), json.dumps(str(args.output)))
+        snippet = snippet.replace(placeholder, str(args.output)).replace(
+            "old2new.transform", str(args.source))
+        print("apply it with plain numpy (x: rows of the source model):\n")
+        print("\n".join(("    " + line).rstrip() for line in snippet.splitlines()))
+    return 0
+
+
+def _compose(args) -> int:
+    t = compose(args.first, args.second, output=args.output, overwrite=args.overwrite,
+                allow_model_mismatch=args.allow_model_mismatch,
+                storage_options=storage_options(args))
+    m = t.metadata
+    (d_a, d_b), (_, d_c) = (tuple(x["dims"]) for x in m["composed_of"])
+    iso = ("orthonormal (distances kept up to the scale)" if m["orthonormal"] else
+           f"NOT an isometry (max |Q Q^T - I| = {m['orthonormality_error']:.2g}): distances "
+           "are not kept")
+    print(f"transform {args.output}: {d_a} -> {d_b} -> {d_c} as one {d_a} -> {d_c} map"
+          f"{_models(m)}; scale {t.scale:.6g}; {iso}; normalize={t.normalize}")
+    print("  the inputs' training statistics are not kept (they describe neither fit)")
+    return 0
+
+
+def _invert(args) -> int:
+    t = invert(args.transform, allow_lossy=args.allow_lossy, output=args.output,
+               overwrite=args.overwrite, storage_options=storage_options(args))
+    info = t.metadata["inverse"]
+    print(f"transform {args.output}: {t.dims[0]} -> {t.dims[1]}{_models(t.metadata)}, "
+          f"{info['kind']}: {info['meaning']}")
+    return 0
+
+
+__all__ = ["add_commands"]

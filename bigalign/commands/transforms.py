@@ -1,0 +1,735 @@
+"""Transforms at query time: compose, invert, export (``bigalign compose|invert|export``).
+
+A :class:`~bigalign.transform.Transform` is the affine map
+
+    T(x) = (normalize(x) - source_mean) * scale @ rotation + target_mean
+
+and these functions build new ones from it, or write it in formats a serving stack reads
+with plain numpy (or any language), no bigalign installed:
+
+- :func:`compose` (T1 then T2): ``compose(t1, t2)(x) == t2(t1(x))``. The result is again a
+  Transform: rotation Q1 Q2, scale s1 s2, source_mean mu1, target_mean
+  (nu1 - mu2) s2 Q2 + nu2 = T2(nu1) -- the form (x - mean) * scale @ rotation + mean holds
+  any affine map whose matrix is scale * rotation.
+- :func:`invert`: the map back, target -> source: rotation Q^T, scale 1/s, the means
+  swapped. Exact when dA == dB; a left inverse (exact on T's image, a projection elsewhere)
+  when dA < dB; refused as lossy when T keeps fewer dims than the source has (dA > dB) or
+  normalises its input, unless ``allow_lossy``.
+- :func:`export`: the matrix M = scale * rotation and the two means of both directions,
+  forward (old -> new: documents) and, where it exists, the inverse (new -> old: queries for a
+  dual-read), as ``.npz``, ``.json`` or ``.safetensors`` (written by hand, no dependency).
+
+Why functions in a module rather than methods of Transform: these are operations *between*
+artifacts, with policy (model stamps, lossy flags, provenance, output safety) that the
+artifact itself should not carry; ``Transform.inverse()`` and ``Transform.then()`` delegate
+here for convenience.
+
+Model stamps: ``metadata["source_model"]`` / ``metadata["target_model"]``, when present,
+are carried: compose(A->B, B->C) is A->C (refused when T1's target model differs from T2's
+source model, unless ``allow_model_mismatch``), invert swaps them, export records them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import tempfile
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable, Optional, Union
+
+import numpy as np
+
+from ..errors import InputError
+from ..storage.locations import check_disjoint
+from ..storage.outputs import check_replaceable
+from ..execution.pairing import fitted_pairing
+from ..maths.stats import Moments
+from ..transform import Transform
+
+__all__ = ["compose", "invert", "export", "export_metadata", "inverse_kind", "digest",
+           "ExportResult", "EXPORT_FORMAT", "FORMATS", "NUMPY_SNIPPET", "JSON_SNIPPET",
+           "SAFETENSORS_SNIPPET"]
+
+log = logging.getLogger("bigalign")
+
+EXPORT_FORMAT = "bigalign.export/1"
+#: Formats of :func:`export` and the file suffix each is recognised by.
+FORMATS = {"npz": ".npz", "json": ".json", "safetensors": ".safetensors"}
+_ALIASES = {"npy": "npz"}
+#: max |Q Q^T - I| (or |Q^T Q - I|) below which a rotation counts as orthonormal
+ORTHONORMAL_TOL = 1e-6
+#: JSON exports above this many (estimated) bytes get a warning
+JSON_WARN_BYTES = 64 * 2**20
+
+TransformLike = Union[Transform, str, "os.PathLike[str]"]
+
+# The numpy lines that reproduce Transform.transform from an export. They are printed by
+# `bigalign export`, shown in docs/transforms.md, and run verbatim by the tests; ``x`` is an
+# (n, dA) array (or one (dA,) row) of the source model.
+NUMPY_SNIPPET = '''\
+import numpy as np
+
+t = np.load("old2new.npz")   # written by: bigalign export old2new.transform -o old2new.npz
+d = "forward"                # "forward": old -> new (documents); "inverse": new -> old (queries)
+if t[f"{d}_normalize"]: x = x / np.linalg.norm(x, axis=-1, keepdims=True)
+y = (x - t[f"{d}_source_mean"]) @ t[f"{d}_matrix"] + t[f"{d}_target_mean"]
+# y = y / np.linalg.norm(y, axis=-1, keepdims=True)   # optional, as apply --renormalize
+'''
+
+JSON_SNIPPET = '''\
+import json
+import numpy as np
+
+with open("old2new.json") as f:
+    t = json.load(f)["forward"]      # or ["inverse"]: new -> old
+if t["normalize"]: x = x / np.linalg.norm(x, axis=-1, keepdims=True)
+y = (x - np.array(t["source_mean"])) @ np.array(t["matrix"]) + np.array(t["target_mean"])
+'''
+
+SAFETENSORS_SNIPPET = '''\
+import numpy as np
+from safetensors.numpy import load_file
+
+t = load_file("old2new.safetensors")
+d = "forward"                # "forward": old -> new (documents); "inverse": new -> old (queries)
+if t[f"{d}.normalize"]: x = x / np.linalg.norm(x, axis=-1, keepdims=True)
+y = (x - t[f"{d}.source_mean"]) @ t[f"{d}.matrix"] + t[f"{d}.target_mean"]
+'''
+
+SNIPPETS = {"npz": (NUMPY_SNIPPET, "old2new.npz"), "json": (JSON_SNIPPET, "old2new.json"),
+            "safetensors": (SAFETENSORS_SNIPPET, "old2new.safetensors")}
+
+
+# ---- small helpers ------------------------------------------------------------------
+
+def digest(t: Transform) -> str:
+    """:meth:`Transform.digest` (what the map computes)."""
+    return t.digest()
+
+
+def models(t: Transform) -> tuple:
+    """The model stamps (source_model, target_model); None where not recorded."""
+    m = t.metadata or {}
+    return m.get("source_model"), m.get("target_model")
+
+
+def orthonormality_error(rotation: np.ndarray) -> float:
+    """max |Q Q^T - I| when dA <= dB (orthonormal rows), else max |Q^T Q - I| (columns)."""
+    q = np.asarray(rotation, dtype=np.float64)
+    g = q @ q.T if q.shape[0] <= q.shape[1] else q.T @ q
+    g[np.diag_indices_from(g)] -= 1.0
+    return float(np.abs(g).max()) if g.size else 0.0
+
+
+def _load(t: TransformLike, storage_options) -> tuple[Transform, Optional[str]]:
+    if isinstance(t, Transform):
+        return t, None
+    path = os.fspath(t) if isinstance(t, os.PathLike) else str(t)
+    return Transform.load(path, storage_options=storage_options), path
+
+
+def _check_finite(t: Transform, what: str) -> None:
+    for name in ("rotation", "source_mean", "target_mean"):
+        if not np.isfinite(np.asarray(getattr(t, name), dtype=np.float64)).all():
+            raise InputError(f"{what}: its {name} holds NaN or Inf")
+    if not (np.isfinite(t.scale) and t.scale != 0):
+        raise InputError(f"{what}: its scale is {t.scale!r}")
+    d_a, d_b = t.dims
+    if t.source_mean.shape != (d_a,) or t.target_mean.shape != (d_b,):
+        raise InputError(f"{what}: means of shapes {t.source_mean.shape} and "
+                         f"{t.target_mean.shape} do not fit a {d_a} x {d_b} rotation")
+
+
+def _provenance(t: Transform, path: Optional[str]) -> dict:
+    """What a derived transform records about one of its inputs."""
+    m = t.metadata or {}
+    source_model, target_model = models(t)
+    out = {"path": path, "digest": digest(t), "dims": list(t.dims),
+           "kind": m.get("kind", "fit"), "source_model": source_model,
+           "target_model": target_model, "normalize": t.normalize, "scale": t.scale,
+           "n_pairs": m.get("n_pairs"), "rows": t.options.get("rows"),
+           "relative_residual": m.get("relative_residual"),
+           "derived_from": m.get("composed_of") or m.get("inverse_of")}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _stamp(meta: dict, operation: str, fingerprint: dict) -> dict:
+    from .. import __version__
+
+    meta["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    meta["bigalign_version"] = __version__
+    meta["job"] = {"fingerprint": dict(fingerprint, operation=operation)}
+    return {k: v for k, v in meta.items() if v is not None}
+
+
+def _show(model) -> str:
+    return json.dumps(model) if not isinstance(model, str) else repr(model)
+
+
+# ---- compose --------------------------------------------------------------------------
+
+def compose(first: TransformLike, second: TransformLike, *, output=None,
+            overwrite: bool = False, allow_model_mismatch: bool = False,
+            storage_options: Optional[dict] = None) -> Transform:
+    """T1 then T2 as one Transform: ``compose(t1, t2).transform(x) == t2(t1(x))``.
+
+    first : (dA -> dB) transform or a path to one; second : (dB -> dC). Returns (dA -> dC):
+    rotation Q1 Q2 (dA, dC) float64, scale s1 s2, source_mean mu1, target_mean
+    (nu1 - mu2) s2 Q2 + nu2 (= T2(nu1), the image of the first source mean; it equals nu2
+    when both fits saw the same mean of the middle model), normalize as T1's.
+
+    Refused (InputError): dims that do not chain; T2 fitted with normalize=True (it would
+    renormalise T1's output: not an affine step, so not one Transform); T1's target model
+    differing from T2's source model (both recorded), unless ``allow_model_mismatch``.
+    Q1 Q2 is orthonormal (rows or columns) when dims rise or fall monotonically
+    (dA <= dB <= dC or dA >= dB >= dC); otherwise (e.g. dA < dB > dC) it is checked and,
+    when not, metadata says ``orthonormal: false`` -- the map is still exactly T2 after T1,
+    but not an isometry. The inputs' statistics are dropped (they describe neither fit);
+    metadata records both inputs (path, digest, dims, models) under ``composed_of``.
+    ``output``: save there (a new Zarr group; ``overwrite`` replaces a bigalign transform
+    of other inputs; a rerun with the same inputs is a no-op)."""
+    so = storage_options
+    t1, p1 = _load(first, so)
+    t2, p2 = _load(second, so)
+    if output is not None:
+        check_disjoint({"first transform": p1, "second transform": p2}, {"output": output}, so)
+    _check_finite(t1, "first transform")
+    _check_finite(t2, "second transform")
+    (d_a, d_b), (d_b2, d_c) = t1.dims, t2.dims
+    if d_b != d_b2:
+        raise InputError(
+            f"cannot compose: the first transform maps {d_a} -> {d_b} dims but the second "
+            f"takes {d_b2}-dim input ({d_b2} -> {d_c}); the first's output must be the "
+            "second's input (did you swap them? compose FIRST SECOND applies FIRST first)")
+    if t2.normalize:
+        raise InputError(
+            "cannot compose exactly: the second transform was fitted with normalize=True, so "
+            "it L2-normalises its input -- the first transform's output -- which is not an "
+            "affine step and cannot be folded into one transform. Apply the two in sequence, "
+            "or fit the second without --normalize")
+    (m_a, m_b1), (m_b2, m_c) = models(t1), models(t2)
+    mismatch = None
+    if m_b1 is not None and m_b2 is not None and m_b1 != m_b2:
+        if not allow_model_mismatch:
+            raise InputError(
+                f"cannot compose: the first transform maps into model {_show(m_b1)} but the "
+                f"second maps from model {_show(m_b2)}; pass --allow-model-mismatch "
+                "(allow_model_mismatch=True) if they are the same space under two names")
+        mismatch = {"first_target_model": m_b1, "second_source_model": m_b2}
+        log.warning("composing across different model stamps (%s, %s): allowed by "
+                    "--allow-model-mismatch", _show(m_b1), _show(m_b2))
+    elif m_b1 is None or m_b2 is None:
+        log.info("the middle model is not recorded on both transforms: cannot check that "
+                 "the first's target model is the second's source model")
+
+    fingerprint = {"inputs": [digest(t1), digest(t2)]}
+    if output is not None:
+        done = _existing_transform(output, "compose", fingerprint, overwrite, so)
+        if done is not None:
+            return done
+    rotation = t1.rotation @ t2.rotation
+    scale = float(t1.scale * t2.scale)
+    target_mean = (t1.target_mean - t2.source_mean) * t2.scale @ t2.rotation + t2.target_mean
+    err = orthonormality_error(rotation)
+    orthonormal = err <= ORTHONORMAL_TOL
+    if not orthonormal:
+        log.warning("the composed map (%d -> %d -> %d dims) is not an isometry: Q1 Q2 is not "
+                    "orthonormal (max deviation %.2g); it is still exactly the second "
+                    "transform after the first", d_a, d_b, d_c, err)
+    o1, o2 = t1.options, t2.options
+    options = {"center": bool(o1.get("center") or o2.get("center")),
+               "normalize": t1.normalize,
+               "scale": bool(o1.get("scale") or o2.get("scale")), "composed": True}
+    meta = {"kind": "composed", "dims": [d_a, d_c], "source_model": m_a, "target_model": m_c,
+            "orthonormal": orthonormal, "orthonormality_error": err,
+            "composed_of": [_provenance(t1, p1), _provenance(t2, p2)],
+            "model_mismatch": mismatch,
+            "statistics": "not kept: the inputs' training statistics describe neither fit"}
+    result = Transform(rotation, t1.source_mean.astype(np.float64).copy(), target_mean, scale,
+                       options, _stamp(meta, "compose", fingerprint))
+    if output is not None:
+        _save(result, output, overwrite, so)
+    return result
+
+
+# ---- invert ---------------------------------------------------------------------------
+
+def inverse_kind(t: Transform) -> dict:
+    """What the inverse of ``t`` is, without building it: {kind, lossy, why, meaning, rank,
+    orthonormal}. kind: "exact" (dA == dB, full rank, no normalisation), "left-inverse"
+    (rank dA < dB: exact on T's image), "inverse-up-to-norm" (full rank but T normalises its
+    input) or "pseudo-inverse" (rank < dA: T lost dims).
+    ``lossy`` lists why inverse(T(x)) != x (lost dims, a normalised input)."""
+    d_a, d_b = t.dims
+    err = orthonormality_error(t.rotation)
+    orthonormal = err <= ORTHONORMAL_TOL
+    rank = min(d_a, d_b) if orthonormal else int(np.linalg.matrix_rank(t.rotation))
+    lossy = []
+    if rank < d_a:
+        lossy.append(f"the transform keeps only {rank} of the source's {d_a} dims "
+                     f"({d_a} -> {d_b}), so inverse(T(x)) is x projected onto those {rank} "
+                     "directions (through the source mean), not x")
+    if t.normalize:
+        lossy.append("the transform L2-normalises its input (fitted with normalize=True), so "
+                      "only the direction comes back: inverse(T(x)) = x / ||x||")
+    if rank == d_a and t.normalize:
+        kind = "inverse-up-to-norm"
+        meaning = ("inverse up to the norm: " + lossy[-1] +
+                   ("" if d_a == d_b else f"; a target vector is first projected onto the "
+                    f"{d_a}-dim subspace T maps onto"))
+    elif rank == d_a == d_b:
+        kind = "exact"
+        meaning = "exact inverse: inverse(T(x)) = x and T(inverse(y)) = y"
+    elif rank == d_a:
+        kind = "left-inverse"
+        meaning = (f"left inverse on the fitted subspace: inverse(T(x)) = x for every source "
+                   f"vector; a {d_b}-dim target vector y is first projected onto the "
+                   f"{d_a}-dim subspace T maps onto (its component outside it, which the "
+                   f"source model cannot express, is dropped): inverse(y) = "
+                   f"(y - target_mean) Q^T / s + source_mean")
+    else:
+        kind = "pseudo-inverse"
+        meaning = ("pseudo-inverse, not an inverse: " + "; ".join(lossy[:1]) +
+                   ("; T(inverse(y)) = y" if rank == d_b else ""))
+    if t.normalize and kind == "pseudo-inverse":
+        meaning += "; " + lossy[-1]
+    return {"kind": kind, "lossy": lossy, "meaning": meaning, "rank": rank,
+            "orthonormal": orthonormal}
+
+
+def invert(t: TransformLike, *, allow_lossy: bool = False, output=None,
+           overwrite: bool = False, storage_options: Optional[dict] = None) -> Transform:
+    """The map back, target -> source: ``inverse(y) = (y - target_mean) Q^T / s +
+    source_mean`` (the Moore-Penrose pseudo-inverse ``pinv(Q) / s`` when Q is not
+    orthonormal, e.g. a composed dA < dB > dC map), as a (dB -> dA) Transform with
+    normalize=False and the model stamps swapped.
+
+    - dA == dB: exact (invert(T)(T(x)) == x).
+    - dA < dB: left inverse: exact for vectors T produced; any other target vector is first
+      projected onto the dA-dim subspace T maps onto. Allowed; metadata says so.
+    - dA > dB (T lost dims) or T fitted with normalize=True (T drops the norm): not an
+      inverse; refused (InputError, saying why) unless ``allow_lossy``.
+
+    metadata["inverse"] = {kind, lossy, meaning, rank, orthonormal}; metadata["inverse_of"]
+    records the input. The forward fit's statistics are kept, swapped (they are the same
+    pairs seen from the other side), except for a normalize=True fit."""
+    so = storage_options
+    t, path = _load(t, so)
+    if output is not None:
+        check_disjoint({"transform": path}, {"output": output}, so)
+    _check_finite(t, "transform")
+    info = inverse_kind(t)
+    if info["lossy"] and not allow_lossy:
+        raise InputError("this transform has no inverse: " + "; and ".join(info["lossy"]) +
+                         ". Pass --allow-lossy (allow_lossy=True) to write the "
+                         f"{info['kind']} anyway")
+    fingerprint = {"input": digest(t)}
+    if output is not None:
+        done = _existing_transform(output, "invert", fingerprint, overwrite, so)
+        if done is not None:
+            return done
+    d_a, d_b = t.dims
+    rotation = t.rotation.T.copy() if info["orthonormal"] else np.linalg.pinv(t.rotation)
+    source_model, target_model = models(t)
+    m = t.metadata or {}
+    inputs = m.get("inputs")
+    if isinstance(inputs, dict) and set(inputs) <= {"source", "target"}:
+        inputs = {"source": inputs.get("target"), "target": inputs.get("source")}
+    meta = {"kind": "inverse", "dims": [d_b, d_a], "source_model": target_model,
+            "target_model": source_model, "inverse": info, "inverse_of": _provenance(t, path),
+            "n_pairs": m.get("n_pairs"), "rows": m.get("rows"), "inputs": inputs}
+    record = fitted_pairing(m)
+    if record is not None:  # the same pairs seen from the other side: evaluate rebuilds them
+        meta["pairs"] = dict(m["pairs"], by="ids", duplicates=record["duplicates"],
+                             sample=record["sample"], seed=record["seed"],
+                             swapped=not record["swapped"])
+    stats = t.statistics
+    swapped = None
+    if stats is not None and not t.normalize:
+        swapped = Moments(stats.n, stats.mean_b, stats.mean_a, stats.cross.T.copy(),
+                          stats.sq_b, stats.sq_a, stats.gram_b, stats.gram_a)
+        meta["statistics"] = "the forward fit's, sides swapped (the same pairs)"
+    options = dict(t.options, normalize=False, inverted=not t.options.get("inverted", False))
+    result = Transform(rotation, t.target_mean.astype(np.float64).copy(),
+                       t.source_mean.astype(np.float64).copy(), 1.0 / t.scale, options,
+                       _stamp(meta, "invert", fingerprint), t.singular_values, swapped)
+    if info["lossy"]:
+        log.warning("writing a %s, not an inverse: %s", info["kind"], "; ".join(info["lossy"]))
+    if output is not None:
+        _save(result, output, overwrite, so)
+    return result
+
+
+def _existing_transform(output, operation: str, fingerprint: dict, overwrite: bool,
+                        so) -> Optional[Transform]:
+    """The finished transform at ``output`` when it is this very job (a no-op rerun);
+    None when ``output`` may be written; InputError otherwise."""
+    node = check_replaceable(output, "output", so)
+    if node.kind == "absent":
+        return None
+    if node.kind == "transform":
+        stored = ((node.attrs.get("metadata") or {}).get("job") or {}).get("fingerprint")
+        if stored == dict(fingerprint, operation=operation):
+            log.warning("%s is already complete with the same inputs: nothing to do", output)
+            return Transform.load(output, storage_options=so)
+    if not overwrite:
+        what = {"transform": "a bigalign transform made from other inputs",
+                "partial-transform": "an unfinished bigalign transform",
+                "apply-output": "a bigalign apply output",
+                "apply-store": "an embedding store written by bigalign apply"}[node.kind]
+        raise InputError(f"output {str(output)!r} already exists ({what}); pass --overwrite "
+                         "(overwrite=True) to replace it")
+    return None
+
+
+def _save(t: Transform, output, overwrite: bool, so) -> None:
+    t.save(output, overwrite=overwrite, storage_options=so)
+
+
+# ---- export ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What :func:`export` wrote: ``path``, ``format``, ``bytes``, ``dims`` (dA, dB),
+    ``inverse`` (its kind, or None), ``inverse_omitted`` (why there is none), and
+    ``nothing_to_do`` (an identical export was already there)."""
+
+    path: str
+    format: str
+    bytes: int
+    dims: tuple
+    dtype: str
+    inverse: Optional[str]
+    inverse_omitted: Optional[str]
+    nothing_to_do: bool = False
+    metadata: Optional[dict] = None
+
+
+def _format_of(fmt: Optional[str], path) -> str:
+    if fmt is not None:
+        fmt = _ALIASES.get(str(fmt).lower(), str(fmt).lower())
+        if fmt not in FORMATS:
+            raise InputError(f"unknown export format {fmt!r}: expected npz (alias npy), json "
+                             "or safetensors")
+        suffix = os.path.splitext(str(path).rstrip("/"))[1].lower()
+        known = {v: k for k, v in FORMATS.items()}
+        if suffix in known and known[suffix] != fmt:
+            raise InputError(f"output {str(path)!r} ends in {suffix} but the format is {fmt}: "
+                             f"name it *{FORMATS[fmt]} or drop --format")
+        return fmt
+    suffix = os.path.splitext(str(path).rstrip("/"))[1].lower()
+    for name, ext in FORMATS.items():
+        if suffix == ext:
+            return name
+    raise InputError(f"cannot tell the export format from {str(path)!r}: pass --format "
+                     "npz|json|safetensors or end the name in .npz, .json or .safetensors")
+
+
+def _direction(t: Transform, dtype) -> dict:
+    """The arrays of one direction: matrix = scale * rotation (dA, dB), the means, the
+    normalize flag -- exactly what Transform.transform uses (matrix in float64, then cast)."""
+    return {"matrix": np.ascontiguousarray((t.scale * t.rotation).astype(dtype)),
+            "source_mean": np.asarray(t.source_mean, dtype=np.float64).astype(dtype),
+            "target_mean": np.asarray(t.target_mean, dtype=np.float64).astype(dtype),
+            "normalize": np.array(bool(t.normalize))}
+
+
+def export(transform: TransformLike, path, format: Optional[str] = None, *,
+           dtype: str = "float64", inverse: bool = True, allow_lossy: bool = False,
+           overwrite: bool = False, storage_options: Optional[dict] = None) -> ExportResult:
+    """Write ``transform`` as plain arrays for serving stacks without bigalign.
+
+    path : a local path or fsspec URL; format : "npz" (alias "npy"), "json" or
+    "safetensors" (default: from the suffix). Each file holds the *forward* direction
+    (source -> target, old -> new: for documents) and, unless ``inverse=False``, the
+    *inverse* (target -> source, new -> old: for queries in a dual-read) where one exists
+    (see :func:`invert`; lossy pseudo-inverses only with ``allow_lossy``; otherwise the file
+    says why it has none). Per direction: ``matrix`` = scale * rotation (d_in, d_out),
+    ``source_mean`` (d_in,), ``target_mean`` (d_out,) in ``dtype`` (float64 default, or
+    float32), and ``normalize`` (bool): ``y = (normalize(x) - source_mean) @ matrix +
+    target_mean`` is Transform.transform (see NUMPY_SNIPPET).
+
+    Layouts (names per direction ``forward`` / ``inverse``):
+
+    - npz: arrays ``{direction}_{matrix,source_mean,target_mean,normalize}``, plus
+      ``format`` (the string "bigalign.export/1") and ``metadata`` (a JSON string); no
+      pickles (``np.load`` with its default allow_pickle=False reads it).
+    - json: ``{"format", "version": 1, "metadata": {...}, "forward": {"normalize",
+      "dims", "source_mean", "target_mean", "matrix": [[row], ...]}, "inverse": {...} or
+      null}``; floats printed with round-trip precision. Large: ~20 bytes a number.
+    - safetensors: tensors ``{direction}.{matrix,source_mean,target_mean}`` (F64 or F32)
+      and ``{direction}.normalize`` (BOOL, shape []), ``__metadata__`` = {format, version,
+      source_model, target_model, bigalign (the metadata as JSON)}.
+
+    The file is written under a temporary name and renamed into place, so a crash never
+    leaves a half-written file under ``path``. An existing file is replaced only if it is a
+    bigalign export and ``overwrite``; an identical export (same transform and options) is a
+    no-op; anything else there is refused."""
+    so = storage_options
+    t, tpath = _load(transform, so)
+    fmt = _format_of(format, path)
+    if str(dtype) not in ("float32", "float64"):
+        raise InputError(f"export dtype {dtype!r}: expected float32 or float64")
+    dtype = str(dtype)
+    if tpath is not None:
+        check_disjoint({"transform": tpath}, {"output": path}, so)
+    _check_finite(t, "transform")
+    fingerprint = {"operation": "export", "transform": digest(t), "format": fmt,
+                   "dtype": dtype, "inverse": bool(inverse), "allow_lossy": bool(allow_lossy)}
+    existing = _existing_export(path, fingerprint, overwrite, so)
+    if existing is not None:
+        inv = existing.get("inverse") or {}
+        return ExportResult(str(path), fmt, existing.get("bytes", 0), tuple(t.dims), dtype,
+                            inv.get("kind"), inv.get("omitted"), True, existing)
+    inv_t, omitted = None, None
+    if inverse:
+        try:
+            inv_t = invert(t, allow_lossy=allow_lossy)
+        except InputError as e:
+            omitted = str(e)
+    else:
+        omitted = "not requested (--no-inverse)"
+    d_a, d_b = t.dims
+    source_model, target_model = models(t)
+    inv_info = {"omitted": omitted} if inv_t is None else \
+        {k: v for k, v in inv_t.metadata["inverse"].items() if k != "orthonormal"}
+    meta = {"format": EXPORT_FORMAT, "dims": [d_a, d_b], "dtype": dtype,
+            "scale": t.scale, "normalize": t.normalize,
+            "source_model": source_model, "target_model": target_model,
+            "forward": f"source -> target ({d_a} -> {d_b}"
+                       + (f", {_show(source_model)} -> {_show(target_model)}"
+                          if source_model is not None or target_model is not None else "")
+                       + "): y = (normalize(x) - source_mean) @ matrix + target_mean",
+            "inverse": inv_info, "transform": _provenance(t, tpath),
+            "transform_options": t.options}
+    meta = _jsonable(_stamp(meta, "export", {k: v for k, v in fingerprint.items()
+                                             if k != "operation"}))
+    directions = {"forward": _direction(t, dtype)}
+    if inv_t is not None:
+        directions["inverse"] = _direction(inv_t, dtype)
+    if fmt == "json":
+        size = sum(d["matrix"].size + d["source_mean"].size + d["target_mean"].size
+                   for d in directions.values()) * (24 if dtype == "float64" else 20)
+        if size > JSON_WARN_BYTES:
+            log.warning("the JSON export will be about %.0f MB (%d x %d, %d direction(s)); "
+                        "npz or safetensors holds the same in %.0f MB and loads far faster",
+                        size / 2**20, d_a, d_b, len(directions),
+                        sum(d["matrix"].nbytes for d in directions.values()) / 2**20)
+    writer = {"npz": _write_npz, "json": _write_json, "safetensors": _write_safetensors}[fmt]
+    nbytes = _publish(path, lambda f: writer(f, meta, directions), so)
+    return ExportResult(str(path), fmt, nbytes, (d_a, d_b), dtype,
+                        None if inv_t is None else inv_info["kind"], omitted, False, meta)
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist")
+                                 else str(o)))
+
+
+# ---- writers: each writes one whole file to a binary file object ----------------------
+
+def _write_npz(f, meta: dict, directions: dict) -> None:
+    arrays = {"format": np.array(EXPORT_FORMAT), "metadata": np.array(json.dumps(meta))}
+    for name, d in directions.items():
+        for key, value in d.items():
+            arrays[f"{name}_{key}"] = value
+    np.savez(f, **arrays)
+
+
+_JSON_HEAD = ('{"format": "%s", "version": 1,\n' % EXPORT_FORMAT).encode()
+_JSON_META = b'"metadata": '
+
+
+def _write_json(f, meta: dict, directions: dict) -> None:
+    """One direction after the other, a matrix row a line, so that writing needs no more
+    memory than the arrays; line 2 holds the metadata (read back without parsing the rest)."""
+    f.write(_JSON_HEAD)
+    f.write(_JSON_META + json.dumps(meta, allow_nan=False).encode() + b",\n")
+    for i, name in enumerate(("forward", "inverse")):
+        d = directions.get(name)
+        f.write(f'"{name}": '.encode())
+        if d is None:
+            f.write(b"null")
+        else:
+            m = d["matrix"]
+            dump = lambda a: json.dumps(a.tolist(), allow_nan=False)  # noqa: E731
+            f.write(f'{{"normalize": {json.dumps(bool(d["normalize"]))}, "dims": '
+                    f'[{m.shape[0]}, {m.shape[1]}],\n"source_mean": {dump(d["source_mean"])},'
+                    f'\n"target_mean": {dump(d["target_mean"])},\n"matrix": ['.encode())
+            for r in range(m.shape[0]):
+                f.write(("\n" if r == 0 else ",\n").encode() + dump(m[r]).encode())
+            f.write(b"]}")
+        f.write(b",\n" if i == 0 else b"}\n")
+
+
+_ST_DTYPES = {np.dtype("float64"): "F64", np.dtype("float32"): "F32", np.dtype("bool"): "BOOL"}
+
+
+def _write_safetensors(f, meta: dict, directions: dict) -> None:
+    """The safetensors layout (https://github.com/huggingface/safetensors): an 8-byte
+    little-endian header length N, N bytes of JSON header (padded with spaces to a multiple
+    of 8, so the data starts 8-byte aligned), then the tensors' raw little-endian C-order
+    bytes, back to back; each header entry {dtype, shape, data_offsets: [begin, end)}
+    relative to the data start. Floats first and the 1-byte flags last, so every float
+    tensor stays aligned."""
+    tensors = [(f"{name}.{key}", d[key]) for name, d in directions.items()
+               for key in ("matrix", "source_mean", "target_mean")]
+    tensors += [(f"{name}.normalize", d["normalize"]) for name, d in directions.items()]
+    header: dict = {"__metadata__": {
+        "format": EXPORT_FORMAT, "version": "1", "bigalign": json.dumps(meta),
+        **{k: (v if isinstance(v, str) else json.dumps(v))
+           for k in ("source_model", "target_model") if (v := meta.get(k)) is not None}}}
+    offset = 0
+    for name, a in tensors:
+        header[name] = {"dtype": _ST_DTYPES[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
+    for _, a in tensors:
+        f.write(np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).tobytes())
+
+
+# ---- reading an export's metadata back (is a file ours?) -------------------------------
+
+def export_metadata(path, storage_options: Optional[dict] = None) -> Optional[dict]:
+    """The metadata of a bigalign export at ``path`` (any of the three formats), or None
+    when the file is not one (or cannot be read). Reads the header only; adds ``bytes``."""
+    import fsspec
+
+    try:
+        fs, p = fsspec.core.url_to_fs(str(path), **(storage_options or {}))
+        with fs.open(p, "rb") as f:
+            for reader in (_npz_meta, _json_meta, _safetensors_meta):
+                f.seek(0)
+                try:
+                    meta = reader(f)
+                except Exception:
+                    meta = None
+                if isinstance(meta, dict) and meta.get("format") == EXPORT_FORMAT:
+                    return dict(meta, bytes=fs.size(p))
+    except Exception:
+        return None
+    return None
+
+
+def _npz_meta(f) -> Optional[dict]:
+    if f.read(2) != b"PK":
+        return None
+    f.seek(0)
+    with np.load(f, allow_pickle=False) as z:
+        if "format" in z.files and str(z["format"][()]) == EXPORT_FORMAT:
+            return json.loads(str(z["metadata"][()]))
+    return None
+
+
+def _json_meta(f) -> Optional[dict]:
+    if f.read(len(_JSON_HEAD)) != _JSON_HEAD:
+        return None
+    line = f.readline()
+    if not line.startswith(_JSON_META):
+        return None
+    return json.loads(line[len(_JSON_META):].rstrip().rstrip(b","))
+
+
+def _safetensors_meta(f) -> Optional[dict]:
+    (n,) = struct.unpack("<Q", f.read(8))
+    if n > 100 * 2**20:
+        return None
+    md = json.loads(f.read(n)).get("__metadata__") or {}
+    return json.loads(md["bigalign"]) if md.get("format") == EXPORT_FORMAT else None
+
+
+def _existing_export(path, fingerprint: dict, overwrite: bool, so) -> Optional[dict]:
+    """Metadata of an identical export already at ``path`` (a no-op), else None when the
+    path may be written; InputError for a foreign file, a folder, or another export
+    without ``overwrite``."""
+    import fsspec
+
+    fs, p = fsspec.core.url_to_fs(str(path), **(so or {}))
+    if not fs.exists(p):
+        return None
+    if fs.isdir(p):
+        node = check_replaceable(path, "export output", so)  # raises for a foreign folder
+        raise InputError(f"export output {str(path)!r} is a folder"
+                         + (f" (a bigalign {node.kind})" if node.ours else "") +
+                         ": an export is one file; choose another name")
+    meta = export_metadata(path, so)
+    if meta is None:
+        raise InputError(
+            f"export output {str(path)!r} already exists and was not written by bigalign "
+            "export: bigalign deletes only what it wrote, even with --overwrite. Remove it "
+            "yourself or choose another name.")
+    stored = (meta.get("job") or {}).get("fingerprint")
+    if stored == fingerprint:
+        log.warning("%s is already an export of the same transform with the same options: "
+                    "nothing to do", path)
+        return meta
+    if not overwrite:
+        raise InputError(f"export output {str(path)!r} already exists (a bigalign export of "
+                         "another transform or with other options); pass --overwrite "
+                         "(overwrite=True) to replace it")
+    return None
+
+
+def _publish(path, write: Callable, so) -> int:
+    """Write a whole file atomically: into a temporary file (in the target folder on a
+    local disk, flushed and fsynced), then renamed over ``path`` (os.replace); elsewhere
+    uploaded under a temporary name and moved into place (an object store publishes an
+    object only when its upload completes). Returns its size in bytes."""
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, p = fsspec.core.url_to_fs(str(path), **(so or {}))
+    local = isinstance(fs, LocalFileSystem)
+    name = os.path.basename(p.rstrip("/"))
+    folder = os.path.dirname(p) if local else None
+    if local and folder:
+        os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".bigalign-tmp", dir=folder)
+    remote_tmp = None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        size = os.path.getsize(tmp)
+        if local:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide it from a server
+            os.replace(tmp, p)
+            _fsync_dir(folder)
+        else:
+            remote_tmp = f"{p}.{uuid.uuid4().hex[:12]}.bigalign-tmp"
+            fs.put_file(tmp, remote_tmp)
+            fs.mv(remote_tmp, p)
+            remote_tmp = None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if remote_tmp is not None:
+            try:
+                fs.rm(remote_tmp)
+            except Exception:  # best effort: the temporary name never looks finished
+                pass
+    return size
+
+
+def _fsync_dir(folder) -> None:
+    try:
+        fd = os.open(folder or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,394 @@
+"""Where the work runs: in-process threads by default, a LocalCluster of worker processes,
+or an existing dask.distributed scheduler (dask-jobqueue, Kubernetes, ...).
+
+BLAS threads: OpenBLAS's own threads on top of Dask's threads collapse throughput (3-5x
+slower, measured), and a GEMM split over another number of BLAS threads can round
+differently (a fit on ``dask worker --no-nanny`` differed from the in-process one by 6e-9).
+So every task runs with BLAS pinned to one thread (:func:`blas_pinned`, in
+:func:`run_task`), whatever runs it: the in-process threads, a LocalCluster, a worker with a
+nanny (which sets OPENBLAS_NUM_THREADS=1 itself) or without one. The pin is held only while
+bigalign tasks run, not for the whole run: see :func:`blas_pinned` for what that means to
+other threads of the same process.
+
+Per-thread buffers (:func:`bigalign.execution.engine.buffer`) are released at the end of every run, in
+this process and, on a cluster, on every worker (long-lived workers would keep them).
+
+Which cluster: ``scheduler`` is an address (``tcp://host:8786``) or a scheduler file (the
+JSON that ``dask scheduler --scheduler-file`` writes); with neither ``scheduler`` nor
+``workers``, the scheduler named by Dask's configuration (``DASK_SCHEDULER_ADDRESS``, or
+``scheduler-address`` in a Dask config file) is used when set, as ``distributed.Client()``
+does; otherwise threads in this process.
+
+Retries: only transient errors are retried, inside the task that met them. Reads and
+writes of chunks retry in :mod:`bigalign.storage.stores`; any other transient error of a task (a
+checkpoint write to an object store that blinked, say: :func:`bigalign.errors.is_transient`)
+re-runs the task a few times (:func:`run_task`, every task is idempotent). The graph goes to
+dask.distributed with ``retries=0``: its retries re-run a task whatever it raised, so a NaN row
+or a corrupt chunk would be read three times before the error reached the user. A worker that
+dies is not an error of the task: the scheduler reschedules its tasks regardless of
+``retries`` (up to ``distributed.scheduler.allowed-failures`` deaths per task).
+
+Progress goes to stderr: a bar on a terminal, and where stderr is a file or a pipe (batch
+logs) one line per 10% of the tasks or per PROGRESS_INTERVAL seconds, never ``\\r``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import sys
+import threading
+import time
+from typing import Optional
+
+import dask
+from dask.callbacks import Callback
+
+__all__ = ["session", "Session", "run_task", "blas_pinned", "scheduler_from_config",
+           "client_arguments"]
+
+log = logging.getLogger("bigalign")
+
+#: seconds between progress lines when stderr is not a terminal (at least one per 10%)
+PROGRESS_INTERVAL = 10.0
+
+
+_pin_lock = threading.Lock()
+_pin_count = 0
+_pin_saved: list = []  # (setter, previous thread count) while pinned
+_pin_libs = None  # [(get, set)] per BLAS library loaded in this process
+
+
+def _blas_libraries() -> list:
+    """(get, set) of the thread count of every BLAS library loaded in this process, found
+    once by threadpoolctl. OpenBLAS's own setter is called directly: threadpoolctl 3.8 lets
+    only the first thread that set an OpenBLAS (pthreads) limit set it again and silently
+    ignores the others, which in a pool of Dask threads left tasks unpinned. SciPy's BLAS
+    (the fit's rank-1 updates call it) is loaded first, so that a process which had not
+    imported SciPy yet does not leave that second library unpinned."""
+    import scipy.linalg.blas  # noqa: F401  (loads SciPy's OpenBLAS before the scan)
+    from threadpoolctl import ThreadpoolController
+
+    out = []
+    for lib in ThreadpoolController().lib_controllers:
+        if lib.user_api != "blas":
+            continue
+        setter = None
+        if lib.internal_api == "openblas":
+            for name in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+                         "openblas_set_num_threads64_", "openblas_set_num_threads"):
+                setter = getattr(lib.dynlib, name, None)
+                if setter is not None:
+                    break
+        out.append((lib.get_num_threads, setter or lib.set_num_threads))
+    return out
+
+
+@contextlib.contextmanager
+def blas_pinned():
+    """BLAS limited to one thread while the body runs.
+
+    The BLAS thread count is process state (OpenBLAS keeps one number per process, even
+    behind its ``..._local`` setter; MKL's global setting likewise), so the pin is counted:
+    the first task to enter sets one thread, the last to leave restores what was there
+    before. While any bigalign task runs in a process, every other thread of that process
+    (a library user's own numpy work, say) also gets one BLAS thread; between runs, and
+    after them, their setting is back as it was. Entering costs microseconds (the library
+    scan is done once per process)."""
+    global _pin_count, _pin_libs
+    with _pin_lock:
+        if _pin_count == 0:
+            try:
+                if _pin_libs is None:
+                    _pin_libs = _blas_libraries()
+                for get, set_ in _pin_libs:
+                    before = get()
+                    if before != 1:
+                        set_(1)
+                        _pin_saved.append((set_, before))
+            except Exception:  # no threadpoolctl support here: run unpinned
+                pass
+        _pin_count += 1
+    try:
+        yield
+    finally:
+        with _pin_lock:
+            _pin_count -= 1
+            if _pin_count == 0:
+                while _pin_saved:
+                    set_, before = _pin_saved.pop()
+                    try:
+                        set_(before)
+                    except Exception:
+                        pass
+
+
+def run_task(func, *args):
+    """Run one task with BLAS pinned to one thread (:func:`blas_pinned`), re-running it
+    when it raises a transient error that nothing below retried (bigalign's own errors,
+    transient ones included, are final: their retries are done). Deterministic errors
+    propagate at once, unchanged."""
+    from ..errors import BigalignError, is_transient
+    from ..storage.stores import RETRIES, RETRY_BACKOFF
+
+    for attempt in range(RETRIES + 1):
+        try:
+            with blas_pinned():
+                return func(*args)
+        except Exception as e:
+            if attempt == RETRIES or isinstance(e, BigalignError) or not is_transient(e):
+                raise
+            time.sleep(RETRY_BACKOFF * 2**attempt)
+
+
+def _release_everywhere(client) -> None:
+    """Free the per-thread buffers of every worker (and this process's) after a run; a
+    worker that is gone or slow to answer is skipped (its buffers go with it)."""
+    from .engine import release_buffers
+
+    release_buffers()
+    try:
+        client.run(release_buffers, on_error="ignore")
+    except Exception:
+        pass
+
+
+def _guarded(graph: dict) -> dict:
+    """The graph with every task ``(func, *args)`` run through :func:`run_task`."""
+    return {k: (run_task, *v) if type(v) is tuple and v and callable(v[0]) else v
+            for k, v in graph.items()}
+
+
+class Session:
+    """A way to run a Dask graph: ``client`` is None for the in-process threaded scheduler."""
+
+    def __init__(self, client=None, threads: Optional[int] = None, progress: bool = False):
+        self.client = client
+        self.threads = threads
+        self.progress = progress
+
+    def get(self, graph: dict, key):
+        """Compute ``key`` of a raw task graph; exceptions of tasks propagate unchanged."""
+        graph = _guarded(graph)
+        if self.client is not None:
+            try:
+                future = self.client.get(graph, key, sync=False, retries=0)
+                if self.progress:
+                    _distributed_progress(future, Reporter())
+                return future.result()
+            finally:
+                _release_everywhere(self.client)
+        with contextlib.ExitStack() as stack:
+            if self.progress:
+                stack.enter_context(_ThreadedProgress(Reporter()))
+            try:
+                return dask.threaded.get(graph, key, num_workers=self.threads)
+            finally:
+                from .engine import release_buffers
+                release_buffers()
+
+
+class Reporter:
+    """Writes progress to ``stream`` (default stderr): a ``\\r`` bar on a terminal; else
+    plain lines, one per 10% of the tasks or per ``interval`` seconds, whichever comes first
+    (log files of batch jobs stay readable). Write errors are ignored: a closed stderr
+    must not fail a run."""
+
+    def __init__(self, stream=None, tty: Optional[bool] = None,
+                 interval: Optional[float] = None, width: int = 40):
+        self.stream = stream if stream is not None else sys.stderr
+        if tty is None:
+            try:
+                tty = self.stream.isatty()
+            except (AttributeError, ValueError):
+                tty = False
+        self.tty = tty
+        self.interval = PROGRESS_INTERVAL if interval is None else interval
+        self.width = width
+        self.started = time.monotonic()
+        self._last_line = self.started
+        self._last_tenth = -1
+        self._last_done = None
+        self._drawn = False
+        self._lock = threading.Lock()
+
+    def _write(self, text: str) -> None:
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def update(self, done: int, total: int, final: bool = False) -> None:
+        """Report ``done`` of ``total`` tasks (``final``: the run ended)."""
+        with self._lock:
+            now = time.monotonic()
+            elapsed = now - self.started
+            frac = done / total if total else 1.0
+            if self.tty:
+                if not final and now - self._last_line < 0.1 and done != total:
+                    return
+                self._last_line = now
+                bar = "#" * int(self.width * frac)
+                self._write(f"\r[{bar:<{self.width}}] | {int(100 * frac):3d}% | {done} of "
+                            f"{total} tasks | {_duration(elapsed)}" + ("\n" if final else ""))
+                self._drawn = not final
+                return
+            tenth = int(10 * frac)
+            due = now - self._last_line >= self.interval
+            if not (final or tenth > self._last_tenth or due):
+                return
+            if final and self._last_done == done and done == total:
+                return  # the 100% line is already there
+            self._last_tenth, self._last_line, self._last_done = tenth, now, done
+            eta = ""
+            if 0 < done < total and elapsed >= 1:
+                eta = f", about {_duration(elapsed * (total - done) / done)} left"
+            state = " (stopped)" if final and done < total else ""
+            self._write(f"bigalign: progress {int(100 * frac)}% ({done} of {total} tasks) "
+                        f"after {_duration(elapsed)}{eta}{state}\n")
+
+    def close(self) -> None:
+        """End a bar left open (an error or interrupt stopped the run)."""
+        with self._lock:
+            if self.tty and self._drawn:
+                self._write("\n")
+                self._drawn = False
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    m, s = divmod(seconds, 60)
+    if m < 60:
+        return f"{m}m{s:02d}s"
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m"
+
+
+class _ThreadedProgress(Callback):
+    """Progress of the threaded scheduler: a polling thread reads the scheduler's state
+    (as dask.diagnostics.ProgressBar does) so that lines keep coming while tasks run."""
+
+    def __init__(self, reporter: Reporter, poll: float = 0.5):
+        super().__init__()
+        self.reporter = reporter
+        self.poll = poll
+        self._state = None
+        self._stop = threading.Event()
+        self._thread = None
+
+    def _start(self, dsk):
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="bigalign-progress")
+        self._thread.start()
+
+    def _pretask(self, key, dsk, state):
+        self._state = state
+
+    def _posttask(self, key, result, dsk, state, worker_id):
+        self._state = state
+        done, total = self._counts()
+        self.reporter.update(done, total)
+
+    def _counts(self):
+        s = self._state
+        if not s:
+            return 0, 0
+        done = len(s["finished"])
+        return done, done + sum(len(s[k]) for k in ("ready", "waiting", "running"))
+
+    def _run(self):
+        while not self._stop.wait(self.poll):
+            done, total = self._counts()
+            if total:
+                self.reporter.update(done, total)
+
+    def _finish(self, dsk, state, errored):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._state = state
+        done, total = self._counts()
+        if total:
+            self.reporter.update(done, total, final=True)
+        self.reporter.close()
+
+
+def _distributed_progress(future, reporter: Reporter) -> None:
+    """Report the progress of ``future`` and everything it depends on, as the scheduler
+    sees it (distributed's own text bar writes ``\\r`` updates to stdout)."""
+    from distributed.diagnostics.progressbar import TextProgressBar
+
+    class _Bar(TextProgressBar):
+        def _draw_bar(self, remaining, all, **kwargs):
+            reporter.update(all - remaining, all)
+
+        def _draw_stop(self, remaining=0, all=0, status=None, **kwargs):
+            reporter.update(all - remaining, all, final=True)
+
+    try:
+        _Bar([future], scheduler=future.client.scheduler.address, interval="500ms")
+    finally:
+        reporter.close()
+
+
+_ADDRESS = re.compile(r"[\w.\-]+:\d+|\[[0-9a-fA-F:]+\]:\d+")
+
+
+def client_arguments(scheduler: str) -> dict:
+    """``distributed.Client`` arguments for ``scheduler``: an address (``tcp://...``,
+    ``tls://...``, any ``PROTOCOL://``, or a bare ``host:port``) or else a scheduler file
+    (the JSON that ``dask scheduler --scheduler-file`` writes; it may not exist yet, while
+    the scheduler starts: the client waits for it)."""
+    text = str(scheduler)
+    if "://" in text or (_ADDRESS.fullmatch(text) and not os.path.exists(text)):
+        return {"address": text}
+    return {"scheduler_file": text}
+
+
+def scheduler_from_config() -> Optional[str]:
+    """The scheduler Dask's configuration names (``DASK_SCHEDULER_ADDRESS`` or
+    ``scheduler-address``), as ``distributed.Client()`` would use it, or None."""
+    value = dask.config.get("scheduler-address", None)
+    return str(value) if value else None
+
+
+@contextlib.contextmanager
+def session(scheduler: Optional[str] = None, workers: Optional[int] = None,
+            memory_limit: Optional[str] = None, threads: Optional[int] = None,
+            progress: bool = False):
+    """Yield a Session.
+
+    scheduler : address of a running dask.distributed scheduler (``tcp://host:8786``) or a
+        path to its scheduler file (:func:`client_arguments`); the cluster's workers do
+        the work.
+    workers : start a LocalCluster of this many worker processes (one thread each), each
+        limited to ``memory_limit`` (e.g. "4GiB").
+    neither : the scheduler of Dask's configuration (``DASK_SCHEDULER_ADDRESS``) when one is
+        set, else threads in this process (``threads``, default: one per core).
+    """
+    if scheduler and workers:
+        raise ValueError("give either a scheduler address or a number of workers, not both")
+    if not scheduler and not workers:
+        scheduler = scheduler_from_config()
+        if scheduler:
+            log.info("using the Dask scheduler %s (DASK_SCHEDULER_ADDRESS / "
+                     "scheduler-address)", scheduler)
+    if scheduler:
+        from distributed import Client
+
+        with Client(**client_arguments(scheduler)) as client:
+            yield Session(client, progress=progress)
+    elif workers:
+        from distributed import Client, LocalCluster
+
+        with LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=True,
+                          memory_limit=memory_limit or "auto", dashboard_address=":0",
+                          host="127.0.0.1") as cluster, Client(cluster) as client:
+            yield Session(client, progress=progress)
+    else:
+        yield Session(None, threads=threads, progress=progress)

@@ -1,0 +1,3 @@
+"""Storage: Zarr arrays and embedding stores, output kinds, locations, the checkpoint
+job protocol and the transform registry. No Dask.
+"""

@@ -1,0 +1,366 @@
+"""The registry: numbered, immutable versions of a transform and a ``current`` pointer.
+
+A query service loads whatever is current (``Transform.load(REG)``); ``bigalign realign``
+publishes new versions; an operator lists, inspects, rolls back and collects old versions.
+Layout at ``REG`` (a local folder or any fsspec URL)::
+
+    registry.json                  {"format": "bigalign.registry/1", "created": ...}
+    versions/v0001/transform/      the Transform (a Zarr group), written first
+    versions/v0001/record.json     what made it: run id, time, inputs, models, gate figures,
+                                   bigalign version. Written after the transform, by a
+                                   conditional create: a version exists iff its record does,
+                                   and a record is never rewritten
+    current/000000000004.json      pointer generations; the newest names the current version
+    runs/<run id>/                 progress and verdicts of realign runs (bigalign.commands.realign)
+    .lock/lease/...                the registry lock: a checkpoint lease (bigalign.storage.checkpoint)
+
+**The current pointer** is a sequence of small files, each created with the job protocol's
+conditional create (:meth:`bigalign.storage.checkpoint.Job.put_file` with ``create=True``: a hard link
+of a complete temporary file on local disks, ``If-None-Match: *`` on S3), exactly like a
+lease generation. Moving the pointer creates generation g+1; readers take the newest. So a
+reader sees the old version or the new one, never a half-written pointer, and two writers
+can never both create generation g+1. Old generations are kept: they are the history
+(``publish`` / ``rollback``, by which run, when), and they let a resumed realign see that it
+already moved the pointer.
+
+**Writers** (realign's publish, ``rollback``, ``gc``) hold the registry lock, a lease of
+:class:`bigalign.storage.checkpoint.Job` at ``REG/.lock``, so one runs and the others are refused
+(exit 2, naming the holder). Every write checks the lease first (fencing), as fit and apply
+do. Readers take no lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import socket
+from datetime import datetime, timezone
+from typing import Iterator, Optional
+
+from .checkpoint import Job, LeaseHeldError
+from ..errors import BigalignError, CheckpointError, InputError, TransientError
+
+log = logging.getLogger("bigalign")
+
+__all__ = ["Registry", "is_registry", "resolve_transform", "FORMAT"]
+
+FORMAT = "bigalign.registry/1"
+RECORD_FORMAT = "bigalign.registry-version/1"
+POINTER_FORMAT = "bigalign.registry-pointer/1"
+_VERSION = re.compile(r"^v(\d{4,})$")
+
+
+def version_name(number: int) -> str:
+    """``v0001``-style name of version ``number`` (more digits past 9999)."""
+    return f"v{number:04d}"
+
+
+def version_number(name: str) -> int:
+    match = _VERSION.match(str(name))
+    if not match:
+        raise InputError(f"{name!r} is not a version name (v0001, v0002, ...)")
+    return int(match.group(1))
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class Registry:
+    """The registry at ``url`` (local path or fsspec URL). Reading methods take no lock;
+    writing ones take the :meth:`lock`'s Job and check its lease before every write."""
+
+    def __init__(self, url, storage_options: Optional[dict] = None):
+        self.url = str(url).rstrip("/")
+        self.storage_options = storage_options or None
+        # the job protocol's file helpers (retried reads, listings, atomic whole-file
+        # writes, conditional creates) serve the registry's small files too
+        self.files = Job(self.url, self.storage_options)
+
+    # ---- where ------------------------------------------------------------------------
+    def _path(self, *parts: str) -> str:
+        return self.files._path(*parts)
+
+    def _json(self, *parts: str) -> Optional[dict]:
+        raw = self.files.get_file(self._path(*parts))
+        if raw is None:
+            return None
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            raise InputError(f"{self.url}: {'/'.join(parts)} is not valid JSON") from None
+        return value if isinstance(value, dict) else None
+
+    def transform_url(self, version: str) -> str:
+        return f"{self.url}/versions/{version}/transform"
+
+    def run_url(self, run_id: str) -> str:
+        return f"{self.url}/runs/{run_id}"
+
+    # ---- is it one ----------------------------------------------------------------------
+    def exists(self) -> bool:
+        marker = self._json("registry.json")
+        return bool(marker) and marker.get("format") == FORMAT
+
+    def check(self) -> None:
+        """Raise InputError unless a registry is at ``url``."""
+        if not self.exists():
+            raise InputError(f"no bigalign registry at {self.url!r} (no registry.json; "
+                             "'bigalign realign' creates one on its first run)")
+
+    def create(self, lock: Job) -> None:
+        """Make ``url`` a registry (idempotent). Refuses a location holding anything else:
+        bigalign writes only where it owns the place."""
+        if self.exists():
+            return
+        names = [n for n in self.files.list_names() if n not in (".lock", "runs")]
+        if names:
+            raise InputError(f"{self.url!r} is not empty and not a bigalign registry (it holds "
+                             f"{', '.join(sorted(names)[:5])}); choose a new location for "
+                             "the registry")
+        lock.check_fence()
+        try:
+            self.files.put_file(self._path("registry.json"), json.dumps(
+                {"format": FORMAT, "created": _now()}).encode(), create=True)
+        except FileExistsError:
+            pass
+
+    # ---- versions ---------------------------------------------------------------------
+    def _version_dirs(self) -> list[str]:
+        """Names of every version folder, complete or not, oldest first."""
+        return sorted((n for n in self.files.list_names("versions") if _VERSION.match(n)),
+                      key=version_number)
+
+    def versions(self) -> list[str]:
+        """Complete versions (their record exists), oldest first."""
+        return [v for v in self._version_dirs() if self.record(v, missing_ok=True)]
+
+    def record(self, version: str, *, missing_ok: bool = False) -> Optional[dict]:
+        """The record of ``version`` (InputError when there is none, unless missing_ok)."""
+        version_number(version)
+        record = self._json("versions", version, "record.json")
+        if record is None and not missing_ok:
+            have = ", ".join(self.versions()) or "none"
+            raise InputError(f"{self.url}: no version {version} (versions: {have})")
+        return record
+
+    def load(self, version: Optional[str] = None):
+        """The Transform of ``version`` (default: the current one); training statistics are
+        read when first accessed."""
+        from ..transform import Transform
+
+        version = version or self.require_current()
+        self.record(version)
+        t = Transform.load(self.transform_url(version), storage_options=self.storage_options)
+        t.metadata = dict(t.metadata, registry={"url": self.url, "version": version})
+        return t
+
+    # ---- the current pointer ----------------------------------------------------------------
+    def _generations(self) -> list[int]:
+        return sorted(int(n[:-5]) for n in self.files.list_names("current")
+                      if n.endswith(".json") and n[:-5].isdigit())
+
+    def pointer(self, generation: Optional[int] = None) -> Optional[dict]:
+        """The newest pointer record (or generation ``generation``), or None."""
+        gens = self._generations()
+        if not gens:
+            return None
+        g = gens[-1] if generation is None else generation
+        return self._json("current", f"{g:012d}.json")
+
+    def current(self) -> Optional[str]:
+        """The current version's name, or None before the first publish."""
+        pointer = self.pointer()
+        return pointer.get("version") if pointer else None
+
+    def require_current(self) -> str:
+        self.check()
+        current = self.current()
+        if current is None:
+            raise InputError(f"registry {self.url!r} has no current version yet (nothing "
+                             "was published)")
+        return current
+
+    def history(self) -> list[dict]:
+        """Every pointer generation, oldest first: {generation, version, previous, action,
+        run_id, time, ...}."""
+        out = []
+        for g in self._generations():
+            p = self._json("current", f"{g:012d}.json")
+            if p:
+                out.append(p)
+        return out
+
+    # ---- writing (under the lock) -----------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, what: str = "change") -> Iterator[Job]:
+        """Hold the registry lock (a checkpoint lease at ``REG/.lock``) and yield its Job,
+        whose :meth:`~bigalign.storage.checkpoint.Job.check_fence` guards every write. Another
+        holder alive: LeaseHeldError (a CheckpointError, exit 2) naming it."""
+        job = Job(f"{self.url}/.lock", self.storage_options)
+        try:
+            lease = job.lease()
+            lease.__enter__()
+        except LeaseHeldError as e:
+            raise LeaseHeldError(f"registry {self.url!r} is in use: another realign, rollback "
+                                 f"or gc holds it, so this {what} is refused. {e}") from None
+        try:
+            yield job
+        finally:
+            lease.__exit__(None, None, None)
+
+    def next_version(self) -> str:
+        """The number after every version folder (complete or not) and every version a
+        pointer ever named: numbers are not reused."""
+        numbers = [version_number(v) for v in self._version_dirs()]
+        numbers += [version_number(p["version"]) for p in self.history()
+                    if _VERSION.match(str(p.get("version")))]
+        return version_name(max(numbers, default=0) + 1)
+
+    def write_version(self, lock: Job, version: str, transform, record: dict) -> None:
+        """Write ``transform`` and then its ``record`` as ``version`` (fenced by ``lock``).
+        A version whose record exists is immutable: rewriting it is refused, except that a
+        call for the same run id finds it done and returns (a resumed publish)."""
+        existing = self.record(version, missing_ok=True)
+        if existing is not None:
+            if existing.get("run_id") == record.get("run_id"):
+                return
+            raise CheckpointError(f"{self.url}: version {version} already exists (run "
+                                  f"{existing.get('run_id')}); versions are immutable")
+        lock.check_fence()
+        # a folder without a record is an unfinished publish: the transform is rewritten
+        transform.save(self.transform_url(version), overwrite=True,
+                       storage_options=self.storage_options)
+        record = dict(record, format=RECORD_FORMAT, version=version)
+        lock.check_fence()
+        try:
+            self.files.put_file(self._path("versions", version, "record.json"),
+                            json.dumps(record, indent=1, default=str).encode(), create=True)
+        except FileExistsError:
+            raise CheckpointError(f"{self.url}: version {version} was written by someone "
+                                  "else at the same moment") from None
+
+    def set_current(self, lock: Job, version: str, *, action: str,
+                    run_id: Optional[str] = None, **extra) -> dict:
+        """Make ``version`` current: create pointer generation g+1 (fenced, conditional
+        create). Returns the pointer record."""
+        self.record(version)
+        gens = self._generations()
+        generation = (gens[-1] if gens else 0) + 1
+        previous = self.current()
+        pointer = {"format": POINTER_FORMAT, "generation": generation, "version": version,
+                   "previous": previous, "action": action, "run_id": run_id, "time": _now(),
+                   "host": socket.gethostname(), **extra}
+        lock.check_fence()
+        try:
+            self.files.put_file(self._path("current", f"{generation:012d}.json"),
+                            json.dumps(pointer, indent=1).encode(), create=True)
+        except FileExistsError:
+            raise CheckpointError(f"{self.url}: the current pointer moved at the same moment "
+                                  f"(generation {generation} exists): this run lost the "
+                                  "registry lock") from None
+        log.info("%s: current version is now %s (was %s)", self.url, version, previous)
+        return pointer
+
+    def published_by(self, run_id: str, version: str) -> Optional[dict]:
+        """The pointer generation with which run ``run_id`` made ``version`` current, if any
+        (a resumed realign does not move the pointer twice, even after a rollback)."""
+        for p in self.history():
+            if p.get("run_id") == run_id and p.get("version") == version and \
+                    p.get("action") == "publish":
+                return p
+        return None
+
+    def rollback(self, to: Optional[str] = None) -> dict:
+        """Make an earlier version current (default: the newest version older than the
+        current one; ``to``: any existing version). Returns {"from", "to", "changed"}."""
+        self.check()
+        with self.lock("rollback") as lock:
+            current = self.require_current()
+            if to is None:
+                older = [v for v in self.versions() if version_number(v) < version_number(current)]
+                if not older:
+                    raise InputError(f"{self.url}: no version older than the current {current} "
+                                     "to roll back to")
+                to = older[-1]
+            self.record(to)
+            if to == current:
+                return {"from": current, "to": to, "changed": False}
+            self.set_current(lock, to, action="rollback")
+            return {"from": current, "to": to, "changed": True}
+
+    def gc(self, keep: int, *, dry_run: bool = False) -> dict:
+        """Delete complete versions other than the ``keep`` newest and the current one.
+        Returns {"kept": [...], "deleted": [...], "incomplete": [...]}: incomplete version
+        folders (a publish cut short; its realign rerun finishes it) are left alone."""
+        if keep < 1:
+            raise InputError(f"--keep must be at least 1, got {keep}")
+        self.check()
+        with self.lock("gc") as lock:
+            versions = self.versions()
+            current = self.current()
+            kept = set(versions[-keep:]) | ({current} if current else set())
+            doomed = [v for v in versions if v not in kept]
+            incomplete = [v for v in self._version_dirs() if v not in versions]
+            if not dry_run:
+                for v in doomed:
+                    self._delete_version(lock, v)
+            return {"kept": [v for v in versions if v in kept], "deleted": doomed,
+                    "incomplete": incomplete, "current": current, "dry_run": dry_run}
+
+    def _delete_version(self, lock: Job, version: str) -> None:
+        """Remove the record first (the version then no longer exists for readers), then
+        the transform group; files bigalign did not write are left, with their folder."""
+        from .outputs import inspect
+
+        lock.check_fence()
+        self.files.remove_file(self._path("versions", version, "record.json"))
+        url = self.transform_url(version)
+        if inspect(url, self.storage_options).kind in ("transform", "partial-transform"):
+            lock.check_fence()
+            self.files.fs.rm(self._path("versions", version, "transform"), recursive=True)
+        with contextlib.suppress(OSError, NotImplementedError):
+            if not self.files.list_names(f"versions/{version}"):
+                self.files.fs.rmdir(self._path("versions", version))
+        log.info("%s: deleted version %s", self.url, version)
+
+    # ---- realign runs -------------------------------------------------------------------------
+    def verdict(self, run_id: str) -> Optional[dict]:
+        """The final verdict of realign run ``run_id``, or None while it is not finished."""
+        return self._json("runs", run_id, "verdict.json")
+
+    def describe(self) -> dict:
+        """Everything ``registry list`` shows: versions with their records, the current one,
+        the pointer history."""
+        self.check()
+        versions = self.versions()
+        return {"registry": self.url, "current": self.current(),
+                "versions": [dict(self.record(v), version=v) for v in versions],
+                "history": self.history()}
+
+
+def is_registry(url, storage_options: Optional[dict] = None) -> bool:
+    """True when ``url`` (a path or fsspec URL) holds a bigalign registry."""
+    try:
+        return Registry(url, storage_options).exists()
+    except TransientError:
+        raise
+    except (BigalignError, OSError, ValueError, ImportError):
+        return False
+
+
+def resolve_transform(path: str, storage_options: Optional[dict] = None):
+    """``(path, None)`` for anything but a registry; for a registry, the URL of its current
+    version's transform and {"url", "version"} (InputError when nothing is current)."""
+    try:
+        reg = Registry(path, storage_options)
+        if not reg.exists():
+            return path, None
+    except TransientError:
+        raise  # storage did not answer: exit 75, not "no transform here"
+    except (BigalignError, OSError, ValueError, ImportError):
+        return path, None  # not a registry: Transform.load says what is there
+    version = reg.require_current()
+    return reg.transform_url(version), {"url": reg.url, "version": version}
