@@ -480,6 +480,25 @@ def run_child(method: str, src: str, tgt: str, transform: str, scratch: Path,
     raise RuntimeError(f"{method} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
 
 
+def round_robin(script: str, methods: list, repeats: int, args: list) -> dict:
+    """Run ``script --one METHOD *args`` in a fresh interpreter per run, ``repeats`` times
+    round-robin over ``methods`` (drift on a shared machine hits every method alike), and
+    return {method: [result record, ...]} (the JSON each child prints after RESULT_TAG).
+    The import and export benchmarks drive their methods with it."""
+    results: dict = {m: [] for m in methods}
+    for rep in range(repeats):
+        for m in methods:
+            proc = subprocess.run([sys.executable, script, "--one", m, *map(str, args)],
+                                  capture_output=True, text=True)
+            line = [x for x in proc.stdout.splitlines() if x.startswith(RESULT_TAG)]
+            if proc.returncode or not line:
+                raise SystemExit(f"{m} failed:\n{proc.stdout}\n{proc.stderr}")
+            r = json.loads(line[0][len(RESULT_TAG):])
+            results[m].append(r)
+            print(f"  run {rep + 1} {m}: {r['seconds']:.2f}s", file=sys.stderr)
+    return results
+
+
 def clean_outputs(scratch: Path) -> None:
     """Remove what a method wrote (outputs and checkpoints) so disk use stays one output,
     and flush dirty pages so one run's writeback does not stall the next one's fsyncs."""

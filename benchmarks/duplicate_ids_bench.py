@@ -24,15 +24,9 @@ import tempfile
 
 import numpy as np
 
+from bench import peak_rss_mb as peak_rss_mib  # VmHWM, one helper for every benchmark
+
 CHUNK = 21_845
-
-
-def peak_rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def write_ids(path: str, n: int, kind: str, repeated: float, seed: int = 0) -> None:

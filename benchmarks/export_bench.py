@@ -30,15 +30,16 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from bench import RESULT_TAG, round_robin  # noqa: E402  (one driver for every benchmark)
+from bench import peak_rss_mb as _peak_rss_mb  # noqa: E402  (VmHWM)
+
 MB = 2**20
-RESULT_TAG = "BENCH-RESULT "
 METHODS = ("polars-write-once", "bigalign-export")
 
 
@@ -97,14 +98,6 @@ def run_one(method: str, work: Path, rows: int, dim: int) -> dict:
             "files": files, "bytes": size}
 
 
-def _peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 # ---- driver --------------------------------------------------------------------------------
 
 def main() -> None:
@@ -132,18 +125,8 @@ def main() -> None:
                 while fh.read(64 * MB):
                     pass
     methods = args.methods.split(",")
-    results: dict[str, list[dict]] = {m: [] for m in methods}
-    for rep in range(args.repeats):
-        for m in methods:
-            cmd = [sys.executable, __file__, "--one", m, "--rows", str(args.rows), "--dim",
-                   str(args.dim), "--workdir", str(work)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = [x for x in proc.stdout.splitlines() if x.startswith(RESULT_TAG)]
-            if proc.returncode or not line:
-                raise SystemExit(f"{m} failed:\n{proc.stdout}\n{proc.stderr}")
-            r = json.loads(line[0][len(RESULT_TAG):])
-            results[m].append(r)
-            print(f"  run {rep + 1} {m}: {r['seconds']:.2f}s", file=sys.stderr)
+    results = round_robin(__file__, methods, args.repeats,
+                          ["--rows", args.rows, "--dim", args.dim, "--workdir", work])
     shutil.rmtree(work / "out", ignore_errors=True)
     vec_mb = args.rows * args.dim * 4 / MB
     print(f"\n{args.rows:,} rows x {args.dim} float32 ({vec_mb:,.0f} MiB of vectors) with "

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .errors import InputError, NonFiniteError, is_transient
+from .errors import InputError, is_transient
 from .maths.stats import Moments
 from .maths.mapping import map_rows
 

@@ -143,3 +143,22 @@ def moto_s3(*buckets):
         yield opts
     finally:
         server.stop()
+
+
+def run_cli(*argv, faults=None, check=None):
+    """``python -m bigalign.cli ARGV`` in a subprocess (a real exit, real signals), with the
+    fault points ``faults`` armed (BIGALIGN_FAULTS) or none; ``check``: the expected exit
+    code. Returns the CompletedProcess (text stdout/stderr)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.pop("BIGALIGN_FAULTS", None)
+    if faults:
+        env["BIGALIGN_FAULTS"] = faults
+    p = subprocess.run([sys.executable, "-m", "bigalign.cli", *map(str, argv)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    if check is not None:
+        assert p.returncode == check, (p.returncode, p.stdout, p.stderr)
+    return p

@@ -9,8 +9,6 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import polars as pl
@@ -22,6 +20,7 @@ import bigalign
 from bigalign.storage.embedding_store import create_store, open_store
 from bigalign.errors import InputError, NonFiniteError
 from bigalign.commands.ingest import choose_chunk_rows, import_vectors, make_import_plan
+from conftest import run_cli
 
 DIM = 8
 
@@ -63,16 +62,7 @@ def read_store(url, **kw):
     return emb[:], None if ids is None else ids[:], model
 
 
-def cli(*argv, faults=None, check=None):
-    env = dict(os.environ)
-    env.pop("BIGALIGN_FAULTS", None)
-    if faults:
-        env["BIGALIGN_FAULTS"] = faults
-    p = subprocess.run([sys.executable, "-m", "bigalign.cli", *map(str, argv)], env=env,
-                       capture_output=True, text=True, timeout=300)
-    if check is not None:
-        assert p.returncode == check, (p.returncode, p.stdout, p.stderr)
-    return p
+cli = run_cli  # a subprocess CLI run (conftest)
 
 
 # ---- the plan (pure) --------------------------------------------------------------------

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import polars as pl
@@ -27,7 +25,7 @@ from bigalign.errors import InputError, NonFiniteError
 from bigalign.commands.parquet_export import (MANIFEST, check_folder, export_manifest, export_parquet,
                                      part_name)
 from bigalign.planning.plan import FILE_BYTES, ExportPlan, make_export_plan, max_tasks
-from conftest import write_zarr
+from conftest import run_cli, write_zarr
 
 ROWS, DIM, CHUNK = 3000, 8, 100
 
@@ -59,16 +57,7 @@ def parts(folder):
     return sorted(n for n in os.listdir(folder) if n.endswith(".parquet"))
 
 
-def cli(*argv, faults=None, check=None):
-    env = dict(os.environ)
-    env.pop("BIGALIGN_FAULTS", None)
-    if faults:
-        env["BIGALIGN_FAULTS"] = faults
-    p = subprocess.run([sys.executable, "-m", "bigalign.cli", *map(str, argv)], env=env,
-                       capture_output=True, text=True, timeout=300)
-    if check is not None:
-        assert p.returncode == check, (p.returncode, p.stdout, p.stderr)
-    return p
+cli = run_cli  # a subprocess CLI run (conftest)
 
 
 def run(capsys, *argv):
