@@ -10,7 +10,7 @@ import zarr
 
 import bigalign
 from bigalign.storage import stores
-from bigalign.errors import InputError
+from bigalign.errors import InputError, NonFiniteError
 from bigalign.execution.pairing import GatherReport, gather, join, sample_pairs
 from bigalign.storage.stores import open_embeddings
 from conftest import make_store, planted, reference_join
@@ -84,6 +84,31 @@ def test_gather_reads_each_needed_chunk_once(tmp_path):
     needed = set((rows // 250).tolist())
     assert set(counting.reads) == needed and set(counting.reads.values()) == {1}
     assert report.chunks_read == len(needed) and report.rows == 700
+
+
+@pytest.mark.parametrize("side", ["source", "target"])
+def test_fit_by_ids_names_the_stored_row_of_a_nan(tmp_path, side):
+    """A NaN in a paired row is reported at its row in the store, not at its position in the
+    gathered scratch (the two differ: the target is shuffled and only half of it is paired)."""
+    a, b, _ = planted(1200, 5, seed=9)
+    ids = np.arange(1200)
+    rng = np.random.default_rng(10)
+    keep = rng.permutation(1200)[:600]
+    order = rng.permutation(600)
+    tgt, tgt_ids = b[keep][order].copy(), ids[keep][order]
+    src = a.copy()
+    if side == "source":
+        bad_row = int(keep[order[123]])  # a paired source row
+        src[bad_row, 2] = np.nan
+    else:
+        bad_row = 123
+        tgt[bad_row, 4] = np.inf
+    s = make_store(tmp_path / "a.store", src, ids, chunk=100)
+    t = make_store(tmp_path / "b.store", tgt, tgt_ids, chunk=100)
+    position = int(np.searchsorted(np.sort(keep), keep[order[123]]))  # its place in the pairs
+    assert position != bad_row
+    with pytest.raises(NonFiniteError, match=rf"{side} .* row {bad_row} holds NaN or Inf"):
+        bigalign.fit(s, t, center=True)
 
 
 def test_fit_by_ids_equals_fit_on_joined_pairs(tmp_path):

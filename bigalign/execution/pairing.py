@@ -37,7 +37,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, NonFiniteError
 
 log = logging.getLogger("bigalign")
 
@@ -277,7 +277,8 @@ def gather(emb, rows: np.ndarray, path: str, *, threads: Optional[int] = None,
 
     Each stored chunk (shard) holding at least one needed row is read exactly once, in
     storage order, by a pool of ``threads``; memory is one chunk per thread plus the page
-    cache of the scratch file."""
+    cache of the scratch file. A gathered row holding NaN/Inf raises NonFiniteError naming
+    its row in ``emb`` (not its position in the scratch)."""
     from ..storage.stores import read_rows
 
     rows = np.asarray(rows, dtype=np.int64)
@@ -298,7 +299,14 @@ def gather(emb, rows: np.ndarray, path: str, *, threads: Optional[int] = None,
         c = int(chunk_of[lo])
         first, last = c * step, min((c + 1) * step, emb.rows)
         block = read_rows(emb, first, last)
-        out[order[lo:hi]] = block[sorted_rows[lo:hi] - first]
+        picked = block[sorted_rows[lo:hi] - first]
+        ok = np.isfinite(picked).all(axis=1)
+        if not ok.all():  # name the stored row: positions in the scratch mean nothing to a user
+            bad = sorted_rows[lo:hi][~ok]
+            raise NonFiniteError(f"{emb.side} {emb.url!r} row {int(bad[0])} holds NaN or Inf "
+                                 f"({bad.size} such rows among the paired rows of chunk rows "
+                                 f"{first}:{last})")
+        out[order[lo:hi]] = picked
         if report is not None:
             with report._lock:
                 report.chunks_read += 1
