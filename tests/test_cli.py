@@ -7,7 +7,7 @@ import pytest
 import zarr
 
 from bigalign.cli import main
-from conftest import planted, write_zarr
+from conftest import imported_store, planted, write_zarr
 
 
 @pytest.fixture
@@ -115,3 +115,20 @@ def test_storage_option_parsing():
     assert storage_options(argparse.Namespace(storage_option=[])) is None
     with pytest.raises(InputError, match="expected KEY=VALUE"):
         storage_options(argparse.Namespace(storage_option=["novalue"]))
+
+
+def test_apply_json_names_the_kind_of_output(tmp_path, capsys):
+    """apply --json says what it wrote: a bare array for an array source, an embedding
+    store (with the source's ids) for a store source."""
+    a, b, _ = planted(600, 6, seed=12)
+    ids = np.arange(600) * 7
+    s = imported_store(tmp_path / "a.store", a, ids, chunk_rows=100)
+    t = imported_store(tmp_path / "b.store", b, ids, chunk_rows=100)
+    assert main(["fit", s, t, "-o", str(tmp_path / "t"), "--center", "-q"]) == 0
+    kinds = {}
+    for name, src in (("array", f"{s}/embeddings"), ("store", s)):
+        capsys.readouterr()
+        assert main(["apply", str(tmp_path / "t"), src, "-o", str(tmp_path / f"{name}.out"),
+                     "--json"]) == 0
+        kinds[name] = json.loads(capsys.readouterr().out)["kind"]
+    assert kinds == {"array": "apply-output", "store": "apply-store"}

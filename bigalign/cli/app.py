@@ -347,7 +347,10 @@ def _apply(args) -> int:
                        rows=args.rows, bad_rows=args.bad_rows,
                        allow_model_mismatch=args.allow_model_mismatch, **_common(args))
     if args.json:
-        _print_json({"kind": "apply-output", "path": args.output, "complete": True,
+        from ..storage.outputs import inspect
+
+        kind = inspect(args.output, storage_options(args)).kind  # apply-output or apply-store
+        _print_json({"kind": kind, "path": args.output, "complete": True,
                      "already_complete": r.already_complete, "rows": r.rows_total,
                      "rows_written": r.rows, "seconds": r.seconds,
                      "rows_per_second": r.rows_per_second, "tasks": r.tasks,
