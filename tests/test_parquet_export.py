@@ -367,6 +367,25 @@ def test_foreign_folders_and_files_are_refused_and_kept(corpus):
     assert check_folder(tmp / "nothing") is None
 
 
+def test_a_tampered_manifest_cannot_make_overwrite_delete_other_files(corpus):
+    """--overwrite deletes only part files the old manifest lists; a manifest edited to list
+    another name, or a path outside the folder, protects nothing it names from being
+    refused, and deletes nothing outside."""
+    x, store, tmp = corpus
+    out = tmp / "out"
+    export_parquet(store, out, rows_per_file=1000)
+    victim = tmp / "victim.txt"
+    victim.write_text("keep me")
+    (out / "notes.txt").write_text("mine")
+    manifest = json.loads((out / "_bigalign_export.json").read_text())
+    manifest["files"] += [{"name": "../victim.txt", "rows": [0, 1], "bytes": 7},
+                          {"name": "notes.txt", "rows": [0, 1], "bytes": 4}]
+    (out / "_bigalign_export.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="notes.txt"):
+        export_parquet(store, out, rows_per_file=300, overwrite=True)
+    assert victim.read_text() == "keep me" and (out / "notes.txt").read_text() == "mine"
+
+
 def test_output_must_not_alias_the_input(corpus):
     x, store, tmp = corpus
     for out in (store, f"{store}/", f"{store}/parquet", os.path.relpath(store)):

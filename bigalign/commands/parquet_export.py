@@ -52,6 +52,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -104,7 +105,12 @@ def _owned(name: str, parts: set) -> bool:
 
 
 def _parts_of(manifest: Optional[dict]) -> set:
-    return {f.get("name") for f in (manifest or {}).get("files", []) if isinstance(f, dict)}
+    """The part files a manifest lists: only names of the form ``part-N.parquet`` count, so
+    a damaged or hand-edited manifest cannot make bigalign delete anything else (another
+    name, or a path such as ``../x``)."""
+    return {f["name"] for f in (manifest or {}).get("files", [])
+            if isinstance(f, dict) and isinstance(f.get("name"), str)
+            and re.fullmatch(r"part-[0-9]+\.parquet", f["name"])}
 
 
 # ==== the output folder: what is there, and what is ours ======================================
