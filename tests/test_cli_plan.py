@@ -20,7 +20,7 @@ def run(capsys, *argv):
     return capsys.readouterr().out
 
 
-@pytest.mark.parametrize("kind", ["fit", "apply"])
+@pytest.mark.parametrize("kind", ["fit", "apply", "export"])
 def test_plan_from_shapes_at_scale(capsys, kind):
     est = json.loads(run(capsys, kind, "--rows", "1e10", "--dims", "1024", "--workers", "100",
                          "--threads-per-worker", "8", "--json"))
@@ -29,9 +29,14 @@ def test_plan_from_shapes_at_scale(capsys, kind):
     if kind == "fit":
         assert est["checkpoint"]["units"] <= 1024
         assert est["checkpoint"]["fraction_of_input"] <= 0.02
-    else:
+    elif kind == "apply":
         assert est["checkpoint"]["markers"] == est["region_tasks"]
         assert est["requests"]["verify_list_pages"] <= 200
+    else:  # whole chunks per file; files * rows per file cover the rows
+        assert est["checkpoint"]["markers"] == est["files"]
+        assert est["rows_per_file"] % est["plan"]["step"] == 0
+        assert (est["files"] - 1) * est["rows_per_file"] < 10**10 <= est["files"] * est["rows_per_file"]
+        assert est["bytes_written"] == 10**10 * (1024 * 4 + 8)
     text = run(capsys, kind, "--rows", "10_000_000_000", "--dims", "1024,768")
     assert "tasks" in text and "pass --workers" in text
 
@@ -71,3 +76,27 @@ def test_plan_refuses_what_it_cannot_plan(capsys):
     assert main(["plan", "fit", "--rows", "1e9"]) == 2
     assert "needs --rows N and --dims" in capsys.readouterr().err
     assert main(["plan", "fit", "--rows", "abc", "--dims", "8"]) == 2
+
+
+@pytest.mark.parametrize("rows_per_file", [None, 700])
+def test_plan_export_equals_the_files_an_export_writes(capsys, tmp_path, rows_per_file):
+    from bigalign.commands.parquet_export import export_parquet
+    from conftest import make_store
+
+    x = np.random.default_rng(3).standard_normal((5000, 12)).astype(np.float32)
+    s = make_store(tmp_path / "s.store", x, [f"doc-{i}" for i in range(5000)], chunk=100)
+    extra = ["--rows-per-file", rows_per_file] if rows_per_file else []
+    est = json.loads(run(capsys, "export", s, "--rows", "150:4950", "--json", *extra))
+    out = tmp_path / "out"
+    export_parquet(s, str(out), rows="150:4950", rows_per_file=rows_per_file)
+    written = sorted(p.name for p in out.glob("*.parquet"))
+    assert est["files"] == len(written) and est["rows"] == 4800
+    assert est["ids"] == "string" and est["bytes_read"] == 4800 * (12 * 4 + 16)
+    text = run(capsys, "export", s, *extra)
+    assert "Parquet files of" in text and "ids: string" in text
+
+
+def test_plan_export_refuses_rows_per_file_off_the_chunks(tmp_path):
+    x = np.zeros((1000, 4), np.float32)
+    s = write_zarr(tmp_path / "a.zarr", x, 100)
+    assert main(["plan", "export", s, "--rows-per-file", "150"]) == 2

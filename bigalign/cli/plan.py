@@ -1,7 +1,7 @@
-"""Command line for ``bigalign plan fit|apply``: a dry run that reads metadata only.
+"""Command line for ``bigalign plan fit|apply|export``: a dry run that reads metadata only.
 
-From real inputs (``plan fit SOURCE TARGET``, ``plan apply TRANSFORM SOURCE``: their Zarr
-metadata and the transform's shape are read, no chunk is listed or read) or from shapes
+From real inputs (``plan fit SOURCE TARGET``, ``plan apply TRANSFORM SOURCE``, ``plan export
+STORE``: their Zarr metadata and the transform's shape are read, no chunk is listed or read) or from shapes
 (``--rows N --dims D[,D2] [--chunk-rows C] [--shard-rows S] [--dtype T]``) it prints what
 the run would do: tasks, checkpoint units or markers, bytes read and written, storage
 requests, memory per thread and worker and, with ``--workers``, an estimated time at
@@ -17,8 +17,9 @@ import numpy as np
 
 from .app import add_storage_option, json_safe, storage_options
 from ..errors import InputError
-from ..planning.plan import (DEFAULT_BLOCK_BYTES, estimate_apply, estimate_fit, make_apply_plan,
-                   make_fit_plan, output_layout)
+from ..planning.plan import (DEFAULT_BLOCK_BYTES, estimate_apply, estimate_export,
+                             estimate_fit, export_row_bytes, make_apply_plan, make_export_plan,
+                             make_fit_plan, output_layout)
 
 DTYPES = ("float16", "float32", "float64")
 
@@ -27,16 +28,19 @@ def add_commands(sub) -> dict:
     """Register ``plan`` on the argparse ``sub`` parsers; return {name: handler(args)}."""
     p = sub.add_parser(
         "plan", help="dry run: tasks, checkpoint files, bytes, requests, memory and time of "
-                     "a fit or apply (reads metadata only)",
-        description="Print what 'bigalign fit' or 'bigalign apply' would do, without doing "
+                     "a fit, apply or Parquet export (reads metadata only)",
+        description="Print what 'bigalign fit', 'bigalign apply' or 'bigalign export STORE "
+                    "--format parquet' would do, without doing "
                     "it: from real inputs (their metadata only) or from --rows/--dims. "
                     "Estimated time needs --workers (and --threads-per-worker); it counts "
                     "computation at measured per-core rates, not storage bandwidth: compare "
                     "the bytes with what your storage delivers.")
-    p.add_argument("kind", choices=("fit", "apply"), help="which command to plan")
+    p.add_argument("kind", choices=("fit", "apply", "export"), help="which command to plan "
+                   "(export: 'bigalign export STORE --format parquet')")
     p.add_argument("inputs", nargs="*", metavar="INPUT",
-                   help="fit: SOURCE TARGET; apply: TRANSFORM SOURCE (leave out to plan "
-                        "from --rows and --dims)")
+                   help="fit: SOURCE TARGET; apply: TRANSFORM SOURCE; export: STORE (leave "
+                        "out to plan from --rows and --dims; an export planned from shapes "
+                        "writes row numbers as ids)")
     p.add_argument("--rows", metavar="N|START:STOP",
                    help="without inputs: the number of rows (1e9, 10_000_000_000); with "
                         "inputs: the row range, as fit/apply --rows")
@@ -50,8 +54,11 @@ def add_commands(sub) -> dict:
                    help="rows per shard of sharded inputs (default: not sharded)")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="input dtype without inputs (default float32)")
-    p.add_argument("--out-dtype", choices=DTYPES, default="float32",
-                   help="apply: output dtype, as apply --dtype (default float32)")
+    p.add_argument("--out-dtype", choices=DTYPES, default=None,
+                   help="apply / export: output dtype, as their --dtype (default float32 "
+                        "for apply, the store's dtype for export)")
+    p.add_argument("--rows-per-file", type=int, metavar="N",
+                   help="export: rows per Parquet file, as export --rows-per-file")
     p.add_argument("--no-diagnostics", action="store_true",
                    help="fit: without the Gram matrices, as fit --no-diagnostics")
     p.add_argument("--precision", choices=("auto", "float32", "float64"), default="auto",
@@ -157,8 +164,11 @@ def _plan(args) -> int:
                            (src.shard, tgt.shard), work, args.workers,
                            args.threads_per_worker, args.rate)
         est["gram"] = gram
+    elif args.kind == "export":
+        plan, est = _plan_export(args, so)
+        source_note = est.pop("from")
     else:
-        item_out = np.dtype(args.out_dtype).itemsize
+        item_out = np.dtype(args.out_dtype or "float32").itemsize
         if args.inputs:
             if len(args.inputs) not in (1, 2):
                 raise InputError("plan apply takes TRANSFORM SOURCE (or SOURCE with --dims, "
@@ -204,6 +214,37 @@ def _plan(args) -> int:
     return 0
 
 
+def _plan_export(args, so):
+    """(plan, estimate) of ``bigalign export STORE --format parquet``: the same plan the
+    export makes (:func:`bigalign.planning.plan.make_export_plan`, same row bytes)."""
+    if args.inputs:
+        if len(args.inputs) != 1:
+            raise InputError("plan export takes STORE (or none, with --rows/--dims)")
+        from ..commands.parquet_export import ids_kind, open_source
+        emb, ids, _ = open_source(args.inputs[0], so, False)
+        src = _Input.of(emb)
+        start, stop = _rows(args, src.rows)
+        kind, stored, dtype = ids_kind(ids), ids is not None, emb.dtype
+        note = f"metadata of {args.inputs[0]}"
+    else:
+        (src,), _ = _synthetic(args, 1)
+        start, stop = 0, src.rows
+        kind, stored, dtype = "int64", False, np.dtype(args.dtype)
+        note = "shapes given on the command line"
+    out = np.dtype(args.out_dtype) if args.out_dtype else np.dtype(dtype)
+    try:
+        plan = make_export_plan(start, stop, src.shard or src.chunk,
+                                export_row_bytes(src.dim, out.itemsize, kind),
+                                read_step=src.chunk, rows_per_file=args.rows_per_file)
+    except ValueError as e:
+        raise InputError(f"--rows-per-file: {e}") from None
+    est = estimate_export(plan, src.dim, src.itemsize, out.itemsize, kind, stored, src.chunk,
+                          src.shard, args.workers, args.threads_per_worker, args.rate)
+    est.update({"from": note, "ids": kind if stored else "row numbers (int64)",
+                "dtype": out.name})
+    return plan, est
+
+
 def _b(n: float) -> str:
     """Bytes in the largest unit that keeps the number >= 1 (decimal: as storage bills)."""
     for unit, size in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
@@ -234,7 +275,7 @@ def describe(est: dict) -> str:
     """The text ``bigalign plan`` prints for an estimate of :mod:`bigalign.planning.plan`."""
     r = est["requests"]
     m = est["memory"]
-    dims = "x".join(map(str, est["dims"])) if est["kind"] == "apply" else \
+    dims = "x".join(map(str, est["dims"])) if est["kind"] != "fit" else \
         f"{est['dims'][0]} -> {est['dims'][1]}"
     lines = [f"bigalign plan {est['kind']}: {_n(est['rows'])} rows, {dims} dims "
              f"(from {est['from']})"]
@@ -255,6 +296,24 @@ def describe(est: dict) -> str:
             + (f" + {_n(r['shard_index_gets'])} shard-index GETs" if r['shard_index_gets'] else "")
             + f"; {_n(r['checkpoint_puts'])} unit PUTs, each after a fence check (LIST + GET); "
             f"resume reads {_n(r['resume_list_pages'])} listing page(s)"
+            + (f"; ~{_n(r['lease_renewals'])} for lease renewals" if 'lease_renewals' in r
+               else ""),
+        ]
+    elif est["kind"] == "export":
+        c = est["checkpoint"]
+        lines += [
+            f"  files             {_n(est['files'])} Parquet files of {_n(est['rows_per_file'])} "
+            f"rows (~{_b(est['bytes_per_file'])} each; ids: {est['ids']}, vectors "
+            f"{est['dtype']}), one task each, written in row groups of "
+            f"{_n(est['rows_per_group'])} rows; {_n(est['count_tasks'])} count tasks",
+            f"  checkpoint        {_n(c['markers'])} done-markers (one per file); resume and "
+            f"verify read {_n(c['list_pages'])} listing page(s)",
+            f"  bytes read        {_b(est['bytes_read'])}",
+            f"  bytes written     {_b(est['bytes_written'])} (before Parquet compression)",
+            f"  storage requests  {_n(r['chunk_gets'])} chunk GETs"
+            + (f" + {_n(r['shard_index_gets'])} shard-index GETs" if r['shard_index_gets'] else "")
+            + f"; {_n(r['file_puts'])} file uploads; {_n(r['marker_puts'])} marker PUTs; "
+            f"{_n(r['fence_checks'])} fence checks"
             + (f"; ~{_n(r['lease_renewals'])} for lease renewals" if 'lease_renewals' in r
                else ""),
         ]
@@ -281,7 +340,8 @@ def describe(est: dict) -> str:
         ]
     lines.append(f"  memory            ~{_gib(m['per_thread'])} per thread; "
                  f"~{_gib(m['per_worker'])} per worker with {m['threads_per_worker']} "
-                 f"thread(s); the client holds ~{_gib(m['client'])}")
+                 f"thread(s)" + (f"; the client holds ~{_gib(m['client'])}" if m["client"]
+                                 else ""))
     rate = est["rate"]
     lines.append(f"  rate              {_n(round(rate['rows_per_second_per_core']))} rows/s per "
                  f"core ({rate['source']})")

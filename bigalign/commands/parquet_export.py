@@ -63,7 +63,7 @@ import numpy as np
 
 from ..execution import faults
 from ..errors import CheckpointError, InputError, NonFiniteError, TransientError
-from ..planning.plan import ExportPlan, make_export_plan
+from ..planning.plan import ExportPlan, export_row_bytes, make_export_plan
 
 log = logging.getLogger("bigalign")
 
@@ -596,7 +596,7 @@ def _check_options(ids_column: str, vector_column: str, dtype, compression: str)
 def _plan(emb, first: int, last: int, out_dtype: np.dtype, kind: str,
           rows_per_file: Optional[int]) -> ExportPlan:
     """The plan, with a wrong --rows-per-file explained (it must be whole chunks)."""
-    row_bytes = emb.dim * out_dtype.itemsize + (8 if kind == "int64" else 16)
+    row_bytes = export_row_bytes(emb.dim, out_dtype.itemsize, kind)
     try:
         return make_export_plan(first, last, emb.row_step, row_bytes,
                                 read_step=emb.read_step, rows_per_file=rows_per_file)

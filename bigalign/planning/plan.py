@@ -40,7 +40,8 @@ __all__ = ["Block", "common_step", "choose_block_rows", "plan_blocks", "count_bl
            "fit_task_bytes", "apply_task_bytes", "output_layout", "DEFAULT_BLOCK_BYTES",
            "MAX_UNITS", "COUNT_FAN_IN", "FitPlan", "ApplyPlan", "make_fit_plan",
            "make_apply_plan", "plan_from_dict", "CORE_RATES", "core_rate", "estimate_fit",
-           "estimate_apply", "ExportPlan", "make_export_plan", "FILE_BYTES", "GROUP_BYTES"]
+           "estimate_apply", "ExportPlan", "make_export_plan", "FILE_BYTES", "GROUP_BYTES",
+           "export_row_bytes", "estimate_export", "EXPORT_BYTES_PER_CORE"]
 
 #: Default input bytes per task: chunks of ~8-32 MB read fastest here, and a task of a few
 #: of them amortises Dask's per-task overhead (~1 ms) to nothing.
@@ -453,6 +454,12 @@ def make_export_plan(start: int, stop: int, step: int, row_bytes: int, *,
     return ExportPlan(start, stop, step, per, group_rows, read_step)
 
 
+def export_row_bytes(dim: int, itemsize: int, ids_kind: Optional[str]) -> int:
+    """Bytes a row takes in an exported file: the vector, and an int64 id (row numbers when
+    the store has none) or ~16 bytes of a string id."""
+    return int(dim) * int(itemsize) + (16 if ids_kind == "string" else 8)
+
+
 def plan_from_dict(kind: str, values: dict):
     """The plan a manifest stores (``dataclasses.asdict`` of it), rebuilt."""
     return {"fit": FitPlan, "export": ExportPlan}.get(kind, ApplyPlan)(**values)
@@ -672,6 +679,50 @@ def estimate_apply(plan: ApplyPlan, dims: tuple[int, int], item_in: int, item_ou
         "memory": {"per_thread": per_thread, "client": 8 * dims[0] * dims[1]},
     }
     _time(out, rate or core_rate("apply", *dims), rows, workers, threads, per_thread)
+    return out
+
+
+#: Export throughput per core in bytes of rows written (vectors + ids): 1M x 384 float32 with
+#: string ids in 2.37 s on 2 cores (benchmarks/export_bench.py, median of 5, noisy: single
+#: runs 1.7-4.1 s), i.e. ~327 MB/s per core. Parquet encoding and the reads scale with bytes,
+#: not with d, so the rate in rows/s is this over the row's bytes.
+EXPORT_BYTES_PER_CORE = 327e6
+
+
+def estimate_export(plan: ExportPlan, dim: int, item_in: int, item_out: int,
+                    ids_kind: str, ids_stored: bool, source_chunk: int,
+                    source_shard: Optional[int], workers: Optional[int] = None,
+                    threads: int = 1, rate: Optional[float] = None) -> dict:
+    """What an export ``plan`` costs (as :func:`estimate_apply`): files, bytes read and
+    written (uncompressed: float vectors barely compress), storage requests, memory and
+    time at :data:`EXPORT_BYTES_PER_CORE`. ``ids_kind``: "int64" or "string" as written;
+    ``ids_stored``: the source has an ids array to read (else row numbers are written)."""
+    rows = plan.rows
+    n = count_blocks(plan.start, plan.stop, plan.step, plan.rows_per_file)
+    id_bytes = export_row_bytes(0, 0, ids_kind)
+    row_out = export_row_bytes(dim, item_out, ids_kind)
+    reads = _reads_of(rows, plan.rows_per_group, n)
+    gets = _chunk_gets(rows, source_chunk, source_shard, reads, True, n)
+    # a task holds one row group as read, as a polars frame, and as encoded Parquet
+    per_thread = plan.rows_per_group * (dim * item_in + 2 * row_out + id_bytes)
+    out = {
+        "kind": "export", "rows": rows, "dims": [dim],
+        "tasks": plan.tasks(), "files": n, "count_tasks": plan.tasks() - n,
+        "rows_per_file": plan.rows_per_file, "rows_per_group": plan.rows_per_group,
+        "bytes_per_file": plan.rows_per_file * row_out,
+        "checkpoint": {"markers": n, "files": n, "list_pages": math.ceil(n / LIST_PAGE) or 1},
+        "bytes_read": rows * (dim * item_in + (id_bytes if ids_stored else 0)),
+        "bytes_written": rows * row_out,
+        "requests": {"chunk_gets": gets[0] * (2 if ids_stored else 1),
+                     "shard_index_gets": gets[1], "file_puts": n, "marker_puts": n,
+                     "fence_checks": 2 * n,
+                     "verify_list_pages": math.ceil(n / LIST_PAGE) or 1},
+        "memory": {"per_thread": per_thread, "client": 0},
+    }
+    _time(out, rate or EXPORT_BYTES_PER_CORE / row_out, rows, workers, threads, per_thread)
+    if rate is None:
+        out["rate"]["source"] = ("~327 MB/s of rows per core, measured by "
+                                 "benchmarks/export_bench.py on a 2-core Haswell VM (noisy)")
     return out
 
 
