@@ -125,7 +125,8 @@ def yaml_invocations(docs) -> list[list[str]]:
 def test_every_workflow_file_is_checked():
     names = {p.name for p in WORKFLOWS.iterdir() if p.is_file()}
     checked = {p.name for p in YAMLS} | {"migrate.sh", "slurm_dask_jobqueue.py",
-                                         "slurm_realign.py", "realign.toml", "README.md"}
+                                         "slurm_cluster.py", "slurm_realign.py",
+                                         "realign.toml", "README.md"}
     assert names <= checked, f"workflows/ files this test does not check: {names - checked}"
 
 

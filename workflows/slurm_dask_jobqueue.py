@@ -21,12 +21,7 @@ import argparse
 import os
 import sys
 
-
-def _minutes(walltime: str) -> float:
-    """SLURM [D-]HH:MM:SS to minutes."""
-    days, _, hms = walltime.rpartition("-")
-    h, m, s = (int(x) for x in hms.split(":"))
-    return int(days or 0) * 1440 + h * 60 + m + s / 60
+from slurm_cluster import add_job_options, slurm_cluster, start_workers
 
 
 def main(argv=None) -> int:
@@ -36,46 +31,22 @@ def main(argv=None) -> int:
     p.add_argument("--corpus", help="array to map after fitting (default: SOURCE)")
     p.add_argument("--out", required=True, help="directory for the transform and output")
     p.add_argument("--rows", metavar="START:STOP", help="fit on this row range only")
-    p.add_argument("--jobs", type=int, default=4, help="SLURM jobs (nodes), default 4")
-    p.add_argument("--cores", type=int, default=32, help="cores per job, default 32")
-    p.add_argument("--memory", default="128GB", help="memory per job, default 128GB")
-    p.add_argument("--walltime", default="04:00:00", help="per job, [D-]HH:MM:SS")
-    p.add_argument("--queue", help="partition")
-    p.add_argument("--account")
-    p.add_argument("--interface", help="network interface the nodes share, e.g. ib0")
+    add_job_options(p)
     p.add_argument("--dry-run", action="store_true",
                    help="print the worker job script and exit without submitting")
     args = p.parse_args(argv)
 
-    try:
-        from dask_jobqueue import SLURMCluster
-    except ImportError:
-        print("slurm_dask_jobqueue.py needs dask-jobqueue, which bigalign does not "
-              "install: pip install dask-jobqueue", file=sys.stderr)
+    cluster = slurm_cluster(args, os.path.join(args.out, "slurm-logs"),
+                            "slurm_dask_jobqueue.py")
+    if cluster is None:
         return 2
     import bigalign
 
-    lifetime = max(_minutes(args.walltime) - 10, 5)
-    cluster = SLURMCluster(
-        queue=args.queue, account=args.account, walltime=args.walltime,
-        cores=args.cores, memory=args.memory,
-        # One single-threaded worker process per core, as `bigalign --workers N` does.
-        processes=args.cores,
-        interface=args.interface,
-        # Retire workers before SLURM kills them at the walltime; adapt() below then
-        # submits replacement jobs, and Dask moves the work instead of losing it.
-        worker_extra_args=["--lifetime", f"{lifetime:.0f}m", "--lifetime-stagger", "4m"],
-        log_directory=os.path.join(args.out, "slurm-logs"),
-    )
     with cluster:
         if args.dry_run:
             print(cluster.job_script())
             return 0
-        cluster.adapt(minimum_jobs=args.jobs, maximum_jobs=args.jobs)
-        print(f"scheduler {cluster.scheduler_address}; waiting for the first job to "
-              "leave the SLURM queue", file=sys.stderr)
-        # bigalign sizes its plan to the workers it sees when it starts.
-        cluster.wait_for_workers(args.cores)
+        start_workers(cluster, args)
         run = dict(scheduler=cluster.scheduler_address, progress=sys.stderr.isatty())
 
         transform = os.path.join(args.out, "transform.zarr")

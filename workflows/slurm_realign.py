@@ -30,12 +30,7 @@ import os
 import subprocess
 import sys
 
-
-def _minutes(walltime: str) -> float:
-    """SLURM [D-]HH:MM:SS to minutes."""
-    days, _, hms = walltime.rpartition("-")
-    h, m, s = (int(x) for x in hms.split(":"))
-    return int(days or 0) * 1440 + h * 60 + m + s / 60
+from slurm_cluster import add_job_options, slurm_cluster, start_workers
 
 
 def main(argv=None) -> int:
@@ -45,13 +40,7 @@ def main(argv=None) -> int:
                    help="where the Dask scheduler writes its address (shared filesystem)")
     p.add_argument("--summary", help="write the verdict (JSON) here")
     p.add_argument("--run-id", help="name the run (default: derived from config and inputs)")
-    p.add_argument("--jobs", type=int, default=4, help="SLURM jobs (nodes), default 4")
-    p.add_argument("--cores", type=int, default=32, help="cores per job, default 32")
-    p.add_argument("--memory", default="128GB", help="memory per job, default 128GB")
-    p.add_argument("--walltime", default="04:00:00", help="per job, [D-]HH:MM:SS")
-    p.add_argument("--queue", help="partition")
-    p.add_argument("--account")
-    p.add_argument("--interface", help="network interface the nodes share, e.g. ib0")
+    add_job_options(p)
     p.add_argument("--dry-run", action="store_true",
                    help="print the worker job script and the bigalign command, submit nothing")
     args = p.parse_args(argv)
@@ -63,38 +52,18 @@ def main(argv=None) -> int:
     if args.run_id:
         command += ["--run-id", args.run_id]
 
-    try:
-        from dask_jobqueue import SLURMCluster
-    except ImportError:
-        print("slurm_realign.py needs dask-jobqueue, which bigalign does not install: "
-              "pip install dask-jobqueue", file=sys.stderr)
+    logs = os.path.join(os.path.dirname(os.path.abspath(args.scheduler_file)), "slurm-logs")
+    # the scheduler writes its address to the scheduler file for `bigalign --scheduler FILE`
+    cluster = slurm_cluster(args, logs, "slurm_realign.py",
+                            scheduler_options={"scheduler_file": args.scheduler_file})
+    if cluster is None:
         return 2
-
-    lifetime = max(_minutes(args.walltime) - 10, 5)
-    cluster = SLURMCluster(
-        queue=args.queue, account=args.account, walltime=args.walltime,
-        cores=args.cores, memory=args.memory,
-        # one single-threaded worker process per core, as `bigalign --workers N` does
-        processes=args.cores,
-        interface=args.interface,
-        # the scheduler writes its address here for `bigalign --scheduler FILE`
-        scheduler_options={"scheduler_file": args.scheduler_file},
-        # retire workers before SLURM kills them at the walltime; adapt() below submits
-        # replacements, and Dask moves the work instead of losing it
-        worker_extra_args=["--lifetime", f"{lifetime:.0f}m", "--lifetime-stagger", "4m"],
-        log_directory=os.path.join(os.path.dirname(os.path.abspath(args.scheduler_file)),
-                                   "slurm-logs"),
-    )
     with cluster:
         if args.dry_run:
             print(cluster.job_script())
             print(" ".join(command))
             return 0
-        cluster.adapt(minimum_jobs=args.jobs, maximum_jobs=args.jobs)
-        print(f"scheduler {cluster.scheduler_address} (file {args.scheduler_file}); waiting "
-              "for the first job to leave the SLURM queue", file=sys.stderr)
-        # bigalign sizes its plan to the workers it sees when it starts
-        cluster.wait_for_workers(args.cores)
+        start_workers(cluster, args, f" (file {args.scheduler_file})")
         return subprocess.run(command).returncode
 
 

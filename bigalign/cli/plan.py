@@ -271,6 +271,16 @@ def _t(seconds: float) -> str:
     return f"{seconds / 86400:,.1f} days"
 
 
+def _gets(r: dict) -> str:
+    """The reading requests of an estimate's ``requests``."""
+    return f"{_n(r['chunk_gets'])} chunk GETs" + (
+        f" + {_n(r['shard_index_gets'])} shard-index GETs" if r["shard_index_gets"] else "")
+
+
+def _renewals(r: dict) -> str:
+    return f"; ~{_n(r['lease_renewals'])} for lease renewals" if "lease_renewals" in r else ""
+
+
 def describe(est: dict) -> str:
     """The text ``bigalign plan`` prints for an estimate of :mod:`bigalign.planning.plan`."""
     r = est["requests"]
@@ -292,12 +302,9 @@ def describe(est: dict) -> str:
             f"({100 * c['fraction_of_input']:.2f} % of the input; 2 % budget)",
             f"  bytes read        {_b(est['bytes_read'])}",
             f"  bytes written     {_b(est['bytes_written'])} (checkpoint units and the transform)",
-            f"  storage requests  {_n(r['chunk_gets'])} chunk GETs"
-            + (f" + {_n(r['shard_index_gets'])} shard-index GETs" if r['shard_index_gets'] else "")
-            + f"; {_n(r['checkpoint_puts'])} unit PUTs, each after a fence check (LIST + GET); "
-            f"resume reads {_n(r['resume_list_pages'])} listing page(s)"
-            + (f"; ~{_n(r['lease_renewals'])} for lease renewals" if 'lease_renewals' in r
-               else ""),
+            f"  storage requests  {_gets(r)}; {_n(r['checkpoint_puts'])} unit PUTs, each "
+            "after a fence check (LIST + GET); "
+            f"resume reads {_n(r['resume_list_pages'])} listing page(s)" + _renewals(r),
         ]
     elif est["kind"] == "export":
         c = est["checkpoint"]
@@ -310,12 +317,9 @@ def describe(est: dict) -> str:
             f"verify read {_n(c['list_pages'])} listing page(s)",
             f"  bytes read        {_b(est['bytes_read'])}",
             f"  bytes written     {_b(est['bytes_written'])} (before Parquet compression)",
-            f"  storage requests  {_n(r['chunk_gets'])} chunk GETs"
-            + (f" + {_n(r['shard_index_gets'])} shard-index GETs" if r['shard_index_gets'] else "")
-            + f"; {_n(r['file_puts'])} file uploads; {_n(r['marker_puts'])} marker PUTs; "
-            f"{_n(r['fence_checks'])} fence checks"
-            + (f"; ~{_n(r['lease_renewals'])} for lease renewals" if 'lease_renewals' in r
-               else ""),
+            f"  storage requests  {_gets(r)}; {_n(r['file_puts'])} file uploads; "
+            f"{_n(r['marker_puts'])} marker PUTs; "
+            f"{_n(r['fence_checks'])} fence checks" + _renewals(r),
         ]
     else:
         c = est["checkpoint"]
@@ -331,12 +335,9 @@ def describe(est: dict) -> str:
             f"verify and status read {_n(c['list_pages'])} listing page(s), no marker files",
             f"  bytes read        {_b(est['bytes_read'])}",
             f"  bytes written     {_b(est['bytes_written'])}",
-            f"  storage requests  {_n(r['chunk_gets'])} chunk GETs"
-            + (f" + {_n(r['shard_index_gets'])} shard-index GETs" if r['shard_index_gets'] else "")
-            + f"; {_n(r['output_puts'])} output PUTs; {_n(r['marker_puts'])} marker PUTs; "
-            f"{_n(r['fence_checks'])} fence checks (LIST + GET each)"
-            + (f"; ~{_n(r['lease_renewals'])} for lease renewals" if 'lease_renewals' in r
-               else ""),
+            f"  storage requests  {_gets(r)}; {_n(r['output_puts'])} output PUTs; "
+            f"{_n(r['marker_puts'])} marker PUTs; "
+            f"{_n(r['fence_checks'])} fence checks (LIST + GET each)" + _renewals(r),
         ]
     lines.append(f"  memory            ~{_gib(m['per_thread'])} per thread; "
                  f"~{_gib(m['per_worker'])} per worker with {m['threads_per_worker']} "
