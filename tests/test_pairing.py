@@ -86,10 +86,12 @@ def test_gather_reads_each_needed_chunk_once(tmp_path):
     assert report.chunks_read == len(needed) and report.rows == 700
 
 
-@pytest.mark.parametrize("side", ["source", "target"])
-def test_fit_by_ids_names_the_stored_row_of_a_nan(tmp_path, side):
-    """A NaN in a paired row is reported at its row in the store, not at its position in the
-    gathered scratch (the two differ: the target is shuffled and only half of it is paired)."""
+@pytest.mark.parametrize("side,bad", [("source", "nan"), ("target", "nan"),
+                                      ("source", "zero"), ("target", "zero")])
+def test_fit_by_ids_names_the_stored_row_of_a_bad_row(tmp_path, side, bad):
+    """A NaN in a paired row, or a zero row when rows are normalised, is reported at its row
+    in the store, not at its position in the gathered scratch (the two differ: the target
+    is shuffled and only half of it is paired)."""
     a, b, _ = planted(1200, 5, seed=9)
     ids = np.arange(1200)
     rng = np.random.default_rng(10)
@@ -99,16 +101,19 @@ def test_fit_by_ids_names_the_stored_row_of_a_nan(tmp_path, side):
     src = a.copy()
     if side == "source":
         bad_row = int(keep[order[123]])  # a paired source row
-        src[bad_row, 2] = np.nan
+        src[bad_row] = 0.0 if bad == "zero" else src[bad_row]
+        src[bad_row, 2] = 0.0 if bad == "zero" else np.nan
     else:
         bad_row = 123
-        tgt[bad_row, 4] = np.inf
+        tgt[bad_row] = 0.0 if bad == "zero" else tgt[bad_row]
+        tgt[bad_row, 4] = 0.0 if bad == "zero" else np.inf
     s = make_store(tmp_path / "a.store", src, ids, chunk=100)
     t = make_store(tmp_path / "b.store", tgt, tgt_ids, chunk=100)
     position = int(np.searchsorted(np.sort(keep), keep[order[123]]))  # its place in the pairs
     assert position != bad_row
-    with pytest.raises(NonFiniteError, match=rf"{side} .* row {bad_row} holds NaN or Inf"):
-        bigalign.fit(s, t, center=True)
+    what = "a zero-norm row" if bad == "zero" else "NaN or Inf"
+    with pytest.raises(NonFiniteError, match=rf"{side} .* row {bad_row} holds {what}"):
+        bigalign.fit(s, t, center=True, normalize=bad == "zero")
 
 
 def test_fit_by_ids_equals_fit_on_joined_pairs(tmp_path):

@@ -309,6 +309,24 @@ def test_python_api_refusals_are_input_errors(corpus):
 
 # ---- --bad-rows: one NaN row does not doom a long apply -------------------------------------
 
+def test_bad_rows_policy_tolerates_every_row_normalisation_refuses(tmp_path):
+    """--bad-rows finds bad rows with the kernel's own test: a row of tiny values is not zero,
+    but its squared norm underflows float32, so normalising it fails; the policy must write
+    it as NaN rather than stop the apply at it (the old float64 test let it through)."""
+    a, b, _ = planted(600, 4, seed=3)
+    tr = bigalign.fit(write_zarr(tmp_path / "fa.zarr", a, 100),
+                      write_zarr(tmp_path / "fb.zarr", b, 100), center=True, normalize=True)
+    a[250] = 1e-30  # 1e-60 is 0 in float32
+    a[410] = 0.0
+    s = write_zarr(tmp_path / "a.zarr", a, 100)
+    with pytest.raises(bigalign.NonFiniteError, match="source row (250|410) holds a zero-norm row"):
+        bigalign.apply(tr, s, str(tmp_path / "o1.zarr"), threads=1)
+    rep = bigalign.apply(tr, s, str(tmp_path / "o2.zarr"), bad_rows="nan")
+    assert rep.bad_rows == [250, 410]
+    got = zarr.open_array(str(tmp_path / "o2.zarr"))[:]
+    assert np.isnan(got[[250, 410]]).all() and np.isfinite(np.delete(got, [250, 410], 0)).all()
+
+
 @pytest.mark.parametrize("policy", ["nan", "zero"])
 def test_bad_rows_policy_resumes_a_run_stopped_by_a_nan_row(tmp_path, policy):
     a, b, _ = planted(2000, 4, seed=8)

@@ -3,7 +3,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from bigalign.errors import NonFiniteError
-from bigalign.maths.stats import Accumulator, Moments, block_moments, merge, merge_all
+from bigalign.maths.stats import (Accumulator, Moments, bad_norm_reason, bad_norms,
+                                  block_moments, merge, merge_all, normalize_rows)
 
 
 def oracle(a, b):
@@ -106,6 +107,28 @@ def test_zero_norm_row_with_normalize():
     with pytest.raises(NonFiniteError, match=r"source row 3 holds a zero-norm row"):
         block_moments(a, b, normalize=True)
     block_moments(a, b)  # fine without normalisation
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_bad_norms_flags_exactly_the_rows_normalize_rows_refuses(dtype):
+    """bad_norms is the one test callers use to find, before normalising, the rows that
+    normalize_rows would refuse: zero, underflowing (1e-30 squared is 0 in float32),
+    overflowing (1e30 squared is Inf in float32) and non-finite rows."""
+    rows = np.array([[0.0, 0.0], [1e-30, 1e-30], [np.nan, 1.0], [1e30, 1.0], [3.0, 4.0]])
+    flags = bad_norms(rows, dtype)
+    for i, row in enumerate(rows):
+        try:
+            normalize_rows(row[None], dtype, start=i)
+            refused = False
+        except NonFiniteError as e:
+            refused = True
+            assert f"source row {i} holds {bad_norm_reason(row, dtype)}" in str(e)
+        assert flags[i] == refused, (i, dtype)
+    expect = [True, True, True, True, False] if dtype == np.float32 else \
+        [True, False, True, False, False]
+    assert flags.tolist() == expect
+    assert bad_norm_reason(rows[0], dtype) == "a zero-norm row (cannot normalise)"
+    assert bad_norm_reason(rows[2], dtype) == "NaN or Inf"
 
 
 def test_empty_block_and_merge_identity():

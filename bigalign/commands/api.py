@@ -201,7 +201,8 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
                                                        Job(checkpoint, so).exists()):
             raise InputError(f"output {output!r} is an unfinished transform with no recorded "
                              "progress; pass --overwrite to replace it")
-    with gathered(pairs, src, tgt, scratch) as (src, tgt):
+    with gathered(pairs, src, tgt, scratch,
+                  normalize=opts.precision if opts.normalize else None) as (src, tgt):
         return _fit_job(src, tgt, start, stop, opts, gram, fingerprint, recorded, models,
                         record, output, checkpoint, overwrite, restart, keep_checkpoint, run,
                         fan_in, so, t0)

@@ -85,7 +85,7 @@ def learning_curve(source, target, train_rows, eval_rows, *, sizes: Optional[Seq
         pairs = joined.take(np.concatenate([np.arange(a, b), np.arange(c, d)]))
         train, held = (0, b - a), (b - a, b - a + d - c)
         pairing = pairing_summary(joined, duplicates)
-    with gathered(pairs, src, tgt, scratch) as (x, y):
+    with gathered(pairs, src, tgt, scratch, normalize=dtype if normalize else None) as (x, y):
         res = _curve(x, y, train, held, sizes, center=center, normalize=normalize,
                      scale=scale, reflection=reflection, least_squares=least_squares,
                      ridge=ridge, ks=ks, max_queries=max_queries, seed=seed, dtype=dtype,

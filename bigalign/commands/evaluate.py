@@ -772,7 +772,8 @@ def evaluate(transform, source, target, rows=None, *, pair_by: str = "auto",
                     "are not its training arrays (pass --train-source/--train-target)",
                     src.url, tgt.url)
     methods = methods_for(t, moments if baselines else None, ridge)
-    with gathered(held.pairs, src, tgt, scratch) as (a, b):
+    with gathered(held.pairs, src, tgt, scratch,
+                  normalize=dtype if t.normalize else None) as (a, b):
         result = evaluate_maps(methods, a, b, held.rows, ks=ks, max_queries=max_queries,
                                seed=seed, csls=csls, csls_k=csls_k, dtype=dtype,
                                block_rows=block_rows, normalize_target=t.normalize)

@@ -24,7 +24,7 @@ from .evaluate import (DEFAULT_MAX_QUERIES, Parallel, blocks, load_transform, op
 from ..execution.pairing import Pairs, gathered, join, pair_by_ids
 from ..maths.metrics import (methods_for, ndcg_at_k, query_sample, recall_at_k, score_rows,
                       sort_topk, topk_block, unit_rows)
-from ..maths.stats import Moments, normalize_rows
+from ..maths.stats import Moments, bad_norm_reason, bad_norms, normalize_rows
 
 log = logging.getLogger("bigalign")
 
@@ -294,14 +294,13 @@ def _search(t, qa, da, nat, native_rows, qids, relevance, n_judged, map_side, st
         x = x.astype(work, copy=False)
         if not t.normalize:
             return x
-        if ids is None:
-            return normalize_rows(x, work, start, side)
-        norms = np.linalg.norm(x, axis=1)
-        bad = np.flatnonzero(~(norms > 0))
-        if bad.size:
-            raise NonFiniteError(f"{side} row {int(ids[bad[0]])} is a zero-norm row "
-                                 "(cannot normalise, as the transform's fit did)")
-        return x / norms.astype(work)[:, None]
+        if ids is not None:  # name the stored row, not the position in x
+            bad = np.flatnonzero(bad_norms(x, work))
+            if bad.size:
+                raise NonFiniteError(f"{side} row {int(ids[bad[0]])} holds "
+                                     f"{bad_norm_reason(x[bad[0]], work)} (the transform's "
+                                     "fit normalised its rows)")
+        return normalize_rows(x, work, start, side)
 
     # entries: (name, note, this, query vectors, doc stream key); streams: key -> (rows, map)
     q_raw = take_rows(qa, qids)

@@ -23,7 +23,7 @@ from . import faults, gpu
 from ..storage.checkpoint import Job
 from ..planning.plan import COUNT_FAN_IN, Block, FitPlan, merge_tree, plan_blocks
 from ..errors import NonFiniteError
-from ..maths.stats import Accumulator, Moments, merge_all
+from ..maths.stats import Accumulator, Moments, bad_norms, merge_all
 from ..storage.stores import EmbeddingArray, read_rows, write_rows
 from ..maths.mapping import map_rows
 
@@ -218,7 +218,7 @@ def _map(source: EmbeddingArray, params: tuple, start: int, stop: int, dtype: st
             if bad_rows == "fail":
                 raise
     x = _read(source, start, stop, "source")
-    bad = _bad_rows(x, normalize) if bad_rows != "fail" else None
+    bad = _bad_rows(x, matrix.dtype if normalize else None) if bad_rows != "fail" else None
     if bad is not None:
         x[bad] = 1.0  # any finite, non-zero row: its output is replaced below
     y = map_rows(x, matrix, source_mean, target_mean, normalize=normalize,
@@ -230,12 +230,11 @@ def _map(source: EmbeddingArray, params: tuple, start: int, stop: int, dtype: st
     return y, [] if bad is None else [start + int(i) for i in bad]
 
 
-def _bad_rows(x: np.ndarray, normalize: bool) -> Optional[np.ndarray]:
-    """Indices of rows holding NaN/Inf (or of zero norm when rows are normalised), or None:
-    one extra pass over the block, made only when bad rows are tolerated."""
-    ok = np.isfinite(x).all(axis=1)
-    if normalize:
-        ok &= np.einsum("ij,ij->i", x, x, dtype=np.float64) > 0
+def _bad_rows(x: np.ndarray, normalize) -> Optional[np.ndarray]:
+    """Indices of rows holding NaN/Inf (or, with ``normalize`` the dtype rows are normalised
+    in, rows that normalisation refuses: the same test as the kernel's), or None: one extra
+    pass over the block, made only when bad rows are tolerated."""
+    ok = np.isfinite(x).all(axis=1) if normalize is None else ~bad_norms(x, normalize)
     return None if ok.all() else np.flatnonzero(~ok)
 
 

@@ -38,6 +38,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import InputError, NonFiniteError
+from ..maths.stats import bad_norm_reason, bad_norms
 
 log = logging.getLogger("bigalign")
 
@@ -271,14 +272,15 @@ class GatherReport:
 
 
 def gather(emb, rows: np.ndarray, path: str, *, threads: Optional[int] = None,
-           report: Optional[GatherReport] = None) -> np.ndarray:
+           report: Optional[GatherReport] = None, normalize=None) -> np.ndarray:
     """Rows ``rows`` (any order, (n,) int64) of ``emb`` (an opened embedding array) written
     in that order to a new memory-mapped ``.npy`` at ``path``; returns the memmap.
 
     Each stored chunk (shard) holding at least one needed row is read exactly once, in
     storage order, by a pool of ``threads``; memory is one chunk per thread plus the page
-    cache of the scratch file. A gathered row holding NaN/Inf raises NonFiniteError naming
-    its row in ``emb`` (not its position in the scratch)."""
+    cache of the scratch file. A gathered row holding NaN/Inf, or with ``normalize`` (the
+    dtype the rows will be normalised in) one that cannot be normalised (zero norm), raises
+    NonFiniteError naming its row in ``emb`` (not its position in the scratch)."""
     from ..storage.stores import read_rows
 
     rows = np.asarray(rows, dtype=np.int64)
@@ -301,9 +303,12 @@ def gather(emb, rows: np.ndarray, path: str, *, threads: Optional[int] = None,
         block = read_rows(emb, first, last)
         picked = block[sorted_rows[lo:hi] - first]
         ok = np.isfinite(picked).all(axis=1)
+        if normalize is not None and ok.all():
+            ok = ~bad_norms(picked, normalize)
         if not ok.all():  # name the stored row: positions in the scratch mean nothing to a user
             bad = sorted_rows[lo:hi][~ok]
-            raise NonFiniteError(f"{emb.side} {emb.url!r} row {int(bad[0])} holds NaN or Inf "
+            what = bad_norm_reason(picked[np.flatnonzero(~ok)[0]], normalize or picked.dtype)
+            raise NonFiniteError(f"{emb.side} {emb.url!r} row {int(bad[0])} holds {what} "
                                  f"({bad.size} such rows among the paired rows of chunk rows "
                                  f"{first}:{last})")
         out[order[lo:hi]] = picked
@@ -319,11 +324,14 @@ def gather(emb, rows: np.ndarray, path: str, *, threads: Optional[int] = None,
 
 
 @contextlib.contextmanager
-def gathered(pairs: Optional[Pairs], source, target, scratch: Optional[str] = None):
+def gathered(pairs: Optional[Pairs], source, target, scratch: Optional[str] = None, *,
+             normalize=None):
     """The paired rows of ``source`` and ``target`` (opened embedding arrays) as row-aligned
     in-memory inputs (:class:`bigalign.storage.stores.ArrayRows` over memory-mapped scratch files
     in ``scratch``, default the system's temporary folder), each needed chunk read once;
-    the scratch is removed on exit. With ``pairs`` None: the inputs themselves."""
+    the scratch is removed on exit. With ``pairs`` None: the inputs themselves.
+    ``normalize``: the dtype the caller will L2-normalise rows in (None: it does not), so
+    that a row it cannot normalise is reported at its stored row (see :func:`gather`)."""
     from ..storage.stores import ArrayRows
 
     if pairs is None:
@@ -331,8 +339,10 @@ def gathered(pairs: Optional[Pairs], source, target, scratch: Optional[str] = No
         return
     with tempfile.TemporaryDirectory(prefix="bigalign-pairs-", dir=scratch) as tmp:
         reports = (GatherReport(), GatherReport())
-        a = gather(source, pairs.source_rows, os.path.join(tmp, "source.npy"), report=reports[0])
-        b = gather(target, pairs.target_rows, os.path.join(tmp, "target.npy"), report=reports[1])
+        a = gather(source, pairs.source_rows, os.path.join(tmp, "source.npy"),
+                   report=reports[0], normalize=normalize)
+        b = gather(target, pairs.target_rows, os.path.join(tmp, "target.npy"),
+                   report=reports[1], normalize=normalize)
         log.info("gathered %d pairs: %d source and %d target chunks read", pairs.matched,
                  reports[0].chunks_read, reports[1].chunks_read)
         yield ArrayRows(a, "source"), ArrayRows(b, "target")

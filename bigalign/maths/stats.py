@@ -45,7 +45,8 @@ import numpy as np
 from ..errors import NonFiniteError
 
 __all__ = ["Moments", "Accumulator", "block_moments", "merge", "merge_with", "merge_all",
-           "NonFiniteError", "rounding_of", "unit_roundoff"]
+           "NonFiniteError", "rounding_of", "unit_roundoff", "normalize_rows", "bad_norms",
+           "bad_norm_reason"]
 
 
 def unit_roundoff(dtype) -> float:
@@ -322,15 +323,34 @@ def _row_sq(x: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", x, x).astype(np.float64)
 
 
+def bad_norms(x: np.ndarray, dtype) -> np.ndarray:
+    """(n,) bool: the rows of ``x`` (n, d) that :func:`normalize_rows` into ``dtype`` refuses
+    (their norm in ``dtype`` is zero, NaN or Inf). The one test of every caller that must
+    find such rows before the fit or apply does (an id join, ``--bad-rows``)."""
+    return _unusable(np.sqrt(_row_sq(np.asarray(x, dtype=dtype))))
+
+
+def bad_norm_reason(row: np.ndarray, dtype) -> str:
+    """What is wrong with one (d,) row that :func:`bad_norms` flags, for error messages."""
+    if not np.isfinite(row).all():
+        return "NaN or Inf"
+    if _row_sq(np.asarray(row, dtype=dtype)[None])[0] == 0:
+        return "a zero-norm row (cannot normalise)"
+    return f"a row whose norm overflows {np.dtype(dtype).name} (cannot normalise)"
+
+
+def _unusable(norms: np.ndarray) -> np.ndarray:
+    return ~(np.isfinite(norms) & (norms > 0))
+
+
 def normalize_rows(x: np.ndarray, dtype, start: int = 0, side: str = "source") -> np.ndarray:
     """L2-normalise rows of ``x`` (n, d) into ``dtype``; zero or non-finite norms raise."""
     x = np.asarray(x, dtype=dtype)
     norms = np.sqrt(_row_sq(x))
-    bad = ~(np.isfinite(norms) & (norms > 0))
+    bad = _unusable(norms)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        what = "a zero-norm row (cannot normalise)" if np.isfinite(norms[i]) else "NaN or Inf"
-        raise NonFiniteError(f"{side} row {start + i} holds {what} "
+        raise NonFiniteError(f"{side} row {start + i} holds {bad_norm_reason(x[i], dtype)} "
                              f"(block rows {start}:{start + len(x)})")
     return x / norms.astype(dtype)[:, None]
 
