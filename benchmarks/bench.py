@@ -10,7 +10,8 @@ once to warm the page cache, then times, side by side:
 * the practical limit: a hand-written loop over the same chunks with the next chunk read in
   a second thread while the current one is multiplied (BLAS on one thread), computing the
   same statistics with bigalign.maths.stats (fit) or the same map (apply, with write-behind);
-* naive Dask: ``da.from_zarr`` then ``(a.T @ b).compute()`` / ``(a @ Q).to_zarr(...)``;
+* naive Dask: ``da.from_zarr`` then ``(a.T @ b).compute()`` / ``(a @ Q).to_zarr(...)``, and
+  the naive Dask code for a fit's result (centred cross-covariance, then the SVD);
 * scipy.linalg.orthogonal_procrustes on arrays loaded into memory (small cases only).
 
 Every run of every method is a fresh subprocess (``bench.py --one METHOD ...``) that reports
@@ -74,6 +75,9 @@ METHODS = {m.name: m for m in [
            "naive dask: (a.T @ b).compute(), threaded scheduler, default settings"),
     Method("dask-fit-pinned", "fit", "loop-fit",
            "naive dask: (a.T @ b).compute(), BLAS pinned to 1 thread per Dask thread"),
+    Method("dask-procrustes-pinned", "fit", "loop-fit",
+           "naive dask Procrustes, the same result as a fit: ((a - a.mean(0)).T @ (b - "
+           "b.mean(0))).compute() with BLAS pinned, then numpy's SVD (all threads)"),
     Method("scipy-fit", "fit", "loop-fit",
            "in memory: load both arrays, centre, scipy orthogonal_procrustes"),
     Method("loop-apply", "apply", "loop-apply",
@@ -233,6 +237,21 @@ def dask_fit(src: str, tgt: str, threads=None, pinned: bool = False) -> int:
     return int(a.shape[0])
 
 
+def dask_procrustes(src: str, tgt: str, threads=None) -> int:
+    """Naive Dask written for what a fit returns: centre by the means (Dask's float32 means,
+    as ``a.mean(0)`` gives), the cross-covariance with BLAS pinned, then the rotation from
+    numpy's SVD with BLAS's default threads (bigalign's solve runs the same way)."""
+    import dask.array as da
+
+    a, b = da.from_zarr(src), da.from_zarr(tgt)
+    with _dask_settings(threads, pinned=True):
+        c = ((a - a.mean(axis=0)).T @ (b - b.mean(axis=0))).compute()
+    u, _, vt = np.linalg.svd(c.astype(np.float64), full_matrices=False)
+    if not np.isfinite(u @ vt).all():
+        raise RuntimeError("non-finite rotation")
+    return int(a.shape[0])
+
+
 def dask_apply(src: str, out: str, transform, threads=None, pinned: bool = False) -> int:
     """Naive Dask apply: ``a @ Q`` stored uncompressed (like every other output here)."""
     import dask.array as da
@@ -281,6 +300,7 @@ def make_runner(name: str, src: str, tgt: str, transform_path: str, scratch: str
             threads=threads).metadata["n_pairs"],
         "dask-fit": lambda: dask_fit(src, tgt, threads),
         "dask-fit-pinned": lambda: dask_fit(src, tgt, threads, pinned=True),
+        "dask-procrustes-pinned": lambda: dask_procrustes(src, tgt, threads),
         "scipy-fit": lambda: scipy_fit(src, tgt),
         "loop-apply": lambda: loop_apply(src, out, transform, blas_threads=loop_blas_threads),
         "bigalign-apply": lambda: bigalign.apply(transform, src, out, overwrite=True,
