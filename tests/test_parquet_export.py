@@ -25,7 +25,7 @@ from bigalign.errors import InputError, NonFiniteError
 from bigalign.commands.parquet_export import (MANIFEST, check_folder, export_manifest, export_parquet,
                                      part_name)
 from bigalign.planning.plan import FILE_BYTES, ExportPlan, make_export_plan, max_tasks
-from conftest import run_cli, write_zarr
+from conftest import planted, run_cli, write_zarr
 
 ROWS, DIM, CHUNK = 3000, 8, 100
 
@@ -179,7 +179,7 @@ def test_a_file_has_the_row_groups_of_its_plan(tmp_path):
                       read_step=CHUNK)
     spec = FileSpec(str(tmp_path / "out"), "id", "embedding", "int64", DIM, "float32",
                     "snappy", {"format": "test"})
-    assert file_task(emb, ids, plan, 0, 50, 1100, spec, 1, None) == 1050
+    assert file_task(emb, ids, plan, 0, 50, 1100, spec, 1, None) == (1050, [])
     path = str(tmp_path / "out" / "part-00000.parquet")
     fs = fsspec.filesystem("file")
     # reads on chunk boundaries (250, 300, 300, 200 rows); row groups of 300 from the file's start
@@ -222,6 +222,54 @@ def test_nan_rows_and_float16_overflow_are_named(tmp_path):
     src = write_zarr(tmp_path / "b.zarr", y, CHUNK)
     with pytest.raises(NonFiniteError, match="row 2001.*too large for float16"):
         export_parquet(src, tmp_path / "out2", dtype="float16")
+
+
+@pytest.mark.parametrize("policy", ["nan", "zero"])
+def test_bad_rows_of_an_apply_are_named_or_skipped(tmp_path, policy, capsys):
+    """An apply with --bad-rows nan/zero writes its bad rows as NaN/zero rows, which no vector
+    database can index: the export stops at the first, naming it and how to go on; rerun
+    with --bad-rows skip, it resumes and the files hold every other row with its id, in
+    order, and the manifest lists the rows left out."""
+    a, b, _ = planted(ROWS, DIM, seed=4)
+    ids = [f"doc{i}" for i in range(ROWS)]
+    t = bigalign.fit(make_store(tmp_path / "a.store", a, ids), make_store(tmp_path / "b.store",
+                                                                         b, ids), center=True)
+    a[[7, 1234, 2999]] = np.nan
+    src = make_store(tmp_path / "src.store", a, ids)
+    mapped = str(tmp_path / "mapped.store")
+    assert bigalign.apply(t, src, mapped, bad_rows=policy).bad_rows == [7, 1234, 2999]
+    out = tmp_path / "out"
+    what = "holds NaN or Inf" if policy == "nan" else "is all zeros"
+    with pytest.raises(NonFiniteError, match=rf"row (7|1234|2999): the vector {what}.*"
+                                             "--bad-rows skip"):
+        export_parquet(mapped, out, rows_per_file=1000)
+    rep = export_parquet(mapped, out, rows_per_file=1000, bad_rows="skip")
+    assert rep.bad_rows == [7, 1234, 2999] and not rep.already_complete
+    got_ids, got, _ = read_back(out)
+    keep = np.setdiff1d(np.arange(ROWS), [7, 1234, 2999])
+    assert got_ids.tolist() == [ids[i] for i in keep]
+    np.testing.assert_allclose(got, t.transform(a[keep]), rtol=1e-5, atol=1e-5)
+    m = export_manifest(out)
+    assert m["complete"] and m["bad_rows"] == {"policy": "skip", "count": 3,
+                                               "rows": [7, 1234, 2999]}
+    code, text, _ = run(capsys, "export", mapped, "--format", "parquet", "-o", tmp_path / "o2",
+                        "--bad-rows", "skip")
+    assert code == 0 and "wrote 2,997 rows (3 bad rows left out" in text
+    assert len(pl.read_parquet(f"{tmp_path / 'o2'}/*.parquet")) == ROWS - 3
+
+
+def test_skip_keeps_genuine_zero_rows_of_other_sources(tmp_path):
+    """All-zero rows are bad rows only in the output of an apply with --bad-rows zero: in any
+    other source they are vectors and are written."""
+    x = vectors()
+    x[[10, 20]] = 0.0
+    x[30, 1] = np.inf
+    rep = export_parquet(make_store(tmp_path / "s.store", x, list(range(ROWS))),
+                         tmp_path / "out", bad_rows="skip")
+    assert rep.bad_rows == [30]
+    got_ids, got, _ = read_back(tmp_path / "out")
+    assert got_ids.tolist() == [i for i in range(ROWS) if i != 30]
+    assert not got[[10, 20]].any()
 
 
 def test_unfinished_inputs_and_transforms_are_refused(tmp_path, pair):

@@ -14,7 +14,7 @@ import json
 
 from .app import _common, _print_json, _run_args, add_storage_option, storage_options
 from ..errors import InputError
-from ..commands.parquet_export import COMPRESSIONS
+from ..commands.parquet_export import BAD_ROWS, COMPRESSIONS
 from ..commands.transforms import SNIPPETS, compose, export, invert
 
 EPILOG = "Transforms at query time, with the numpy lines that apply an export: docs/transforms.md"
@@ -52,7 +52,7 @@ Transforms at query time, with the numpy lines that apply an export: docs/transf
 #: Options of one use that the other refuses (the argparse dest, and the flag).
 _PARQUET_ONLY = (("ids_column", "--ids-column"), ("vector_column", "--vector-column"),
                  ("rows", "--rows"), ("rows_per_file", "--rows-per-file"),
-                 ("compression", "--compression"))
+                 ("compression", "--compression"), ("bad_rows", "--bad-rows"))
 _TRANSFORM_ONLY = (("no_inverse", "--no-inverse"), ("allow_lossy", "--allow-lossy"))
 
 
@@ -106,6 +106,12 @@ def add_commands(sub) -> dict:
     g.add_argument("--rows-per-file", type=int, metavar="N",
                    help="rows per file, a multiple of the source's chunk rows (default: whole "
                         "chunks making about 256 MB per file)")
+    g.add_argument("--bad-rows", choices=BAD_ROWS, default=None,
+                   help="a row a vector database cannot index: NaN/Inf (what 'apply "
+                        "--bad-rows nan' writes for its bad rows) or, in the output of "
+                        "'apply --bad-rows zero', all zeros. fail (default): stop at the "
+                        "first and name it; skip: leave them out of the files and list their "
+                        "row numbers in the manifest's bad_rows")
     g.add_argument("--compression", choices=tuple(COMPRESSIONS),
                    help="Parquet compression (default snappy: as fast as none, read by "
                         "every loader; zstd is ~9%% smaller and ~1.4x slower to write)")
@@ -198,7 +204,8 @@ def _export_vectors(args) -> int:
     r = export_parquet(args.source, args.output, ids_column=args.ids_column or "id",
                        vector_column=args.vector_column or "embedding", dtype=args.dtype,
                        rows=args.rows, rows_per_file=args.rows_per_file,
-                       compression=args.compression or "snappy", **common)
+                       compression=args.compression or "snappy",
+                       bad_rows=args.bad_rows or "fail", **common)
     m = export_manifest(args.output, common["storage_options"]) or {}
     files = m.get("files", [])
     size = sum(f.get("bytes", 0) for f in files)
@@ -206,6 +213,7 @@ def _export_vectors(args) -> int:
         _print_json({"kind": "parquet-export", "path": args.output, "complete": True,
                      "already_complete": r.already_complete, "rows": r.rows_total,
                      "rows_written": r.rows, "files": len(files), "bytes": size,
+                     "bad_rows": (m.get("bad_rows") or {}).get("count", 0),
                      "files_resumed": r.units_resumed, "seconds": r.seconds,
                      "rows_per_second": r.rows_per_second, "tasks": r.tasks,
                      "columns": {m.get("ids_column"): m.get("ids"),
@@ -217,7 +225,10 @@ def _export_vectors(args) -> int:
             return 0
         resumed = f"; {r.units_resumed} of {r.units_total} files were already written" \
             if r.units_resumed else ""
-        print(f"wrote {r.rows_total:,} rows to {args.output} as {_files(len(files))} "
+        left_out = (m.get("bad_rows") or {}).get("count", 0)
+        rows = f"{r.rows_total - left_out:,} rows ({left_out:,} bad rows left out, listed in " \
+            "the manifest's bad_rows)" if left_out else f"{r.rows_total:,} rows"
+        print(f"wrote {rows} to {args.output} as {_files(len(files))} "
               f"({size / 2**20:,.1f} MiB; columns {m.get('ids_column')}: {m.get('ids')}, "
               f"{m.get('vector_column')}: {m.get('dtype')}[{m.get('dim')}]) in "
               f"{r.seconds:.1f}s ({r.rows_per_second:,.0f} rows/s{resumed}); marked complete "

@@ -10,8 +10,13 @@ What is written::
     DIR/part-00000.parquet     rows [start, start + rows_per_file) of the source, in order
     DIR/part-00001.parquet     ... one file per task
     DIR/_bigalign_export.json  the manifest: {"complete": true, "files": [{name, rows, bytes}],
-                               "job": {run_id, fingerprint}, ...}; written first with
-                               "complete": false, rewritten last
+                               "bad_rows": {policy, count, rows}, "job": {run_id,
+                               fingerprint}, ...}; written first with "complete": false,
+                               rewritten last
+
+A row a vector database cannot index (NaN/Inf, as an apply with ``--bad-rows nan`` writes
+its bad rows; all zeros in the output of an apply with ``--bad-rows zero``) stops the export
+naming it, or with ``--bad-rows skip`` is left out of its file and listed in the manifest.
 
 Each file has two columns: ``id`` (int64, or string: the store's ids; a bare array's or an
 id-less store's row numbers, int64) and ``embedding`` (a fixed-size list of d float16/32/64,
@@ -68,7 +73,8 @@ from ..planning.plan import ExportPlan, export_row_bytes, make_export_plan
 log = logging.getLogger("bigalign")
 
 __all__ = ["export_parquet", "export_manifest", "check_folder", "part_name", "open_source",
-           "file_task", "export_graph", "FORMAT", "MANIFEST", "COMPRESSIONS", "DTYPES"]
+           "file_task", "export_graph", "FORMAT", "MANIFEST", "COMPRESSIONS", "DTYPES",
+           "BAD_ROWS"]
 
 FORMAT = "bigalign.parquet-export/1"
 #: The manifest's name in the output folder (a leading "_": loaders skip it).
@@ -78,6 +84,8 @@ MANIFEST = "_bigalign_export.json"
 #: slower to write (measured: 200k x 384 float32 with string ids).
 COMPRESSIONS = {"snappy": "snappy", "zstd": "zstd", "none": "uncompressed"}
 DTYPES = ("float16", "float32", "float64")
+#: --bad-rows choices of a Parquet export.
+BAD_ROWS = ("fail", "skip")
 
 
 # ==== names (pure) ===========================================================================
@@ -257,8 +265,10 @@ def _fingerprint_of(arr) -> dict:
 class FileSpec:
     """How every file of one export is written: where (``url``, ``storage_options``),
     the columns (``ids_column``, ``ids``: "int64"/"string"; ``vector_column``: ``dim``
-    values of ``dtype``), ``compression`` (polars' name) and ``metadata`` (what each file's
-    ``bigalign`` key holds besides its own rows)."""
+    values of ``dtype``), ``compression`` (polars' name), ``metadata`` (what each file's
+    ``bigalign`` key holds besides its own rows) and what to do with a bad row
+    (``bad_rows``: "fail" or "skip"; ``zero_rows_bad``: an all-zero row is bad too, as in
+    the output of an apply with ``--bad-rows zero``)."""
 
     url: str
     ids_column: str
@@ -269,6 +279,8 @@ class FileSpec:
     compression: str
     metadata: dict
     storage_options: Optional[dict] = None
+    bad_rows: str = "fail"
+    zero_rows_bad: bool = False
 
     def schema(self) -> dict:
         import polars as pl
@@ -290,8 +302,9 @@ def _polars_float(dtype: str):
 def read_group(source, ids, start: int, stop: int, spec: FileSpec):
     """Rows [start, stop) as a polars frame of ``spec``'s two columns: ids (int64, or
     strings; ``ids`` None: the row numbers) and vectors (``(stop - start, dim)`` cast to
-    ``spec.dtype``). A row holding NaN/Inf after the cast raises NonFiniteError naming
-    it: a vector database cannot index it."""
+    ``spec.dtype``), and the source numbers of the rows left out. A bad row (NaN/Inf after
+    the cast; all zeros with ``spec.zero_rows_bad``) raises NonFiniteError naming it (a
+    vector database cannot index it), or with ``spec.bad_rows == "skip"`` is left out."""
     import polars as pl
 
     from .ingest import _first_nonfinite
@@ -300,20 +313,35 @@ def read_group(source, ids, start: int, stop: int, spec: FileSpec):
     x = read_rows(source, start, stop)
     with np.errstate(over="ignore"):  # an overflow becomes Inf, named below
         values = x if x.dtype == np.dtype(spec.dtype) else x.astype(spec.dtype)
-    bad = _first_nonfinite(values)
-    if bad is not None:
-        cast = "" if x.dtype == values.dtype else f" (or a value too large for {spec.dtype})"
-        raise NonFiniteError(f"source {source.url!r} row {start + bad}: the vector holds NaN "
-                             f"or Inf{cast}; a vector database needs finite vectors")
+    keep = None
+    if spec.zero_rows_bad or _first_nonfinite(values) is not None:
+        bad = ~np.isfinite(values).all(axis=1)
+        if spec.zero_rows_bad:
+            bad |= ~values.any(axis=1)
+        if bad.any() and spec.bad_rows != "skip":
+            i = int(np.flatnonzero(bad)[0])
+            cast = "" if x.dtype == values.dtype else \
+                f" (or a value too large for {spec.dtype})"
+            what = f"holds NaN or Inf{cast}" if not np.isfinite(values[i]).all() else \
+                "is all zeros (the apply that wrote it made its bad rows zeros)"
+            raise NonFiniteError(f"source {source.url!r} row {start + i}: the vector {what}; "
+                                 "a vector database needs real vectors (--bad-rows skip "
+                                 "leaves such rows out and lists them in the manifest)")
+        keep = ~bad if bad.any() else None
+    skipped = [] if keep is None else [start + int(i) for i in np.flatnonzero(~keep)]
+    if keep is not None:
+        values = values[keep]
     if ids is None:
         found = pl.Series(spec.ids_column, np.arange(start, stop, dtype=np.int64))
     else:
         raw = retrying(f"cannot read ids {start}:{stop} of {source.url!r}",
                        lambda: np.asarray(ids[start:stop]))
         found = _ids_series(raw, spec, start)
+    if keep is not None:
+        found = found.filter(pl.Series(keep))
     vectors = pl.Series(spec.vector_column, np.ascontiguousarray(values),
                         dtype=spec.schema()[spec.vector_column])
-    return pl.DataFrame([found, vectors])
+    return pl.DataFrame([found, vectors]), skipped
 
 
 def _ids_series(raw: np.ndarray, spec: FileSpec, start: int):
@@ -331,20 +359,27 @@ def write_file(source, ids, groups: list, spec: FileSpec, name: str) -> int:
     """Write the rows of ``groups`` (blocks: source reads, in order) as the Parquet file
     ``name`` of the output folder, in row groups of the largest read's rows, streamed: a
     local file goes to a temporary name and is renamed into place; on other file systems
-    the upload appears whole when closed. Returns the rows written."""
+    the upload appears whole when closed. Returns (rows written, source numbers of the
+    rows left out as bad)."""
     import fsspec
     from fsspec.implementations.local import LocalFileSystem
 
     fs, root = fsspec.core.url_to_fs(spec.url, **(spec.storage_options or {}))
     block = (groups[0].start, groups[-1].stop)
     meta = {"bigalign": json.dumps(dict(spec.metadata, rows=list(block), file=name))}
-    frames = (read_group(source, ids, g.start, g.stop, spec) for g in groups)
+    skipped: list[int] = []
+
+    def frames():
+        for g in groups:
+            frame, left_out = read_group(source, ids, g.start, g.stop, spec)
+            skipped.extend(left_out)
+            yield frame
     rows_per_group = max(g.rows for g in groups)
     if isinstance(fs, LocalFileSystem):
         fs.makedirs(root, exist_ok=True)
         tmp = f"{root}/{_temp_name(name)}"
         try:
-            _sink(frames, spec, tmp, rows_per_group, meta)
+            _sink(frames(), spec, tmp, rows_per_group, meta)
             os.replace(tmp, f"{root}/{name}")
         finally:
             if os.path.exists(tmp):
@@ -353,12 +388,12 @@ def write_file(source, ids, groups: list, spec: FileSpec, name: str) -> int:
         path = f"{root}/{name}"
         f = fs.open(path, "wb")
         try:
-            _sink(frames, spec, f, rows_per_group, meta)
+            _sink(frames(), spec, f, rows_per_group, meta)
         except BaseException:
             _abandon(f, fs, path)
             raise
         f.close()
-    return block[1] - block[0]
+    return block[1] - block[0] - len(skipped), skipped
 
 
 def _abandon(f, fs, path: str) -> None:
@@ -417,25 +452,27 @@ _CAN_STREAM = _can_stream()
 def file_task(source, ids, plan: ExportPlan, index: int, start: int, stop: int,
               spec: FileSpec, files: int, job) -> int:
     """Write file ``index`` (source rows [start, stop)) and mark it done (after its data,
-    fenced). Returns the rows written."""
+    fenced; the marker lists the rows left out as bad). Returns (rows written, source
+    numbers of the rows left out)."""
     from ..planning.plan import Block
 
     if job is not None:
         job.check_fence()
-    rows = write_file(source, ids, plan.groups(Block(index, start, stop)), spec,
-                      part_name(index, files))
+    rows, skipped = write_file(source, ids, plan.groups(Block(index, start, stop)), spec,
+                               part_name(index, files))
     faults.point("export.file-written")
     if job is not None:
-        job.mark_done(index, start, stop)
+        job.mark_done(index, start, stop, bad=skipped)
         faults.point("export.file-done")
-    return rows
+    return rows, skipped
 
 
 def export_graph(source, ids, plan: ExportPlan, spec: FileSpec, *, done=frozenset(),
                  job=None):
     """Raw Dask graph: one :func:`file_task` per file not in ``done``, and a fixed tree
-    (fan-in COUNT_FAN_IN) summing the rows written. Returns (graph, key, tasks)."""
-    from ..execution.engine import _tree
+    (fan-in COUNT_FAN_IN) summing the rows written and gathering the rows left out.
+    Returns (graph, key, tasks)."""
+    from ..execution.engine import _tree, count_task
     from ..planning.plan import COUNT_FAN_IN
 
     token = uuid.uuid4().hex[:12]
@@ -452,13 +489,9 @@ def export_graph(source, ids, plan: ExportPlan, spec: FileSpec, *, done=frozense
         keys.append(key)
     total = f"bigalign-exported-{token}"
     if not keys:
-        graph[total] = (_total,)
+        graph[total] = (count_task,)
         return graph, total, 0
-    return graph, _tree(graph, total, keys, COUNT_FAN_IN, _total), len(keys)
-
-
-def _total(*rows: int) -> int:
-    return int(sum(rows))
+    return graph, _tree(graph, total, keys, COUNT_FAN_IN, count_task), len(keys)
 
 
 # ==== the public face ========================================================================
@@ -471,7 +504,7 @@ def export_parquet(source, output: str, *, ids_column: str = "id",
                    scheduler: Optional[str] = None, workers: Optional[int] = None,
                    memory_limit: Optional[str] = None, threads: Optional[int] = None,
                    progress: bool = False, storage_options: Optional[dict] = None,
-                   check_chunks: bool = True):
+                   check_chunks: bool = True, bad_rows: str = "fail"):
     """Export the vectors of ``source`` to Parquet files in the folder ``output``.
 
     Parameters
@@ -486,13 +519,21 @@ def export_parquet(source, output: str, *, ids_column: str = "id",
     rows_per_file : rows per file, a multiple of the source's chunk (shard) rows (default:
         whole chunks making about 256 MB of vectors).
     compression : "snappy" (default), "zstd" or "none".
+    bad_rows : what to do with a row a vector database cannot index: one holding NaN/Inf
+        (an apply with ``bad_rows="nan"`` writes its bad rows so) or, in the output of an
+        apply with ``bad_rows="zero"``, an all-zero row. "fail" (default) stops at the
+        first, naming it; "skip" leaves them out: the files hold the other rows, in order,
+        and the manifest's ``bad_rows`` ({policy, count, rows}: the first
+        ``MAX_BAD_ROWS_LISTED`` source row numbers) and ``RunReport.bad_rows`` list them.
+        Like apply's, not part of the job's fingerprint: a run stopped by a bad row
+        resumes with ``"skip"``.
     overwrite, checkpoint, restart, scheduler, workers, memory_limit, threads, progress,
     storage_options, check_chunks : as for :func:`bigalign.apply`.
 
     Returns a :class:`bigalign.RunReport` (``units_total``: files; ``already_complete`` for
-    a rerun of a finished export).
+    a rerun of a finished export; ``rows``: the rows written, without those skipped).
     """
-    from .api import RunReport, default_checkpoint
+    from .api import MAX_BAD_ROWS_LISTED, RunReport, default_checkpoint
     from ..storage.checkpoint import Job, checkpointed, finished_or_refuse
     from ..execution.cluster import session
     from ..storage.locations import canonical_url, check_disjoint
@@ -503,8 +544,9 @@ def export_parquet(source, output: str, *, ids_column: str = "id",
     t0 = time.perf_counter()
     so = storage_options
     run = Execution(scheduler, workers, memory_limit, threads, progress=progress)
-    _check_options(ids_column, vector_column, dtype, compression)
+    _check_options(ids_column, vector_column, dtype, compression, bad_rows)
     emb, ids, model = open_source(source, so, check_chunks)
+    zero_rows_bad = _zero_rows_bad(source, so)
     first, last = parse_rows(rows, emb.rows)
     out_dtype = np.dtype(dtype or emb.dtype.name)
     kind = ids_kind(ids)
@@ -561,7 +603,7 @@ def export_parquet(source, output: str, *, ids_column: str = "id",
         spec = FileSpec(str(output).rstrip("/"), ids_column, vector_column, kind, emb.dim,
                         out_dtype.name, COMPRESSIONS[compression],
                         {"format": FORMAT, "run_id": manifest["run_id"], "model": model,
-                         "source": head["source"]}, so)
+                         "source": head["source"]}, so, bad_rows, zero_rows_bad)
         graph, key, tasks = export_graph(emb, ids, plan, spec, done=done, job=job)
         per = min(plan.rows_per_file, plan.rows)
         log.info("export: %d rows x %d (%s, ids %s) to %d Parquet file%s of up to %d rows "
@@ -569,18 +611,41 @@ def export_parquet(source, output: str, *, ids_column: str = "id",
                  kind, len(expected), "s" * (len(expected) != 1), per,
                  per * emb.dim * out_dtype.itemsize / 2**20, tasks, "s" * (tasks != 1))
         with session(**run.session_args()) as s:
-            written = s.get(graph, key)
+            written, skipped = s.get(graph, key)
         seconds = time.perf_counter() - t0
         faults.point("export.before-complete")
         files = _verify(folder, expected, names, job, output)
+        if job is not None:  # the files of earlier runs count too
+            markers = job.region_markers(expected)
+            skipped = sorted(i for m in markers.values() for i in m.get("bad_rows", []))
+        if skipped:
+            log.warning("%d source rows left out (NaN/Inf%s; first: %s); their numbers are "
+                        "in the manifest's bad_rows", len(skipped),
+                        " or all zeros" if zero_rows_bad else "", skipped[:5])
         final = dict(head, complete=True, files=files, seconds=seconds,
+                     bad_rows={"policy": bad_rows, "count": len(skipped),
+                               "rows": skipped[:MAX_BAD_ROWS_LISTED]},
                      job={"run_id": manifest["run_id"], "fingerprint": fingerprint},
                      completed=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         _write_manifest(folder, final, job)  # the completion mark goes last
-    return RunReport(int(written), seconds, tasks, len(expected), len(done), plan.rows)
+    return RunReport(int(written), seconds, tasks, len(expected), len(done), plan.rows,
+                     bad_rows=skipped)
 
 
-def _check_options(ids_column: str, vector_column: str, dtype, compression: str) -> None:
+def _zero_rows_bad(source, so) -> bool:
+    """Is ``source`` the output of an apply that wrote bad rows as zeros (--bad-rows zero)?
+    Its all-zero rows are then bad rows, not vectors."""
+    from ..storage.outputs import inspect
+
+    record = inspect(source, so).attrs.get("bad_rows")
+    return isinstance(record, dict) and record.get("policy") == "zero" and \
+        bool(record.get("count"))
+
+
+def _check_options(ids_column: str, vector_column: str, dtype, compression: str,
+                   bad_rows: str = "fail") -> None:
+    if bad_rows not in BAD_ROWS:
+        raise InputError(f"--bad-rows must be one of {', '.join(BAD_ROWS)}, got {bad_rows!r}")
     if not ids_column or not vector_column or ids_column == vector_column:
         raise InputError(f"the id and vector columns need two different names, got "
                          f"{ids_column!r} and {vector_column!r}")
