@@ -63,6 +63,33 @@ def test_plan_from_real_inputs_reads_metadata_only(capsys, tmp_path, monkeypatch
     assert fit["tasks"] == real.tasks()
 
 
+def test_plan_apply_of_a_store_counts_the_ids(capsys, tmp_path):
+    """A store source gives an output store with ids: the plan reads and writes them too
+    (ids PUTs: one per output chunk, as the vectors'), as the real apply does (its output
+    holds the ids of the same rows); a bare array has no ids to count."""
+    from conftest import make_store
+
+    a, b, _ = planted(5000, 16, seed=2)
+    ids = [f"doc-{i}" for i in range(5000)]
+    s = make_store(tmp_path / "a.store", a, ids, chunk=100)
+    bigalign.fit(s, make_store(tmp_path / "b.store", b, ids, chunk=100),
+                 output=str(tmp_path / "t"))
+    est = json.loads(run(capsys, "apply", tmp_path / "t", s, "--json"))
+    bare = json.loads(run(capsys, "apply", tmp_path / "t", write_zarr(tmp_path / "a.zarr", a,
+                                                                      100), "--json"))
+    assert est["ids"] == "string" and "ids" not in bare
+    assert est["bytes_read"] - bare["bytes_read"] == 5000 * 16  # ~16 bytes per string id
+    assert est["bytes_written"] - bare["bytes_written"] == 5000 * 16
+    r = est["requests"]
+    assert r["ids_puts"] == r["output_puts"] and r["ids_gets"] >= 5000 // 100
+    rep = bigalign.apply(str(tmp_path / "t"), s, str(tmp_path / "o.store"))
+    out = zarr.open_group(str(tmp_path / "o.store"), mode="r")
+    assert rep.rows == 5000 and out["ids"][:].tolist() == ids
+    assert -(-5000 // out["ids"].chunks[0]) == r["ids_puts"]  # one PUT per ids chunk
+    text = run(capsys, "apply", tmp_path / "t", s)
+    assert "a store: ids (string) written with the rows" in text and "ids PUTs" in text
+
+
 def test_plan_of_sharded_inputs(capsys, tmp_path):
     x = np.ones((4000, 8), np.float32)
     p = str(tmp_path / "s.zarr")

@@ -169,12 +169,17 @@ def _plan(args) -> int:
         source_note = est.pop("from")
     else:
         item_out = np.dtype(args.out_dtype or "float32").itemsize
+        ids = None
         if args.inputs:
             if len(args.inputs) not in (1, 2):
                 raise InputError("plan apply takes TRANSFORM SOURCE (or SOURCE with --dims, "
                                  "or none with --rows/--dims)")
+            from ..commands.parquet_export import ids_kind
             from ..storage.embedding_store import store_parts
-            src = _Input.of(_open(store_parts(args.inputs[-1], so)[0], "source", so))
+            url, source_ids, _ = store_parts(args.inputs[-1], so)
+            src = _Input.of(_open(url, "source", so))
+            if url != args.inputs[-1]:  # a store: the output is a store with ids too
+                ids = (ids_kind(source_ids), source_ids is not None)
             if len(args.inputs) == 2:
                 import zarr
                 try:
@@ -204,7 +209,7 @@ def _plan(args) -> int:
         dims = (src.dim, dim_b)
         est = estimate_apply(plan, dims, src.itemsize, item_out, src.chunk, src.shard,
                              out_chunk, out_shard, args.workers, args.threads_per_worker,
-                             args.rate)
+                             args.rate, ids=ids)
     est["from"] = source_note
     est["plan"] = {k: v for k, v in plan.__dict__.items()}
     if args.json:
@@ -330,12 +335,15 @@ def describe(est: dict) -> str:
             f"{_n(est['rows_per_task'])} rows, written {_n(est['rows_per_write'])} rows at a "
             f"time from reads of {_n(est['rows_per_read'])}; {_n(est['count_tasks'])} "
             "count tasks (fan-in 32)",
-            f"  output            chunks of {_n(o['chunk_rows'])} rows{shard}",
+            f"  output            chunks of {_n(o['chunk_rows'])} rows{shard}" + (
+                f"; a store: ids ({est['ids']}) written with the rows" if "ids" in est else ""),
             f"  checkpoint        {_n(c['markers'])} done-markers (one per region); resume, "
             f"verify and status read {_n(c['list_pages'])} listing page(s), no marker files",
             f"  bytes read        {_b(est['bytes_read'])}",
             f"  bytes written     {_b(est['bytes_written'])}",
-            f"  storage requests  {_gets(r)}; {_n(r['output_puts'])} output PUTs; "
+            f"  storage requests  {_gets(r)}; {_n(r['output_puts'])} output PUTs; " + (
+                f"{_n(r['ids_gets'])} ids GETs and {_n(r['ids_puts'])} ids PUTs; "
+                if "ids_puts" in r else "") +
             f"{_n(r['marker_puts'])} marker PUTs; "
             f"{_n(r['fence_checks'])} fence checks (LIST + GET each)" + _renewals(r),
         ]

@@ -650,10 +650,14 @@ def estimate_fit(plan: FitPlan, dims: tuple[int, int], itemsizes: tuple[int, int
 def estimate_apply(plan: ApplyPlan, dims: tuple[int, int], item_in: int, item_out: int,
                    source_chunk: int, source_shard: Optional[int], out_chunk: int,
                    out_shard: Optional[int], workers: Optional[int] = None, threads: int = 1,
-                   rate: Optional[float] = None) -> dict:
+                   rate: Optional[float] = None, ids: Optional[tuple[str, bool]] = None) -> dict:
     """What ``plan`` costs (as :func:`estimate_fit`): regions and markers, bytes read and
     written, storage requests (source GETs, output PUTs, markers, fence checks, the
-    listings that verify and ``status`` read), memory and time."""
+    listings that verify and ``status`` read), memory and time. ``ids``: (kind, stored) when
+    the output is a store with ids (the source is a store): "int64" or "string" as written,
+    and whether the source has an ids array to read (else its row numbers are written);
+    each write then reads the ids of its rows (whole source chunks) and writes them in
+    chunks of the output's shards (or chunks), as the vectors."""
     rows = plan.rows
     n = count_blocks(0, rows, plan.step, plan.rows_per_block)
     write_step, per_write, read_step, per_read = plan.layout()
@@ -678,6 +682,14 @@ def estimate_apply(plan: ApplyPlan, dims: tuple[int, int], item_in: int, item_ou
                      "verify_list_pages": math.ceil(n / LIST_PAGE) or 1},
         "memory": {"per_thread": per_thread, "client": 8 * dims[0] * dims[1]},
     }
+    if ids is not None:
+        kind, stored = ids
+        id_bytes = rows * export_row_bytes(0, 0, kind)
+        out["ids"] = kind if stored else "row numbers (int64)"
+        out["bytes_read"] += id_bytes if stored else 0
+        out["bytes_written"] += id_bytes
+        out["requests"].update(ids_gets=max(writes, math.ceil(rows / source_chunk))
+                               if stored else 0, ids_puts=puts)
     _time(out, rate or core_rate("apply", *dims), rows, workers, threads, per_thread)
     return out
 
