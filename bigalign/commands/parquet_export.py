@@ -623,7 +623,8 @@ def export_parquet(source, output: str, *, ids_column: str = "id",
                         "in the manifest's bad_rows", len(skipped),
                         " or all zeros" if zero_rows_bad else "", skipped[:5])
         final = dict(head, complete=True, files=files, seconds=seconds,
-                     bad_rows={"policy": bad_rows, "count": len(skipped),
+                     bad_rows={"policy": "skip" if skipped else bad_rows,
+                               "count": len(skipped),
                                "rows": skipped[:MAX_BAD_ROWS_LISTED]},
                      job={"run_id": manifest["run_id"], "fingerprint": fingerprint},
                      completed=datetime.now(timezone.utc).isoformat(timespec="seconds"))
