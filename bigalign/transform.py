@@ -120,9 +120,10 @@ class Transform:
         """Write as a Zarr group at a local path or fsspec URL."""
         import zarr
 
-        from .storage.outputs import check_replaceable
+        from .storage.outputs import TRANSFORM_KINDS, check_replaceable
 
-        check_replaceable(path, "transform output", storage_options)  # never a user's node
+        check_replaceable(path, "transform output", storage_options,  # never a user's node
+                          kinds=TRANSFORM_KINDS)
         statistics = self.statistics  # read (if lazy) before a save over its own source
         group = zarr.open_group(path, mode="w" if overwrite else "w-",
                                 storage_options=storage_options)

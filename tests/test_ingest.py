@@ -467,14 +467,16 @@ def test_foreign_output_refused_and_stores_protected_from_fit_and_apply(tmp_path
     store = str(tmp_path / "s")
     import_vectors([tmp_path / "a.npy"], store)
     bigalign.fit(s, t, output=str(tmp_path / "t"))
-    with pytest.raises(InputError, match="only 'bigalign import' replaces one"):
+    with pytest.raises(InputError, match="only 'bigalign import' does"):
         bigalign.apply(str(tmp_path / "t"), s, store, overwrite=True)
-    with pytest.raises(InputError, match="only 'bigalign import' replaces one"):
+    with pytest.raises(InputError, match="only 'bigalign import' does"):
         bigalign.fit(s, t, output=store, overwrite=True)
     assert np.array_equal(read_store(store)[0], a)
-    # import replaces a transform only with --overwrite
-    with pytest.raises(InputError, match="already exists"):
-        import_vectors([tmp_path / "a.npy"], str(tmp_path / "t"))
+    # and import never replaces a transform (a mistyped -o), even with --overwrite
+    for overwrite in (False, True):
+        with pytest.raises(InputError, match="is a transform, .*only 'bigalign fit'"):
+            import_vectors([tmp_path / "a.npy"], str(tmp_path / "t"), overwrite=overwrite)
+    assert bigalign.Transform.load(str(tmp_path / "t")).rotation.shape == (DIM, DIM)
 
 
 def test_create_and_open_store(tmp_path):

@@ -372,7 +372,7 @@ def test_apply_never_replaces_an_imported_store_or_a_foreign_group(stores):
     user = zarr.open_group(str(tmp / "user.store"), mode="w")
     user.create_array("embeddings", data=np.ones((10, DIM), np.float32), chunks=(5, DIM))
     zarr.open_group(str(tmp / "group.zarr"), mode="w").attrs["mine"] = True
-    for out, why in ((t, "only 'bigalign import' replaces one"),
+    for out, why in ((t, "only 'bigalign import' does"),
                      (tmp / "user.store", "was not written by bigalign"),
                      (tmp / "group.zarr", "was not written by bigalign")):
         before = snapshot(out)
@@ -381,6 +381,34 @@ def test_apply_never_replaces_an_imported_store_or_a_foreign_group(stores):
             assert why in r.stderr, r.stderr
         assert snapshot(out) == before
     assert bigalign.storage.outputs.inspect(t).kind == "embedding-store"
+
+
+def test_overwrite_replaces_only_an_output_of_the_same_kind(stores):
+    """A mistyped -o with --overwrite: fit never replaces mapped vectors (an apply output
+    store or array), apply never replaces a transform, compose/invert never replace an
+    apply output. Each is refused (exit 2) and left byte for byte as it was; the same
+    command still replaces its own kind."""
+    tmp, s, t, _, _, _ = stores
+    mapped = tmp / "mapped.store"
+    cli("apply", tmp / "t", s, "-o", mapped, "-q", check=0)
+    bare = tmp / "mapped.zarr"
+    cli("apply", tmp / "t", write_zarr(tmp / "bare.zarr", np.ones((40, DIM), np.float32), 20),
+        "-o", bare, "-q", check=0)
+    cases = [(["fit", s, t, "-o", mapped], "an embedding store of mapped vectors"),
+             (["fit", s, t, "-o", bare], "an apply output"),
+             (["invert", tmp / "t", "-o", mapped], "an embedding store of mapped vectors"),
+             (["compose", tmp / "t", tmp / "inv", "-o", bare], "an apply output"),
+             (["apply", tmp / "t", s, "-o", tmp / "inv"], "a transform")]
+    cli("invert", tmp / "t", "-o", tmp / "inv", "-q", check=0)
+    for argv, what in cases:
+        out = argv[argv.index("-o") + 1]
+        before = snapshot(out)
+        r = cli(*argv, "--overwrite", "-q", check=2)
+        assert f"is {what}, which this command does not replace, even with --overwrite: " \
+            "only 'bigalign " in r.stderr, r.stderr
+        assert snapshot(out) == before
+    cli("fit", s, t, "-o", tmp / "t", "--center", "--overwrite", "-q", check=0)  # its own kind
+    cli("apply", tmp / "t", s, "-o", mapped, "--overwrite", "-q", check=0)
 
 
 def test_apply_store_output_never_aliases_the_source_store(stores):

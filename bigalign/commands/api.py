@@ -29,7 +29,7 @@ from ..errors import CheckpointError, InputError
 from ..execution.gpu import check_device
 from ..storage.locations import canonical_url, check_disjoint
 from ..planning.options import ApplyOptions, Execution, FitOptions
-from ..storage.outputs import APPLY_KINDS, check_replaceable
+from ..storage.outputs import APPLY_KINDS, TRANSFORM_KINDS, check_replaceable
 from ..storage.embedding_store import (KIND as STORE_KIND, create_store, ids_kind_of, is_store,
                               open_for_writing, store_parts)
 from ..execution.pairing import fit_record, gathered, join, pair_by_ids, sample_pairs
@@ -187,16 +187,13 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
                                 "seed": seed, "matched": pairs.matched,
                                 "sha256": pairs.digest()}
     if output is not None:
-        node = check_replaceable(output, "output", so)
+        node = check_replaceable(output, "output", so, kinds=TRANSFORM_KINDS)
         if node.kind == "transform":
             if finished_or_refuse(node, _transform_fingerprint(fingerprint, opts), output,
                                    overwrite, restart, checkpoint, so):
                 log.warning("%s is already complete with the same inputs and options: "
                             "nothing to do", output)
                 return Transform.load(output, storage_options=so)
-        elif node.kind in APPLY_KINDS and not overwrite:
-            raise InputError(f"output {output!r} already exists (an apply output; pass "
-                             "--overwrite to replace it)")
         elif node.kind == "partial-transform" and not (overwrite or restart or
                                                        Job(checkpoint, so).exists()):
             raise InputError(f"output {output!r} is an unfinished transform with no recorded "
@@ -439,7 +436,7 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
     if as_store:  # absent for bare outputs: their fingerprints stay as they were
         fingerprint["output"] = {"kind": STORE_KIND, "model": target_model,
                                  "ids": _ids_fingerprint(src_ids, ids_kind)}
-    node = check_replaceable(output, "output", so)
+    node = check_replaceable(output, "output", so, kinds=APPLY_KINDS)
     if node.kind in APPLY_KINDS and node.complete:
         if finished_or_refuse(node, fingerprint, output, overwrite, restart, ckpt, so):
             log.warning("%s is already complete with the same inputs and options: nothing "
@@ -449,9 +446,6 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
                                            (ckpt and Job(ckpt, so).exists())):
         raise InputError(f"output {output!r} exists, is incomplete and has no recorded "
                          "progress; pass --overwrite to write it again")
-    elif node.kind in ("transform", "partial-transform") and not overwrite:
-        raise InputError(f"output {output!r} already exists (a transform; pass --overwrite "
-                         "to replace it)")
     row_bytes = src.row_bytes + dim_b * np.dtype(opts.dtype).itemsize
     plan = make_apply_plan(last - first, opts.chunk_rows, src.row_step, row_bytes,
                            run.block_bytes, offset=first, shard_rows=out_shard,

@@ -45,7 +45,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..storage.locations import check_disjoint
-from ..storage.outputs import check_replaceable
+from ..storage.outputs import TRANSFORM_KINDS, check_replaceable
 from ..execution.pairing import fitted_pairing
 from ..maths.stats import Moments
 from ..transform import Transform
@@ -368,7 +368,7 @@ def _existing_transform(output, operation: str, fingerprint: dict, overwrite: bo
                         so) -> Optional[Transform]:
     """The finished transform at ``output`` when it is this very job (a no-op rerun);
     None when ``output`` may be written; InputError otherwise."""
-    node = check_replaceable(output, "output", so)
+    node = check_replaceable(output, "output", so, kinds=TRANSFORM_KINDS)
     if node.kind == "absent":
         return None
     if node.kind == "transform":
@@ -656,7 +656,7 @@ def _existing_export(path, fingerprint: dict, overwrite: bool, so) -> Optional[d
     if not fs.exists(p):
         return None
     if fs.isdir(p):
-        node = check_replaceable(path, "export output", so)  # raises for a foreign folder
+        node = check_replaceable(path, "export output", so, kinds=())  # foreign: raises
         raise InputError(f"export output {str(path)!r} is a folder"
                          + (f" (a bigalign {node.kind})" if node.ours else "") +
                          ": an export is one file; choose another name")

@@ -16,12 +16,11 @@ embedding-store     a group written by ``import`` (``bigalign.kind``; complete o
 foreign             anything else: a user's array or group, a folder of files, a file
 ==================  ==========================================================================
 
-Only the middle ones may be replaced (with ``--overwrite``, or by the run that owns them);
-a foreign node is refused whatever the flags, with a message saying so. An imported
-embedding store is replaced only by ``import`` (``kinds=OURS``): fit and apply refuse it
-even with ``--overwrite``, so an imported corpus is never lost to a mistyped ``-o``. An
-apply store is derived data (apply can write it again from its source), so it is
-replaceable like a bare apply output.
+Only the middle ones may be replaced (with ``--overwrite``, or by the run that owns them),
+and each only by a command that writes its kind (:data:`TRANSFORM_KINDS`: fit, compose,
+invert; :data:`APPLY_KINDS`: apply; :data:`STORE_KINDS`: import): a mistyped ``-o`` never
+turns a fitted transform into a store, or mapped vectors into a transform, whatever the
+flags. A foreign node is refused whatever the flags, with a message saying so.
 """
 
 from __future__ import annotations
@@ -33,12 +32,22 @@ import fsspec
 
 from ..errors import InputError
 
-__all__ = ["Node", "inspect", "check_replaceable", "TRANSFORM_FORMAT", "APPLY_KINDS"]
+__all__ = ["Node", "inspect", "check_replaceable", "TRANSFORM_FORMAT", "TRANSFORM_KINDS",
+           "APPLY_KINDS", "STORE_KINDS"]
 
 TRANSFORM_FORMAT = "bigalign.transform/1"
 OURS = ("transform", "partial-transform", "apply-output", "apply-store", "embedding-store")
-REPLACEABLE = OURS[:4]  # by fit and apply: see the module doc
+#: What each command may replace (see the module doc).
+TRANSFORM_KINDS = ("transform", "partial-transform")
 APPLY_KINDS = ("apply-output", "apply-store")
+STORE_KINDS = ("embedding-store",)
+#: How messages name each kind, and the command that writes it.
+_NAMES = {"transform": ("a transform", "'bigalign fit', 'compose' or 'invert'"),
+          "partial-transform": ("an unfinished transform",
+                                "'bigalign fit', 'compose' or 'invert'"),
+          "apply-output": ("an apply output", "'bigalign apply'"),
+          "apply-store": ("an embedding store of mapped vectors", "'bigalign apply'"),
+          "embedding-store": ("an imported embedding store", "'bigalign import'")}
 
 
 @dataclass(frozen=True)
@@ -93,13 +102,17 @@ def inspect(url, storage_options: Optional[dict] = None) -> Node:
 
 
 def check_replaceable(url, what: str, storage_options: Optional[dict] = None,
-                      node: Optional[Node] = None, kinds=REPLACEABLE) -> Node:
-    """Raise InputError unless the node at ``url`` is absent or written by bigalign (one
-    of ``kinds``). Returns the node."""
+                      node: Optional[Node] = None, *, kinds) -> Node:
+    """Raise InputError unless the node at ``url`` is absent or one of ``kinds`` (the kinds
+    the calling command writes, :data:`TRANSFORM_KINDS` etc.), whatever the flags: bigalign
+    replaces only what it wrote, and only with an output of the same kind. Returns the
+    node."""
     node = node or inspect(url, storage_options)
     if node.ours and node.kind not in kinds:
-        raise InputError(f"{what} {str(url)!r} is a bigalign {node.kind}; only 'bigalign "
-                         "import' replaces one. Remove it yourself or choose another location.")
+        name, maker = _NAMES[node.kind]
+        raise InputError(f"{what} {str(url)!r} is {name}, which this command does not "
+                         f"replace, even with --overwrite: only {maker} does. Remove it "
+                         "yourself or choose another location.")
     if node.kind == "foreign":
         raise InputError(
             f"{what} {str(url)!r} already exists and was not written by bigalign (no "
