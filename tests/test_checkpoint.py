@@ -6,7 +6,8 @@ import time
 import numpy as np
 import pytest
 
-from bigalign.storage.checkpoint import Job, Lease, LeaseLostError, checkpointed, describe_changes
+from bigalign.storage.checkpoint import (Job, Lease, LeaseLostError, _process_start, checkpointed,
+                                       describe_changes)
 from bigalign.errors import CheckpointError
 from bigalign.maths.stats import block_moments
 from conftest import race_for_lease
@@ -198,6 +199,34 @@ def test_crashed_owner_does_not_hold_forever(tmp_path):
     lock.write_text(json.dumps(dict(dead, pid=os.getpid(), pid_started=1)))
     with job.lease(ttl=60) as lease:
         assert lease.generation == 21
+
+
+def test_a_killed_owner_not_yet_reaped_does_not_hold(tmp_path):
+    """A run killed on this machine whose parent has not reaped it yet (a zombie: right
+    after SIGKILL, or for good under a container init that never reaps) has exited: its
+    lease is taken over at once, not after the lease's time to live."""
+    import subprocess
+    import sys
+
+    job = Job(str(tmp_path / "ck"))
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline:  # exited, not reaped: state Z
+            with open(f"/proc/{child.pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            time.sleep(0.05)
+        here = json.loads(Lease(job, 60)._record())
+        holder = dict(here, pid=child.pid, pid_started=_process_start(child.pid),
+                      renewed=time.time(), expires=time.time() + 600)
+        os.makedirs(tmp_path / "ck" / "lease")
+        (tmp_path / "ck" / "lease" / "000000000003.json").write_text(json.dumps(holder))
+        assert not Lease.alive(holder)
+        with job.lease(ttl=60) as lease:
+            assert lease.generation == 4
+    finally:
+        child.wait()
 
 
 def test_lease_is_renewed_while_alive(tmp_path):

@@ -578,9 +578,18 @@ def _precondition_failed(e: BaseException) -> bool:
 def _process_start(pid: int):
     """Start time of a process in clock ticks since boot (Linux), or None elsewhere: with
     the pid it identifies a process even when pids are reused."""
+    stat = _proc_stat(pid)
+    return None if stat is None else stat[1]
+
+
+def _proc_stat(pid: int):
+    """(state, start time in clock ticks) of a process from /proc (Linux), or None. State
+    "Z" (zombie) or "X" (dead) is a process that has exited but not yet been reaped by its
+    parent (a container whose init does not reap keeps such pids for good)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[19])
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return fields[0].decode(), int(fields[19])
     except (OSError, ValueError, IndexError):
         return None
 
@@ -645,7 +654,8 @@ class Lease:
     def alive(holder: dict) -> bool:
         """A holder is alive while its lease is fresh and not released, unless it ran on
         this machine (same host, boot and pid namespace) and its process is gone: no such
-        pid, or a pid reused by another process (its start time differs)."""
+        pid, an exited process not yet reaped (a zombie), or a pid reused by another
+        process (its start time differs)."""
         if not holder or holder.get("released") or holder.get("expires", 0) < time.time():
             return False
         if holder.get("machine") == _machine():
@@ -659,8 +669,11 @@ class Lease:
                 return False
             except PermissionError:
                 pass
+            stat = _proc_stat(pid)
+            if stat is not None and stat[0] in ("Z", "X"):
+                return False
             started = holder.get("pid_started")
-            if started is not None and _process_start(pid) not in (None, started):
+            if started is not None and stat is not None and stat[1] != started:
                 return False
         return True
 
