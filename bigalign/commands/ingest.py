@@ -1066,7 +1066,7 @@ def import_vectors(inputs, output: str, *, ids_column: Optional[str] = None,
     from ..storage.embedding_store import create_store
     from ..storage.locations import check_disjoint
     from ..planning.options import Execution
-    from ..storage.outputs import OURS, check_replaceable
+    from ..storage.outputs import IMPORT_REPLACEABLE, check_replaceable
 
     t0 = time.perf_counter()
     so = storage_options
@@ -1094,7 +1094,7 @@ def import_vectors(inputs, output: str, *, ids_column: Optional[str] = None,
         "options": {"dtype": store_dtype.name, "chunk_rows": chunk, "ids": ids_kind,
                     "ids_column": ids_column, "vector_column": vector_column,
                     "row_ids": bool(row_ids), "model": model}}
-    node = check_replaceable(output, "output", so, kinds=OURS)
+    node = check_replaceable(output, "output", so, kinds=IMPORT_REPLACEABLE)
     if node.kind == "embedding-store" and node.complete:
         if finished_or_refuse(node, fingerprint, output, overwrite, restart, ckpt, so):
             log.warning("%s is already complete with the same inputs and options: nothing "
