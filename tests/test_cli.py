@@ -98,7 +98,7 @@ def test_real_exit_code_and_demo(tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "no such Zarr array" in bad.stderr
     demo = subprocess.run([sys.executable, "-m", "bigalign.cli", "demo", "--rows", "20000",
-                           "--dim", "32", "--workdir", str(tmp_path / "d"), "-q"],
+                           "--dim", "32", "--workdir", str(tmp_path / "d")],
                           capture_output=True, text=True, timeout=300)
     assert demo.returncode == 0, demo.stderr
     assert "recovered rotation" in demo.stdout and "demo OK" in demo.stdout

@@ -283,7 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", help="keep the data here (default: a temporary directory)")
     d.add_argument("--workers", type=int, metavar="N",
                    help="use a local cluster of N worker processes instead of threads")
-    d.add_argument("-q", "--quiet", action="store_true")
+    d.add_argument("-q", "--quiet", action="store_true",
+                   help="print nothing but warnings and errors: no progress, no report on "
+                        "stdout (the exit code says whether the rotation was recovered)")
 
     sm = sub.add_parser(
         "sample", help="choose which items to re-embed with the new model",
@@ -538,14 +540,15 @@ def _status(args) -> int:
 def _demo(args) -> int:
     from ..commands.demo import run_demo
 
+    echo = (lambda line: None) if args.quiet else print
+    run = dict(rows=args.rows, dim=args.dim, workers=args.workers, progress=not args.quiet,
+               echo=echo)
     if args.workdir:
-        run_demo(args.workdir, rows=args.rows, dim=args.dim, workers=args.workers,
-                 progress=not args.quiet)
+        run_demo(args.workdir, **run)
     else:
         with tempfile.TemporaryDirectory(prefix="bigalign-demo-") as tmp:
-            run_demo(tmp, rows=args.rows, dim=args.dim, workers=args.workers,
-                     progress=not args.quiet)
-    print("demo OK")
+            run_demo(tmp, **run)
+    echo("demo OK")
     return 0
 
 
