@@ -92,6 +92,23 @@ def test_help_explains_center():
     assert out.returncode == 0 and "--center" in out.stdout and "common offset" in out.stdout
 
 
+@pytest.mark.parametrize("argv,usage,named", [
+    (["fit", "a", "b", "-o", "t", "--centre"], "usage: bigalign fit ",
+     "unrecognized arguments: --centre (did you mean --center?)"),
+    (["apply", "t", "a", "-o", "o", "extra"], "usage: bigalign apply ",
+     "unrecognized arguments: extra"),
+    (["registry", "list", "r", "--bogus"], "usage: bigalign registry list ",
+     "unrecognized arguments: --bogus"),
+], ids=["fit-typo", "apply-extra-positional", "registry-action"])
+def test_unknown_option_shows_the_subcommands_usage(capsys, argv, usage, named):
+    """A mistyped option is reported with the usage of the command it was given to (not
+    the top level's 'bigalign COMMAND ...') and named, exit 2, before anything runs."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(usage) and named in err, err
+
+
 def test_real_exit_code_and_demo(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "bigalign.cli", "fit", str(tmp_path / "no"),
                           str(tmp_path / "no2"), "-o", str(tmp_path / "t")],

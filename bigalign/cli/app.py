@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import json
 import logging
 import os
@@ -149,8 +150,37 @@ def _common(args) -> dict:
                 storage_options=storage_options(args), device=args.device)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that reports arguments no parser recognised (``fit ... --centre``)
+    with the usage of the (sub)command that was parsing them, not the top level's
+    ``usage: bigalign COMMAND ...``, and suggests the option meant. argparse leaves them
+    to the top level; subcommand parsers are of this class too (add_subparsers' default)."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            parser = self._innermost(parsed)
+            options = [o for a in parser._actions for o in a.option_strings]
+            hints = [f"{x} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(
+                x.split("=", 1)[0], options, n=1)) and x.startswith("-") else x
+                for x in extra]
+            parser.error(f"unrecognized arguments: {' '.join(hints)}")
+        return parsed
+
+    def _innermost(self, parsed) -> argparse.ArgumentParser:
+        """The parser of the innermost subcommand named in ``parsed`` (or this one)."""
+        parser = self
+        while True:
+            sub = next((a for a in parser._actions
+                        if isinstance(a, argparse._SubParsersAction)), None)
+            name = getattr(parsed, sub.dest, None) if sub else None
+            if name not in (sub.choices if sub else {}):
+                return parser
+            parser = sub.choices[name]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="bigalign",
         description="Align two embedding models with one orthogonal map (Procrustes), "
                     "streaming chunked Zarr arrays with Dask: fit on paired rows, apply to "
