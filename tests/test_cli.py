@@ -92,16 +92,90 @@ def test_help_explains_center():
     assert out.returncode == 0 and "--center" in out.stdout and "common offset" in out.stdout
 
 
+@pytest.mark.parametrize("argv,usage,named", [
+    (["fit", "a", "b", "-o", "t", "--centre"], "usage: bigalign fit ",
+     "unrecognized arguments: --centre (did you mean --center?)"),
+    (["apply", "t", "a", "-o", "o", "extra"], "usage: bigalign apply ",
+     "unrecognized arguments: extra"),
+    (["registry", "list", "r", "--bogus"], "usage: bigalign registry list ",
+     "unrecognized arguments: --bogus"),
+], ids=["fit-typo", "apply-extra-positional", "registry-action"])
+def test_unknown_option_shows_the_subcommands_usage(capsys, argv, usage, named):
+    """A mistyped option is reported with the usage of the command it was given to (not
+    the top level's 'bigalign COMMAND ...') and named, exit 2, before anything runs."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(usage) and named in err, err
+
+
 def test_real_exit_code_and_demo(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "bigalign.cli", "fit", str(tmp_path / "no"),
                           str(tmp_path / "no2"), "-o", str(tmp_path / "t")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "no such Zarr array" in bad.stderr
     demo = subprocess.run([sys.executable, "-m", "bigalign.cli", "demo", "--rows", "20000",
-                           "--dim", "32", "--workdir", str(tmp_path / "d"), "-q"],
+                           "--dim", "32", "--workdir", str(tmp_path / "d")],
                           capture_output=True, text=True, timeout=300)
     assert demo.returncode == 0, demo.stderr
     assert "recovered rotation" in demo.stdout and "demo OK" in demo.stdout
+
+
+DEMO = ("demo", "--rows", "2000", "--dim", "8", "-q")
+
+
+def _snapshot(folder):
+    """Every path under ``folder`` with its bytes (None for a folder)."""
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("occupant,named", [
+    ("user folder at source.zarr", "source.zarr"),
+    ("plain file at target.zarr", "target.zarr"),
+    ("user Zarr array at target.zarr", "target.zarr"),
+    ("imported store as workdir", "w"),
+])
+def test_demo_refuses_paths_it_did_not_write(tmp_path, capsys, occupant, named):
+    """The demo writes over nothing but an earlier demo's outputs: anything else at a path
+    it writes (or a workdir inside a Zarr node) is refused up front, naming the path, and
+    the workdir is left exactly as it was."""
+    w = tmp_path / "w"
+    w.mkdir()
+    if occupant == "user folder at source.zarr":
+        (w / "source.zarr").mkdir()
+        (w / "source.zarr" / "notes.txt").write_text("precious")
+    elif occupant == "plain file at target.zarr":
+        (w / "target.zarr").write_text("precious")
+    elif occupant == "user Zarr array at target.zarr":
+        write_zarr(w / "target.zarr", np.ones((30, 4), np.float16), 10)
+    else:
+        w.rmdir()
+        imported_store(w, np.ones((30, 4), np.float32), chunk_rows=10)
+    before = _snapshot(w)
+    code, out, err = run(capsys, *DEMO, "--workdir", w)
+    assert code == 2 and "error:" in err and named in err, err
+    assert _snapshot(w) == before
+
+
+def test_demo_rerun_in_its_workdir_replaces_its_own_outputs(tmp_path, capsys):
+    """What an earlier demo wrote is the demo's to replace: its arrays are marked as demo
+    data, and a rerun (other sizes, the workdir spelled another way) succeeds and leaves
+    the new data. Other commands do not write over demo data."""
+    from bigalign.storage.outputs import inspect
+
+    w = tmp_path / "w"
+    assert run(capsys, *DEMO, "--workdir", w)[0] == 0
+    code, _, err = run(capsys, "demo", "--rows", "3000", "--dim", "4", "-q", "--workdir",
+                       f"{w}/../w/")
+    assert code == 0, err
+    assert zarr.open_array(str(w / "target.zarr"), mode="r").shape == (3000, 4)
+    assert sorted(p.name for p in w.iterdir()) == ["aligned.zarr", "source.zarr",
+                                                    "target.zarr", "transform"]
+    assert {inspect(w / n).kind for n in ("source.zarr", "target.zarr")} == {"demo-data"}
+    code, _, err = run(capsys, "fit", w / "target.zarr", w / "aligned.zarr", "-o",
+                       w / "source.zarr", "--overwrite", "-q")
+    assert code == 2 and "only 'bigalign demo' does" in err, err
 
 
 def test_storage_option_parsing():

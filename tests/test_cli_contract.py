@@ -264,6 +264,24 @@ def test_quiet_prints_nothing_json_prints_a_summary(done, tmp_path):
     assert r.returncode == 0 and "maps 6 -> 6 dims, fitted on 400 pairs" in r.stdout
 
 
+@pytest.mark.parametrize("command", ["import", "invert", "compose", "export", "demo"])
+def test_quiet_prints_no_summary_for_any_command(done, tmp_path, capsys, command):
+    """-q means no summary on stdout for every command that writes something, as for fit
+    and apply: on a first run and on a rerun with nothing to do. Without it, a summary."""
+    np.save(tmp_path / "v.npy", np.ones((20, 4), np.float32))
+    argv = {"import": ["import", tmp_path / "v.npy", "-o"],
+            "invert": ["invert", done["tr"], "-o"],
+            "compose": ["compose", done["tr"], done["tr"], "-o"],
+            "export": ["export", done["tr"], "-o"],
+            "demo": ["demo", "--rows", "2000", "--dim", "8", "--workdir"]}[command]
+    suffix = ".npz" if command == "export" else ""  # the export's format
+    for _ in ("a first run", "a rerun"):
+        code, out, err = run(capsys, *argv, tmp_path / f"quiet{suffix}", "-q")
+        assert code == 0 and out == "", (out, err)
+    code, out, err = run(capsys, *argv, tmp_path / f"loud{suffix}")
+    assert code == 0 and out.strip(), err
+
+
 # ---- 8. progress in log files ----------------------------------------------------------------
 
 def test_progress_is_line_based_when_stderr_is_not_a_terminal(tmp_path):

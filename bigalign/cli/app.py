@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import json
 import logging
 import os
@@ -149,8 +150,37 @@ def _common(args) -> dict:
                 storage_options=storage_options(args), device=args.device)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that reports arguments no parser recognised (``fit ... --centre``)
+    with the usage of the (sub)command that was parsing them, not the top level's
+    ``usage: bigalign COMMAND ...``, and suggests the option meant. argparse leaves them
+    to the top level; subcommand parsers are of this class too (add_subparsers' default)."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            parser = self._innermost(parsed)
+            options = [o for a in parser._actions for o in a.option_strings]
+            hints = [f"{x} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(
+                x.split("=", 1)[0], options, n=1)) and x.startswith("-") else x
+                for x in extra]
+            parser.error(f"unrecognized arguments: {' '.join(hints)}")
+        return parsed
+
+    def _innermost(self, parsed) -> argparse.ArgumentParser:
+        """The parser of the innermost subcommand named in ``parsed`` (or this one)."""
+        parser = self
+        while True:
+            sub = next((a for a in parser._actions
+                        if isinstance(a, argparse._SubParsersAction)), None)
+            name = getattr(parsed, sub.dest, None) if sub else None
+            if name not in (sub.choices if sub else {}):
+                return parser
+            parser = sub.choices[name]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="bigalign",
         description="Align two embedding models with one orthogonal map (Procrustes), "
                     "streaming chunked Zarr arrays with Dask: fit on paired rows, apply to "
@@ -283,7 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", help="keep the data here (default: a temporary directory)")
     d.add_argument("--workers", type=int, metavar="N",
                    help="use a local cluster of N worker processes instead of threads")
-    d.add_argument("-q", "--quiet", action="store_true")
+    d.add_argument("-q", "--quiet", action="store_true",
+                   help="print nothing but warnings and errors: no progress, no report on "
+                        "stdout (the exit code says whether the rotation was recovered)")
 
     sm = sub.add_parser(
         "sample", help="choose which items to re-embed with the new model",
@@ -538,14 +570,15 @@ def _status(args) -> int:
 def _demo(args) -> int:
     from ..commands.demo import run_demo
 
+    echo = (lambda line: None) if args.quiet else print
+    run = dict(rows=args.rows, dim=args.dim, workers=args.workers, progress=not args.quiet,
+               echo=echo)
     if args.workdir:
-        run_demo(args.workdir, rows=args.rows, dim=args.dim, workers=args.workers,
-                 progress=not args.quiet)
+        run_demo(args.workdir, **run)
     else:
         with tempfile.TemporaryDirectory(prefix="bigalign-demo-") as tmp:
-            run_demo(tmp, rows=args.rows, dim=args.dim, workers=args.workers,
-                     progress=not args.quiet)
-    print("demo OK")
+            run_demo(tmp, **run)
+    echo("demo OK")
     return 0
 
 

@@ -72,6 +72,8 @@ def _import(args) -> int:
                        vector_column=args.vector_column, row_ids=args.row_ids,
                        model=args.model, chunk_rows=args.chunk_rows, dtype=args.dtype,
                        **common)
+    if args.quiet:
+        return 0
     if r.already_complete:
         print(f"{args.output}: already complete with the same inputs and options "
               f"({r.rows_total:,} rows); nothing to do")

@@ -62,7 +62,9 @@ def _output_args(p, what: str) -> None:
                    help="replace an existing output written by bigalign (never anything "
                         "else); a rerun with the same inputs and options is a no-op anyway")
     add_storage_option(p)
-    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="print nothing but warnings and errors (on stderr): no summary on "
+                        "stdout")
 
 
 def add_commands(sub) -> dict:
@@ -251,6 +253,8 @@ def _export_transform(args, so) -> int:
                      "inverse": r.inverse, "inverse_omitted": r.inverse_omitted,
                      "already_complete": r.nothing_to_do})
         return 0
+    if args.quiet:
+        return 0
     head = "already there, nothing to do:" if r.nothing_to_do else "wrote"
     print(f"{head} {args.output} ({r.format}, {r.dtype}, {r.bytes:,} bytes{_models(r.metadata)})")
     print(f"  forward: {d_a} -> {d_b} (old -> new: documents)")
@@ -259,13 +263,12 @@ def _export_transform(args, so) -> int:
               f"{r.metadata['inverse']['meaning']}")
     else:
         print(f"  inverse: none ({r.inverse_omitted})")
-    if not args.quiet:
-        snippet, placeholder = SNIPPETS[r.format]
-        snippet = snippet.replace(json.dumps(placeholder), json.dumps(str(args.output)))
-        snippet = snippet.replace(placeholder, str(args.output)).replace(
-            "old2new.transform", str(args.source))
-        print("apply it with plain numpy (x: rows of the source model):\n")
-        print("\n".join(("    " + line).rstrip() for line in snippet.splitlines()))
+    snippet, placeholder = SNIPPETS[r.format]
+    snippet = snippet.replace(json.dumps(placeholder), json.dumps(str(args.output)))
+    snippet = snippet.replace(placeholder, str(args.output)).replace(
+        "old2new.transform", str(args.source))
+    print("apply it with plain numpy (x: rows of the source model):\n")
+    print("\n".join(("    " + line).rstrip() for line in snippet.splitlines()))
     return 0
 
 
@@ -273,6 +276,8 @@ def _compose(args) -> int:
     t = compose(args.first, args.second, output=args.output, overwrite=args.overwrite,
                 allow_model_mismatch=args.allow_model_mismatch,
                 storage_options=storage_options(args))
+    if args.quiet:
+        return 0
     m = t.metadata
     (d_a, d_b), (_, d_c) = (tuple(x["dims"]) for x in m["composed_of"])
     iso = ("orthonormal (distances kept up to the scale)" if m["orthonormal"] else
@@ -287,6 +292,8 @@ def _compose(args) -> int:
 def _invert(args) -> int:
     t = invert(args.transform, allow_lossy=args.allow_lossy, output=args.output,
                overwrite=args.overwrite, storage_options=storage_options(args))
+    if args.quiet:
+        return 0
     info = t.metadata["inverse"]
     print(f"transform {args.output}: {t.dims[0]} -> {t.dims[1]}{_models(t.metadata)}, "
           f"{info['kind']}: {info['meaning']}")
