@@ -204,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an id occurring twice on one side: refuse (default), or keep its "
                         "first / last row")
     g.add_argument("--sample", type=int, metavar="N",
-                   help="fit on a reproducible random subset of N matched pairs")
+                   help="fit on a reproducible random subset of N matched pairs (all of "
+                        "them, with a warning, when N is not fewer)")
     g.add_argument("--seed", type=int, default=0, help="seed of --sample (default 0)")
     g.add_argument("--scratch", metavar="DIR",
                    help="local folder for the gathered pairs (default: the system's temporary "

@@ -163,6 +163,11 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
         log.info("paired by id: %d pairs; %d source and %d target ids unmatched%s",
                  joined.matched, pairs.source_only, pairs.target_only,
                  f"; sampled {pairs.matched} (seed {seed})" if sample else "")
+        if sample is not None and int(sample) >= joined.matched:
+            log.warning("--sample %d is not fewer than the %d pairs matched by id: the fit "
+                        "uses all of them and holds none out ('bigalign evaluate' of these "
+                        "stores will have no held-out pairs); pass --sample below %d to "
+                        "hold some out", int(sample), joined.matched, joined.matched)
         if scheduler or workers:
             log.warning("a fit by id reads its gathered pairs from local scratch: it runs "
                         "in this process, not on the cluster")
