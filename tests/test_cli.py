@@ -45,7 +45,6 @@ def test_fit_apply_info_roundtrip(files, capsys):
     (["fit", "{s}", "{t}", "-o", "{tmp}/x", "--rows", "500:600"], "start 500 is outside the array's 400 rows"),
     (["fit", "{s}", "{t}", "-o", "{tmp}/x", "--rows", "300:200"], "empty for an array of 400"),
     (["fit", "{s}", "{t}", "-o", "{tmp}/x", "--rows=-500:"], "start -500 is outside"),
-    (["info", "{s}"], r"is a Zarr array of shape \(400, 6\), not a bigalign transform"),
     (["fit", "{s}", "{t}", "-o", "{tmp}/x", "--storage-option", "k={{bad"], "not valid JSON"),
     (["fit", "{s}", "{wide}", "-o", "{tmp}/x", "--no-reflection"], "needs equal dimensions"),
     (["fit", "{s}", "{t}", "-o", "{s}"], "never writes over its inputs"),
@@ -65,6 +64,26 @@ def test_bad_input_exit_2_with_message(files, capsys, argv, message):
     assert "error:" in err
     import re
     assert re.search(message, err), err
+
+
+def test_info_of_a_file_and_of_a_bare_array(files, capsys, tmp_path):
+    """A regular file: said to be a file (not a failed read of a manifest inside it); a
+    bare Zarr array, which every command takes: described (shape, dtype, chunks)."""
+    s, t, tmp, a = files
+    (tmp_path / "v.parquet").write_bytes(b"PAR1")
+    code, out, err = run(capsys, "info", tmp_path / "v.parquet")
+    assert code == 2 and "is a file, not a bigalign output or Zarr store" in err
+    assert "NotADirectoryError" not in err and "manifest" not in err
+    code, out, err = run(capsys, "info", s)
+    assert code == 0 and "shape (400, 6), float32, chunks (50, 6)" in out
+    assert "usable as an input" in out
+    code, out, _ = run(capsys, "info", s, "--json")
+    assert json.loads(out) == {"kind": "zarr-array", "path": s, "shape": [400, 6],
+                               "dtype": "float32", "chunks": [50, 6], "shards": None,
+                               "unusable": None}
+    code, out, _ = run(capsys, "info", write_zarr(tmp_path / "i.zarr",
+                                                  a.astype(np.int32), 50))
+    assert code == 0 and "not usable as an input" in out and "dtype int32" in out
 
 
 def test_nan_while_streaming_exit_2_names_rows(files, capsys):

@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(a)
 
     i = sub.add_parser("info", help="describe a transform, an apply output, an embedding store, "
-                                    "a Parquet export or progress in flight")
+                                    "a Parquet export, a Zarr array or progress in flight")
     i.add_argument("path")
     i.add_argument("--json", action="store_true", help="print machine-readable JSON")
     add_storage_option(i)
@@ -403,6 +403,36 @@ def _describe_transform(t, path) -> str:
     return "\n".join(lines)
 
 
+def _plain_array(path, so) -> Optional[dict]:
+    """What ``info`` says of a Zarr array bigalign did not write ({kind, path, shape, dtype,
+    chunks, shards, unusable: why no command takes it, or None}), or None when ``path``
+    holds no Zarr array. A file is no bigalign output or Zarr store: InputError."""
+    import fsspec
+    import zarr
+
+    from ..errors import InputError
+    from ..storage.stores import open_embeddings
+
+    fs, local = fsspec.core.url_to_fs(str(path), **(so or {}))
+    if fs.isfile(local.rstrip("/")):
+        raise InputError(f"{path!r} is a file, not a bigalign output or Zarr store (info "
+                         "describes transforms, apply outputs, embedding stores, Parquet "
+                         "export folders and Zarr arrays; a Parquet file of vectors becomes "
+                         "a store with 'bigalign import')")
+    try:
+        arr = zarr.open_array(str(path), mode="r", storage_options=so)
+    except Exception:  # no array there (absent, a group, unreadable): not ours to describe
+        return None
+    try:
+        open_embeddings(str(path), side="input", storage_options=so, check_chunks=False)
+        unusable = None
+    except InputError as e:
+        unusable = str(e)
+    return {"kind": "zarr-array", "path": str(path), "shape": list(arr.shape),
+            "dtype": str(arr.dtype), "chunks": list(arr.chunks),
+            "shards": list(arr.shards) if arr.shards else None, "unusable": unusable}
+
+
 def _info(args) -> int:
     import bigalign
     from ..transform import Transform
@@ -461,6 +491,17 @@ def _info(args) -> int:
     try:
         t = Transform.load(args.path, storage_options=so)
     except bigalign.InputError as e:
+        array = _plain_array(args.path, so)
+        if array is not None:  # a user's (N, d) array: every command takes one
+            if args.json:
+                _print_json(array)
+            else:
+                print(f"Zarr array {args.path}: shape {tuple(array['shape'])}, "
+                      f"{array['dtype']}, chunks {tuple(array['chunks'])}" +
+                      (f", shards {tuple(array['shards'])}" if array["shards"] else "") +
+                      (f"\n  not usable as an input: {array['unusable']}"
+                       if array["unusable"] else "; usable as an input (rows paired by position)"))
+            return 0
         if bigalign.run_status(args.path, so):
             return _status(args)
         raise bigalign.InputError(f"{args.path!r}: not a transform or apply output ({e})") from None
