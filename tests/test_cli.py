@@ -151,3 +151,19 @@ def test_apply_json_names_the_kind_of_output(tmp_path, capsys):
                      "--json"]) == 0
         kinds[name] = json.loads(capsys.readouterr().out)["kind"]
     assert kinds == {"array": "apply-output", "store": "apply-store"}
+
+
+def test_python_warnings_print_as_one_line(tmp_path):
+    """The fit's NotUniqueWarning (fewer pairs than dims) on the command line: one line
+    'bigalign: warning: ...', not the file:line, category and source line of Python's
+    default format."""
+    from conftest import run_cli
+
+    a, b, _ = planted(10, 16, seed=3)
+    s, t = write_zarr(tmp_path / "a.zarr", a, 5), write_zarr(tmp_path / "b.zarr", b, 5)
+    r = run_cli("fit", s, t, "-o", tmp_path / "t", "-q", check=0)
+    lines = r.stderr.splitlines()
+    assert any(line.startswith("bigalign: warning: 10 pairs for dimensions 16x16")
+               for line in lines), r.stderr
+    assert "NotUniqueWarning" not in r.stderr and ".py:" not in r.stderr
+    assert "procrustes(" not in r.stderr

@@ -693,6 +693,25 @@ class _ClosedPipeGuard:
 
 
 @contextlib.contextmanager
+def _warnings_as_lines():
+    """While a command runs, Python warnings (the fit's NotUniqueWarning, a library's) are
+    printed as one line, ``bigalign: warning: MESSAGE``, like the log's, not as
+    ``FILE:LINE: CATEGORY: MESSAGE`` plus the source line; the previous hook is restored
+    after (the library, used from Python, leaves warnings to the caller)."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        what = str(message) if category.__module__.startswith("bigalign") else \
+            f"{category.__name__}: {message}"
+        print(f"bigalign: warning: {what}", file=file or sys.stderr)
+
+    saved = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = saved
+
+
+@contextlib.contextmanager
 def _guarded_streams():
     """stdout and stderr wrapped in :class:`_ClosedPipeGuard` while a command runs."""
     saved = sys.stdout, sys.stderr
@@ -729,7 +748,7 @@ def _report_error(command: str, e: BaseException) -> int:
 def main(argv=None) -> int:
     """Run one command; return its exit code (module doc). Usage errors exit 2 through
     argparse (SystemExit), --help and --version exit 0 the same way."""
-    with _guarded_streams(), _sigterm_interrupts():
+    with _guarded_streams(), _sigterm_interrupts(), _warnings_as_lines():
         command = "?"
         try:
             args = build_parser().parse_args(argv)
