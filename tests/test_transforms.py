@@ -569,14 +569,14 @@ def test_cli_round_trip(tmp_path, capsys, monkeypatch, logs):
     np.testing.assert_allclose(Transform.load(tmp_path / "ba").transform(ab.transform(x)), x,
                                atol=1e-12)
     code, out, _ = run(capsys, "invert", tmp_path / "ac", "-o", tmp_path / "ca")
-    assert code == 0 and "left-inverse" in out
+    assert code == 0 and "left inverse on the fitted subspace" in out
 
     monkeypatch.chdir(tmp_path)
     for fmt in ("npz", "json", "safetensors"):
         code, out, err = run(capsys, "export", "ac", "-o", f"ac.{fmt}")
         assert code == 0, err
         assert f"wrote ac.{fmt} ({fmt}, float64" in out and "models A -> C" in out
-        assert "inverse: 8 -> 5 (new -> old: queries), left-inverse" in out
+        assert "inverse: 8 -> 5 (new -> old: queries), left inverse on the fitted subspace" in out
         arrays, meta = read_by_hand(tmp_path / f"ac.{fmt}", fmt)
         np.testing.assert_allclose(numpy_apply(arrays["forward"], x), ac.transform(x),
                                    atol=1e-12)
