@@ -167,3 +167,32 @@ def test_python_warnings_print_as_one_line(tmp_path):
                for line in lines), r.stderr
     assert "NotUniqueWarning" not in r.stderr and ".py:" not in r.stderr
     assert "procrustes(" not in r.stderr
+
+
+def test_readable_info_invert_compose_and_apply_rerun(files, capsys):
+    """info of a composed transform leaves out the residual it has none of; invert says
+    the inverse's kind once; info of a bare apply output prints readable fields, not the
+    raw job record; an apply rerun says 'nothing to do' once (stderr), not twice."""
+    s, t, tmp, a = files
+    assert run(capsys, "fit", s, t, "-o", tmp / "t", "-q")[0] == 0
+    code, out, _ = run(capsys, "invert", tmp / "t", "-o", tmp / "inv")
+    assert code == 0 and "exact inverse" in out and "exact: exact" not in out
+    assert run(capsys, "compose", tmp / "t", tmp / "inv", "-o", tmp / "c")[0] == 0
+    code, out, _ = run(capsys, "info", tmp / "c")
+    assert code == 0 and "None" not in out and "relative residual" not in out
+    assert run(capsys, "apply", tmp / "t", s, "-o", tmp / "o.zarr", "-q")[0] == 0
+    code, out, _ = run(capsys, "info", tmp / "o.zarr")
+    assert code == 0 and "400 rows mapped from" in out and "rows 0:400" in out
+    assert "{" not in out and "job" not in out and "None" not in out
+    code, out, err = run(capsys, "apply", tmp / "t", s, "-o", tmp / "o.zarr")
+    assert code == 0 and (out + err).count("nothing to do") == 1, (out, err)
+
+
+def test_info_and_status_help_describe_their_path(capsys):
+    with pytest.raises(SystemExit):
+        main(["info", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "Describe what is at path" in out and "a Parquet export folder, a Zarr array" in out
+    with pytest.raises(SystemExit):
+        main(["status", "--help"])
+    assert "embedding store or Parquet export folder" in " ".join(capsys.readouterr().out.split())

@@ -263,17 +263,27 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(a)
 
     i = sub.add_parser("info", help="describe a transform, an apply output, an embedding store, "
-                                    "a Parquet export, a Zarr array or progress in flight")
-    i.add_argument("path")
+                                    "a Parquet export, a Zarr array or progress in flight",
+                       description="Describe what is at path: a transform (its pairs, "
+                                   "options, residual and the paper's bound), an apply "
+                                   "output or embedding store (rows, ids, model, complete or "
+                                   "not), a Parquet export, a plain Zarr array (shape, dtype, "
+                                   "chunks), or the progress of a run in flight. Exit code 0; "
+                                   "3: an unfinished output (rerun to resume); 2: nothing "
+                                   "bigalign reads.")
+    i.add_argument("path", help="a transform, an apply output, an embedding store, a "
+                                "Parquet export folder, a Zarr array, or a run's checkpoint")
     i.add_argument("--json", action="store_true", help="print machine-readable JSON")
     add_storage_option(i)
 
-    st = sub.add_parser("status", help="progress of a fit or apply in flight or interrupted",
+    st = sub.add_parser("status", help="progress of a fit, apply, import or export in flight "
+                                       "or interrupted",
                         description="Units done, rows/s and time left, read from the run's "
                                     "checkpoint (works from any machine that sees the storage). "
                                     "Exit code 0: finished; 3: unfinished (rerun to resume); "
                                     "2: nothing recorded there.")
-    st.add_argument("path", help="the run's output (transform or apply output) or checkpoint")
+    st.add_argument("path", help="the run's output (a transform, apply output, embedding "
+                                 "store or Parquet export folder) or its checkpoint")
     st.add_argument("--json", action="store_true", help="print machine-readable JSON")
     add_storage_option(st)
 
@@ -358,8 +368,7 @@ def _apply(args) -> int:
                      "regions": r.units_total, "regions_resumed": r.units_resumed,
                      "bad_rows": len(r.bad_rows)})
     elif not args.quiet:
-        if r.already_complete:
-            print(f"{args.output} is already complete ({r.rows_total:,} rows): nothing to do")
+        if r.already_complete:  # said on stderr by apply's warning: once is enough
             return 0
         resumed = f"; {r.units_resumed} of {r.units_total} regions were already done" \
             if r.units_resumed else ""
@@ -385,8 +394,9 @@ def _describe_transform(t, path) -> str:
                  if isinstance(m.get("n_pairs"), int) else "not fitted directly (composed)"),
              *([models] if models else []),
              "  options: " + ", ".join(f"{k}={v}" for k, v in t.options.items()),
-             f"  scale {t.scale:.6g}; relative residual ||sAQ-B||^2/||B||^2 = "
-             f"{m.get('relative_residual')}"]
+             f"  scale {t.scale:.6g}" + (
+                 "" if m.get("relative_residual") is None else
+                 f"; relative residual ||sAQ-B||^2/||B||^2 = {m['relative_residual']}")]
     disc = m.get("discrepancy")
     if disc:  # each figure with its round-off: never a wrong number (docs/evaluation.md)
         from .evaluate import _bound_lines
@@ -401,6 +411,28 @@ def _describe_transform(t, path) -> str:
         lines.append(f"  fit took {run['seconds']:.1f}s ({rate}, {run['tasks']} tasks, "
                      f"{run['units_resumed']} of {run['units']} units resumed{solve})")
     return "\n".join(lines)
+
+
+def _describe_apply_output(status: dict) -> str:
+    """One line of what a bare apply output's ``bigalign`` attribute records, readable
+    (``--json`` has it all: run id, job fingerprint)."""
+    a, b = status.get("source_rows") or ("?", "?")
+    rows = status.get("rows")
+    parts = [f"{rows:,} rows" if isinstance(rows, int) else "rows",
+             f"mapped from {status.get('source', '?')} rows {a}:{b}"]
+    if status.get("transform"):
+        parts.append(f"by the transform {str(status['transform'])[:12]}")
+    text = " ".join(parts)
+    if status.get("model"):
+        text += f"; model: {status['model']}"
+    bad = status.get("bad_rows") or {}
+    if bad.get("count"):
+        text += f"; {bad['count']:,} bad rows written as {bad.get('policy')}"
+    if status.get("completed"):
+        took = f" in {status['seconds']:.1f}s" if isinstance(status.get("seconds"), (int, float)) \
+            else ""
+        text += f"; completed {status['completed']}{took}"
+    return text
 
 
 def _plain_array(path, so) -> Optional[dict]:
@@ -482,9 +514,7 @@ def _info(args) -> int:
         else:
             state = "complete" if status.get("complete") else "INCOMPLETE (rerun apply to resume)"
             print(f"apply output {args.path}: {state}")
-            for k, v in info.items():
-                if k not in ("kind", "path", "progress"):
-                    print(f"  {k}: {v}")
+            print("  " + _describe_apply_output(status))
             if info.get("progress"):
                 print("  " + _describe_progress(info["progress"]))
         return 0 if status.get("complete") else 3
