@@ -110,8 +110,8 @@ def test_manifest_refuses_changes_and_names_them(tmp_path):
     changed = {"source": {"shape": [12, 4]}, "options": {"normalize": True}}
     with pytest.raises(CheckpointError, match=r"source.shape: \[10, 4\] -> \[12, 4\]") as e:
         job.begin("fit", changed, {"step": 5})
-    assert "options.normalize: False -> True" in str(e.value) and "--restart" in str(e.value)
-    with pytest.raises(CheckpointError, match="another kind"):
+    assert "options.normalize: False -> True" in str(e.value) and "pass --restart to discard" in str(e.value)
+    with pytest.raises(CheckpointError, match="another kind.*; pass --restart to discard it$"):
         job.begin("apply", fp, {})
     # --overwrite (replace) discards progress of other inputs, resumes the same ones
     assert job.begin("fit", fp, {"step": 7}, replace=True)["run_id"] == run_id

@@ -45,7 +45,6 @@ def test_fit_apply_info_roundtrip(files, capsys):
     (["fit", "{s}", "{t}", "-o", "{tmp}/x", "--rows", "500:600"], "start 500 is outside the array's 400 rows"),
     (["fit", "{s}", "{t}", "-o", "{tmp}/x", "--rows", "300:200"], "empty for an array of 400"),
     (["fit", "{s}", "{t}", "-o", "{tmp}/x", "--rows=-500:"], "start -500 is outside"),
-    (["info", "{s}"], r"is a Zarr array of shape \(400, 6\), not a bigalign transform"),
     (["fit", "{s}", "{t}", "-o", "{tmp}/x", "--storage-option", "k={{bad"], "not valid JSON"),
     (["fit", "{s}", "{wide}", "-o", "{tmp}/x", "--no-reflection"], "needs equal dimensions"),
     (["fit", "{s}", "{t}", "-o", "{s}"], "never writes over its inputs"),
@@ -65,6 +64,26 @@ def test_bad_input_exit_2_with_message(files, capsys, argv, message):
     assert "error:" in err
     import re
     assert re.search(message, err), err
+
+
+def test_info_of_a_file_and_of_a_bare_array(files, capsys, tmp_path):
+    """A regular file: said to be a file (not a failed read of a manifest inside it); a
+    bare Zarr array, which every command takes: described (shape, dtype, chunks)."""
+    s, t, tmp, a = files
+    (tmp_path / "v.parquet").write_bytes(b"PAR1")
+    code, out, err = run(capsys, "info", tmp_path / "v.parquet")
+    assert code == 2 and "is a file, not a bigalign output or Zarr store" in err
+    assert "NotADirectoryError" not in err and "manifest" not in err
+    code, out, err = run(capsys, "info", s)
+    assert code == 0 and "shape (400, 6), float32, chunks (50, 6)" in out
+    assert "usable as an input" in out
+    code, out, _ = run(capsys, "info", s, "--json")
+    assert json.loads(out) == {"kind": "zarr-array", "path": s, "shape": [400, 6],
+                               "dtype": "float32", "chunks": [50, 6], "shards": None,
+                               "unusable": None}
+    code, out, _ = run(capsys, "info", write_zarr(tmp_path / "i.zarr",
+                                                  a.astype(np.int32), 50))
+    assert code == 0 and "not usable as an input" in out and "dtype int32" in out
 
 
 def test_nan_while_streaming_exit_2_names_rows(files, capsys):
@@ -206,3 +225,48 @@ def test_apply_json_names_the_kind_of_output(tmp_path, capsys):
                      "--json"]) == 0
         kinds[name] = json.loads(capsys.readouterr().out)["kind"]
     assert kinds == {"array": "apply-output", "store": "apply-store"}
+
+
+def test_python_warnings_print_as_one_line(tmp_path):
+    """The fit's NotUniqueWarning (fewer pairs than dims) on the command line: one line
+    'bigalign: warning: ...', not the file:line, category and source line of Python's
+    default format."""
+    from conftest import run_cli
+
+    a, b, _ = planted(10, 16, seed=3)
+    s, t = write_zarr(tmp_path / "a.zarr", a, 5), write_zarr(tmp_path / "b.zarr", b, 5)
+    r = run_cli("fit", s, t, "-o", tmp_path / "t", "-q", check=0)
+    lines = r.stderr.splitlines()
+    assert any(line.startswith("bigalign: warning: 10 pairs for dimensions 16x16")
+               for line in lines), r.stderr
+    assert "NotUniqueWarning" not in r.stderr and ".py:" not in r.stderr
+    assert "procrustes(" not in r.stderr
+
+
+def test_readable_info_invert_compose_and_apply_rerun(files, capsys):
+    """info of a composed transform leaves out the residual it has none of; invert says
+    the inverse's kind once; info of a bare apply output prints readable fields, not the
+    raw job record; an apply rerun says 'nothing to do' once (stderr), not twice."""
+    s, t, tmp, a = files
+    assert run(capsys, "fit", s, t, "-o", tmp / "t", "-q")[0] == 0
+    code, out, _ = run(capsys, "invert", tmp / "t", "-o", tmp / "inv")
+    assert code == 0 and "exact inverse" in out and "exact: exact" not in out
+    assert run(capsys, "compose", tmp / "t", tmp / "inv", "-o", tmp / "c")[0] == 0
+    code, out, _ = run(capsys, "info", tmp / "c")
+    assert code == 0 and "None" not in out and "relative residual" not in out
+    assert run(capsys, "apply", tmp / "t", s, "-o", tmp / "o.zarr", "-q")[0] == 0
+    code, out, _ = run(capsys, "info", tmp / "o.zarr")
+    assert code == 0 and "400 rows mapped from" in out and "rows 0:400" in out
+    assert "{" not in out and "job" not in out and "None" not in out
+    code, out, err = run(capsys, "apply", tmp / "t", s, "-o", tmp / "o.zarr")
+    assert code == 0 and (out + err).count("nothing to do") == 1, (out, err)
+
+
+def test_info_and_status_help_describe_their_path(capsys):
+    with pytest.raises(SystemExit):
+        main(["info", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "Describe what is at path" in out and "a Parquet export folder, a Zarr array" in out
+    with pytest.raises(SystemExit):
+        main(["status", "--help"])
+    assert "embedding store or Parquet export folder" in " ".join(capsys.readouterr().out.split())

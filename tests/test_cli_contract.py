@@ -172,8 +172,7 @@ def test_status_of_finished_outputs_exits_0(done):
 
 def test_embedding_array_where_a_transform_belongs_exits_2(done):
     message = f"{done['s']!r} is a Zarr array of shape (400, 6), not a bigalign transform"
-    for argv in (["info", done["s"]],
-                 ["apply", done["s"], done["s"], "-o", done["dir"] / "x.zarr"],
+    for argv in (["apply", done["s"], done["s"], "-o", done["dir"] / "x.zarr"],
                  ["evaluate", done["s"], done["s"], done["t"]]):
         r = cli(*argv)
         assert r.returncode == 2, (argv, r.stderr)

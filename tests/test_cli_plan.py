@@ -127,3 +127,20 @@ def test_plan_export_refuses_rows_per_file_off_the_chunks(tmp_path):
     x = np.zeros((1000, 4), np.float32)
     s = write_zarr(tmp_path / "a.zarr", x, 100)
     assert main(["plan", "export", s, "--rows-per-file", "150"]) == 2
+
+
+def test_plan_fit_of_stores_paired_by_id_says_how_to_plan_it(capsys, tmp_path):
+    """Stores with ids of different lengths: fit pairs them by id, which plan (metadata
+    only) cannot do; it says so and how to plan from shapes, not that the rows must match."""
+    from conftest import make_store
+
+    a = np.zeros((300, 8), np.float32)
+    s = make_store(tmp_path / "a.store", a, [f"d{i}" for i in range(300)])
+    t = make_store(tmp_path / "b.store", np.zeros((500, 4), np.float32),
+                   [f"d{i}" for i in range(500)])
+    assert main(["plan", "fit", s, t]) == 2
+    err = capsys.readouterr().err
+    assert "pairs these stores by id" in err and "--rows N --dims 8,4" in err
+    assert "at most 300" in err
+    assert main(["plan", "fit", write_zarr(tmp_path / "a.zarr", a, 100), t + "/embeddings"]) == 2
+    assert "row i of source is paired with row i of target" in capsys.readouterr().err

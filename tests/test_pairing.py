@@ -214,3 +214,21 @@ def test_unfinished_store_is_refused(tmp_path):
         bigalign.fit(s, t)
     g.attrs["bigalign"] = {"kind": "embedding-store", "complete": True}
     assert bigalign.fit(s, t).metadata["pairs"]["matched"] == 200
+
+
+def test_sample_of_all_matched_pairs_warns_none_held_out(tmp_path, caplog):
+    """--sample N >= the matched pairs fits on all of them: a warning says so (none held
+    out for evaluate), not only the info line."""
+    a, b, _ = planted(300, 4, seed=8)
+    s = make_store(tmp_path / "a.store", a, np.arange(300))
+    t = make_store(tmp_path / "b.store", b, np.arange(100, 400))
+    with caplog.at_level("WARNING", logger="bigalign"):
+        fitted = bigalign.fit(s, t, sample=5000, seed=2)
+    assert fitted.metadata["pairs"]["matched"] == 200
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("--sample 5000" in m and "200 pairs matched" in m and "holds none out" in m
+               for m in warned), warned
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bigalign"):
+        bigalign.fit(s, t, sample=150, seed=2)
+    assert not any("--sample" in r.getMessage() for r in caplog.records)

@@ -329,3 +329,12 @@ def test_killed_mid_run_the_rerun_publishes_the_same_version(data, reference, fa
     np.testing.assert_allclose(mapped[:], t.transform(a), rtol=1e-5, atol=1e-5)
     assert not os.path.exists(reg_path / "runs" / "nightly" / "pairs")
     assert not os.path.exists(reg_path / "runs" / "nightly" / "job")
+
+
+def test_first_publish_says_first_version(data, capsys):
+    """The log line of a first publish says so, not '(was None)'."""
+    tmp, _, _ = data
+    cfg = config(tmp / "first.toml", "reg-first", apply=False)
+    assert main(["realign", cfg, "--run-id", "r1"]) == 0
+    err = capsys.readouterr().err
+    assert "published v0001 (the first version)" in err and "None" not in err

@@ -56,3 +56,21 @@ def test_sample_corpus_writes_rows_and_ids(tmp_path):
     assert foreign.read_bytes() == b"not ours"
     with pytest.raises(InputError, match="never writes over its inputs"):
         sample_corpus(store, 10, str(tmp_path / "c.store" / "x.parquet"))
+
+
+def test_sample_into_a_missing_folder_creates_it(tmp_path, capsys):
+    """As import, fit, apply and export do for their outputs; a folder that cannot be
+    made (a file in the way) is refused naming the output, not a temporary file."""
+    from bigalign.cli import main
+
+    vecs = np.zeros((100, 4), np.float32)
+    store = make_store(tmp_path / "c.store", vecs, np.arange(100))
+    out = tmp_path / "new" / "deeper" / "s.parquet"
+    assert main(["sample", store, "--pairs", "10", "-o", str(out)]) == 0
+    assert pl.read_parquet(out).height == 10
+    capsys.readouterr()
+    (tmp_path / "afile").write_text("x")
+    assert main(["sample", store, "--pairs", "10", "-o", str(tmp_path / "afile" / "s.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert "afile/s.parquet" in err and "cannot create its folder" in err
+    assert ".bigalign-sample-" not in err and "Traceback" not in err

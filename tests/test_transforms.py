@@ -119,10 +119,10 @@ def test_compose_refusals_and_model_stamps(logs):
 
     with pytest.raises(InputError, match=r"maps 6 -> 5 dims but the second takes 4-dim"):
         T.compose(bc, ab)
-    with pytest.raises(InputError, match="normalize=True"):
+    with pytest.raises(InputError, match="fitted with --normalize, so"):
         T.compose(ab, make(6, 5, normalize=True))
     xc = make(6, 5, source_model="X", target_model="C")
-    with pytest.raises(InputError, match="'B'.*'X'.*--allow-model-mismatch"):
+    with pytest.raises(InputError, match="'B'.*'X'.*pass --allow-model-mismatch if they"):
         T.compose(ab, xc)
     t = T.compose(ab, xc, allow_model_mismatch=True)
     assert t.metadata["model_mismatch"] == {"first_target_model": "B",
@@ -178,7 +178,7 @@ def test_invert_smaller_source_is_a_left_inverse():
 
 def test_invert_lossy_refused_unless_allowed():
     t = make(9, 4)
-    with pytest.raises(InputError, match=r"keeps only 4 of the source's 9 dims.*--allow-lossy"):
+    with pytest.raises(InputError, match=r"keeps only 4 of the source's 9 dims.*Pass --allow-lossy to write"):
         T.invert(t)
     with pytest.raises(InputError, match="allow-lossy"):
         t.inverse()
@@ -434,7 +434,7 @@ def test_export_output_safety(tmp_path):
     before = (out.read_bytes(), out.stat().st_mtime_ns)
     r = T.export(tmp_path / "t.transform", out)                 # same job: a no-op
     assert r.nothing_to_do and (out.read_bytes(), out.stat().st_mtime_ns) == before
-    with pytest.raises(InputError, match="pass --overwrite"):
+    with pytest.raises(InputError, match="pass --overwrite to replace it"):
         T.export(tmp_path / "t.transform", out, dtype="float32")
     r = T.export(tmp_path / "t.transform", out, dtype="float32", overwrite=True)
     assert not r.nothing_to_do and read_by_hand(out, "safetensors")[1]["dtype"] == "float32"
@@ -569,14 +569,14 @@ def test_cli_round_trip(tmp_path, capsys, monkeypatch, logs):
     np.testing.assert_allclose(Transform.load(tmp_path / "ba").transform(ab.transform(x)), x,
                                atol=1e-12)
     code, out, _ = run(capsys, "invert", tmp_path / "ac", "-o", tmp_path / "ca")
-    assert code == 0 and "left-inverse" in out
+    assert code == 0 and "left inverse on the fitted subspace" in out
 
     monkeypatch.chdir(tmp_path)
     for fmt in ("npz", "json", "safetensors"):
         code, out, err = run(capsys, "export", "ac", "-o", f"ac.{fmt}")
         assert code == 0, err
         assert f"wrote ac.{fmt} ({fmt}, float64" in out and "models A -> C" in out
-        assert "inverse: 8 -> 5 (new -> old: queries), left-inverse" in out
+        assert "inverse: 8 -> 5 (new -> old: queries), left inverse on the fitted subspace" in out
         arrays, meta = read_by_hand(tmp_path / f"ac.{fmt}", fmt)
         np.testing.assert_allclose(numpy_apply(arrays["forward"], x), ac.transform(x),
                                    atol=1e-12)
@@ -605,7 +605,7 @@ def test_cli_refusals_exit_2(tmp_path, capsys):
         (("compose", tmp_path / "big", tmp_path / "norm", "-o", tmp_path / "x"),
          "maps 9 -> 4 dims but the second takes 6-dim"),
         (("compose", tmp_path / "norm", tmp_path / "norm", "-o", tmp_path / "x"),
-         "normalize=True"),
+         "fitted with --normalize"),
         (("invert", tmp_path / "big", "-o", tmp_path / "x"), "--allow-lossy"),
         (("invert", tmp_path / "norm", "-o", tmp_path / "x"), "only the direction"),
         (("invert", tmp_path / "nothing", "-o", tmp_path / "x"), "no transform at"),

@@ -234,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an id occurring twice on one side: refuse (default), or keep its "
                         "first / last row")
     g.add_argument("--sample", type=int, metavar="N",
-                   help="fit on a reproducible random subset of N matched pairs")
+                   help="fit on a reproducible random subset of N matched pairs (all of "
+                        "them, with a warning, when N is not fewer)")
     g.add_argument("--seed", type=int, default=0, help="seed of --sample (default 0)")
     g.add_argument("--scratch", metavar="DIR",
                    help="local folder for the gathered pairs (default: the system's temporary "
@@ -292,17 +293,27 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(a)
 
     i = sub.add_parser("info", help="describe a transform, an apply output, an embedding store, "
-                                    "a Parquet export or progress in flight")
-    i.add_argument("path")
+                                    "a Parquet export, a Zarr array or progress in flight",
+                       description="Describe what is at path: a transform (its pairs, "
+                                   "options, residual and the paper's bound), an apply "
+                                   "output or embedding store (rows, ids, model, complete or "
+                                   "not), a Parquet export, a plain Zarr array (shape, dtype, "
+                                   "chunks), or the progress of a run in flight. Exit code 0; "
+                                   "3: an unfinished output (rerun to resume); 2: nothing "
+                                   "bigalign reads.")
+    i.add_argument("path", help="a transform, an apply output, an embedding store, a "
+                                "Parquet export folder, a Zarr array, or a run's checkpoint")
     i.add_argument("--json", action="store_true", help="print machine-readable JSON")
     add_storage_option(i)
 
-    st = sub.add_parser("status", help="progress of a fit or apply in flight or interrupted",
+    st = sub.add_parser("status", help="progress of a fit, apply, import or export in flight "
+                                       "or interrupted",
                         description="Units done, rows/s and time left, read from the run's "
                                     "checkpoint (works from any machine that sees the storage). "
                                     "Exit code 0: finished; 3: unfinished (rerun to resume); "
                                     "2: nothing recorded there.")
-    st.add_argument("path", help="the run's output (transform or apply output) or checkpoint")
+    st.add_argument("path", help="the run's output (a transform, apply output, embedding "
+                                 "store or Parquet export folder) or its checkpoint")
     st.add_argument("--json", action="store_true", help="print machine-readable JSON")
     add_storage_option(st)
 
@@ -389,8 +400,7 @@ def _apply(args) -> int:
                      "regions": r.units_total, "regions_resumed": r.units_resumed,
                      "bad_rows": len(r.bad_rows)})
     elif not args.quiet:
-        if r.already_complete:
-            print(f"{args.output} is already complete ({r.rows_total:,} rows): nothing to do")
+        if r.already_complete:  # said on stderr by apply's warning: once is enough
             return 0
         resumed = f"; {r.units_resumed} of {r.units_total} regions were already done" \
             if r.units_resumed else ""
@@ -416,8 +426,9 @@ def _describe_transform(t, path) -> str:
                  if isinstance(m.get("n_pairs"), int) else "not fitted directly (composed)"),
              *([models] if models else []),
              "  options: " + ", ".join(f"{k}={v}" for k, v in t.options.items()),
-             f"  scale {t.scale:.6g}; relative residual ||sAQ-B||^2/||B||^2 = "
-             f"{m.get('relative_residual')}"]
+             f"  scale {t.scale:.6g}" + (
+                 "" if m.get("relative_residual") is None else
+                 f"; relative residual ||sAQ-B||^2/||B||^2 = {m['relative_residual']}")]
     disc = m.get("discrepancy")
     if disc:  # each figure with its round-off: never a wrong number (docs/evaluation.md)
         from .evaluate import _bound_lines
@@ -432,6 +443,58 @@ def _describe_transform(t, path) -> str:
         lines.append(f"  fit took {run['seconds']:.1f}s ({rate}, {run['tasks']} tasks, "
                      f"{run['units_resumed']} of {run['units']} units resumed{solve})")
     return "\n".join(lines)
+
+
+def _describe_apply_output(status: dict) -> str:
+    """One line of what a bare apply output's ``bigalign`` attribute records, readable
+    (``--json`` has it all: run id, job fingerprint)."""
+    a, b = status.get("source_rows") or ("?", "?")
+    rows = status.get("rows")
+    parts = [f"{rows:,} rows" if isinstance(rows, int) else "rows",
+             f"mapped from {status.get('source', '?')} rows {a}:{b}"]
+    if status.get("transform"):
+        parts.append(f"by the transform {str(status['transform'])[:12]}")
+    text = " ".join(parts)
+    if status.get("model"):
+        text += f"; model: {status['model']}"
+    bad = status.get("bad_rows") or {}
+    if bad.get("count"):
+        text += f"; {bad['count']:,} bad rows written as {bad.get('policy')}"
+    if status.get("completed"):
+        took = f" in {status['seconds']:.1f}s" if isinstance(status.get("seconds"), (int, float)) \
+            else ""
+        text += f"; completed {status['completed']}{took}"
+    return text
+
+
+def _plain_array(path, so) -> Optional[dict]:
+    """What ``info`` says of a Zarr array bigalign did not write ({kind, path, shape, dtype,
+    chunks, shards, unusable: why no command takes it, or None}), or None when ``path``
+    holds no Zarr array. A file is no bigalign output or Zarr store: InputError."""
+    import fsspec
+    import zarr
+
+    from ..errors import InputError
+    from ..storage.stores import open_embeddings
+
+    fs, local = fsspec.core.url_to_fs(str(path), **(so or {}))
+    if fs.isfile(local.rstrip("/")):
+        raise InputError(f"{path!r} is a file, not a bigalign output or Zarr store (info "
+                         "describes transforms, apply outputs, embedding stores, Parquet "
+                         "export folders and Zarr arrays; a Parquet file of vectors becomes "
+                         "a store with 'bigalign import')")
+    try:
+        arr = zarr.open_array(str(path), mode="r", storage_options=so)
+    except Exception:  # no array there (absent, a group, unreadable): not ours to describe
+        return None
+    try:
+        open_embeddings(str(path), side="input", storage_options=so, check_chunks=False)
+        unusable = None
+    except InputError as e:
+        unusable = str(e)
+    return {"kind": "zarr-array", "path": str(path), "shape": list(arr.shape),
+            "dtype": str(arr.dtype), "chunks": list(arr.chunks),
+            "shards": list(arr.shards) if arr.shards else None, "unusable": unusable}
 
 
 def _info(args) -> int:
@@ -483,15 +546,24 @@ def _info(args) -> int:
         else:
             state = "complete" if status.get("complete") else "INCOMPLETE (rerun apply to resume)"
             print(f"apply output {args.path}: {state}")
-            for k, v in info.items():
-                if k not in ("kind", "path", "progress"):
-                    print(f"  {k}: {v}")
+            print("  " + _describe_apply_output(status))
             if info.get("progress"):
                 print("  " + _describe_progress(info["progress"]))
         return 0 if status.get("complete") else 3
     try:
         t = Transform.load(args.path, storage_options=so)
     except bigalign.InputError as e:
+        array = _plain_array(args.path, so)
+        if array is not None:  # a user's (N, d) array: every command takes one
+            if args.json:
+                _print_json(array)
+            else:
+                print(f"Zarr array {args.path}: shape {tuple(array['shape'])}, "
+                      f"{array['dtype']}, chunks {tuple(array['chunks'])}" +
+                      (f", shards {tuple(array['shards'])}" if array["shards"] else "") +
+                      (f"\n  not usable as an input: {array['unusable']}"
+                       if array["unusable"] else "; usable as an input (rows paired by position)"))
+            return 0
         if bigalign.run_status(args.path, so):
             return _status(args)
         raise bigalign.InputError(f"{args.path!r}: not a transform or apply output ({e})") from None
@@ -684,6 +756,25 @@ class _ClosedPipeGuard:
 
 
 @contextlib.contextmanager
+def _warnings_as_lines():
+    """While a command runs, Python warnings (the fit's NotUniqueWarning, a library's) are
+    printed as one line, ``bigalign: warning: MESSAGE``, like the log's, not as
+    ``FILE:LINE: CATEGORY: MESSAGE`` plus the source line; the previous hook is restored
+    after (the library, used from Python, leaves warnings to the caller)."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        what = str(message) if category.__module__.startswith("bigalign") else \
+            f"{category.__name__}: {message}"
+        print(f"bigalign: warning: {what}", file=file or sys.stderr)
+
+    saved = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = saved
+
+
+@contextlib.contextmanager
 def _guarded_streams():
     """stdout and stderr wrapped in :class:`_ClosedPipeGuard` while a command runs."""
     saved = sys.stdout, sys.stderr
@@ -720,7 +811,7 @@ def _report_error(command: str, e: BaseException) -> int:
 def main(argv=None) -> int:
     """Run one command; return its exit code (module doc). Usage errors exit 2 through
     argparse (SystemExit), --help and --version exit 0 the same way."""
-    with _guarded_streams(), _sigterm_interrupts():
+    with _guarded_streams(), _sigterm_interrupts(), _warnings_as_lines():
         command = "?"
         try:
             args = build_parser().parse_args(argv)

@@ -145,10 +145,19 @@ def _plan(args) -> int:
             if len(args.inputs) != 2:
                 raise InputError("plan fit takes SOURCE TARGET (or none, with --rows/--dims)")
             from ..storage.embedding_store import store_parts
-            src = _Input.of(_open(store_parts(args.inputs[0], so)[0], "source", so))
-            tgt = _Input.of(_open(store_parts(args.inputs[1], so)[0], "target", so))
-            if src.rows != tgt.rows:
-                raise InputError(f"source has {src.rows} rows but target has {tgt.rows}")
+            from ..storage.stores import validate_pair
+            (src_url, src_ids, _), (tgt_url, tgt_ids, _) = (store_parts(i, so)
+                                                            for i in args.inputs)
+            src = _Input.of(_open(src_url, "source", so))
+            tgt = _Input.of(_open(tgt_url, "target", so))
+            if src.rows != tgt.rows and src_ids is not None and tgt_ids is not None:
+                raise InputError(
+                    f"source has {src.rows:,} rows but target has {tgt.rows:,}: 'bigalign "
+                    "fit' pairs these stores by id, but plan reads metadata only and cannot "
+                    "match ids. Plan it from shapes instead: bigalign plan fit --rows N "
+                    f"--dims {src.dim},{tgt.dim}, with N the matched pairs (at most "
+                    f"{min(src.rows, tgt.rows):,}; a fit logs how many it paired)")
+            validate_pair(src, tgt)
             start, stop = _rows(args, src.rows)
             source_note = f"metadata of {args.inputs[0]} and {args.inputs[1]}"
         else:

@@ -259,7 +259,7 @@ def _export_transform(args, so) -> int:
     print(f"{head} {args.output} ({r.format}, {r.dtype}, {r.bytes:,} bytes{_models(r.metadata)})")
     print(f"  forward: {d_a} -> {d_b} (old -> new: documents)")
     if r.inverse:
-        print(f"  inverse: {d_b} -> {d_a} (new -> old: queries), {r.inverse}: "
+        print(f"  inverse: {d_b} -> {d_a} (new -> old: queries), "
               f"{r.metadata['inverse']['meaning']}")
     else:
         print(f"  inverse: none ({r.inverse_omitted})")
@@ -296,7 +296,7 @@ def _invert(args) -> int:
         return 0
     info = t.metadata["inverse"]
     print(f"transform {args.output}: {t.dims[0]} -> {t.dims[1]}{_models(t.metadata)}, "
-          f"{info['kind']}: {info['meaning']}")
+          f"{info['meaning']}")  # the meaning starts with the kind, in words
     return 0
 
 

@@ -89,6 +89,11 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
     One streaming pass reads each chunk once and accumulates float64 statistics; one SVD of
     the dA x dB cross-covariance on this node gives the rotation.
 
+    Each keyword mirrors the ``bigalign fit`` flag of the same name (``overwrite`` is
+    ``--overwrite``, ``restart`` ``--restart``; ``check_chunks=False`` is
+    ``--allow-missing-chunks``, ``diagnostics=False`` ``--no-diagnostics``), and errors
+    name the flags.
+
     Parameters
     ----------
     source, target : Zarr arrays (path, fsspec URL or zarr.Array), float16/32/64, or
@@ -163,6 +168,11 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
         log.info("paired by id: %d pairs; %d source and %d target ids unmatched%s",
                  joined.matched, pairs.source_only, pairs.target_only,
                  f"; sampled {pairs.matched} (seed {seed})" if sample else "")
+        if sample is not None and int(sample) >= joined.matched:
+            log.warning("--sample %d is not fewer than the %d pairs matched by id: the fit "
+                        "uses all of them and holds none out ('bigalign evaluate' of these "
+                        "stores will have no held-out pairs); pass --sample below %d to "
+                        "hold some out", int(sample), joined.matched, joined.matched)
         if scheduler or workers:
             log.warning("a fit by id reads its gathered pairs from local scratch: it runs "
                         "in this process, not on the cluster")
@@ -350,7 +360,8 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
           check_chunks: bool = True, bad_rows: str = "fail", rows=None,
           allow_model_mismatch: bool = False, device: str = "cpu") -> RunReport:
     """Map every row of ``source`` (N, dA) with ``transform`` into ``output`` (N, dB):
-    ``y = (x - source_mean) * scale @ rotation + target_mean``.
+    ``y = (x - source_mean) * scale @ rotation + target_mean``. Each keyword mirrors the
+    ``bigalign apply`` flag of the same name, as :func:`fit`'s do, and errors name the flags.
 
     What ``output`` is depends on the source:
 

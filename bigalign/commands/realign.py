@@ -808,7 +808,8 @@ def _run(cfg: RealignConfig, reg: Registry, lock: Job, files: _RunFiles, src: _S
     verdict.update(status="published", version=version, previous=pointer.get("previous"),
                    current=reg.current(), apply=applied, finished=_now(), exit_code=0)
     files.write("verdict.json", verdict)
-    log.info("realign %s: published %s (was %s)", run_id, version, pointer.get("previous"))
+    log.info("realign %s: published %s (%s)", run_id, version,
+             f"was {pointer['previous']}" if pointer.get("previous") else "the first version")
     return dict(verdict, already_done=False)
 
 

@@ -94,6 +94,11 @@ def sample_corpus(corpus, n: int, output: str, *, method: str = "uniform", seed:
                "chunks_total": int(math.ceil(emb.rows / emb.row_step))}
     frame = pl.DataFrame(columns)
     folder = os.path.dirname(os.path.abspath(output))
+    try:  # a missing folder is created, as import, fit, apply and export do for theirs
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"output {output!r}: cannot create its folder {folder!r} "
+                         f"({e.strerror or e})") from None
     fd, tmp = tempfile.mkstemp(prefix=".bigalign-sample-", suffix=".parquet", dir=folder)
     os.close(fd)
     try:

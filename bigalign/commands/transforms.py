@@ -207,7 +207,7 @@ def compose(first: TransformLike, second: TransformLike, *, output=None,
             "second's input (did you swap them? compose FIRST SECOND applies FIRST first)")
     if t2.normalize:
         raise InputError(
-            "cannot compose exactly: the second transform was fitted with normalize=True, so "
+            "cannot compose exactly: the second transform was fitted with --normalize, so "
             "it L2-normalises its input -- the first transform's output -- which is not an "
             "affine step and cannot be folded into one transform. Apply the two in sequence, "
             "or fit the second without --normalize")
@@ -218,7 +218,7 @@ def compose(first: TransformLike, second: TransformLike, *, output=None,
             raise InputError(
                 f"cannot compose: the first transform maps into model {_show(m_b1)} but the "
                 f"second maps from model {_show(m_b2)}; pass --allow-model-mismatch "
-                "(allow_model_mismatch=True) if they are the same space under two names")
+                "if they are the same space under two names")
         mismatch = {"first_target_model": m_b1, "second_source_model": m_b2}
         log.warning("composing across different model stamps (%s, %s): allowed by "
                     "--allow-model-mismatch", _show(m_b1), _show(m_b2))
@@ -274,7 +274,7 @@ def inverse_kind(t: Transform) -> dict:
                      f"({d_a} -> {d_b}), so inverse(T(x)) is x projected onto those {rank} "
                      "directions (through the source mean), not x")
     if t.normalize:
-        lossy.append("the transform L2-normalises its input (fitted with normalize=True), so "
+        lossy.append("the transform L2-normalises its input (fitted with --normalize), so "
                       "only the direction comes back: inverse(T(x)) = x / ||x||")
     if rank == d_a and t.normalize:
         kind = "inverse-up-to-norm"
@@ -325,7 +325,7 @@ def invert(t: TransformLike, *, allow_lossy: bool = False, output=None,
     info = inverse_kind(t)
     if info["lossy"] and not allow_lossy:
         raise InputError("this transform has no inverse: " + "; and ".join(info["lossy"]) +
-                         ". Pass --allow-lossy (allow_lossy=True) to write the "
+                         ". Pass --allow-lossy to write the "
                          f"{info['kind']} anyway")
     fingerprint = {"input": digest(t)}
     if output is not None:
@@ -382,7 +382,7 @@ def _existing_transform(output, operation: str, fingerprint: dict, overwrite: bo
                 "apply-output": "a bigalign apply output",
                 "apply-store": "an embedding store written by bigalign apply"}[node.kind]
         raise InputError(f"output {str(output)!r} already exists ({what}); pass --overwrite "
-                         "(overwrite=True) to replace it")
+                         "to replace it")
     return None
 
 
@@ -674,7 +674,7 @@ def _existing_export(path, fingerprint: dict, overwrite: bool, so) -> Optional[d
     if not overwrite:
         raise InputError(f"export output {str(path)!r} already exists (a bigalign export of "
                          "another transform or with other options); pass --overwrite "
-                         "(overwrite=True) to replace it")
+                         "to replace it")
     return None
 
 

@@ -123,7 +123,7 @@ class Moments:
     def _need_gram(self) -> None:
         if not self.has_gram:
             raise ValueError("these statistics were accumulated without Gram matrices "
-                             "(fit with diagnostics=True to get them)")
+                             "(fit without --no-diagnostics to get them)")
 
     # ---- serialisation (checkpoints) ----------------------------------------------
     def to_arrays(self) -> dict[str, np.ndarray]:

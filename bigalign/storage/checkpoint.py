@@ -299,14 +299,14 @@ class Job:
             if old.get("format") != FORMAT or old.get("kind") != kind:
                 raise CheckpointError(f"{self.url}: holds progress of another kind "
                                       f"({old.get('kind')!r}, {old.get('format')!r}); "
-                                      "pass restart=True / --restart to discard it")
+                                      "pass --restart to discard it")
             changes = describe_changes(old["fingerprint"], fingerprint)
             if changes:
                 raise CheckpointError(
                     f"{self.url}: the inputs or options changed since this progress was "
                     f"recorded, so it cannot be resumed:\n  " + "\n  ".join(changes) +
                     "\nRerun with the original inputs and options, or pass --restart "
-                    "(restart=True) to discard the old progress.")
+                    "to discard the old progress.")
             self.run_id = old["run_id"]
             return old
         self.clear_progress()  # units or markers of an earlier run are never trusted
@@ -790,4 +790,4 @@ def finished_or_refuse(node, fingerprint: dict, output, overwrite: bool, restart
         why = "it was made from other inputs or options:\n  " + "\n  ".join(
             describe_changes(stored["fingerprint"], fingerprint))
     raise InputError(f"output {str(output)!r} already exists and is complete, but {why}\n"
-                     "Pass --overwrite (overwrite=True) to replace it.")
+                     "Pass --overwrite to replace it.")

@@ -261,7 +261,8 @@ class Registry:
             raise CheckpointError(f"{self.url}: the current pointer moved at the same moment "
                                   f"(generation {generation} exists): this run lost the "
                                   "registry lock") from None
-        log.info("%s: current version is now %s (was %s)", self.url, version, previous)
+        log.info("%s: current version is now %s (%s)", self.url, version,
+                 f"was {previous}" if previous else "the first version")
         return pointer
 
     def published_by(self, run_id: str, version: str) -> Optional[dict]:

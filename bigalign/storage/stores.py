@@ -293,7 +293,7 @@ def _check_no_missing(emb: EmbeddingArray, entries: list) -> None:
             f"{emb.side} {emb.url!r}: {missing.size} of {total} chunks are not stored "
             f"(first missing: rows {first}:{min(first + step, emb.rows)}); Zarr would read them "
             f"as the fill value {arr.fill_value!r}. Re-create the missing chunks or pass "
-            f"check_chunks=False / --allow-missing-chunks if that is intended.")
+            f"--allow-missing-chunks if that is intended.")
 
 
 def _fill_rows(x: np.ndarray, fill) -> np.ndarray:
@@ -331,8 +331,7 @@ def _check_read(emb: EmbeddingArray, start: int, x: np.ndarray) -> None:
                 f"{emb.side} {emb.url!r}: the chunk at {where}{inner} reads entirely as the "
                 f"fill value {emb.array.fill_value!r}: it is not stored (deleted after the "
                 "listing, or missing from its shard) or was stored as the fill value. "
-                "Re-create it, or pass check_chunks=False / --allow-missing-chunks if that "
-                "is intended.")
+                "Re-create it, or pass --allow-missing-chunks if that is intended.")
 
 
 def parse_rows(rows, n: int) -> tuple[int, int]:
@@ -474,7 +473,7 @@ def create_output(url: str, *, rows: int, dim: int, chunk_rows: int, dtype,
             attributes=attributes or {}, overwrite=overwrite,
             config={"write_empty_chunks": True}, storage_options=storage_options)
     except zarr.errors.ContainsArrayError as e:
-        raise InputError(f"output {url!r} already exists (pass overwrite=True / --overwrite "
-                         "to replace it)") from e
+        raise InputError(f"output {url!r} already exists (pass --overwrite to "
+                         "replace it)") from e
     except zarr.errors.ContainsGroupError as e:
         raise InputError(f"output {url!r} already exists as a Zarr group") from e
