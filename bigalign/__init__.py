@@ -8,9 +8,11 @@
 
 __version__ = "0.1.0"
 
-from .errors import BigalignError, CheckpointError, ChunkReadError, InputError, NonFiniteError  # noqa: E402
+from .errors import (BigalignError, CheckpointError, ChunkReadError, DamagedOutputError,  # noqa: E402
+                     InputError, NonFiniteError)
 from .transform import Transform  # noqa: E402
-from .commands.api import apply, fit, output_status, run_status, RunReport  # noqa: E402
+from .commands.api import apply, fit, output_damage, output_status, run_status, RunReport  # noqa: E402
 
-__all__ = ["fit", "apply", "Transform", "RunReport", "output_status", "run_status", "BigalignError",
-           "InputError", "NonFiniteError", "ChunkReadError", "CheckpointError", "__version__"]
+__all__ = ["fit", "apply", "Transform", "RunReport", "output_status", "output_damage", "run_status",
+           "BigalignError", "InputError", "NonFiniteError", "DamagedOutputError",
+           "ChunkReadError", "CheckpointError", "__version__"]

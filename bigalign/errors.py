@@ -34,6 +34,15 @@ class InputError(BigalignError, ValueError):
     """Bad input found up front: path, array kind, shape, dtype, row range, existing output."""
 
 
+class DamagedOutputError(InputError):
+    """A finished output (marked complete) lacks part of what its record lists: a Parquet
+    file of an export, a chunk of an apply output or store, a transform's arrays. A rerun
+    refuses it (exit 2) rather than calling it done; ``info``/``status`` report it (exit 3);
+    ``--overwrite`` writes it again. ``lost``: what is missing, in words (when known)."""
+
+    lost = None
+
+
 class NonFiniteError(InputError):
     """A block holds NaN or Inf, or a zero-norm row where rows are normalised; names the row."""
 

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .errors import InputError, is_transient
+from .errors import DamagedOutputError, InputError, is_transient
 from .maths.stats import Moments
 from .maths.mapping import map_rows
 
@@ -131,24 +131,28 @@ class Transform:
         group.attrs["bigalign"] = {"format": FORMAT, "state": "writing"}
         for name in ("rotation", "source_mean", "target_mean", "singular_values"):
             value = getattr(self, name)
-            if value is not None:
+            if value is not None:  # every chunk stored, zeros too: a missing one is damage
                 group.create_array(name, data=np.asarray(value, dtype=np.float64),
-                                   compressors=None)
+                                   compressors=None, config={"write_empty_chunks": True})
         if statistics is not None:
             stats = group.create_group("statistics")
             for name, value in statistics.to_arrays().items():
                 stats.create_array(name, data=np.asarray(value, dtype=np.float64)
                                    if name != "n" else np.asarray(value), compressors=None)
-        # the attribute goes last: a group without it is an unfinished save
+        # the attribute goes last: a group without it is an unfinished save. ``sha256``
+        # (the digest) lets load find a chunk lost since (Zarr would read it as zeros)
         group.attrs["bigalign"] = _jsonable({
             "format": FORMAT, "scale": self.scale, "options": self.options,
-            "metadata": self.metadata})
+            "metadata": self.metadata, "sha256": self.digest()})
 
     @classmethod
     def load(cls, path, *, storage_options: Optional[dict] = None) -> "Transform":
         """Read a Transform saved with :meth:`save`. Anything else at ``path`` (nothing, a
         plain Zarr array such as embeddings or an apply output, a foreign group, an
-        unfinished save) raises InputError saying what is there.
+        unfinished save) raises InputError saying what is there. A transform whose rotation
+        or means no longer match the SHA-256 recorded when it was saved (a chunk deleted:
+        Zarr reads it as zeros; or changed) raises DamagedOutputError (its ``lost`` says
+        what); transforms saved before the digest was recorded are not checked.
 
         ``path`` may also be a registry (:mod:`bigalign.storage.registry`): its current version is
         loaded, and ``metadata["registry"]`` says which. The training statistics
@@ -189,9 +193,18 @@ class Transform:
         metadata = attrs.get("metadata", {})
         if registry is not None:
             metadata = dict(metadata, registry=registry)
-        return cls(arrays["rotation"], arrays["source_mean"], arrays["target_mean"],
-                   float(attrs["scale"]), attrs.get("options", {}), metadata,
-                   arrays.get("singular_values"), statistics)
+        t = cls(arrays["rotation"], arrays["source_mean"], arrays["target_mean"],
+                float(attrs["scale"]), attrs.get("options", {}), metadata,
+                arrays.get("singular_values"), statistics)
+        if attrs.get("sha256") is not None and t.digest() != attrs["sha256"]:
+            lost = ("its rotation and means do not match the SHA-256 recorded when it was "
+                    f"saved ({_unstored(group)})")
+            error = DamagedOutputError(f"{path!r}: damaged bigalign transform: {lost}. Write "
+                                       "it again (rerun the fit with --overwrite) or restore "
+                                       "it.")
+            error.lost = lost
+            raise error
+        return t
 
 
 # ---- lazily loaded training statistics ------------------------------------------------
@@ -241,6 +254,30 @@ def _del_statistics(self) -> None:  # back to the default: none
 Transform.statistics = property(_get_statistics, _set_statistics, _del_statistics, doc=(
     "The training set's sufficient statistics (bigalign.maths.stats.Moments), or None; read from "
     "storage on first access for a loaded transform."))
+
+
+def _unstored(group) -> str:
+    """Which chunks of a transform's rotation and means are not stored (``save`` stores
+    every chunk), for the message about a damaged one: one listing of the group."""
+    from .storage.stores import list_objects
+
+    try:
+        listed = {rel for rel, _, _ in list_objects(group)[1]}
+        node = str(getattr(group, "path", "") or "").strip("/")
+        gone, total = [], 0
+        for name in ("rotation", "source_mean", "target_mean"):
+            arr = group[name]
+            for coords in np.ndindex(*arr.cdata_shape):
+                key = f"{name}/{arr.metadata.encode_chunk_key(coords)}"
+                total += 1
+                if key not in listed and f"{node}/{key}" not in listed:
+                    gone.append(key)
+    except Exception as e:  # the check above already failed: say what can be said
+        if is_transient(e):
+            raise
+        return "changed in place"
+    return (f"{len(gone)} of {total} chunks not stored, first: {gone[0]}" if gone else
+            "every chunk is stored: changed in place")
 
 
 def _not_a_transform(path, storage_options, error: Exception) -> str:

@@ -329,6 +329,27 @@ def test_rerun_is_a_noop_and_changed_inputs_are_refused(corpus):
     assert np.array_equal(got[700:1500], x[700:1500] + 1)
 
 
+def test_a_finished_store_that_lost_a_chunk_is_not_a_noop(corpus, capsys):
+    """An embeddings chunk of a finished import deleted: the rerun refuses it naming the
+    chunk (not "nothing to do"); info says DAMAGED (exit 3); --overwrite imports again."""
+    from bigalign.cli import main
+
+    x, files, tmp = corpus
+    out = tmp / "s.store"
+    kw = dict(ids_column="doc_id", chunk_rows=100)
+    import_vectors(files, str(out), **kw)
+    os.remove(out / "embeddings" / "c" / "7" / "0")
+    with pytest.raises(bigalign.DamagedOutputError,
+                       match=r"1 of 30 chunks of its embeddings are not stored \(first: rows "
+                             r"700:800, c/7/0\)"):
+        import_vectors(files, str(out), **kw)
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 3 and "DAMAGED" in capsys.readouterr().out
+    rep = import_vectors(files, str(out), overwrite=True, **kw)
+    assert rep.rows == 3000 and np.array_equal(read_store(out)[0], x)
+    assert main(["info", str(out)]) == 0
+
+
 def test_changed_input_refuses_a_resume(corpus):
     x, files, tmp = corpus
     out = tmp / "s.store"

@@ -357,6 +357,38 @@ def test_rerun_is_a_noop_changes_are_refused_and_overwrite_replaces(corpus):
     assert rep.rows == ROWS and not rep.already_complete
 
 
+def test_a_finished_export_that_lost_a_file_is_not_called_complete(corpus, capsys):
+    """A part file deleted (or truncated) after the export finished: the rerun does not say
+    "nothing to do" but refuses, naming how many files and the first (exit 2); info and
+    status say DAMAGED (exit 3); --overwrite writes the export again."""
+    x, store, tmp = corpus
+    out = tmp / "out"
+    export_parquet(store, out, rows_per_file=300)
+    os.remove(out / part_name(3, 10))
+    code, stdout, err = run(capsys, "export", store, "-o", out, *SMALL)
+    assert code == 2 and stdout == "" and "nothing to do" not in err
+    assert "marked complete but is damaged: 1 of 10 files listed in its manifest are " \
+        "missing or changed (first: part-00003.parquet, missing)" in err
+    assert "Rerun with --overwrite" in err
+    with pytest.raises(bigalign.DamagedOutputError, match="part-00003.parquet"):
+        export_parquet(store, out, rows_per_file=300)
+    code, stdout, _ = run(capsys, "info", out)
+    assert code == 3 and "Parquet export" in stdout and "DAMAGED" in stdout
+    assert "part-00003.parquet" in stdout and "complete," not in stdout
+    code, stdout, _ = run(capsys, "info", out, "--json")
+    doc = json.loads(stdout)
+    assert code == 3 and doc["complete"] is False and "part-00003.parquet" in doc["damaged"]
+    code, stdout, _ = run(capsys, "status", out)
+    assert code == 3 and "DAMAGED" in stdout and "part-00003.parquet" in stdout
+    rep = export_parquet(store, out, rows_per_file=300, overwrite=True)
+    assert rep.rows == ROWS and np.array_equal(read_back(out)[1], x)
+    assert run(capsys, "info", out)[0] == 0 and run(capsys, "status", out)[0] == 0
+    (out / part_name(5, 10)).write_bytes(b"PAR1")  # truncated: changed, not complete either
+    with pytest.raises(bigalign.DamagedOutputError, match=r"part-00005.parquet, 4 bytes"):
+        export_parquet(store, out, rows_per_file=300)
+    assert run(capsys, "info", out)[0] == 3
+
+
 def test_changed_input_refuses_a_resume(corpus):
     x, store, tmp = corpus
     out = tmp / "out"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -488,3 +489,67 @@ def test_source_ids_rewritten_in_place_are_detected(stores):
     assert "output.ids.content" in r.stderr and "changed" in r.stderr
     cli(*apply, "--restart", check=0)
     assert zarr.open_group(str(out))["ids"][:].tolist() == new_ids.tolist()
+
+
+# ---- finished outputs that lost a part since: never "complete", never "nothing to do" ------
+
+@pytest.mark.parametrize("bare", [False, True], ids=["store", "bare-array"])
+def test_apply_output_that_lost_a_chunk_is_refused_and_reported(stores, bare):
+    """A chunk file of a finished apply output deleted (a store from a store source, a
+    bare array from a bare-array source): the rerun refuses it naming how many chunks and
+    the first (exit 2) instead of "nothing to do"; info and status say DAMAGED (exit 3);
+    --overwrite writes it again."""
+    tmp, s, _, a, ids, tr = stores
+    src, out = (f"{s}/embeddings", tmp / "o.zarr") if bare else (s, tmp / "o.store")
+    apply = ["apply", tmp / "t", src, "-o", out, "-q"]
+    cli(*apply, check=0)
+    chunk = out / ("" if bare else "embeddings") / "c" / "3" / "0"
+    os.remove(chunk)
+    r = cli(*apply[:-1], check=2)
+    assert "nothing to do" not in r.stderr
+    assert re.search(r"marked complete but is damaged: 1 of \d+ chunks of its embeddings are "
+                     r"not stored \(first: rows \d+:\d+, c/3/0\)", r.stderr), r.stderr
+    assert "Rerun with --overwrite" in r.stderr
+    r = cli("info", out, check=3)
+    assert "DAMAGED" in r.stdout and "c/3/0" in r.stdout and "--overwrite" in r.stdout
+    doc = json.loads(cli("info", out, "--json", check=3).stdout)
+    assert doc["complete"] is False and "c/3/0" in doc["damaged"]
+    r = cli("status", out, check=3)
+    assert "DAMAGED" in r.stdout and "c/3/0" in r.stdout
+    cli(*apply, "--overwrite", check=0)
+    assert chunk.exists()
+    cli("info", out, check=0)
+    cli("status", out, check=0)
+    got = zarr.open_array(str(out), mode="r") if bare else \
+        zarr.open_group(str(out), mode="r")["embeddings"]
+    np.testing.assert_allclose(got[:], tr.transform(a), rtol=1e-5, atol=1e-5)
+
+
+def test_transform_that_lost_a_chunk_is_refused_and_reported(corpus):
+    """The rotation chunk of a finished transform deleted (Zarr would read it as zeros):
+    the fit's rerun refuses it naming the chunk (exit 2); info and status say DAMAGED
+    (exit 3); an apply refuses to map with it; --overwrite fits it again. A transform
+    saved before the digest was recorded loads as before."""
+    tmp, s, t, a, _, _ = corpus
+    out = tmp / "t5"
+    fit = ["fit", s, t, "-o", out, "--center", "-q"]
+    cli(*fit, check=0)
+    good = bigalign.Transform.load(str(out))
+    os.remove(out / "rotation" / "c" / "0" / "0")
+    r = cli(*fit[:-1], check=2)
+    assert "nothing to do" not in r.stderr
+    assert "marked complete but is damaged" in r.stderr and "rotation/c/0/0" in r.stderr
+    assert "Rerun with --overwrite" in r.stderr
+    r = cli("info", out, check=3)
+    assert "DAMAGED" in r.stdout and "rotation/c/0/0" in r.stdout
+    assert json.loads(cli("info", out, "--json", check=3).stdout)["complete"] is False
+    r = cli("status", out, check=3)
+    assert "DAMAGED" in r.stdout and "rotation/c/0/0" in r.stdout
+    r = cli("apply", out, s, "-o", tmp / "o5.zarr", "-q", check=2)
+    assert "damaged bigalign transform" in r.stderr
+    cli(*fit, "--overwrite", check=0)
+    cli("info", out, check=0)
+    np.testing.assert_array_equal(bigalign.Transform.load(str(out)).rotation, good.rotation)
+    g = zarr.open_group(str(out), mode="r+")
+    g.attrs["bigalign"] = {k: v for k, v in g.attrs["bigalign"].items() if k != "sha256"}
+    np.testing.assert_array_equal(bigalign.Transform.load(str(out)).rotation, good.rotation)

@@ -540,6 +540,21 @@ def test_json_size_warning(tmp_path, monkeypatch, logs):
     assert logs().count("JSON export") == 1
 
 
+def test_a_saved_composition_that_lost_a_chunk_is_not_a_noop(tmp_path):
+    """compose/invert rerun over their finished output: a no-op only while it is intact; a
+    deleted chunk is refused (DamagedOutputError naming it), --overwrite writes it again."""
+    ab, bc = make(5, 5, seed=1), make(5, 8, seed=2)
+    out = tmp_path / "ac"
+    T.compose(ab, bc, output=out)
+    os.remove(out / "rotation" / "c" / "0" / "0")
+    with pytest.raises(bigalign.DamagedOutputError, match="rotation/c/0/0.*--overwrite"):
+        T.compose(ab, bc, output=out)
+    with pytest.raises(bigalign.DamagedOutputError, match="damaged bigalign transform"):
+        Transform.load(out)
+    T.compose(ab, bc, output=out, overwrite=True)
+    np.testing.assert_array_equal(Transform.load(out).rotation, T.compose(ab, bc).rotation)
+
+
 # ---- command line -------------------------------------------------------------------
 
 def run(capsys, *argv):

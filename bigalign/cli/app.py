@@ -516,14 +516,17 @@ def _info(args) -> int:
         model = open_store(args.path, storage_options=so, allow_incomplete=True)[2]
         info = {"kind": "embedding-store", "path": args.path, "model": model,
                 **{k: v for k, v in store.items() if k not in ("kind", "job")}}
+        made_by = store.get("made_by") or "import"
+        lost = _damaged(info, bigalign.output_damage(args.path, so) if store.get("complete")
+                        else None)
         if not store.get("complete"):
             info["progress"] = bigalign.run_status(args.path, so)
         if args.json:
             _print_json(info)
         else:
-            made_by = store.get("made_by") or "import"
-            state = "complete" if store.get("complete") else \
-                f"INCOMPLETE (rerun the {made_by} to resume)"
+            state = "complete" if info.get("complete") else \
+                f"DAMAGED ({lost}; rerun the {made_by} with --overwrite to write it again)" \
+                if lost else f"INCOMPLETE (rerun the {made_by} to resume)"
             print(f"embedding store {args.path}: {state}, {store.get('rows', '?'):,} rows x "
                   f"{store.get('dim', '?')}, ids: {store.get('ids') or 'none (row numbers)'}"
                   f", model: {model or 'not recorded'}")
@@ -535,23 +538,36 @@ def _info(args) -> int:
                       "id needs --duplicates first|last")
             if info.get("progress"):
                 print("  " + _describe_progress(info["progress"]))
-        return 0 if store.get("complete") else 3
+        return 0 if info.get("complete") else 3
     status = bigalign.output_status(args.path, so)
     if status is not None:
         info = {"kind": "apply-output", "path": args.path, **status}
+        lost = _damaged(info, bigalign.output_damage(args.path, so) if status.get("complete")
+                        else None)
         if not status.get("complete"):
             info["progress"] = bigalign.run_status(args.path, so)
         if args.json:
             _print_json(info)
         else:
-            state = "complete" if status.get("complete") else "INCOMPLETE (rerun apply to resume)"
+            state = "complete" if info.get("complete") else \
+                f"DAMAGED ({lost}; rerun apply with --overwrite to write it again)" if lost \
+                else "INCOMPLETE (rerun apply to resume)"
             print(f"apply output {args.path}: {state}")
             print("  " + _describe_apply_output(status))
             if info.get("progress"):
                 print("  " + _describe_progress(info["progress"]))
-        return 0 if status.get("complete") else 3
+        return 0 if info.get("complete") else 3
     try:
         t = Transform.load(args.path, storage_options=so)
+    except bigalign.DamagedOutputError as e:
+        info = {"kind": "transform", "path": args.path}
+        _damaged(info, e.lost)
+        if args.json:
+            _print_json(info)
+        else:
+            print(f"transform {args.path}: DAMAGED ({e.lost}; rerun the fit with --overwrite "
+                  "to write it again)")
+        return 3
     except bigalign.InputError as e:
         array = _plain_array(args.path, so)
         if array is not None:  # a user's (N, d) array: every command takes one
@@ -574,21 +590,33 @@ def _info(args) -> int:
     return 0
 
 
+def _damaged(info: dict, lost) -> object:
+    """Mark ``info`` of an output marked complete that lost ``lost`` (a file, a chunk:
+    :func:`bigalign.output_damage`) as not complete and damaged. Returns ``lost``."""
+    if lost:
+        info.update(complete=False, damaged=lost)
+    return lost
+
+
 def _describe_export(args, export: dict, so) -> int:
-    """``info`` of a Parquet export: 0 when complete, 3 (with its progress) when not."""
+    """``info`` of a Parquet export: 0 when complete, 3 (with its progress) when not, or
+    when it lost a file since (damaged)."""
     import bigalign
 
     files = export.get("files", [])
     info = {"kind": "parquet-export", "path": args.path,
             **{k: v for k, v in export.items() if k not in ("job", "files", "format")},
             "files": len(files), "bytes": sum(f.get("bytes", 0) for f in files)}
+    lost = _damaged(info, bigalign.output_damage(args.path, so) if export.get("complete")
+                    else None)
     if not export.get("complete"):
         info["progress"] = bigalign.run_status(args.path, so)
     if args.json:
         _print_json(info)
     else:
-        state = "complete" if export.get("complete") else \
-            "INCOMPLETE (rerun the export to resume)"
+        state = "complete" if info.get("complete") else \
+            f"DAMAGED ({lost}; rerun the export with --overwrite to write it again)" if lost \
+            else "INCOMPLETE (rerun the export to resume)"
         a, b = export.get("rows", [0, 0])
         print(f"Parquet export {args.path}: {state}, rows {a:,}:{b:,} of "
               f"{export.get('source')} in {len(files):,} files ({info['bytes'] / 2**20:,.1f} "
@@ -597,7 +625,7 @@ def _describe_export(args, export: dict, so) -> int:
               f"model: {export.get('model') or '?'}")
         if info.get("progress"):
             print("  " + _describe_progress(info["progress"]))
-    return 0 if export.get("complete") else 3
+    return 0 if info.get("complete") else 3
 
 
 def _describe_progress(p: dict) -> str:
@@ -614,6 +642,12 @@ def _status(args) -> int:
     so = storage_options(args)
     p = bigalign.run_status(args.path, so)
     if p is None:
+        lost = bigalign.output_damage(args.path, so)
+        if lost:  # marked complete, but lost a file or chunk since: not finished
+            print(json.dumps({"finished": False, "damaged": lost}) if args.json else
+                  f"{args.path}: marked complete but DAMAGED: {lost}; rerun the command "
+                  "that wrote it with --overwrite to write it again")
+            return 3
         from ..storage.embedding_store import store_attrs
 
         from ..commands.parquet_export import export_manifest

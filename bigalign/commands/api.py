@@ -25,11 +25,11 @@ from ..execution import faults
 from ..storage.checkpoint import Job, checkpointed, finished_or_refuse
 from ..execution.cluster import session
 from ..execution.engine import apply_graph, fit_graph
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError, DamagedOutputError, InputError
 from ..execution.gpu import check_device
 from ..storage.locations import canonical_url, check_disjoint
 from ..planning.options import ApplyOptions, Execution, FitOptions
-from ..storage.outputs import APPLY_KINDS, TRANSFORM_KINDS, check_replaceable
+from ..storage.outputs import APPLY_KINDS, TRANSFORM_KINDS, check_replaceable, chunks_damage
 from ..storage.embedding_store import (KIND as STORE_KIND, create_store, ids_kind_of, is_store,
                               open_for_writing, store_parts)
 from ..execution.pairing import fit_record, gathered, join, pair_by_ids, sample_pairs
@@ -198,12 +198,14 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
                                 "sha256": pairs.digest()}
     if output is not None:
         node = check_replaceable(output, "output", so, kinds=TRANSFORM_KINDS)
+        finished: list = []  # the finished transform, once loaded (and found intact)
         if node.kind == "transform":
             if finished_or_refuse(node, _transform_fingerprint(fingerprint, opts), output,
-                                   overwrite, restart, checkpoint, so):
+                                  overwrite, restart, checkpoint, so,
+                                  damage=lambda: _transform_damage(output, so, finished)):
                 log.warning("%s is already complete with the same inputs and options: "
                             "nothing to do", output)
-                return Transform.load(output, storage_options=so)
+                return finished[0]
         elif node.kind == "partial-transform" and not (overwrite or restart or
                                                        Job(checkpoint, so).exists()):
             raise InputError(f"output {output!r} is an unfinished transform with no recorded "
@@ -213,6 +215,16 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
         return _fit_job(src, tgt, start, stop, opts, gram, fingerprint, recorded, models,
                         record, output, checkpoint, overwrite, restart, keep_checkpoint, run,
                         fan_in, so, t0)
+
+
+def _transform_damage(output, so, loaded: list) -> Optional[str]:
+    """What the finished transform at ``output`` lost (:meth:`Transform.load` checks its
+    digest), or None, appending it to ``loaded`` when intact."""
+    try:
+        loaded.append(Transform.load(output, storage_options=so))
+    except DamagedOutputError as e:
+        return e.lost
+    return None
 
 
 def _fit_job(src, tgt, start, stop, opts, gram, fingerprint, fingerprints, models, pairing,
@@ -349,6 +361,29 @@ def output_status(output, storage_options: Optional[dict] = None) -> Optional[di
     return dict(attrs)
 
 
+def output_damage(path, storage_options: Optional[dict] = None) -> Optional[str]:
+    """What a finished bigalign output at ``path`` has lost since it was marked complete,
+    in words (``"1 of 5 files listed in its manifest are missing or changed (first:
+    part-00003.parquet, missing)"``), or None: intact, unfinished, or not an output. A rerun
+    of the job that wrote it refuses it (DamagedOutputError, exit 2) unless --overwrite;
+    ``info`` and ``status`` report it (exit 3). Cost: a Parquet export, one listing of its
+    folder; an apply output or embedding store, one listing of its arrays' chunk (shard)
+    objects; a transform, reading it (its SHA-256 is checked)."""
+    from .parquet_export import export_damage, export_manifest
+    from ..storage.outputs import inspect
+
+    so = storage_options
+    export = export_manifest(path, so)
+    if export is not None:
+        return export_damage(path, export, so) if export.get("complete") else None
+    node = inspect(path, so)
+    if node.kind == "transform":
+        return _transform_damage(path, so, [])
+    if node.complete:  # an apply output or embedding store marked complete
+        return chunks_damage(path, so)
+    return None
+
+
 def apply(transform: Union[Transform, str], source, output: str, *, dtype: str = "float32",
           renormalize: bool = False, target_centred: bool = False, overwrite: bool = False,
           compression: str = "none",
@@ -451,7 +486,8 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
                                  "ids": _ids_fingerprint(src_ids, ids_kind)}
     node = check_replaceable(output, "output", so, kinds=APPLY_KINDS)
     if node.kind in APPLY_KINDS and node.complete:
-        if finished_or_refuse(node, fingerprint, output, overwrite, restart, ckpt, so):
+        if finished_or_refuse(node, fingerprint, output, overwrite, restart, ckpt, so,
+                              damage=lambda: chunks_damage(output, so)):
             log.warning("%s is already complete with the same inputs and options: nothing "
                         "to do", output)
             return RunReport(0, time.perf_counter() - t0, 0, 0, 0, last - first, True)

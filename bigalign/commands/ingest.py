@@ -1066,7 +1066,7 @@ def import_vectors(inputs, output: str, *, ids_column: Optional[str] = None,
     from ..storage.embedding_store import create_store
     from ..storage.locations import check_disjoint
     from ..planning.options import Execution
-    from ..storage.outputs import STORE_KINDS, check_replaceable
+    from ..storage.outputs import STORE_KINDS, check_replaceable, chunks_damage
 
     t0 = time.perf_counter()
     so = storage_options
@@ -1096,7 +1096,8 @@ def import_vectors(inputs, output: str, *, ids_column: Optional[str] = None,
                     "row_ids": bool(row_ids), "model": model}}
     node = check_replaceable(output, "output", so, kinds=STORE_KINDS)
     if node.kind == "embedding-store" and node.complete:
-        if finished_or_refuse(node, fingerprint, output, overwrite, restart, ckpt, so):
+        if finished_or_refuse(node, fingerprint, output, overwrite, restart, ckpt, so,
+                              damage=lambda: chunks_damage(output, so)):
             log.warning("%s is already complete with the same inputs and options: nothing "
                         "to do", output)
             return RunReport(0, time.perf_counter() - t0, 0, 0, 0, total, True)

@@ -38,8 +38,9 @@ How it works, in the house style (a plan + a job + a graph):
   the fingerprint holds the source (its content witness), the ids, the rows and the
   options; a file is written under a temporary name and renamed into place (on object
   stores: one upload, which appears whole), then marked done. A rerun after a crash writes
-  the missing files; a rerun of a finished export is a no-op; changed inputs are refused,
-  naming what changed.
+  the missing files; a rerun of a finished export is a no-op while every file its manifest
+  lists is there with its size (:func:`export_damage`, one listing; else refused until
+  ``--overwrite``); changed inputs are refused, naming what changed.
 * **The graph** has one task per file: it streams the file's row groups from the source
   into the Parquet writer (polars' streaming sink over an IO source), so its memory is a
   few row groups, not a file.
@@ -73,8 +74,8 @@ from ..planning.plan import ExportPlan, export_row_bytes, make_export_plan
 log = logging.getLogger("bigalign")
 
 __all__ = ["export_parquet", "export_manifest", "check_folder", "part_name", "open_source",
-           "file_task", "export_graph", "FORMAT", "MANIFEST", "COMPRESSIONS", "DTYPES",
-           "BAD_ROWS"]
+           "file_task", "export_graph", "export_damage", "FORMAT", "MANIFEST", "COMPRESSIONS",
+           "DTYPES", "BAD_ROWS"]
 
 FORMAT = "bigalign.parquet-export/1"
 #: The manifest's name in the output folder (a leading "_": loaders skip it).
@@ -205,6 +206,25 @@ def _listing(folder) -> dict[str, int]:
         return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
                 for e in entries}
     return retrying(f"cannot list {folder.url!r}", ls)
+
+
+def export_damage(url, manifest: dict, storage_options: Optional[dict] = None) -> Optional[str]:
+    """What a finished export at ``url`` lost: ``"N of M files listed in its manifest are
+    missing or changed (first: NAME, missing)"`` when a file the manifest lists is not in
+    the folder or not of the size it records; None when all are there. One listing."""
+    files = [f for f in manifest.get("files", []) if isinstance(f, dict)]
+    present = _listing(_folder(url, storage_options))
+    bad = []
+    for f in files:
+        name = f.get("name")
+        if name not in present:
+            bad.append(f"{name}, missing")
+        elif f.get("bytes") is not None and present[name] != f["bytes"]:
+            bad.append(f"{name}, {present[name]:,} bytes where {f['bytes']:,} were written")
+    if not bad:
+        return None
+    return (f"{len(bad)} of {len(files)} files listed in its manifest are missing or changed "
+            f"(first: {bad[0]})")
 
 
 # ==== the source =============================================================================
@@ -564,7 +584,8 @@ def export_parquet(source, output: str, *, ids_column: str = "id",
     existing = check_folder(output, so)
     if existing is not None and existing.get("complete"):
         if finished_or_refuse(Node("parquet-export", existing), fingerprint, output,
-                              overwrite, restart, ckpt, so):
+                              overwrite, restart, ckpt, so,
+                              damage=lambda: export_damage(output, existing, so)):
             log.warning("%s is already complete with the same inputs and options: nothing "
                         "to do", output)
             return RunReport(0, time.perf_counter() - t0, 0, len(existing["files"]), 0,

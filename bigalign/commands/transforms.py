@@ -43,7 +43,8 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import DamagedOutputError, InputError
+from ..storage.checkpoint import refuse_damaged
 from ..storage.locations import check_disjoint
 from ..storage.outputs import TRANSFORM_KINDS, check_replaceable
 from ..execution.pairing import fitted_pairing
@@ -374,8 +375,13 @@ def _existing_transform(output, operation: str, fingerprint: dict, overwrite: bo
     if node.kind == "transform":
         stored = ((node.attrs.get("metadata") or {}).get("job") or {}).get("fingerprint")
         if stored == dict(fingerprint, operation=operation):
+            try:
+                t = Transform.load(output, storage_options=so)
+            except DamagedOutputError as e:  # never a no-op: refused, or written again
+                refuse_damaged(output, e.lost, overwrite)
+                return None
             log.warning("%s is already complete with the same inputs: nothing to do", output)
-            return Transform.load(output, storage_options=so)
+            return t
     if not overwrite:
         what = {"transform": "a bigalign transform made from other inputs",
                 "partial-transform": "an unfinished bigalign transform",

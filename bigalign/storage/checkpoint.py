@@ -70,7 +70,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 import numpy as np
 
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError, DamagedOutputError, InputError
 from ..maths.stats import Moments
 
 log = logging.getLogger("bigalign")
@@ -81,7 +81,7 @@ FORMAT = "bigalign.checkpoint/2"
 OWN_NAMES = ("manifest.json", "lease", "units", "done")
 
 __all__ = ["Job", "Lease", "LeaseHeldError", "LeaseLostError", "checkpointed", "clear_finished",
-           "finished_or_refuse", "describe_changes", "FORMAT"]
+           "finished_or_refuse", "refuse_damaged", "describe_changes", "FORMAT"]
 
 
 #: ``done/`` marker names: index, run id, rows and count of bad rows.
@@ -770,15 +770,33 @@ def clear_finished(url: Optional[str], run_id: Optional[str],
     return True
 
 
+def refuse_damaged(output, lost: str, overwrite: bool) -> None:
+    """A finished output that lost ``lost`` (a file, a chunk) is no no-op: raise
+    DamagedOutputError saying so, or with --overwrite say that it is written again."""
+    if not overwrite:
+        raise DamagedOutputError(f"output {str(output)!r} is marked complete but is damaged: "
+                                 f"{lost}. Rerun with --overwrite to write it again.")
+    log.warning("%s is marked complete but is damaged (%s): writing it again", output, lost)
+
+
 def finished_or_refuse(node, fingerprint: dict, output, overwrite: bool, restart: bool,
-                        checkpoint, storage_options) -> bool:
+                        checkpoint, storage_options, damage=None) -> bool:
     """For a complete output: True when it is this very job, finished (same fingerprint,
     and neither --overwrite nor --restart asks for a new run) -- its leftover checkpoint is
     removed; raise InputError naming what changed when it is another job and --overwrite
-    is not given; False when a new run may replace it."""
+    is not given; False when a new run may replace it.
+
+    ``damage``: called before a no-op is granted, it says what the finished output lost
+    (a file, a chunk) or None. A damaged output is never called done: it raises
+    DamagedOutputError (exit 2) naming what is missing, or with --overwrite returns False
+    (a new run writes it again)."""
     stored = node.attrs.get("job") or (node.attrs.get("metadata") or {}).get("job") or {}
     same = stored.get("fingerprint") == fingerprint
     if same and not restart:
+        lost = damage() if damage is not None else None
+        if lost:
+            refuse_damaged(output, lost, overwrite)
+            return False
         if clear_finished(checkpoint, stored.get("run_id"), storage_options):
             log.warning("removed the leftover checkpoint %s of the finished run", checkpoint)
         return True

@@ -35,8 +35,8 @@ import fsspec
 
 from ..errors import InputError
 
-__all__ = ["Node", "inspect", "check_replaceable", "TRANSFORM_FORMAT", "TRANSFORM_KINDS",
-           "APPLY_KINDS", "STORE_KINDS", "DEMO_KIND"]
+__all__ = ["Node", "inspect", "check_replaceable", "chunks_damage", "TRANSFORM_FORMAT",
+           "TRANSFORM_KINDS", "APPLY_KINDS", "STORE_KINDS", "DEMO_KIND"]
 
 TRANSFORM_FORMAT = "bigalign.transform/1"
 DEMO_KIND = "demo-data"
@@ -107,6 +107,27 @@ def inspect(url, storage_options: Optional[dict] = None) -> Node:
     if "complete" in attrs:
         return Node("apply-output", attrs)
     return Node("foreign")
+
+
+def chunks_damage(url, storage_options: Optional[dict] = None) -> Optional[str]:
+    """What a finished apply output or embedding store at ``url`` lost: ``"N of T chunks of
+    its embeddings are not stored (first: rows a:b, KEY)"`` (its ids alike), or None when
+    every chunk its shape and chunking imply is stored (they are written with
+    ``write_empty_chunks=True``, so each exists once written). One listing of each array's
+    objects (shard files when sharded; an inner chunk missing from a shard is found when
+    the output is read, by :func:`bigalign.storage.stores.read_rows`)."""
+    import zarr
+
+    from .stores import describe_unstored
+
+    node = zarr.open(str(url), mode="r", storage_options=storage_options)
+    arrays = [("its embeddings", node)] if isinstance(node, zarr.Array) else \
+        [(f"its {name}", node[name]) for name in ("embeddings", "ids") if name in node]
+    for what, arr in arrays:
+        lost = describe_unstored(arr, what)
+        if lost:
+            return lost
+    return None
 
 
 def check_replaceable(url, what: str, storage_options: Optional[dict] = None,

@@ -12,7 +12,9 @@ chunk grid through the array metadata's ``encode_chunk_key``), and while streami
 :func:`read_rows`: a chunk that reads entirely as the fill value (its first row is checked,
 then the whole chunk) is an error naming its rows. The streaming check costs one row
 comparison per chunk, catches what a stale object-store listing missed, and also finds an
-inner chunk absent from a stored shard, which no listing shows.
+inner chunk absent from a stored shard, which no listing shows. The same listing check
+(:func:`unstored_chunks`) tells whether a finished output still holds every chunk it was
+written with (:func:`bigalign.storage.outputs.chunks_damage`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from zarr.core.buffer.cpu import NDBuffer
 from ..errors import ChunkReadError, InputError, TransientChunkReadError, TransientError, is_transient
 
 __all__ = ["open_embeddings", "EmbeddingArray", "ArrayRows", "validate_pair", "create_output",
-           "read_rows", "write_rows", "parse_rows", "COMPRESSIONS"]
+           "read_rows", "write_rows", "parse_rows", "unstored_chunks", "describe_unstored",
+           "COMPRESSIONS"]
 
 FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 
@@ -253,40 +256,68 @@ def _node_kind(url, storage_options) -> Optional[str]:
 
 def _key_pattern(arr) -> tuple[str, str]:
     """(prefix, suffix) around the row index in the store key of a chunk (a shard when
-    sharded) of a whole-row 2-D array, from the metadata's public ``encode_chunk_key``:
-    ``c/12/0`` -> ("c/", "/0"); Zarr v2 ``12.0`` -> ("", ".0")."""
+    sharded) of a whole-row array (2-D, or 1-D ids), from the metadata's public
+    ``encode_chunk_key``: ``c/12/0`` -> ("c/", "/0"); Zarr v2 ``12.0`` -> ("", ".0")."""
     sentinel = 987654321
-    key = arr.metadata.encode_chunk_key((sentinel, 0))
+    key = arr.metadata.encode_chunk_key((sentinel,) + (0,) * (arr.ndim - 1))
     pre, _, post = key.partition(str(sentinel))
     return pre, post
 
 
-def _check_no_missing(emb: EmbeddingArray, entries: list) -> None:
-    """Zarr reads a chunk that is not stored as its fill value, silently. Embeddings never
-    legitimately have an all-fill chunk, so a missing one is an error, found up front from
-    ``entries`` (:func:`list_objects`: the one listing the content witness uses too).
-    Memory: one byte per chunk (shard) of the grid, whatever the key count."""
-    arr = emb.array
-    step = emb.row_step  # keys are per shard when sharded
-    total = math.ceil(emb.rows / step)
+def unstored_chunks(arr, entries: Optional[list] = None) -> Optional[tuple[np.ndarray, int, int]]:
+    """Which row chunks (shards when sharded) of a whole-row array (N, d) or (N,) have no
+    stored object: (their indices, how many the grid has, rows per chunk), from ``entries``
+    (:func:`list_objects`; one listing is taken when not given). None when the key encoding
+    does not hold the row index in decimal (nothing can be said). Memory: one byte per chunk
+    of the grid, whatever the key count. Finds a chunk (shard) file that is gone, not an
+    inner chunk missing from a stored shard."""
+    if entries is None:
+        entries = list_objects(arr)[1]
+    shards = getattr(arr, "shards", None)
+    step = int((shards or arr.chunks)[0])  # keys are per shard when sharded
+    rows = int(arr.shape[0])
+    total = math.ceil(rows / step)
     present = np.zeros(total, dtype=bool)
     node = str(getattr(arr, "path", "") or "").strip("/")
     try:
         pre, post = _key_pattern(arr)
-    except Exception:  # an encoding without the index in decimal: count objects instead
-        pre = post = None
+    except Exception:  # an encoding without the index in decimal
+        return None
     for rel, _, _ in entries:
-        if pre is None:
-            continue
         if node and rel.startswith(node + "/"):  # keys listed by the store, not the fs
             rel = rel[len(node) + 1:]
         if rel.startswith(pre) and rel.endswith(post):
             middle = rel[len(pre):len(rel) - len(post)] if post else rel[len(pre):]
             if middle.isdigit() and int(middle) < total:
                 present[int(middle)] = True
-    if pre is None:
+    return np.flatnonzero(~present), total, step
+
+
+def describe_unstored(arr, what: str, entries: Optional[list] = None) -> Optional[str]:
+    """``"N of T chunks of WHAT are not stored (first: rows a:b, key K)"`` for an array
+    every chunk of which should be stored (written with ``write_empty_chunks=True``), or
+    None when all are (or nothing can be said). One listing (:func:`unstored_chunks`)."""
+    found = unstored_chunks(arr, entries)
+    if found is None or not found[0].size:
+        return None
+    missing, total, step = found
+    first = int(missing[0])
+    unit = "shards" if getattr(arr, "shards", None) else "chunks"
+    key = arr.metadata.encode_chunk_key((first,) + (0,) * (arr.ndim - 1))
+    a = first * step
+    return (f"{missing.size} of {total} {unit} of {what} are not stored (first: rows "
+            f"{a}:{min(a + step, int(arr.shape[0]))}, {key})")
+
+
+def _check_no_missing(emb: EmbeddingArray, entries: list) -> None:
+    """Zarr reads a chunk that is not stored as its fill value, silently. Embeddings never
+    legitimately have an all-fill chunk, so a missing one is an error, found up front from
+    ``entries`` (:func:`list_objects`: the one listing the content witness uses too)."""
+    arr = emb.array
+    found = unstored_chunks(arr, entries)
+    if found is None:
         return
-    missing = np.flatnonzero(~present)
+    missing, total, step = found
     if missing.size:
         first = int(missing[0]) * step
         raise InputError(
