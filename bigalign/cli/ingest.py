@@ -74,9 +74,7 @@ def _import(args) -> int:
                        **common)
     if args.quiet:
         return 0
-    if r.already_complete:
-        print(f"{args.output}: already complete with the same inputs and options "
-              f"({r.rows_total:,} rows); nothing to do")
+    if r.already_complete:  # said on stderr by import's warning: once is enough
         return 0
     resumed = f", {r.units_resumed} of {r.units_total} regions were already done" \
         if r.units_resumed else ""

@@ -221,9 +221,7 @@ def _export_vectors(args) -> int:
                      "columns": {m.get("ids_column"): m.get("ids"),
                                  m.get("vector_column"): f"{m.get('dtype')}[{m.get('dim')}]"}})
     elif not args.quiet:
-        if r.already_complete:
-            print(f"{args.output}: already complete with the same inputs and options "
-                  f"({r.rows_total:,} rows in {_files(len(files))}); nothing to do")
+        if r.already_complete:  # said on stderr by the export's warning: once is enough
             return 0
         resumed = f"; {r.units_resumed} of {r.units_total} files were already written" \
             if r.units_resumed else ""
