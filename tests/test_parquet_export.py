@@ -206,9 +206,16 @@ def test_export_then_import_gives_the_same_store(tmp_path):
     cli("export", store, "--format", "parquet", "-o", tmp_path / "out", "--rows-per-file",
         "600", "-q", check=0)
     cli("import", f"{tmp_path / 'out'}/*.parquet", "-o", tmp_path / "back.store",
-        "--ids-column", "id", "--model", "e5", "-q", check=0)
-    emb, got_ids, model = open_store(str(tmp_path / "back.store"))
+        "--ids-column", "id", "-q", check=0)
+    emb, got_ids, model = open_store(str(tmp_path / "back.store"))  # the model comes back too
     assert np.array_equal(emb[:], x) and list(got_ids[:]) == ids and model == "e5"
+    cli("import", f"{tmp_path / 'out'}/*.parquet", "-o", tmp_path / "other.store",
+        "--ids-column", "id", "--model", "mine", "-q", check=0)  # --model still wins
+    assert open_store(str(tmp_path / "other.store"))[2] == "mine"
+    pl.DataFrame({"id": ["z"], "embedding": [x[0].tolist()]}).write_parquet(tmp_path / "z.parquet")
+    cli("import", f"{tmp_path / 'out'}/*.parquet", tmp_path / "z.parquet", "-o",
+        tmp_path / "mixed.store", "--ids-column", "id", "-q", check=0)  # not all name it
+    assert open_store(str(tmp_path / "mixed.store"))[2] is None
 
 
 def test_nan_rows_and_float16_overflow_are_named(tmp_path):

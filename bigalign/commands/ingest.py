@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import bisect
 import glob as _glob
+import json
 import logging
 import math
 import os
@@ -264,7 +265,8 @@ class SourceFile:
     ``dim``, ``dtype`` (of the stored values), ``size`` and ``stamp`` (mtime or ETag);
     ``offset``/``order`` (npy, fvecs: where rows start, C or F order); ``vector_column`` /
     ``ids_column`` / ``ids_kind`` / ``row_groups`` (Parquet: rows of each row group, from the
-    footer; None when unknown)."""
+    footer; None when unknown) / ``model`` (Parquet written by ``bigalign export``: the
+    model its ``bigalign`` metadata names)."""
 
     name: str
     url: str
@@ -281,6 +283,7 @@ class SourceFile:
     ids_column: Optional[str] = None
     ids_kind: Optional[str] = None
     row_groups: Optional[tuple] = None
+    model: Optional[str] = None
 
     def fingerprint(self, index: int) -> dict:
         return {"position": index, "format": self.format, "size": self.size,
@@ -377,7 +380,25 @@ def probe(name: str, url: str, fs, path: str, local: bool, *,
     groups = None if footer is None else footer["row_groups"]
     if groups is not None and sum(groups) != found["rows"]:
         groups = None
-    return SourceFile(**common, **found, row_groups=groups)
+    return SourceFile(**common, **found, row_groups=groups, model=_exported_model(footer))
+
+
+def _exported_model(footer: Optional[dict]) -> Optional[str]:
+    """The model a Parquet file written by ``bigalign export`` names in its ``bigalign``
+    key-value metadata, or None."""
+    raw = (footer or {}).get("metadata", {}).get("bigalign")
+    try:
+        model = json.loads(raw).get("model") if raw else None
+    except (ValueError, AttributeError):
+        return None
+    return model if isinstance(model, str) and model else None
+
+
+def files_model(files) -> Optional[str]:
+    """The model stamp every input names (files written by ``bigalign export``), or None
+    when some name none or they disagree."""
+    models = {f.model for f in files if f.rows}
+    return models.pop() if len(models) == 1 and None not in models else None
 
 
 def _probe_npy(name, fs, path) -> dict:
@@ -726,8 +747,9 @@ _HAS_BATCHES = _has_batches()
 
 def parquet_footer(fs, path: str, size: int) -> Optional[dict]:
     """What the footer of a Parquet file says (one or two ranged reads): ``rows``,
-    ``row_groups`` (rows of each) and ``values`` (top-level column -> its leaf values per
-    row group, nulls included), or None when it cannot be read."""
+    ``row_groups`` (rows of each), ``values`` (top-level column -> its leaf values per
+    row group, nulls included) and ``metadata`` (its key-value metadata, str -> str), or
+    None when it cannot be read."""
     import struct
 
     try:
@@ -750,8 +772,10 @@ def parquet_footer(fs, path: str, size: int) -> Optional[dict]:
                 if path_in_schema and 5 in cm:
                     name = bytes(path_in_schema[0]).decode("utf-8", "replace")
                     values.setdefault(name, [0] * len(groups))[g] += int(cm[5])
+        kv = {bytes(e[1]).decode("utf-8", "replace"): bytes(e.get(2, b"")).decode(
+            "utf-8", "replace") for e in meta.get(5, []) if isinstance(e, dict) and 1 in e}
         return {"rows": int(meta[3]), "row_groups": groups,
-                "values": {k: tuple(v) for k, v in values.items()}}
+                "values": {k: tuple(v) for k, v in values.items()}, "metadata": kv}
     except Exception:
         return None
 
@@ -1044,7 +1068,8 @@ def import_vectors(inputs, output: str, *, ids_column: Optional[str] = None,
     vector_column : Parquet column of the vectors (default: the only list/array column
         of numbers).
     row_ids : store the store's row numbers as int64 ids (any format).
-    model : name of the model that embedded the vectors (the store's ``model`` attribute).
+    model : name of the model that embedded the vectors (the store's ``model`` attribute);
+        default: the model Parquet files written by ``bigalign export`` name, when all do.
     chunk_rows : rows per stored chunk (default: about 32 MiB of vectors per chunk).
     dtype : float16/float32/float64 (default: the inputs' float dtype when they all share
         one, else float32).
@@ -1080,6 +1105,9 @@ def import_vectors(inputs, output: str, *, ids_column: Optional[str] = None,
     check_disjoint({f"input {name}": url for name, url, *_ in expanded},
                    {"output": output, "checkpoint": ckpt}, so)
     files = probe_all(expanded, vector_column=vector_column, ids_column=ids_column)
+    if model is None and files_model(files) is not None:
+        model = files_model(files)
+        log.info("model %r: named by the inputs' bigalign export metadata", model)
     dim = next(f.dim for f in files if f.rows)
     store_dtype = _store_dtype(files, dtype)
     total = sum(f.rows for f in files)
