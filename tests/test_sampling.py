@@ -2,12 +2,14 @@
 touch few chunks; the Parquet file holds rows and ids."""
 
 import json
+import os
 
 import numpy as np
 import polars as pl
 import pytest
 
 from bigalign.errors import InputError
+from bigalign.commands.parquet_export import export_parquet
 from bigalign.commands.sampling import sample_corpus, sample_rows
 from test_pairing import make_store
 
@@ -45,10 +47,19 @@ def test_sample_corpus_writes_rows_and_ids(tmp_path):
     assert summary["chunks_touched"] == 3 and summary["chunks_total"] == 10
     meta = json.loads(pl.read_parquet_metadata(out)["bigalign"])
     assert meta["method"] == "chunks" and meta["seed"] == 1 and meta["model"] == "old"
+    mtime = os.stat(out).st_mtime_ns
+    again = sample_corpus(store, 250, out, method="chunks", seed=1)  # the same job: a no-op
+    assert again["already_complete"] and os.stat(out).st_mtime_ns == mtime
     with pytest.raises(InputError, match="already exists"):
-        sample_corpus(store, 250, out)
+        sample_corpus(store, 250, out)  # another method: refused without --overwrite
     sample_corpus(store, 100, out, overwrite=True)
     assert pl.read_parquet(out).height == 100
+    export_parquet(store, str(tmp_path / "ex"))  # an export's file has bigalign metadata too
+    part = tmp_path / "ex" / "part-00000.parquet"
+    before = part.read_bytes()
+    with pytest.raises(InputError, match="was not written by 'bigalign sample'"):
+        sample_corpus(store, 10, str(part), overwrite=True)
+    assert part.read_bytes() == before
     foreign = tmp_path / "mine.parquet"
     foreign.write_bytes(b"not ours")
     with pytest.raises(InputError, match="was not written by 'bigalign sample'"):

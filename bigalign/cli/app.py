@@ -693,6 +693,8 @@ def _sample(args) -> int:
 
     s = sample_corpus(args.corpus, args.pairs, args.output, method=args.method, seed=args.seed,
                       overwrite=args.overwrite, storage_options=storage_options(args))
+    if s["already_complete"]:  # said on stderr by the sample's warning
+        return 0
     print(f"wrote {s['rows']:,} sampled rows to {args.output} ({s['method']}, seed "
           f"{s['seed']}; they lie in {s['chunks_touched']:,} of {s['chunks_total']:,} stored "
           "chunks)")

@@ -18,7 +18,9 @@ method and the seed.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import os
 import tempfile
@@ -30,6 +32,8 @@ from ..errors import InputError
 from ..storage.locations import check_disjoint
 from ..storage.embedding_store import store_parts
 from ..storage.stores import open_embeddings
+
+log = logging.getLogger("bigalign")
 
 __all__ = ["sample_rows", "sample_corpus", "METHODS"]
 
@@ -67,7 +71,10 @@ def sample_corpus(corpus, n: int, output: str, *, method: str = "uniform", seed:
                   overwrite: bool = False, storage_options: Optional[dict] = None) -> dict:
     """Write a sample of ``n`` rows of ``corpus`` (a store or a bare array) to the Parquet
     file ``output``: columns ``row`` and, for a store with ids, ``id``. Returns a summary
-    {rows, method, seed, chunks_touched, chunks_total}."""
+    {rows, method, seed, chunks_touched, chunks_total, already_complete}. A rerun with the
+    same corpus (its content witness), size, method and seed finds its file and writes
+    nothing (``already_complete``); ``overwrite`` replaces a sample it wrote, never another
+    file."""
     import polars as pl
 
     url, ids, model = store_parts(corpus, storage_options)
@@ -76,22 +83,29 @@ def sample_corpus(corpus, n: int, output: str, *, method: str = "uniform", seed:
     check_disjoint({"corpus": corpus}, {"output": output}, storage_options)
     if os.path.isdir(output):
         raise InputError(f"output {output!r} is a folder; give a file name (.parquet)")
+    job = {"corpus": emb.fingerprint(), "rows": int(n), "method": method, "seed": seed}
     if os.path.exists(output):
-        if not _written_by_sample(output):
+        written = _written_by_sample(output)
+        if written is None:
             raise InputError(f"output {output!r} already exists and was not written by "
                              "'bigalign sample': bigalign deletes only what it wrote, even "
                              "with --overwrite. Remove it yourself or choose another name.")
+        if written.get("job") == job_key(job):
+            log.warning("%s is already complete with the same corpus and options: nothing "
+                        "to do", output)
+            return dict(written, already_complete=True)
         if not overwrite:
-            raise InputError(f"output {output!r} already exists (pass --overwrite to "
-                             "replace it)")
+            raise InputError(f"output {output!r} already exists (a sample of other rows or "
+                             "options; pass --overwrite to replace it)")
     rows = sample_rows(emb.rows, n, method=method, seed=seed, chunk_rows=emb.row_step)
     columns = {"row": rows}
     if ids is not None:
         columns["id"] = _take_ids(ids, rows)
     chunks = np.unique(rows // emb.row_step)
-    summary = {"rows": int(n), "method": method, "seed": seed, "corpus": str(corpus),
-               "model": model, "chunks_touched": int(len(chunks)),
-               "chunks_total": int(math.ceil(emb.rows / emb.row_step))}
+    summary = {"kind": "sample", "rows": int(n), "method": method, "seed": seed,
+               "corpus": str(corpus), "model": model, "chunks_touched": int(len(chunks)),
+               "chunks_total": int(math.ceil(emb.rows / emb.row_step)),
+               "job": job_key(job)}
     frame = pl.DataFrame(columns)
     folder = os.path.dirname(os.path.abspath(output))
     try:  # a missing folder is created, as import, fit, apply and export do for theirs
@@ -107,17 +121,26 @@ def sample_corpus(corpus, n: int, output: str, *, method: str = "uniform", seed:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return summary
+    return dict(summary, already_complete=False)
 
 
-def _written_by_sample(path: str) -> bool:
-    """Is ``path`` a Parquet file this module wrote (its ``bigalign`` metadata key)?"""
+def job_key(job: dict) -> str:
+    """A sample's identity (corpus fingerprint and options) as a short digest."""
+    return hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _written_by_sample(path: str) -> Optional[dict]:
+    """The summary a Parquet file this module wrote records (its ``bigalign`` metadata:
+    a sample's keys, not an export's), or None for any other file."""
     import polars as pl
 
     try:
-        return "bigalign" in pl.read_parquet_metadata(path)
+        meta = json.loads(pl.read_parquet_metadata(path)["bigalign"])
     except Exception:
-        return False
+        return None
+    if not isinstance(meta, dict) or not {"method", "seed", "chunks_total"} <= meta.keys():
+        return None
+    return meta
 
 
 def _take_ids(ids, rows: np.ndarray) -> np.ndarray:
