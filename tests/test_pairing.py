@@ -232,3 +232,21 @@ def test_sample_of_all_matched_pairs_warns_none_held_out(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="bigalign"):
         bigalign.fit(s, t, sample=150, seed=2)
     assert not any("--sample" in r.getMessage() for r in caplog.records)
+
+
+def test_fit_by_ids_refuses_an_output_on_its_input_before_joining(tmp_path, monkeypatch):
+    """An output that aliases an input is refused up front, before the id join (which reads
+    every id of both stores) is paid for."""
+    from bigalign.commands import api
+
+    a, b, _ = planted(300, 4, seed=2)
+    ids = np.arange(300)
+    s = make_store(tmp_path / "a.store", a, ids, chunk=100)
+    t = make_store(tmp_path / "b.store", b, ids[::-1].copy(), chunk=100)
+
+    def no_join(*_a, **_k):
+        raise AssertionError("joined the ids before checking the output")
+
+    monkeypatch.setattr(api, "join", no_join)
+    with pytest.raises(InputError, match="never writes over its inputs"):
+        bigalign.fit(s, t, output=f"{s}/t")

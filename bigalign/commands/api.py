@@ -148,6 +148,10 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
     src = open_embeddings(src_url, side="source", storage_options=so, check_chunks=check_chunks)
     tgt = open_embeddings(tgt_url, side="target", storage_options=so, check_chunks=check_chunks)
     models = {"source_model": source_model or src_model, "target_model": target_model or tgt_model}
+    if checkpoint is None and output is not None:
+        checkpoint = default_checkpoint(output)
+    check_disjoint({"source": source, "target": target},  # before any work on the inputs
+                   {"output": output, "checkpoint": checkpoint}, so)
     by_ids = pair_by_ids(pair_by, src_ids, tgt_ids)
     if by_ids:
         if rows is not None:
@@ -185,10 +189,6 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
         raise InputError(f"--no-reflection needs equal dimensions (a proper rotation), got "
                          f"source {dim_a} and target {dim_b}")
     gram = bool(diagnostics or dim_a > dim_b)  # dA > dB: the residual needs A^T A
-    if checkpoint is None and output is not None:
-        checkpoint = default_checkpoint(output)
-    check_disjoint({"source": source, "target": target},
-                   {"output": output, "checkpoint": checkpoint}, so)
     fingerprint = dict(fingerprints, rows=[start, stop],
                        options={"normalize": normalize, "gram": gram,
                                 "precision": opts.precision})
