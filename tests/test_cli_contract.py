@@ -281,6 +281,18 @@ def test_quiet_prints_no_summary_for_any_command(done, tmp_path, capsys, command
     assert code == 0 and out.strip(), err
 
 
+def test_import_json_prints_its_summary(tmp_path, capsys):
+    """--json (every command that runs a job has it) prints a JSON summary for import too,
+    with or without -q, on a first run and on a rerun."""
+    np.save(tmp_path / "v.npy", np.ones((20, 4), np.float32))
+    for extra, again in (([], False), (["-q"], True)):
+        code, out, err = run(capsys, "import", tmp_path / "v.npy", "-o", tmp_path / "s",
+                             "--json", *extra)
+        doc = json.loads(out)
+        assert code == 0 and doc["kind"] == "embedding-store" and doc["rows"] == 20, err
+        assert doc["already_complete"] is again and doc["complete"]
+
+
 # ---- 8. progress in log files ----------------------------------------------------------------
 
 def test_progress_is_line_based_when_stderr_is_not_a_terminal(tmp_path):

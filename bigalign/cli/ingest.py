@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from .app import _common, _run_args
+from .app import _common, _print_json, _run_args
 
 DESCRIPTION = """\
 Import vectors into an embedding store: a Zarr group holding 'embeddings' (N x d, chunked by
@@ -72,6 +72,13 @@ def _import(args) -> int:
                        vector_column=args.vector_column, row_ids=args.row_ids,
                        model=args.model, chunk_rows=args.chunk_rows, dtype=args.dtype,
                        **common)
+    if args.json:
+        _print_json({"kind": "embedding-store", "path": args.output, "complete": True,
+                     "already_complete": r.already_complete, "rows": r.rows_total,
+                     "rows_written": r.rows, "regions_resumed": r.units_resumed,
+                     "regions": r.units_total, "seconds": r.seconds,
+                     "rows_per_second": r.rows_per_second, "tasks": r.tasks})
+        return 0
     if args.quiet:
         return 0
     if r.already_complete:  # said on stderr by import's warning: once is enough
