@@ -338,3 +338,33 @@ def test_first_publish_says_first_version(data, capsys):
     assert main(["realign", cfg, "--run-id", "r1"]) == 0
     err = capsys.readouterr().err
     assert "published v0001 (the first version)" in err and "None" not in err
+
+
+def test_a_taken_apply_output_is_refused_before_the_version_is_written(data, capsys):
+    """[apply] runs after the version is written: an output already taken (here a user's
+    array) is refused first, so nothing is written or published and no version is left
+    that this run id could never make current. A rerun with other options says so in
+    realign's terms (no --restart); the original rerun, once the path is free, publishes."""
+    tmp, _, _ = data
+    text = open(config(tmp / "taken.toml", "reg-taken")).read()
+    cfg = tmp / "taken.toml"
+    cfg.write_text(text.replace("out/mapped-{version}", "taken/mapped-{version}"))
+    zarr.create_array(str(tmp / "taken" / "mapped-v0001.zarr"), data=np.ones((4, DIM)))
+    assert realign(cfg, "--run-id", "t1") == 2
+    err = capsys.readouterr().err
+    assert "for the next version v0001 already holds something bigalign did not write" in err
+    assert "nothing was written or published" in err
+    reg = Registry(tmp / "reg-taken")
+    assert reg.versions() == [] and reg.current() is None
+    assert zarr.open_array(str(tmp / "taken" / "mapped-v0001.zarr"))[:].tolist() == \
+        np.ones((4, DIM)).tolist()
+    other = tmp / "taken2.toml"
+    other.write_text(text.replace("out/mapped-{version}", "taken2/mapped-{version}"))
+    assert realign(other, "--run-id", "t1") == 2
+    err = capsys.readouterr().err
+    assert "was started with other inputs or options and has not finished" in err
+    assert "use another --run-id" in err and "--restart" not in err
+    import shutil
+    shutil.rmtree(tmp / "taken")
+    assert realign(cfg, "--run-id", "t1") == 0
+    assert reg.versions() == ["v0001"] and reg.current() == "v0001"

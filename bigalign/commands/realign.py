@@ -628,6 +628,20 @@ def _finished(reg: Registry, run_id: str, fingerprint: dict) -> Optional[dict]:
     return dict(verdict, already_done=True)
 
 
+def _refuse_changed(reg: Registry, run_id: str, fingerprint: dict, so) -> None:
+    """An unfinished run ``run_id`` started with other inputs or options is refused in
+    realign's own terms (the job protocol would suggest --restart, which realign has not):
+    resume it with its configuration, or start another run."""
+    old = Job(f"{reg.run_url(run_id)}/job", so).manifest()
+    changes = describe_changes((old or {}).get("fingerprint") or {}, fingerprint) \
+        if old is not None else []
+    if changes:
+        raise InputError(f"realign run {run_id!r} was started with other inputs or options "
+                         "and has not finished:\n  " + "\n  ".join(changes) +
+                         "\nRerun it with its original configuration and inputs to finish "
+                         "it, or use another --run-id for a new run.")
+
+
 def _lease_held(e: BaseException) -> bool:
     """Was ``e`` a refusal because another run holds a lease (the registry's, this run's or
     its fit's)? Those are the only errors :func:`realign`'s ``wait`` retries."""
@@ -701,6 +715,7 @@ def _realign_locked(cfg: RealignConfig, reg: Registry, run_id: str, src: _Side, 
         done = _finished(reg, run_id, fingerprint)  # finished while we waited for the lock
         if done is not None:
             return done
+        _refuse_changed(reg, run_id, fingerprint, so)
         with checkpointed(f"{reg.run_url(run_id)}/job", "realign", fingerprint,
                           {"run_id": run_id}, storage_options=so) as (job, _):
             files = _RunFiles(reg, run_id, job)
@@ -774,6 +789,9 @@ def _run(cfg: RealignConfig, reg: Registry, lock: Job, files: _RunFiles, src: _S
     if reg.record(version, missing_ok=True) is None:
         from ..transform import Transform
 
+        if cfg.apply is not None:  # apply runs after this write: its output must be free now
+            _check_apply_output(cfg.apply.output.format(version=version), version, so)
+
         cand = Transform.load(files.candidate, storage_options=so)
         record = {"run_id": run_id, "created": _now(), "bigalign_version": __version__,
                   "previous": reg.current(),
@@ -792,12 +810,20 @@ def _run(cfg: RealignConfig, reg: Registry, lock: Job, files: _RunFiles, src: _S
     applied = None
     if cfg.apply is not None:
         output = cfg.apply.output.format(version=version)
-        report = bigalign.apply(reg.transform_url(version), cfg.apply.corpus, output,
-                                storage_options=so, scheduler=run.scheduler,
-                                workers=run.workers, memory_limit=run.memory_limit,
-                                threads=run.threads, block_bytes=run.block_bytes,
-                                progress=run.progress, device=run.device,
-                                **cfg.apply.options)
+        try:
+            report = bigalign.apply(reg.transform_url(version), cfg.apply.corpus, output,
+                                    storage_options=so, scheduler=run.scheduler,
+                                    workers=run.workers, memory_limit=run.memory_limit,
+                                    threads=run.threads, block_bytes=run.block_bytes,
+                                    progress=run.progress, device=run.device,
+                                    **cfg.apply.options)
+        except InputError as e:  # an output taken meanwhile: apply's remedies
+            if "--overwrite" not in str(e) and "--restart" not in str(e):  # are not realign's
+                raise
+            raise InputError(f"realign {run_id}: [apply] of {version} into {output!r}: {e}\n"
+                             f"(realign has no such option) {version} is written but not "
+                             "current: remove what is at the output, then rerun this "
+                             "--run-id to finish it") from None
         applied = {"corpus": cfg.apply.corpus, "output": output, "rows": report.rows_total}
         faults.point("realign.applied")
     pointer = reg.published_by(run_id, version) or \
@@ -811,6 +837,20 @@ def _run(cfg: RealignConfig, reg: Registry, lock: Job, files: _RunFiles, src: _S
     log.info("realign %s: published %s (%s)", run_id, version,
              f"was {pointer['previous']}" if pointer.get("previous") else "the first version")
     return dict(verdict, already_done=False)
+
+
+def _check_apply_output(output: str, version: str, so) -> None:
+    """Refuse (InputError) before version ``version`` is written when its ``[apply]`` output
+    is taken: the apply runs after the version is written, and would otherwise leave a
+    version that can never become current under this run id."""
+    from ..storage.outputs import inspect
+
+    node = inspect(output, so)
+    if node.kind != "absent":
+        what = f"a bigalign {node.kind}" if node.ours else "something bigalign did not write"
+        raise InputError(f"[apply] output {output!r} for the next version {version} already "
+                         f"holds {what}; nothing was written or published. Remove it, or "
+                         "point [apply] output elsewhere, then rerun.")
 
 
 def summary(verdict: dict) -> dict:

@@ -179,8 +179,10 @@ class Registry:
         self.check()
         current = self.current()
         if current is None:
-            raise InputError(f"registry {self.url!r} has no current version yet (nothing "
-                             "was published)")
+            written = self.versions()
+            raise InputError(f"registry {self.url!r} has no current version yet" + (
+                f" (versions written but never made current: {', '.join(written)})"
+                if written else " (nothing was published)"))
         return current
 
     def history(self) -> list[dict]:
