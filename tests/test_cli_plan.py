@@ -4,6 +4,7 @@ text and JSON, and its numbers equal to the plan a real run makes."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -37,7 +38,8 @@ def test_plan_from_shapes_at_scale(capsys, kind):
         assert est["rows_per_file"] % est["plan"]["step"] == 0
         assert (est["files"] - 1) * est["rows_per_file"] < 10**10 <= est["files"] * est["rows_per_file"]
         assert est["bytes_written"] == 10**10 * (1024 * 4 + 8)
-    text = run(capsys, kind, "--rows", "10_000_000_000", "--dims", "1024,768")
+    text = run(capsys, kind, "--rows", "10_000_000_000", "--dims",
+               "1024" if kind == "export" else "1024,768")
     assert "tasks" in text and "pass --workers" in text
 
 
@@ -103,6 +105,21 @@ def test_plan_refuses_what_it_cannot_plan(capsys):
     assert main(["plan", "fit", "--rows", "1e9"]) == 2
     assert "needs --rows N and --dims" in capsys.readouterr().err
     assert main(["plan", "fit", "--rows", "abc", "--dims", "8"]) == 2
+    for flag, value in (("--workers", "-3"), ("--workers", "0"),
+                        ("--threads-per-worker", "0"), ("--rate", "-1")):
+        assert main(["plan", "fit", "--rows", "1e9", "--dims", "8", flag, value]) == 2
+        assert f"{flag} {value}" in capsys.readouterr().err  # not a negative time
+    assert main(["plan", "export", "--rows", "1e9", "--dims", "1024,384"]) == 2
+    assert "give one dimension" in capsys.readouterr().err
+
+
+def test_plan_text_of_a_small_job(capsys):
+    """A file never holds more rows than the export; a job too small for the 2 % budget
+    still saves one unit, and the text says so rather than breaking its own budget."""
+    text = run(capsys, "export", "--rows", "100000", "--dims", "384")
+    assert "1 Parquet file of up to 100,000 rows (~154.4 MB each" in text
+    text = run(capsys, "fit", "--rows", "20000", "--dims", "384")
+    assert "2 % budget, but a job saves at least one unit" in text
 
 
 @pytest.mark.parametrize("rows_per_file", [None, 700])
@@ -120,7 +137,8 @@ def test_plan_export_equals_the_files_an_export_writes(capsys, tmp_path, rows_pe
     assert est["files"] == len(written) and est["rows"] == 4800
     assert est["ids"] == "string" and est["bytes_read"] == 4800 * (12 * 4 + 16)
     text = run(capsys, "export", s, *extra)
-    assert "Parquet files of" in text and "ids: string" in text
+    assert re.search(r"\d+ Parquet files? of up to [\d,]+ rows", text), text
+    assert "ids: string" in text
 
 
 def test_plan_export_refuses_rows_per_file_off_the_chunks(tmp_path):

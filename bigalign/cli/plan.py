@@ -138,6 +138,11 @@ def _rows(args, n: int) -> tuple[int, int]:
 
 def _plan(args) -> int:
     so = storage_options(args)
+    for value, flag in ((args.workers, "--workers"), (args.threads_per_worker,
+                                                      "--threads-per-worker"),
+                        (args.rate, "--rate")):
+        if value is not None and not value > 0:
+            raise InputError(f"{flag} {value}: expected a positive number")
     block = int(args.block_mb * 2**20)
     source_note = "shapes given on the command line"
     if args.kind == "fit":
@@ -241,6 +246,9 @@ def _plan_export(args, so):
         kind, stored, dtype = ids_kind(ids), ids is not None, emb.dtype
         note = f"metadata of {args.inputs[0]}"
     else:
+        if args.dims and "," in str(args.dims):
+            raise InputError(f"--dims {args.dims}: an export writes one store's vectors; give "
+                             "one dimension")
         (src,), _ = _synthetic(args, 1)
         start, stop = 0, src.rows
         kind, stored, dtype = "int64", False, np.dtype(args.dtype)
@@ -313,7 +321,9 @@ def describe(est: dict) -> str:
             f"  reads             {_n(est['rows_per_read'])} rows at a time (whole chunks)",
             f"  checkpoint        {_n(c['units'])} units of {_n(c['blocks_per_unit'])} tasks: "
             f"{_n(c['files'])} files, {_b(c['bytes_written'])} written "
-            f"({100 * c['fraction_of_input']:.2f} % of the input; 2 % budget)",
+            f"({100 * c['fraction_of_input']:.2f} % of the input; 2 % budget" + (
+                ", but a job saves at least one unit)" if c["fraction_of_input"] > 0.02
+                and c["units"] == 1 else ")"),
             f"  bytes read        {_b(est['bytes_read'])}",
             f"  bytes written     {_b(est['bytes_written'])} (checkpoint units and the transform)",
             f"  storage requests  {_gets(r)}; {_n(r['checkpoint_puts'])} unit PUTs, each "
@@ -323,8 +333,10 @@ def describe(est: dict) -> str:
     elif est["kind"] == "export":
         c = est["checkpoint"]
         lines += [
-            f"  files             {_n(est['files'])} Parquet files of {_n(est['rows_per_file'])} "
-            f"rows (~{_b(est['bytes_per_file'])} each; ids: {est['ids']}, vectors "
+            f"  files             {_n(est['files'])} Parquet file"
+            f"{'s' * (est['files'] != 1)} of up to {_n(min(est['rows_per_file'], est['rows']))} "
+            f"rows (~{_b(est['bytes_per_file'] * min(1.0, est['rows'] / est['rows_per_file']))}"
+            f" each; ids: {est['ids']}, vectors "
             f"{est['dtype']}), one task each, written in row groups of "
             f"{_n(est['rows_per_group'])} rows; {_n(est['count_tasks'])} count tasks",
             f"  checkpoint        {_n(c['markers'])} done-markers (one per file); resume and "
