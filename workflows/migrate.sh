@@ -7,20 +7,22 @@
 #     s3://emb/pairs_old.zarr s3://emb/pairs_new.zarr s3://emb/corpus_old.zarr \
 #     s3://emb/migration-2025-06
 #
-# Rerunnable: run it again after a crash, a kill or a failed gate. Finished steps
-# are skipped (fit and apply refuse to overwrite a finished result), an unfinished
-# fit or apply resumes from its checkpoint next to its output.
+# Rerunnable: run it again after a crash, a kill or a failed gate. Every step runs
+# each time: a finished fit or apply with the same inputs and
+# options does nothing, an unfinished one resumes from its checkpoint next to its
+# output, and one whose inputs or options changed (another TRAIN_ROWS, new pairs) is
+# refused naming the change (exit 2) rather than reused.
 #
 # Environment:
 #   SCHEDULER   dask.distributed scheduler address or scheduler file (.json);
 #               unset: WORKERS local worker processes (default: all cores)
-#   TRAIN_ROWS  paired rows to fit on (default 0:1000000); rows after them stay
-#               free for evaluating the map
+#   TRAIN_ROWS  paired rows to fit on, START:STOP (default: all of them); set it,
+#               e.g. 0:1000000, to keep the later rows free for evaluating the map
 #   MAX_RELATIVE_RESIDUAL  gate on ||AQ-B||^2/||B||^2 over the training rows
 #               (default 0.5); set it from a pilot fit on your model pair
 #   FSSPEC_S3='{"endpoint_url": "..."}'  object-store options: fsspec's env config
-#               reaches every command, `bigalign info` included (it has no
-#               --storage-option), and Dask workers that get the same env.
+#               reaches every command and Dask workers that get the same env (or
+#               pass --storage-option to each command).
 set -euo pipefail
 
 if [[ $# -ne 4 ]]; then
@@ -30,7 +32,10 @@ fi
 pairs_old=$1 pairs_new=$2 corpus=$3 out=${4%/}
 transform="$out/old2new.transform"
 mapped="$out/corpus.zarr"
-train_rows=${TRAIN_ROWS:-0:1000000}
+rows=()
+if [[ -n ${TRAIN_ROWS:-} ]]; then
+  rows=(--rows "$TRAIN_ROWS")
+fi
 max_residual=${MAX_RELATIVE_RESIDUAL:-0.5}
 
 if [[ -n ${SCHEDULER:-} ]]; then
@@ -41,13 +46,8 @@ fi
 
 say() { echo "migrate: $*" >&2; }
 
-# 1. Fit. `info` exits 0 only for a finished transform.
-if bigalign info "$transform" >/dev/null 2>&1; then
-  say "fit: $transform is already there, skipping"
-else
-  bigalign fit "$pairs_old" "$pairs_new" -o "$transform" --center \
-    --rows "$train_rows" "${run[@]}"
-fi
+# 1. Fit (a no-op when this very fit is already done).
+bigalign fit "$pairs_old" "$pairs_new" -o "$transform" --center "${rows[@]}" "${run[@]}"
 
 # 2. Gate on the fit's quality before spending hours on the corpus. Plain Python,
 # no jq: the image and most hosts have python3 but not jq.
@@ -65,12 +65,8 @@ sys.exit(0 if r is not None and r <= limit else 1)
   exit 1
 fi
 
-# 3. Apply. `info` exits 0 complete, 3 incomplete (apply resumes), 2 absent.
-if bigalign info "$mapped" >/dev/null 2>&1; then
-  say "apply: $mapped is already complete, skipping"
-else
-  bigalign apply "$transform" "$corpus" -o "$mapped" "${run[@]}"
-fi
+# 3. Apply (resumes an unfinished one; a no-op when it is done).
+bigalign apply "$transform" "$corpus" -o "$mapped" "${run[@]}"
 
 # 4. Verify: the output is marked complete only after its last region is stored.
 if ! bigalign info "$mapped"; then

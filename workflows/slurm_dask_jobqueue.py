@@ -14,7 +14,8 @@ workers read and write them.
         --out /shared/align/run1 --jobs 8 --queue cpu --account myproj --dry-run
 
 Cut short (walltime, preemption, Ctrl-C)? Run the same command again: fit and apply
-resume from their checkpoints and finished steps are skipped.
+resume from their checkpoints, finished steps do nothing, and changed inputs or options
+are refused naming what changed.
 """
 
 import argparse
@@ -51,16 +52,15 @@ def main(argv=None) -> int:
 
         transform = os.path.join(args.out, "transform.zarr")
         output = os.path.join(args.out, "corpus.zarr")
-        # fit and apply refuse to overwrite a finished result; skip what is done.
-        try:
-            bigalign.Transform.load(transform)
-        except bigalign.InputError:  # absent, or a save cut short: fit (resumes)
-            t = bigalign.fit(args.source, args.target, output=transform, center=True,
-                             rows=args.rows, **run)
-            print(f"fit: relative residual {t.metadata['relative_residual']:.4g}")
-        if not (bigalign.output_status(output) or {}).get("complete"):
-            r = bigalign.apply(transform, args.corpus or args.source, output, **run)
-            print(f"apply: {r.rows:,} rows in {r.seconds:.0f}s")
+        # Each step runs every time: a finished one with the same inputs and options does
+        # nothing, an unfinished one resumes, and one whose inputs or options changed
+        # (another --rows, new pairs) is refused naming the change, never reused silently.
+        t = bigalign.fit(args.source, args.target, output=transform, center=True,
+                         rows=args.rows, **run)
+        print(f"fit: relative residual {t.metadata['relative_residual']:.4g}")
+        r = bigalign.apply(transform, args.corpus or args.source, output, **run)
+        print(f"apply: {r.rows_total:,} rows" + ("" if r.already_complete
+                                                  else f" in {r.seconds:.0f}s"))
     print(f"done: {output}")
     return 0
 
