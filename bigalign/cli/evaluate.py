@@ -20,7 +20,7 @@ from ..commands.curve import learning_curve
 from ..errors import InputError
 from ..commands.evaluate import DEFAULT_MAX_QUERIES, evaluate
 from ..maths.metrics import figure
-from ..commands.retrieval import evaluate_retrieval
+from ..commands.retrieval import MIN_CENTRED_QUERIES, evaluate_retrieval
 
 log = logging.getLogger("bigalign")
 
@@ -131,7 +131,9 @@ def add_commands(sub) -> dict:
         "Queries embedded by one model, documents by another, relevance judgements as a table "
         "(query_id, doc_id, relevance; parquet or CSV; ids are row indices of QUERIES and "
         "DOCS, or their ids when both are embedding stores with ids). Reports nDCG and "
-        "recall@k for native (with --native), none, the baselines and the aligned transform, searched raw and centred. --map queries (default): TRANSFORM "
+        "recall@k for native (with --native), none, the baselines and the aligned transform, searched raw and centred (centred: queries minus "
+        f"their own mean, so only with at least {MIN_CENTRED_QUERIES} queries). --map "
+        "queries (default): TRANSFORM "
         "maps the query model into the document model's space (upgrade the query model "
         "without re-indexing); --map docs: it maps documents into the query space.",
         TRANSFORM, ("queries", "Zarr array of query embeddings"),
@@ -407,6 +409,9 @@ def format_retrieval(result: dict) -> str:
             lines.append(f"native paired by id: {nat['matched']:,} matched; ids on one side "
                          f"only: {nat['mapped_only']:,} mapped side, {nat['native_only']:,} "
                          "native")
+    if not result.get("centred_computed", True):
+        lines.append(f"centred: not computed (-): fewer than {MIN_CENTRED_QUERIES} queries, "
+                     "too few to estimate the queries' own mean that it removes")
     return "\n".join(lines + [
         "", table(headers, rows), "",
         f"* this transform.  nDCG@{nk}: ranking quality of the top {nk} against the relevance "
