@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from .app import _common, _print_json, _run_args, add_storage_option, storage_options
+from .app import (_common, _print_json, _run_args, _run_details, add_storage_option,
+                  storage_options)
 from ..errors import InputError
 from ..commands.parquet_export import BAD_ROWS, COMPRESSIONS
 from ..commands.transforms import SNIPPETS, compose, export, invert
@@ -223,7 +224,7 @@ def _export_vectors(args) -> int:
     elif not args.quiet:
         if r.already_complete:  # said on stderr by the export's warning: once is enough
             return 0
-        resumed = f"; {r.units_resumed} of {r.units_total} files were already written" \
+        resumed = f"{r.units_resumed} of {r.units_total} files were already written" \
             if r.units_resumed else ""
         left_out = (m.get("bad_rows") or {}).get("count", 0)
         rows = f"{r.rows_total - left_out:,} rows ({left_out:,} bad rows left out, listed in " \
@@ -231,7 +232,7 @@ def _export_vectors(args) -> int:
         print(f"wrote {rows} to {args.output} as {_files(len(files))} "
               f"({size / 2**20:,.1f} MiB; columns {m.get('ids_column')}: {m.get('ids')}, "
               f"{m.get('vector_column')}: {m.get('dtype')}[{m.get('dim')}]) in "
-              f"{r.seconds:.1f}s ({r.rows_per_second:,.0f} rows/s{resumed}); marked complete "
+              f"{r.seconds:.1f}s{_run_details(r, resumed)}; marked complete "
               "in _bigalign_export.json")
     return 0
 
