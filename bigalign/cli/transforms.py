@@ -79,8 +79,9 @@ def add_commands(sub) -> dict:
                    help="a transform saved by 'bigalign fit' (or compose/invert), or an "
                         "embedding store / (N, d) Zarr array with --format parquet")
     e.add_argument("-o", "--output", required=True,
-                   help="the file to write (a transform: .npz, .json or .safetensors) or the "
-                        "folder of Parquet files (--format parquet)")
+                   help="the file to write (a transform: .npz, .json or .safetensors; .npy "
+                        "gets the npz archive, which np.load reads) or the folder of Parquet "
+                        "files (--format parquet)")
     e.add_argument("--format", choices=("npz", "npy", "json", "safetensors", "parquet"),
                    help="a transform: npz (alias npy), numpy's archive of arrays; json, plain "
                         "lists (about 20 bytes a number: ~700 MB at d = 4096); safetensors, "
@@ -88,8 +89,8 @@ def add_commands(sub) -> dict:
                         "A store or array: parquet (required)")
     e.add_argument("--dtype", choices=("float16", "float32", "float64"),
                    help="a transform: float64 (default, exact) or float32 (half the size, "
-                        "equal to apply's float32 arithmetic). Parquet: the vectors' dtype "
-                        "(default: the source's)")
+                        "equal to apply's float32 arithmetic); not float16. Parquet: the "
+                        "vectors' dtype, any of the three (default: the source's)")
     g = e.add_argument_group("transforms")
     g.add_argument("--no-inverse", action="store_true",
                    help="write the forward direction only")
