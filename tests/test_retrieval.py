@@ -117,7 +117,10 @@ def test_centred_search_needs_enough_queries(caplog):
             assert set(m["retrieval"]["centred"].values()) == {None}, (n, m["name"])
         this = [m for m in res["methods"] if m["this"]][0]["retrieval"]
         assert this["raw"]["recall@1"] == 1.0
-        assert "centred: not computed" in format_retrieval(res)
+        table = format_retrieval(res)
+        assert "centred: not computed" in table
+        assert table.startswith(f"{n} {'query' if n == 1 else 'queries'} (rows 0:40) "
+                                "searched among 40 documents"), table   # not '1 queries'
     qrels = pl.DataFrame({"query_id": range(MIN_CENTRED_QUERIES),
                           "doc_id": range(MIN_CENTRED_QUERIES)})
     res = evaluate_retrieval(t, queries, docs, qrels, ks=(1,), dtype="float64")

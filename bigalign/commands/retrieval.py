@@ -19,8 +19,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..errors import InputError, NonFiniteError
-from .evaluate import (DEFAULT_MAX_QUERIES, Parallel, blocks, load_transform, open_input,
-                       read_checked, row_range, take_rows, training_statistics)
+from .evaluate import (DEFAULT_MAX_QUERIES, Parallel, blocks, counted, load_transform,
+                       open_input, read_checked, row_range, take_rows, training_statistics)
 from ..execution.pairing import Pairs, gathered, join, pair_by_ids
 from ..maths.metrics import (methods_for, ndcg_at_k, query_sample, recall_at_k, score_rows,
                       sort_topk, topk_block, unit_rows)
@@ -293,13 +293,14 @@ def _search(t, qa, da, nat, native_rows, qids, relevance, n_judged, map_side, st
     methods = methods_for(t, moments, ridge)
     centred = len(qids) >= MIN_CENTRED_QUERIES
     if not centred:
-        log.warning("evaluate-retrieval: only %d %s: the centred search (queries minus their "
+        log.warning("evaluate-retrieval: only %s: the centred search (queries minus their "
                     "own mean) needs at least %d, so its figures are left out; judge more "
-                    "queries (or widen --query-rows) for them", len(qids),
-                    "query" if len(qids) == 1 else "queries", MIN_CENTRED_QUERIES)
-    log.info("evaluate-retrieval: %d queries (rows %d:%d) among %d documents (rows %d:%d), "
-             "%s mapped, %d methods", len(qids), q0, q1, n_docs, d0, d1, map_side,
-             len(methods) + (nat is not None))
+                    "queries (or widen --query-rows) for them",
+                    counted(len(qids), "query", "queries"), MIN_CENTRED_QUERIES)
+    log.info("evaluate-retrieval: %s (rows %d:%d) among %s (rows %d:%d), %s mapped, %s",
+             counted(len(qids), "query", "queries"), q0, q1,
+             counted(n_docs, "document", "documents"), d0, d1, map_side,
+             counted(len(methods) + (nat is not None), "method", "methods"))
 
     def fixed(x: np.ndarray, start: int = 0, side: str = "target", ids=None) -> np.ndarray:
         """Rows in the target model's space, preprocessed as the fit preprocessed its
