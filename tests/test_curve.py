@@ -25,10 +25,17 @@ def test_default_sizes():
     assert default_sizes(45_000) == [100, 300, 1000, 3000, 10_000, 30_000, 45_000]
 
 
-def test_learning_curve_saturates_on_easy_data_and_matches_separate_fits():
+def test_learning_curve_saturates_on_easy_data_and_matches_separate_fits(caplog):
+    import logging
+
     a, b = pairs(3000, 8, 8, noise=0.05, seed=14)
-    res = learning_curve(a, b, (0, 2500), (2500, 3000), sizes=[20, 100, 500, 2500],
-                         center=True, dtype="float64", block_rows=128)
+    with caplog.at_level(logging.INFO, logger="bigalign"):
+        res = learning_curve(a, b, (0, 2500), (2500, 3000), sizes=[20, 100, 500, 2500],
+                             center=True, dtype="float64", block_rows=128)
+    # its log lines name the command that runs ('bigalign: curve: ...', not 'evaluate:')
+    said = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("curve: 500 held-out pairs (rows 2500:3000)") for m in said), said
+    assert not any(m.startswith("evaluate:") for m in said), said
     orth = [p for p in res["points"] if p["name"] == "orthogonal"]
     assert [p["pairs"] for p in orth] == [20, 100, 500, 2500]
     assert res["saturation"]["pairs"] is not None and res["saturation"]["pairs"] <= 500

@@ -107,3 +107,31 @@ def test_progress_lines_on_distributed(tmp_path, cluster, capsys):
     assert "\r" not in err and "\r" not in out
     lines = [ln for ln in err.splitlines() if ln.startswith("bigalign: progress ")]
     assert lines and lines[-1].startswith("bigalign: progress 100% ("), err
+
+
+@pytest.mark.slow
+def test_own_cluster_shuts_down_without_dask_tracebacks(capsys):
+    """A LocalCluster bigalign started closes without distributed's ERROR tracebacks (its
+    scheduler logged the progress bar's cancelled ``feed`` as asyncio CancelledError on
+    most runs), and distributed's loggers are back at their levels afterwards."""
+    import logging
+
+    from bigalign.execution.cluster import session
+
+    class Collect(logging.Handler):     # distributed's loggers do not propagate to root
+        def emit(self, record):
+            records.append(record)
+
+    records, handler = [], Collect(logging.ERROR)
+    names = ("distributed", "distributed.scheduler", "distributed.client")
+    levels = {n: logging.getLogger(n).level for n in names}
+    logging.getLogger("distributed").addHandler(handler)
+    try:
+        for _ in range(2):
+            with session(workers=2, progress=True) as s:
+                assert s.get({"x": (sum, [1, 2]), "y": (max, "x", 0)}, "y") == 3
+    finally:
+        logging.getLogger("distributed").removeHandler(handler)
+    assert "bigalign: progress 100%" in capsys.readouterr().err
+    assert [(r.name, r.getMessage(), r.exc_info) for r in records] == []
+    assert {n: logging.getLogger(n).level for n in names} == levels

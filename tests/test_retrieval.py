@@ -91,6 +91,44 @@ def test_retrieval_parallel_chunks_equal_brute_force():
     assert got["ndcg@10"] == pytest.approx(want)
 
 
+def test_centred_search_needs_enough_queries(caplog):
+    """The centred search removes the queries' own mean: 1 query centres to a zero vector
+    (every centred figure was 0.000), 2 to +-v (all 0.500). Below MIN_CENTRED_QUERIES the
+    centred figures are left out (None, '-' in the table) with a warning; raw ones stay."""
+    import logging
+
+    import polars as pl
+    from bigalign.cli.evaluate import format_retrieval
+    from bigalign.commands.retrieval import MIN_CENTRED_QUERIES
+
+    rng = np.random.default_rng(5)
+    a, b = pairs(200, 6, 6, noise=0.1, seed=6)
+    t = transform_from(streamed(a, b), True, (0, 200))
+    queries = rng.standard_normal((40, 6))
+    docs = t.transform(queries, dtype=np.float64)        # query i -> doc i
+    for n in (1, 2, MIN_CENTRED_QUERIES - 1):
+        qrels = pl.DataFrame({"query_id": range(n), "doc_id": range(n)})
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="bigalign"):
+            res = evaluate_retrieval(t, queries, docs, qrels, ks=(1,), dtype="float64")
+        assert f"only {n} quer" in caplog.text and "centred" in caplog.text
+        assert not res["centred_computed"]
+        for m in res["methods"]:
+            assert set(m["retrieval"]["centred"].values()) == {None}, (n, m["name"])
+        this = [m for m in res["methods"] if m["this"]][0]["retrieval"]
+        assert this["raw"]["recall@1"] == 1.0
+        table = format_retrieval(res)
+        assert "centred: not computed" in table
+        assert table.startswith(f"{n} {'query' if n == 1 else 'queries'} (rows 0:40) "
+                                "searched among 40 documents"), table   # not '1 queries'
+    qrels = pl.DataFrame({"query_id": range(MIN_CENTRED_QUERIES),
+                          "doc_id": range(MIN_CENTRED_QUERIES)})
+    res = evaluate_retrieval(t, queries, docs, qrels, ks=(1,), dtype="float64")
+    assert res["centred_computed"]
+    this = [m for m in res["methods"] if m["this"]][0]["retrieval"]
+    assert this["centred"]["recall@1"] == 1.0
+
+
 def test_qrels_reading_and_errors(tmp_path):
     import polars as pl
 

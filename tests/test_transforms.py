@@ -424,8 +424,13 @@ def test_export_output_safety(tmp_path):
         T.export(tmp_path / "t.transform", tmp_path / "t.transform" / "x.npz")
     with pytest.raises(InputError, match="ends in .json but the format is npz"):
         T.export(t, tmp_path / "x.json", "npz")
-    with pytest.raises(InputError, match="cannot tell the export format"):
+    with pytest.raises(InputError, match=r"cannot tell the export format.*\(or \.npy"):
         T.export(t, tmp_path / "x.bin")
+    with pytest.raises(InputError, match="ends in .npy but the format is json"):
+        T.export(t, tmp_path / "x.npy", "json")
+    # float16 is an export dtype of vectors (Parquet), not of a transform: said so
+    with pytest.raises(InputError, match=r"float16.*Parquet, not for a transform"):
+        T.export(t, tmp_path / "x.npz", dtype="float16")
     with pytest.raises(InputError, match="unknown export format"):
         T.export(t, tmp_path / "x.bin", "csv")
 
@@ -604,6 +609,13 @@ def test_cli_round_trip(tmp_path, capsys, monkeypatch, logs):
     code, _, _ = run(capsys, "export", "ac", "-o", "ac.bin", "--format", "npy", "--dtype",
                      "float32", "--no-inverse")
     assert code == 0 and read_by_hand(tmp_path / "ac.bin", "npz")[1]["inverse"]["omitted"]
+    # a .npy name is the npz archive (the alias npy), with or without --format npy
+    for extra in ((), ("--format", "npy")):
+        code, out, err = run(capsys, "export", "ac", "-o", "ac.npy", *extra)  # 2nd: no-op
+        assert code == 0 and "ac.npy (npz, float64" in out, err
+        arrays, _ = read_by_hand(tmp_path / "ac.npy", "npz")
+        np.testing.assert_allclose(numpy_apply(arrays["forward"], x), ac.transform(x),
+                                   atol=1e-12)
 
 
 def _has_safetensors() -> bool:

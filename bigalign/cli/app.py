@@ -141,6 +141,15 @@ def _print_json(obj) -> None:
     print(json.dumps(json_safe(obj), indent=2))
 
 
+def _run_details(r, *more: str) -> str:
+    """The parenthesis of a run's summary line: its rate, then ``more`` (empty ones left
+    out), joined by '; '. No rate when the run wrote nothing (everything was resumed):
+    RunReport.rows_per_second is NaN then, and "nan rows/s" means nothing."""
+    parts = [f"{r.rows_per_second:,.0f} rows/s"] if r.rows and r.seconds > 0 else []
+    parts += [m for m in more if m]
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def _common(args) -> dict:
     return dict(scheduler=args.scheduler or args.scheduler_file, workers=args.workers,
                 memory_limit=args.memory_limit,
@@ -402,11 +411,11 @@ def _apply(args) -> int:
     elif not args.quiet:
         if r.already_complete:  # said on stderr by apply's warning: once is enough
             return 0
-        resumed = f"; {r.units_resumed} of {r.units_total} regions were already done" \
+        resumed = f"{r.units_resumed} of {r.units_total} regions were already done" \
             if r.units_resumed else ""
-        bad = f"; {len(r.bad_rows):,} bad rows written as {args.bad_rows}" if r.bad_rows else ""
-        print(f"wrote {r.rows:,} rows to {args.output} in {r.seconds:.1f}s "
-              f"({r.rows_per_second:,.0f} rows/s{resumed}{bad}); marked complete")
+        bad = f"{len(r.bad_rows):,} bad rows written as {args.bad_rows}" if r.bad_rows else ""
+        print(f"wrote {r.rows:,} rows to {args.output} in {r.seconds:.1f}s"
+              f"{_run_details(r, resumed, bad)}; marked complete")
     return 0
 
 

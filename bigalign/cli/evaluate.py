@@ -18,9 +18,9 @@ from .app import add_storage_option, storage_options
 from ..jsonsafe import json_safe as _plain
 from ..commands.curve import learning_curve
 from ..errors import InputError
-from ..commands.evaluate import DEFAULT_MAX_QUERIES, evaluate
+from ..commands.evaluate import DEFAULT_MAX_QUERIES, counted, evaluate
 from ..maths.metrics import figure
-from ..commands.retrieval import evaluate_retrieval
+from ..commands.retrieval import MIN_CENTRED_QUERIES, evaluate_retrieval
 
 log = logging.getLogger("bigalign")
 
@@ -131,7 +131,9 @@ def add_commands(sub) -> dict:
         "Queries embedded by one model, documents by another, relevance judgements as a table "
         "(query_id, doc_id, relevance; parquet or CSV; ids are row indices of QUERIES and "
         "DOCS, or their ids when both are embedding stores with ids). Reports nDCG and "
-        "recall@k for native (with --native), none, the baselines and the aligned transform, searched raw and centred. --map queries (default): TRANSFORM "
+        "recall@k for native (with --native), none, the baselines and the aligned transform, searched raw and centred (centred: queries minus "
+        f"their own mean, so only with at least {MIN_CENTRED_QUERIES} queries). --map "
+        "queries (default): TRANSFORM "
         "maps the query model into the document model's space (upgrade the query model "
         "without re-indexing); --map docs: it maps documents into the query space.",
         TRANSFORM, ("queries", "Zarr array of query embeddings"),
@@ -287,7 +289,7 @@ def format_evaluation(result: dict) -> str:
     tr = result.get("training") or {}
     pairing = result.get("pairing") or {"by": "rows"}
     by_ids = pairing["by"] == "ids"
-    out = [_held_out_line(result, pairing) + f"; {result['queries']:,} queries "
+    out = [_held_out_line(result, pairing) + f"; {counted(result['queries'], 'query', 'queries')} "
            f"searched by exact cosine among all {result['targets']:,} held-out targets"
            + (" (queries sampled)" if result["sampled"] else "")
            + f"; chance recall@1 = {result['chance'][f'recall@{ks[0]}']:.4f}" * (ks[0] == 1)]
@@ -394,8 +396,9 @@ def format_retrieval(result: dict) -> str:
     q0, q1 = result["query_rows"]
     d0, d1 = result["doc_rows"]
     pairing = result.get("pairing") or {"by": "rows"}
-    lines = [f"{result['queries']:,} queries (rows {q0}:{q1}) searched among "
-             f"{result['documents']:,} documents (rows {d0}:{d1}); {result['map']} mapped by "
+    lines = [f"{counted(result['queries'], 'query', 'queries')} (rows {q0}:{q1}) searched "
+             f"among {counted(result['documents'], 'document', 'documents')} (rows {d0}:{d1}); "
+             f"{result['map']} mapped by "
              "the transform"]
     if pairing["by"] == "ids":
         lines.append(f"qrels by id: {pairing['qrels_queries']:,} judged query ids "
@@ -407,6 +410,9 @@ def format_retrieval(result: dict) -> str:
             lines.append(f"native paired by id: {nat['matched']:,} matched; ids on one side "
                          f"only: {nat['mapped_only']:,} mapped side, {nat['native_only']:,} "
                          "native")
+    if not result.get("centred_computed", True):
+        lines.append(f"centred: not computed (-): fewer than {MIN_CENTRED_QUERIES} queries, "
+                     "too few to estimate the queries' own mean that it removes")
     return "\n".join(lines + [
         "", table(headers, rows), "",
         f"* this transform.  nDCG@{nk}: ranking quality of the top {nk} against the relevance "
@@ -439,7 +445,7 @@ def format_curve(result: dict) -> str:
     what = "positions" if pairing["by"] == "ids" else "rows"
     return "\n".join([
         f"training {what} {a}:{b} (prefixes), held-out {what} {c}:{d} ({result['pairs']:,} "
-        f"pairs, {result['queries']:,} queries); fit options: "
+        f"pairs, {counted(result['queries'], 'query', 'queries')}); fit options: "
         + ", ".join(f"{k}={v}" for k, v in result["options"].items())]
         + ([pairing_line(pairing)] if pairing["by"] == "ids" else []) + [
         "", table(headers, rows), "", verdict,

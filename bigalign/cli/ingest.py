@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from .app import _common, _print_json, _run_args
+from .app import _common, _print_json, _run_args, _run_details
 
 DESCRIPTION = """\
 Import vectors into an embedding store: a Zarr group holding 'embeddings' (N x d, chunked by
@@ -83,9 +83,9 @@ def _import(args) -> int:
         return 0
     if r.already_complete:  # said on stderr by import's warning: once is enough
         return 0
-    resumed = f", {r.units_resumed} of {r.units_total} regions were already done" \
+    resumed = f"{r.units_resumed} of {r.units_total} regions were already done" \
         if r.units_resumed else ""
-    print(f"imported {r.rows:,} rows into {args.output} in {r.seconds:.1f}s "
-          f"({r.rows_per_second:,.0f} rows/s{resumed}); {r.rows_total:,} rows in the store, "
+    print(f"imported {r.rows:,} rows into {args.output} in {r.seconds:.1f}s"
+          f"{_run_details(r, resumed)}; {r.rows_total:,} rows in the store, "
           "marked complete")
     return 0

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from .app import _common, _print_json, _run_args, add_storage_option, storage_options
+from .app import (_common, _print_json, _run_args, _run_details, add_storage_option,
+                  storage_options)
 from ..errors import InputError
 from ..commands.parquet_export import BAD_ROWS, COMPRESSIONS
 from ..commands.transforms import SNIPPETS, compose, export, invert
@@ -78,8 +79,9 @@ def add_commands(sub) -> dict:
                    help="a transform saved by 'bigalign fit' (or compose/invert), or an "
                         "embedding store / (N, d) Zarr array with --format parquet")
     e.add_argument("-o", "--output", required=True,
-                   help="the file to write (a transform: .npz, .json or .safetensors) or the "
-                        "folder of Parquet files (--format parquet)")
+                   help="the file to write (a transform: .npz, .json or .safetensors; .npy "
+                        "gets the npz archive, which np.load reads) or the folder of Parquet "
+                        "files (--format parquet)")
     e.add_argument("--format", choices=("npz", "npy", "json", "safetensors", "parquet"),
                    help="a transform: npz (alias npy), numpy's archive of arrays; json, plain "
                         "lists (about 20 bytes a number: ~700 MB at d = 4096); safetensors, "
@@ -87,8 +89,8 @@ def add_commands(sub) -> dict:
                         "A store or array: parquet (required)")
     e.add_argument("--dtype", choices=("float16", "float32", "float64"),
                    help="a transform: float64 (default, exact) or float32 (half the size, "
-                        "equal to apply's float32 arithmetic). Parquet: the vectors' dtype "
-                        "(default: the source's)")
+                        "equal to apply's float32 arithmetic); not float16. Parquet: the "
+                        "vectors' dtype, any of the three (default: the source's)")
     g = e.add_argument_group("transforms")
     g.add_argument("--no-inverse", action="store_true",
                    help="write the forward direction only")
@@ -223,7 +225,7 @@ def _export_vectors(args) -> int:
     elif not args.quiet:
         if r.already_complete:  # said on stderr by the export's warning: once is enough
             return 0
-        resumed = f"; {r.units_resumed} of {r.units_total} files were already written" \
+        resumed = f"{r.units_resumed} of {r.units_total} files were already written" \
             if r.units_resumed else ""
         left_out = (m.get("bad_rows") or {}).get("count", 0)
         rows = f"{r.rows_total - left_out:,} rows ({left_out:,} bad rows left out, listed in " \
@@ -231,7 +233,7 @@ def _export_vectors(args) -> int:
         print(f"wrote {rows} to {args.output} as {_files(len(files))} "
               f"({size / 2**20:,.1f} MiB; columns {m.get('ids_column')}: {m.get('ids')}, "
               f"{m.get('vector_column')}: {m.get('dtype')}[{m.get('dim')}]) in "
-              f"{r.seconds:.1f}s ({r.rows_per_second:,.0f} rows/s{resumed}); marked complete "
+              f"{r.seconds:.1f}s{_run_details(r, resumed)}; marked complete "
               "in _bigalign_export.json")
     return 0
 

@@ -63,7 +63,8 @@ class RunReport:
 
     @property
     def rows_per_second(self) -> float:
-        """Rows computed by this run per second (rows found done are not counted)."""
+        """Rows computed by this run per second (rows found done are not counted); NaN
+        when it computed none (everything was resumed)."""
         return self.rows / self.seconds if self.seconds > 0 and self.rows else float("nan")
 
 

@@ -118,7 +118,8 @@ def _curve(src, tgt, train: tuple, held: tuple, sizes: list, *, center, normaliz
                                       train=train_numbers(res, m)))
             diags[size] = fit_diagnostics(m, center=center)
     res = evaluate_maps(methods, src, tgt, (c, d), ks=ks, max_queries=max_queries, seed=seed,
-                        dtype=dtype, block_rows=block_rows, normalize_target=normalize)
+                        dtype=dtype, block_rows=block_rows, normalize_target=normalize,
+                        command="curve")
     points = []
     for entry in res.pop("methods"):
         method, size = entry["name"].rsplit("@", 1)

@@ -56,7 +56,13 @@ from ..storage.stores import (ArrayRows, EmbeddingArray, open_embeddings, parse_
 log = logging.getLogger("bigalign")
 
 __all__ = ["evaluate", "evaluate_maps", "training_moments", "training_arrays", "same_array",
-           "canonical_url", "open_input", "pairing_summary", "HeldOut", "DEFAULT_MAX_QUERIES"]
+           "canonical_url", "open_input", "pairing_summary", "HeldOut", "DEFAULT_MAX_QUERIES",
+           "counted"]
+
+
+def counted(n: int, one: str, many: str) -> str:
+    """``n`` with its noun: "1 query", "2,000 queries"."""
+    return f"{n:,} {one if n == 1 else many}"
 
 #: Queries searched when the held-out set is larger (seeded sample); exact search of 10^4
 #: queries among 10^5 targets of 384 dims is ~1.5 TFLOP per method and search variant.
@@ -260,8 +266,9 @@ def evaluate_maps(methods: Sequence[Method], source, target, rows=None, *,
                   seed: int = 0, csls: bool = False, csls_k: int = 10, dtype="float32",
                   block_rows: Optional[int] = None, storage_options=None,
                   check_chunks: bool = True, workers: Optional[int] = None,
-                  normalize_target: bool = False) -> dict:
+                  normalize_target: bool = False, command: str = "evaluate") -> dict:
     """Evaluate every map in ``methods`` on paired rows [start, stop) of source / target.
+    ``command`` names the caller in the log lines (``curve`` evaluates through this too).
 
     ``normalize_target``: L2-normalise the target rows before comparing, as a fit with
     ``normalize`` did (its maps normalise source rows themselves; the target rows they were
@@ -302,8 +309,10 @@ def evaluate_maps(methods: Sequence[Method], source, target, rows=None, *,
     nq = len(sample)
     csls_k = min(csls_k, nq) if csls else 0
     t0 = time.perf_counter()
-    log.info("evaluate: %d held-out pairs (rows %d:%d), %d methods, %d queries among %d "
-             "targets", n, start, stop, len(methods), nq, n)
+    log.info("%s: %s (rows %d:%d), %s, %s among %s", command,
+             counted(n, "held-out pair", "held-out pairs"), start, stop,
+             counted(len(methods), "method", "methods"), counted(nq, "query", "queries"),
+             counted(n, "target", "targets"))
 
     # ---- pass 1 ------------------------------------------------------------------------
     sq_err = {m.name: 0.0 for m in methods}
@@ -383,7 +392,7 @@ def evaluate_maps(methods: Sequence[Method], source, target, rows=None, *,
                 entry["retrieval"][f"{variant}+csls"] = recall_from_ranks(sc.csls_counts, ks)
         out_methods.append(entry)
     seconds = time.perf_counter() - t0
-    log.info("evaluate: done in %.1fs", seconds)
+    log.info("%s: done in %.1fs", command, seconds)
     return {"rows": [start, stop], "pairs": n, "queries": nq, "targets": n,
             "sampled": nq < n, "seed": seed, "ks": ks, "csls_k": csls_k or None,
             "normalized_targets": bool(normalize_target),

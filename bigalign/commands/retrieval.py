@@ -19,8 +19,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..errors import InputError, NonFiniteError
-from .evaluate import (DEFAULT_MAX_QUERIES, Parallel, blocks, load_transform, open_input,
-                       read_checked, row_range, take_rows, training_statistics)
+from .evaluate import (DEFAULT_MAX_QUERIES, Parallel, blocks, counted, load_transform,
+                       open_input, read_checked, row_range, take_rows, training_statistics)
 from ..execution.pairing import Pairs, gathered, join, pair_by_ids
 from ..maths.metrics import (methods_for, ndcg_at_k, query_sample, recall_at_k, score_rows,
                       sort_topk, topk_block, unit_rows)
@@ -28,7 +28,13 @@ from ..maths.stats import Moments, bad_norm_reason, bad_norms, normalize_rows
 
 log = logging.getLogger("bigalign")
 
-__all__ = ["evaluate_retrieval", "load_qrels", "qrels_frame", "qrels_by_ids"]
+__all__ = ["evaluate_retrieval", "load_qrels", "qrels_frame", "qrels_by_ids",
+           "MIN_CENTRED_QUERIES"]
+
+#: Fewest queries for the centred search: it removes the queries' own mean, which a handful
+#: of queries cannot estimate (1 query centres to a zero vector, 2 to a vector and its
+#: negation); below this the centred figures are not computed (None, printed "-").
+MIN_CENTRED_QUERIES = 10
 
 
 def qrels_frame(qrels):
@@ -172,8 +178,10 @@ def evaluate_retrieval(transform, queries, docs, qrels, *, map_side: str = "quer
     training pairs).
 
     Every method is searched twice: raw cosine, and "centred" (query side minus the query
-    set's mean, document side minus the collection's mean). Returns nDCG@``ndcg_k`` and
-    recall@k per method and variant ("kind": "retrieval").
+    set's mean, document side minus the collection's mean). With fewer than
+    :data:`MIN_CENTRED_QUERIES` queries the query set's mean means nothing: the centred
+    figures are None (a warning says so; ``centred_computed`` is False). Returns
+    nDCG@``ndcg_k`` and recall@k per method and variant ("kind": "retrieval").
     """
     if map_side not in ("queries", "docs"):
         raise InputError(f"map side must be 'queries' or 'docs', got {map_side!r}")
@@ -283,9 +291,16 @@ def _search(t, qa, da, nat, native_rows, qids, relevance, n_judged, map_side, st
         t, statistics, train_source=train_source, train_target=train_target,
         storage_options=storage_options, check_chunks=check_chunks, block_rows=block_rows)
     methods = methods_for(t, moments, ridge)
-    log.info("evaluate-retrieval: %d queries (rows %d:%d) among %d documents (rows %d:%d), "
-             "%s mapped, %d methods", len(qids), q0, q1, n_docs, d0, d1, map_side,
-             len(methods) + (nat is not None))
+    centred = len(qids) >= MIN_CENTRED_QUERIES
+    if not centred:
+        log.warning("evaluate-retrieval: only %s: the centred search (queries minus their "
+                    "own mean) needs at least %d, so its figures are left out; judge more "
+                    "queries (or widen --query-rows) for them",
+                    counted(len(qids), "query", "queries"), MIN_CENTRED_QUERIES)
+    log.info("evaluate-retrieval: %s (rows %d:%d) among %s (rows %d:%d), %s mapped, %s",
+             counted(len(qids), "query", "queries"), q0, q1,
+             counted(n_docs, "document", "documents"), d0, d1, map_side,
+             counted(len(methods) + (nat is not None), "method", "methods"))
 
     def fixed(x: np.ndarray, start: int = 0, side: str = "target", ids=None) -> np.ndarray:
         """Rows in the target model's space, preprocessed as the fit preprocessed its
@@ -337,7 +352,7 @@ def _search(t, qa, da, nat, native_rows, qids, relevance, n_judged, map_side, st
 
     # pass 1: the mean of each document stream (for centred search)
     sums_ = {key: np.zeros(dim_b) for key in streams}
-    for _, out in doc_blocks():
+    for _, out in doc_blocks() if centred else ():
         for key, y in out.items():
             sums_[key] += y.sum(axis=0, dtype=np.float64)
     doc_mean = {key: (v / n_docs).astype(work) for key, v in sums_.items()}
@@ -346,7 +361,8 @@ def _search(t, qa, da, nat, native_rows, qids, relevance, n_judged, map_side, st
     for name, note, this, qv, key in entries:
         qv = np.asarray(qv, dtype=work)
         search.append((name, "raw", unit_rows(qv), key))
-        search.append((name, "centred", unit_rows(qv - qv.mean(axis=0)), key))
+        if centred:
+            search.append((name, "centred", unit_rows(qv - qv.mean(axis=0)), key))
     # pass 2: exact top-k; one running best per (search, query chunk), filled in parallel
     pool = Parallel()
     chunks = pool.chunks(len(qids))
@@ -363,7 +379,8 @@ def _search(t, qa, da, nat, native_rows, qids, relevance, n_judged, map_side, st
         units = {}
         for key, y in out.items():
             units[(key, "raw")] = unit_rows(y)
-            units[(key, "centred")] = unit_rows(y - doc_mean[key])
+            if centred:
+                units[(key, "centred")] = unit_rows(y - doc_mean[key])
         pool.run([lambda j=j, c=c, d=units[(key, variant)], s=s: task(j, c, d, s)
                   for j, (_, variant, _, key) in enumerate(search) for c in chunks])
     results = {}
@@ -374,6 +391,8 @@ def _search(t, qa, da, nat, native_rows, qids, relevance, n_judged, map_side, st
         for k in ks:
             scores[f"recall@{k}"] = float(np.nanmean(recall_at_k(ranked, relevance, k)))
         results.setdefault(name, {})[variant] = scores
+        if not centred:
+            results[name]["centred"] = dict.fromkeys(scores)
     out_methods = [{"name": name, "note": note, "this": this, "retrieval": results[name]}
                    for name, note, this, _, _ in entries]
     seconds = time.perf_counter() - t0
@@ -381,7 +400,7 @@ def _search(t, qa, da, nat, native_rows, qids, relevance, n_judged, map_side, st
     return {"kind": "retrieval", "map": map_side, "queries": int(len(qids)),
             "query_rows": [q0, q1], "doc_rows": [d0 + shift, d1 + shift], "documents": n_docs,
             "pairing": pairing,
-            "sampled": len(qids) < n_judged, "ks": ks,
+            "sampled": len(qids) < n_judged, "ks": ks, "centred_computed": centred,
             "ndcg_k": ndcg_k, "training": {"rows": t.options.get("rows"), "statistics": origin},
             "transform": {"dims": list(t.dims), "options": t.options},
             "seconds": seconds, "methods": out_methods}

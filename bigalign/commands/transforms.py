@@ -61,6 +61,9 @@ EXPORT_FORMAT = "bigalign.export/1"
 #: Formats of :func:`export` and the file suffix each is recognised by.
 FORMATS = {"npz": ".npz", "json": ".json", "safetensors": ".safetensors"}
 _ALIASES = {"npy": "npz"}
+#: Output suffixes that name a format: the formats' own, and ".npy" for the npz archive (the
+#: alias npy; ``np.load`` reads the archive whatever its name).
+_SUFFIXES = {**{ext: name for name, ext in FORMATS.items()}, ".npy": "npz"}
 #: max |Q Q^T - I| (or |Q^T Q - I|) below which a rotation counts as orthonormal
 ORTHONORMAL_TOL = 1e-6
 #: JSON exports above this many (estimated) bytes get a warning
@@ -416,23 +419,21 @@ class ExportResult:
 
 
 def _format_of(fmt: Optional[str], path) -> str:
-    if fmt is not None:
-        fmt = _ALIASES.get(str(fmt).lower(), str(fmt).lower())
-        if fmt not in FORMATS:
-            raise InputError(f"unknown export format {fmt!r}: expected npz (alias npy), json "
-                             "or safetensors")
-        suffix = os.path.splitext(str(path).rstrip("/"))[1].lower()
-        known = {v: k for k, v in FORMATS.items()}
-        if suffix in known and known[suffix] != fmt:
-            raise InputError(f"output {str(path)!r} ends in {suffix} but the format is {fmt}: "
-                             f"name it *{FORMATS[fmt]} or drop --format")
-        return fmt
     suffix = os.path.splitext(str(path).rstrip("/"))[1].lower()
-    for name, ext in FORMATS.items():
-        if suffix == ext:
-            return name
-    raise InputError(f"cannot tell the export format from {str(path)!r}: pass --format "
-                     "npz|json|safetensors or end the name in .npz, .json or .safetensors")
+    if fmt is None:
+        if suffix in _SUFFIXES:
+            return _SUFFIXES[suffix]
+        raise InputError(f"cannot tell the export format from {str(path)!r}: pass --format "
+                         "npz|json|safetensors or end the name in .npz (or .npy: the same npz "
+                         "archive), .json or .safetensors")
+    fmt = _ALIASES.get(str(fmt).lower(), str(fmt).lower())
+    if fmt not in FORMATS:
+        raise InputError(f"unknown export format {fmt!r}: expected npz (alias npy), json "
+                         "or safetensors")
+    if suffix in _SUFFIXES and _SUFFIXES[suffix] != fmt:
+        raise InputError(f"output {str(path)!r} ends in {suffix} but the format is {fmt}: "
+                         f"name it *{FORMATS[fmt]} or drop --format")
+    return fmt
 
 
 def _direction(t: Transform, dtype) -> dict:
@@ -450,11 +451,11 @@ def export(transform: TransformLike, path, format: Optional[str] = None, *,
     """Write ``transform`` as plain arrays for serving stacks without bigalign.
 
     path : a local path or fsspec URL; format : "npz" (alias "npy"), "json" or
-    "safetensors" (default: from the suffix). Each file holds the *forward* direction
-    (source -> target, old -> new: for documents) and, unless ``inverse=False``, the
-    *inverse* (target -> source, new -> old: for queries in a dual-read) where one exists
-    (see :func:`invert`; lossy pseudo-inverses only with ``allow_lossy``; otherwise the file
-    says why it has none). Per direction: ``matrix`` = scale * rotation (d_in, d_out),
+    "safetensors" (default: from the suffix; ".npy" gets the npz archive). Each file holds
+    the *forward* direction (source -> target, old -> new: for documents) and, unless
+    ``inverse=False``, the *inverse* (target -> source, new -> old: for queries in a
+    dual-read) where one exists (see :func:`invert`; lossy pseudo-inverses only with
+    ``allow_lossy``; otherwise the file says why it has none). Per direction: ``matrix`` = scale * rotation (d_in, d_out),
     ``source_mean`` (d_in,), ``target_mean`` (d_out,) in ``dtype`` (float64 default, or
     float32), and ``normalize`` (bool): ``y = (normalize(x) - source_mean) @ matrix +
     target_mean`` is Transform.transform (see NUMPY_SNIPPET).
@@ -479,7 +480,8 @@ def export(transform: TransformLike, path, format: Optional[str] = None, *,
     t, tpath = _load(transform, so)
     fmt = _format_of(format, path)
     if str(dtype) not in ("float32", "float64"):
-        raise InputError(f"export dtype {dtype!r}: expected float32 or float64")
+        raise InputError(f"export dtype {dtype!r}: a transform exports in float32 or float64 "
+                         "(float16 is for vectors exported as Parquet, not for a transform)")
     dtype = str(dtype)
     if tpath is not None:
         check_disjoint({"transform": tpath}, {"output": path}, so)

@@ -357,6 +357,24 @@ def scheduler_from_config() -> Optional[str]:
     return str(value) if value else None
 
 
+def _silence_shutdown(saved: dict) -> None:
+    """Raise distributed's loggers to CRITICAL (their levels saved in ``saved``) while the
+    LocalCluster bigalign started shuts down: the scheduler logs its own tasks cancelled at
+    close as ERROR tracebacks (e.g. the progress bar's ``feed``, ``CancelledError``), after
+    the work succeeded or was interrupted. Errors of the work itself are raised, not logged
+    here, and happen before this."""
+    for name in ["distributed", *(n for n in logging.root.manager.loggerDict
+                                  if n.startswith("distributed."))]:
+        logger = logging.getLogger(name)
+        saved[name] = logger.level
+        logger.setLevel(logging.CRITICAL)
+
+
+def _restore_levels(saved: dict) -> None:
+    for name, level in saved.items():
+        logging.getLogger(name).setLevel(level)
+
+
 @contextlib.contextmanager
 def session(scheduler: Optional[str] = None, workers: Optional[int] = None,
             memory_limit: Optional[str] = None, threads: Optional[int] = None,
@@ -386,9 +404,15 @@ def session(scheduler: Optional[str] = None, workers: Optional[int] = None,
     elif workers:
         from distributed import Client, LocalCluster
 
-        with LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=True,
-                          memory_limit=memory_limit or "auto", dashboard_address=":0",
-                          host="127.0.0.1") as cluster, Client(cluster) as client:
+        quiet: dict = {}
+        with contextlib.ExitStack() as stack:
+            stack.callback(_restore_levels, quiet)           # last: after the cluster closed
+            cluster = stack.enter_context(LocalCluster(
+                n_workers=int(workers), threads_per_worker=1, processes=True,
+                memory_limit=memory_limit or "auto", dashboard_address=":0",
+                host="127.0.0.1"))
+            client = stack.enter_context(Client(cluster))  # closed before the cluster
+            stack.callback(_silence_shutdown, quiet)       # first: once the work is over
             yield Session(client, progress=progress)
     else:
         yield Session(None, threads=threads, progress=progress)
