@@ -526,16 +526,10 @@ def _info(args) -> int:
         info = {"kind": "embedding-store", "path": args.path, "model": model,
                 **{k: v for k, v in store.items() if k not in ("kind", "job")}}
         made_by = store.get("made_by") or "import"
-        lost = _damaged(info, bigalign.output_damage(args.path, so) if store.get("complete")
-                        else None)
-        if not store.get("complete"):
-            info["progress"] = bigalign.run_status(args.path, so)
+        state = _completion(info, args.path, so, bool(store.get("complete")), f"the {made_by}")
         if args.json:
             _print_json(info)
         else:
-            state = "complete" if info.get("complete") else \
-                f"DAMAGED ({lost}; rerun the {made_by} with --overwrite to write it again)" \
-                if lost else f"INCOMPLETE (rerun the {made_by} to resume)"
             print(f"embedding store {args.path}: {state}, {store.get('rows', '?'):,} rows x "
                   f"{store.get('dim', '?')}, ids: {store.get('ids') or 'none (row numbers)'}"
                   f", model: {model or 'not recorded'}")
@@ -551,16 +545,10 @@ def _info(args) -> int:
     status = bigalign.output_status(args.path, so)
     if status is not None:
         info = {"kind": "apply-output", "path": args.path, **status}
-        lost = _damaged(info, bigalign.output_damage(args.path, so) if status.get("complete")
-                        else None)
-        if not status.get("complete"):
-            info["progress"] = bigalign.run_status(args.path, so)
+        state = _completion(info, args.path, so, bool(status.get("complete")), "apply")
         if args.json:
             _print_json(info)
         else:
-            state = "complete" if info.get("complete") else \
-                f"DAMAGED ({lost}; rerun apply with --overwrite to write it again)" if lost \
-                else "INCOMPLETE (rerun apply to resume)"
             print(f"apply output {args.path}: {state}")
             print("  " + _describe_apply_output(status))
             if info.get("progress"):
@@ -569,8 +557,7 @@ def _info(args) -> int:
     try:
         t = Transform.load(args.path, storage_options=so)
     except bigalign.DamagedOutputError as e:
-        info = {"kind": "transform", "path": args.path}
-        _damaged(info, e.lost)
+        info = {"kind": "transform", "path": args.path, "complete": False, "damaged": e.lost}
         if args.json:
             _print_json(info)
         else:
@@ -599,33 +586,35 @@ def _info(args) -> int:
     return 0
 
 
-def _damaged(info: dict, lost) -> object:
-    """Mark ``info`` of an output marked complete that lost ``lost`` (a file, a chunk:
-    :func:`bigalign.output_damage`) as not complete and damaged. Returns ``lost``."""
+def _completion(info: dict, path: str, so, complete: bool, rerun: str) -> str:
+    """The state of the output at ``path`` whose record says ``complete``, in words for
+    ``info``'s text ("complete", "DAMAGED (...)", "INCOMPLETE (...)", naming the command
+    ``rerun`` to run again); ``info`` (the JSON) gets ``complete: false`` and ``damaged``
+    when a complete output lost a file or chunk since (:func:`bigalign.output_damage`), and
+    the ``progress`` of an unfinished one."""
+    import bigalign
+
+    lost = bigalign.output_damage(path, so) if complete else None
     if lost:
         info.update(complete=False, damaged=lost)
-    return lost
+        return f"DAMAGED ({lost}; rerun {rerun} with --overwrite to write it again)"
+    if not complete:
+        info["progress"] = bigalign.run_status(path, so)
+        return f"INCOMPLETE (rerun {rerun} to resume)"
+    return "complete"
 
 
 def _describe_export(args, export: dict, so) -> int:
     """``info`` of a Parquet export: 0 when complete, 3 (with its progress) when not, or
     when it lost a file since (damaged)."""
-    import bigalign
-
     files = export.get("files", [])
     info = {"kind": "parquet-export", "path": args.path,
             **{k: v for k, v in export.items() if k not in ("job", "files", "format")},
             "files": len(files), "bytes": sum(f.get("bytes", 0) for f in files)}
-    lost = _damaged(info, bigalign.output_damage(args.path, so) if export.get("complete")
-                    else None)
-    if not export.get("complete"):
-        info["progress"] = bigalign.run_status(args.path, so)
+    state = _completion(info, args.path, so, bool(export.get("complete")), "the export")
     if args.json:
         _print_json(info)
     else:
-        state = "complete" if info.get("complete") else \
-            f"DAMAGED ({lost}; rerun the export with --overwrite to write it again)" if lost \
-            else "INCOMPLETE (rerun the export to resume)"
         a, b = export.get("rows", [0, 0])
         print(f"Parquet export {args.path}: {state}, rows {a:,}:{b:,} of "
               f"{export.get('source')} in {len(files):,} files ({info['bytes'] / 2**20:,.1f} "
