@@ -368,3 +368,18 @@ def test_a_taken_apply_output_is_refused_before_the_version_is_written(data, cap
     shutil.rmtree(tmp / "taken")
     assert realign(cfg, "--run-id", "t1") == 0
     assert reg.versions() == ["v0001"] and reg.current() == "v0001"
+
+
+def test_the_evaluation_inside_realign_logs_as_realign(data, caplog):
+    """realign's held-out evaluation logs under its own name, not 'evaluate:'."""
+    import logging
+
+    tmp, _, _ = data
+    cfg = config(tmp / "label.toml", "reg-label", apply=False)
+    from bigalign.commands.realign import realign as run_realign
+
+    with caplog.at_level(logging.INFO, logger="bigalign"):
+        assert run_realign(cfg, run_id="l1")["status"] == "published"
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("realign: ") for m in lines), lines
+    assert not any(m.startswith("evaluate: ") for m in lines), lines

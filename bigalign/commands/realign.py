@@ -562,7 +562,7 @@ def _evaluate(cfg: RealignConfig, reg: Registry, files: _RunFiles, so,
                            files.array("holdout_target"), ks=(1, 10),
                            max_queries=cfg.gate.max_queries, seed=0,
                            normalize_target=cand.normalize, storage_options=so,
-                           workers=threads)
+                           workers=threads, command="realign")
     return {"pairs": result["pairs"], "queries": result["queries"],
             "compared_with": current if why is None else None,
             "current_version": current, "not_comparable": why,

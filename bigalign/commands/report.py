@@ -15,6 +15,8 @@ from typing import Optional
 
 import numpy as np
 
+from .evaluate import counted
+
 __all__ = ["evaluation_png", "curve_png", "retrieval_png", "write_png"]
 
 #: Colours by method name, so a method looks the same in every figure.
@@ -96,7 +98,8 @@ def _bound_text(result: dict) -> str:
     d = tr.get("diagnostics") or tr.get("fit_diagnostics")
     lines = [f"held-out rows {result['rows'][0]}:{result['rows'][1]} "
              f"({result['pairs']:,} pairs)",
-             f"{result['queries']:,} queries searched among {result['targets']:,} targets"
+             f"{counted(result['queries'], 'query', 'queries')} searched among "
+             f"{counted(result['targets'], 'target', 'targets')}"
              + (" (sampled)" if result.get("sampled") else ""),
              f"chance recall@1 = {result['chance'].get('recall@1', float('nan')):.4f}", ""]
     this = next((m for m in result["methods"] if m.get("this")), None)
@@ -205,8 +208,9 @@ def retrieval_png(result: dict, path: str, title: Optional[str] = None) -> str:
         _bars(ax, labels, groups, f"{variant} search", "score",
               colours=["#1565c0", "#90caf9", "#ef6c00"])
     return _save(plt, fig, path, title or
-                 f"bigalign evaluate-retrieval: {result['queries']:,} queries, "
-                 f"{result['documents']:,} documents, {result['map']} mapped", fontsize=13)
+                 f"bigalign evaluate-retrieval: {counted(result['queries'], 'query', 'queries')}, "
+                 f"{counted(result['documents'], 'document', 'documents')}, {result['map']} "
+                 "mapped", fontsize=13)
 
 
 def write_png(result: dict, path: str, title: Optional[str] = None) -> str:
