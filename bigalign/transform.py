@@ -23,6 +23,7 @@ from .maths.stats import Moments
 from .maths.mapping import map_rows
 
 from .storage.outputs import TRANSFORM_FORMAT as FORMAT  # noqa: E402
+from .storage.locations import options_for  # noqa: E402
 
 __all__ = ["Transform", "FORMAT"]
 
@@ -126,7 +127,7 @@ class Transform:
                           kinds=TRANSFORM_KINDS)
         statistics = self.statistics  # read (if lazy) before a save over its own source
         group = zarr.open_group(path, mode="w" if overwrite else "w-",
-                                storage_options=storage_options)
+                                storage_options=options_for(path, storage_options))
         # first, so a save cut short is recognisably bigalign's (and not loadable)
         group.attrs["bigalign"] = {"format": FORMAT, "state": "writing"}
         for name in ("rotation", "source_mean", "target_mean", "singular_values"):
@@ -165,7 +166,7 @@ class Transform:
             from .storage.registry import resolve_transform
             path, registry = resolve_transform(os.fspath(path), storage_options)
         try:
-            group = zarr.open_group(path, mode="r", storage_options=storage_options)
+            group = zarr.open_group(path, mode="r", storage_options=options_for(path, storage_options))
         except Exception as e:
             if is_transient(e):
                 raise  # storage did not answer: not the user's mistake (exit code 75)
@@ -222,8 +223,8 @@ class _LazyStatistics:
         import zarr
 
         try:
-            return _read_statistics(zarr.open_group(self.path, mode="r",
-                                                    storage_options=self.storage_options))
+            return _read_statistics(zarr.open_group(
+                self.path, mode="r", storage_options=options_for(self.path, self.storage_options)))
         except Exception as e:
             if is_transient(e):
                 raise
@@ -285,7 +286,7 @@ def _not_a_transform(path, storage_options, error: Exception) -> str:
     import zarr
 
     try:
-        arr = zarr.open_array(path, mode="r", storage_options=storage_options)
+        arr = zarr.open_array(path, mode="r", storage_options=options_for(path, storage_options))
     except Exception:
         if isinstance(error, FileNotFoundError):  # zarr's "no group here" is one too
             return f"no transform at {path!r} (no Zarr group there)"

@@ -6,7 +6,7 @@ import zarr
 
 from bigalign.errors import ChunkReadError, InputError
 from bigalign.storage.stores import create_output, open_embeddings, parse_rows, read_rows
-from conftest import write_zarr
+from conftest import planted, write_zarr
 
 
 def test_opens_v3_and_v2(tmp_path):
@@ -118,3 +118,25 @@ def test_create_output_template(tmp_path):
     lz = create_output(str(tmp_path / "l.zarr"), rows=10, dim=3, chunk_rows=4, dtype="float32",
                        compression="lz4")
     assert len(lz.compressors) == 1
+
+
+def test_storage_options_apply_to_remote_urls_only(tmp_path):
+    """One set of storage options serves every path of a run: a local transform with an S3
+    corpus is the common case. Local paths open without them (Zarr refuses options a local
+    path cannot use: fit, apply and info of local paths failed when any were given)."""
+    from bigalign.cli import main
+    from bigalign.storage.locations import options_for
+
+    so = {"endpoint_url": "http://127.0.0.1:9", "key": "x"}
+    assert options_for("s3://bucket/x.zarr", so) is so
+    assert options_for("gs://bucket/x.zarr", so) is so
+    for local in ("x.zarr", "/tmp/x.zarr", "file:///tmp/x.zarr", tmp_path / "x.zarr"):
+        assert options_for(local, so) is None
+    assert options_for("s3://bucket/x.zarr", None) is None
+    a, b, _ = planted(600, 4, seed=1)
+    s, t = write_zarr(tmp_path / "a.zarr", a, 100), write_zarr(tmp_path / "b.zarr", b, 100)
+    opts = ["--storage-option", "endpoint_url=http://127.0.0.1:9", "--storage-option", "key=x"]
+    assert main(["fit", s, t, "-o", str(tmp_path / "t"), "-q", *opts]) == 0
+    assert main(["apply", str(tmp_path / "t"), s, "-o", str(tmp_path / "m.zarr"), "-q",
+                 *opts]) == 0
+    assert main(["info", str(tmp_path / "t"), *opts]) == 0

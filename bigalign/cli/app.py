@@ -27,6 +27,7 @@ from typing import Optional
 
 from .. import __version__
 from ..jsonsafe import json_safe
+from ..storage.locations import options_for
 
 CENTER_HELP = ("remove each side's mean before fitting, and map (x - mean_src) Q + mean_tgt. "
                "Use it whenever a model's vectors share a common offset, which real models "
@@ -493,7 +494,7 @@ def _plain_array(path, so) -> Optional[dict]:
                          "export folders and Zarr arrays; a Parquet file of vectors becomes "
                          "a store with 'bigalign import')")
     try:
-        arr = zarr.open_array(str(path), mode="r", storage_options=so)
+        arr = zarr.open_array(str(path), mode="r", storage_options=options_for(path, so))
     except Exception:  # no array there (absent, a group, unreadable): not ours to describe
         return None
     try:

@@ -20,6 +20,7 @@ from ..errors import InputError
 from ..planning.plan import (DEFAULT_BLOCK_BYTES, estimate_apply, estimate_export,
                              estimate_fit, export_row_bytes, make_apply_plan, make_export_plan,
                              make_fit_plan, output_layout)
+from ..storage.locations import options_for
 
 DTYPES = ("float16", "float32", "float64")
 
@@ -197,8 +198,8 @@ def _plan(args) -> int:
             if len(args.inputs) == 2:
                 import zarr
                 try:
-                    shape = zarr.open_group(args.inputs[0], mode="r",
-                                            storage_options=so)["rotation"].shape
+                    shape = zarr.open_group(args.inputs[0], mode="r", storage_options=(
+                        options_for(args.inputs[0], so)))["rotation"].shape
                 except Exception as e:
                     raise InputError(f"transform {args.inputs[0]!r}: cannot read its "
                                      f"rotation's shape ({e})") from None

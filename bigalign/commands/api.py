@@ -27,7 +27,7 @@ from ..execution.cluster import session
 from ..execution.engine import apply_graph, fit_graph
 from ..errors import CheckpointError, DamagedOutputError, InputError
 from ..execution.gpu import check_device
-from ..storage.locations import canonical_url, check_disjoint
+from ..storage.locations import canonical_url, check_disjoint, options_for
 from ..planning.options import ApplyOptions, Execution, FitOptions
 from ..storage.outputs import APPLY_KINDS, TRANSFORM_KINDS, check_replaceable, chunks_damage
 from ..storage.embedding_store import (KIND as STORE_KIND, create_store, ids_kind_of, is_store,
@@ -347,7 +347,7 @@ def output_status(output, storage_options: Optional[dict] = None) -> Optional[di
     from ..errors import is_transient
 
     try:
-        node = zarr.open(output, mode="r", storage_options=storage_options)
+        node = zarr.open(output, mode="r", storage_options=options_for(output, storage_options))
     except Exception as e:
         if is_transient(e):
             raise
@@ -653,7 +653,7 @@ def _output_of_run(output, run_id: str, layout: _OutputLayout, so) -> Optional[t
         if layout.store:
             node, emb, ids = open_for_writing(output, storage_options=so)
         else:
-            node = emb = zarr.open_array(output, mode="r+", storage_options=so,
+            node = emb = zarr.open_array(output, mode="r+", storage_options=options_for(output, so),
                                          config={"write_empty_chunks": True})
             ids = None
     except Exception:

@@ -84,7 +84,7 @@ from .. import __version__
 from ..execution import faults
 from ..storage.checkpoint import Job, checkpointed, describe_changes
 from ..errors import InputError
-from ..storage.locations import canonical_url, check_disjoint
+from ..storage.locations import canonical_url, check_disjoint, options_for
 from ..planning.options import Execution
 from ..execution.pairing import pair_by_ids
 from ..storage.registry import Registry
@@ -459,7 +459,7 @@ def _copy_complete(url: str, digest: str, so) -> bool:
     import zarr
 
     try:
-        arr = zarr.open_array(url, mode="r", storage_options=so)
+        arr = zarr.open_array(url, mode="r", storage_options=options_for(url, so))
     except Exception:
         return False
     info = arr.attrs.get("bigalign_pairs") or {}
@@ -504,7 +504,7 @@ def _gather_side(side: _Side, parts: dict, files: _RunFiles, digest: str, so,
             files.job.check_fence()
             arr = zarr.create_array(files.array(p), shape=(n, emb.dim), chunks=(chunk, emb.dim),
                                     dtype=emb.dtype, compressors=None, fill_value=0.0,
-                                    overwrite=True, storage_options=so,
+                                    overwrite=True, storage_options=options_for(files.array(p), so),
                                     config={"write_empty_chunks": True},
                                     attributes={"bigalign_pairs": {"complete": False}})
 

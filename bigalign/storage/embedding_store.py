@@ -41,6 +41,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import InputError
+from .locations import options_for
 
 __all__ = ["create_store", "open_store", "store_parts", "open_for_writing", "store_attrs",
            "is_store", "ids_kind_of", "as_ids", "STORE_FORMAT", "KIND", "ID_KINDS"]
@@ -109,7 +110,7 @@ def create_store(url: str, *, rows: int, dim: int, dtype, chunk_rows: int,
     attrs: dict[str, Any] = {"bigalign": bigalign}
     if model is not None:
         attrs["model"] = str(model)
-    group = zarr.open_group(url, mode="w", storage_options=storage_options,
+    group = zarr.open_group(url, mode="w", storage_options=options_for(url, storage_options),
                             attributes=attrs)
     config = {"write_empty_chunks": True}
     group.create_array("embeddings", shape=(rows, dim), chunks=(chunk_rows, dim),
@@ -128,7 +129,7 @@ def store_attrs(url, storage_options: Optional[dict] = None) -> Optional[dict]:
     import zarr
 
     try:
-        group = zarr.open_group(url, mode="r", storage_options=storage_options)
+        group = zarr.open_group(url, mode="r", storage_options=options_for(url, storage_options))
     except Exception:
         return None
     attrs = group.attrs.get("bigalign")
@@ -147,7 +148,7 @@ def open_store(url, *, storage_options: Optional[dict] = None, mode: str = "r",
     import zarr
 
     try:
-        node = zarr.open(url, mode=mode, storage_options=storage_options)
+        node = zarr.open(url, mode=mode, storage_options=options_for(url, storage_options))
     except FileNotFoundError as e:
         raise InputError(f"no embedding store or array at {str(url)!r}") from e
     except Exception as e:
@@ -179,13 +180,14 @@ def open_for_writing(url, *, storage_options: Optional[dict] = None):
     ``write_empty_chunks=True`` (a config of the open handle, not stored with the array)."""
     import zarr
 
-    group = zarr.open_group(url, mode="r+", storage_options=storage_options)
+    group = zarr.open_group(url, mode="r+", storage_options=options_for(url, storage_options))
     config = {"write_empty_chunks": True}
     arrays = set(group.array_keys())
+    so = options_for(url, storage_options)
     embeddings = zarr.open_array(url, path="embeddings", mode="r+", config=config,
-                                 storage_options=storage_options)
+                                 storage_options=so)
     ids = zarr.open_array(url, path="ids", mode="r+", config=config,
-                          storage_options=storage_options) if "ids" in arrays else None
+                          storage_options=so) if "ids" in arrays else None
     return group, embeddings, ids
 
 
@@ -197,7 +199,7 @@ def _store_group(url, storage_options: Optional[dict] = None):
     if not isinstance(url, (str, os.PathLike)):
         return None
     try:
-        group = zarr.open_group(str(url), mode="r", storage_options=storage_options)
+        group = zarr.open_group(str(url), mode="r", storage_options=options_for(url, storage_options))
     except Exception:
         return None
     return group if "embeddings" in group else None

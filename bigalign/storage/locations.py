@@ -50,6 +50,18 @@ class Location:
         return f"{self.protocol}://{self.path}"
 
 
+def options_for(url, storage_options: Optional[dict]) -> Optional[dict]:
+    """The fsspec ``storage_options`` to open ``url`` with: all of them for a URL of a
+    remote file system (``s3://``, ``gs://``, ...), None for a local path. One set of
+    options serves every path of a run (a local transform, an S3 corpus), and Zarr refuses
+    options a local path cannot use."""
+    if not storage_options or not isinstance(url, (str, os.PathLike)):
+        return storage_options
+    from fsspec.utils import get_protocol
+
+    return None if get_protocol(os.fspath(url)) in ("file", "local") else storage_options
+
+
 def canonical(url, storage_options: Optional[dict] = None) -> Location:
     """The canonical :class:`Location` of a path, fsspec URL, or open zarr.Array / Store.
 

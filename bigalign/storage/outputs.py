@@ -34,6 +34,7 @@ from typing import Optional
 import fsspec
 
 from ..errors import InputError
+from .locations import options_for
 
 __all__ = ["Node", "inspect", "check_replaceable", "chunks_damage", "TRANSFORM_FORMAT",
            "TRANSFORM_KINDS", "APPLY_KINDS", "STORE_KINDS", "DEMO_KIND"]
@@ -89,7 +90,7 @@ def inspect(url, storage_options: Optional[dict] = None) -> Node:
     except (OSError, ValueError):
         pass
     try:
-        node = zarr.open(url, mode="r", storage_options=storage_options)
+        node = zarr.open(url, mode="r", storage_options=options_for(url, storage_options))
     except Exception:
         return Node("foreign")
     attrs = node.attrs.get("bigalign")
@@ -120,7 +121,7 @@ def chunks_damage(url, storage_options: Optional[dict] = None) -> Optional[str]:
 
     from .stores import describe_unstored
 
-    node = zarr.open(str(url), mode="r", storage_options=storage_options)
+    node = zarr.open(str(url), mode="r", storage_options=options_for(url, storage_options))
     arrays = [("its embeddings", node)] if isinstance(node, zarr.Array) else \
         [(f"its {name}", node[name]) for name in ("embeddings", "ids") if name in node]
     for what, arr in arrays:

@@ -31,6 +31,7 @@ import zarr
 from zarr.core.buffer.cpu import NDBuffer
 
 from ..errors import ChunkReadError, InputError, TransientChunkReadError, TransientError, is_transient
+from .locations import options_for
 
 __all__ = ["open_embeddings", "EmbeddingArray", "ArrayRows", "validate_pair", "create_output",
            "read_rows", "write_rows", "parse_rows", "unstored_chunks", "describe_unstored",
@@ -215,7 +216,8 @@ def open_embeddings(source, *, side: str = "source", storage_options: Optional[d
         url = str(source)
         try:
             arr = _retrying(f"{side} {url!r}: cannot open it",
-                            lambda: zarr.open_array(url, mode="r", storage_options=storage_options),
+                            lambda: zarr.open_array(url, mode="r",
+                                                    storage_options=options_for(url, storage_options)),
                             transient_only=True)
         except TransientError:
             raise
@@ -248,7 +250,7 @@ def open_embeddings(source, *, side: str = "source", storage_options: Optional[d
 
 def _node_kind(url, storage_options) -> Optional[str]:
     try:
-        zarr.open_group(url, mode="r", storage_options=storage_options)
+        zarr.open_group(url, mode="r", storage_options=options_for(url, storage_options))
         return "group"
     except Exception:
         return None
@@ -502,7 +504,8 @@ def create_output(url: str, *, rows: int, dim: int, chunk_rows: int, dtype,
             shards=(shard_rows, dim) if shard_rows else None,
             compressors=_compressors(compression), fill_value=np.nan,
             attributes=attributes or {}, overwrite=overwrite,
-            config={"write_empty_chunks": True}, storage_options=storage_options)
+            config={"write_empty_chunks": True},
+            storage_options=options_for(url, storage_options))
     except zarr.errors.ContainsArrayError as e:
         raise InputError(f"output {url!r} already exists (pass --overwrite to "
                          "replace it)") from e
