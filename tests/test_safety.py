@@ -553,3 +553,31 @@ def test_transform_that_lost_a_chunk_is_refused_and_reported(corpus):
     g = zarr.open_group(str(out), mode="r+")
     g.attrs["bigalign"] = {k: v for k, v in g.attrs["bigalign"].items() if k != "sha256"}
     np.testing.assert_array_equal(bigalign.Transform.load(str(out)).rotation, good.rotation)
+
+
+def test_no_output_is_written_inside_another_zarr_node(stores, tmp_path):
+    """An output nested inside an existing Zarr array or group (a user's array, an input
+    store, an earlier apply output) is refused by every command, with --overwrite too:
+    bigalign never writes inside another node, whose own --overwrite would later delete
+    it (a transform saved inside an apply output was lost when that output was replaced)."""
+    tmp, s, t, _, _, tr = stores
+    mapped = tmp_path / "mapped.zarr"
+    cli("apply", tmp / "t", write_zarr(tmp_path / "bare.zarr", np.ones((40, DIM), np.float32),
+                                       20), "-o", mapped, "-q", check=0)
+    user = zarr.open_group(str(tmp_path / "user.zarr"), mode="w")
+    user.attrs["mine"] = True
+    np.save(tmp_path / "v.npy", np.ones((20, DIM), np.float32))
+    for parent in (mapped, tmp_path / "user.zarr"):
+        before = snapshot(parent)
+        for argv in (["fit", s, t, "-o", f"{parent}/sub.transform"],
+                     ["invert", tmp / "t", "-o", f"{parent}/inv"],
+                     ["apply", tmp / "t", s, "-o", f"{parent}/m.zarr"],
+                     ["import", tmp_path / "v.npy", "-o", f"{parent}/s.store"],
+                     ["export", s, "--format", "parquet", "-o", f"{parent}/ex"],
+                     ["sample", s, "--pairs", "5", "-o", f"{parent}/s.parquet"]):
+            quiet = [] if argv[0] == "sample" else ["-q"]  # sample prints one line anyway
+            r = cli(*argv, "--overwrite", *quiet, check=2)
+            assert "lies inside the Zarr array or group" in r.stderr, (argv, r.stderr)
+        assert snapshot(parent) == before
+    with pytest.raises(bigalign.InputError, match="lies inside the Zarr array or group"):
+        tr.save(str(mapped / "c" / "t"))

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..storage.locations import canonical_url
-from ..storage.outputs import DEMO_KIND, inspect
+from ..storage.outputs import DEMO_KIND, ZARR_METADATA, inspect
 
 __all__ = ["make_pairs", "planted_rotation", "run_demo", "check_workdir"]
 
@@ -147,7 +147,7 @@ def _not_the_demos(path: Path, source: str) -> Optional[str]:
 
 def _is_zarr_node(folder: Path) -> bool:
     """True when the local ``folder`` is a Zarr array or group (format 2 or 3)."""
-    return any((folder / meta).is_file() for meta in ("zarr.json", ".zgroup", ".zarray"))
+    return any((folder / meta).is_file() for meta in ZARR_METADATA)
 
 
 def _made_from(recorded, source: str) -> bool:

@@ -558,7 +558,7 @@ def export_parquet(source, output: str, *, ids_column: str = "id",
     from ..execution.cluster import session
     from ..storage.locations import canonical_url, check_disjoint
     from ..planning.options import Execution
-    from ..storage.outputs import Node
+    from ..storage.outputs import Node, refuse_inside_zarr
     from ..storage.stores import parse_rows
 
     t0 = time.perf_counter()
@@ -581,6 +581,7 @@ def export_parquet(source, output: str, *, ids_column: str = "id",
         "options": {"format": "parquet", "dtype": out_dtype.name, "ids_column": ids_column,
                     "vector_column": vector_column, "compression": compression,
                     "rows_per_file": plan.rows_per_file}}
+    refuse_inside_zarr(output, "output", so)
     existing = check_folder(output, so)
     if existing is not None and existing.get("complete"):
         if finished_or_refuse(Node("parquet-export", existing), fingerprint, output,

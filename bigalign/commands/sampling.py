@@ -30,6 +30,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..storage.locations import check_disjoint
+from ..storage.outputs import refuse_inside_zarr
 from ..storage.embedding_store import store_parts
 from ..storage.stores import open_embeddings
 
@@ -81,6 +82,7 @@ def sample_corpus(corpus, n: int, output: str, *, method: str = "uniform", seed:
     emb = open_embeddings(url, side="corpus", storage_options=storage_options,
                           check_chunks=False)
     check_disjoint({"corpus": corpus}, {"output": output}, storage_options)
+    refuse_inside_zarr(output, "output", storage_options)
     if os.path.isdir(output):
         raise InputError(f"output {output!r} is a folder; give a file name (.parquet)")
     job = {"corpus": emb.fingerprint(), "rows": int(n), "method": method, "seed": seed}

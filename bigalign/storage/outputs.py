@@ -36,7 +36,8 @@ import fsspec
 from ..errors import InputError
 from .locations import options_for
 
-__all__ = ["Node", "inspect", "check_replaceable", "chunks_damage", "TRANSFORM_FORMAT",
+__all__ = ["Node", "inspect", "check_replaceable", "refuse_inside_zarr", "enclosing_zarr_node",
+           "chunks_damage", "TRANSFORM_FORMAT",
            "TRANSFORM_KINDS", "APPLY_KINDS", "STORE_KINDS", "DEMO_KIND"]
 
 TRANSFORM_FORMAT = "bigalign.transform/1"
@@ -131,12 +132,50 @@ def chunks_damage(url, storage_options: Optional[dict] = None) -> Optional[str]:
     return None
 
 
+#: The metadata files that make a folder a Zarr array or group (format 3, then 2).
+ZARR_METADATA = ("zarr.json", ".zgroup", ".zarray")
+
+
+def enclosing_zarr_node(url, storage_options: Optional[dict] = None) -> Optional[str]:
+    """The nearest folder above ``url`` that is a Zarr array or group (a user's, a store,
+    a transform, an apply output), or None. One existence check per metadata name and
+    level (a few requests on an object store)."""
+    import posixpath
+
+    fs, path = fsspec.core.url_to_fs(str(url), **(options_for(url, storage_options) or {}))
+    parent = posixpath.dirname(path.rstrip("/"))
+    while parent and parent not in ("/", "."):
+        try:
+            if any(fs.exists(f"{parent}/{name}") for name in ZARR_METADATA):
+                return parent
+        except (OSError, ValueError):  # an unreadable level (a bucket's parent): stop
+            return None
+        up = posixpath.dirname(parent)
+        if up == parent:
+            break
+        parent = up
+    return None
+
+
+def refuse_inside_zarr(url, what: str, storage_options: Optional[dict] = None) -> None:
+    """Raise InputError when ``url`` lies inside an existing Zarr array or group: bigalign
+    never writes inside another node, whose --overwrite (or its owner's clean-up) would
+    delete what it wrote there."""
+    inside = enclosing_zarr_node(url, storage_options)
+    if inside is not None:
+        raise InputError(f"{what} {str(url)!r} lies inside the Zarr array or group "
+                         f"{inside!r}: bigalign does not write inside another array, group "
+                         "or store (replacing that one would delete it). Choose another "
+                         "location.")
+
+
 def check_replaceable(url, what: str, storage_options: Optional[dict] = None,
                       node: Optional[Node] = None, *, kinds) -> Node:
     """Raise InputError unless the node at ``url`` is absent or one of ``kinds`` (the kinds
     the calling command writes, :data:`TRANSFORM_KINDS` etc.), whatever the flags: bigalign
-    replaces only what it wrote, and only with an output of the same kind. Returns the
-    node."""
+    replaces only what it wrote, and only with an output of the same kind; and never an
+    output inside another Zarr node (:func:`refuse_inside_zarr`). Returns the node."""
+    refuse_inside_zarr(url, what, storage_options)
     node = node or inspect(url, storage_options)
     if node.ours and node.kind not in kinds:
         name, maker = _NAMES[node.kind]
