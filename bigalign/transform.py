@@ -72,12 +72,22 @@ class Transform:
         ``target_centred`` leaves out ``+ target_mean``: the result lives in the target's
         centred space (search it among native target vectors minus ``target_mean``)."""
         x = np.asarray(x)
+        if x.dtype.kind not in "fiu":  # complex, bool, object, strings: not vectors
+            raise InputError(f"expected real-valued rows (float or integer), got dtype "
+                             f"{x.dtype}")
         single = x.ndim == 1
         x2 = x[None, :] if single else x
         if x2.ndim != 2 or x2.shape[1] != self.dims[0]:
-            raise ValueError(f"expected rows of dimension {self.dims[0]}, got shape {x.shape}")
+            raise InputError(f"expected rows of dimension {self.dims[0]}, got shape "
+                             f"{x.shape}")
         if dtype is None:
             dtype = np.float64 if x.dtype == np.float64 else np.float32
+        try:
+            ok = np.dtype(dtype) in (np.float16, np.float32, np.float64)
+        except TypeError:
+            ok = False
+        if not ok:  # an integer dtype would truncate every mapped value (to 0, mostly)
+            raise InputError(f"dtype must be float16, float32 or float64, got {dtype!r}")
         y = map_rows(x2, self.matrix(dtype), self.source_mean,
                      self.output_mean(target_centred), normalize=self.normalize,
                      renormalize=renormalize, dtype=dtype)
@@ -126,8 +136,13 @@ class Transform:
         check_replaceable(path, "transform output", storage_options,  # never a user's node
                           kinds=TRANSFORM_KINDS)
         statistics = self.statistics  # read (if lazy) before a save over its own source
-        group = zarr.open_group(path, mode="w" if overwrite else "w-",
-                                storage_options=options_for(path, storage_options))
+        try:
+            group = zarr.open_group(path, mode="w" if overwrite else "w-",
+                                    storage_options=options_for(path, storage_options))
+        except (FileExistsError, zarr.errors.ContainsGroupError,
+                zarr.errors.ContainsArrayError):
+            raise InputError(f"transform output {str(path)!r} already exists (a transform); "
+                             "pass overwrite=True (--overwrite) to replace it") from None
         # first, so a save cut short is recognisably bigalign's (and not loadable)
         group.attrs["bigalign"] = {"format": FORMAT, "state": "writing"}
         for name in ("rotation", "source_mean", "target_mean", "singular_values"):

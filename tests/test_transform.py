@@ -116,3 +116,38 @@ def test_target_centred_leaves_out_the_target_mean():
     x = np.random.default_rng(4).standard_normal((5, 6))
     np.testing.assert_allclose(t.transform(x, target_centred=True),
                                t.transform(x) - t.target_mean, atol=1e-12)
+
+
+def test_transform_refuses_what_it_cannot_map_and_save_says_why(tmp_path):
+    """Non-real input (complex, bool, object) and a non-float output dtype are refused with
+    bigalign's InputError (an int8 output silently truncated every value to 0); a save over
+    an existing transform without overwrite says so, not zarr's "Cannot create ''"."""
+    import bigalign
+    from bigalign.errors import InputError
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((200, 4)).astype(np.float32)
+    t = bigalign.Transform.load(_fit_saved(tmp_path, a))
+    x = a[:5]
+    for bad in (x.astype(np.complex64) + 1j, x > 0, x.astype(object)):
+        with pytest.raises(InputError, match="expected real-valued rows"):
+            t.transform(bad)
+    for dtype in ("int8", "uint8", "int32", "bogus"):
+        with pytest.raises(InputError, match="dtype must be float16, float32 or float64"):
+            t.transform(x, dtype=dtype)
+    with pytest.raises(InputError, match="expected rows of dimension 4"):
+        t.transform(x[:, :3])
+    np.testing.assert_allclose(t.transform(np.arange(8).reshape(2, 4)),
+                               t.transform(np.arange(8, dtype=np.float32).reshape(2, 4)))
+    with pytest.raises(InputError, match="already exists .*overwrite=True"):
+        t.save(str(tmp_path / "t"))
+    t.save(str(tmp_path / "t"), overwrite=True)
+
+
+def _fit_saved(tmp_path, a):
+    import bigalign
+    from conftest import write_zarr
+
+    s = write_zarr(tmp_path / "a.zarr", a, 50)
+    bigalign.fit(s, s, output=str(tmp_path / "t"), center=True)
+    return str(tmp_path / "t")
