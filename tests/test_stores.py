@@ -140,3 +140,13 @@ def test_storage_options_apply_to_remote_urls_only(tmp_path):
     assert main(["apply", str(tmp_path / "t"), s, "-o", str(tmp_path / "m.zarr"), "-q",
                  *opts]) == 0
     assert main(["info", str(tmp_path / "t"), *opts]) == 0
+
+
+def test_an_in_memory_numpy_array_is_named_not_printed():
+    """A numpy array passed where a Zarr array or path belongs is named by its type and
+    shape (the error printed the whole array as a "path", and a file-name-too-long error)."""
+    with pytest.raises(InputError) as e:
+        open_embeddings(np.zeros((5, 32), np.float32), side="source")
+    message = str(e.value)
+    assert "a numpy.ndarray of shape (5, 32) is not an input here" in message
+    assert "0. 0." not in message and len(message) < 300

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -212,6 +213,12 @@ def open_embeddings(source, *, side: str = "source", storage_options: Optional[d
     already open zarr.Array. Raises InputError saying what is wrong and where."""
     if hasattr(source, "shape") and hasattr(source, "chunks") and hasattr(source, "metadata"):
         arr, url = source, str(source.store_path)
+    elif not isinstance(source, (str, os.PathLike)):  # a numpy array, a list, ...
+        raise InputError(f"{side}: a {type(source).__module__}.{type(source).__name__}"
+                         + (f" of shape {tuple(source.shape)}" if hasattr(source, "shape")
+                            else "") + " is not an input here: give a path or URL of a Zarr "
+                         "array or embedding store, or an open zarr.Array (in memory: "
+                         "zarr.array(x, chunks=(rows, dim)))")
     else:
         url = str(source)
         try:
