@@ -66,6 +66,21 @@ def test_bad_input_exit_2_with_message(files, capsys, argv, message):
     assert re.search(message, err), err
 
 
+def test_info_of_an_embedding_store_a_user_made(capsys, tmp_path):
+    """A user's group holding embeddings, ids and a model stamp is an input to every
+    command, so info describes it too (it said 'not a transform or apply output')."""
+    g = zarr.open_group(str(tmp_path / "u.zarr"), mode="w")
+    g.attrs["model"] = "minilm"
+    g.create_array("embeddings", data=np.ones((100, 8), np.float32), chunks=(50, 8))
+    g.create_array("ids", data=np.arange(100) * 3, chunks=(50,))
+    code, out, err = run(capsys, "info", tmp_path / "u.zarr")
+    assert code == 0, err
+    assert "100 rows x 8 (float32), ids: int64, model: minilm; usable as an input" in out
+    code, out, _ = run(capsys, "info", tmp_path / "u.zarr", "--json")
+    doc = json.loads(out)
+    assert doc["kind"] == "embedding-store" and doc["made_by"] is None and doc["rows"] == 100
+
+
 def test_info_of_a_file_and_of_a_bare_array(files, capsys, tmp_path):
     """A regular file: said to be a file (not a failed read of a manifest inside it); a
     bare Zarr array, which every command takes: described (shape, dtype, chunks)."""

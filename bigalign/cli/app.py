@@ -487,7 +487,7 @@ def _plain_array(path, so) -> Optional[dict]:
     from ..errors import InputError
     from ..storage.stores import open_embeddings
 
-    fs, local = fsspec.core.url_to_fs(str(path), **(so or {}))
+    fs, local = fsspec.core.url_to_fs(str(path), **(options_for(path, so) or {}))
     if fs.isfile(local.rstrip("/")):
         raise InputError(f"{path!r} is a file, not a bigalign output or Zarr store (info "
                          "describes transforms, apply outputs, embedding stores, Parquet "
@@ -505,6 +505,35 @@ def _plain_array(path, so) -> Optional[dict]:
     return {"kind": "zarr-array", "path": str(path), "shape": list(arr.shape),
             "dtype": str(arr.dtype), "chunks": list(arr.chunks),
             "shards": list(arr.shards) if arr.shards else None, "unusable": unusable}
+
+
+def _user_store(path, so) -> Optional[dict]:
+    """What ``info`` says of an embedding store a user made (a Zarr group holding
+    ``embeddings`` and optionally ``ids`` and a ``model`` attribute: every command takes
+    one), or None when ``path`` is not one."""
+    from ..commands.parquet_export import ids_kind
+    from ..errors import InputError
+    from ..storage.embedding_store import store_parts
+    from ..storage.stores import open_embeddings
+
+    try:
+        url, ids, model = store_parts(path, so)
+    except Exception:
+        return None
+    if url == path:  # not a group with embeddings
+        return None
+    try:
+        emb = open_embeddings(url, side="input", storage_options=so, check_chunks=False)
+    except InputError as e:
+        return {"kind": "embedding-store", "path": str(path), "made_by": None, "rows": 0,
+                "dim": 0, "dtype": "?", "ids": None, "model": model, "unusable": str(e)}
+    try:
+        kind, unusable = (ids_kind(ids) if ids is not None else None), None
+    except InputError as e:
+        kind, unusable = None, str(e)
+    return {"kind": "embedding-store", "path": str(path), "made_by": None, "rows": emb.rows,
+            "dim": emb.dim, "dtype": str(emb.dtype), "ids": kind, "model": model,
+            "unusable": unusable}
 
 
 def _info(args) -> int:
@@ -576,6 +605,18 @@ def _info(args) -> int:
                       (f", shards {tuple(array['shards'])}" if array["shards"] else "") +
                       (f"\n  not usable as an input: {array['unusable']}"
                        if array["unusable"] else "; usable as an input (rows paired by position)"))
+            return 0
+        store = _user_store(args.path, so)
+        if store is not None:  # a user's group holding embeddings (and ids): an input too
+            if args.json:
+                _print_json(store)
+            else:
+                print(f"embedding store {args.path} (not written by bigalign): "
+                      f"{store['rows']:,} rows x {store['dim']} ({store['dtype']}), ids: "
+                      f"{store['ids'] or 'none (row numbers)'}, model: "
+                      f"{store['model'] or 'not recorded'}" +
+                      (f"\n  not usable as an input: {store['unusable']}" if store["unusable"]
+                       else "; usable as an input"))
             return 0
         if bigalign.run_status(args.path, so):
             return _status(args)
