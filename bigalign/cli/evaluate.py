@@ -131,10 +131,10 @@ def add_commands(sub) -> dict:
         "Queries embedded by one model, documents by another, relevance judgements as a table "
         "(query_id, doc_id, relevance; parquet or CSV; ids are row indices of QUERIES and "
         "DOCS, or their ids when both are embedding stores with ids). Reports nDCG and "
-        "recall@k for native (with --native), none, the baselines and the aligned transform, searched raw and centred (centred: queries minus "
-        f"their own mean, so only with at least {MIN_CENTRED_QUERIES} queries). --map "
-        "queries (default): TRANSFORM "
-        "maps the query model into the document model's space (upgrade the query model "
+        "recall@k for native (with --native), none, the baselines and the aligned "
+        "transform, searched raw and centred (centred: queries minus their own mean, so "
+        f"only with at least {MIN_CENTRED_QUERIES} queries). --map queries (default): "
+        "TRANSFORM maps the query model into the document model's space (upgrade the query model "
         "without re-indexing); --map docs: it maps documents into the query space.",
         TRANSFORM, ("queries", "Zarr array of query embeddings"),
         ("docs", "Zarr array of document embeddings (the other model)"))

@@ -387,9 +387,7 @@ def _existing_transform(output, operation: str, fingerprint: dict, overwrite: bo
             return t
     if not overwrite:
         what = {"transform": "a bigalign transform made from other inputs",
-                "partial-transform": "an unfinished bigalign transform",
-                "apply-output": "a bigalign apply output",
-                "apply-store": "an embedding store written by bigalign apply"}[node.kind]
+                "partial-transform": "an unfinished bigalign transform"}[node.kind]
         raise InputError(f"output {str(output)!r} already exists ({what}); pass --overwrite "
                          "to replace it")
     return None
