@@ -149,12 +149,14 @@ class Transform:
             value = getattr(self, name)
             if value is not None:  # every chunk stored, zeros too: a missing one is damage
                 group.create_array(name, data=np.asarray(value, dtype=np.float64),
-                                   compressors=None, config={"write_empty_chunks": True})
+                                   compressors=_checksummed(),
+                                   config={"write_empty_chunks": True})
         if statistics is not None:
             stats = group.create_group("statistics")
             for name, value in statistics.to_arrays().items():
                 stats.create_array(name, data=np.asarray(value, dtype=np.float64)
-                                   if name != "n" else np.asarray(value), compressors=None)
+                                   if name != "n" else np.asarray(value),
+                                   compressors=_checksummed())
         # the attribute goes last: a group without it is an unfinished save. ``sha256``
         # (the digest) lets load find a chunk lost since (Zarr would read it as zeros)
         group.attrs["bigalign"] = _jsonable({
@@ -314,3 +316,10 @@ def _not_a_transform(path, storage_options, error: Exception) -> str:
 def _jsonable(obj: Any) -> Any:
     """Plain JSON types (numpy scalars and arrays become floats and lists)."""
     return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def _checksummed():
+    """A transform's arrays carry Zarr's crc32c codec, as every array bigalign writes
+    (:func:`bigalign.storage.stores._compressors`): a damaged chunk fails on load."""
+    from .storage.stores import _compressors
+    return _compressors("none")

@@ -342,7 +342,7 @@ def test_a_finished_store_that_lost_a_chunk_is_not_a_noop(corpus, capsys):
     import_vectors(files, str(out), **kw)
     os.remove(out / "embeddings" / "c" / "7" / "0")
     with pytest.raises(bigalign.DamagedOutputError,
-                       match=r"1 of 30 chunks of its embeddings are not stored \(first: rows "
+                       match=r"1 of 30 chunks of its embeddings are not stored or truncated \(first: rows "
                              r"700:800, c/7/0\)"):
         import_vectors(files, str(out), **kw)
     capsys.readouterr()

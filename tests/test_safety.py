@@ -508,7 +508,7 @@ def test_apply_output_that_lost_a_chunk_is_refused_and_reported(stores, bare):
     r = cli(*apply[:-1], check=2)
     assert "nothing to do" not in r.stderr
     assert re.search(r"marked complete but is damaged: 1 of \d+ chunks of its embeddings are "
-                     r"not stored \(first: rows \d+:\d+, c/3/0\)", r.stderr), r.stderr
+                     r"not stored or truncated \(first: rows \d+:\d+, c/3/0\)", r.stderr), r.stderr
     assert "Rerun with --overwrite" in r.stderr
     r = cli("info", out, check=3)
     assert "DAMAGED" in r.stdout and "c/3/0" in r.stdout and "--overwrite" in r.stdout

@@ -111,13 +111,40 @@ def test_big_endian_zarr_v2(tmp_path):
 
 def test_create_output_template(tmp_path):
     out = create_output(str(tmp_path / "o.zarr"), rows=10, dim=3, chunk_rows=4, dtype="float32")
-    assert out.chunks == (4, 3) and out.compressors == ()
+    assert out.chunks == (4, 3) and [type(c).__name__ for c in out.compressors] == \
+        ["Crc32cCodec"]
     assert np.isnan(out[:]).all()  # unwritten rows read as NaN, not plausible zeros
     with pytest.raises(InputError, match="already exists"):
         create_output(str(tmp_path / "o.zarr"), rows=10, dim=3, chunk_rows=4, dtype="float32")
     lz = create_output(str(tmp_path / "l.zarr"), rows=10, dim=3, chunk_rows=4, dtype="float32",
                        compression="lz4")
-    assert len(lz.compressors) == 1
+    assert [type(c).__name__ for c in lz.compressors] == ["BloscCodec", "Crc32cCodec"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_chunk_of_an_output_fails_on_read(tmp_path, damage):
+    """Outputs carry crc32c: a chunk truncated or altered after it was written is an error
+    naming its rows, never rows of garbage; the listing check sees a truncated one."""
+    from bigalign.errors import ChunkReadError
+    from bigalign.storage.stores import describe_unstored, open_embeddings, read_rows
+
+    url = str(tmp_path / "o.zarr")
+    out = create_output(url, rows=12, dim=3, chunk_rows=4, dtype="float32")
+    out[:] = np.arange(36, dtype=np.float32).reshape(12, 3)
+    assert describe_unstored(out, "it") is None
+    chunk = tmp_path / "o.zarr" / "c" / "1" / "0"
+    with open(chunk, "r+b") as f:
+        if damage == "truncate":
+            f.truncate(10)
+        else:
+            f.seek(5)
+            f.write(b"\xff\xff")
+    emb = open_embeddings(url, check_chunks=False)
+    assert read_rows(emb, 0, 4).sum() == np.arange(12).sum()  # other chunks read
+    with pytest.raises(ChunkReadError, match="rows 4:8"):
+        read_rows(emb, 4, 8)
+    lost = describe_unstored(out, "it")
+    assert (lost is not None and "rows 4:8" in lost) == (damage == "truncate")
 
 
 def test_storage_options_apply_to_remote_urls_only(tmp_path):

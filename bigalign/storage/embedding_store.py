@@ -120,7 +120,8 @@ def create_store(url: str, *, rows: int, dim: int, dtype, chunk_rows: int,
     if ids_kind is not None:
         ids_dtype, fill = _ids_dtype(ids_kind)
         group.create_array("ids", shape=(rows,), chunks=(shard_rows or chunk_rows,),
-                           dtype=ids_dtype, fill_value=fill, compressors=None, config=config)
+                           dtype=ids_dtype, fill_value=fill, compressors=_compressors("none"),
+                           config=config)
     return group
 
 

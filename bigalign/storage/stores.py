@@ -36,6 +36,7 @@ from .locations import options_for
 
 __all__ = ["open_embeddings", "EmbeddingArray", "ArrayRows", "validate_pair", "create_output",
            "read_rows", "write_rows", "parse_rows", "unstored_chunks", "describe_unstored",
+           "stored_chunk_bytes",
            "COMPRESSIONS"]
 
 FLOAT_DTYPES = (np.float16, np.float32, np.float64)
@@ -273,13 +274,40 @@ def _key_pattern(arr) -> tuple[str, str]:
     return pre, post
 
 
-def unstored_chunks(arr, entries: Optional[list] = None) -> Optional[tuple[np.ndarray, int, int]]:
+def stored_chunk_bytes(arr) -> Optional[int]:
+    """The exact size in bytes of every stored chunk of ``arr`` when its codecs make it
+    fixed (an unsharded array of a fixed-size dtype whose bytes-to-bytes codecs are at most
+    ``crc32c``: rows x dim x itemsize, plus 4), else None (compressed, sharded or variable-
+    length chunks: only their existence and a non-zero size can be checked from a listing).
+    Zarr 3 stores edge chunks whole, so the last chunk has the same size."""
+    meta = arr.metadata
+    if getattr(arr, "shards", None) or getattr(meta, "zarr_format", 3) != 3:
+        return None
+    try:
+        itemsize = np.dtype(arr.dtype).itemsize
+        if np.dtype(arr.dtype).kind not in "fiub":
+            return None
+        names = [c["name"] if isinstance(c, dict) else c
+                 for c in meta.to_dict().get("codecs", [])]
+    except Exception:
+        return None
+    if not names or names[0] != "bytes" or any(n != "crc32c" for n in names[1:]):
+        return None
+    return int(np.prod(arr.chunks)) * itemsize + 4 * (len(names) - 1)
+
+
+def unstored_chunks(arr, entries: Optional[list] = None, *,
+                    sizes: bool = False) -> Optional[tuple[np.ndarray, int, int]]:
     """Which row chunks (shards when sharded) of a whole-row array (N, d) or (N,) have no
     stored object: (their indices, how many the grid has, rows per chunk), from ``entries``
     (:func:`list_objects`; one listing is taken when not given). None when the key encoding
     does not hold the row index in decimal (nothing can be said). Memory: one byte per chunk
     of the grid, whatever the key count. Finds a chunk (shard) file that is gone, not an
-    inner chunk missing from a stored shard."""
+    inner chunk missing from a stored shard.
+
+    ``sizes``: also count as unstored a chunk whose stored size is wrong: empty, or (where
+    :func:`stored_chunk_bytes` knows it) not exactly the size its codecs give: a chunk
+    truncated by storage damage. Same listing, no reads."""
     if entries is None:
         entries = list_objects(arr)[1]
     shards = getattr(arr, "shards", None)
@@ -292,21 +320,25 @@ def unstored_chunks(arr, entries: Optional[list] = None) -> Optional[tuple[np.nd
         pre, post = _key_pattern(arr)
     except Exception:  # an encoding without the index in decimal
         return None
-    for rel, _, _ in entries:
+    exact = stored_chunk_bytes(arr) if sizes else None
+    for rel, size, _ in entries:
         if node and rel.startswith(node + "/"):  # keys listed by the store, not the fs
             rel = rel[len(node) + 1:]
         if rel.startswith(pre) and rel.endswith(post):
             middle = rel[len(pre):len(rel) - len(post)] if post else rel[len(pre):]
             if middle.isdigit() and int(middle) < total:
+                if sizes and (not size or (exact is not None and size != exact)):
+                    continue
                 present[int(middle)] = True
     return np.flatnonzero(~present), total, step
 
 
 def describe_unstored(arr, what: str, entries: Optional[list] = None) -> Optional[str]:
-    """``"N of T chunks of WHAT are not stored (first: rows a:b, key K)"`` for an array
-    every chunk of which should be stored (written with ``write_empty_chunks=True``), or
-    None when all are (or nothing can be said). One listing (:func:`unstored_chunks`)."""
-    found = unstored_chunks(arr, entries)
+    """``"N of T chunks of WHAT are not stored or truncated (first: rows a:b, key K)"`` for
+    an array every chunk of which should be stored whole (written by bigalign with
+    ``write_empty_chunks=True``), or None when all are (or nothing can be said). One
+    listing (:func:`unstored_chunks` with ``sizes``)."""
+    found = unstored_chunks(arr, entries, sizes=True)
     if found is None or not found[0].size:
         return None
     missing, total, step = found
@@ -314,8 +346,8 @@ def describe_unstored(arr, what: str, entries: Optional[list] = None) -> Optiona
     unit = "shards" if getattr(arr, "shards", None) else "chunks"
     key = arr.metadata.encode_chunk_key((first,) + (0,) * (arr.ndim - 1))
     a = first * step
-    return (f"{missing.size} of {total} {unit} of {what} are not stored (first: rows "
-            f"{a}:{min(a + step, int(arr.shape[0]))}, {key})")
+    return (f"{missing.size} of {total} {unit} of {what} are not stored or truncated "
+            f"(first: rows {a}:{min(a + step, int(arr.shape[0]))}, {key})")
 
 
 def _check_no_missing(emb: EmbeddingArray, entries: list) -> None:
@@ -484,16 +516,27 @@ def write_rows(arr, start: int, values: np.ndarray, *, url: str = "") -> None:
     _retrying(f"cannot write output rows {start}:{stop} of {url!r}", put)
 
 
-def _compressors(compression: str):
-    if compression in (None, "none"):
-        return None
+def _compressors(compression: str, checksum: bool = True):
+    """The bytes-to-bytes codecs of an array bigalign writes: the compressor ``compression``
+    names (none, lz4, zstd), then, with ``checksum``, Zarr's ``crc32c`` codec: every stored
+    chunk ends in the CRC-32C of its bytes, so a chunk damaged or truncated after it was
+    written fails on read (``Stored and computed checksum do not match``, a ChunkReadError
+    naming its rows) instead of being mapped or exported as garbage. Cost: 4 bytes a chunk
+    and one CRC pass over each chunk written and read (measured in benchmarks/README.md).
+    Arrays written without it (inputs of users, older outputs) read as before."""
+    codecs = []
     if compression == "lz4":
         from zarr.codecs import BloscCodec
-        return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]
-    if compression == "zstd":
+        codecs.append(BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"))
+    elif compression == "zstd":
         from zarr.codecs import ZstdCodec
-        return [ZstdCodec(level=3)]
-    raise InputError(f"unknown compression {compression!r}; choose from {COMPRESSIONS}")
+        codecs.append(ZstdCodec(level=3))
+    elif compression not in (None, "none"):
+        raise InputError(f"unknown compression {compression!r}; choose from {COMPRESSIONS}")
+    if checksum:
+        from zarr.codecs import Crc32cCodec
+        codecs.append(Crc32cCodec())
+    return codecs or None
 
 
 def create_output(url: str, *, rows: int, dim: int, chunk_rows: int, dtype,
