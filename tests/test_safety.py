@@ -173,7 +173,9 @@ def test_stale_output_of_another_run_is_recreated(corpus):
 
 def test_stale_units_are_recomputed(corpus):
     """Units of an interrupted fit over rows 0:6000 copied into the checkpoint of a fit over
-    rows 0:4000 (the same unit names): before, n_pairs came out larger than the rows."""
+    rows 0:4000 (the same unit names): before, n_pairs came out larger than the rows. Files
+    stamped with another run are not this job's: the checkpoint is refused, and they are
+    never read or deleted."""
     tmp, s, t, a, b, _ = corpus
     big = tmp / "big"
     cli("fit", s, t, "-o", big, *SMALL, faults="kill:fit.unit-saved@3")
@@ -184,8 +186,13 @@ def test_stale_units_are_recomputed(corpus):
     cli("fit", s, t, "-o", small, "--rows", "0:4000", *SMALL, faults="kill:fit.unit-saved@1")
     for name, raw in stale.items():
         (tmp / "small.checkpoint" / "units" / name).write_bytes(raw)
-    r = cli("fit", s, t, "-o", small, "--rows", "0:4000", "--block-mb", "0.02", check=0)
-    assert "belongs to run" in r.stderr
+    # units stamped with another run are not this job's: the folder is refused, untouched
+    r = cli("fit", s, t, "-o", small, "--rows", "0:4000", "--block-mb", "0.02", check=2)
+    assert "holds files bigalign did not write (units/" in r.stderr
+    assert all((tmp / "small.checkpoint" / "units" / n).exists() for n in stale)
+    for name in stale:
+        os.remove(tmp / "small.checkpoint" / "units" / name)
+    cli("fit", s, t, "-o", small, "--rows", "0:4000", "--block-mb", "0.02", check=0)
     got = bigalign.Transform.load(str(small))
     assert got.metadata["n_pairs"] == 4000
     fresh = bigalign.fit(s, t, rows=(0, 4000), block_bytes=int(0.02 * 2**20))

@@ -22,7 +22,8 @@ import numpy as np
 from .. import __version__
 
 from ..execution import faults
-from ..storage.checkpoint import Job, checkpointed, finished_or_refuse
+from ..storage.checkpoint import Job, checkpointed, finished_or_refuse, lease_home
+from ..storage.output_job import ZarrTarget, classify, output_job
 from ..execution.cluster import session
 from ..execution.engine import apply_graph, fit_graph
 from ..errors import CheckpointError, DamagedOutputError, InputError
@@ -243,7 +244,10 @@ def _fit_job(src, tgt, start, stop, opts, gram, fingerprint, fingerprints, model
                     "multiple: target chunks on task boundaries are read twice",
                     src.row_step, tgt.row_step)
     with checkpointed(checkpoint, "fit", fingerprint, asdict(plan), storage_options=so,
-                      restart=restart, replace=overwrite, keep=keep_checkpoint) as (job, manifest):
+                      restart=restart, replace=overwrite, keep=keep_checkpoint,
+                      lease_url=None if output is None else lease_home(output),
+                      output=None if output is None else canonical_url(output, so)) \
+            as (job, manifest):
         plan = FitPlan(**manifest["plan"])
         units = plan.units()
         done = job.done_units(plan.unit_rows()) if job else set()
@@ -506,29 +510,20 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
                f"source chunks ({src.row_step} rows) and output chunks ({opts.chunk_rows} "
                "rows) share no small common multiple")
         log.warning("%s: some source chunks are read twice", why)
-    with checkpointed(ckpt, "apply", fingerprint, asdict(plan), storage_options=so,
-                      restart=restart, replace=overwrite) as (job, manifest):
-        plan = ApplyPlan(**manifest["plan"])
+    layout = _OutputLayout(plan.rows, dim_b, opts, out_shard, as_store, ids_kind)
+    target = _ApplyTarget(output, layout, target_model, so, {
+        "transform": fingerprint["transform"], "source": str(source) if as_store else src.url,
+        "source_rows": [first, last], "target_centred": target_centred})
+    with output_job(target, ckpt, "apply", fingerprint, asdict(plan), storage_options=so,
+                    restart=restart, replace=overwrite) as run_:
+        plan = ApplyPlan(**run_.manifest["plan"])
         blocks, expected = plan.blocks(), plan.region_rows()
         faults.point("apply.begun")
-        layout = _OutputLayout(plan.rows, dim_b, opts, out_shard, as_store, ids_kind)
-        written_by = _output_of_run(output, manifest["run_id"], layout, so)
-        if written_by is None:  # absent, or not this run's: (re)create it, forget its markers
-            if job is not None:
-                job.check_fence()
-                job.clear_markers()
-            written_by = _create_output(output, layout, target_model, so, {
-                "run_id": manifest["run_id"], "transform": fingerprint["transform"],
-                "source": str(source) if as_store else src.url,
-                "source_rows": [first, last], "target_centred": target_centred})
-            done: set[int] = set()
-        else:
-            done = job.done_regions(expected) if job is not None else set()
-            log.warning("resuming: %d of %d regions done", len(done), len(blocks))
-        out_node, out, out_ids = written_by
+        handle, done = run_.open(expected)
+        out_node, out, out_ids = handle
         params = (transform.matrix(opts.dtype), transform.source_mean,
                   transform.output_mean(target_centred), str(output))
-        graph, key, tasks = apply_graph(src, out, params, blocks, done=done, job=job,
+        graph, key, tasks = apply_graph(src, out, params, blocks, done=done, job=run_.job,
                                         dtype=opts.dtype, renormalize=renormalize,
                                         normalize=transform.normalize, bad_rows=bad_rows,
                                         offset=plan.offset, device=run.device,
@@ -544,29 +539,19 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
             written, bad = s.get(graph, key)
         seconds = time.perf_counter() - t0
         faults.point("apply.before-complete")
-        if job is not None:  # verify, then complete: every region has this run's marker
-            markers = job.region_markers(expected)
+        markers = run_.markers(expected)  # verify, then complete (RegionRun.finish)
+        if run_.job.progress:  # the bad rows of earlier runs count too
             bad = sorted(i for m in markers.values() for i in m.get("bad_rows", []))
-            missing = sorted(set(expected) - set(markers))
-            if missing:
-                raise CheckpointError(f"{len(missing)} of {len(blocks)} regions of {output!r} "
-                                      f"are not recorded as written (first: rows "
-                                      f"{expected[missing[0]][0]}:{expected[missing[0]][1]}); "
-                                      "rerun to resume")
-            job.check_fence()
-        # the completion mark goes last: before it, readers see an incomplete output
-        attrs = dict(out_node.attrs.get("bigalign", {}))
         if bad:
             log.warning("%d source rows held NaN/Inf%s: written as %s rows (first: %s); "
                         "their numbers are in the output's bigalign.bad_rows attribute",
                         len(bad), " or zero norms" if transform.normalize else "",
                         "NaN" if bad_rows == "nan" else "zero", bad[:5])
-        attrs.update(complete=True, rows=plan.rows, seconds=seconds,
-                     bad_rows={"policy": bad_rows, "count": len(bad),
-                               "rows": bad[:MAX_BAD_ROWS_LISTED]},
-                     job={"run_id": manifest["run_id"], "fingerprint": fingerprint},
-                     completed=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        out_node.attrs["bigalign"] = attrs
+        run_.finish(handle, expected, dict(
+            complete=True, rows=plan.rows, seconds=seconds,
+            bad_rows={"policy": bad_rows, "count": len(bad), "rows": bad[:MAX_BAD_ROWS_LISTED]},
+            job={"run_id": run_.run_id, "fingerprint": fingerprint},
+            completed=datetime.now(timezone.utc).isoformat(timespec="seconds")))
     return RunReport(int(written), seconds, tasks, len(blocks), len(done), plan.rows,
                      bad_rows=bad)
 
@@ -622,6 +607,26 @@ class _OutputLayout:
                                and ids_kind_of(ids.dtype) == self.ids_kind)
 
 
+class _ApplyTarget(ZarrTarget):
+    """An apply output as the region job writes it (:mod:`bigalign.storage.output_job`):
+    a bare array or an embedding store of ``layout``, stamped with the run id and
+    ``attributes`` (its ``bigalign`` attribute) and the target ``model``."""
+
+    def __init__(self, output, layout: _OutputLayout, model: Optional[str], so,
+                 attributes: dict):
+        super().__init__(output, so)
+        self.layout, self.model, self.attributes = layout, model, attributes
+
+    def of_run(self, run_id: str) -> Optional[tuple]:
+        return classify(f"output {self.url!r}",
+                        lambda: _output_of_run(self.url, run_id, self.layout,
+                                               self.storage_options))
+
+    def create(self, run_id: str) -> tuple:
+        return _create_output(self.url, self.layout, self.model, self.storage_options,
+                              dict(self.attributes, run_id=run_id))
+
+
 def _create_output(output, layout: _OutputLayout, model: Optional[str], so,
                    attributes: dict) -> tuple:
     """Create the empty output (replacing what is there: the caller checked it may), with
@@ -646,18 +651,17 @@ def _create_output(output, layout: _OutputLayout, model: Optional[str], so,
 
 def _output_of_run(output, run_id: str, layout: _OutputLayout, so) -> Optional[tuple]:
     """(node, embeddings, ids or None) of the existing output when it was created by run
-    ``run_id`` with the expected layout (a resume may write into it); None otherwise."""
+    ``run_id`` with the expected layout (a resume may write into it); None otherwise.
+    Raises when it cannot be opened (:func:`bigalign.storage.output_job.classify` tells
+    "absent" from "storage did not answer")."""
     import zarr
 
-    try:
-        if layout.store:
-            node, emb, ids = open_for_writing(output, storage_options=so)
-        else:
-            node = emb = zarr.open_array(output, mode="r+", storage_options=options_for(output, so),
-                                         config={"write_empty_chunks": True})
-            ids = None
-    except Exception:
-        return None
+    if layout.store:
+        node, emb, ids = open_for_writing(output, storage_options=so)
+    else:
+        node = emb = zarr.open_array(output, mode="r+", storage_options=options_for(output, so),
+                                     config={"write_empty_chunks": True})
+        ids = None
     attrs = node.attrs.get("bigalign") or {}
     if attrs.get("run_id") != run_id or attrs.get("complete") or \
             (layout.store and attrs.get("made_by") != "apply"):

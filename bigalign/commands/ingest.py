@@ -63,6 +63,7 @@ import numpy as np
 from ..execution import faults
 from ..errors import CheckpointError, InputError, NonFiniteError
 from ..planning.plan import DEFAULT_BLOCK_BYTES, MIN_BLOCKS, ApplyPlan, Block, choose_block_rows
+from ..storage.output_job import ZarrTarget, classify
 
 log = logging.getLogger("bigalign")
 
@@ -1085,10 +1086,9 @@ def import_vectors(inputs, output: str, *, ids_column: Optional[str] = None,
     import).
     """
     from .api import RunReport, default_checkpoint
-    from ..storage.checkpoint import finished_or_refuse
-    from ..storage.checkpoint import Job, checkpointed
+    from ..storage.checkpoint import Job, finished_or_refuse
     from ..execution.cluster import session
-    from ..storage.embedding_store import create_store
+    from ..storage.output_job import output_job
     from ..storage.locations import check_disjoint
     from ..planning.options import Execution
     from ..storage.outputs import STORE_KINDS, check_replaceable, chunks_damage
@@ -1133,32 +1133,19 @@ def import_vectors(inputs, output: str, *, ids_column: Optional[str] = None,
                                                  (ckpt and Job(ckpt, so).exists())):
         raise InputError(f"output {output!r} is an incomplete embedding store with no "
                          "recorded progress; pass --overwrite to write it again")
-    with checkpointed(ckpt, "import", fingerprint, asdict(plan.regions), storage_options=so,
-                      restart=restart, replace=overwrite) as (job, manifest):
-        plan = ImportPlan(plan.file_rows, ApplyPlan(**manifest["plan"]), plan.row_groups)
+    target = _ImportTarget(output, plan, dim, store_dtype, ids_kind, model, so, {
+        "made_by": "import", "inputs": [f.name for f in files[:1000]],
+        "input_files": len(files)})
+    with output_job(target, ckpt, "import", fingerprint, asdict(plan.regions),
+                    storage_options=so, restart=restart, replace=overwrite) as job:
+        plan = target.plan = ImportPlan(plan.file_rows, ApplyPlan(**job.manifest["plan"]),
+                                        plan.row_groups)
         expected = plan.region_rows()
         faults.point("import.begun")
-        store = _store_of_run(output, manifest["run_id"], plan, dim, store_dtype, ids_kind,
-                              so)
-        if store is None:  # absent, or not this run's: (re)create it, forget its markers
-            if job is not None:
-                job.check_fence()
-                job.clear_markers()
-            group = create_store(
-                output, rows=plan.rows, dim=dim, dtype=store_dtype, chunk_rows=plan.chunk_rows,
-                ids_kind=ids_kind, model=model, storage_options=so,
-                attributes={"made_by": "import", "run_id": manifest["run_id"],
-                            "inputs": [f.name for f in files[:1000]],
-                            "input_files": len(files)})
-            from ..storage.embedding_store import open_for_writing
-            store = open_for_writing(output, storage_options=so)
-            done: set[int] = set()
-        else:
-            done = job.done_regions(expected) if job is not None else set()
-            log.warning("resuming: %d of %d regions done", len(done), len(expected))
-        group, embeddings, ids = store
+        handle, done = job.open(expected)
+        group, embeddings, ids = handle
         graph, key, tasks = import_graph(tuple(files), plan, embeddings, ids, done=done,
-                                         job=job, row_ids=row_ids, url=str(output),
+                                         job=job.job, row_ids=row_ids, url=str(output),
                                          storage_options=so)
         log.info("import: %d rows x %d (%s) from %d file%s: %d regions of ~%.3g MB (chunks "
                  "of %d rows, %.3g MB) in %d tasks", plan.rows, dim, store_dtype.name,
@@ -1169,21 +1156,14 @@ def import_vectors(inputs, output: str, *, ids_column: Optional[str] = None,
             written = s.get(graph, key)
         seconds = time.perf_counter() - t0
         faults.point("import.before-complete")
-        if job is not None:  # verify, then complete: every region has this run's marker
-            missing = sorted(set(expected) - job.done_regions(expected))
-            if missing:
-                a, b = expected[missing[0]]
-                raise CheckpointError(f"{len(missing)} of {len(expected)} regions of "
-                                      f"{output!r} are not recorded as written (first: rows "
-                                      f"{a}:{b}); rerun to resume")
-            job.check_fence()
-        attrs = dict(group.attrs.get("bigalign", {}))
+        job.markers(expected)  # verify, then complete (RegionRun.finish)
+        record = {}
         if ids is not None:  # row numbers (--row-ids) cannot repeat
-            attrs["duplicate_ids"] = 0 if row_ids else _count_duplicate_ids(ids, output)
-        attrs.update(complete=True, seconds=seconds,
-                     job={"run_id": manifest["run_id"], "fingerprint": fingerprint},
-                     completed=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        group.attrs["bigalign"] = attrs  # the completion mark goes last
+            record["duplicate_ids"] = 0 if row_ids else _count_duplicate_ids(ids, output)
+        job.finish(handle, expected, dict(
+            record, complete=True, seconds=seconds,
+            job={"run_id": job.run_id, "fingerprint": fingerprint},
+            completed=datetime.now(timezone.utc).isoformat(timespec="seconds")))
     return RunReport(int(written), seconds, tasks, len(expected), len(done), plan.rows)
 
 
@@ -1205,6 +1185,32 @@ def _count_duplicate_ids(ids, output) -> int:
     return count
 
 
+class _ImportTarget(ZarrTarget):
+    """An imported store as the region job writes it (:mod:`bigalign.storage.output_job`):
+    (``plan.rows``, ``dim``) of ``dtype`` in chunks of the plan, ids of ``ids_kind``,
+    stamped with the run id, ``model`` and ``attributes``."""
+
+    def __init__(self, output, plan, dim, dtype, ids_kind, model, so, attributes: dict):
+        super().__init__(output, so)
+        self.plan, self.dim, self.dtype, self.ids_kind = plan, dim, dtype, ids_kind
+        self.model, self.attributes = model, attributes
+
+    def of_run(self, run_id: str):
+        return classify(f"output {self.url!r}",
+                        lambda: _store_of_run(self.url, run_id, self.plan, self.dim,
+                                              self.dtype, self.ids_kind,
+                                              self.storage_options))
+
+    def create(self, run_id: str):
+        from ..storage.embedding_store import create_store, open_for_writing
+
+        create_store(self.url, rows=self.plan.rows, dim=self.dim, dtype=self.dtype,
+                     chunk_rows=self.plan.chunk_rows, ids_kind=self.ids_kind,
+                     model=self.model, storage_options=self.storage_options,
+                     attributes=dict(self.attributes, run_id=run_id))
+        return open_for_writing(self.url, storage_options=self.storage_options)
+
+
 def _store_of_run(output, run_id: str, plan: ImportPlan, dim: int, dtype: np.dtype,
                   ids_kind: Optional[str], so):
     """(group, embeddings, ids) of the store at ``output`` when run ``run_id`` created it
@@ -1212,10 +1218,7 @@ def _store_of_run(output, run_id: str, plan: ImportPlan, dim: int, dtype: np.dty
     otherwise."""
     from ..storage.embedding_store import open_for_writing
 
-    try:
-        group, emb, ids = open_for_writing(output, storage_options=so)
-    except Exception:
-        return None
+    group, emb, ids = open_for_writing(output, storage_options=so)
     attrs = group.attrs.get("bigalign") or {}
     if attrs.get("run_id") != run_id or attrs.get("complete"):
         return None

@@ -68,7 +68,7 @@ from typing import Optional, Union
 import numpy as np
 
 from ..execution import faults
-from ..errors import CheckpointError, InputError, NonFiniteError, TransientError
+from ..errors import InputError, NonFiniteError, TransientError
 from ..planning.plan import ExportPlan, export_row_bytes, make_export_plan
 
 log = logging.getLogger("bigalign")
@@ -554,7 +554,8 @@ def export_parquet(source, output: str, *, ids_column: str = "id",
     a rerun of a finished export; ``rows``: the rows written, without those skipped).
     """
     from .api import MAX_BAD_ROWS_LISTED, RunReport, default_checkpoint
-    from ..storage.checkpoint import Job, checkpointed, finished_or_refuse
+    from ..storage.checkpoint import Job, finished_or_refuse
+    from ..storage.output_job import output_job
     from ..execution.cluster import session
     from ..storage.locations import canonical_url, check_disjoint
     from ..planning.options import Execution
@@ -595,38 +596,23 @@ def export_parquet(source, output: str, *, ids_column: str = "id",
                                        (ckpt and Job(ckpt, so).exists())):
         raise InputError(f"output {output!r} holds an unfinished export with no recorded "
                          "progress; pass --overwrite to write it again")
-    with checkpointed(ckpt, "export", fingerprint, asdict(plan), storage_options=so,
-                      restart=restart, replace=overwrite) as (job, manifest):
-        plan = ExportPlan(**manifest["plan"])
+    head = {"format": FORMAT, "complete": False, "source": canonical_url(source, so),
+            "model": model, "rows": [first, last], "dim": emb.dim, "dtype": out_dtype.name,
+            "ids": kind, "ids_column": ids_column, "vector_column": vector_column,
+            "compression": compression}
+    target = _ExportTarget(output, so, head)
+    with output_job(target, ckpt, "export", fingerprint, asdict(plan), storage_options=so,
+                    restart=restart, replace=overwrite) as job:
+        plan = ExportPlan(**job.manifest["plan"])
         expected = plan.region_rows()
-        names = {i: part_name(i, len(expected)) for i in expected}
+        target.plan_files(expected)
         faults.point("export.begun")
-        folder = _folder(output, so)
-        current = check_folder(output, so)  # again, under the lease
-        head = {"format": FORMAT, "complete": False, "run_id": manifest["run_id"],
-                "source": canonical_url(source, so), "model": model, "rows": [first, last],
-                "dim": emb.dim, "dtype": out_dtype.name, "ids": kind,
-                "ids_column": ids_column, "vector_column": vector_column,
-                "compression": compression,
-                "files": [{"name": names[i], "rows": list(expected[i])} for i in expected]}
-        if current is not None and current.get("run_id") == manifest["run_id"] and \
-                not current.get("complete"):
-            present = _listing(folder)  # a marker vouches for a file only while it is there
-            done = {i for i in (job.done_regions(expected) if job is not None else ())
-                    if names[i] in present}
-            log.warning("resuming: %d of %d files done", len(done), len(expected))
-        else:  # absent, or another run's: clear what it wrote, forget its markers
-            if job is not None:
-                job.check_fence()
-                job.clear_markers()
-            _clear_folder(folder, current, job)
-            _write_manifest(folder, head, job)
-            done = set()
+        handle, done = job.open(expected)
         spec = FileSpec(str(output).rstrip("/"), ids_column, vector_column, kind, emb.dim,
                         out_dtype.name, COMPRESSIONS[compression],
-                        {"format": FORMAT, "run_id": manifest["run_id"], "model": model,
+                        {"format": FORMAT, "run_id": job.run_id, "model": model,
                          "source": head["source"]}, so, bad_rows, zero_rows_bad)
-        graph, key, tasks = export_graph(emb, ids, plan, spec, done=done, job=job)
+        graph, key, tasks = export_graph(emb, ids, plan, spec, done=done, job=job.job)
         per = min(plan.rows_per_file, plan.rows)
         log.info("export: %d rows x %d (%s, ids %s) to %d Parquet file%s of up to %d rows "
                  "(~%.3g MB of vectors) in %d task%s", plan.rows, emb.dim, out_dtype.name,
@@ -636,23 +622,78 @@ def export_parquet(source, output: str, *, ids_column: str = "id",
             written, skipped = s.get(graph, key)
         seconds = time.perf_counter() - t0
         faults.point("export.before-complete")
-        files = _verify(folder, expected, names, job, output)
-        if job is not None:  # the files of earlier runs count too
-            markers = job.region_markers(expected)
+        markers = job.markers(expected)  # verify, then complete (RegionRun.finish)
+        if job.job.progress:  # the files of earlier runs count too
             skipped = sorted(i for m in markers.values() for i in m.get("bad_rows", []))
         if skipped:
             log.warning("%d source rows left out (NaN/Inf%s; first: %s); their numbers are "
                         "in the manifest's bad_rows", len(skipped),
                         " or all zeros" if zero_rows_bad else "", skipped[:5])
-        final = dict(head, complete=True, files=files, seconds=seconds,
-                     bad_rows={"policy": "skip" if skipped else bad_rows,
-                               "count": len(skipped),
-                               "rows": skipped[:MAX_BAD_ROWS_LISTED]},
-                     job={"run_id": manifest["run_id"], "fingerprint": fingerprint},
-                     completed=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        _write_manifest(folder, final, job)  # the completion mark goes last
+        job.finish(handle, expected, dict(
+            complete=True, seconds=seconds,
+            bad_rows={"policy": "skip" if skipped else bad_rows, "count": len(skipped),
+                      "rows": skipped[:MAX_BAD_ROWS_LISTED]},
+            job={"run_id": job.run_id, "fingerprint": fingerprint},
+            completed=datetime.now(timezone.utc).isoformat(timespec="seconds")))
     return RunReport(int(written), seconds, tasks, len(expected), len(done), plan.rows,
                      bad_rows=skipped)
+
+
+class _ExportTarget:
+    """A Parquet export folder as the region job writes it
+    (:mod:`bigalign.storage.output_job`): a region is a part file (``names``: index ->
+    name, set once the plan is known); the manifest (``head`` plus the run id and the
+    files) records the writer and, rewritten last, ``complete``. The handle is the
+    folder."""
+
+    noun = "files"
+
+    def __init__(self, output, so, head: dict):
+        self.url, self.storage_options, self.head = str(output), so, head
+        self.names: dict = {}
+        self.rows: dict = {}
+        self._present: dict = {}
+
+    def plan_files(self, expected: dict) -> None:
+        """The files of the plan: index -> rows [a, b) (``expected``), and their names."""
+        self.rows = dict(expected)
+        self.names = {i: part_name(i, len(expected)) for i in expected}
+
+    def _files(self, sizes: bool = False) -> list[dict]:
+        return [dict({"name": self.names[i], "rows": list(self.rows[i])},
+                     **({"bytes": self._present[self.names[i]]} if sizes else {}))
+                for i in sorted(self.names)]
+
+    def of_run(self, run_id: str):
+        current = check_folder(self.url, self.storage_options)  # under the lease
+        if current is not None and current.get("run_id") == run_id and \
+                not current.get("complete"):
+            return _folder(self.url, self.storage_options)
+        return None
+
+    def create(self, run_id: str):
+        folder = _folder(self.url, self.storage_options)
+        _clear_folder(folder, check_folder(self.url, self.storage_options), None)
+        _write_manifest(folder, dict(self.head, run_id=run_id, files=self._files()), None)
+        return folder
+
+    def owner(self):
+        return (export_manifest(self.url, self.storage_options) or {}).get("run_id")
+
+    def check(self, folder, regions: dict) -> set:
+        """Regions whose file is not in the folder (or empty), from one listing, which also
+        removes the temporary files of killed writers."""
+        present = self._present = _listing(folder)
+        parts = set(self.names.values())
+        for name in list(present):
+            if name != MANIFEST and name not in parts and _owned(name, parts):
+                folder.remove_file(folder._path(name))  # temporaries of killed writers
+                del present[name]
+        return {i for i in regions if not present.get(self.names[i])}
+
+    def complete(self, folder, record: dict) -> None:
+        _write_manifest(folder, dict(self.head, run_id=record["job"]["run_id"],
+                                     files=self._files(sizes=True), **record), None)
 
 
 def _zero_rows_bad(source, so) -> bool:
@@ -695,27 +736,3 @@ def _plan(emb, first: int, last: int, out_dtype: np.dtype, kind: str,
         raise InputError(f"--rows-per-file {n}: a file holds whole source chunks of {step} "
                          f"rows, so it must be a positive multiple of {step} (e.g. "
                          f"{' or '.join(map(str, near))})") from None
-
-
-def _verify(folder, expected: dict, names: dict, job, output) -> list[dict]:
-    """Before the completion mark: every file has this run's marker (checkpointed runs) and
-    is in the folder; temporary files are removed. Returns the manifest's file list."""
-    if job is not None:
-        missing = sorted(set(expected) - job.done_regions(expected))
-        if missing:
-            a, b = expected[missing[0]]
-            raise CheckpointError(f"{len(missing)} of {len(expected)} files of {output!r} "
-                                  f"are not recorded as written (first: rows {a}:{b}); "
-                                  "rerun to resume")
-    present = _listing(folder)
-    gone = [names[i] for i in sorted(expected) if names[i] not in present]
-    if gone:
-        raise CheckpointError(f"{len(gone)} files of {output!r} are missing although they "
-                              f"were written (first: {gone[0]}; removed meanwhile?); rerun "
-                              "to write them again")
-    parts = set(names.values())
-    for name in present:
-        if name != MANIFEST and name not in parts and _owned(name, parts):
-            folder.remove_file(folder._path(name))  # temporaries of killed writers
-    return [{"name": names[i], "rows": list(expected[i]), "bytes": present[names[i]]}
-            for i in sorted(expected)]

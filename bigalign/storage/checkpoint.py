@@ -76,11 +76,13 @@ from ..maths.stats import Moments
 log = logging.getLogger("bigalign")
 
 FORMAT = "bigalign.checkpoint/2"
+LEASE_FORMAT = "bigalign.lease/1"
 
 #: Names a checkpoint folder may hold: what :meth:`Job.clear` removes.
 OWN_NAMES = ("manifest.json", "lease", "units", "done")
 
 __all__ = ["Job", "Lease", "LeaseHeldError", "LeaseLostError", "checkpointed", "clear_finished",
+           "lease_home",
            "finished_or_refuse", "refuse_damaged", "describe_changes", "FORMAT"]
 
 
@@ -157,15 +159,26 @@ class Job:
     writes."""
 
     def __init__(self, url: str, storage_options: Optional[dict] = None, *,
-                 run_id: Optional[str] = None, token: Optional[tuple] = None):
+                 run_id: Optional[str] = None, token: Optional[tuple] = None,
+                 lease_url: Optional[str] = None, progress: bool = True):
         self.url = str(url).rstrip("/")
         self.storage_options = storage_options or {}
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
         self.run_id = run_id
         self.token = token  # (generation, owner) while this process holds the lease
+        #: where the lease lives: the *output's* job home (:func:`lease_home`), so that two
+        #: runs naming two checkpoints for one output still exclude each other; by default
+        #: this folder
+        self.lease_url = str(lease_url).rstrip("/") if lease_url else self.url
+        #: False: a run without recorded progress (``checkpoint=False``): the lease and the
+        #: fence only; no manifest, units or markers are written or read
+        self.progress = progress
+        self.home = self if self.lease_url == self.url else \
+            Job(self.lease_url, self.storage_options)
 
     def __reduce__(self):
-        return (_rebuild, (self.url, self.storage_options, self.run_id, self.token))
+        return (_rebuild, (self.url, self.storage_options, self.run_id, self.token,
+                           self.lease_url, self.progress))
 
     # ---- raw file helpers (every call retried like data reads and writes) ----------
     def _path(self, *parts: str) -> str:
@@ -257,16 +270,60 @@ class Job:
         return self.get_file(self._path("manifest.json")) is not None
 
     def check_location(self) -> None:
-        """Refuse a checkpoint location that holds files bigalign did not write (a shared
-        folder, a bucket prefix with other data): bigalign deletes only what it wrote."""
-        names = [n for n in self.list_names() if not n.startswith("manifest.json.tmp-")]
-        foreign = sorted(n for n in names if n not in OWN_NAMES)
+        """Refuse a checkpoint location that holds anything this job did not write (a
+        shared folder, a bucket prefix with other data, a user's files whose names merely
+        look like bigalign's): bigalign deletes only what it wrote. What is this job's:
+        a ``manifest.json`` that is a bigalign manifest; in ``units/`` and ``done/`` only
+        files stamped (by name) with that manifest's run id; in ``lease/`` only lease
+        records; and the temporary files of each. Everything else is foreign, and one
+        foreign name refuses the folder before anything in it is touched."""
+        foreign = self.foreign_names()
         if foreign:
             raise CheckpointError(
                 f"checkpoint {self.url!r} holds files bigalign did not write "
                 f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); bigalign "
                 "deletes only what it wrote, so it will not use this folder. Point "
                 "--checkpoint at a new or empty location.")
+
+    def foreign_names(self) -> list[str]:
+        """Names in this folder that are not this job's (:meth:`check_location`): one
+        listing per sub-folder, and a read of the manifest and of each lease record."""
+        names = self.list_names()
+        foreign = sorted(n for n in names if n not in OWN_NAMES and
+                         not _temp_of(n, "manifest.json"))
+        runs: set = set()
+        if "manifest.json" in names:
+            try:
+                manifest = self.manifest()
+            except CheckpointError:
+                manifest = None
+            if not _is_manifest(manifest):
+                foreign.append("manifest.json")
+            else:
+                runs.add(manifest["run_id"])
+        for sub, pattern in (("units", _UNIT), ("done", _MARKER)):
+            if sub in names:
+                foreign += [f"{sub}/{n}" for n in self.list_names(sub)
+                            if not _stamped_by(pattern, n, runs)]
+        if "lease" in names:
+            foreign += [f"lease/{n}" for n in self.list_names("lease")
+                        if not self._is_lease_file(n)]
+        return foreign
+
+    def _is_lease_file(self, name: str) -> bool:
+        """A lease record (``lease/NNNNNNNNNNNN.json`` holding a JSON object with an
+        ``owner``), or the temporary file of one."""
+        base = name.split(".tmp-")[0]
+        if not re.fullmatch(r"\d{12}\.json", base):
+            return False
+        if base != name:
+            return True  # a temporary file of a record cut short
+        raw = self.get_file(self._path("lease", name))
+        try:
+            record = json.loads(raw) if raw else None
+        except ValueError:
+            return False
+        return isinstance(record, dict) and "owner" in record
 
     # ---- manifest -----------------------------------------------------------------
     def manifest(self) -> Optional[dict]:
@@ -281,7 +338,7 @@ class Job:
         return manifest
 
     def begin(self, kind: str, fingerprint: dict, plan: dict, *, restart: bool = False,
-              replace: bool = False) -> dict:
+              replace: bool = False, output: Optional[str] = None) -> dict:
         """Start or resume (the caller holds the lease). Returns the manifest to run:
         the stored one when resuming (its plan and run id, so a rerun with another number
         of workers keeps the same units), else a new one with a fresh run id. Refuses,
@@ -289,6 +346,10 @@ class Job:
         old progress first, ``replace`` (--overwrite) discards it when it is progress of
         other inputs or options (the same ones resume, so a retried job that always says
         --overwrite still resumes)."""
+        if not self.progress:  # nothing recorded: a fresh run id, in memory only
+            self.run_id = uuid.uuid4().hex
+            return {"format": FORMAT, "kind": kind, "run_id": self.run_id,
+                    "fingerprint": fingerprint, "plan": plan, "created": time.time()}
         old = self.manifest()
         if old is not None and (restart or (replace and (
                 old.get("format") != FORMAT or old.get("kind") != kind or
@@ -300,6 +361,11 @@ class Job:
                 raise CheckpointError(f"{self.url}: holds progress of another kind "
                                       f"({old.get('kind')!r}, {old.get('format')!r}); "
                                       "pass --restart to discard it")
+            if output and old.get("output") and old["output"] != output:
+                raise CheckpointError(
+                    f"{self.url}: holds the progress of a run writing {old['output']!r}, not "
+                    f"{output!r}; name another --checkpoint, or pass --restart to discard "
+                    "that progress")
             changes = describe_changes(old["fingerprint"], fingerprint)
             if changes:
                 raise CheckpointError(
@@ -312,6 +378,8 @@ class Job:
         self.clear_progress()  # units or markers of an earlier run are never trusted
         manifest = {"format": FORMAT, "kind": kind, "run_id": uuid.uuid4().hex,
                     "fingerprint": fingerprint, "plan": plan, "created": time.time()}
+        if output:
+            manifest["output"] = output
         self.fenced_put(self._path("manifest.json"), json.dumps(manifest, indent=1).encode())
         self.run_id = manifest["run_id"]
         return manifest
@@ -323,7 +391,7 @@ class Job:
         if self.token is None:
             return
         generation, owner = self.token
-        current = Lease.newest(self)
+        current = Lease.newest(self.home)
         if current is None or current[0] != generation or current[1].get("owner") != owner:
             who = "nobody" if current is None else \
                 f"generation {current[0]} (host {current[1].get('host')}, pid {current[1].get('pid')})"
@@ -336,21 +404,43 @@ class Job:
         self.put_file(path, data)
 
     # ---- clean-up: only what bigalign wrote --------------------------------------------
-    def _clear(self, sub: str, ours) -> None:
+    def _clear(self, sub: str, pattern, runs: set) -> None:
+        """Remove the files of ``sub`` stamped (by name) with one of ``runs``, and their
+        temporary files: nothing else, whatever it is called."""
         for name in self.list_names(sub):
-            if ours(name) or ".tmp-" in name:
+            if _stamped_by(pattern, name, runs):
                 self.remove_file(self._path(sub, name))
+
+    def _runs(self) -> set:
+        """The run ids whose files this job may remove: its own and the stored manifest's."""
+        runs = {self.run_id} if self.run_id else set()
+        if self.progress:
+            try:
+                stored = self.manifest()
+            except CheckpointError:
+                stored = None
+            if _is_manifest(stored):
+                runs.add(stored["run_id"])
+        return runs
 
     def clear_markers(self) -> None:
         """Remove apply's done-markers (fenced): their output is being re-created."""
         self.check_fence()
-        self._clear("done", _is_marker)
+        if self.progress:
+            self._clear("done", _MARKER, self._runs())
 
     def clear_progress(self) -> None:
-        """Remove units, markers and the manifest (fenced), keeping the lease."""
+        """Remove units, markers and the manifest (fenced), keeping the lease. The
+        manifest goes last: until then it vouches that the stamped files are this job's."""
         self.check_fence()
-        self._clear("units", lambda n: n.endswith(".npz"))
-        self._clear("done", _is_marker)
+        if not self.progress:
+            return
+        runs = self._runs()
+        self._clear("units", _UNIT, runs)
+        self._clear("done", _MARKER, runs)
+        for name in self.list_names():
+            if _temp_of(name, "manifest.json"):
+                self.remove_file(self._path(name))
         self.remove_file(self._path("manifest.json"))
 
     def clear(self) -> None:
@@ -358,10 +448,20 @@ class Job:
         the folders if they are empty. Files bigalign did not write stay, and so does
         their folder."""
         self.clear_progress()
+        self.home.clear_lease()
+        if self.progress:
+            self._remove_folders(("units", "done", "lease", ""))
+
+    def clear_lease(self) -> None:
+        """Remove this folder's lease records (the caller holds or held the lease), then
+        the folder itself when nothing else is in it."""
         for name in self.list_names("lease"):
-            if name.endswith(".json") or ".tmp-" in name:
+            if self._is_lease_file(name):
                 self.remove_file(self._path("lease", name))
-        for sub in ("units", "done", "lease", ""):
+        self._remove_folders(("lease", ""))
+
+    def _remove_folders(self, subs) -> None:
+        for sub in subs:
             path = self._path(sub) if sub else self.root
             try:
                 if self._local():
@@ -377,7 +477,10 @@ class Job:
 
     def save_unit(self, index: int, moments: Moments, start: int, stop: int) -> Moments:
         """Store a finished unit's statistics, stamped with the run id, row range and pair
-        count (in its name and inside)."""
+        count (in its name and inside). Without recorded progress: the fence check only."""
+        if not self.progress:
+            self.check_fence()
+            return moments
         buf = io.BytesIO()
         np.savez(buf, saved_at=time.time(), run_id=np.str_(self.run_id or ""),
                  rows=np.array([start, stop], dtype=np.int64), **moments.to_arrays())
@@ -442,7 +545,9 @@ class Job:
         (no file is read). Anything else (a stale file of an earlier run, a wrong range or
         pair count, an older name) is ignored with a warning and recomputed; a file whose
         contents turn out not to match its name is recomputed when the fit loads it."""
-        done = set()
+        done: set = set()
+        if not self.progress:
+            return done
         seen: dict[int, str] = {}
         for name in sorted(self.list_names("units")):
             parsed = _parse(_UNIT, name)
@@ -463,7 +568,11 @@ class Job:
     # ---- apply regions ------------------------------------------------------------
     def mark_done(self, index: int, start: int, stop: int, bad: Optional[list] = None) -> None:
         """Record region ``index`` (rows [start, stop)) as written; call after its data.
-        ``bad``: the global numbers of rows written as NaN/zero (``--bad-rows``)."""
+        ``bad``: the global numbers of rows written as NaN/zero (``--bad-rows``). Without
+        recorded progress: the fence check only."""
+        if not self.progress:
+            self.check_fence()
+            return
         bad = list(bad or [])
         info = {"run_id": self.run_id, "start": start, "stop": stop, "t": time.time(),
                 "bad_rows": bad}
@@ -474,7 +583,9 @@ class Job:
         """This run's markers from one listing of ``done/``: index -> {start, stop, t,
         bad_count}, only those of ``expected`` (index -> (start, stop)) with exactly those
         rows when given."""
-        found = {}
+        found: dict = {}
+        if not self.progress:
+            return found
         for name, entry in self._list_detail("done").items():
             parsed = _parse(_MARKER, name)
             if parsed is None or parsed[1] != self.run_id:
@@ -547,7 +658,7 @@ class Job:
             rate = rows_done / (max(times) - out["started"])
             out["rows_per_second"] = rate
             out["eta_seconds"] = (out["rows_total"] - rows_done) / rate if rate > 0 else None
-        newest = Lease.newest(self)
+        newest = Lease.newest(self.home)
         out["running"] = newest is not None and Lease.alive(newest[1])
         return out
 
@@ -556,13 +667,33 @@ class Job:
         return Lease(self, ttl)
 
 
-def _is_marker(name: str) -> bool:
-    """A done-marker name, stamped or of the older kind (digits only)."""
-    return name.isdigit() or _MARKER.fullmatch(name) is not None
+def _temp_of(name: str, base: str) -> bool:
+    """Is ``name`` the temporary file of ``base`` (``BASE.tmp-HEX``, :meth:`Job.put_file`)?"""
+    return name.startswith(base + ".tmp-") and \
+        re.fullmatch(r"[0-9a-f]+", name[len(base) + 5:]) is not None
 
 
-def _rebuild(url, storage_options, run_id, token):
-    return Job(url, storage_options, run_id=run_id, token=token)
+def _stamped_by(pattern, name: str, runs: set) -> bool:
+    """Is ``name`` (or the file it is the temporary of) a unit or marker file name of
+    ``pattern`` stamped with one of the run ids ``runs``?"""
+    base = name.split(".tmp-")[0]
+    if base != name and not _temp_of(name, base):
+        return False
+    parsed = _parse(pattern, base)
+    return parsed is not None and parsed[1] in runs
+
+
+def _is_manifest(manifest) -> bool:
+    """A bigalign checkpoint manifest (any format version): a JSON object naming its kind
+    and run id under a ``bigalign.checkpoint/`` format."""
+    return isinstance(manifest, dict) and \
+        str(manifest.get("format", "")).startswith("bigalign.checkpoint/") and \
+        isinstance(manifest.get("run_id"), str) and "kind" in manifest
+
+
+def _rebuild(url, storage_options, run_id, token, lease_url=None, progress=True):
+    return Job(url, storage_options, run_id=run_id, token=token, lease_url=lease_url,
+               progress=progress)
 
 
 def _precondition_failed(e: BaseException) -> bool:
@@ -617,7 +748,8 @@ class Lease:
     finds one has lost the lease and its next fenced write raises)."""
 
     def __init__(self, job: Job, ttl: float):
-        self.job = job
+        self.run = job        # the job whose writes this lease fences
+        self.job = job.home   # where the lease files live (the output's job home)
         self.ttl = ttl
         self.owner = uuid.uuid4().hex
         self.generation: Optional[int] = None
@@ -629,7 +761,8 @@ class Lease:
 
     def _record(self, released: bool = False) -> bytes:
         now = time.time()
-        return json.dumps({"owner": self.owner, "generation": self.generation,
+        return json.dumps({"format": LEASE_FORMAT, "checkpoint": self.run.url,
+                           "owner": self.owner, "generation": self.generation,
                            "host": socket.gethostname(), "machine": _machine(),
                            "pid": os.getpid(), "pid_started": _process_start(os.getpid()),
                            "renewed": now, "expires": now + self.ttl,
@@ -692,7 +825,7 @@ class Lease:
         except FileExistsError:
             raise LeaseHeldError(f"{self.job.url}: another bigalign run took this job at "
                                   "the same moment") from None
-        self.job.token = (self.generation, self.owner)
+        self.run.token = self.job.token = (self.generation, self.owner)
         for name in self.job.list_names("lease"):  # older generations: dead holders' files
             if name.endswith(".json") and name[:-5].isdigit() and int(name[:-5]) < self.generation:
                 self.job.remove_file(self.job._path("lease", name))
@@ -703,7 +836,7 @@ class Lease:
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl / 4):
             try:
-                self.job.check_fence()
+                self.run.check_fence()
                 self.job.put_file(self._file(self.generation), self._record())
             except LeaseLostError:
                 return  # the next fenced write of the run raises
@@ -722,41 +855,63 @@ class Lease:
                 self.job.put_file(self._file(self.generation), self._record(released=True))
         except Exception:
             pass  # the lease then lapses by itself
-        self.job.token = None
+        self.run.token = self.job.token = None
+
+
+def lease_home(output) -> str:
+    """Where the lease of the job writing ``output`` lives: the output's default checkpoint
+    folder (``OUTPUT.checkpoint``), whatever ``--checkpoint`` names, so that the output is
+    the unit of exclusion: two runs naming two checkpoints (or none) for one output
+    cannot both hold it."""
+    return str(output).rstrip("/") + ".checkpoint"
 
 
 @contextlib.contextmanager
 def checkpointed(url: Optional[str], kind: str, fingerprint: dict, plan: dict, *,
                  storage_options: Optional[dict] = None, restart: bool = False,
-                 replace: bool = False, keep: bool = False):
+                 replace: bool = False, keep: bool = False,
+                 lease_url: Optional[str] = None, output: Optional[str] = None):
     """The one job protocol every streaming command runs in.
 
-    Checks the location (files bigalign did not write are refused), takes the lease,
-    begins or resumes (:meth:`Job.begin`) and yields ``(job, manifest)``. The body runs the
-    work, verifies it and writes its completion mark (fenced); when the body returns, the
-    job's files are removed (``keep``: left in place) *before* the lease is released, so a
-    clean-up can never touch a later run's files. With ``url`` None there is no
-    checkpoint: ``job`` is None and the manifest is made up in memory (a fresh run id)."""
-    if url is None:
+    Checks the locations (anything bigalign did not write is refused), takes the lease at
+    ``lease_url`` (the output's job home, :func:`lease_home`; default: ``url``), begins or
+    resumes (:meth:`Job.begin`) and yields ``(job, manifest)``. The body runs the work,
+    verifies it and writes its completion mark (fenced); when the body returns, the job's
+    files are removed (``keep``: left in place) *before* the lease is released, so a
+    clean-up can never touch a later run's files. With ``url`` None progress is not
+    recorded: the job takes the lease and fences every write all the same, but writes no
+    manifest, units or markers, and its run id is made up in memory. With neither ``url``
+    nor ``lease_url`` there is nothing to lease: ``job`` is None. ``output``: the canonical
+    location of what the job writes, recorded in its manifest: a checkpoint holding the
+    progress of another output is refused (not resumed into this one)."""
+    if url is None and lease_url is None:
         yield None, {"kind": kind, "run_id": uuid.uuid4().hex, "fingerprint": fingerprint,
                      "plan": plan}
         return
-    job = Job(url, storage_options)
+    job = Job(url or lease_url, storage_options, lease_url=lease_url,
+              progress=url is not None)
     job.check_location()
+    if job.home is not job:
+        job.home.check_location()
     with job.lease():
-        manifest = job.begin(kind, fingerprint, plan, restart=restart, replace=replace)
+        manifest = job.begin(kind, fingerprint, plan, restart=restart, replace=replace,
+                             output=output)
         yield job, manifest
         if not keep:
             job.clear()
+        elif job.home is not job:
+            job.home.clear_lease()
 
 
 def clear_finished(url: Optional[str], run_id: Optional[str],
-                   storage_options: Optional[dict] = None) -> bool:
+                   storage_options: Optional[dict] = None,
+                   lease_url: Optional[str] = None) -> bool:
     """Remove the checkpoint a run killed after its completion mark left behind, when it
-    belongs to that run (``run_id``). Returns True when something was removed."""
+    belongs to that run (``run_id``), under the output's lease (``lease_url``). Returns
+    True when something was removed."""
     if url is None or run_id is None:
         return False
-    job = Job(url, storage_options)
+    job = Job(url, storage_options, lease_url=lease_url)
     try:
         manifest = job.manifest()
     except CheckpointError:
@@ -797,7 +952,8 @@ def finished_or_refuse(node, fingerprint: dict, output, overwrite: bool, restart
         if lost:
             refuse_damaged(output, lost, overwrite)
             return False
-        if clear_finished(checkpoint, stored.get("run_id"), storage_options):
+        if clear_finished(checkpoint, stored.get("run_id"), storage_options,
+                          lease_home(output)):
             log.warning("removed the leftover checkpoint %s of the finished run", checkpoint)
         return True
     if overwrite or (same and restart):
