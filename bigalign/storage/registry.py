@@ -14,7 +14,8 @@ Layout at ``REG`` (a local folder or any fsspec URL)::
     current/000000000004.json      pointer generations; the newest names the current version
     runs/<run id>/                 progress and verdicts of realign runs (bigalign.commands.realign)
     .lock/lease/...                the registry lock: a checkpoint lease (bigalign.storage.checkpoint)
-    .realign/lease/...             the realign lease: one realign run at a time (:meth:`realign_lock`)
+    .realign/lease/...             the realign lease: one realign run at a time
+                                   (:meth:`Registry.realign_lock`)
 
 **The current pointer** is a sequence of small files, each created with the job protocol's
 conditional create (:meth:`bigalign.storage.checkpoint.Job.put_file` with ``create=True``: a hard link
@@ -400,8 +401,8 @@ class Registry:
 
     # ---- integrity ----------------------------------------------------------------------------
     def _stored_digest(self, version: str) -> Optional[str]:
-        """The SHA-256 the transform stored in ``version`` records in its own attributes
-        (None: none recorded); InputError-free: a missing or unfinished transform is None."""
+        """The SHA-256 recorded in the attributes of ``version``'s stored transform, or None
+        (none recorded, or no complete transform there)."""
         from .outputs import inspect
 
         node = inspect(self.transform_url(version), self.storage_options)
@@ -446,7 +447,8 @@ class Registry:
         output = (record.get("mapped_corpus") or {}).get("output")
         if output:
             out = inspect(output, self.storage_options)
-            state = "absent" if out.kind == "absent" else                 "complete" if out.complete else "incomplete" if out.ours else "foreign"
+            state = ("absent" if out.kind == "absent" else "complete" if out.complete else
+                     "incomplete" if out.ours else "foreign")
             mapped = {"output": output, "state": state}
             if out.ours and want and out.attrs.get("transform") not in (None, want):
                 problems.append(f"the mapped corpus {output!r} was mapped by another transform "
