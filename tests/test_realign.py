@@ -250,22 +250,118 @@ def test_config_relative_paths_and_defaults(tmp_path):
     assert cfg.gate.not_worse_than_current and cfg.gate.min_recall_at_10 is None
 
 
-def test_a_second_realign_is_refused_while_one_holds_the_registry(data, capsys):
+def test_a_second_realign_is_refused_while_one_holds_the_registry(data, capsys, monkeypatch):
     tmp, _, _ = data
     cfg = config(tmp / "busy.toml", "reg-busy", apply=False)
     reg = Registry(tmp / "reg-busy")
-    with reg.lock():  # what a running realign holds
+    with reg.realign_lock("first"):  # what a running realign holds
         assert realign(cfg, "--run-id", "second") == 2
         err = capsys.readouterr().err
         assert "is in use" in err and "another bigalign run holds" in err
-        assert main(["registry", "rollback", str(tmp / "reg-busy")]) == 2
+        assert "realign run 'second' is refused" in err
     assert reg.versions() == []
     # --wait: a retried pod outlasts the lease of a holder that died elsewhere
-    lock = reg.lock()
+    lock = reg.realign_lock("first")
     lock.__enter__()
     threading.Timer(1.0, lambda: lock.__exit__(None, None, None)).start()
     assert realign(cfg, "--run-id", "second", "--wait", "120") == 0
     assert reg.versions() == ["v0001"]
+
+
+def test_the_registry_lock_is_taken_for_the_version_write_only(data, capsys, monkeypatch):
+    """The registry lock (a rollback or gc holding it) does not stop a realign's fit and
+    evaluation; its version write waits for it (LOCK_WAIT, 0 here: refused at once), and
+    the rerun resumes at the publish."""
+    tmp, _, _ = data
+    cfg = config(tmp / "short.toml", "reg-short", apply=False)
+    reg = Registry(tmp / "reg-short")
+    with reg.lock() as lock:
+        reg.create(lock)
+    monkeypatch.setattr("bigalign.commands.realign.LOCK_WAIT", 0)
+    with reg.lock():  # a rollback or gc in progress
+        assert realign(cfg, "--run-id", "w1") == 2
+        err = capsys.readouterr().err
+        assert "is in use" in err and "version write of realign run 'w1' is refused" in err
+    assert reg.versions() == [] and reg.current() is None
+    assert os.path.exists(tmp / "reg-short" / "runs" / "w1" / "evaluation.json")  # fitted
+    assert realign(cfg, "--run-id", "w1") == 0
+    assert reg.versions() == ["v0001"] and reg.current() == "v0001"
+
+
+def test_a_rollback_runs_while_a_realign_maps_its_corpus(data, monkeypatch):
+    """A realign holds the registry lock only to write its version and to publish: a
+    rollback and a gc run (and succeed) while it is inside its corpus apply; the realign
+    then publishes its own version, after the rollback."""
+    from bigalign.execution import faults
+
+    tmp, _, _ = data
+    loose = {"min_recall_at_10": 0.5, "max_relative_residual": 0.9,
+             "not_worse_than_current": False}
+    path = tmp / "reg-during"
+    reg = Registry(path)
+    plain = config(tmp / "during.toml", path.name, gate=loose, apply=False)
+    assert realign(plain, "--run-id", "d1") == 0 and realign(plain, "--run-id", "d2") == 0
+    cfg = tmp / "during3.toml"
+    config(cfg, path.name, gate=loose)
+    text = cfg.read_text()
+    cfg.write_text(text.replace("out/mapped-{version}", "out-during/mapped-{version}"))
+    during, first = [], threading.Lock()
+    real_point = faults.point
+
+    def point(name):  # regions are written by several threads: the first one acts
+        if name == "apply.region-written" and first.acquire(blocking=False):
+            during.append(Registry(path).rollback())  # v0002 -> v0001, mid-apply
+            during.append(Registry(path).gc(5))
+            during.append(Registry(path).describe()["current"])
+        real_point(name)
+
+    monkeypatch.setattr(faults, "point", point)
+    assert realign(cfg, "--run-id", "d3", "--summary", tmp / "d3.json") == 0
+    rolled, collected, current = during
+    assert rolled == {"from": "v0002", "to": "v0001", "changed": True}
+    assert collected["deleted"] == [] and current == "v0001"
+    assert [(p["action"], p["version"], p["previous"]) for p in reg.history()] == [
+        ("publish", "v0001", None), ("publish", "v0002", "v0001"),
+        ("rollback", "v0001", "v0002"), ("publish", "v0003", "v0001")]
+    s = summary(tmp / "d3.json")
+    assert s["version"] == "v0003" and s["previous"] == "v0001"
+    assert zarr.open_array(str(tmp / "out-during" / "mapped-v0003.zarr")).attrs[
+        "bigalign"]["complete"]
+    # the record names the mapped corpus; one mapped by another transform is damage
+    check = reg.verify("v0003")
+    assert check["state"] == "ok" and check["mapped_corpus"]["state"] == "complete"
+    out = zarr.open_array(str(tmp / "out-during" / "mapped-v0003.zarr"), mode="r+")
+    out.attrs["bigalign"] = dict(out.attrs["bigalign"], transform="0" * 64)
+    assert reg.verify("v0003")["state"] == "damaged"
+    assert main(["registry", "show", str(path), "v0003"]) == 3
+
+
+def test_a_version_edited_before_its_publish_is_not_made_current(data, monkeypatch, capsys):
+    """Between the version write and the publish (the registry lock is not held then) its
+    record is edited by hand: the publish refuses it (exit 2, naming what disagrees) and
+    nothing becomes current."""
+    from bigalign.execution import faults
+
+    tmp, _, _ = data
+    cfg = config(tmp / "edited.toml", "reg-edited", apply=False)
+    reg = Registry(tmp / "reg-edited")
+    real_point = faults.point
+
+    def point(name):
+        if name == "realign.version-written":
+            record = tmp / "reg-edited" / "versions" / "v0001" / "record.json"
+            value = json.loads(record.read_text())
+            value["pairs"]["train"] += 1
+            record.write_text(json.dumps(value, indent=1))
+        real_point(name)
+
+    monkeypatch.setattr(faults, "point", point)
+    capsys.readouterr()
+    assert realign(cfg, "--run-id", "e1") == 2
+    err = capsys.readouterr().err
+    assert "v0001 is DAMAGED" in err and "record.json was changed" in err
+    assert "refused to make it current" in err
+    assert reg.current() is None and reg.history() == []
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -199,6 +199,86 @@ def test_writers_wait_for_no_one_they_are_refused(tmp_path, transforms, capsys):
     assert reg.versions() == ["v0001", "v0002"]
 
 
+def test_an_edited_record_or_a_swapped_transform_is_damaged(tmp_path, transforms, capsys):
+    """Each record carries the transform's SHA-256 and its own: show and list say DAMAGED
+    (exit 3) when a record was edited or another transform (or changed arrays) sits in a
+    version, and rollback refuses to make such a version current (exit 2)."""
+    import shutil
+
+    reg = Registry(tmp_path / "reg")
+    for i, t in enumerate(transforms):
+        publish(reg, t, f"run-{i}")
+    path, versions = str(tmp_path / "reg"), tmp_path / "reg" / "versions"
+    record = reg.record("v0001")
+    assert record["transform_sha256"] == transforms[0].digest() and record["record_sha256"]
+    assert [reg.verify(v)["state"] for v in reg.versions()] == ["ok"] * 4
+    capsys.readouterr()
+    assert main(["registry", "show", path, "v0001"]) == 0
+    assert "verified" in capsys.readouterr().out
+    assert main(["registry", "list", path]) == 0
+    # v0001: its record edited by hand (a re-indented record is not an edit)
+    edited = dict(record, run_id="someone-else")
+    (versions / "v0001" / "record.json").write_text(json.dumps(edited, indent=4))
+    # v0002: another version's transform copied into it
+    shutil.rmtree(versions / "v0002" / "transform")
+    shutil.copytree(versions / "v0004" / "transform", versions / "v0002" / "transform")
+    # v0003: its rotation's chunk replaced by v0004's (the transform's attributes unchanged)
+    for root, _, names in os.walk(versions / "v0003" / "transform" / "rotation" / "c"):
+        for name in names:
+            shutil.copy(os.path.join(root, name).replace("v0003", "v0004"),
+                        os.path.join(root, name))
+    capsys.readouterr()
+    assert main(["registry", "show", path, "v0001"]) == 3
+    out = capsys.readouterr().out
+    assert "DAMAGED" in out and "record.json was changed after it was written" in out
+    assert main(["registry", "show", path, "v0002", "--json"]) == 3
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["integrity"]["state"] == "damaged"
+    assert "not the transform its record names" in shown["damaged"]
+    assert transforms[3].digest() in shown["damaged"]
+    assert main(["registry", "show", path, "v0003"]) == 3
+    assert "do not match the SHA-256" in capsys.readouterr().out
+    # list reads the digests only (not the d x d arrays): v0001 and v0002
+    assert main(["registry", "list", path]) == 3
+    out = capsys.readouterr().out
+    assert "v0001 DAMAGED" in out and "v0002 DAMAGED" in out and "v0004" in out
+    assert main(["registry", "list", path, "--json"]) == 3
+    assert json.loads(capsys.readouterr().out)["damaged"] == ["v0001", "v0002"]
+    # a damaged version is never made current
+    for version, what in (("v0001", "record.json was changed"),
+                          ("v0002", "not the transform its record names"),
+                          ("v0003", "do not match the SHA-256")):
+        assert main(["registry", "rollback", path, "--to", version]) == 2
+        err = capsys.readouterr().err
+        assert f"version {version} is DAMAGED" in err and what in err
+        assert "refused to make it current (rollback)" in err
+    assert reg.current() == "v0004" and len(reg.history()) == 4
+    with pytest.raises(bigalign.DamagedOutputError), reg.lock() as lock:
+        reg.set_current(lock, "v0002", action="publish")
+    assert reg.current() == "v0004"
+
+
+def test_records_without_digests_are_unverified_not_damaged(tmp_path, transforms, capsys):
+    """A record written before records carried digests: show and list say unverified and
+    exit 0, and rollback still works."""
+    reg = Registry(tmp_path / "reg")
+    publish(reg, transforms[0], "old")
+    publish(reg, transforms[1], "new")
+    record = tmp_path / "reg" / "versions" / "v0001" / "record.json"
+    old = {k: v for k, v in json.loads(record.read_text()).items()
+           if k not in ("record_sha256", "transform_sha256")}
+    record.write_text(json.dumps(old, indent=1))
+    check = reg.verify("v0001", deep=True)
+    assert check["state"] == "unverified" and not check["problems"] and check["notes"]
+    path = str(tmp_path / "reg")
+    capsys.readouterr()
+    assert main(["registry", "show", path, "v0001"]) == 0
+    assert "unverified" in capsys.readouterr().out
+    assert main(["registry", "list", path]) == 0
+    assert "unverified" in capsys.readouterr().out
+    assert main(["registry", "rollback", path]) == 0 and reg.current() == "v0001"
+
+
 # ---- on an object store: moto's S3 server -----------------------------------------------
 
 s3fs = pytest.importorskip("s3fs")

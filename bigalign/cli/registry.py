@@ -76,8 +76,11 @@ def add_commands(sub) -> dict:
                     "v0002, ...) and a current pointer that 'bigalign realign' moves when it "
                     "publishes. Anywhere a transform is expected (apply, info, "
                     "Transform.load) a registry stands for its current version.",
-        epilog="rollback and gc take the registry's lock: refused (exit 2) while a realign "
-               "runs.")
+        epilog="list and show say DAMAGED and exit 3 when a version's record was edited or "
+               "its transform (or mapped corpus) is not the one the record names; rollback "
+               "refuses to make a damaged version current (exit 2). rollback and gc take the "
+               "registry's lock for a moment: refused (exit 2) while another rollback, gc or "
+               "a realign's version write or publish holds it (not for a whole realign).")
     actions = reg.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
     ls = actions.add_parser("list", help="versions, the current one, and the pointer history")
     sh = actions.add_parser("show", help="one version's record (default: the current one)")
@@ -199,11 +202,22 @@ def _registry(args) -> int:
         args.registry_command](reg, args)
 
 
+def _integrity(check: dict) -> str:
+    """A version's :meth:`~bigalign.storage.registry.Registry.verify` result in words."""
+    if check["state"] == "damaged":
+        return "DAMAGED: " + "; ".join(check["problems"])
+    if check["state"] == "unverified":
+        return "unverified (" + "; ".join(check["notes"]) + ")"
+    return "verified (record and transform digests match)"
+
+
 def _list(reg, args) -> int:
+    """Exit 3 when a version is damaged (as ``info`` on a damaged output)."""
     info = reg.describe()
+    damaged = [r["version"] for r in info["versions"] if r["integrity"]["state"] == "damaged"]
     if args.json:
-        _print_json(info)
-        return 0
+        _print_json(dict(info, damaged=damaged))
+        return 3 if damaged else 0
     print(f"registry {reg.url}: {len(info['versions'])} versions, current "
           f"{info['current'] or 'none'}")
     if info["versions"]:
@@ -214,28 +228,38 @@ def _list(reg, args) -> int:
         print(f"{mark} {r['version']:<9} {str(r.get('created')):<26} "
               f"{str((r.get('fit') or {}).get('n_pairs')):>8} "
               f"{_fmt(cand.get('recall@10')):>10} {_fmt(cand.get('relative_residual')):>8}  "
-              f"{r.get('run_id')}")
+              f"{r.get('run_id')}" + {"damaged": "  DAMAGED", "unverified": "  unverified"}.get(
+                  r["integrity"]["state"], ""))
+    for r in info["versions"]:
+        if r["integrity"]["state"] == "damaged":
+            print(f"  {r['version']} {_integrity(r['integrity'])}")
     if info["history"]:
         print("  pointer history (newest last):")
         for p in info["history"][-10:]:
             print(f"    {p.get('generation'):>4} {p.get('time')} {p.get('action'):<8} "
                   f"{p.get('previous') or '-'} -> {p.get('version')}"
                   + (f" (run {p['run_id']})" if p.get("run_id") else ""))
-    return 0
+    return 3 if damaged else 0
 
 
 def _show(reg, args) -> int:
+    """Exit 3 when the version is damaged: its record edited, another transform in its
+    place, its arrays changed, or its mapped corpus written by another transform."""
     from .app import _describe_transform
 
     version = args.version or reg.require_current()
     record = reg.record(version)
-    t = reg.load(version)
+    check = reg.verify(version, deep=True)
+    damaged = check["state"] == "damaged"
+    t = None if damaged else reg.load(version)
     if args.json:
         _print_json({"version": version, "current": version == reg.current(),
                      "transform": reg.transform_url(version), "record": record,
-                     "dims": list(t.dims), "options": t.options})
-        return 0
-    print(f"version {version} of {reg.url}" + (" (current)" if version == reg.current() else ""))
+                     "integrity": check, "damaged": "; ".join(check["problems"]) or None,
+                     "dims": list(t.dims) if t else None, "options": t.options if t else None})
+        return 3 if damaged else 0
+    print(f"version {version} of {reg.url}" + (" (current)" if version == reg.current() else "")
+          + f": {_integrity(check)}")
     print(f"  published by run {record.get('run_id')} at {record.get('created')} (bigalign "
           f"{record.get('bigalign_version')}); previous {record.get('previous') or 'none'}")
     models = record.get("models") or {}
@@ -248,6 +272,13 @@ def _show(reg, args) -> int:
     g = record.get("gate") or {}
     for c in g.get("criteria", []):
         print(f"  gate {c['name']}: {'passed' if c['passed'] else 'FAILED'}")
+    if check["mapped_corpus"]:
+        print(f"  mapped corpus: {check['mapped_corpus']['output']} "
+              f"({check['mapped_corpus']['state']})")
+    if damaged:
+        print(f"  restore {reg.transform_url(version)} and its record.json from a backup, or "
+              "roll back to another version and leave this one to gc")
+        return 3
     print(_describe_transform(t, reg.transform_url(version)))
     return 0
 

@@ -51,8 +51,14 @@ The steps, each resumable, with their progress under ``REG/runs/<run id>/``:
    scratch copies are removed and ``verdict.json`` is written.
 
 The corpus is mapped before the pointer moves, so a reader that sees version vN current
-finds ``mapped-vN`` complete. The whole run holds the registry lock: a second realign (or a
-rollback or gc) on the same registry is refused (exit 2) while it runs. Rerunning a run id
+finds ``mapped-vN`` complete. The whole run holds the registry's *realign lease*
+(:meth:`~bigalign.storage.registry.Registry.realign_lock`): a second realign on the same
+registry is refused (exit 2) while it runs. The registry lock itself is held only to write
+the version (step 6) and to move the pointer (step 8), waiting up to :data:`LOCK_WAIT`
+seconds for a rollback or gc that holds it; so a ``registry rollback`` or ``gc`` runs
+during the fit, the evaluation or the corpus apply. The pointer moves only to the version
+this run wrote, checked under the lock (its record names this run and the candidate's
+digest, and the version is not damaged). Rerunning a run id
 resumes it; once finished it does nothing and reports the recorded verdict (exit 0 when it
 published, 4 when its gate failed); with other inputs or options it is refused naming what
 changed (exit 2). Without ``--run-id`` the run id is derived from the configuration and the
@@ -102,6 +108,9 @@ APPLY_OPTIONS = {"dtype": str, "renormalize": bool, "target_centred": bool,
 #: bytes of input per chunk of the gathered copies
 COPY_CHUNK_BYTES = 16 * 2**20
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: seconds the version write and the publish wait for the registry lock (a rollback or gc
+#: holds it for seconds; a holder that died on another machine until its lease lapses, 120 s)
+LOCK_WAIT = 180.0
 
 
 # ---------------------------------------------------------------------------------------
@@ -706,23 +715,26 @@ def realign(config, *, run_id: Optional[str] = None, execution: Optional[Executi
 
 def _realign_locked(cfg: RealignConfig, reg: Registry, run_id: str, src: _Side, tgt: _Side,
                     by_ids: bool, fingerprint: dict, run: Execution, so) -> dict:
-    """One attempt: the finished check, then the run under the registry lock."""
+    """One attempt: the finished check, then the run under the realign lease (the registry
+    lock only for creating the registry, writing the version and publishing)."""
     done = _finished(reg, run_id, fingerprint)
     if done is not None:
         return done
-    with reg.lock("realign") as lock:
-        reg.create(lock)
-        done = _finished(reg, run_id, fingerprint)  # finished while we waited for the lock
+    with reg.realign_lock(run_id):
+        if not reg.exists():
+            with reg.lock("realign", wait=LOCK_WAIT) as lock:
+                reg.create(lock)
+        done = _finished(reg, run_id, fingerprint)  # finished while we waited for the lease
         if done is not None:
             return done
         _refuse_changed(reg, run_id, fingerprint, so)
         with checkpointed(f"{reg.run_url(run_id)}/job", "realign", fingerprint,
                           {"run_id": run_id}, storage_options=so) as (job, _):
             files = _RunFiles(reg, run_id, job)
-            return _run(cfg, reg, lock, files, src, tgt, by_ids, fingerprint, run, so)
+            return _run(cfg, reg, files, src, tgt, by_ids, fingerprint, run, so)
 
 
-def _run(cfg: RealignConfig, reg: Registry, lock: Job, files: _RunFiles, src: _Side,
+def _run(cfg: RealignConfig, reg: Registry, files: _RunFiles, src: _Side,
          tgt: _Side, by_ids: bool, fingerprint: dict, run: Execution, so) -> dict:
     import bigalign
 
@@ -778,34 +790,47 @@ def _run(cfg: RealignConfig, reg: Registry, lock: Job, files: _RunFiles, src: _S
         return dict(verdict, already_done=False)
 
     # ---- publish: the version, the corpus, then the pointer ----------------------------
-    version = (files.read("publish.json") or {}).get("version")
-    if version:
-        record = reg.record(version, missing_ok=True)
-        if record is not None and record.get("run_id") != run_id:
-            version = None  # its number was taken meanwhile (gc'd and reused): a new one
-    if not version:
-        version = reg.next_version()
-        files.write("publish.json", {"version": version})
-    if reg.record(version, missing_ok=True) is None:
+    # the registry lock is held for the version write and the pointer move only
+    published = files.read("publish.json") or {}
+    version, digest = published.get("version"), published.get("transform_sha256")
+    if version and not digest:  # a run begun before publish.json named the digest
+        record = reg.record(version, missing_ok=True) or {}
+        digest = record.get("transform_sha256") if record.get("run_id") == run_id else None
+    if not (version and digest and _ours(reg, version, run_id, digest, missing_ok=True)):
         from ..transform import Transform
 
-        if cfg.apply is not None:  # apply runs after this write: its output must be free now
-            _check_apply_output(cfg.apply.output.format(version=version), version, so)
-
         cand = Transform.load(files.candidate, storage_options=so)
-        record = {"run_id": run_id, "created": _now(), "bigalign_version": __version__,
-                  "previous": reg.current(),
-                  "inputs": fingerprint["inputs"], "config": fingerprint["config"],
-                  "models": {"source": cand.metadata.get("source_model"),
-                             "target": cand.metadata.get("target_model")},
-                  "dims": list(cand.dims), "pairs": split,
-                  "fit": {"options": cand.options, "n_pairs": cand.metadata.get("n_pairs"),
-                          "relative_residual": cand.metadata.get("relative_residual")},
-                  "gate": dict(decision, figures=figures,
-                               compared_with=evaluation["compared_with"]),
-                  "transform_sha256": cand.digest()}
-        reg.write_version(lock, version, cand, record)
-        log.info("realign %s: wrote version %s", run_id, version)
+        with reg.lock(f"version write of realign run {run_id!r}", wait=LOCK_WAIT) as lock:
+            if version:
+                record = reg.record(version, missing_ok=True)
+                if record is not None and record.get("run_id") != run_id:
+                    version = None  # its number was taken meanwhile (gc'd and reused)
+            if not version:
+                version = reg.next_version()
+            digest = cand.digest()
+            files.write("publish.json", {"version": version, "transform_sha256": digest})
+            if reg.record(version, missing_ok=True) is None:
+                if cfg.apply is not None:  # apply runs after this write: its output must be free
+                    _check_apply_output(cfg.apply.output.format(version=version), version, so)
+                record = {"run_id": run_id, "created": _now(), "bigalign_version": __version__,
+                          "previous": reg.current(),
+                          "inputs": fingerprint["inputs"], "config": fingerprint["config"],
+                          "models": {"source": cand.metadata.get("source_model"),
+                                     "target": cand.metadata.get("target_model")},
+                          "dims": list(cand.dims), "pairs": split,
+                          "fit": {"options": cand.options,
+                                  "n_pairs": cand.metadata.get("n_pairs"),
+                                  "relative_residual": cand.metadata.get("relative_residual")},
+                          "gate": dict(decision, figures=figures,
+                                       compared_with=evaluation["compared_with"]),
+                          "transform_sha256": digest}
+                if cfg.apply is not None:
+                    record["mapped_corpus"] = {
+                        "corpus": cfg.apply.corpus,
+                        "output": cfg.apply.output.format(version=version)}
+                reg.write_version(lock, version, cand, record)
+                log.info("realign %s: wrote version %s", run_id, version)
+            _ours(reg, version, run_id, digest)
     faults.point("realign.version-written")
     applied = None
     if cfg.apply is not None:
@@ -826,8 +851,18 @@ def _run(cfg: RealignConfig, reg: Registry, lock: Job, files: _RunFiles, src: _S
                              "--run-id to finish it") from None
         applied = {"corpus": cfg.apply.corpus, "output": output, "rows": report.rows_total}
         faults.point("realign.applied")
-    pointer = reg.published_by(run_id, version) or \
-        reg.set_current(lock, version, action="publish", run_id=run_id)
+    pointer = reg.published_by(run_id, version)
+    if pointer is None:
+        with reg.lock(f"publish of realign run {run_id!r}", wait=LOCK_WAIT) as lock:
+            pointer = reg.published_by(run_id, version)
+            if pointer is None:
+                _ours(reg, version, run_id, digest)  # still the version this run wrote
+                if reg.current() != evaluation.get("current_version"):
+                    log.warning("realign %s: the current version changed during the run "
+                                "(%s when evaluated, %s now: a rollback?); publishing %s",
+                                run_id, evaluation.get("current_version"), reg.current(),
+                                version)
+                pointer = reg.set_current(lock, version, action="publish", run_id=run_id)
     faults.point("realign.published")
     files.remove("pairs")
     files.remove("candidate.transform")  # the version holds it now
@@ -837,6 +872,33 @@ def _run(cfg: RealignConfig, reg: Registry, lock: Job, files: _RunFiles, src: _S
     log.info("realign %s: published %s (%s)", run_id, version,
              f"was {pointer['previous']}" if pointer.get("previous") else "the first version")
     return dict(verdict, already_done=False)
+
+
+def _ours(reg: Registry, version: str, run_id: str, digest: str, *,
+          missing_ok: bool = False) -> bool:
+    """Is ``version`` still the one run ``run_id`` wrote: its record names the run and the
+    candidate's transform digest ``digest``? With ``missing_ok`` (before the write) a
+    missing record or another run's is False; otherwise either raises CheckpointError
+    (exit 2) saying what changed (the rerun of the run id writes its version again). A
+    record of this run naming another digest always raises."""
+    from ..errors import CheckpointError
+
+    record = reg.record(version, missing_ok=True)
+    if record is None:
+        why = "its record is gone"
+    elif record.get("run_id") != run_id:
+        why = f"it now holds run {record.get('run_id')!r}'s version"
+    elif record.get("transform_sha256") != digest:
+        why = (f"its record names transform sha256 {record.get('transform_sha256')}, this "
+               f"run wrote {digest}")
+        missing_ok = False
+    else:
+        return True
+    if missing_ok:
+        return False
+    raise CheckpointError(f"realign {run_id}: {reg.url} {version} is no longer the version "
+                          f"this run wrote ({why}); nothing was made current. Rerun this "
+                          "--run-id to write its version again.")
 
 
 def _check_apply_output(output: str, version: str, so) -> None:
