@@ -204,4 +204,4 @@ def test_daskjob_runs_realign_on_its_cluster():
     argv, args = _realign_args(docs)
     assert args.scheduler and args.run_id
     script = job["spec"]["job"]["spec"]["containers"][0]["args"][0]
-    assert "75|130)" in script and "exit $code" in script
+    assert "75|130|137|143)" in script and 'exit "$code"' in script
