@@ -389,3 +389,53 @@ def test_unreachable_scheduler_exits_75_with_one_line(small, tmp_path):
         err = proc.stderr.decode()
         assert proc.returncode == 75, err
         assert says in err and "Traceback" not in err, err
+
+
+def test_distributed_errors_of_a_lost_cluster_map_to_exit_75():
+    """The one mapping of distributed's lost-cluster errors (execution.cluster): a lost
+    scheduler (FutureCancelledError, CommClosedError, a closed client) and a task whose
+    workers kept dying (KilledWorker) are ClusterLostError, exit 75 with the scheduler named;
+    a task's own error is left as it is."""
+    from distributed import KilledWorker
+    from distributed.client import ClosedClientError, FutureCancelledError
+    from distributed.comm.core import CommClosedError
+
+    from bigalign.errors import ClusterLostError, NonFiniteError, exit_code
+    from bigalign.execution.cluster import _cluster_lost
+
+    where = "tcp://10.0.0.1:8786"
+    for e in (FutureCancelledError("apply-3", "scheduler-connection-lost"),
+              CommClosedError("in <TCP>: ConnectionRefusedError"), ClosedClientError()):
+        lost = _cluster_lost(e, where)
+        assert isinstance(lost, ClusterLostError) and exit_code(lost) == 75
+        assert f"the Dask scheduler at {where} was lost" in str(lost)
+    assert "scheduler-connection-lost" in str(_cluster_lost(
+        FutureCancelledError("k", "scheduler-connection-lost"), where))
+    killed = _cluster_lost(KilledWorker("apply-region-7", None, 3), where)
+    assert isinstance(killed, ClusterLostError) and exit_code(killed) == 75
+    assert "'apply-region-7'" in str(killed) and "4 workers" in str(killed)
+    assert _cluster_lost(NonFiniteError("row 5"), where) is None
+    assert _cluster_lost(ValueError("x"), where) is None
+
+
+def test_stall_timeout_setting(monkeypatch):
+    """--stall-timeout (stall_timeout_set) over BIGALIGN_STALL_TIMEOUT over 300 s; 0 waits
+    for ever (None); a bad value is refused naming where it came from (exit 2)."""
+    from bigalign.errors import InputError, exit_code
+    from bigalign.execution.cluster import stall_timeout, stall_timeout_set
+
+    monkeypatch.delenv("BIGALIGN_STALL_TIMEOUT", raising=False)
+    assert stall_timeout() == 300
+    monkeypatch.setenv("BIGALIGN_STALL_TIMEOUT", "12.5")
+    assert stall_timeout() == 12.5
+    with stall_timeout_set(4):
+        assert stall_timeout() == 4 and stall_timeout(7) == 7
+    with stall_timeout_set(0):
+        assert stall_timeout() is None
+    assert stall_timeout() == 12.5
+    monkeypatch.setenv("BIGALIGN_STALL_TIMEOUT", "soon")
+    with pytest.raises(InputError, match="BIGALIGN_STALL_TIMEOUT must be a number") as e:
+        stall_timeout()
+    assert exit_code(e.value) == 2
+    with pytest.raises(InputError, match="stall_timeout"):
+        stall_timeout(-1)
