@@ -276,7 +276,11 @@ class Session:
             error = error or _cluster_lost(e, where)
             if error is None:
                 raise
-            lost = not (watchdog is not None and watchdog.error is not None)
+            from distributed import KilledWorker
+            # the scheduler itself is gone (not stalled, not a task's dying workers): asking
+            # it anything more would wait for distributed's connect timeout in vain
+            lost = not (watchdog is not None and watchdog.error is not None) and \
+                not isinstance(e, KilledWorker)
             raise error from e
         finally:
             if watchdog is not None:
