@@ -43,8 +43,10 @@ is the remedy); and the stall watchdog (:class:`_Watchdog`): a scheduler that ha
 worker, or has not answered, for the whole stall timeout (:func:`stall_timeout`: default
 ``DEFAULT_STALL_TIMEOUT`` s, ``BIGALIGN_STALL_TIMEOUT`` or ``--stall-timeout``; 0 waits
 forever). The rule counts workers, not finished tasks, so a long task never trips it, nor
-does a run queued behind other clients' work on a shared cluster. The threaded scheduler
-in this process has no workers to lose and no watchdog.
+does a run queued behind other clients' work on a shared cluster; it counts from the start
+of each graph, so workers that take longer than that to arrive (a batch queue) need a longer
+stall timeout. The threaded scheduler in this process has no workers to lose and no
+watchdog.
 """
 
 from __future__ import annotations
@@ -306,7 +308,6 @@ def _scheduler_name(client, named: Optional[str]) -> str:
 def _cluster_lost(e: BaseException, where: str):
     """ClusterLostError for distributed's errors of a lost cluster (see module doc), None
     for anything else (a task's own error propagates unchanged)."""
-    import asyncio
     import concurrent.futures
 
     from distributed import KilledWorker
@@ -326,8 +327,7 @@ def _cluster_lost(e: BaseException, where: str):
             f"{f', the last {last}' if last else ''}{')' if tries else ''}, on the Dask "
             f"scheduler at {where}. Out of memory? See the workers' logs; give them more "
             "memory or pass a smaller --block-mb. Finished work is kept: rerun to resume")
-    if isinstance(e, (concurrent.futures.CancelledError, asyncio.CancelledError,
-                      CommClosedError, ClosedClientError)):
+    if isinstance(e, (concurrent.futures.CancelledError, CommClosedError, ClosedClientError)):
         why = getattr(e, "reason", None) or type(e).__name__
         return ClusterLostError(f"the Dask scheduler at {where} was lost ({why}); finished "
                                 "work is kept: rerun to resume")
