@@ -439,3 +439,23 @@ def test_stall_timeout_setting(monkeypatch):
     assert exit_code(e.value) == 2
     with pytest.raises(InputError, match="stall_timeout"):
         stall_timeout(-1)
+
+
+def test_task_whose_workers_keep_dying_exits_75(small, tmp_path):
+    """Every worker that runs a region dies there (SIGKILL at the region-written point; the
+    nanny starts a new one): after distributed.scheduler.allowed-failures + 1 deaths the
+    scheduler gives up on the task (KilledWorker, a traceback and exit 1 before). bigalign
+    cannot tell an out-of-memory kill from pre-empted nodes and the work done is kept:
+    exit 75 with one line naming the task and what to check."""
+    out = tmp_path / "o.zarr"
+    c = Cluster(tmp_path)
+    try:
+        c.add_worker(env=_env(BIGALIGN_FAULTS="kill:apply.region-written@1"))
+        proc = _apply_cli(small, out, c.file, "-q")
+        _, err = proc.communicate(timeout=240)
+    finally:
+        c.close()
+    err = err.decode()
+    assert proc.returncode == 75, err
+    assert "Traceback" not in err and "KilledWorker" not in err, err
+    assert "workers lost: every worker that ran task" in err and c.address in err, err
