@@ -8,8 +8,9 @@ Exit codes of the command line (:func:`exit_code`)::
     3    unfinished (``bigalign status`` / ``info`` on a run in flight or interrupted)
     4    ``realign``'s quality gate failed: the candidate was not published (a retry gives
          the same verdict, so a scheduler should fail the job, not retry it)
-    75   transient failure after retries (EX_TEMPFAIL): storage or scheduler did not answer;
-         a scheduler should retry the same command, which resumes
+    75   transient failure after retries (EX_TEMPFAIL): storage or the Dask scheduler did not
+         answer, or the cluster's workers were lost (:class:`ClusterLostError`); a scheduler
+         should retry the same command, which resumes
     130  interrupted by SIGINT or SIGTERM; rerun the same command to resume
 """
 
@@ -64,6 +65,14 @@ class GateFailedError(BigalignError):
 class TransientError(BigalignError):
     """Storage (or the cluster) did not answer even after retries: nothing is wrong with the
     inputs, and the same command may succeed later (it resumes). Exit code 75."""
+
+
+class ClusterLostError(TransientError):
+    """The dask.distributed cluster went away under a run (exit code 75): its scheduler could
+    not be reached or was lost, every worker that ran a task died
+    (``distributed.scheduler.allowed-failures`` + 1 times), or the scheduler had no worker for
+    the stall timeout. Work finished before is kept: a rerun resumes. Raised by
+    :mod:`bigalign.execution.cluster` with a message naming the scheduler."""
 
 
 class TransientChunkReadError(ChunkReadError, TransientError):

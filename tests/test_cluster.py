@@ -246,3 +246,216 @@ def test_worker_killed_mid_apply_and_replaced(cluster, data, tmp_path):
     assert arr.attrs["bigalign"]["complete"]
     np.testing.assert_array_equal(arr[:], ref_out)
     assert replacement.poll() is None
+
+
+# --- a lost scheduler, lost workers, an unreachable scheduler: exit code 75, rerun resumes ---
+
+#: each region sleeps after its data, before its marker: the kill lands mid-run
+SLOW = "delay:apply.region-written@0.4"
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A transform, its input (24 chunks of 250 rows: 24 region tasks at --block-mb 0.015)
+    and the bytes an uninterrupted in-process apply writes."""
+    tmp = tmp_path_factory.mktemp("lost-data")
+    a, b, _ = planted(6000, 16, noise=0.05, offset_a=1.0, seed=41)
+    s, t = write_zarr(tmp / "a.zarr", a, 250), write_zarr(tmp / "b.zarr", b, 250)
+    bigalign.fit(s, t, center=True).save(str(tmp / "t"))
+    bigalign.apply(str(tmp / "t"), s, str(tmp / "ref.zarr"))
+    return str(tmp / "t"), s, zarr.open_array(str(tmp / "ref.zarr"))[:]
+
+
+def _apply_cli(small, out, scheduler, *extra, stderr=None) -> subprocess.Popen:
+    transform, source, _ = small
+    return subprocess.Popen(
+        [sys.executable, "-m", "bigalign.cli", "apply", transform, source, "-o", str(out),
+         "--scheduler", scheduler, "--block-mb", "0.015", *extra],
+        env=_env(), stdout=subprocess.DEVNULL, stderr=stderr or subprocess.PIPE)
+
+
+def _wait_first_marker(out, proc) -> None:
+    """Until the run has stored its first region (a done-marker): it has demonstrably
+    started on the cluster."""
+    done = Path(bigalign.commands.api.default_checkpoint(str(out))) / "done"
+    deadline = time.time() + 120
+    while not (done.is_dir() and os.listdir(done)):
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else proc.returncode
+        assert time.time() < deadline, "the apply stored no region within 120 s"
+        time.sleep(0.05)
+
+
+def _resumed_to_reference(small, out, scheduler) -> str:
+    """Rerun the same apply on ``scheduler``: exit 0, resumed, the reference bytes."""
+    proc = _apply_cli(small, out, scheduler)
+    _, err = proc.communicate(timeout=300)
+    err = err.decode()
+    assert proc.returncode == 0, err
+    assert "resuming" in err, err
+    arr = zarr.open_array(str(out))
+    assert arr.attrs["bigalign"]["complete"]
+    np.testing.assert_array_equal(arr[:], small[2])
+    return err
+
+
+def test_scheduler_killed_mid_apply_exits_75_and_rerun_resumes(small, tmp_path):
+    """SIGKILL the scheduler once the apply has stored a region: exit 75 with one line
+    naming the lost scheduler (it was exit 1 with distributed's FutureCancelledError
+    traceback, which a Kubernetes podFailurePolicy takes for a bug); a rerun on a new
+    scheduler resumes and writes the uninterrupted run's bytes."""
+    out = tmp_path / "o.zarr"
+    (tmp_path / "c1").mkdir()
+    (tmp_path / "c2").mkdir()
+    first = Cluster(tmp_path / "c1")
+    try:
+        first.add_worker(env=_env(BIGALIGN_FAULTS=SLOW))
+        proc = _apply_cli(small, out, first.file)
+        _wait_first_marker(out, proc)
+        first.stop(first.sched, signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        first.close()
+    err = err.decode()
+    assert proc.returncode == 75, err
+    assert "Traceback" not in err and "FutureCancelledError" not in err, err
+    assert f"the Dask scheduler at {first.address}" in err and "was lost" in err, err
+    assert not zarr.open_array(str(out)).attrs["bigalign"].get("complete")  # killed mid-run
+    second = Cluster(tmp_path / "c2")
+    try:
+        second.add_worker(env=_env())
+        _resumed_to_reference(small, out, second.file)
+    finally:
+        second.close()
+
+
+def _sleep_then(seconds, value):
+    time.sleep(seconds)
+    return value
+
+
+def test_all_workers_lost_mid_apply_exits_75_after_the_stall_timeout(small, tmp_path):
+    """SIGKILL the only worker once the apply has stored a region: the run stopped waiting
+    for ever (printing the same progress line); now, after --stall-timeout seconds with no
+    worker, it exits 75 naming the scheduler, its tasks cancelled on the scheduler. A task
+    that runs longer than the stall timeout on a live worker does not trip it. With a
+    worker back, the rerun resumes to the uninterrupted run's bytes."""
+    from bigalign.execution.cluster import Session
+
+    out = tmp_path / "o.zarr"
+    c = Cluster(tmp_path)
+    try:
+        worker = c.add_worker(env=_env(BIGALIGN_FAULTS=SLOW))
+        # a long healthy task is not a stall: the watchdog counts workers, not finished tasks
+        assert Session(c.client, stall_timeout=0.5).get(
+            {"long": (_sleep_then, 2.0, 7)}, "long") == 7
+        proc = _apply_cli(small, out, c.file, "--stall-timeout", "3", "-q")
+        _wait_first_marker(out, proc)
+        c.stop(worker, signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+        err = err.decode()
+        assert proc.returncode == 75, err
+        assert "Traceback" not in err, err
+        assert f"workers lost: the Dask scheduler at {c.address}" in err, err
+        assert "had no worker for 3 s" in err, err
+        assert not zarr.open_array(str(out)).attrs["bigalign"].get("complete")
+        # the run's tasks are gone from the scheduler (cancelled, its client closed)
+        left = c.client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks))
+        assert left == 0
+        c.add_worker(env=_env())
+        _resumed_to_reference(small, out, c.file)
+    finally:
+        c.close()
+
+
+def test_unreachable_scheduler_exits_75_with_one_line(small, tmp_path):
+    """A scheduler address nobody listens on (distributed's connect timeout, shortened
+    here) and a scheduler file that never appears (waited for up to the stall timeout;
+    it was waited for for ever): exit 75, one line naming the scheduler."""
+    import socket
+
+    with socket.socket() as sock:  # a free port: bound, then closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = _env(DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT="2s")
+    transform, source, _ = small
+    for scheduler, says in [(f"tcp://127.0.0.1:{port}", "cannot reach the Dask scheduler at "
+                                                        f"tcp://127.0.0.1:{port}"),
+                            (str(tmp_path / "none.json"), "no Dask scheduler wrote its "
+                                                          "scheduler file")]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "bigalign.cli", "apply", transform, source, "-o",
+             str(tmp_path / "o.zarr"), "--scheduler", scheduler, "--stall-timeout", "1"],
+            env=env, capture_output=True, timeout=120)
+        err = proc.stderr.decode()
+        assert proc.returncode == 75, err
+        assert says in err and "Traceback" not in err, err
+
+
+def test_distributed_errors_of_a_lost_cluster_map_to_exit_75():
+    """The one mapping of distributed's lost-cluster errors (execution.cluster): a lost
+    scheduler (FutureCancelledError, CommClosedError, a closed client) and a task whose
+    workers kept dying (KilledWorker) are ClusterLostError, exit 75 with the scheduler named;
+    a task's own error is left as it is."""
+    from distributed import KilledWorker
+    from distributed.client import ClosedClientError, FutureCancelledError
+    from distributed.comm.core import CommClosedError
+
+    from bigalign.errors import ClusterLostError, NonFiniteError, exit_code
+    from bigalign.execution.cluster import _cluster_lost
+
+    where = "tcp://10.0.0.1:8786"
+    for e in (FutureCancelledError("apply-3", "scheduler-connection-lost"),
+              CommClosedError("in <TCP>: ConnectionRefusedError"), ClosedClientError()):
+        lost = _cluster_lost(e, where)
+        assert isinstance(lost, ClusterLostError) and exit_code(lost) == 75
+        assert f"the Dask scheduler at {where} was lost" in str(lost)
+    assert "scheduler-connection-lost" in str(_cluster_lost(
+        FutureCancelledError("k", "scheduler-connection-lost"), where))
+    killed = _cluster_lost(KilledWorker("apply-region-7", None, 3), where)
+    assert isinstance(killed, ClusterLostError) and exit_code(killed) == 75
+    assert "'apply-region-7'" in str(killed) and "4 workers" in str(killed)
+    assert _cluster_lost(NonFiniteError("row 5"), where) is None
+    assert _cluster_lost(ValueError("x"), where) is None
+
+
+def test_stall_timeout_setting(monkeypatch):
+    """--stall-timeout (stall_timeout_set) over BIGALIGN_STALL_TIMEOUT over 300 s; 0 waits
+    for ever (None); a bad value is refused naming where it came from (exit 2)."""
+    from bigalign.errors import InputError, exit_code
+    from bigalign.execution.cluster import stall_timeout, stall_timeout_set
+
+    monkeypatch.delenv("BIGALIGN_STALL_TIMEOUT", raising=False)
+    assert stall_timeout() == 300
+    monkeypatch.setenv("BIGALIGN_STALL_TIMEOUT", "12.5")
+    assert stall_timeout() == 12.5
+    with stall_timeout_set(4):
+        assert stall_timeout() == 4 and stall_timeout(7) == 7
+    with stall_timeout_set(0):
+        assert stall_timeout() is None
+    assert stall_timeout() == 12.5
+    monkeypatch.setenv("BIGALIGN_STALL_TIMEOUT", "soon")
+    with pytest.raises(InputError, match="BIGALIGN_STALL_TIMEOUT must be a number") as e:
+        stall_timeout()
+    assert exit_code(e.value) == 2
+    with pytest.raises(InputError, match="stall_timeout"):
+        stall_timeout(-1)
+
+
+def test_task_whose_workers_keep_dying_exits_75(small, tmp_path):
+    """Every worker that runs a region dies there (SIGKILL at the region-written point; the
+    nanny starts a new one): after distributed.scheduler.allowed-failures + 1 deaths the
+    scheduler gives up on the task (KilledWorker, a traceback and exit 1 before). bigalign
+    cannot tell an out-of-memory kill from pre-empted nodes and the work done is kept:
+    exit 75 with one line naming the task and what to check."""
+    out = tmp_path / "o.zarr"
+    c = Cluster(tmp_path)
+    try:
+        c.add_worker(env=_env(BIGALIGN_FAULTS="kill:apply.region-written@1"))
+        proc = _apply_cli(small, out, c.file, "-q")
+        _, err = proc.communicate(timeout=240)
+    finally:
+        c.close()
+    err = err.decode()
+    assert proc.returncode == 75, err
+    assert "Traceback" not in err and "KilledWorker" not in err, err
+    assert "workers lost: every worker that ran task" in err and c.address in err, err

@@ -250,3 +250,50 @@ def test_fit_by_ids_refuses_an_output_on_its_input_before_joining(tmp_path, monk
     monkeypatch.setattr(api, "join", no_join)
     with pytest.raises(InputError, match="never writes over its inputs"):
         bigalign.fit(s, t, output=f"{s}/t")
+
+
+def test_killed_fit_by_ids_leaves_scratch_that_the_next_run_removes(tmp_path):
+    """A fit by id SIGKILLed after gathering (OOM, pre-emption: no cleanup runs) left its
+    scratch folder (pairs x (dA + dB) x 4 bytes) for good. The folder holds an owner record
+    now, and the next run removes the folders of dead owners on this machine before it
+    gathers, then finishes with the uninterrupted fit's result. Folders it cannot prove are
+    a dead run's (no owner record, a live owner, another machine) are kept."""
+    import json
+    import os
+    import socket
+
+    from bigalign.storage.checkpoint import _machine, _process_start
+    from conftest import run_cli
+
+    a, b, _ = planted(2000, 8, noise=0.05, offset_a=1.0, seed=8)
+    ids = np.array([f"doc-{i}" for i in range(2000)])
+    order = np.random.default_rng(9).permutation(2000)[:1500]
+    s = make_store(tmp_path / "a.store", a, ids, chunk=200)
+    t = make_store(tmp_path / "b.store", b[order], ids[order], chunk=200)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    me = {"host": socket.gethostname(), "pid": os.getpid(),
+          "pid_started": _process_start(os.getpid())}
+    kept = {"bigalign-pairs-foreign": None,  # not ours: no owner record
+            "bigalign-pairs-live": dict(me, machine=_machine()),  # a live run (this test)
+            "bigalign-pairs-elsewhere": dict(me, machine="other-host|boot|pid:[1]")}
+    for name, record in kept.items():
+        (scratch / name).mkdir()
+        if record is not None:
+            (scratch / name / "owner.json").write_text(json.dumps(record))
+    args = ["fit", s, t, "-o", tmp_path / "t", "--center", "--scratch", scratch,
+            "--block-mb", "0.005", "-q"]
+    killed = run_cli(*args, faults="kill:fit.block@1")
+    assert killed.returncode == -9, killed.stderr
+    left = sorted(set(os.listdir(scratch)) - set(kept))
+    assert len(left) == 1 and left[0].startswith("bigalign-pairs-"), left
+    owner = json.loads((scratch / left[0] / "owner.json").read_text())
+    assert owner["machine"] == _machine() and owner["pid"] != os.getpid()
+    assert (scratch / left[0] / "source.npy").stat().st_size > 1500 * 8 * 4
+    run_cli(*args, check=0)
+    assert sorted(os.listdir(scratch)) == sorted(kept)  # the dead run's scratch is gone
+    got = bigalign.Transform.load(str(tmp_path / "t"))
+    ref = bigalign.fit(s, t, center=True, block_bytes=int(0.005 * 2**20))
+    np.testing.assert_array_equal(got.rotation, ref.rotation)
+    np.testing.assert_array_equal(got.source_mean, ref.source_mean)
+    np.testing.assert_array_equal(got.target_mean, ref.target_mean)

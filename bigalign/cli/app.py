@@ -4,7 +4,8 @@ Exit codes (one mapping, :func:`bigalign.errors.exit_code`): 0 done or already d
 unexpected error (a bug: traceback); 2 usage, bad input or a refused run (the message says
 what and where); 3 unfinished (``status``/``info``); 4 ``realign``'s quality gate
 rejected the candidate (nothing published); 75 a transient failure
-after retries (storage unreachable: a scheduler should retry, the rerun resumes); 130
+after retries (storage or the Dask scheduler unreachable, the cluster's workers lost: a
+scheduler should retry, the rerun resumes); 130
 interrupted by SIGINT or SIGTERM. Output cut short by its reader (``| head``) is not an
 error: the rest of stdout is discarded and the exit code is the command's own.
 """
@@ -50,6 +51,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--memory-limit", metavar="SIZE", help="per worker with --workers, e.g. 4GiB")
     g.add_argument("--threads", type=int, metavar="N",
                    help="threads for the in-process default (default: one per core)")
+    add_stall_timeout(g)
     g.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where the block kernels run: cpu (default) or cuda (a GPU through "
                         "CuPy: pip install 'bigalign[gpu]')")
@@ -74,6 +76,26 @@ def _run_args(p: argparse.ArgumentParser) -> None:
                         "files) a line per 10%% of the tasks or per 10 s")
     g.add_argument("--json", action="store_true",
                    help="print a machine-readable summary (JSON) on stdout when done")
+
+
+def _nonnegative_seconds(text: str) -> float:
+    """argparse type of --stall-timeout: seconds >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (0 <= value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def add_stall_timeout(parser) -> None:
+    """--stall-timeout SECONDS (:func:`bigalign.execution.cluster.stall_timeout`, set for
+    the command by :func:`main`)."""
+    parser.add_argument("--stall-timeout", type=_nonnegative_seconds, metavar="SECONDS",
+                        help="on a Dask cluster, stop with exit code 75 when the scheduler "
+                             "has had no worker (or has not answered) for SECONDS (default "
+                             "300, or BIGALIGN_STALL_TIMEOUT; 0: wait for ever)")
 
 
 def add_storage_option(parser) -> None:
@@ -901,7 +923,11 @@ def main(argv=None) -> int:
                 logger.propagate = False
             logger.setLevel(logging.WARNING if quiet else logging.INFO)
             warnings.simplefilter("default")
-            return COMMANDS[args.command](args)
+            if getattr(args, "stall_timeout", None) is None:
+                return COMMANDS[args.command](args)
+            from ..execution.cluster import stall_timeout_set
+            with stall_timeout_set(args.stall_timeout):
+                return COMMANDS[args.command](args)
         except (Exception, KeyboardInterrupt) as e:
             return _report_error(command, e)
 

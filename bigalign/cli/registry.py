@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .app import add_storage_option, storage_options
+from .app import add_stall_timeout, add_storage_option, storage_options
 from ..jsonsafe import json_safe
 from ..errors import GateFailedError
 
@@ -61,6 +61,7 @@ def add_commands(sub) -> dict:
     g.add_argument("--memory-limit", metavar="SIZE", help="per worker with --workers")
     g.add_argument("--threads", type=int, metavar="N",
                    help="threads in this process (default: one per core)")
+    add_stall_timeout(g)
     g.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where fit and apply run their block kernels (default cpu)")
     g.add_argument("--block-mb", type=float, default=64, metavar="MB",

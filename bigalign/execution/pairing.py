@@ -29,8 +29,10 @@ import contextlib
 import hashlib
 import logging
 import os
+import socket
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
@@ -44,7 +46,7 @@ log = logging.getLogger("bigalign")
 
 __all__ = ["Pairs", "pair_by_ids", "join", "sample_positions", "sample_pairs", "fit_record",
            "fitted_pairing", "training_positions", "common_positions", "duplicate_ids", "gather",
-           "gathered",
+           "gathered", "sweep_scratch",
            "GatherReport", "DUPLICATES", "PAIR_BY"]
 
 DUPLICATES = ("error", "first", "last")
@@ -323,6 +325,104 @@ def gather(emb, rows: np.ndarray, path: str, *, threads: Optional[int] = None,
     return out
 
 
+#: name prefix of the scratch folders of gathered pairs (``bigalign-pairs-<job key>-<random>``)
+SCRATCH_PREFIX = "bigalign-pairs-"
+#: the owner record inside a scratch folder: which process on which machine made it
+SCRATCH_OWNER = "owner.json"
+
+
+def _scratch_key(pairs: Pairs, source, target) -> str:
+    """16 hex digits naming the job a scratch folder belongs to: the pairs' digest and the
+    two inputs' locations."""
+    h = hashlib.sha256(pairs.digest().encode())
+    for side in (source, target):
+        h.update(b"\0" + str(getattr(side, "url", "")).encode())
+    return h.hexdigest()[:16]
+
+
+def _owner_gone(record) -> bool:
+    """Whether an owner record names a process of this machine (same host, boot and pid
+    namespace: :func:`bigalign.storage.checkpoint._machine`) that is gone: no such pid, an
+    exited process (zombie) or a pid since reused (another start time). A record of another
+    machine, or one that cannot be read, is never "gone": its folder is not ours to judge."""
+    from ..storage.checkpoint import _machine, _proc_stat
+
+    if not isinstance(record, dict) or record.get("machine") != _machine():
+        return False
+    try:
+        pid = int(record["pid"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    stat = _proc_stat(pid)
+    if stat is None:
+        return False
+    started = record.get("pid_started")
+    return stat[0] in ("Z", "X") or (started is not None and stat[1] != started)
+
+
+def sweep_scratch(folder: Optional[str] = None, key: Optional[str] = None) -> list:
+    """Remove the scratch folders (``bigalign-pairs-*`` in ``folder``, default the system's
+    temporary folder) whose owner record names a process of this machine that is gone (a fit
+    or evaluation by id that was SIGKILLed: OOM, pre-emption). A folder without a valid
+    owner record, or owned by a live process or another machine, is kept; one of job ``key``
+    owned by another machine is named in a warning. Returns the paths removed."""
+    import json
+    import shutil
+
+    from ..storage.checkpoint import _machine
+
+    folder = folder or tempfile.gettempdir()
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    removed = []
+    for name in sorted(names):
+        path = os.path.join(folder, name)
+        if not name.startswith(SCRATCH_PREFIX) or os.path.islink(path) or not os.path.isdir(path):
+            continue
+        try:
+            with open(os.path.join(path, SCRATCH_OWNER)) as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            continue  # no owner record of ours: not ours to delete
+        if _owner_gone(record):
+            shutil.rmtree(path, ignore_errors=True)
+            if not os.path.exists(path):
+                removed.append(path)
+                log.info("removed %s, the scratch of a run killed before it could (pid %s)",
+                         path, record.get("pid"))
+        elif key is not None and name.startswith(f"{SCRATCH_PREFIX}{key}-") and \
+                isinstance(record, dict) and record.get("machine") != _machine():
+            log.warning("%s holds gathered pairs of this job left by a run on host %s; if "
+                        "that run is gone, remove it", path, record.get("host"))
+    return removed
+
+
+def _make_scratch(folder: Optional[str], key: str) -> str:
+    """A new scratch folder ``bigalign-pairs-<key>-<random>`` in ``folder`` with this
+    process's owner record (written atomically), so that a later run can tell a killed
+    owner's leftovers from a live run's folder."""
+    import json
+
+    from ..storage.checkpoint import _machine, _process_start
+
+    path = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{key}-", dir=folder)
+    record = {"host": socket.gethostname(), "machine": _machine(), "pid": os.getpid(),
+              "pid_started": _process_start(os.getpid()), "created": time.time()}
+    tmp = os.path.join(path, SCRATCH_OWNER + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, os.path.join(path, SCRATCH_OWNER))
+    return path
+
+
 @contextlib.contextmanager
 def gathered(pairs: Optional[Pairs], source, target, scratch: Optional[str] = None, *,
              normalize=None):
@@ -331,13 +431,23 @@ def gathered(pairs: Optional[Pairs], source, target, scratch: Optional[str] = No
     in ``scratch``, default the system's temporary folder), each needed chunk read once;
     the scratch is removed on exit. With ``pairs`` None: the inputs themselves.
     ``normalize``: the dtype the caller will L2-normalise rows in (None: it does not), so
-    that a row it cannot normalise is reported at its stored row (see :func:`gather`)."""
+    that a row it cannot normalise is reported at its stored row (see :func:`gather`).
+
+    The scratch folder (pairs x (dA + dB) x itemsize bytes) is named for the job
+    (``bigalign-pairs-<key>-<random>``, :func:`_scratch_key`) and holds an owner record; a
+    run killed with SIGKILL cannot remove it, so every run first removes the scratch
+    folders of dead owners on this machine (:func:`sweep_scratch`)."""
+    import shutil
+
     from ..storage.stores import ArrayRows
 
     if pairs is None:
         yield source, target
         return
-    with tempfile.TemporaryDirectory(prefix="bigalign-pairs-", dir=scratch) as tmp:
+    key = _scratch_key(pairs, source, target)
+    sweep_scratch(scratch, key)
+    tmp = _make_scratch(scratch, key)
+    try:
         reports = (GatherReport(), GatherReport())
         a = gather(source, pairs.source_rows, os.path.join(tmp, "source.npy"),
                    report=reports[0], normalize=normalize)
@@ -347,3 +457,5 @@ def gathered(pairs: Optional[Pairs], source, target, scratch: Optional[str] = No
                  reports[0].chunks_read, reports[1].chunks_read)
         yield ArrayRows(a, "source"), ArrayRows(b, "target")
         del a, b
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

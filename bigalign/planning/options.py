@@ -81,7 +81,10 @@ class ApplyOptions:
 class Execution:
     """Where and how a run executes (never part of a fingerprint): see
     :func:`bigalign.execution.cluster.session`; ``block_bytes`` is the input bytes per task;
-    ``device`` where the block kernels run ("cpu" or "cuda", :mod:`bigalign.execution.gpu`)."""
+    ``device`` where the block kernels run ("cpu" or "cuda", :mod:`bigalign.execution.gpu`);
+    ``stall_timeout`` the seconds a run on a cluster waits with no worker before it stops
+    with exit code 75 (None: ``--stall-timeout``, ``BIGALIGN_STALL_TIMEOUT`` or 300 s; 0:
+    for ever; :func:`bigalign.execution.cluster.stall_timeout`)."""
 
     scheduler: Optional[str] = None
     workers: Optional[int] = None
@@ -90,8 +93,9 @@ class Execution:
     block_bytes: int = DEFAULT_BLOCK_BYTES
     progress: bool = False
     device: str = "cpu"
+    stall_timeout: Optional[float] = None
 
     def session_args(self) -> dict:
         return dict(scheduler=self.scheduler, workers=self.workers,
                     memory_limit=self.memory_limit, threads=self.threads,
-                    progress=self.progress)
+                    progress=self.progress, stall=self.stall_timeout)
