@@ -32,16 +32,23 @@ The protocol:
   attributes carry it (in their names and inside). On resume only files of the manifest's
   run, with the row range and count the plan expects, are trusted; anything else is ignored
   and recomputed.
-* **Lease.** One writer per job. Taking the lease is a conditional create of the next
-  lease generation (``O_EXCL``-style hard link on local disks; ``If-None-Match: *`` on S3;
-  fsspec's ``mode="create"`` elsewhere), so two starters cannot both win. The generation is
+* **Lease.** One writer per output. The lease lives at the output's job home
+  (:func:`lease_home`: ``OUTPUT.checkpoint/lease/``) whatever ``--checkpoint`` names, so
+  two runs writing one output exclude each other even with two checkpoints, or none.
+  Taking it is a conditional create of the next lease generation (``O_EXCL``-style hard
+  link on local disks; ``If-None-Match: *`` on S3), so two starters cannot both win. Other
+  fsspec backends are not known to create conditionally: there the lease is taken by
+  check-then-write, with a warning, and two starters at the same moment can both win
+  (:func:`conditional_create`). The generation is
   the run's *fencing token*: before every durable write (unit, marker, manifest, the
   output's completion, the final clean-up) the writer checks that the newest generation is
   still its own, and a run that lost its lease stops with :class:`LeaseLostError`.
   A holder is alive while its lease is fresh (renewed in the background), except that a
   holder on this very machine (same host, boot and pid namespace) whose process is gone is
   dead at once.
-* **Owned files only.** :meth:`Job.clear` removes the files named above and nothing else,
+* **Owned files only.** A checkpoint folder is used only when every name in it is this
+  job's (:meth:`Job.check_location`: a bigalign manifest, units and markers stamped with
+  its run id, lease records); :meth:`Job.clear` removes those names and nothing else,
   and removes the folder only when it is then empty. A folder that holds other files and no
   manifest is refused as a checkpoint location.
 
@@ -207,6 +214,13 @@ class Job:
                 finally:
                     if os.path.exists(tmp):
                         os.unlink(tmp)
+            elif create and not conditional_create(self.fs):
+                # no conditional create here: check, then write. Two starters within the
+                # same moment can both pass the check (README, "Crash safety": limits)
+                _warn_no_conditional_create(self.fs)
+                if self.fs.exists(path):
+                    raise FileExistsError(path)
+                self.fs.pipe_file(path, data)
             else:
                 self.fs.pipe_file(path, data, mode="create" if create else "overwrite")
             return True
@@ -665,6 +679,36 @@ class Job:
     # ---- lease --------------------------------------------------------------------
     def lease(self, ttl: float = 120.0) -> "Lease":
         return Lease(self, ttl)
+
+
+#: fsspec protocols whose ``pipe_file(mode="create")`` is an atomic conditional create
+#: (S3's ``If-None-Match: *`` through s3fs); local files use a hard link instead.
+CONDITIONAL_PROTOCOLS = ("s3", "s3a")
+_warned_protocols: set = set()
+
+
+def _protocol(fs) -> str:
+    p = fs.protocol
+    return p[0] if isinstance(p, (tuple, list)) else str(p)
+
+
+def conditional_create(fs) -> bool:
+    """Does ``fs`` create a file only-if-absent atomically (so that of two runs taking a
+    lease at the same moment exactly one wins)? Local files (a hard link) and S3 do; other
+    fsspec backends (GCS, Azure, in-memory, ...) are not known to, whatever ``mode="create"``
+    they accept."""
+    return isinstance(fs, LocalFileSystem) or _protocol(fs) in CONDITIONAL_PROTOCOLS
+
+
+def _warn_no_conditional_create(fs) -> None:
+    """Say once per protocol that leases there are taken by check-then-write."""
+    protocol = _protocol(fs)
+    if protocol not in _warned_protocols:
+        _warned_protocols.add(protocol)
+        log.warning("storage %r offers bigalign no conditional create: a lease there is "
+                    "taken by check-then-write, so two runs started at the same moment on "
+                    "one output can both start (see the README's crash-safety limits); "
+                    "start one run per output", protocol)
 
 
 def _temp_of(name: str, base: str) -> bool:
