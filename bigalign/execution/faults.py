@@ -3,6 +3,8 @@
 ``BIGALIGN_FAULTS`` is a comma-separated list of rules:
 
     kill:POINT@K     SIGKILL this process the K-th time POINT is reached (1-based)
+    term:POINT@K     SIGTERM this process the K-th time POINT is reached (the CLI's
+                     handler then unwinds the run: exit 130)
     delay:POINT@S    sleep S seconds each time POINT is reached (to widen a window)
 
 Points: ``fit.block`` (a block's statistics computed), ``fit.unit-saved`` (a unit's
@@ -46,5 +48,7 @@ def point(name: str) -> None:
             continue
         if action == "kill" and count == int(arg or 1):
             os.kill(os.getpid(), signal.SIGKILL)
+        elif action == "term" and count == int(arg or 1):
+            os.kill(os.getpid(), signal.SIGTERM)
         elif action == "delay":
             time.sleep(float(arg))
