@@ -14,12 +14,13 @@ of 10^5 regions stays cheap for the scheduler. The number of tasks of both graph
 from __future__ import annotations
 
 import threading
-import uuid
+from dataclasses import asdict
 from typing import Optional
 
 import numpy as np
 
 from . import faults, gpu
+from .graph import GraphSpec, Group, Leaf, Shared, build, token
 from ..storage.checkpoint import Job
 from ..planning.plan import COUNT_FAN_IN, Block, FitPlan, merge_tree, plan_blocks
 from ..errors import NonFiniteError
@@ -94,11 +95,6 @@ def unit_task(job: Job, index: int, start: int, stop: int, *parts: Moments) -> M
     job.save_unit(index, gpu.to_host(moments), start, stop)
     faults.point("fit.unit-saved")
     return moments
-
-
-def save_unit_task(job: Job, index: int, start: int, stop: int, moments: Moments) -> Moments:
-    """Store a finished unit's statistics (the one-input :func:`unit_task`)."""
-    return unit_task(job, index, start, stop, moments)
 
 
 def resumed_unit_task(job: Job, index: int, start: int, stop: int,
@@ -244,99 +240,70 @@ def count_task(*results: tuple[int, list[int]]) -> tuple[int, list[int]]:
             sorted(i for r in results for i in r[1]))
 
 
-# ---- graph builders ----------------------------------------------------------------------
-
-def _tree(graph: dict, name: str, keys: list, fan_in: int, func=merge_task,
-          root: Optional[tuple] = None):
-    """Add a fixed merge tree over ``keys`` (in order) to ``graph``; return the root key.
-    ``root``: (function, *leading args) of the root task instead of ``func`` (a task of its
-    own over a single key)."""
-    if len(keys) == 1 and root is None:
-        return keys[0]
-    levels = merge_tree(len(keys), fan_in) or [[range(1)]]
-    for level, groups in enumerate(levels):
-        keys_next = []
-        for j, group in enumerate(groups):
-            key = (name, level, j)
-            head = root if root is not None and level == len(levels) - 1 else (func,)
-            graph[key] = (*head, *[keys[i] for i in group])
-            keys_next.append(key)
-        keys = keys_next
-    return keys[0]
-
+# ---- graph specs (built by bigalign.execution.graph) ----------------------------------------
 
 def fit_graph(source: EmbeddingArray, target: EmbeddingArray, plan: FitPlan, *,
               done: set[int] = frozenset(), job: Optional[Job] = None,
               normalize: bool = False, gram: bool = False, dtype: str = "float32",
-              fan_in: Optional[int] = None, device: str = "cpu"):
+              fan_in: Optional[int] = None, device: str = "cpu", run_id: str = ""):
     """Graph whose key holds the merged Moments of the plan's rows.
 
-    One task per block of the plan streams its rows ``plan.rows_per_read`` at a time.
-    Units in ``done`` are loaded from ``job`` instead of computed; the others write their
-    merged statistics there when they finish (when ``job`` is given). ``device="cuda"``:
-    leaves run on the GPU and partials stay there through the merge trees; the key holds
-    numpy Moments all the same. Returns (graph, key, number of leaf tasks).
+    One task per block of the plan streams its rows ``plan.rows_per_read`` at a time; the
+    blocks of a unit are merged by a fixed tree whose root also stores the unit's
+    statistics (when ``job`` is given), and the units by another. Units in ``done`` are
+    loaded from ``job`` instead of computed. ``device="cuda"``: leaves run on the GPU and
+    partials stay there through the merge trees; the key holds numpy Moments all the same.
+    Keys are named after the plan and ``run_id`` (:func:`bigalign.execution.graph.token`).
+    Returns (graph, key, number of leaf tasks).
     """
     blocks, units, unit_rows = plan.blocks(), plan.units(), plan.unit_rows()
     step, rows_per_read, fan_in = plan.reads_step(), plan.rows_per_read, fan_in or plan.fan_in
-    token = uuid.uuid4().hex[:12]
-    src, tgt = f"bigalign-source-{token}", f"bigalign-target-{token}"
-    graph: dict = {src: source, tgt: target}
-    unit_keys, leaves = [], 0
+    src, tgt = Shared("source"), Shared("target")
+    groups = []
     for u, unit in enumerate(units):
         if u in done:
-            key = (f"bigalign-unit-{token}", u)
-            graph[key] = (resumed_unit_task, job, u, *unit_rows[u], src, tgt,
-                          [blocks[i] for i in unit], normalize, gram, dtype, step,
-                          rows_per_read, device, fan_in)
-        else:
-            block_keys = []
-            for i in unit:
-                b = blocks[i]
-                bk = (f"bigalign-block-{token}", b.index)
-                graph[bk] = (block_task, src, tgt, b.start, b.stop, normalize, gram, dtype,
-                             step, rows_per_read, device)
-                block_keys.append(bk)
-            leaves += len(block_keys)
-            key = _tree(graph, f"bigalign-merge-{token}-{u}", block_keys, fan_in,
-                        root=(unit_task, job, u, *unit_rows[u]) if job is not None else None)
-        unit_keys.append(key)
-    root = _tree(graph, f"bigalign-total-{token}", unit_keys, fan_in)
-    if device != "cpu":
-        graph[f"bigalign-host-{token}"] = (gpu.to_host_task, root)
-        root = f"bigalign-host-{token}"
-    return graph, root, leaves
+            leaf = Leaf(u, resumed_unit_task, (job, u, *unit_rows[u], src, tgt,
+                                               [blocks[i] for i in unit], normalize, gram,
+                                               dtype, step, rows_per_read, device, fan_in),
+                        label="unit")
+            groups.append(Group(u, (leaf,)))
+            continue
+        leaves = tuple(Leaf(blocks[i].index, block_task,
+                            (src, tgt, blocks[i].start, blocks[i].stop, normalize, gram,
+                             dtype, step, rows_per_read, device), label="block")
+                       for i in unit)
+        groups.append(Group(u, leaves, None if job is None else
+                            (unit_task, job, u, *unit_rows[u])))
+    spec = GraphSpec("fit", token(asdict(plan), run_id, sorted(done), normalize, gram,
+                                  dtype, fan_in, device),
+                     {"source": source, "target": target}, tuple(groups), merge_task,
+                     fan_in, finish=None if device == "cpu" else gpu.to_host_task)
+    return build(spec)
 
 
 def apply_graph(source: EmbeddingArray, output, params: tuple, blocks: list[Block], *,
                 done: set[int] = frozenset(), job: Optional[Job] = None,
                 dtype: str = "float32", renormalize: bool = False, normalize: bool = False,
                 bad_rows: str = "fail", offset: int = 0, device: str = "cpu",
-                layout: Optional[tuple] = None, ids: Optional[tuple] = None):
+                layout: Optional[tuple] = None, ids: Optional[tuple] = None,
+                run_id: str = ""):
     """Graph whose key holds (rows written, bad row numbers); one task per block (output
     rows; source rows ``offset`` later) not in ``done``, streamed as ``layout`` says
-    (:meth:`bigalign.planning.plan.ApplyPlan.layout`), summed by a tree of fan-in COUNT_FAN_IN.
-    ``ids``: (source ids or None, output ids) copied by the same tasks (output stores).
+    (:meth:`bigalign.planning.plan.ApplyPlan.layout`), summed by a tree of fan-in
+    COUNT_FAN_IN. ``ids``: (source ids or None, output ids) copied by the same tasks
+    (output stores). Keys are named after the blocks, options and ``run_id``.
     Returns (graph, key, number of region tasks)."""
-    token = uuid.uuid4().hex[:12]
-    src, out, par = (f"bigalign-source-{token}", f"bigalign-output-{token}",
-                     f"bigalign-params-{token}")
-    graph: dict = {src: source, out: output, par: params}
-    idk = f"bigalign-ids-{token}" if ids is not None else None
-    if idk is not None:  # data, not a task: the graph's task count is as without ids
-        graph[idk] = ids
-    keys = []
-    for b in blocks:
-        if b.index in done:
-            continue
-        key = (f"bigalign-region-{token}", b.index)
-        graph[key] = (region_task, src, out, par, b.start, b.stop, b.index, job,
-                      dtype, renormalize, normalize, bad_rows, offset, device, layout, idk)
-        keys.append(key)
-    if not keys:
-        total = f"bigalign-written-{token}"
-        graph[total] = (count_task,)
-        return graph, total, 0
-    total = _tree(graph, f"bigalign-written-{token}", keys, COUNT_FAN_IN, count_task)
-    return graph, total, len(keys)
-
+    shared = {"source": source, "output": output, "params": params}
+    if ids is not None:  # data, not a task: the graph's task count is as without ids
+        shared["ids"] = ids
+    groups = tuple(
+        Group(b.index, (Leaf(b.index, region_task,
+                             (Shared("source"), Shared("output"), Shared("params"), b.start,
+                              b.stop, b.index, job, dtype, renormalize, normalize, bad_rows,
+                              offset, device, layout, None if ids is None else Shared("ids")),
+                             label="region"),))
+        for b in blocks if b.index not in done)
+    plan = [(b.index, b.start, b.stop) for b in blocks]
+    return build(GraphSpec("apply", token(plan, run_id, sorted(done), dtype, renormalize,
+                                          normalize, bad_rows, offset, device, layout),
+                           shared, groups, count_task, COUNT_FAN_IN, empty=count_task))
