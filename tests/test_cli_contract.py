@@ -153,6 +153,44 @@ def test_sigterm_exits_130_and_the_rerun_resumes(tmp_path):
                           bigalign.fit(s, t, block_bytes=int(0.01 * 2**20)).rotation)
 
 
+#: what pip's console-script wrapper for ``bigalign = bigalign.cli:main`` runs
+SCRIPT = [sys.executable, "-c", "import sys; from bigalign.cli import main; sys.exit(main())"]
+
+
+@pytest.mark.parametrize("entry", [SCRIPT, CLI], ids=["console-script", "python-m"])
+def test_sigterm_during_startup_exits_130(tmp_path, entry):
+    """A SIGTERM while the imports load (a scheduler stopping a job that just started) ends
+    with 130 and one line, not by the signal (-15; 143 in a container). The fault point
+    cli.start sends a real SIGTERM once the handler is in place, before numpy, Dask and
+    Zarr are imported (the next test: importing the entry point loads none of them)."""
+    p = subprocess.run([*entry, "info", str(tmp_path / "x")], capture_output=True, text=True,
+                       timeout=120, env=dict(ENV, BIGALIGN_FAULTS="term:cli.start"))
+    assert p.returncode == 130, (p.returncode, p.stderr)
+    assert p.stderr == "bigalign: interrupted; rerun the same command to resume\n"
+
+
+def test_entry_point_imports_nothing_heavy():
+    """The console script's module (and ``import bigalign``) loads no numpy, Dask, Zarr or
+    polars: the SIGTERM handler goes in first; ``bigalign --version`` answers without them."""
+    code = ("import sys, bigalign, bigalign.cli; heavy = lambda: sorted(m for m in ('numpy', "
+            "'dask', 'zarr', 'polars') if m in sys.modules); print(heavy()); "
+            "bigalign.cli.main(['--version']); print(heavy()); bigalign.fit; print(heavy())")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, env=ENV)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[:3] == ["[]", "bigalign 0.1.0", "[]"], p.stdout
+    assert "dask" in lines[3] and "zarr" in lines[3]  # bigalign.fit loads them on first use
+
+
+def test_lazy_package_names():
+    from bigalign import RunReport, Transform, apply, fit  # noqa: F401
+    assert bigalign.fit is fit and bigalign.Transform is Transform
+    assert {"fit", "apply", "Transform", "run_status"} <= set(dir(bigalign))
+    with pytest.raises(AttributeError):
+        bigalign.no_such_name
+
+
 def test_sigterm_handler_is_restored(done, capsys):
     before = signal.getsignal(signal.SIGTERM)
     assert main(["info", done["tr"]]) == 0

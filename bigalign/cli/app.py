@@ -890,6 +890,9 @@ def main(argv=None) -> int:
     with _guarded_streams(), _sigterm_interrupts(), _warnings_as_lines():
         command = "?"
         try:
+            if list(sys.argv[1:] if argv is None else argv) == ["--version"]:
+                print(f"bigalign {__version__}")  # without the parser and what it imports
+                return 0
             args = build_parser().parse_args(argv)
             command = args.command
             quiet = getattr(args, "quiet", False)

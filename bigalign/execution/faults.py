@@ -4,6 +4,8 @@
 
     kill:POINT@K     SIGKILL this process the K-th time POINT is reached (1-based)
     delay:POINT@S    sleep S seconds each time POINT is reached (to widen a window)
+    term:POINT@K     SIGTERM this process the K-th time POINT is reached (1-based): a real
+                     signal at a known moment, as a scheduler stopping the job would send
 
 Points: ``fit.block`` (a block's statistics computed), ``fit.unit-saved`` (a unit's
 statistics stored), ``fit.solved`` (SVD done, transform not yet saved), ``fit.saved``
@@ -13,7 +15,8 @@ stored, its done-marker not yet), ``apply.region-done`` (marker stored),
 ``apply.before-complete`` (all regions done, completion attribute not yet written);
 ``import.*`` (:mod:`bigalign.commands.ingest`) and ``export.begun``, ``export.file-written`` (a Parquet
 file in place, its marker not yet), ``export.file-done``, ``export.before-complete``
-(:mod:`bigalign.commands.parquet_export`).
+(:mod:`bigalign.commands.parquet_export`); ``cli.start`` (the command line's SIGTERM handler
+installed, numpy, Dask and Zarr not yet imported).
 """
 
 from __future__ import annotations
@@ -46,5 +49,7 @@ def point(name: str) -> None:
             continue
         if action == "kill" and count == int(arg or 1):
             os.kill(os.getpid(), signal.SIGKILL)
+        elif action == "term" and count == int(arg or 1):
+            os.kill(os.getpid(), signal.SIGTERM)
         elif action == "delay":
             time.sleep(float(arg))
