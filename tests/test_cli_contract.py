@@ -391,3 +391,64 @@ def test_status_of_unreachable_storage_exits_75(capsys, monkeypatch):
         code, _, err = run(capsys, command, f"http://127.0.0.1:{port}/out.zarr")
         assert code == 75, err
         assert "storage or cluster unavailable" in err and "Traceback" not in err
+
+
+# ---- 7. execution settings and counts: refused up front, naming the flag (issue 16) --------
+
+@pytest.mark.parametrize("argv,flag", [
+    (["fit", "{s}", "{t}", "-o", "{o}", "--threads", "0"], "--threads"),
+    (["fit", "{s}", "{t}", "-o", "{o}", "--threads", "-3"], "--threads"),
+    (["apply", "{tr}", "{s}", "-o", "{o}", "--threads", "-3"], "--threads"),
+    (["fit", "{s}", "{t}", "-o", "{o}", "--workers", "0"], "--workers"),
+    (["fit", "{s}", "{t}", "-o", "{o}", "--block-mb", "0"], "--block-mb"),
+    (["fit", "{s}", "{t}", "-o", "{o}", "--block-mb", "-5"], "--block-mb"),
+    (["apply", "{tr}", "{s}", "-o", "{o}", "--chunk-rows", "0"], "--chunk-rows"),
+    (["import", "{s}", "-o", "{o}", "--chunk-rows", "0"], "--chunk-rows"),
+    (["evaluate", "{tr}", "{s}", "{t}", "--max-queries", "-1"], "--max-queries"),
+    (["curve", "{s}", "{t}", "--max-queries", "-1"], "--max-queries"),
+    (["demo", "--workers", "0", "--workdir", "{o}"], "--workers"),
+    (["plan", "fit", "--rows", "1000", "--dims", "8", "--block-mb", "0"], "--block-mb"),
+    (["realign", "{o}.toml", "--threads", "0"], "--threads"),
+    (["realign", "{o}.toml", "--block-mb", "-5"], "--block-mb"),
+])
+def test_nonsense_counts_are_refused_naming_the_flag(done, capsys, tmp_path, argv, flag):
+    """--threads 0, --block-mb -5, --chunk-rows 0 ... ran with defaults (or, --threads -3,
+    died with a traceback after apply had created its output): a usage error, exit 2."""
+    paths = dict(s=done["s"], t=done["t"], tr=done["tr"], o=str(tmp_path / "out"))
+    with pytest.raises(SystemExit) as e:
+        main([x.format(**paths) for x in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {flag}" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("call,what", [
+    (lambda d, o: bigalign.fit(d["s"], d["t"], output=o, threads=0), "--threads"),
+    (lambda d, o: bigalign.apply(d["tr"], d["s"], o, threads=-3), "--threads"),
+    (lambda d, o: bigalign.apply(d["tr"], d["s"], o, workers=0), "--workers"),
+    (lambda d, o: bigalign.apply(d["tr"], d["s"], o, block_bytes=0), "--block-mb"),
+    (lambda d, o: bigalign.fit(d["s"], d["t"], output=o, memory_limit="banana", workers=1),
+     "--memory-limit 'banana'"),
+    (lambda d, o: bigalign.apply(d["tr"], d["s"], o, chunk_rows=0), "--chunk-rows"),
+    (lambda d, o: bigalign.apply(d["tr"], d["s"], o, chunk_rows=-5), "--chunk-rows"),
+])
+def test_python_api_refuses_nonsense_settings_before_writing(done, tmp_path, call, what):
+    """The same checks hold for the Python API (Execution validates itself when built, as
+    every command builds one first): InputError, and no output or checkpoint left behind."""
+    with pytest.raises(InputError, match=what.replace("'", ".")):
+        call(done, str(tmp_path / "out"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_memory_limit_that_is_no_size_exits_2(done, capsys, tmp_path):
+    code, out, err = run(capsys, "apply", done["tr"], done["s"], "-o", tmp_path / "o",
+                         "--workers", "1", "--memory-limit", "banana")
+    assert code == 2 and "--memory-limit 'banana'" in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_max_queries_zero_still_means_all(done):
+    from bigalign.maths.metrics import query_sample
+    assert len(query_sample(50, 0, 0)) == 50 and len(query_sample(50, None, 0)) == 50
+    with pytest.raises(InputError, match="--max-queries"):
+        query_sample(50, -1, 0)
