@@ -452,3 +452,49 @@ def test_max_queries_zero_still_means_all(done):
     assert len(query_sample(50, 0, 0)) == 50 and len(query_sample(50, None, 0)) == 50
     with pytest.raises(InputError, match="--max-queries"):
         query_sample(50, -1, 0)
+
+
+# ---- 8. damaged inputs: one line, exit 2, nothing created (issue 16 item 10) ---------------
+
+def test_truncated_npy_is_refused_before_anything_is_created(capsys, tmp_path):
+    """A .npy cut short (a copy that did not finish) was mapped: 'mmap length is greater
+    than file size', a traceback, and an output and a checkpoint left behind."""
+    path = tmp_path / "in" / "v.npy"
+    path.parent.mkdir()
+    np.save(path, np.ones((1000, 16), np.float32))
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    code, out, err = run(capsys, "import", path, "-o", tmp_path / "s.zarr")
+    assert code == 2 and "Traceback" not in err, err
+    assert "v.npy: truncated .npy file" in err and "(499 whole rows)" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def _truncate(path, keep=30):
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+@pytest.mark.parametrize("argv,damage,named", [
+    (["fit", "{store}", "{a}", "-o", "{o}"], "store/embeddings", "store/embeddings/zarr.json"),
+    (["apply", "{tr}", "{store}", "-o", "{o}"], "store/ids", "store/ids/zarr.json"),
+    (["export", "{store}", "--format", "parquet", "-o", "{o}"], "store/ids",
+     "store/ids/zarr.json"),
+    (["fit", "{a}", "{b}", "-o", "{o}"], "a.zarr", "a.zarr/zarr.json"),
+    (["apply", "{tr}", "{a}", "-o", "{o}"], "t", "t/zarr.json"),
+    (["apply", "{tr}", "{a}", "-o", "{o}"], "t/rotation", "t/rotation/zarr.json"),
+])
+def test_truncated_zarr_json_in_an_input_names_the_file(capsys, tmp_path, argv, damage, named):
+    """A truncated zarr.json in an input gave JSONDecodeError with a traceback (exit 1)."""
+    from conftest import make_store
+
+    a, b, _ = planted(200, 4, seed=3)
+    paths = dict(a=write_zarr(tmp_path / "a.zarr", a, 50), b=write_zarr(tmp_path / "b.zarr", b, 50),
+                 store=make_store(tmp_path / "store", a, ids=np.arange(200), model="m"),
+                 tr=str(tmp_path / "t"), o=str(tmp_path / "out"))
+    assert main(["fit", paths["a"], paths["b"], "-o", paths["tr"], "-q"]) == 0
+    capsys.readouterr()
+    _truncate(tmp_path / damage / "zarr.json")
+    code, out, err = run(capsys, *[x.format(**paths) for x in argv])
+    assert code == 2 and "Traceback" not in err, err
+    assert f"the Zarr metadata '{tmp_path / named}' is not valid JSON" in err, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.checkpoint").exists()
