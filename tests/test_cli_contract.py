@@ -498,3 +498,42 @@ def test_truncated_zarr_json_in_an_input_names_the_file(capsys, tmp_path, argv, 
     assert code == 2 and "Traceback" not in err, err
     assert f"the Zarr metadata '{tmp_path / named}' is not valid JSON" in err, err
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.checkpoint").exists()
+
+
+def test_export_on_a_full_disk_exits_2_naming_the_file(done, capsys, tmp_path, monkeypatch):
+    """polars reports a full disk as a ComputeError ("No space left on device (os error
+    28)"): that was a traceback, exit 1. Now one line naming the file, exit 2, no temporary
+    file left, and the rerun (space freed) finishes the export."""
+    import polars as pl
+
+    from bigalign.commands import parquet_export
+
+    real, calls = parquet_export._sink, {"n": 0}
+
+    def full_disk(frames, spec, target, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return real(frames, spec, target, *a, **kw)
+        with open(target, "wb") as f:  # a partial file, as the real writer leaves
+            f.write(b"PAR1")
+        raise pl.exceptions.ComputeError("I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(parquet_export, "_sink", full_disk)
+    out = tmp_path / "export"
+    argv = ["export", done["out"], "--format", "parquet", "-o", out, "--rows-per-file", "100",
+            "--threads", "1", "-q"]
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "Traceback" not in err, err
+    assert "cannot write " + str(out / "part-") in err and "no space left" in err, err
+    assert not [p for p in out.iterdir() if ".tmp" in p.name or p.name.startswith(".")]
+    monkeypatch.setattr(parquet_export, "_sink", real)
+    code, _, err = run(capsys, *argv)
+    assert code == 0, err
+    assert len(list(out.glob("*.parquet"))) == 4
+
+
+def test_disk_full_is_recognised_by_errno_or_text():
+    from bigalign.errors import is_disk_full
+    assert is_disk_full(OSError(errno.ENOSPC, "x")) and is_disk_full(OSError(errno.EDQUOT, "x"))
+    assert is_disk_full(RuntimeError("I/O error: No space left on device (os error 28)"))
+    assert not is_disk_full(OSError(errno.EIO, "x")) and not is_disk_full(ValueError("x"))
