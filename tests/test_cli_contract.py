@@ -537,3 +537,28 @@ def test_disk_full_is_recognised_by_errno_or_text():
     assert is_disk_full(OSError(errno.ENOSPC, "x")) and is_disk_full(OSError(errno.EDQUOT, "x"))
     assert is_disk_full(RuntimeError("I/O error: No space left on device (os error 28)"))
     assert not is_disk_full(OSError(errno.EIO, "x")) and not is_disk_full(ValueError("x"))
+
+
+def test_fit_that_cannot_fit_in_memory_is_refused_before_writing(capsys, tmp_path, monkeypatch):
+    """4 x 100,000-dim arrays: the plan needs ~1.1 TiB per task (float64 d x d partials);
+    the fit started anyway and died with 'MemoryError: 74.5 GiB' (exit 1). Now refused up
+    front, naming the planned and the available sizes and what to do."""
+    from bigalign.planning import options
+
+    monkeypatch.setattr(options, "machine_memory", lambda: 64 * 2**30)
+    a = write_zarr(tmp_path / "a.zarr", np.ones((4, 100_000), np.float32), 4)
+    b = write_zarr(tmp_path / "b.zarr", np.ones((4, 100_000), np.float32), 4)
+    code, out, err = run(capsys, "fit", a, b, "-o", tmp_path / "t")
+    assert code == 2 and "Traceback" not in err, err
+    assert "needs ~1.1 TiB of memory per task as planned, but this machine's memory is " \
+           "64.0 GiB" in err and "bigalign plan fit" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zarr", "b.zarr"]
+
+
+def test_fit_beyond_the_workers_memory_limit_is_refused(done, capsys, tmp_path):
+    """--memory-limit is what each worker has: a task planned above it is refused before a
+    cluster is started or anything written."""
+    code, out, err = run(capsys, "fit", done["s"], done["t"], "-o", tmp_path / "t",
+                         "--workers", "2", "--memory-limit", "10kB")
+    assert code == 2 and "the --memory-limit of each worker (10kB) is 9.8 KiB" in err, err
+    assert list(tmp_path.iterdir()) == []

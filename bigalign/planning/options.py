@@ -18,7 +18,7 @@ from ..errors import InputError
 from .plan import DEFAULT_BLOCK_BYTES
 
 __all__ = ["FitOptions", "ApplyOptions", "Execution", "OUTPUT_DTYPES", "BAD_ROWS",
-           "positive_count", "memory_limit_bytes"]
+           "positive_count", "memory_limit_bytes", "machine_memory", "format_bytes"]
 
 OUTPUT_DTYPES = ("float16", "float32", "float64")
 BAD_ROWS = ("fail", "nan", "zero")
@@ -56,6 +56,37 @@ def memory_limit_bytes(limit) -> Optional[int]:
         raise InputError(f"--memory-limit {limit!r}: expected a size such as 4GiB or 500MB, "
                          "a number of bytes, or auto")
     return None if value <= 1 else int(value)  # 0: no limit; 0 < x <= 1: a fraction
+
+
+def machine_memory() -> Optional[int]:
+    """Bytes of memory this process may use: the machine's physical memory, or the
+    container's cgroup limit (v2 ``memory.max``, v1 ``memory.limit_in_bytes``) when lower;
+    None when neither can be read."""
+    import os
+
+    sizes = []
+    try:
+        sizes.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) > 0:
+            sizes.append(int(text))
+    return min(sizes) if sizes else None
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes in binary units: "74.5 GiB", "1.1 TiB"."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # not reached
 
 
 @dataclass(frozen=True)
@@ -141,6 +172,44 @@ class Execution:
             raise InputError(f"--block-mb (block_bytes) must be positive, got "
                              f"{self.block_bytes!r} bytes per task")
         memory_limit_bytes(self.memory_limit)
+
+    def task_memory(self) -> Optional[tuple[int, str]]:
+        """(bytes one task may hold where this run executes, where that figure comes from),
+        or None when it is not known here (an existing cluster's workers: --scheduler or
+        Dask's configuration). With --workers: the --memory-limit per worker, else the
+        machine's memory shared by the workers (Dask's "auto"); in-process: the machine's."""
+        if self.scheduler:
+            return None
+        machine = machine_memory()
+        if self.workers:
+            limit = memory_limit_bytes(self.memory_limit)
+            if limit:
+                return limit, f"the --memory-limit of each worker ({self.memory_limit})"
+            if machine:
+                return machine // self.workers, (f"each of the {self.workers} workers' share "
+                                                 f"of this machine's {format_bytes(machine)}")
+            return None
+        from ..execution.cluster import scheduler_from_config
+
+        if scheduler_from_config() or not machine:
+            return None
+        return machine, "this machine's memory"
+
+    def check_memory(self, what: str, need: int, advice: str, client: int = 0) -> None:
+        """Refuse (InputError, exit 2) a job whose planned memory per task, ``need`` bytes,
+        exceeds what a task has where it runs (:meth:`task_memory`), or whose ``client``
+        bytes (what this process holds itself: a fit's last merge and solve) exceed this
+        machine's memory: it would fail partway (MemoryError, or workers killed one after
+        the other). Called before anything is written. ``advice``: what to do instead."""
+        have = self.task_memory()
+        if have is not None and need > have[0]:
+            raise InputError(f"{what} needs ~{format_bytes(need)} of memory per task as "
+                             f"planned, but {have[1]} is {format_bytes(have[0])}; {advice}")
+        machine = machine_memory()
+        if machine and client > machine:
+            raise InputError(f"{what} needs ~{format_bytes(client)} of memory in this process "
+                             f"as planned (the last merge and the solve), but this machine's "
+                             f"memory is {format_bytes(machine)}; {advice}")
 
     def session_args(self) -> dict:
         return dict(scheduler=self.scheduler, workers=self.workers,
