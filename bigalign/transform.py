@@ -180,8 +180,9 @@ class Transform:
         if isinstance(path, (str, os.PathLike)):  # a registry stands for its current version
             from .storage.registry import resolve_transform
             path, registry = resolve_transform(os.fspath(path), storage_options)
+        so = options_for(path, storage_options)  # a bad storage option: named, not wrapped
         try:
-            group = zarr.open_group(path, mode="r", storage_options=options_for(path, storage_options))
+            group = zarr.open_group(path, mode="r", storage_options=so)
         except Exception as e:
             if is_transient(e):
                 raise  # storage did not answer: not the user's mistake (exit code 75)

@@ -562,3 +562,33 @@ def test_fit_beyond_the_workers_memory_limit_is_refused(done, capsys, tmp_path):
                          "--workers", "2", "--memory-limit", "10kB")
     assert code == 2 and "the --memory-limit of each worker (10kB) is 9.8 KiB" in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- 9. a mistyped storage option is named (issue 16 item 12) ------------------------------
+
+@pytest.mark.parametrize("argv,named", [
+    (["apply", "s3://bucket/t", "{s}", "-o", "{o}", "--storage-option", "bogus_opt=1"],
+     "--storage-option bogus_opt: not an option of the s3 filesystem"),
+    (["fit", "s3://bucket/a.zarr", "{s}", "-o", "{o}", "--storage-option", "bogus_opt=1"],
+     "--storage-option bogus_opt: not an option of the s3 filesystem"),
+    (["info", "s3://bucket/t", "--storage-option", 'client_kwargs={{"bogus": 1}}'],
+     "--storage-option client_kwargs: 'bogus' is not an option there"),
+])
+def test_mistyped_storage_option_is_named(done, capsys, tmp_path, argv, named):
+    """s3fs takes any keyword and aiobotocore refuses it at the first request: that read
+    "'s3://...' is not a bigalign transform (TypeError: AioSession.__init__() got an
+    unexpected keyword argument 'bogus_opt')". No request is made to find out."""
+    pytest.importorskip("s3fs")
+    code, out, err = run(capsys, *[x.format(s=done["s"], o=tmp_path / "o") for x in argv])
+    assert code == 2 and named in err, err
+    assert "not a bigalign transform" not in err and "not a readable" not in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_mistyped_storage_option_in_the_python_api(done, tmp_path):
+    pytest.importorskip("s3fs")
+    with pytest.raises(InputError, match="^--storage-option bogus_opt: not an option of the s3"):
+        bigalign.apply("s3://bucket/t", done["s"], str(tmp_path / "o"),
+                       storage_options={"bogus_opt": 1})
+    with pytest.raises(InputError, match="^--storage-option bogus_opt: not an option of the s3"):
+        bigalign.fit("s3://bucket/a.zarr", done["s"], storage_options={"bogus_opt": 1})

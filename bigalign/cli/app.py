@@ -169,7 +169,28 @@ def storage_options(args) -> Optional[dict]:
         if not sep or not key.strip():
             raise InputError(f"--storage-option {item!r}: expected KEY=VALUE")
         out[key.strip()] = parse_storage_value(key.strip(), value)
+    if out:  # an option the file system does not take is named now, not at its first request
+        from ..storage.locations import check_storage_options
+
+        for protocol in _url_protocols(args):
+            check_storage_options(protocol, out)
     return out or None
+
+
+def _url_protocols(args) -> list:
+    """The protocols of the remote URLs among ``args``' values (``s3`` of ``s3://b/k``),
+    the scheduler's address left out."""
+    import re
+
+    values = [v for k, v in vars(args).items() if k not in ("scheduler", "scheduler_file")]
+    found = []
+    for v in values:
+        for text in (v if isinstance(v, (list, tuple)) else [v]):
+            m = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", text) \
+                if isinstance(text, str) and "::" not in text else None
+            if m and m.group(1).lower() not in ("file", "local") and m.group(1) not in found:
+                found.append(m.group(1).lower())
+    return found
 
 
 def _print_json(obj) -> None:

@@ -199,8 +199,9 @@ def _store_group(url, storage_options: Optional[dict] = None):
 
     if not isinstance(url, (str, os.PathLike)):
         return None
+    so = options_for(url, storage_options)  # a bad storage option: named, not swallowed
     try:
-        group = zarr.open_group(str(url), mode="r", storage_options=options_for(url, storage_options))
+        group = zarr.open_group(str(url), mode="r", storage_options=so)
         return group if "embeddings" in group else None
     except Exception as e:  # a truncated zarr.json (the group's, or its members'): say so
         from .stores import damaged_metadata

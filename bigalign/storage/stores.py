@@ -221,10 +221,10 @@ def open_embeddings(source, *, side: str = "source", storage_options: Optional[d
                          "zarr.array(x, chunks=(rows, dim)))")
     else:
         url = str(source)
+        so = options_for(url, storage_options)  # a bad storage option: named, not wrapped
         try:
             arr = _retrying(f"{side} {url!r}: cannot open it",
-                            lambda: zarr.open_array(url, mode="r",
-                                                    storage_options=options_for(url, storage_options)),
+                            lambda: zarr.open_array(url, mode="r", storage_options=so),
                             transient_only=True)
         except TransientError:
             raise
