@@ -4,15 +4,37 @@
     t = bigalign.fit("old.zarr", "new.zarr", center=True, output="old2new.transform")
     bigalign.apply(t, "corpus_old.zarr", "corpus_in_new.zarr")
     t = bigalign.Transform.load("old2new.transform"); t.transform(query_vectors)
+
+The API names are loaded on first use (module ``__getattr__``): ``import bigalign`` alone
+imports no numpy, Dask or Zarr, so the command line can install its SIGTERM handler before
+those load (a scheduler's SIGTERM in the first seconds then exits 130, not by signal), and
+``bigalign --version`` answers at once.
 """
 
 __version__ = "0.1.0"
 
 from .errors import (BigalignError, CheckpointError, ChunkReadError, DamagedOutputError,  # noqa: E402
                      InputError, NonFiniteError)
-from .transform import Transform  # noqa: E402
-from .commands.api import apply, fit, output_damage, output_status, run_status, RunReport  # noqa: E402
+
+#: name -> submodule that defines it, imported on first access
+_LAZY = {"Transform": ".transform", "apply": ".commands.api", "fit": ".commands.api",
+         "output_damage": ".commands.api", "output_status": ".commands.api",
+         "run_status": ".commands.api", "RunReport": ".commands.api"}
 
 __all__ = ["fit", "apply", "Transform", "RunReport", "output_status", "output_damage", "run_status",
            "BigalignError", "InputError", "NonFiniteError", "DamagedOutputError",
            "ChunkReadError", "CheckpointError", "__version__"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value  # later lookups skip this hook
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

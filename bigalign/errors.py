@@ -106,6 +106,21 @@ def is_transient(exc: BaseException) -> bool:
     return any((c.__module__, c.__name__) in _FOREIGN_TRANSIENT for c in type(exc).__mro__)
 
 
+#: what a full disk or quota looks like in the text of errors that carry no errno (polars'
+#: ComputeError from its Rust writer: "No space left on device (os error 28)")
+_DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "(os error 28)",
+                   "(os error 122)")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True when ``exc`` says the disk (or the user's quota) is full: an OSError with errno
+    ENOSPC or EDQUOT, or an error of a library that reports it only in its message."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        return True
+    text = str(exc).lower()
+    return any(t in text for t in _DISK_FULL_TEXT)
+
+
 def is_persistent_os_error(exc: BaseException) -> bool:
     """An OS error about the path, permissions or disk: the user must fix something."""
     return isinstance(exc, OSError) and not is_transient(exc)

@@ -182,8 +182,9 @@ class Transform:
         if isinstance(path, (str, os.PathLike)):  # a registry stands for its current version
             from .storage.registry import resolve_transform
             path, registry = resolve_transform(os.fspath(path), storage_options)
+        so = options_for(path, storage_options)  # a bad storage option: named, not wrapped
         try:
-            group = zarr.open_group(path, mode="r", storage_options=options_for(path, storage_options))
+            group = zarr.open_group(path, mode="r", storage_options=so)
         except Exception as e:
             if is_transient(e):
                 raise  # storage did not answer: not the user's mistake (exit code 75)
@@ -203,6 +204,8 @@ class Transform:
         except Exception as e:
             if is_transient(e):
                 raise
+            if isinstance(e, json.JSONDecodeError):  # a member's truncated zarr.json
+                raise InputError(_not_a_transform(path, storage_options, e)) from e
             raise InputError(f"{path!r}: unreadable bigalign transform "
                              f"({type(e).__name__}: {e})") from e
         missing = [k for k in ("rotation", "source_mean", "target_mean") if k not in arrays]
@@ -302,6 +305,11 @@ def _not_a_transform(path, storage_options, error: Exception) -> str:
     """What is at ``path`` instead of a transform, for the error message."""
     import zarr
 
+    from .storage.stores import damaged_metadata
+
+    damaged = damaged_metadata(repr(str(path)), path, storage_options, error)
+    if damaged is not None:  # a truncated zarr.json
+        return str(damaged)
     try:
         arr = zarr.open_array(path, mode="r", storage_options=options_for(path, storage_options))
     except Exception:

@@ -153,6 +153,44 @@ def test_sigterm_exits_130_and_the_rerun_resumes(tmp_path):
                           bigalign.fit(s, t, block_bytes=int(0.01 * 2**20)).rotation)
 
 
+#: what pip's console-script wrapper for ``bigalign = bigalign.cli:main`` runs
+SCRIPT = [sys.executable, "-c", "import sys; from bigalign.cli import main; sys.exit(main())"]
+
+
+@pytest.mark.parametrize("entry", [SCRIPT, CLI], ids=["console-script", "python-m"])
+def test_sigterm_during_startup_exits_130(tmp_path, entry):
+    """A SIGTERM while the imports load (a scheduler stopping a job that just started) ends
+    with 130 and one line, not by the signal (-15; 143 in a container). The fault point
+    cli.start sends a real SIGTERM once the handler is in place, before numpy, Dask and
+    Zarr are imported (the next test: importing the entry point loads none of them)."""
+    p = subprocess.run([*entry, "info", str(tmp_path / "x")], capture_output=True, text=True,
+                       timeout=120, env=dict(ENV, BIGALIGN_FAULTS="term:cli.start"))
+    assert p.returncode == 130, (p.returncode, p.stderr)
+    assert p.stderr == "bigalign: interrupted; rerun the same command to resume\n"
+
+
+def test_entry_point_imports_nothing_heavy():
+    """The console script's module (and ``import bigalign``) loads no numpy, Dask, Zarr or
+    polars: the SIGTERM handler goes in first; ``bigalign --version`` answers without them."""
+    code = ("import sys, bigalign, bigalign.cli; heavy = lambda: sorted(m for m in ('numpy', "
+            "'dask', 'zarr', 'polars') if m in sys.modules); print(heavy()); "
+            "bigalign.cli.main(['--version']); print(heavy()); bigalign.fit; print(heavy())")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, env=ENV)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[:3] == ["[]", "bigalign 0.1.0", "[]"], p.stdout
+    assert "dask" in lines[3] and "zarr" in lines[3]  # bigalign.fit loads them on first use
+
+
+def test_lazy_package_names():
+    from bigalign import RunReport, Transform, apply, fit  # noqa: F401
+    assert bigalign.fit is fit and bigalign.Transform is Transform
+    assert {"fit", "apply", "Transform", "run_status"} <= set(dir(bigalign))
+    with pytest.raises(AttributeError):
+        bigalign.no_such_name
+
+
 def test_sigterm_handler_is_restored(done, capsys):
     before = signal.getsignal(signal.SIGTERM)
     assert main(["info", done["tr"]]) == 0
@@ -353,3 +391,204 @@ def test_status_of_unreachable_storage_exits_75(capsys, monkeypatch):
         code, _, err = run(capsys, command, f"http://127.0.0.1:{port}/out.zarr")
         assert code == 75, err
         assert "storage or cluster unavailable" in err and "Traceback" not in err
+
+
+# ---- 7. execution settings and counts: refused up front, naming the flag (issue 16) --------
+
+@pytest.mark.parametrize("argv,flag", [
+    (["fit", "{s}", "{t}", "-o", "{o}", "--threads", "0"], "--threads"),
+    (["fit", "{s}", "{t}", "-o", "{o}", "--threads", "-3"], "--threads"),
+    (["apply", "{tr}", "{s}", "-o", "{o}", "--threads", "-3"], "--threads"),
+    (["fit", "{s}", "{t}", "-o", "{o}", "--workers", "0"], "--workers"),
+    (["fit", "{s}", "{t}", "-o", "{o}", "--block-mb", "0"], "--block-mb"),
+    (["fit", "{s}", "{t}", "-o", "{o}", "--block-mb", "-5"], "--block-mb"),
+    (["apply", "{tr}", "{s}", "-o", "{o}", "--chunk-rows", "0"], "--chunk-rows"),
+    (["import", "{s}", "-o", "{o}", "--chunk-rows", "0"], "--chunk-rows"),
+    (["evaluate", "{tr}", "{s}", "{t}", "--max-queries", "-1"], "--max-queries"),
+    (["curve", "{s}", "{t}", "--max-queries", "-1"], "--max-queries"),
+    (["demo", "--workers", "0", "--workdir", "{o}"], "--workers"),
+    (["plan", "fit", "--rows", "1000", "--dims", "8", "--block-mb", "0"], "--block-mb"),
+    (["realign", "{o}.toml", "--threads", "0"], "--threads"),
+    (["realign", "{o}.toml", "--block-mb", "-5"], "--block-mb"),
+])
+def test_nonsense_counts_are_refused_naming_the_flag(done, capsys, tmp_path, argv, flag):
+    """--threads 0, --block-mb -5, --chunk-rows 0 ... ran with defaults (or, --threads -3,
+    died with a traceback after apply had created its output): a usage error, exit 2."""
+    paths = dict(s=done["s"], t=done["t"], tr=done["tr"], o=str(tmp_path / "out"))
+    with pytest.raises(SystemExit) as e:
+        main([x.format(**paths) for x in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {flag}" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("call,what", [
+    (lambda d, o: bigalign.fit(d["s"], d["t"], output=o, threads=0), "--threads"),
+    (lambda d, o: bigalign.apply(d["tr"], d["s"], o, threads=-3), "--threads"),
+    (lambda d, o: bigalign.apply(d["tr"], d["s"], o, workers=0), "--workers"),
+    (lambda d, o: bigalign.apply(d["tr"], d["s"], o, block_bytes=0), "--block-mb"),
+    (lambda d, o: bigalign.fit(d["s"], d["t"], output=o, memory_limit="banana", workers=1),
+     "--memory-limit 'banana'"),
+    (lambda d, o: bigalign.apply(d["tr"], d["s"], o, chunk_rows=0), "--chunk-rows"),
+    (lambda d, o: bigalign.apply(d["tr"], d["s"], o, chunk_rows=-5), "--chunk-rows"),
+])
+def test_python_api_refuses_nonsense_settings_before_writing(done, tmp_path, call, what):
+    """The same checks hold for the Python API (Execution validates itself when built, as
+    every command builds one first): InputError, and no output or checkpoint left behind."""
+    with pytest.raises(InputError, match=what.replace("'", ".")):
+        call(done, str(tmp_path / "out"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_memory_limit_that_is_no_size_exits_2(done, capsys, tmp_path):
+    code, out, err = run(capsys, "apply", done["tr"], done["s"], "-o", tmp_path / "o",
+                         "--workers", "1", "--memory-limit", "banana")
+    assert code == 2 and "--memory-limit 'banana'" in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_max_queries_zero_still_means_all(done):
+    from bigalign.maths.metrics import query_sample
+    assert len(query_sample(50, 0, 0)) == 50 and len(query_sample(50, None, 0)) == 50
+    with pytest.raises(InputError, match="--max-queries"):
+        query_sample(50, -1, 0)
+
+
+# ---- 8. damaged inputs: one line, exit 2, nothing created (issue 16 item 10) ---------------
+
+def test_truncated_npy_is_refused_before_anything_is_created(capsys, tmp_path):
+    """A .npy cut short (a copy that did not finish) was mapped: 'mmap length is greater
+    than file size', a traceback, and an output and a checkpoint left behind."""
+    path = tmp_path / "in" / "v.npy"
+    path.parent.mkdir()
+    np.save(path, np.ones((1000, 16), np.float32))
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    code, out, err = run(capsys, "import", path, "-o", tmp_path / "s.zarr")
+    assert code == 2 and "Traceback" not in err, err
+    assert "v.npy: truncated .npy file" in err and "(499 whole rows)" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def _truncate(path, keep=30):
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+@pytest.mark.parametrize("argv,damage,named", [
+    (["fit", "{store}", "{a}", "-o", "{o}"], "store/embeddings", "store/embeddings/zarr.json"),
+    (["apply", "{tr}", "{store}", "-o", "{o}"], "store/ids", "store/ids/zarr.json"),
+    (["export", "{store}", "--format", "parquet", "-o", "{o}"], "store/ids",
+     "store/ids/zarr.json"),
+    (["fit", "{a}", "{b}", "-o", "{o}"], "a.zarr", "a.zarr/zarr.json"),
+    (["apply", "{tr}", "{a}", "-o", "{o}"], "t", "t/zarr.json"),
+    (["apply", "{tr}", "{a}", "-o", "{o}"], "t/rotation", "t/rotation/zarr.json"),
+])
+def test_truncated_zarr_json_in_an_input_names_the_file(capsys, tmp_path, argv, damage, named):
+    """A truncated zarr.json in an input gave JSONDecodeError with a traceback (exit 1)."""
+    from conftest import make_store
+
+    a, b, _ = planted(200, 4, seed=3)
+    paths = dict(a=write_zarr(tmp_path / "a.zarr", a, 50), b=write_zarr(tmp_path / "b.zarr", b, 50),
+                 store=make_store(tmp_path / "store", a, ids=np.arange(200), model="m"),
+                 tr=str(tmp_path / "t"), o=str(tmp_path / "out"))
+    assert main(["fit", paths["a"], paths["b"], "-o", paths["tr"], "-q"]) == 0
+    capsys.readouterr()
+    _truncate(tmp_path / damage / "zarr.json")
+    code, out, err = run(capsys, *[x.format(**paths) for x in argv])
+    assert code == 2 and "Traceback" not in err, err
+    assert f"the Zarr metadata '{tmp_path / named}' is not valid JSON" in err, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.checkpoint").exists()
+
+
+def test_export_on_a_full_disk_exits_2_naming_the_file(done, capsys, tmp_path, monkeypatch):
+    """polars reports a full disk as a ComputeError ("No space left on device (os error
+    28)"): that was a traceback, exit 1. Now one line naming the file, exit 2, no temporary
+    file left, and the rerun (space freed) finishes the export."""
+    import polars as pl
+
+    from bigalign.commands import parquet_export
+
+    real, calls = parquet_export._sink, {"n": 0}
+
+    def full_disk(frames, spec, target, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return real(frames, spec, target, *a, **kw)
+        with open(target, "wb") as f:  # a partial file, as the real writer leaves
+            f.write(b"PAR1")
+        raise pl.exceptions.ComputeError("I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(parquet_export, "_sink", full_disk)
+    out = tmp_path / "export"
+    argv = ["export", done["out"], "--format", "parquet", "-o", out, "--rows-per-file", "100",
+            "--threads", "1", "-q"]
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "Traceback" not in err, err
+    assert "cannot write " + str(out / "part-") in err and "no space left" in err, err
+    assert not [p for p in out.iterdir() if ".tmp" in p.name or p.name.startswith(".")]
+    monkeypatch.setattr(parquet_export, "_sink", real)
+    code, _, err = run(capsys, *argv)
+    assert code == 0, err
+    assert len(list(out.glob("*.parquet"))) == 4
+
+
+def test_disk_full_is_recognised_by_errno_or_text():
+    from bigalign.errors import is_disk_full
+    assert is_disk_full(OSError(errno.ENOSPC, "x")) and is_disk_full(OSError(errno.EDQUOT, "x"))
+    assert is_disk_full(RuntimeError("I/O error: No space left on device (os error 28)"))
+    assert not is_disk_full(OSError(errno.EIO, "x")) and not is_disk_full(ValueError("x"))
+
+
+def test_fit_that_cannot_fit_in_memory_is_refused_before_writing(capsys, tmp_path, monkeypatch):
+    """4 x 100,000-dim arrays: the plan needs ~1.1 TiB per task (float64 d x d partials);
+    the fit started anyway and died with 'MemoryError: 74.5 GiB' (exit 1). Now refused up
+    front, naming the planned and the available sizes and what to do."""
+    from bigalign.planning import options
+
+    monkeypatch.setattr(options, "machine_memory", lambda: 64 * 2**30)
+    a = write_zarr(tmp_path / "a.zarr", np.ones((4, 100_000), np.float32), 4)
+    b = write_zarr(tmp_path / "b.zarr", np.ones((4, 100_000), np.float32), 4)
+    code, out, err = run(capsys, "fit", a, b, "-o", tmp_path / "t")
+    assert code == 2 and "Traceback" not in err, err
+    assert "needs ~1.1 TiB of memory per task as planned, but this machine's memory is " \
+           "64.0 GiB" in err and "bigalign plan fit" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zarr", "b.zarr"]
+
+
+def test_fit_beyond_the_workers_memory_limit_is_refused(done, capsys, tmp_path):
+    """--memory-limit is what each worker has: a task planned above it is refused before a
+    cluster is started or anything written."""
+    code, out, err = run(capsys, "fit", done["s"], done["t"], "-o", tmp_path / "t",
+                         "--workers", "2", "--memory-limit", "10kB")
+    assert code == 2 and "the --memory-limit of each worker (10kB) is 9.8 KiB" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- 9. a mistyped storage option is named (issue 16 item 12) ------------------------------
+
+@pytest.mark.parametrize("argv,named", [
+    (["apply", "s3://bucket/t", "{s}", "-o", "{o}", "--storage-option", "bogus_opt=1"],
+     "--storage-option bogus_opt: not an option of the s3 filesystem"),
+    (["fit", "s3://bucket/a.zarr", "{s}", "-o", "{o}", "--storage-option", "bogus_opt=1"],
+     "--storage-option bogus_opt: not an option of the s3 filesystem"),
+    (["info", "s3://bucket/t", "--storage-option", 'client_kwargs={{"bogus": 1}}'],
+     "--storage-option client_kwargs: 'bogus' is not an option there"),
+])
+def test_mistyped_storage_option_is_named(done, capsys, tmp_path, argv, named):
+    """s3fs takes any keyword and aiobotocore refuses it at the first request: that read
+    "'s3://...' is not a bigalign transform (TypeError: AioSession.__init__() got an
+    unexpected keyword argument 'bogus_opt')". No request is made to find out."""
+    pytest.importorskip("s3fs")
+    code, out, err = run(capsys, *[x.format(s=done["s"], o=tmp_path / "o") for x in argv])
+    assert code == 2 and named in err, err
+    assert "not a bigalign transform" not in err and "not a readable" not in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_mistyped_storage_option_in_the_python_api(done, tmp_path):
+    pytest.importorskip("s3fs")
+    with pytest.raises(InputError, match="^--storage-option bogus_opt: not an option of the s3"):
+        bigalign.apply("s3://bucket/t", done["s"], str(tmp_path / "o"),
+                       storage_options={"bogus_opt": 1})
+    with pytest.raises(InputError, match="^--storage-option bogus_opt: not an option of the s3"):
+        bigalign.fit("s3://bucket/a.zarr", done["s"], storage_options={"bogus_opt": 1})

@@ -36,6 +36,40 @@ CENTER_HELP = ("remove each side's mean before fitting, and map (x - mean_src) Q
                "it the rotation wastes itself aligning the offsets")
 
 
+def positive_int(text: str) -> int:
+    """argparse type of counts (--threads, --workers, --chunk-rows): a whole number > 0;
+    else a usage error naming the flag (exit 2), not a silent default."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type of counts where 0 means "all" (--max-queries)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type of sizes (--block-mb): a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def _run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("where it runs (default: threads in this process)")
     x = g.add_mutually_exclusive_group()
@@ -46,16 +80,16 @@ def _run_args(p: argparse.ArgumentParser) -> None:
                    help="the scheduler file of a running dask.distributed scheduler (as "
                         "'dask scheduler --scheduler-file FILE' writes it). With neither "
                         "option, DASK_SCHEDULER_ADDRESS is used when set")
-    x.add_argument("--workers", type=int, metavar="N",
+    x.add_argument("--workers", type=positive_int, metavar="N",
                    help="start a local cluster of N worker processes")
     g.add_argument("--memory-limit", metavar="SIZE", help="per worker with --workers, e.g. 4GiB")
-    g.add_argument("--threads", type=int, metavar="N",
+    g.add_argument("--threads", type=positive_int, metavar="N",
                    help="threads for the in-process default (default: one per core)")
     add_stall_timeout(g)
     g.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where the block kernels run: cpu (default) or cuda (a GPU through "
                         "CuPy: pip install 'bigalign[gpu]')")
-    g.add_argument("--block-mb", type=float, default=64, metavar="MB",
+    g.add_argument("--block-mb", type=positive_float, default=64, metavar="MB",
                    help="input megabytes per task (default 64)")
     g.add_argument("--checkpoint", metavar="URL",
                    help="where progress is recorded (default: OUTPUT.checkpoint next to the output)")
@@ -157,7 +191,28 @@ def storage_options(args) -> Optional[dict]:
         if not sep or not key.strip():
             raise InputError(f"--storage-option {item!r}: expected KEY=VALUE")
         out[key.strip()] = parse_storage_value(key.strip(), value)
+    if out:  # an option the file system does not take is named now, not at its first request
+        from ..storage.locations import check_storage_options
+
+        for protocol in _url_protocols(args):
+            check_storage_options(protocol, out)
     return out or None
+
+
+def _url_protocols(args) -> list:
+    """The protocols of the remote URLs among ``args``' values (``s3`` of ``s3://b/k``),
+    the scheduler's address left out."""
+    import re
+
+    values = [v for k, v in vars(args).items() if k not in ("scheduler", "scheduler_file")]
+    found = []
+    for v in values:
+        for text in (v if isinstance(v, (list, tuple)) else [v]):
+            m = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", text) \
+                if isinstance(text, str) and "::" not in text else None
+            if m and m.group(1).lower() not in ("file", "local") and m.group(1) not in found:
+                found.append(m.group(1).lower())
+    return found
 
 
 def _print_json(obj) -> None:
@@ -309,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--compression", choices=("none", "lz4", "zstd"), default="none",
                    help="output compression (default none: embeddings compress ~1.05-1.1x and "
                         "zstd halves write speed)")
-    a.add_argument("--chunk-rows", type=int, metavar="N",
+    a.add_argument("--chunk-rows", type=positive_int, metavar="N",
                    help="rows per output chunk (default: the source's)")
     a.add_argument("--rows", metavar="START:STOP",
                    help="map only these source rows; the output holds STOP - START rows "
@@ -354,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--rows", type=int, default=1_000_000, help="pairs to generate (default 1e6)")
     d.add_argument("--dim", type=int, default=256, help="dimension (default 256)")
     d.add_argument("--workdir", help="keep the data here (default: a temporary directory)")
-    d.add_argument("--workers", type=int, metavar="N",
+    d.add_argument("--workers", type=positive_int, metavar="N",
                    help="use a local cluster of N worker processes instead of threads")
     d.add_argument("-q", "--quiet", action="store_true",
                    help="print nothing but warnings and errors: no progress, no report on "
@@ -912,6 +967,9 @@ def main(argv=None) -> int:
     with _guarded_streams(), _sigterm_interrupts(), _warnings_as_lines():
         command = "?"
         try:
+            if list(sys.argv[1:] if argv is None else argv) == ["--version"]:
+                print(f"bigalign {__version__}")  # without the parser and what it imports
+                return 0
             args = build_parser().parse_args(argv)
             command = args.command
             quiet = getattr(args, "quiet", False)

@@ -14,7 +14,7 @@ import logging
 import math
 import sys
 
-from .app import add_storage_option, storage_options
+from .app import add_storage_option, nonnegative_int, storage_options
 from ..jsonsafe import json_safe as _plain
 from ..commands.curve import learning_curve
 from ..errors import InputError
@@ -58,7 +58,8 @@ def _io_args(p, ks: str) -> None:
     """Recall cut-offs ``--k`` (default ``ks``) and the options every evaluation shares:
     the query sample, output, precision, storage."""
     p.add_argument("--k", default=ks, metavar="K,K", help=f"recall cut-offs (default {ks})")
-    p.add_argument("--max-queries", type=int, default=DEFAULT_MAX_QUERIES, metavar="N",
+    p.add_argument("--max-queries", type=nonnegative_int, default=DEFAULT_MAX_QUERIES,
+                   metavar="N",
                    help=f"search at most N queries, a seeded random sample (default "
                         f"{DEFAULT_MAX_QUERIES}; 0 = all). The searched set is always complete")
     p.add_argument("--seed", type=int, default=0, help="seed of the query sample (default 0)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from .app import _common, _print_json, _run_args, _run_details
+from .app import _common, _print_json, _run_args, _run_details, positive_int
 
 DESCRIPTION = """\
 Import vectors into an embedding store: a Zarr group holding 'embeddings' (N x d, chunked by
@@ -50,7 +50,7 @@ def add_commands(sub) -> dict:
     p.add_argument("--model", metavar="NAME",
                    help="name of the model that embedded the vectors (stored as the 'model' "
                         "attribute)")
-    p.add_argument("--chunk-rows", type=int, metavar="N",
+    p.add_argument("--chunk-rows", type=positive_int, metavar="N",
                    help="rows per stored chunk (default: about 32 MiB of vectors per chunk)")
     p.add_argument("--dtype", choices=("float16", "float32", "float64"),
                    help="stored dtype (default: the inputs' float dtype when they share "

@@ -15,7 +15,7 @@ import json
 
 import numpy as np
 
-from .app import add_storage_option, json_safe, storage_options
+from .app import add_storage_option, json_safe, positive_float, storage_options
 from ..errors import InputError
 from ..planning.plan import (DEFAULT_BLOCK_BYTES, estimate_apply, estimate_export,
                              estimate_fit, export_row_bytes, make_apply_plan, make_export_plan,
@@ -64,7 +64,7 @@ def add_commands(sub) -> dict:
                    help="fit: without the Gram matrices, as fit --no-diagnostics")
     p.add_argument("--precision", choices=("auto", "float32", "float64"), default="auto",
                    help="fit: GEMM dtype, as fit --precision")
-    p.add_argument("--block-mb", type=float, default=DEFAULT_BLOCK_BYTES / 2**20,
+    p.add_argument("--block-mb", type=positive_float, default=DEFAULT_BLOCK_BYTES / 2**20,
                    metavar="MB", help="input megabytes per read (default 64), as --block-mb")
     p.add_argument("--workers", type=int, metavar="W",
                    help="Dask workers, for memory per worker and an estimated time")

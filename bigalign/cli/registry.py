@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import sys
 
-from .app import add_stall_timeout, add_storage_option, storage_options
+from .app import (add_stall_timeout, add_storage_option, positive_float, positive_int,
+                  storage_options)
 from ..jsonsafe import json_safe
 from ..errors import GateFailedError
 
@@ -57,14 +58,15 @@ def add_commands(sub) -> dict:
     x.add_argument("--scheduler", metavar="ADDRESS",
                    help="a running dask.distributed scheduler (tcp://host:8786) or its "
                         "scheduler file (.json), for the fit and apply")
-    x.add_argument("--workers", type=int, metavar="N", help="a local cluster of N workers")
+    x.add_argument("--workers", type=positive_int, metavar="N",
+                   help="a local cluster of N workers")
     g.add_argument("--memory-limit", metavar="SIZE", help="per worker with --workers")
-    g.add_argument("--threads", type=int, metavar="N",
+    g.add_argument("--threads", type=positive_int, metavar="N",
                    help="threads in this process (default: one per core)")
     add_stall_timeout(g)
     g.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where fit and apply run their block kernels (default cpu)")
-    g.add_argument("--block-mb", type=float, default=64, metavar="MB",
+    g.add_argument("--block-mb", type=positive_float, default=64, metavar="MB",
                    help="input megabytes per task (default 64)")
     add_storage_option(g)
     g.add_argument("-q", "--quiet", action="store_true",

@@ -198,6 +198,7 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
         fingerprint["pairs"] = {"by": "ids", "duplicates": duplicates, "sample": sample,
                                 "seed": seed, "matched": pairs.matched,
                                 "sha256": pairs.digest()}
+    _check_fit_memory(src, tgt, start, stop, opts, gram, run, fan_in)  # before any write
     if output is not None:
         node = check_replaceable(output, "output", so, kinds=TRANSFORM_KINDS)
         finished: list = []  # the finished transform, once loaded (and found intact)
@@ -217,6 +218,31 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
         return _fit_job(src, tgt, start, stop, opts, gram, fingerprint, recorded, models,
                         record, output, checkpoint, overwrite, restart, keep_checkpoint, run,
                         fan_in, so, t0)
+
+
+def _check_fit_memory(src, tgt, start, stop, opts, gram, run, fan_in) -> None:
+    """Refuse a fit whose planned memory per task (:func:`fit_task_bytes` of its plan: a
+    read, and ``fan_in`` + 3 float64 d x d partials) exceeds what a task has where it runs
+    (:meth:`Execution.check_memory`), or whose last merge and solve in this process
+    (``estimate_fit``'s "client" figure) exceed this machine's: at d = 100,000 a task
+    needs ~1.1 TiB, and such a fit failed partway with a MemoryError."""
+    from ..planning.plan import partial_bytes
+
+    dims, items = (src.dim, tgt.dim), (src.dtype.itemsize, tgt.dtype.itemsize)
+    plan = make_fit_plan(start, stop, (src.row_step, tgt.row_step), dims, items, gram,
+                         run.block_bytes, read_steps=(getattr(src, "read_step", src.row_step),
+                                                      getattr(tgt, "read_step", tgt.row_step)))
+    need = fit_task_bytes(plan.rows_per_read, *dims, *items, np.dtype(opts.precision).itemsize,
+                          gram, fan_in or plan.fan_in)
+    client = ((fan_in or plan.fan_in) + 3) * partial_bytes(*dims, gram) + \
+        24 * dims[0] * dims[1]
+    run.check_memory(
+        f"a fit of {dims[0]:,} -> {dims[1]:,} dims", need,
+        "its float64 d x d partial sums dominate (" + (
+            "--no-diagnostics leaves out the Gram matrices, " if gram and dims[0] <= dims[1]
+            else "") + "fewer dimensions need quadratically less); run it on workers with "
+        "more memory (--scheduler, or --workers N --memory-limit SIZE); 'bigalign plan fit' "
+        "shows the sizes", client=client)
 
 
 def _transform_damage(output, so, loaded: list) -> Optional[str]:

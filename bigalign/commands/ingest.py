@@ -372,7 +372,7 @@ def probe(name: str, url: str, fs, path: str, local: bool, *,
         raise InputError(f"{name}: --ids-column applies to Parquet inputs; a .{fmt} file "
                          "has no columns (use --row-ids for row-number ids)")
     if fmt == "npy":
-        return SourceFile(**common, **_probe_npy(name, fs, path))
+        return SourceFile(**common, **_probe_npy(name, fs, path, size))
     if fmt == "fvecs":
         return SourceFile(**common, **_probe_fvecs(name, fs, path, size))
     footer = parquet_footer(fs, path, size)
@@ -402,7 +402,7 @@ def files_model(files) -> Optional[str]:
     return models.pop() if len(models) == 1 and None not in models else None
 
 
-def _probe_npy(name, fs, path) -> dict:
+def _probe_npy(name, fs, path, size=None) -> dict:
     from numpy.lib import format as npf
 
     with fs.open(path, "rb") as f:
@@ -422,6 +422,12 @@ def _probe_npy(name, fs, path) -> dict:
                          "(or integers)")
     if shape[1] == 0:
         raise InputError(f"{name}: vectors of dimension 0 (shape {shape})")
+    need = offset + int(shape[0]) * int(shape[1]) * dtype.itemsize
+    if size and size < need:  # refused before an output or checkpoint exists (0: unknown)
+        whole = max(size - offset, 0) // (int(shape[1]) * dtype.itemsize)
+        raise InputError(f"{name}: truncated .npy file: its header says shape {shape} of "
+                         f"{dtype}, {need:,} bytes with the header, but the file has "
+                         f"{size:,} bytes ({whole:,} whole rows)")
     return dict(rows=int(shape[0]), dim=int(shape[1]), dtype=dtype.str, offset=offset,
                 order="F" if fortran else "C")
 

@@ -399,7 +399,8 @@ def write_file(source, ids, groups: list, spec: FileSpec, name: str) -> int:
         fs.makedirs(root, exist_ok=True)
         tmp = f"{root}/{_temp_name(name)}"
         try:
-            _sink(frames(), spec, tmp, rows_per_group, meta)
+            with _named_if_disk_full(f"{root}/{name}"):
+                _sink(frames(), spec, tmp, rows_per_group, meta)
             os.replace(tmp, f"{root}/{name}")
         finally:
             if os.path.exists(tmp):
@@ -408,12 +409,30 @@ def write_file(source, ids, groups: list, spec: FileSpec, name: str) -> int:
         path = f"{root}/{name}"
         f = fs.open(path, "wb")
         try:
-            _sink(frames(), spec, f, rows_per_group, meta)
+            with _named_if_disk_full(spec.url.rstrip("/") + f"/{name}"):
+                _sink(frames(), spec, f, rows_per_group, meta)
         except BaseException:
             _abandon(f, fs, path)
             raise
         f.close()
     return block[1] - block[0] - len(skipped), skipped
+
+
+@contextlib.contextmanager
+def _named_if_disk_full(path: str):
+    """A write that failed because the disk or quota is full (polars says so only in a
+    ComputeError's text; an OSError has ENOSPC/EDQUOT) becomes one clear error naming the
+    file (ChunkReadError: exit 2, not retried); other errors pass unchanged."""
+    from ..errors import ChunkReadError, is_disk_full
+
+    try:
+        yield
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        raise ChunkReadError(f"cannot write {path}: no space left on the device (or over "
+                             f"quota) ({type(e).__name__}: {e}); free space, or export to "
+                             "another --output, then rerun: the export resumes") from e
 
 
 def _abandon(f, fs, path: str) -> None:

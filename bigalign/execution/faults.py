@@ -3,9 +3,10 @@
 ``BIGALIGN_FAULTS`` is a comma-separated list of rules:
 
     kill:POINT@K     SIGKILL this process the K-th time POINT is reached (1-based)
-    term:POINT@K     SIGTERM this process the K-th time POINT is reached (the CLI's
-                     handler then unwinds the run: exit 130)
     delay:POINT@S    sleep S seconds each time POINT is reached (to widen a window)
+    term:POINT@K     SIGTERM this process the K-th time POINT is reached (1-based): a real
+                     signal at a known moment, as a scheduler stopping the job would send
+                     (the CLI's handler then unwinds the run: exit 130)
 
 Points: ``fit.block`` (a block's statistics computed), ``fit.unit-saved`` (a unit's
 statistics stored), ``fit.solved`` (SVD done, transform not yet saved), ``fit.saved``
@@ -15,7 +16,8 @@ stored, its done-marker not yet), ``apply.region-done`` (marker stored),
 ``apply.before-complete`` (all regions done, completion attribute not yet written);
 ``import.*`` (:mod:`bigalign.commands.ingest`) and ``export.begun``, ``export.file-written`` (a Parquet
 file in place, its marker not yet), ``export.file-done``, ``export.before-complete``
-(:mod:`bigalign.commands.parquet_export`).
+(:mod:`bigalign.commands.parquet_export`); ``cli.start`` (the command line's SIGTERM handler
+installed, numpy, Dask and Zarr not yet imported).
 """
 
 from __future__ import annotations

@@ -353,7 +353,12 @@ class CosineHistogram:
 
 def query_sample(n: int, max_queries: Optional[int], seed: int) -> np.ndarray:
     """Sorted int64 indices of the queries searched among ``n``: all of them, or a seeded
-    random sample of ``max_queries`` when there are more."""
+    random sample of ``max_queries`` when there are more (0 or None: all; below 0 is
+    refused with InputError)."""
+    if max_queries is not None and max_queries < 0:
+        from ..errors import InputError
+        raise InputError(f"--max-queries (max_queries) must be 0 (all) or more, got "
+                         f"{max_queries}")
     if not max_queries or max_queries >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, size=max_queries, replace=False))

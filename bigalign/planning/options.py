@@ -8,6 +8,7 @@ a killed job may be resumed on another cluster.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -16,10 +17,76 @@ import numpy as np
 from ..errors import InputError
 from .plan import DEFAULT_BLOCK_BYTES
 
-__all__ = ["FitOptions", "ApplyOptions", "Execution", "OUTPUT_DTYPES", "BAD_ROWS"]
+__all__ = ["FitOptions", "ApplyOptions", "Execution", "OUTPUT_DTYPES", "BAD_ROWS",
+           "positive_count", "memory_limit_bytes", "machine_memory", "format_bytes"]
 
 OUTPUT_DTYPES = ("float16", "float32", "float64")
 BAD_ROWS = ("fail", "nan", "zero")
+
+
+def positive_count(value, what: str) -> int:
+    """``value`` as an int when it is a whole number > 0, else InputError naming ``what``
+    (the flag: "--threads", ...). Booleans and fractions are refused, not truncated."""
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) or \
+        isinstance(value, float) and value.is_integer()
+    if not ok or value <= 0:
+        raise InputError(f"{what} must be a positive whole number, got {value!r}")
+    return int(value)
+
+
+def memory_limit_bytes(limit) -> Optional[int]:
+    """Bytes per worker that ``limit`` (``--memory-limit``: "4GiB", "500MB", a number of
+    bytes, or "auto", as Dask's LocalCluster takes it) stands for; None for "auto", None, 0
+    and fractions of the machine (Dask's "no limit" / "share the machine": the caller uses
+    the machine's memory). InputError naming the value when it is none of those."""
+    if limit is None or (isinstance(limit, str) and limit.strip().lower() == "auto"):
+        return None
+    if isinstance(limit, bool):
+        value = None
+    elif isinstance(limit, numbers.Real):
+        value = float(limit)
+    else:
+        from dask.utils import parse_bytes
+
+        try:
+            value = float(parse_bytes(str(limit).strip()))
+        except (ValueError, TypeError):
+            value = None
+    if value is None or value < 0 or value != value:
+        raise InputError(f"--memory-limit {limit!r}: expected a size such as 4GiB or 500MB, "
+                         "a number of bytes, or auto")
+    return None if value <= 1 else int(value)  # 0: no limit; 0 < x <= 1: a fraction
+
+
+def machine_memory() -> Optional[int]:
+    """Bytes of memory this process may use: the machine's physical memory, or the
+    container's cgroup limit (v2 ``memory.max``, v1 ``memory.limit_in_bytes``) when lower;
+    None when neither can be read."""
+    import os
+
+    sizes = []
+    try:
+        sizes.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) > 0:
+            sizes.append(int(text))
+    return min(sizes) if sizes else None
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes in binary units: "74.5 GiB", "1.1 TiB"."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # not reached
 
 
 @dataclass(frozen=True)
@@ -84,7 +151,12 @@ class Execution:
     ``device`` where the block kernels run ("cpu" or "cuda", :mod:`bigalign.execution.gpu`);
     ``stall_timeout`` the seconds a run on a cluster waits with no worker before it stops
     with exit code 75 (None: ``--stall-timeout``, ``BIGALIGN_STALL_TIMEOUT`` or 300 s; 0:
-    for ever; :func:`bigalign.execution.cluster.stall_timeout`)."""
+    for ever; :func:`bigalign.execution.cluster.stall_timeout`).
+
+    Checked when built (the one place every command's execution settings pass through,
+    before any output is created): ``workers`` and ``threads`` whole numbers > 0 (or None),
+    ``block_bytes`` > 0, ``memory_limit`` a size (:func:`memory_limit_bytes`); InputError
+    (exit 2) naming the flag otherwise."""
 
     scheduler: Optional[str] = None
     workers: Optional[int] = None
@@ -94,6 +166,54 @@ class Execution:
     progress: bool = False
     device: str = "cpu"
     stall_timeout: Optional[float] = None
+
+    def __post_init__(self):
+        for name, flag in (("workers", "--workers"), ("threads", "--threads")):
+            if getattr(self, name) is not None:
+                positive_count(getattr(self, name), flag)
+        if isinstance(self.block_bytes, bool) or not isinstance(self.block_bytes, numbers.Real) \
+                or not self.block_bytes >= 1:
+            raise InputError(f"--block-mb (block_bytes) must be positive, got "
+                             f"{self.block_bytes!r} bytes per task")
+        memory_limit_bytes(self.memory_limit)
+
+    def task_memory(self) -> Optional[tuple[int, str]]:
+        """(bytes one task may hold where this run executes, where that figure comes from),
+        or None when it is not known here (an existing cluster's workers: --scheduler or
+        Dask's configuration). With --workers: the --memory-limit per worker, else the
+        machine's memory shared by the workers (Dask's "auto"); in-process: the machine's."""
+        if self.scheduler:
+            return None
+        machine = machine_memory()
+        if self.workers:
+            limit = memory_limit_bytes(self.memory_limit)
+            if limit:
+                return limit, f"the --memory-limit of each worker ({self.memory_limit})"
+            if machine:
+                return machine // self.workers, (f"each of the {self.workers} workers' share "
+                                                 f"of this machine's {format_bytes(machine)}")
+            return None
+        from ..execution.cluster import scheduler_from_config
+
+        if scheduler_from_config() or not machine:
+            return None
+        return machine, "this machine's memory"
+
+    def check_memory(self, what: str, need: int, advice: str, client: int = 0) -> None:
+        """Refuse (InputError, exit 2) a job whose planned memory per task, ``need`` bytes,
+        exceeds what a task has where it runs (:meth:`task_memory`), or whose ``client``
+        bytes (what this process holds itself: a fit's last merge and solve) exceed this
+        machine's memory: it would fail partway (MemoryError, or workers killed one after
+        the other). Called before anything is written. ``advice``: what to do instead."""
+        have = self.task_memory()
+        if have is not None and need > have[0]:
+            raise InputError(f"{what} needs ~{format_bytes(need)} of memory per task as "
+                             f"planned, but {have[1]} is {format_bytes(have[0])}; {advice}")
+        machine = machine_memory()
+        if machine and client > machine:
+            raise InputError(f"{what} needs ~{format_bytes(client)} of memory in this process "
+                             f"as planned (the last merge and the solve), but this machine's "
+                             f"memory is {format_bytes(machine)}; {advice}")
 
     def session_args(self) -> dict:
         return dict(scheduler=self.scheduler, workers=self.workers,

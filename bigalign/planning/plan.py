@@ -292,7 +292,12 @@ def output_layout(source_chunk: int, source_shard: Optional[int], dim_out: int,
     ``chunk_rows`` is given, and, for a sharded source, its shard rows, or the largest
     exact fraction of them whose output shard stays within ``max_shard_bytes`` (a writer
     holds a whole shard). A ``chunk_rows`` that does not divide the source's shard, or
-    shards of a single chunk, give an unsharded output."""
+    shards of a single chunk, give an unsharded output. A ``chunk_rows`` of 0 or less is
+    refused (InputError), not taken for "the source's"."""
+    if chunk_rows is not None and not int(chunk_rows) > 0:
+        from ..errors import InputError
+        raise InputError(f"--chunk-rows (chunk_rows) must be a positive whole number, got "
+                         f"{chunk_rows!r}")
     chunk = int(chunk_rows or source_chunk)
     if not source_shard or source_shard % chunk:
         return chunk, None

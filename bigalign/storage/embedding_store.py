@@ -35,6 +35,7 @@ write speed for ~1.05-1.1x on float vectors).
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Optional
 
@@ -199,11 +200,17 @@ def _store_group(url, storage_options: Optional[dict] = None):
 
     if not isinstance(url, (str, os.PathLike)):
         return None
+    so = options_for(url, storage_options)  # a bad storage option: named, not swallowed
     try:
-        group = zarr.open_group(str(url), mode="r", storage_options=options_for(url, storage_options))
-    except Exception:
+        group = zarr.open_group(str(url), mode="r", storage_options=so)
+        return group if "embeddings" in group else None
+    except Exception as e:  # a truncated zarr.json (the group's, or its members'): say so
+        from .stores import damaged_metadata
+
+        damaged = damaged_metadata(repr(str(url)), url, storage_options, e)
+        if damaged is not None:
+            raise damaged from e
         return None
-    return group if "embeddings" in group else None
 
 
 def is_store(url, storage_options: Optional[dict] = None) -> bool:
@@ -227,5 +234,10 @@ def store_parts(url, storage_options: Optional[dict] = None):
                          f"{meta.get('made_by') or 'import or apply'} was interrupted or is "
                          "still running): rerun that command to finish it first")
     model = group.attrs.get("model")
-    return (f"{str(url).rstrip('/')}/embeddings", group["ids"] if "ids" in group else None,
-            str(model) if model else None)
+    try:
+        ids = group["ids"] if "ids" in group else None
+    except json.JSONDecodeError as e:
+        from .stores import damaged_metadata
+
+        raise damaged_metadata(repr(str(url)), url, storage_options, e) from e
+    return f"{str(url).rstrip('/')}/embeddings", ids, str(model) if model else None

@@ -59,7 +59,50 @@ def options_for(url, storage_options: Optional[dict]) -> Optional[dict]:
         return storage_options
     from fsspec.utils import get_protocol
 
-    return None if get_protocol(os.fspath(url)) in ("file", "local") else storage_options
+    protocol = get_protocol(os.fspath(url))
+    if protocol in ("file", "local"):
+        return None
+    if "::" not in os.fspath(url):
+        check_storage_options(protocol, storage_options)
+    return storage_options
+
+
+#: (protocol, options) already checked by :func:`check_storage_options`
+_CHECKED: set = set()
+
+
+def check_storage_options(protocol: str, storage_options: dict) -> None:
+    """Refuse (InputError naming it) a storage option that the ``protocol`` file system
+    does not take: fsspec passes options on to the backend's constructor, and s3fs on to
+    aiobotocore's session and client, which reject an unknown one only at the first
+    request, where the TypeError read as "not a bigalign transform". The file system is
+    built (and, for S3, its session and client, which makes no request) once per protocol
+    and options; any other error there is left for the real operation to report."""
+    import json
+
+    key = (protocol, json.dumps(storage_options, sort_keys=True, default=repr))
+    if key in _CHECKED:
+        return
+    try:
+        import fsspec
+
+        fs = fsspec.filesystem(protocol, **storage_options)
+        if protocol in ("s3", "s3a") and callable(getattr(fs, "connect", None)):
+            fs.connect()
+    except TypeError as e:
+        match = re.search(r"unexpected keyword argument '([^']+)'", str(e))
+        bad = match.group(1) if match else None
+        if bad in storage_options:
+            raise InputError(f"--storage-option {bad}: not an option of the {protocol} "
+                             f"filesystem ({type(e).__name__}: {e})") from None
+        top = next((k for k, v in storage_options.items()
+                    if isinstance(v, dict) and bad is not None and bad in json.dumps(v)), None)
+        if top is not None:
+            raise InputError(f"--storage-option {top}: {bad!r} is not an option there "
+                             f"({type(e).__name__}: {e})") from None
+    except Exception:  # noqa: BLE001 - not ours to judge here: the operation will say
+        pass
+    _CHECKED.add(key)
 
 
 def canonical(url, storage_options: Optional[dict] = None) -> Location:

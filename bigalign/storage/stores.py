@@ -222,10 +222,10 @@ def open_embeddings(source, *, side: str = "source", storage_options: Optional[d
                          "zarr.array(x, chunks=(rows, dim)))")
     else:
         url = str(source)
+        so = options_for(url, storage_options)  # a bad storage option: named, not wrapped
         try:
             arr = _retrying(f"{side} {url!r}: cannot open it",
-                            lambda: zarr.open_array(url, mode="r",
-                                                    storage_options=options_for(url, storage_options)),
+                            lambda: zarr.open_array(url, mode="r", storage_options=so),
                             transient_only=True)
         except TransientError:
             raise
@@ -234,6 +234,9 @@ def open_embeddings(source, *, side: str = "source", storage_options: Optional[d
         except Exception as e:  # zarr raises several kinds for "not an array"
             if isinstance(e, ImportError):
                 raise InputError(f"{side} {url!r}: cannot open this URL ({e})") from e
+            damaged = damaged_metadata(f"{side} {url!r}", url, storage_options, e)
+            if damaged is not None:
+                raise damaged from e
             kind = _node_kind(url, storage_options)
             what = f"a Zarr {kind}, not an array" if kind else f"not a readable Zarr array ({e})"
             raise InputError(f"{side} {url!r}: {what}") from e
@@ -254,6 +257,41 @@ def open_embeddings(source, *, side: str = "source", storage_options: Optional[d
         emb = EmbeddingArray(arr, url, side, check_chunks=True,
                              witness=content_witness(arr, listing))
     return emb
+
+
+#: Zarr metadata files (v3, then v2)
+_METADATA_FILES = ("zarr.json", ".zarray", ".zgroup", ".zattrs")
+
+
+def damaged_metadata(what: str, url, storage_options, error: BaseException) -> Optional[InputError]:
+    """When ``error`` is a JSON decoding error (Zarr read a truncated or damaged
+    ``zarr.json``), an InputError saying so and naming the file: the metadata of the node at
+    ``url`` or of one of its direct members (an embedding store's ``embeddings``, a
+    transform's ``rotation``), found by reading those few small files; ``what`` starts the
+    message (e.g. "source '/data/a.zarr'"). None for any other error."""
+    if not isinstance(error, json.JSONDecodeError):
+        return None
+    bad = None
+    try:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(str(url), **(options_for(url, storage_options) or {}))
+        root = root.rstrip("/")
+        candidates = [f"{root}/{n}" for n in _METADATA_FILES] + sorted(
+            p for n in _METADATA_FILES for p in fs.glob(f"{root}/*/{n}"))
+        for path in candidates:
+            try:
+                json.loads(fs.cat_file(path))
+            except FileNotFoundError:
+                continue
+            except ValueError:
+                bad = f"{str(url).rstrip('/')}{path[len(root):]}"
+                break
+    except Exception:  # noqa: BLE001 - naming the file is a courtesy; the error stands
+        pass
+    where = repr(bad) if bad else f"a zarr.json under {str(url)!r}"
+    return InputError(f"{what}: the Zarr metadata {where} is not valid JSON ({error}); the "
+                      "file is truncated or damaged")
 
 
 def _node_kind(url, storage_options) -> Optional[str]:
