@@ -287,7 +287,8 @@ def _fit_job(src, tgt, start, stop, opts, gram, fingerprint, fingerprints, model
                  f", progress saved in {len(units)} units" if job else "")
         graph, key, tasks = fit_graph(src, tgt, plan, done=done, job=job,
                                       normalize=opts.normalize, gram=gram,
-                                      dtype=opts.precision, fan_in=fan_in, device=run.device)
+                                      dtype=opts.precision, fan_in=fan_in, device=run.device,
+                                      run_id=manifest["run_id"])
         with session(**run.session_args()) as s:
             moments = s.get(graph, key)
         if moments.n != stop - start:  # verify before anything is marked finished
@@ -553,7 +554,7 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
                                         dtype=opts.dtype, renormalize=renormalize,
                                         normalize=transform.normalize, bad_rows=bad_rows,
                                         offset=plan.offset, device=run.device,
-                                        layout=plan.layout(),
+                                        layout=plan.layout(), run_id=run_.run_id,
                                         ids=None if out_ids is None else (src_ids, out_ids))
         _, per_write, _, per_read = plan.layout()
         mb = apply_task_bytes(per_read, dim_a, dim_b, src.dtype.itemsize,

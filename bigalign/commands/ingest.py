@@ -1003,29 +1003,28 @@ def _count(*rows: int) -> int:
 
 def import_graph(files: tuple, plan: ImportPlan, embeddings, ids, *, done=frozenset(),
                  job=None, row_ids: bool = False, url: str = "",
-                 storage_options: Optional[dict] = None):
-    """Raw Dask graph: one :func:`unit_task` per unit of the plan with regions not in
-    ``done``; the key holds the rows written. Returns (graph, key, tasks)."""
-    import uuid
+                 storage_options: Optional[dict] = None, run_id: str = ""):
+    """Dask graph (:func:`bigalign.execution.graph.build`): one :func:`unit_task` per unit
+    of the plan with regions not in ``done``, summed by a fixed tree of fan-in
+    COUNT_FAN_IN; the key holds the rows written. Returns (graph, key, tasks)."""
     from functools import partial
 
-    token = uuid.uuid4().hex[:12]
-    fk, ek, ik = (f"bigalign-files-{token}", f"bigalign-store-{token}",
-                  f"bigalign-ids-{token}")
-    graph: dict = {fk: files, ek: embeddings, ik: ids}
+    from ..execution.graph import GraphSpec, Group, Leaf, Shared, build, token
+    from ..planning.plan import COUNT_FAN_IN
+
     task = partial(unit_task, row_ids=row_ids, url=url, storage_options=storage_options)
     regions = plan.region_list()
-    keys = []
+    groups = []
     for u, unit in enumerate(plan.units()):
         todo = tuple(regions[i] for i in unit if i not in done)
-        if not todo:
-            continue
-        key = (f"bigalign-import-{token}", u)
-        graph[key] = (task, fk, todo, ek, ik, job)
-        keys.append(key)
-    total = f"bigalign-imported-{token}"
-    graph[total] = (_count, *keys)
-    return graph, total, len(keys)
+        if todo:
+            groups.append(Group(u, (Leaf(u, task, (Shared("files"), todo, Shared("store"),
+                                                   Shared("ids"), job), label="unit"),)))
+    spec = GraphSpec("import", token(asdict(plan.regions), plan.file_rows, run_id,
+                                     sorted(done), row_ids),
+                     {"files": files, "store": embeddings, "ids": ids}, tuple(groups),
+                     _count, COUNT_FAN_IN)
+    return build(spec)
 
 
 # ==== the public face ========================================================================
@@ -1152,7 +1151,7 @@ def import_vectors(inputs, output: str, *, ids_column: Optional[str] = None,
         group, embeddings, ids = handle
         graph, key, tasks = import_graph(tuple(files), plan, embeddings, ids, done=done,
                                          job=job.job, row_ids=row_ids, url=str(output),
-                                         storage_options=so)
+                                         storage_options=so, run_id=job.run_id)
         log.info("import: %d rows x %d (%s) from %d file%s: %d regions of ~%.3g MB (chunks "
                  "of %d rows, %.3g MB) in %d tasks", plan.rows, dim, store_dtype.name,
                  len(files), "s" * (len(files) != 1), len(expected),

@@ -507,30 +507,24 @@ def file_task(source, ids, plan: ExportPlan, index: int, start: int, stop: int,
 
 
 def export_graph(source, ids, plan: ExportPlan, spec: FileSpec, *, done=frozenset(),
-                 job=None):
-    """Raw Dask graph: one :func:`file_task` per file not in ``done``, and a fixed tree
-    (fan-in COUNT_FAN_IN) summing the rows written and gathering the rows left out.
-    Returns (graph, key, tasks)."""
-    from ..execution.engine import _tree, count_task
+                 job=None, run_id: str = ""):
+    """Dask graph (:func:`bigalign.execution.graph.build`): one :func:`file_task` per file
+    not in ``done``, and a fixed tree (fan-in COUNT_FAN_IN) summing the rows written and
+    gathering the rows left out. Returns (graph, key, tasks)."""
+    from ..execution.engine import count_task
+    from ..execution.graph import GraphSpec, Group, Leaf, Shared, build, token
     from ..planning.plan import COUNT_FAN_IN
 
-    token = uuid.uuid4().hex[:12]
-    sk, ik = f"bigalign-source-{token}", f"bigalign-ids-{token}"
-    graph: dict = {sk: source, ik: ids}
     blocks = plan.blocks()
-    keys = []
-    for b in blocks:
-        if b.index in done:
-            continue
-        key = (f"bigalign-export-{token}", b.index)
-        graph[key] = (file_task, sk, ik, plan, b.index, b.start, b.stop, spec, len(blocks),
-                      job)
-        keys.append(key)
-    total = f"bigalign-exported-{token}"
-    if not keys:
-        graph[total] = (count_task,)
-        return graph, total, 0
-    return graph, _tree(graph, total, keys, COUNT_FAN_IN, count_task), len(keys)
+    groups = tuple(Group(b.index, (Leaf(b.index, file_task,
+                                        (Shared("source"), Shared("ids"), plan, b.index,
+                                         b.start, b.stop, spec, len(blocks), job),
+                                        label="file"),))
+                   for b in blocks if b.index not in done)
+    return build(GraphSpec("export", token(asdict(plan), run_id, sorted(done), spec.url,
+                                           spec.dtype, spec.bad_rows),
+                           {"source": source, "ids": ids}, groups, count_task, COUNT_FAN_IN,
+                           empty=count_task))
 
 
 # ==== the public face ========================================================================
@@ -631,7 +625,8 @@ def export_parquet(source, output: str, *, ids_column: str = "id",
                         out_dtype.name, COMPRESSIONS[compression],
                         {"format": FORMAT, "run_id": job.run_id, "model": model,
                          "source": head["source"]}, so, bad_rows, zero_rows_bad)
-        graph, key, tasks = export_graph(emb, ids, plan, spec, done=done, job=job.job)
+        graph, key, tasks = export_graph(emb, ids, plan, spec, done=done, job=job.job,
+                                         run_id=job.run_id)
         per = min(plan.rows_per_file, plan.rows)
         log.info("export: %d rows x %d (%s, ids %s) to %d Parquet file%s of up to %d rows "
                  "(~%.3g MB of vectors) in %d task%s", plan.rows, emb.dim, out_dtype.name,
