@@ -4,6 +4,7 @@
     t = bigalign.fit("old.zarr", "new.zarr", center=True, output="old2new.transform")
     bigalign.apply(t, "corpus_old.zarr", "corpus_in_new.zarr")
     t = bigalign.Transform.load("old2new.transform"); t.transform(query_vectors)
+    est = bigalign.Procrustes(center=True).fit("old.zarr", "new.zarr")  # as an estimator
 
 The API names are loaded on first use (module ``__getattr__``): ``import bigalign`` alone
 imports no numpy, Dask or Zarr, so the command line can install its SIGTERM handler before
@@ -19,9 +20,13 @@ from .errors import (BigalignError, CheckpointError, ChunkReadError, DamagedOutp
 #: name -> submodule that defines it, imported on first access
 _LAZY = {"Transform": ".transform", "apply": ".commands.api", "fit": ".commands.api",
          "output_damage": ".commands.api", "output_status": ".commands.api",
-         "run_status": ".commands.api", "RunReport": ".commands.api"}
+         "run_status": ".commands.api", "RunReport": ".commands.api",
+         "Procrustes": ".estimator", "FitOptions": ".planning.options",
+         "ApplyOptions": ".planning.options", "Pairing": ".planning.options",
+         "JobOptions": ".planning.options", "Execution": ".planning.options"}
 
 __all__ = ["fit", "apply", "Transform", "RunReport", "output_status", "output_damage", "run_status",
+           "Procrustes", "FitOptions", "ApplyOptions", "Pairing", "JobOptions", "Execution",
            "BigalignError", "InputError", "NonFiniteError", "DamagedOutputError",
            "ChunkReadError", "CheckpointError", "__version__"]
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -29,12 +29,13 @@ from ..execution.engine import apply_graph, fit_graph
 from ..errors import CheckpointError, DamagedOutputError, InputError
 from ..execution.gpu import check_device
 from ..storage.locations import canonical_url, check_disjoint, options_for
-from ..planning.options import ApplyOptions, Execution, FitOptions
+from ..planning.options import (ApplyOptions, Execution, FitOptions, JobOptions, Pairing,
+                                keywords_of, requests)
 from ..storage.outputs import APPLY_KINDS, TRANSFORM_KINDS, check_replaceable, chunks_damage
 from ..storage.embedding_store import (KIND as STORE_KIND, create_store, ids_kind_of, is_store,
                               open_for_writing, store_parts)
 from ..execution.pairing import fit_record, gathered, join, pair_by_ids, sample_pairs
-from ..planning.plan import (DEFAULT_BLOCK_BYTES, ApplyPlan, FitPlan, apply_task_bytes, fit_task_bytes,
+from ..planning.plan import (ApplyPlan, FitPlan, apply_task_bytes, fit_task_bytes,
                    make_apply_plan, make_fit_plan, output_layout)
 from ..maths.metrics import fit_diagnostics
 from ..maths.solve import procrustes
@@ -74,27 +75,36 @@ def default_checkpoint(output: str) -> str:
     return str(output).rstrip("/") + ".checkpoint"
 
 
-def fit(source, target, *, rows=None, center: bool = False, normalize: bool = False,
-        scale: bool = False, reflection: bool = True, diagnostics: bool = True,
-        precision: str = "auto", output: Optional[str] = None, overwrite: bool = False,
-        checkpoint: Optional[str] = None, restart: bool = False,
-        keep_checkpoint: bool = False, scheduler: Optional[str] = None,
-        workers: Optional[int] = None, memory_limit: Optional[str] = None,
-        threads: Optional[int] = None, block_bytes: int = DEFAULT_BLOCK_BYTES,
-        progress: bool = False, storage_options: Optional[dict] = None,
-        check_chunks: bool = True, fan_in: Optional[int] = None, pair_by: str = "auto",
-        duplicates: str = "error", sample: Optional[int] = None, seed: int = 0,
-        source_model: Optional[str] = None, target_model: Optional[str] = None,
-        scratch: Optional[str] = None, device: str = "cpu") -> Transform:
+#: fit()'s flat keywords (the command line's flags), by the options object each sets
+FIT_KEYWORDS = {"options": keywords_of(FitOptions),
+                "pairing": keywords_of(Pairing, pair_by="by"),
+                "job": keywords_of(JobOptions),
+                "execution": keywords_of(Execution)}
+
+
+def fit(source, target, options: Optional[FitOptions] = None, *,
+        pairing: Optional[Pairing] = None, job: Optional[JobOptions] = None,
+        execution: Optional[Execution] = None, output: Optional[str] = None,
+        storage_options: Optional[dict] = None, source_model: Optional[str] = None,
+        target_model: Optional[str] = None, fan_in: Optional[int] = None,
+        **keywords) -> Transform:
     """Fit an orthogonal map from paired rows of ``source`` (N, dA) to ``target`` (N, dB).
 
     One streaming pass reads each chunk once and accumulates float64 statistics; one SVD of
     the dA x dB cross-covariance on this node gives the rotation.
 
-    Each keyword mirrors the ``bigalign fit`` flag of the same name (``overwrite`` is
-    ``--overwrite``, ``restart`` ``--restart``; ``check_chunks=False`` is
-    ``--allow-missing-chunks``, ``diagnostics=False`` ``--no-diagnostics``), and errors
-    name the flags.
+    What to compute, which rows pair, the job protocol and where it runs are four options
+    objects (:mod:`bigalign.planning.options`), each validated when built: ``options``
+    (:class:`FitOptions`: center, normalize, scale, reflection, diagnostics, precision),
+    ``pairing`` (:class:`Pairing`: by, rows, duplicates, sample, seed, scratch), ``job``
+    (:class:`JobOptions`: overwrite, checkpoint, restart, keep_checkpoint, check_chunks) and
+    ``execution`` (:class:`Execution`: scheduler, workers, memory_limit, threads,
+    block_bytes, progress, device, stall_timeout). Their fields may also be given as flat
+    keywords (``fit(a, b, center=True, workers=4)``; ``pair_by`` sets ``Pairing.by``), as
+    the command line does: each keyword mirrors the ``bigalign fit`` flag of the same name
+    (``overwrite`` is ``--overwrite``; ``check_chunks=False`` is ``--allow-missing-chunks``,
+    ``diagnostics=False`` ``--no-diagnostics``), and errors name the flags.
+    :class:`bigalign.Procrustes` is the same fit as an estimator.
 
     Parameters
     ----------
@@ -143,12 +153,20 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
     """
     t0 = time.perf_counter()
     so = storage_options
-    run = Execution(scheduler, workers, memory_limit, threads, block_bytes, progress,
-                    check_device(device))
+    given = requests("fit", {"options": options, "pairing": pairing, "job": job,
+                             "execution": execution}, keywords, FIT_KEYWORDS)
+    fit_options, pairing, job = given["options"], given["pairing"], given["job"]
+    run = replace(given["execution"], device=check_device(given["execution"].device))
+    center, normalize, scale, reflection, diagnostics, precision = astuple(fit_options)
+    rows, pair_by, duplicates, sample, seed = (pairing.rows, pairing.by, pairing.duplicates,
+                                               pairing.sample, pairing.seed)
+    overwrite, checkpoint, restart = job.overwrite, job.checkpoint, job.restart
     src_url, src_ids, src_model = store_parts(source, so)
     tgt_url, tgt_ids, tgt_model = store_parts(target, so)
-    src = open_embeddings(src_url, side="source", storage_options=so, check_chunks=check_chunks)
-    tgt = open_embeddings(tgt_url, side="target", storage_options=so, check_chunks=check_chunks)
+    src = open_embeddings(src_url, side="source", storage_options=so,
+                          check_chunks=job.check_chunks)
+    tgt = open_embeddings(tgt_url, side="target", storage_options=so,
+                          check_chunks=job.check_chunks)
     models = {"source_model": source_model or src_model, "target_model": target_model or tgt_model}
     if checkpoint is None and output is not None:
         checkpoint = default_checkpoint(output)
@@ -179,10 +197,10 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
                         "uses all of them and holds none out ('bigalign evaluate' of these "
                         "stores will have no held-out pairs); pass --sample below %d to "
                         "hold some out", int(sample), joined.matched, joined.matched)
-        if scheduler or workers:
+        if run.scheduler or run.workers:
             log.warning("a fit by id reads its gathered pairs from local scratch: it runs "
                         "in this process, not on the cluster")
-            run = Execution(None, None, None, threads, block_bytes, progress, run.device)
+            run = replace(run, scheduler=None, workers=None, memory_limit=None)
     start, stop = (0, pairs.matched) if pairs is not None else parse_rows(rows, src.rows)
     dim_a, dim_b = src.dim, tgt.dim
     opts = FitOptions(center, normalize, scale, reflection, diagnostics,
@@ -213,11 +231,12 @@ def fit(source, target, *, rows=None, center: bool = False, normalize: bool = Fa
                                                        Job(checkpoint, so).exists()):
             raise InputError(f"output {output!r} is an unfinished transform with no recorded "
                              "progress; pass --overwrite to replace it")
-    with gathered(pairs, src, tgt, scratch,
+    with gathered(pairs, src, tgt, pairing.scratch,
                   normalize=opts.precision if opts.normalize else None) as (src, tgt):
-        return _fit_job(src, tgt, start, stop, opts, gram, fingerprint, recorded, models,
-                        record, output, checkpoint, overwrite, restart, keep_checkpoint, run,
-                        fan_in, so, t0)
+        return _fit_job(_FitJob(src, tgt, start, stop, opts, gram, fingerprint, recorded,
+                                models, record, output, checkpoint, replace(job, checkpoint=
+                                                                            checkpoint),
+                                run, fan_in, so, t0))
 
 
 def _check_fit_memory(src, tgt, start, stop, opts, gram, run, fan_in) -> None:
@@ -255,11 +274,39 @@ def _transform_damage(output, so, loaded: list) -> Optional[str]:
     return None
 
 
-def _fit_job(src, tgt, start, stop, opts, gram, fingerprint, fingerprints, models, pairing,
-             output, checkpoint, overwrite, restart, keep_checkpoint, run, fan_in, so, t0):
-    """The checkpointed fit of rows [start, stop) of two row-aligned inputs. ``pairing``:
-    for a fit by id, what :func:`bigalign.execution.pairing.fit_record` says of its pairs (stored in
-    the transform's metadata as ``pairs``)."""
+@dataclass(frozen=True)
+class _FitJob:
+    """What the checkpointed fit of rows [start, stop) of two row-aligned inputs needs:
+    the inputs (:class:`EmbeddingArray`, or gathered pairs), the resolved ``opts``, whether
+    the Gram matrices are kept, the job's ``fingerprint``, the inputs as recorded in the
+    transform (``fingerprints``), the model stamps, the pairing record of a fit by id (its
+    ``metadata["pairs"]``), where it goes (``output``, ``checkpoint``), the job protocol,
+    where it runs, the merge trees' ``fan_in``, the storage options and the start time."""
+
+    src: Any
+    tgt: Any
+    start: int
+    stop: int
+    opts: FitOptions
+    gram: bool
+    fingerprint: dict
+    fingerprints: dict
+    models: dict
+    pairing: Optional[dict]
+    output: Optional[str]
+    checkpoint: Optional[str]
+    job: JobOptions
+    run: Execution
+    fan_in: Optional[int]
+    so: Optional[dict]
+    t0: float
+
+
+def _fit_job(r: _FitJob) -> Transform:
+    """The checkpointed fit described by ``r`` (:class:`_FitJob`)."""
+    src, tgt, start, stop, opts, gram = r.src, r.tgt, r.start, r.stop, r.opts, r.gram
+    fingerprint, output, checkpoint, run, fan_in, so = (r.fingerprint, r.output, r.checkpoint,
+                                                         r.run, r.fan_in, r.so)
     dim_a, dim_b = src.dim, tgt.dim
     plan = make_fit_plan(start, stop, (src.row_step, tgt.row_step), (dim_a, dim_b),
                          (src.dtype.itemsize, tgt.dtype.itemsize), gram, run.block_bytes,
@@ -270,7 +317,8 @@ def _fit_job(src, tgt, start, stop, opts, gram, fingerprint, fingerprints, model
                     "multiple: target chunks on task boundaries are read twice",
                     src.row_step, tgt.row_step)
     with checkpointed(checkpoint, "fit", fingerprint, asdict(plan), storage_options=so,
-                      restart=restart, replace=overwrite, keep=keep_checkpoint,
+                      restart=r.job.restart, replace=r.job.overwrite,
+                      keep=r.job.keep_checkpoint,
                       lease_url=None if output is None else lease_home(output),
                       output=None if output is None else canonical_url(output, so)) \
             as (job, manifest):
@@ -294,12 +342,12 @@ def _fit_job(src, tgt, start, stop, opts, gram, fingerprint, fingerprints, model
         if moments.n != stop - start:  # verify before anything is marked finished
             raise CheckpointError(f"the merged statistics hold {moments.n} pairs for "
                                   f"{stop - start} rows; rerun with --restart")
-        seconds = time.perf_counter() - t0
-        transform = _solve(moments, (dim_a, dim_b), fingerprints, start, stop, opts, gram)
-        solve_seconds = time.perf_counter() - t0 - seconds
-        transform.metadata.update({k: v for k, v in models.items() if v})
-        if pairing is not None:
-            transform.metadata["pairs"] = pairing
+        seconds = time.perf_counter() - r.t0
+        transform = _solve(moments, (dim_a, dim_b), r.fingerprints, start, stop, opts, gram)
+        solve_seconds = time.perf_counter() - r.t0 - seconds
+        transform.metadata.update({k: v for k, v in r.models.items() if v})
+        if r.pairing is not None:
+            transform.metadata["pairs"] = r.pairing
         computed = sum(b - a for u, (a, b) in plan.unit_rows().items() if u not in done)
         transform.metadata["run"] = {  # the rate counts rows read by this run only
             "seconds": seconds, "rows": computed,
@@ -416,19 +464,24 @@ def output_damage(path, storage_options: Optional[dict] = None) -> Optional[str]
     return None
 
 
-def apply(transform: Union[Transform, str], source, output: str, *, dtype: str = "float32",
-          renormalize: bool = False, target_centred: bool = False, overwrite: bool = False,
-          compression: str = "none",
-          chunk_rows: Optional[int] = None, checkpoint: Union[str, bool, None] = None,
-          restart: bool = False, scheduler: Optional[str] = None,
-          workers: Optional[int] = None, memory_limit: Optional[str] = None,
-          threads: Optional[int] = None, block_bytes: int = DEFAULT_BLOCK_BYTES,
-          progress: bool = False, storage_options: Optional[dict] = None,
-          check_chunks: bool = True, bad_rows: str = "fail", rows=None,
-          allow_model_mismatch: bool = False, device: str = "cpu") -> RunReport:
+#: apply()'s flat keywords (the command line's flags), by the options object each sets
+APPLY_KEYWORDS = {"options": keywords_of(ApplyOptions),
+                  "job": keywords_of(JobOptions),
+                  "execution": keywords_of(Execution)}
+
+
+def apply(transform: Union[Transform, str], source, output: str,
+          options: Optional[ApplyOptions] = None, *, job: Optional[JobOptions] = None,
+          execution: Optional[Execution] = None, storage_options: Optional[dict] = None,
+          rows=None, allow_model_mismatch: bool = False, **keywords) -> RunReport:
     """Map every row of ``source`` (N, dA) with ``transform`` into ``output`` (N, dB):
-    ``y = (x - source_mean) * scale @ rotation + target_mean``. Each keyword mirrors the
-    ``bigalign apply`` flag of the same name, as :func:`fit`'s do, and errors name the flags.
+    ``y = (x - source_mean) * scale @ rotation + target_mean``.
+
+    As for :func:`fit`, what to write, the job protocol and where it runs are options
+    objects: ``options`` (:class:`ApplyOptions`: dtype, renormalize, target_centred,
+    compression, chunk_rows, bad_rows), ``job`` (:class:`JobOptions`) and ``execution``
+    (:class:`Execution`), or their fields as flat keywords, each mirroring the ``bigalign
+    apply`` flag of the same name; errors name the flags.
 
     What ``output`` is depends on the source:
 
@@ -479,14 +532,17 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
     """
     t0 = time.perf_counter()
     so = storage_options
-    run = Execution(scheduler, workers, memory_limit, threads, block_bytes, progress,
-                    check_device(device))
+    given = requests("apply", {"options": options, "job": job, "execution": execution},
+                     keywords, APPLY_KEYWORDS)
+    opts, job = given["options"], given["job"]
+    run = replace(given["execution"], device=check_device(given["execution"].device))
     transform_url = None if isinstance(transform, Transform) else transform
     if transform_url is not None:
         transform = Transform.load(transform_url, storage_options=so)
     src_url, src_ids, src_model = store_parts(source, so)
     as_store = is_store(source, so)
-    src = open_embeddings(src_url, side="source", storage_options=so, check_chunks=check_chunks)
+    src = open_embeddings(src_url, side="source", storage_options=so,
+                          check_chunks=job.check_chunks)
     dim_a, dim_b = transform.dims
     if src.dim != dim_a:
         raise InputError(f"source {src.url!r} has dimension {src.dim} but the transform maps "
@@ -499,13 +555,9 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
                          "really intended.")
     first, last = parse_rows(rows, src.rows)
     out_chunk, out_shard = output_layout(src.read_step, src.shard_rows, dim_b,
-                                         np.dtype(dtype).itemsize if dtype in
-                                         ("float16", "float32", "float64") else 4, chunk_rows)
-    opts = ApplyOptions(dtype, renormalize, target_centred, compression, out_chunk,
-                        bad_rows).validate()
-    if checkpoint is not False and checkpoint is None:
-        checkpoint = default_checkpoint(output)
-    ckpt = checkpoint or None
+                                         np.dtype(opts.dtype).itemsize, opts.chunk_rows)
+    opts = replace(opts, chunk_rows=out_chunk)
+    ckpt = default_checkpoint(output) if job.checkpoint is None else (job.checkpoint or None)
     check_disjoint({"source": source, "transform": transform_url},
                    {"output": output, "checkpoint": ckpt}, so)
     target_model = transform.metadata.get("target_model")
@@ -516,17 +568,8 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
     if as_store:  # absent for bare outputs: their fingerprints stay as they were
         fingerprint["output"] = {"kind": STORE_KIND, "model": target_model,
                                  "ids": _ids_fingerprint(src_ids, ids_kind)}
-    node = check_replaceable(output, "output", so, kinds=APPLY_KINDS)
-    if node.kind in APPLY_KINDS and node.complete:
-        if finished_or_refuse(node, fingerprint, output, overwrite, restart, ckpt, so,
-                              damage=lambda: chunks_damage(output, so)):
-            log.warning("%s is already complete with the same inputs and options: nothing "
-                        "to do", output)
-            return RunReport(0, time.perf_counter() - t0, 0, 0, 0, last - first, True)
-    elif node.kind in APPLY_KINDS and not (overwrite or restart or
-                                           (ckpt and Job(ckpt, so).exists())):
-        raise InputError(f"output {output!r} exists, is incomplete and has no recorded "
-                         "progress; pass --overwrite to write it again")
+    if _finished(output, fingerprint, job, ckpt, so):
+        return RunReport(0, time.perf_counter() - t0, 0, 0, 0, last - first, True)
     row_bytes = src.row_bytes + dim_b * np.dtype(opts.dtype).itemsize
     plan = make_apply_plan(last - first, opts.chunk_rows, src.row_step, row_bytes,
                            run.block_bytes, offset=first, shard_rows=out_shard,
@@ -537,6 +580,65 @@ def apply(transform: Union[Transform, str], source, output: str, *, dtype: str =
                f"source chunks ({src.row_step} rows) and output chunks ({opts.chunk_rows} "
                "rows) share no small common multiple")
         log.warning("%s: some source chunks are read twice", why)
+    return _apply_job(_ApplyJob(transform, src, src_ids, source, output, opts, plan,
+                                out_shard, as_store, ids_kind, target_model, fingerprint, ckpt,
+                                job, run, so, t0))
+
+
+def _finished(output, fingerprint: dict, job: JobOptions, ckpt, so) -> bool:
+    """Whether an apply output at ``output`` is this very job, finished and intact (the run
+    is then a no-op); refuses another job's finished output (unless --overwrite) and an
+    unfinished one with no recorded progress (:func:`finished_or_refuse`)."""
+    node = check_replaceable(output, "output", so, kinds=APPLY_KINDS)
+    if node.kind in APPLY_KINDS and node.complete:
+        if finished_or_refuse(node, fingerprint, output, job.overwrite, job.restart, ckpt, so,
+                              damage=lambda: chunks_damage(output, so)):
+            log.warning("%s is already complete with the same inputs and options: nothing "
+                        "to do", output)
+            return True
+    elif node.kind in APPLY_KINDS and not (job.overwrite or job.restart or
+                                           (ckpt and Job(ckpt, so).exists())):
+        raise InputError(f"output {output!r} exists, is incomplete and has no recorded "
+                         "progress; pass --overwrite to write it again")
+    return False
+
+
+@dataclass(frozen=True)
+class _ApplyJob:
+    """What the region job of an apply needs: the transform, the source (its ids, and as
+    given), the output, the resolved options and plan, the output's shard rows, whether it
+    is a store (with ids of ``ids_kind``, stamped with ``target_model``), the job's
+    fingerprint and checkpoint, the job protocol, where it runs, storage options, start."""
+
+    transform: Transform
+    src: Any
+    src_ids: Any
+    source: Any
+    output: str
+    opts: ApplyOptions
+    plan: ApplyPlan
+    out_shard: Optional[int]
+    as_store: bool
+    ids_kind: Optional[str]
+    target_model: Optional[str]
+    fingerprint: dict
+    ckpt: Optional[str]
+    job: JobOptions
+    run: Execution
+    so: Optional[dict]
+    t0: float
+
+
+def _apply_job(r: _ApplyJob) -> RunReport:
+    """The output-owned region job of an apply (:mod:`bigalign.storage.output_job`)."""
+    transform, src, src_ids, source, output = r.transform, r.src, r.src_ids, r.source, r.output
+    opts, plan, run, so, t0 = r.opts, r.plan, r.run, r.so, r.t0
+    fingerprint, ckpt, as_store, ids_kind = r.fingerprint, r.ckpt, r.as_store, r.ids_kind
+    out_shard, target_model = r.out_shard, r.target_model
+    dim_a, dim_b = transform.dims
+    first, last = fingerprint["rows"]
+    renormalize, bad_rows, target_centred = opts.renormalize, opts.bad_rows, opts.target_centred
+    overwrite, restart = r.job.overwrite, r.job.restart
     layout = _OutputLayout(plan.rows, dim_b, opts, out_shard, as_store, ids_kind)
     target = _ApplyTarget(output, layout, target_model, so, {
         "transform": fingerprint["transform"], "source": str(source) if as_store else src.url,

@@ -288,7 +288,7 @@ def load_config(path_or_text: Union[str, os.PathLike, dict], *, base: Optional[s
         from ..planning.options import ApplyOptions
         from ..storage.stores import COMPRESSIONS
         try:
-            ApplyOptions(**{k: v for k, v in a.items() if k != "compression"}).validate()
+            ApplyOptions(**{k: v for k, v in a.items() if k != "compression"})
         except InputError as e:
             raise InputError(f"[apply]: {e}") from None
         if a.get("compression", "none") not in COMPRESSIONS:

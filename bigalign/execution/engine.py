@@ -254,7 +254,7 @@ def fit_graph(source: EmbeddingArray, target: EmbeddingArray, plan: FitPlan, *,
     loaded from ``job`` instead of computed. ``device="cuda"``: leaves run on the GPU and
     partials stay there through the merge trees; the key holds numpy Moments all the same.
     Keys are named after the plan and ``run_id`` (:func:`bigalign.execution.graph.token`).
-    Returns (graph, key, number of leaf tasks).
+    Returns (graph, key, number of block tasks: units loaded from ``job`` not counted).
     """
     blocks, units, unit_rows = plan.blocks(), plan.units(), plan.unit_rows()
     step, rows_per_read, fan_in = plan.reads_step(), plan.rows_per_read, fan_in or plan.fan_in
@@ -278,7 +278,9 @@ def fit_graph(source: EmbeddingArray, target: EmbeddingArray, plan: FitPlan, *,
                                   dtype, fan_in, device),
                      {"source": source, "target": target}, tuple(groups), merge_task,
                      fan_in, finish=None if device == "cpu" else gpu.to_host_task)
-    return build(spec)
+    graph, key, _ = build(spec)
+    return graph, key, sum(len(g.leaves) for g in groups if g.root is not None or
+                           g.leaves[0].label == "block")
 
 
 def apply_graph(source: EmbeddingArray, output, params: tuple, blocks: list[Block], *,

@@ -8,19 +8,25 @@ a killed job may be resumed on another cluster.
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
 from ..errors import InputError
 from .plan import DEFAULT_BLOCK_BYTES
 
-__all__ = ["FitOptions", "ApplyOptions", "Execution", "OUTPUT_DTYPES", "BAD_ROWS",
+__all__ = ["FitOptions", "ApplyOptions", "Execution", "Pairing", "JobOptions", "requests",
+           "keywords_of",
+           "OUTPUT_DTYPES", "BAD_ROWS",
            "positive_count", "memory_limit_bytes", "machine_memory", "format_bytes"]
 
 OUTPUT_DTYPES = ("float16", "float32", "float64")
+#: Output compression choices. Embeddings compress ~1.05-1.1x; Zarr 3's default zstd halves
+#: read/write speed (measured), so outputs are uncompressed unless asked.
+COMPRESSIONS = ("none", "lz4", "zstd")
 BAD_ROWS = ("fail", "nan", "zero")
 
 
@@ -102,6 +108,11 @@ class FitOptions:
     diagnostics: bool = True
     precision: str = "auto"
 
+    def __post_init__(self):
+        if self.precision not in ("auto", "float32", "float64"):
+            raise InputError(f"--precision must be 'auto', 'float32' or 'float64', got "
+                             f"{self.precision!r}")
+
     def resolve(self, *input_dtypes) -> "FitOptions":
         """``precision`` "auto" made concrete: float64 when an input is float64."""
         p = self.precision
@@ -117,6 +128,86 @@ class FitOptions:
         return asdict(self)
 
 
+PAIR_BY = ("auto", "rows", "ids")
+DUPLICATES = ("error", "first", "last")
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """Which rows of the two inputs of a fit are pairs: ``by`` "rows" (row i with row i,
+    optionally only ``rows``, "START:STOP" or (start, stop)), "ids" (equal ids, an inner
+    join: ``duplicates`` "error" / "first" / "last"; ``sample`` a reproducible random
+    subset of that many pairs with ``seed``; the gathered pairs go to ``scratch``) or
+    "auto" (ids when both inputs have them). Part of the fit's fingerprint (but
+    ``scratch``); see :func:`bigalign.fit`."""
+
+    by: str = "auto"
+    rows: Any = None
+    duplicates: str = "error"
+    sample: Optional[int] = None
+    seed: int = 0
+    scratch: Optional[str] = None
+
+    def __post_init__(self):
+        if self.by not in PAIR_BY:
+            raise InputError(f"--pair-by must be one of {', '.join(PAIR_BY)}, got {self.by!r}")
+        if self.duplicates not in DUPLICATES:
+            raise InputError(f"--duplicates must be one of {', '.join(DUPLICATES)}, got "
+                             f"{self.duplicates!r}")
+        if self.sample is not None:
+            positive_count(self.sample, "--sample")
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """The job protocol of a streaming command (never part of a fingerprint):
+    ``overwrite`` (replace an output of other inputs or options that bigalign wrote),
+    ``checkpoint`` (where progress goes: None next to the output, False nowhere),
+    ``restart`` (discard recorded progress), ``keep_checkpoint`` (keep a fit's units after
+    success) and ``check_chunks`` (False: ``--allow-missing-chunks``)."""
+
+    overwrite: bool = False
+    checkpoint: Any = None
+    restart: bool = False
+    keep_checkpoint: bool = False
+    check_chunks: bool = True
+
+
+def keywords_of(cls, **renamed) -> tuple:
+    """``(cls, {keyword: field})``: every field of the options class ``cls`` is a keyword
+    of the same name, but those ``renamed`` (keyword=field)."""
+    names = {f.name: f.name for f in dataclasses.fields(cls)}
+    for keyword, field in renamed.items():
+        names.pop(field, None)
+        names[keyword] = field
+    return cls, names
+
+
+def requests(command: str, given: dict, keywords: dict, kinds: dict) -> dict:
+    """The options objects a Python API function (``command``) runs with, the one place
+    where flat keywords become them: for each name of ``kinds`` (name -> :func:`keywords_of`),
+    the object ``given[name]`` when one is given, else one built from those of the flat
+    ``keywords`` that belong to it, validated by its constructor (InputError naming the
+    flag). TypeError for an object given both ways, an object of the wrong class, or a
+    keyword that belongs to none."""
+    keywords = dict(keywords)
+    out = {}
+    for name, (cls, names) in kinds.items():
+        taken = {k: keywords.pop(k) for k in list(keywords) if k in names}
+        obj = given.get(name)
+        if obj is not None and taken:
+            raise TypeError(f"{command}() got {name}= and its keywords "
+                            f"({', '.join(sorted(taken))}): give one or the other")
+        if obj is not None and not isinstance(obj, cls):
+            raise TypeError(f"{command}(): {name}= must be a {cls.__name__}, got "
+                            f"{type(obj).__name__}")
+        out[name] = obj if obj is not None else cls(**{names[k]: v for k, v in taken.items()})
+    if keywords:
+        raise TypeError(f"{command}() got unexpected keyword arguments: "
+                        f"{', '.join(sorted(keywords))}")
+    return out
+
+
 @dataclass(frozen=True)
 class ApplyOptions:
     """dtype, renormalize, target_centred, compression, chunk_rows, bad_rows: see
@@ -129,16 +220,18 @@ class ApplyOptions:
     chunk_rows: Optional[int] = None
     bad_rows: str = "fail"
 
-    def validate(self) -> "ApplyOptions":
+    def __post_init__(self):
         if self.dtype not in OUTPUT_DTYPES:
             raise InputError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, got "
                              f"{self.dtype!r}")
         if self.bad_rows not in BAD_ROWS:
             raise InputError(f"--bad-rows must be one of {', '.join(BAD_ROWS)}, got "
                              f"{self.bad_rows!r}")
-        if self.chunk_rows is not None and int(self.chunk_rows) <= 0:
-            raise InputError(f"chunk_rows must be positive, got {self.chunk_rows}")
-        return self
+        if self.chunk_rows is not None:
+            positive_count(self.chunk_rows, "--chunk-rows")
+        if self.compression not in COMPRESSIONS:
+            raise InputError(f"--compression must be one of {', '.join(COMPRESSIONS)}, got "
+                             f"{self.compression!r}")
 
     def as_dict(self) -> dict:
         return asdict(self)
