@@ -111,19 +111,22 @@ class Transform:
         return np.zeros_like(self.target_mean) if target_centred else self.target_mean
 
     def inverse(self, *, allow_lossy: bool = False) -> "Transform":
-        """The map back from target to source space (see :func:`bigalign.commands.transforms.invert`):
+        """The map back from target to source space (see :func:`bigalign.algebra.invert`):
         exact when dA == dB; for dA < dB a left inverse (exact on this map's image, a
         projection onto it elsewhere); for dA > dB or normalize=True refused as lossy unless
         ``allow_lossy``. Model stamps are swapped."""
-        from .commands.transforms import invert
+        from .algebra import invert
 
         return invert(self, allow_lossy=allow_lossy)
 
     def then(self, other: "Transform", *, allow_model_mismatch: bool = False) -> "Transform":
-        """This map followed by ``other``, as one Transform (see
-        :func:`bigalign.commands.transforms.compose`): ``self.then(other)(x) == other(self(x))``."""
-        from .commands.transforms import compose
+        """This map followed by ``other`` (a Transform, or a path to one), as one Transform
+        (see :func:`bigalign.algebra.compose`): ``self.then(other)(x) == other(self(x))``."""
+        from .algebra import compose
 
+        if not isinstance(other, Transform):
+            other = Transform.load(os.fspath(other) if isinstance(other, os.PathLike)
+                                   else str(other))
         return compose(self, other, allow_model_mismatch=allow_model_mismatch)
 
     # ---- storage ------------------------------------------------------------------
