@@ -183,7 +183,7 @@ class Transform:
 
         registry = None
         if isinstance(path, (str, os.PathLike)):  # a registry stands for its current version
-            from .storage.registry import resolve_transform
+            from .storage.registry_read import resolve_transform
             path, registry = resolve_transform(os.fspath(path), storage_options)
         so = options_for(path, storage_options)  # a bad storage option: named, not wrapped
         try:
