@@ -22,8 +22,8 @@ with plain numpy (or any language), no bigalign installed:
 Why functions in a module rather than methods of Transform: these are operations *between*
 artifacts, with policy (model stamps, lossy flags, provenance, output safety) that the
 artifact itself should not carry. The in-memory part (checks, maths, what the result records)
-is :mod:`bigalign.algebra`, which ``Transform.inverse()`` and ``Transform.then()`` use too;
-this module adds reading inputs and writing outputs.
+sits beside the artefact in :mod:`bigalign.transform`, which ``Transform.inverse()`` and
+``Transform.then()`` use; this module adds reading inputs and writing outputs.
 
 Model stamps: ``metadata["source_model"]`` / ``metadata["target_model"]``, when present,
 are carried: compose(A->B, B->C) is A->C (refused when T1's target model differs from T2's
@@ -47,10 +47,9 @@ from ..errors import DamagedOutputError, InputError
 from ..storage.checkpoint import refuse_damaged
 from ..storage.locations import check_disjoint
 from ..storage.outputs import TRANSFORM_KINDS, check_replaceable
-from ..algebra import (check_composable, check_finite as _check_finite, check_invertible,
-                       composed, inverse_kind, inverted, models,
-                       provenance as _provenance, show as _show, stamp as _stamp)
-from ..transform import Transform
+from ..transform import (Transform, check_composable, check_finite as _check_finite,
+                         check_invertible, composed, inverse_kind, inverted, models,
+                         provenance as _provenance, show as _show, stamp as _stamp)
 
 __all__ = ["compose", "invert", "export", "export_metadata", "inverse_kind", "digest",
            "ExportResult", "EXPORT_FORMAT", "FORMATS", "NUMPY_SNIPPET", "JSON_SNIPPET",

@@ -2,7 +2,7 @@
 
 The maths of :meth:`bigalign.Transform.then` and :meth:`bigalign.Transform.inverse` (and of
 ``bigalign compose|invert``): arrays in, arrays out; what a derived transform records and
-refuses lives in :mod:`bigalign.algebra`.
+refuses lives in :mod:`bigalign.transform`.
 """
 
 from __future__ import annotations
