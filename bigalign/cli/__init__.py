@@ -1,5 +1,6 @@
 """The command line: one module per command group; parses, calls bigalign.commands,
-prints. ``app`` holds the parser, the shared options and fit/apply/info/status.
+prints. ``app`` holds the parser and fit/apply/info/status; ``common`` what the command
+modules share (argument types, option groups, printing).
 
 :func:`main` (the ``bigalign`` console script) installs its SIGTERM handler before it imports
 anything heavy (numpy, Dask, Zarr take ~0.5 s to load): a SIGTERM at any moment of a run,
@@ -42,8 +43,12 @@ def main(argv=None) -> int:
 
 
 def __getattr__(name):
-    if name in ("build_parser", "storage_options", "add_storage_option"):
-        from . import app
+    if name == "build_parser":
+        from .app import build_parser
 
-        return getattr(app, name)
+        return build_parser
+    if name in ("storage_options", "add_storage_option"):
+        from . import common
+
+        return getattr(common, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,9 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 
-from .app import add_storage_option, nonnegative_int, storage_options
+from .common import _bound_lines, add_storage_option, nonnegative_int, storage_options
 from ..jsonsafe import json_safe as _plain
 from ..commands.curve import learning_curve
 from ..errors import InputError
@@ -352,39 +351,6 @@ def pairing_line(pairing: dict) -> str:
              if dropped else ""))
 
 
-def _bound_lines(d: dict, tr: dict) -> str:
-    """The paper's numbers, each printed with its round-off (:func:`bigalign.maths.metrics.figure`):
-    a figure the arithmetic cannot resolve prints as "<= x", never as a wrong number."""
-    n = d.get("n") or tr.get("n")
-    fig = lambda key: figure(d.get(key), d.get(f"{key}_interval"))  # noqa: E731
-    centred = "centred" if d.get("center") else "uncentred"
-    lines = ["paper bound (arXiv 2510.13406) on the training pairs"
-             + (f" (n = {n:,}, {centred})" if n else "") + ":",
-             f"  dot-product discrepancy eps = ||AA'-BB'||_F {fig('epsilon')}; "
-             f"per pair delta = eps/n {fig('delta')}"]
-    if "achieved_residual" in d:
-        check = d.get("bound_check") or ("holds" if d.get("bound_holds", True) else "violated")
-        if "bound_check" in d:
-            tight = d.get("tightness")
-        else:  # recorded by a fit, without intervals
-            tight = d["achieved_residual"] / d["bound_residual"] if d["bound_residual"] else None
-        lines.append(f"  ||AQ-B||_F: achieved {fig('achieved_residual')}; bound (2D)^(1/4) "
-                     f"sqrt(eps) {fig('bound_residual')} "
-                     f"({'VIOLATED' if check == 'violated' else check}"
-                     + (f"; achieved/bound = {tight:.2f}" if tight is not None else "") + ")")
-        if "achieved_mean_sq_distance" in d:
-            lines.append(f"  per pair: mean squared distance {fig('achieved_mean_sq_distance')}"
-                         f"; bound sqrt(2D) delta {fig('bound_mean_sq_distance')}")
-    if "epsilon_interval" not in d:
-        lines.append("  (as recorded by the fit, without a bound on their round-off: on nearly "
-                     "isometric pairs these figures may be off; docs/evaluation.md)")
-    elif not all((d.get("resolved") or {}).values()):
-        lines.append(f"  '<= x': below the round-off of these {d.get('precision', '')} "
-                     "statistics (a difference of nearly equal sums); fit with --precision "
-                     "float64 to resolve it")
-    return "\n".join(lines)
-
-
 def format_retrieval(result: dict) -> str:
     ks, nk = result["ks"], result["ndcg_k"]
     variants = ("raw", "centred")
@@ -460,13 +426,3 @@ def _g(d: dict, key: str):
     if d.get(key) is None:
         return None
     return figure(d[key], d.get(f"{key}_interval")).removeprefix("= ").replace(" ", "")
-
-
-def main(argv=None) -> int:  # pragma: no cover - convenience for `python -m`
-    from .app import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from .app import _common, _print_json, _run_args, _run_details, positive_int
+from .common import _common, _print_json, _run_args, _run_details, positive_int
 
 DESCRIPTION = """\
 Import vectors into an embedding store: a Zarr group holding 'embeddings' (N x d, chunked by

@@ -15,7 +15,8 @@ import json
 
 import numpy as np
 
-from .app import add_storage_option, json_safe, positive_float, storage_options
+from .common import add_storage_option, positive_float, storage_options
+from ..jsonsafe import json_safe
 from ..errors import InputError
 from ..planning.plan import (DEFAULT_BLOCK_BYTES, estimate_apply, estimate_export,
                              estimate_fit, export_row_bytes, make_apply_plan, make_export_plan,

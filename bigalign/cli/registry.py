@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import sys
 
-from .app import (add_stall_timeout, add_storage_option, positive_float, positive_int,
-                  storage_options)
+from .common import (_describe_transform, add_stall_timeout, add_storage_option,
+                     positive_float, positive_int, storage_options)
 from ..jsonsafe import json_safe
 from ..errors import GateFailedError
 
@@ -248,8 +248,6 @@ def _list(reg, args) -> int:
 def _show(reg, args) -> int:
     """Exit 3 when the version is damaged: its record edited, another transform in its
     place, its arrays changed, or its mapped corpus written by another transform."""
-    from .app import _describe_transform
-
     version = args.version or reg.require_current()
     record = reg.record(version)
     check = reg.verify(version, deep=True)

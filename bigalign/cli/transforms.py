@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from .app import (_common, _print_json, _run_args, _run_details, add_storage_option,
-                  storage_options)
+from .common import (_common, _print_json, _run_args, _run_details, add_storage_option,
+                     storage_options)
 from ..errors import InputError
 from ..commands.parquet_export import BAD_ROWS, COMPRESSIONS
 from ..commands.transforms import SNIPPETS, compose, export, invert

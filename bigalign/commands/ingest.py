@@ -69,7 +69,7 @@ log = logging.getLogger("bigalign")
 
 __all__ = ["import_vectors", "ImportPlan", "Slice", "Region", "SourceFile", "make_import_plan",
            "choose_chunk_rows", "expand_inputs", "probe", "probe_all", "read_slice",
-           "iter_rows", "parquet_footer", "parquet_row_groups", "unit_task", "import_graph",
+           "iter_rows", "parquet_footer", "parquet_row_groups", "import_unit_task", "import_graph",
            "FORMATS"]
 
 #: File extensions and the format they mean.
@@ -962,8 +962,8 @@ def _spans(regions: list) -> list[tuple[int, int, int]]:
     return [tuple(sp) for sp in spans]
 
 
-def unit_task(files: tuple, regions: tuple, embeddings, ids, job, *, row_ids: bool,
-              url: str, storage_options: Optional[dict] = None) -> int:
+def import_unit_task(files: tuple, regions: tuple, embeddings, ids, job, *, row_ids: bool,
+                     url: str, storage_options: Optional[dict] = None) -> int:
     """Import ``regions`` (the regions of one unit not yet done, in order): stream the file
     spans of each run of consecutive regions once, writing each region as soon as it is
     full. Returns the rows written."""
@@ -1004,7 +1004,7 @@ def _count(*rows: int) -> int:
 def import_graph(files: tuple, plan: ImportPlan, embeddings, ids, *, done=frozenset(),
                  job=None, row_ids: bool = False, url: str = "",
                  storage_options: Optional[dict] = None, run_id: str = ""):
-    """Dask graph (:func:`bigalign.execution.graph.build`): one :func:`unit_task` per unit
+    """Dask graph (:func:`bigalign.execution.graph.build`): one :func:`import_unit_task` per unit
     of the plan with regions not in ``done``, summed by a fixed tree of fan-in
     COUNT_FAN_IN; the key holds the rows written. Returns (graph, key, tasks)."""
     from functools import partial
@@ -1012,7 +1012,7 @@ def import_graph(files: tuple, plan: ImportPlan, embeddings, ids, *, done=frozen
     from ..execution.graph import GraphSpec, Group, Leaf, Shared, build, token
     from ..planning.plan import COUNT_FAN_IN
 
-    task = partial(unit_task, row_ids=row_ids, url=url, storage_options=storage_options)
+    task = partial(import_unit_task, row_ids=row_ids, url=url, storage_options=storage_options)
     regions = plan.region_list()
     groups = []
     for u, unit in enumerate(plan.units()):

@@ -21,8 +21,9 @@ with plain numpy (or any language), no bigalign installed:
 
 Why functions in a module rather than methods of Transform: these are operations *between*
 artifacts, with policy (model stamps, lossy flags, provenance, output safety) that the
-artifact itself should not carry; ``Transform.inverse()`` and ``Transform.then()`` delegate
-here for convenience.
+artifact itself should not carry. The in-memory part (checks, maths, what the result records)
+sits beside the artefact in :mod:`bigalign.transform`, which ``Transform.inverse()`` and
+``Transform.then()`` use; this module adds reading inputs and writing outputs.
 
 Model stamps: ``metadata["source_model"]`` / ``metadata["target_model"]``, when present,
 are carried: compose(A->B, B->C) is A->C (refused when T1's target model differs from T2's
@@ -38,7 +39,6 @@ import struct
 import tempfile
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Callable, Optional, Union
 
 import numpy as np
@@ -47,9 +47,9 @@ from ..errors import DamagedOutputError, InputError
 from ..storage.checkpoint import refuse_damaged
 from ..storage.locations import check_disjoint
 from ..storage.outputs import TRANSFORM_KINDS, check_replaceable
-from ..execution.pairing import fitted_pairing
-from ..maths.stats import Moments
-from ..transform import Transform
+from ..transform import (Transform, check_composable, check_finite as _check_finite,
+                         check_invertible, composed, inverse_kind, inverted, models,
+                         provenance as _provenance, show as _show, stamp as _stamp)
 
 __all__ = ["compose", "invert", "export", "export_metadata", "inverse_kind", "digest",
            "ExportResult", "EXPORT_FORMAT", "FORMATS", "NUMPY_SNIPPET", "JSON_SNIPPET",
@@ -64,8 +64,6 @@ _ALIASES = {"npy": "npz"}
 #: Output suffixes that name a format: the formats' own, and ".npy" for the npz archive (the
 #: alias npy; ``np.load`` reads the archive whatever its name).
 _SUFFIXES = {**{ext: name for name, ext in FORMATS.items()}, ".npy": "npz"}
-#: max |Q Q^T - I| (or |Q^T Q - I|) below which a rotation counts as orthonormal
-ORTHONORMAL_TOL = 1e-6
 #: JSON exports above this many (estimated) bytes get a warning
 JSON_WARN_BYTES = 64 * 2**20
 
@@ -115,63 +113,11 @@ def digest(t: Transform) -> str:
     return t.digest()
 
 
-def models(t: Transform) -> tuple:
-    """The model stamps (source_model, target_model); None where not recorded."""
-    m = t.metadata or {}
-    return m.get("source_model"), m.get("target_model")
-
-
-def orthonormality_error(rotation: np.ndarray) -> float:
-    """max |Q Q^T - I| when dA <= dB (orthonormal rows), else max |Q^T Q - I| (columns)."""
-    q = np.asarray(rotation, dtype=np.float64)
-    g = q @ q.T if q.shape[0] <= q.shape[1] else q.T @ q
-    g[np.diag_indices_from(g)] -= 1.0
-    return float(np.abs(g).max()) if g.size else 0.0
-
-
 def _load(t: TransformLike, storage_options) -> tuple[Transform, Optional[str]]:
     if isinstance(t, Transform):
         return t, None
     path = os.fspath(t) if isinstance(t, os.PathLike) else str(t)
     return Transform.load(path, storage_options=storage_options), path
-
-
-def _check_finite(t: Transform, what: str) -> None:
-    for name in ("rotation", "source_mean", "target_mean"):
-        if not np.isfinite(np.asarray(getattr(t, name), dtype=np.float64)).all():
-            raise InputError(f"{what}: its {name} holds NaN or Inf")
-    if not (np.isfinite(t.scale) and t.scale != 0):
-        raise InputError(f"{what}: its scale is {t.scale!r}")
-    d_a, d_b = t.dims
-    if t.source_mean.shape != (d_a,) or t.target_mean.shape != (d_b,):
-        raise InputError(f"{what}: means of shapes {t.source_mean.shape} and "
-                         f"{t.target_mean.shape} do not fit a {d_a} x {d_b} rotation")
-
-
-def _provenance(t: Transform, path: Optional[str]) -> dict:
-    """What a derived transform records about one of its inputs."""
-    m = t.metadata or {}
-    source_model, target_model = models(t)
-    out = {"path": path, "digest": digest(t), "dims": list(t.dims),
-           "kind": m.get("kind", "fit"), "source_model": source_model,
-           "target_model": target_model, "normalize": t.normalize, "scale": t.scale,
-           "n_pairs": m.get("n_pairs"), "rows": t.options.get("rows"),
-           "relative_residual": m.get("relative_residual"),
-           "derived_from": m.get("composed_of") or m.get("inverse_of")}
-    return {k: v for k, v in out.items() if v is not None}
-
-
-def _stamp(meta: dict, operation: str, fingerprint: dict) -> dict:
-    from .. import __version__
-
-    meta["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    meta["bigalign_version"] = __version__
-    meta["job"] = {"fingerprint": dict(fingerprint, operation=operation)}
-    return {k: v for k, v in meta.items() if v is not None}
-
-
-def _show(model) -> str:
-    return json.dumps(model) if not isinstance(model, str) else repr(model)
 
 
 # ---- compose --------------------------------------------------------------------------
@@ -201,109 +147,19 @@ def compose(first: TransformLike, second: TransformLike, *, output=None,
     t2, p2 = _load(second, so)
     if output is not None:
         check_disjoint({"first transform": p1, "second transform": p2}, {"output": output}, so)
-    _check_finite(t1, "first transform")
-    _check_finite(t2, "second transform")
-    (d_a, d_b), (d_b2, d_c) = t1.dims, t2.dims
-    if d_b != d_b2:
-        raise InputError(
-            f"cannot compose: the first transform maps {d_a} -> {d_b} dims but the second "
-            f"takes {d_b2}-dim input ({d_b2} -> {d_c}); the first's output must be the "
-            "second's input (did you swap them? compose FIRST SECOND applies FIRST first)")
-    if t2.normalize:
-        raise InputError(
-            "cannot compose exactly: the second transform was fitted with --normalize, so "
-            "it L2-normalises its input -- the first transform's output -- which is not an "
-            "affine step and cannot be folded into one transform. Apply the two in sequence, "
-            "or fit the second without --normalize")
-    (m_a, m_b1), (m_b2, m_c) = models(t1), models(t2)
-    mismatch = None
-    if m_b1 is not None and m_b2 is not None and m_b1 != m_b2:
-        if not allow_model_mismatch:
-            raise InputError(
-                f"cannot compose: the first transform maps into model {_show(m_b1)} but the "
-                f"second maps from model {_show(m_b2)}; pass --allow-model-mismatch "
-                "if they are the same space under two names")
-        mismatch = {"first_target_model": m_b1, "second_source_model": m_b2}
-        log.warning("composing across different model stamps (%s, %s): allowed by "
-                    "--allow-model-mismatch", _show(m_b1), _show(m_b2))
-    elif m_b1 is None or m_b2 is None:
-        log.info("the middle model is not recorded on both transforms: cannot check that "
-                 "the first's target model is the second's source model")
-
+    mismatch = check_composable(t1, t2, allow_model_mismatch=allow_model_mismatch)
     fingerprint = {"inputs": [digest(t1), digest(t2)]}
     if output is not None:
         done = _existing_transform(output, "compose", fingerprint, overwrite, so)
         if done is not None:
             return done
-    rotation = t1.rotation @ t2.rotation
-    scale = float(t1.scale * t2.scale)
-    target_mean = (t1.target_mean - t2.source_mean) * t2.scale @ t2.rotation + t2.target_mean
-    err = orthonormality_error(rotation)
-    orthonormal = err <= ORTHONORMAL_TOL
-    if not orthonormal:
-        log.warning("the composed map (%d -> %d -> %d dims) is not an isometry: Q1 Q2 is not "
-                    "orthonormal (max deviation %.2g); it is still exactly the second "
-                    "transform after the first", d_a, d_b, d_c, err)
-    o1, o2 = t1.options, t2.options
-    options = {"center": bool(o1.get("center") or o2.get("center")),
-               "normalize": t1.normalize,
-               "scale": bool(o1.get("scale") or o2.get("scale")), "composed": True}
-    meta = {"kind": "composed", "dims": [d_a, d_c], "source_model": m_a, "target_model": m_c,
-            "orthonormal": orthonormal, "orthonormality_error": err,
-            "composed_of": [_provenance(t1, p1), _provenance(t2, p2)],
-            "model_mismatch": mismatch,
-            "statistics": "not kept: the inputs' training statistics describe neither fit"}
-    result = Transform(rotation, t1.source_mean.astype(np.float64).copy(), target_mean, scale,
-                       options, _stamp(meta, "compose", fingerprint))
+    result = composed(t1, t2, mismatch, (p1, p2), fingerprint)
     if output is not None:
         _save(result, output, overwrite, so)
     return result
 
 
 # ---- invert ---------------------------------------------------------------------------
-
-def inverse_kind(t: Transform) -> dict:
-    """What the inverse of ``t`` is, without building it: {kind, lossy, why, meaning, rank,
-    orthonormal}. kind: "exact" (dA == dB, full rank, no normalisation), "left-inverse"
-    (rank dA < dB: exact on T's image), "inverse-up-to-norm" (full rank but T normalises its
-    input) or "pseudo-inverse" (rank < dA: T lost dims).
-    ``lossy`` lists why inverse(T(x)) != x (lost dims, a normalised input)."""
-    d_a, d_b = t.dims
-    err = orthonormality_error(t.rotation)
-    orthonormal = err <= ORTHONORMAL_TOL
-    rank = min(d_a, d_b) if orthonormal else int(np.linalg.matrix_rank(t.rotation))
-    lossy = []
-    if rank < d_a:
-        lossy.append(f"the transform keeps only {rank} of the source's {d_a} dims "
-                     f"({d_a} -> {d_b}), so inverse(T(x)) is x projected onto those {rank} "
-                     "directions (through the source mean), not x")
-    if t.normalize:
-        lossy.append("the transform L2-normalises its input (fitted with --normalize), so "
-                      "only the direction comes back: inverse(T(x)) = x / ||x||")
-    if rank == d_a and t.normalize:
-        kind = "inverse-up-to-norm"
-        meaning = ("inverse up to the norm: " + lossy[-1] +
-                   ("" if d_a == d_b else f"; a target vector is first projected onto the "
-                    f"{d_a}-dim subspace T maps onto"))
-    elif rank == d_a == d_b:
-        kind = "exact"
-        meaning = "exact inverse: inverse(T(x)) = x and T(inverse(y)) = y"
-    elif rank == d_a:
-        kind = "left-inverse"
-        meaning = (f"left inverse on the fitted subspace: inverse(T(x)) = x for every source "
-                   f"vector; a {d_b}-dim target vector y is first projected onto the "
-                   f"{d_a}-dim subspace T maps onto (its component outside it, which the "
-                   f"source model cannot express, is dropped): inverse(y) = "
-                   f"(y - target_mean) Q^T / s + source_mean")
-    else:
-        kind = "pseudo-inverse"
-        meaning = ("pseudo-inverse, not an inverse: " + "; ".join(lossy[:1]) +
-                   ("; T(inverse(y)) = y" if rank == d_b else ""))
-    if t.normalize and kind == "pseudo-inverse":
-        meaning += "; " + lossy[-1]
-    return {"kind": kind, "lossy": lossy, "meaning": meaning, "rank": rank,
-            "orthonormal": orthonormal}
-
 
 def invert(t: TransformLike, *, allow_lossy: bool = False, output=None,
            overwrite: bool = False, storage_options: Optional[dict] = None) -> Transform:
@@ -325,44 +181,13 @@ def invert(t: TransformLike, *, allow_lossy: bool = False, output=None,
     t, path = _load(t, so)
     if output is not None:
         check_disjoint({"transform": path}, {"output": output}, so)
-    _check_finite(t, "transform")
-    info = inverse_kind(t)
-    if info["lossy"] and not allow_lossy:
-        raise InputError("this transform has no inverse: " + "; and ".join(info["lossy"]) +
-                         ". Pass --allow-lossy to write the "
-                         f"{info['kind']} anyway")
+    info = check_invertible(t, allow_lossy=allow_lossy)
     fingerprint = {"input": digest(t)}
     if output is not None:
         done = _existing_transform(output, "invert", fingerprint, overwrite, so)
         if done is not None:
             return done
-    d_a, d_b = t.dims
-    rotation = t.rotation.T.copy() if info["orthonormal"] else np.linalg.pinv(t.rotation)
-    source_model, target_model = models(t)
-    m = t.metadata or {}
-    inputs = m.get("inputs")
-    if isinstance(inputs, dict) and set(inputs) <= {"source", "target"}:
-        inputs = {"source": inputs.get("target"), "target": inputs.get("source")}
-    meta = {"kind": "inverse", "dims": [d_b, d_a], "source_model": target_model,
-            "target_model": source_model, "inverse": info, "inverse_of": _provenance(t, path),
-            "n_pairs": m.get("n_pairs"), "rows": m.get("rows"), "inputs": inputs}
-    record = fitted_pairing(m)
-    if record is not None:  # the same pairs seen from the other side: evaluate rebuilds them
-        meta["pairs"] = dict(m["pairs"], by="ids", duplicates=record["duplicates"],
-                             sample=record["sample"], seed=record["seed"],
-                             swapped=not record["swapped"])
-    stats = t.statistics
-    swapped = None
-    if stats is not None and not t.normalize:
-        swapped = Moments(stats.n, stats.mean_b, stats.mean_a, stats.cross.T.copy(),
-                          stats.sq_b, stats.sq_a, stats.gram_b, stats.gram_a)
-        meta["statistics"] = "the forward fit's, sides swapped (the same pairs)"
-    options = dict(t.options, normalize=False, inverted=not t.options.get("inverted", False))
-    result = Transform(rotation, t.target_mean.astype(np.float64).copy(),
-                       t.source_mean.astype(np.float64).copy(), 1.0 / t.scale, options,
-                       _stamp(meta, "invert", fingerprint), t.singular_values, swapped)
-    if info["lossy"]:
-        log.warning("writing a %s, not an inverse: %s", info["kind"], "; ".join(info["lossy"]))
+    result = inverted(t, info, path, fingerprint)
     if output is not None:
         _save(result, output, overwrite, so)
     return result
