@@ -20,7 +20,7 @@ from .errors import (BigalignError, CheckpointError, ChunkReadError, DamagedOutp
 #: name -> submodule that defines it, imported on first access
 _LAZY = {"Transform": ".transform", "apply": ".commands.api", "fit": ".commands.api",
          "output_damage": ".commands.api", "output_status": ".commands.api",
-         "run_status": ".commands.api", "RunReport": ".commands.api",
+         "run_status": ".commands.api", "RunReport": ".commands.runs",
          "Procrustes": ".estimator", "FitOptions": ".planning.options",
          "ApplyOptions": ".planning.options", "Pairing": ".planning.options",
          "JobOptions": ".planning.options", "Execution": ".planning.options"}

@@ -17,14 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "bigalign"
 #: Circles known today, each through function-level imports only, and why they are left:
 #: frozenset of the modules in it -> the reason. A circle not listed fails; a listed one
 #: that is gone fails too (remove it from here).
-KNOWN_CIRCLES = {
-    frozenset({"bigalign.commands.api", "bigalign.commands.ingest",
-               "bigalign.commands.parquet_export"}):
-        "api.output_damage reads Parquet export manifests (parquet_export), which imports "
-        "api's RunReport and ingest's _first_nonfinite, and ingest imports api: left while "
-        "ingest.py is split into readers (issue 19 item 3); the cut is moving "
-        "export_manifest/export_damage below the commands",
-}
+KNOWN_CIRCLES: dict = {}
 
 
 def module_name(path: Path) -> str:

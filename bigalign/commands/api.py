@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, astuple, dataclass, field, replace
+from dataclasses import asdict, astuple, dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Optional, Union
 
@@ -22,7 +22,9 @@ import numpy as np
 from .. import __version__
 
 from ..execution import faults
-from ..storage.checkpoint import Job, checkpointed, finished_or_refuse, lease_home
+from ..storage.checkpoint import (Job, checkpointed, default_checkpoint, finished_or_refuse,
+                                  lease_home)
+from .runs import MAX_BAD_ROWS_LISTED, RunReport
 from ..storage.output_job import ZarrTarget, classify, output_job
 from ..execution.cluster import session
 from ..execution.engine import apply_graph, fit_graph
@@ -45,34 +47,6 @@ from ..transform import Transform
 log = logging.getLogger("bigalign")
 
 __all__ = ["fit", "apply", "RunReport", "output_status", "run_status", "default_checkpoint"]
-
-
-@dataclass
-class RunReport:
-    """What a streaming run did: ``rows`` computed by this run (``rows_total`` in the job),
-    seconds, tasks run, units/regions in the job and those found done from an earlier run.
-    ``already_complete``: the output was finished with the same inputs and options, so
-    nothing was done."""
-
-    rows: int
-    seconds: float
-    tasks: int
-    units_total: int
-    units_resumed: int
-    rows_total: int = 0
-    already_complete: bool = False
-    bad_rows: list = field(default_factory=list)
-
-    @property
-    def rows_per_second(self) -> float:
-        """Rows computed by this run per second (rows found done are not counted); NaN
-        when it computed none (everything was resumed)."""
-        return self.rows / self.seconds if self.seconds > 0 and self.rows else float("nan")
-
-
-def default_checkpoint(output: str) -> str:
-    """Progress of a run writing ``output`` is kept next to it."""
-    return str(output).rstrip("/") + ".checkpoint"
 
 
 #: fit()'s flat keywords (the command line's flags), by the options object each sets
@@ -684,9 +658,6 @@ def _apply_job(r: _ApplyJob) -> RunReport:
     return RunReport(int(written), seconds, tasks, len(blocks), len(done), plan.rows,
                      bad_rows=bad)
 
-
-#: The output's ``bad_rows`` attribute lists at most this many row numbers (all are counted).
-MAX_BAD_ROWS_LISTED = 100_000
 
 
 def _output_ids_kind(source_ids, first: int) -> Optional[str]:

@@ -81,7 +81,7 @@ def check_workdir(workdir, names=(*DATA, FIT, APPLY)) -> None:
     is absent or what an earlier demo in this folder wrote (see the module doc), and
     ``workdir`` is not a file and neither is nor lies inside a Zarr node (an embedding
     store, a transform, a user's Zarr group). Modifies nothing."""
-    from .api import default_checkpoint
+    from ..storage.checkpoint import default_checkpoint
 
     workdir = Path(workdir).absolute()
     for folder in (workdir, *workdir.parents):

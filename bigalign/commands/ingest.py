@@ -1090,7 +1090,8 @@ def import_vectors(inputs, output: str, *, ids_column: Optional[str] = None,
     Returns a :class:`bigalign.RunReport` (``already_complete`` for a rerun of a finished
     import).
     """
-    from .api import RunReport, default_checkpoint
+    from ..storage.checkpoint import default_checkpoint
+    from .runs import RunReport
     from ..storage.checkpoint import Job, finished_or_refuse
     from ..execution.cluster import session
     from ..storage.output_job import output_job

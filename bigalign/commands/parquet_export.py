@@ -566,7 +566,8 @@ def export_parquet(source, output: str, *, ids_column: str = "id",
     Returns a :class:`bigalign.RunReport` (``units_total``: files; ``already_complete`` for
     a rerun of a finished export; ``rows``: the rows written, without those skipped).
     """
-    from .api import MAX_BAD_ROWS_LISTED, RunReport, default_checkpoint
+    from ..storage.checkpoint import default_checkpoint
+    from .runs import MAX_BAD_ROWS_LISTED, RunReport
     from ..storage.checkpoint import Job, finished_or_refuse
     from ..storage.output_job import output_job
     from ..execution.cluster import session

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import InputError
-from .plan import DEFAULT_BLOCK_BYTES
+from .plan import COMPRESSIONS, DEFAULT_BLOCK_BYTES
 
 __all__ = ["FitOptions", "ApplyOptions", "Execution", "Pairing", "JobOptions", "requests",
            "keywords_of",
@@ -24,9 +24,6 @@ __all__ = ["FitOptions", "ApplyOptions", "Execution", "Pairing", "JobOptions", "
            "positive_count", "memory_limit_bytes", "machine_memory", "format_bytes"]
 
 OUTPUT_DTYPES = ("float16", "float32", "float64")
-#: Output compression choices. Embeddings compress ~1.05-1.1x; Zarr 3's default zstd halves
-#: read/write speed (measured), so outputs are uncompressed unless asked.
-COMPRESSIONS = ("none", "lz4", "zstd")
 BAD_ROWS = ("fail", "nan", "zero")
 
 

@@ -89,7 +89,7 @@ LEASE_FORMAT = "bigalign.lease/1"
 OWN_NAMES = ("manifest.json", "lease", "units", "done")
 
 __all__ = ["Job", "Lease", "LeaseHeldError", "LeaseLostError", "checkpointed", "clear_finished",
-           "lease_home",
+           "lease_home", "default_checkpoint",
            "finished_or_refuse", "refuse_damaged", "describe_changes", "FORMAT"]
 
 
@@ -902,12 +902,17 @@ class Lease:
         self.run.token = self.job.token = None
 
 
+def default_checkpoint(output) -> str:
+    """Progress of a run writing ``output`` is kept next to it: ``OUTPUT.checkpoint``."""
+    return str(output).rstrip("/") + ".checkpoint"
+
+
 def lease_home(output) -> str:
     """Where the lease of the job writing ``output`` lives: the output's default checkpoint
-    folder (``OUTPUT.checkpoint``), whatever ``--checkpoint`` names, so that the output is
-    the unit of exclusion: two runs naming two checkpoints (or none) for one output
+    folder (:func:`default_checkpoint`), whatever ``--checkpoint`` names, so that the output
+    is the unit of exclusion: two runs naming two checkpoints (or none) for one output
     cannot both hold it."""
-    return str(output).rstrip("/") + ".checkpoint"
+    return default_checkpoint(output)
 
 
 @contextlib.contextmanager

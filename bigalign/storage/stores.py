@@ -41,7 +41,7 @@ __all__ = ["open_embeddings", "EmbeddingArray", "ArrayRows", "validate_pair", "c
 
 FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 
-from ..planning.options import COMPRESSIONS  # noqa: E402  (the one list of choices)
+from ..planning.plan import COMPRESSIONS  # noqa: E402  (the one list of choices)
 
 #: Transient I/O errors (connections, timeouts, OS errors other than a wrong path or
 #: permission: :func:`bigalign.errors.is_transient`) are retried this many times, sleeping
