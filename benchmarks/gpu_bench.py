@@ -48,6 +48,8 @@ sys.path.insert(0, str(ROOT))
 
 import bigalign  # noqa: E402
 from bigalign.execution import gpu  # noqa: E402
+from bigalign.maths.mapping import map_rows  # noqa: E402
+from bigalign.maths.stats import Accumulator  # noqa: E402
 from bigalign.planning.plan import (DEFAULT_BLOCK_BYTES, MIN_BLOCKS, choose_block_rows,  # noqa: E402
                            common_step, plan_blocks)
 from bigalign.storage.stores import create_output, open_embeddings, read_rows, write_rows  # noqa: E402
@@ -238,7 +240,8 @@ def compare_arrays(p1: str, p2: str, blocks, threads) -> dict:
 # ---- GPU kernels alone --------------------------------------------------------------------
 
 def kernel_only(cp, d: int, rows: int, reps: int = 8) -> dict:
-    """block_moments + merge and map_rows on device-resident data (one stream), and the
+    """The statistics kernel (Accumulator.add, deferred checks) and map_rows on
+    device-resident data (one stream), and the
     pinned host -> device copy speed: what the GPU does when Zarr is not in the way."""
     g = cp.random.RandomState(0)
     a = g.standard_normal((rows, d), dtype=cp.float32) + 2
@@ -246,13 +249,12 @@ def kernel_only(cp, d: int, rows: int, reps: int = 8) -> dict:
     sa, sb = cp.empty_like(a), cp.empty_like(b)
     out = {}
     for gram in (False, True):
-        total = None
+        acc = Accumulator(d, d, gram=gram, dtype=np.float32)
         for k in range(reps + 2):
             if k == 2:
                 cp.cuda.Device().synchronize()
                 t = time.perf_counter()
-            m, _ = gpu.block_moments(cp, a, b, gram=gram, dtype=np.float32, scratch=(sa, sb))
-            total = m if total is None else gpu.merge(cp, total, m)
+            acc.add(a, b, scratch=(sa, sb), flags=[])
         cp.cuda.Device().synchronize()
         out["fit_diag" if gram else "fit"] = rows * reps / (time.perf_counter() - t)
     m = cp.asarray(np.linalg.qr(np.random.default_rng(0).standard_normal((d, d)))[0]
@@ -264,7 +266,7 @@ def kernel_only(cp, d: int, rows: int, reps: int = 8) -> dict:
             cp.cuda.Device().synchronize()
             t = time.perf_counter()
         x = a.copy()
-        gpu.map_rows(cp, x, m, mu_a, mu_b, out=y)
+        map_rows(x, m, mu_a, mu_b, inplace=True, out=y, flags=[])
     cp.cuda.Device().synchronize()
     out["apply"] = rows * reps / (time.perf_counter() - t)
     import cupyx

@@ -31,6 +31,8 @@ def main():
     import cupy as cp
     import cupyx
     from bigalign.execution import gpu
+    from bigalign.maths.mapping import map_rows
+    from bigalign.maths.stats import block_moments
     print(f"import cupy: {time.perf_counter() - t:.3f}s", flush=True)
     timed("first kernel (arange.sum)", lambda: cp.arange(10).sum())
     held = []
@@ -41,11 +43,10 @@ def main():
         a = cp.random.RandomState(0).standard_normal((n, d), dtype=cp.float32)
         b = a + 1
         timed(f"block_moments+merge gram d={d} n={n}",
-              lambda: gpu.merge(cp, *[gpu.block_moments(cp, a, b, gram=True,
-                                                         dtype=np.float32)[0]] * 2))
+              lambda: gpu.merge(cp, *[block_moments(a, b, gram=True, dtype=np.float32)] * 2))
         timed(f"map_rows d={d} n={n}",
-              lambda: gpu.map_rows(cp, a.copy(), cp.eye(d, dtype=cp.float32), cp.zeros(d),
-                                   cp.zeros(d)))
+              lambda: map_rows(a.copy(), cp.eye(d, dtype=cp.float32), cp.zeros(d),
+                               cp.zeros(d), inplace=True, flags=[]))
     for h in held:
         if h is not None:
             h[...] = 0  # touch

@@ -15,17 +15,22 @@ buffers alternate between two slots: the next read fills one slot while the devi
 copies from the other (an event guards the reuse), and the host never waits for the device
 until the task ends.
 
-Numerics are those of :func:`bigalign.maths.stats.block_moments` and
-:func:`bigalign.transform.map_rows`, operation for operation: a float64 mean per block,
-centring by the mean rounded to the GEMM dtype with the float64 residual-mean correction,
-float32 GEMMs (cuBLAS FP32: TF32 is *not* enabled; CuPy only uses it when the environment
-sets ``CUPY_TF32=1``, which bigalign warns about), float64 accumulation and the Chan et al.
-merge. Non-finite values are detected per block on the device; the task then re-reads the
-offending block and runs the CPU kernel on it, so the error names the row exactly as the
-CPU path does.
+There are no GPU kernels here: a fit task runs the one statistics kernel,
+:class:`bigalign.maths.stats.Accumulator`, and an apply task the one apply kernel,
+:func:`bigalign.maths.mapping.map_rows`, both written against the array API (NumPy and CuPy
+through ``array-api-compat``, :mod:`bigalign.maths.arrays`), on the device arrays: the same
+operations as on the CPU (a float64 mean per block, centring by the mean rounded to the GEMM
+dtype with the float64 residual-mean correction, float32 GEMMs into a float64 state: cuBLAS
+FP32, TF32 is *not* enabled; CuPy only uses it when the environment sets ``CUPY_TF32=1``,
+which bigalign warns about) and the Chan et al. merge between tasks. What differs is only
+when the checks are read: the kernels run with ``flags=[...]`` (deferred checks), which
+record each check (NaN/Inf, a row that cannot be normalised, the output cast to a narrower
+dtype) as a 0-d bool on the device instead of waiting for it; the task reads them after its
+stream synchronises, and for a failed block re-reads it and runs the same kernel on the
+host, so the error names the row exactly as the CPU path does.
 
-The kernels are generic over an array module ``xp`` (numpy or cupy): the tests run the very
-same code with numpy against the CPU kernels on machines without a GPU.
+The tasks and their lanes also run with numpy arrays (:class:`NumpyBackend`): the tests
+run this very code path, deferred checks included, on machines without a GPU.
 
 CuPy is imported lazily: ``pip install 'bigalign[gpu]'``; CPU users need neither CuPy nor a
 CUDA driver.
@@ -43,12 +48,13 @@ import numpy as np
 
 from ..errors import InputError, NonFiniteError
 from ..planning.plan import plan_blocks
-from ..maths.stats import Moments, merge_with, rounding_of
+from ..maths.mapping import map_rows
+from ..maths.stats import Accumulator, Moments, block_moments, merge_with
 from ..storage.stores import EmbeddingArray, read_rows
 
 log = logging.getLogger("bigalign")
 
-__all__ = ["DEVICES", "check_device", "block_moments", "merge", "map_rows", "DeviceMoments",
+__all__ = ["DEVICES", "check_device", "merge", "DeviceMoments",
            "fit_block", "map_region", "merge_task", "to_host", "release_lanes"]
 
 DEVICES = ("cpu", "cuda")
@@ -88,72 +94,12 @@ def _cupy():
     return cupy
 
 
-# ---- kernels, generic over xp (numpy or cupy) ----------------------------------------------
+# ---- device statistics and their merge -----------------------------------------------------
 
 @dataclass(frozen=True, eq=False)
 class DeviceMoments(Moments):
     """:class:`Moments` whose arrays, and ``sq_a``/``sq_b`` as 0-d float64 arrays, live on
     the device of the backend that made them (a task result on its way up the merge tree)."""
-
-
-def _row_sq(xp, x):
-    """Per-row squared norms summed in x's dtype, returned float64 (as stats._row_sq; on
-    the device a plain reduction, not einsum, which CuPy may turn into batched GEMMs)."""
-    if xp is np:
-        return np.einsum("ij,ij->i", x, x).astype(np.float64)
-    return (x * x).sum(axis=1, dtype=x.dtype).astype(xp.float64)
-
-
-def _normalize(xp, x, dtype):
-    """Rows of x L2-normalised in ``dtype`` (as stats.normalize_rows) and a 0-d bool: some
-    row had a zero or non-finite norm."""
-    x = xp.asarray(x, dtype=dtype)
-    norms = xp.sqrt(_row_sq(xp, x))
-    bad = ~(xp.isfinite(norms) & (norms > 0)).all()
-    return x / norms.astype(dtype)[:, None], bad
-
-
-def _centre(xp, x, dtype, out):
-    """(float64 mean, centred x in dtype, float64 residual mean), as stats._centre."""
-    mean = x.mean(axis=0, dtype=xp.float64)
-    m = mean.astype(dtype)
-    xc = xp.subtract(x, m, dtype=dtype, out=out)
-    return mean, xc, mean - m.astype(xp.float64)
-
-
-def block_moments(xp, a, b, *, gram: bool = False, normalize: bool = False, dtype=np.float32,
-                  scratch=None):
-    """Statistics of one block of paired rows on ``xp``'s device.
-
-    The arithmetic of :func:`bigalign.maths.stats.block_moments` (with numpy it gives the same
-    bits): a, b (n, dA), (n, dB); GEMMs in ``dtype``, everything else float64. ``scratch``:
-    optional (n, dA), (n, dB) buffers of ``dtype`` for the centred blocks.
-
-    Returns (Moments with xp arrays and 0-d sq_a/sq_b, 0-d bool ``bad``): ``bad`` is True
-    when the block holds NaN/Inf (or a zero-norm row with ``normalize``); the statistics are
-    then meaningless, and the caller finds and names the row (no device sync here).
-    """
-    n = a.shape[0]
-    dtype = np.dtype(dtype)
-    a_dtype, b_dtype = a.dtype, b.dtype  # before normalising: what the rounding record needs
-    bad = xp.zeros((), dtype=bool)
-    if normalize:
-        a, bad_a = _normalize(xp, a, dtype)
-        b, bad_b = _normalize(xp, b, dtype)
-        bad = bad_a | bad_b
-    out_a, out_b = scratch if scratch is not None else (None, None)
-    mean_a, ac, ra = _centre(xp, a, dtype, out_a)
-    mean_b, bc, rb = _centre(xp, b, dtype, out_b)
-    bad = bad | ~(xp.isfinite(mean_a).all() & xp.isfinite(mean_b).all())
-    cross = (ac.T @ bc).astype(xp.float64) - n * xp.outer(ra, rb)
-    sq_a = _row_sq(xp, ac).sum() - n * (ra @ ra)
-    sq_b = _row_sq(xp, bc).sum() - n * (rb @ rb)
-    ga = gb = None
-    if gram:
-        ga = (ac.T @ ac).astype(xp.float64) - n * xp.outer(ra, ra)
-        gb = (bc.T @ bc).astype(xp.float64) - n * xp.outer(rb, rb)
-    rounding = rounding_of(n, dtype, a_dtype, b_dtype, a.shape[1], b.shape[1], normalize)
-    return DeviceMoments(n, mean_a, mean_b, cross, sq_a, sq_b, ga, gb, rounding), bad
 
 
 def merge(xp, p: Moments, q: Moments) -> DeviceMoments:
@@ -186,25 +132,9 @@ def _asnumpy(v) -> np.ndarray:
     return v.get() if hasattr(v, "get") and not isinstance(v, np.ndarray) else np.asarray(v)
 
 
-def map_rows(xp, x, matrix, source_mean, target_mean, *, normalize: bool = False,
-             renormalize: bool = False, dtype=np.float32, out=None):
-    """The apply kernel on ``xp``'s device: the arithmetic of
-    :func:`bigalign.transform.map_rows` (x may be overwritten). Returns (y in ``dtype``,
-    0-d bool ``bad``: some mapped row is non-finite, or a source row could not be
-    normalised); the caller names the row."""
-    work = np.float64 if np.dtype(dtype) == np.float64 else np.float32
-    bad = xp.zeros((), dtype=bool)
-    if normalize:
-        x, bad = _normalize(xp, x, work)
-    elif x.dtype != work:
-        x = x.astype(work)
-    xc = xp.subtract(x, source_mean.astype(work), out=x)
-    y = xp.matmul(xc, matrix, out=out)
-    y += target_mean.astype(work)
-    bad = bad | ~xp.isfinite(y.sum(axis=0, dtype=xp.float64)).all()
-    if renormalize:
-        y /= xp.linalg.norm(y, axis=1, keepdims=True).clip(min=np.finfo(work).tiny)
-    return y.astype(dtype, copy=False), bad
+def _failed(xp, flags):
+    """0-d bool on the device: some check of ``flags`` (the kernels' deferred checks) failed."""
+    return xp.any(xp.stack([xp.asarray(f) for f in flags]))
 
 
 # ---- backends and per-thread lanes ---------------------------------------------------------
@@ -394,7 +324,8 @@ def fit_block(source: EmbeddingArray, target: EmbeddingArray, start: int, stop: 
     ln = lane(device)
     xp = ln.xp
     reads = plan_blocks(start, stop, step, rows_per_read)
-    total, flags = None, []
+    acc = Accumulator(source.dim, target.dim, gram=gram, normalize=normalize, dtype=dtype)
+    failed = []
     with ln.stream:
         for i, r in enumerate(reads):
             slot = i % 2
@@ -406,24 +337,24 @@ def fit_block(source: EmbeddingArray, target: EmbeddingArray, start: int, stop: 
             b = ln.upload(f"target-{slot}", b_h, "target")
             scratch = (ln.device("centred-source", r.rows, source.dim, dtype),
                        ln.device("centred-target", r.rows, target.dim, dtype))
-            m, bad = block_moments(xp, a, b, gram=gram, normalize=normalize, dtype=dtype,
-                                   scratch=scratch)
-            total = m if total is None else merge(xp, total, m)
-            flags.append(bad)
-        bad = _asnumpy(xp.stack(flags))
+            flags: list = []
+            acc.add(a, b, start=r.start, scratch=scratch, flags=flags)
+            failed.append(_failed(xp, flags))
+        bad = _asnumpy(xp.stack(failed))
         ln.stream.synchronize()
     if bad.any():
         r = reads[int(np.flatnonzero(bad)[0])]
         _raise_fit(source, target, r.start, r.stop, normalize, dtype)
-    return total
+    m = acc.moments()
+    return DeviceMoments(m.n, m.mean_a, m.mean_b, m.cross, m.sq_a, m.sq_b, m.gram_a, m.gram_b,
+                         m.rounding)
 
 
 def _raise_fit(source, target, start, stop, normalize, dtype):
-    """Re-read a block the device found non-finite and let the CPU kernel name the row."""
-    from ..maths.stats import block_moments as cpu_block_moments
-
+    """Re-read a block the device found non-finite and run the kernel on the host, where
+    its checks name the row."""
     a, b = read_rows(source, start, stop), read_rows(target, start, stop)
-    cpu_block_moments(a, b, normalize=normalize, dtype=dtype, start=start)
+    block_moments(a, b, normalize=normalize, dtype=dtype, start=start)
     raise NonFiniteError(f"rows {start}:{stop} hold NaN or Inf (found on the device)")
 
 
@@ -460,20 +391,18 @@ def map_region(source: EmbeddingArray, start: int, stop: int, params: tuple, dty
         x_h = ln.host("source-0", rows, source.dim, source.dtype)
         read_rows(source, start, stop, out=x_h)
         x = ln.upload("source-0", x_h, "source")
-        y, bad = map_rows(xp, x, ln.constant("matrix", matrix),
-                          ln.constant("source_mean", source_mean),
-                          ln.constant("target_mean", target_mean), normalize=normalize,
-                          renormalize=renormalize, dtype=dtype,
-                          out=ln.device("mapped", rows, matrix.shape[1], work))
+        flags: list = []
+        y = map_rows(x, ln.constant("matrix", matrix), ln.constant("source_mean", source_mean),
+                     ln.constant("target_mean", target_mean), normalize=normalize,
+                     renormalize=renormalize, dtype=dtype, start=start, inplace=True,
+                     out=ln.device("mapped", rows, matrix.shape[1], work), flags=flags)
         y_h = ln.host("mapped-out", rows, matrix.shape[1], dtype)
         ln.download(y, y_h)
-        bad = _asnumpy(bad)
+        bad = _asnumpy(_failed(xp, flags))
         ln.stream.synchronize()
-    if bool(bad):
-        from ..maths.mapping import map_rows as cpu_map_rows
-
-        cpu_map_rows(read_rows(source, start, stop), matrix, source_mean, target_mean,
-                     normalize=normalize, renormalize=renormalize, dtype=dtype, start=start)
+    if bool(bad):  # the host run of the same kernel names the row (NaN/Inf, or the cast)
+        map_rows(read_rows(source, start, stop), matrix, source_mean, target_mean,
+                 normalize=normalize, renormalize=renormalize, dtype=dtype, start=start)
         raise NonFiniteError(f"source rows {start}:{stop} map to NaN or Inf (found on the device)")
     return y_h
 

@@ -43,7 +43,7 @@ _FINE_BINS, _COARSE_BINS = 2000, 100
 @dataclass(frozen=True, eq=False)
 class AffineMap:
     """y = (normalize(x) - source_mean) @ matrix + target_mean, computed by the apply kernel
-    (:func:`bigalign.transform.map_rows`), so a map evaluates exactly as ``apply`` writes.
+    (:func:`bigalign.maths.mapping.map_rows`), so a map evaluates exactly as ``apply`` writes.
 
     matrix : (dA, dB) float64 (for a Transform: scale * rotation).
     source_mean, target_mean : (dA,), (dB,) float64 (zeros for uncentred maps).

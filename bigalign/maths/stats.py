@@ -32,7 +32,9 @@ round-off with ``normalize``). Merging takes the maximum of each, and depth + 1.
 unknown (statistics from an older version or built by hand); :func:`bigalign.maths.solve.
 statistic_errors` then assumes the worst the code could have done.
 
-Pure numpy: no Dask, no Zarr.
+The kernel (:class:`Accumulator`) is written against the array API, so the same code runs
+on NumPy and, in bigalign.execution.gpu, on CuPy; the merges and the serialised
+:class:`Moments` are float64 numpy. Pure: no Dask, no Zarr.
 """
 
 from __future__ import annotations
@@ -41,12 +43,14 @@ from dataclasses import dataclass, fields
 from typing import Optional
 
 import numpy as np
+from array_api_compat import device, is_array_api_obj
 
 from ..errors import NonFiniteError
+from .arrays import dtype_in, is_host, namespace, native, np_dtype, to_numpy
 
 __all__ = ["Moments", "Accumulator", "block_moments", "merge", "merge_with", "merge_all",
            "NonFiniteError", "rounding_of", "unit_roundoff", "normalize_rows", "bad_norms",
-           "bad_norm_reason"]
+           "bad_norm_reason", "check_finite"]
 
 
 def unit_roundoff(dtype) -> float:
@@ -144,26 +148,32 @@ class Moments:
         return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def _centre(x: np.ndarray, dtype, start: int, side: str, out=None):
+def _centre(x, dtype, start: int, side: str, out=None, flags=None):
     """Return (float64 mean, centred x in ``dtype``, float64 residual mean of the centred x).
 
     The mean is computed in float64; it is subtracted after rounding to ``dtype``, so the
     centred block keeps a tiny residual mean ``r = mean - round(mean)``, which the caller
     corrects for exactly. NaN/Inf anywhere in a column makes its float64 mean non-finite:
-    a free check, done before any other arithmetic. ``out``: a buffer of x's shape in
-    ``dtype`` to centre into (reused across blocks by the engine).
+    a free check, done before any other arithmetic (``flags``: see :meth:`Accumulator.add`).
+    ``out``: a buffer of x's shape in ``dtype`` to centre into (reused across blocks by the
+    engine; NumPy and CuPy: elsewhere a fresh array).
     """
-    mean = x.mean(axis=0, dtype=np.float64)
-    check_finite(mean, x, start, side)
-    m = mean.astype(dtype)
-    xc = np.subtract(x, m, dtype=dtype, out=out)
-    return mean, xc, mean - m.astype(np.float64)
+    xp = namespace(x)
+    mean = xp.sum(x, axis=0, dtype=xp.float64) / x.shape[0]  # = numpy's mean, bit for bit
+    check_finite(mean, x, start, side, flags)
+    m = xp.astype(mean, dtype_in(xp, dtype))
+    nat = native(xp)
+    if nat is not None:
+        xc = nat.subtract(x, m, dtype=dtype, out=out)
+    else:
+        xc = xp.astype(x, dtype_in(xp, dtype)) - m
+    return mean, xc, mean - xp.astype(m, xp.float64)
 
 
-def block_moments(a: np.ndarray, b: np.ndarray, *, gram: bool = False,
-                  normalize: bool = False, dtype=None, start: int = 0,
-                  scratch=None) -> Moments:
-    """Statistics of one block of paired rows.
+def block_moments(a, b, *, gram: bool = False, normalize: bool = False, dtype=None,
+                  start: int = 0, scratch=None) -> Moments:
+    """Statistics of one block of paired rows: :meth:`Accumulator.add` of that one block
+    (the one statistics kernel; a reference and the form merged by evaluate).
 
     Parameters
     ----------
@@ -183,43 +193,29 @@ def block_moments(a: np.ndarray, b: np.ndarray, *, gram: bool = False,
     """
     if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[0]:
         raise ValueError(f"paired blocks must be 2-D with equal row counts, got {a.shape} and {b.shape}")
-    n = a.shape[0]
-    if n == 0:
-        return Moments.empty(a.shape[1], b.shape[1], gram)
-    if dtype is None:
-        dtype = np.float64 if (a.dtype == np.float64 or b.dtype == np.float64) else np.float32
-    dtype = np.dtype(dtype)
-    rounding = rounding_of(n, dtype, a.dtype, b.dtype, a.shape[1], b.shape[1], normalize)
-    if normalize:
-        a = normalize_rows(a, dtype, start, "source")
-        b = normalize_rows(b, dtype, start, "target")
-    out_a, out_b = scratch if scratch is not None else (None, None)
-    mean_a, ac, ra = _centre(a, dtype, start, "source", out_a)
-    mean_b, bc, rb = _centre(b, dtype, start, "target", out_b)
-    # sum (a - mean)(b - mean)^T = ac^T bc - n ra rb^T   (ra: residual mean of ac)
-    cross = (ac.T @ bc).astype(np.float64) - n * np.outer(ra, rb)
-    sq_a = float(_row_sq(ac).sum()) - n * float(ra @ ra)
-    sq_b = float(_row_sq(bc).sum()) - n * float(rb @ rb)
-    ga = gb = None
-    if gram:
-        ga = (ac.T @ ac).astype(np.float64) - n * np.outer(ra, ra)
-        gb = (bc.T @ bc).astype(np.float64) - n * np.outer(rb, rb)
-    return Moments(n, mean_a, mean_b, cross, sq_a, sq_b, ga, gb, rounding)
+    acc = Accumulator(a.shape[1], b.shape[1], gram=gram, normalize=normalize, dtype=dtype)
+    acc.add(a, b, start=start, scratch=scratch)
+    return acc.moments()
 
 
 class Accumulator:
-    """The statistics of a stream of blocks, merged in place: ``add(a, b)`` for each block,
-    then :meth:`moments`. Equal to ``merge_all([block_moments(a, b) for each block])`` up
-    to float64 round-off (the same centring, GEMMs and Chan updates, in another order), at a
-    fraction of its memory traffic: the float64 (dA, dB) state is allocated once and each
-    block costs one cast-add of its float32 GEMM and two rank-1 updates, where a merge of
-    fresh partials allocates a handful of d x d temporaries per block (at d = 4096 each is
-    128 MB, and the page faults of allocating it cost more than the arithmetic). This is
-    the fit's streaming form; :func:`block_moments` stays the one-block reference.
+    """The statistics kernel: the statistics of a stream of blocks, merged in place.
+    ``add(a, b)`` for each block, then :meth:`moments`. Equal to ``merge_all([block_moments(a,
+    b) for each block])`` up to float64 round-off (the same centring and GEMMs, the Chan
+    updates in another order), at a fraction of its memory traffic: the float64 (dA, dB)
+    state is allocated once and each block costs one cast-add of its float32 GEMM and two
+    rank-1 updates, where a merge of fresh partials allocates a handful of d x d temporaries
+    per block (at d = 4096 each is 128 MB, and the page faults of allocating it cost more
+    than the arithmetic). The CPU fit, the GPU fit (bigalign.execution.gpu, with CuPy arrays
+    and deferred checks) and :func:`block_moments` all run this one kernel.
+
+    Written against the array API (:mod:`bigalign.maths.arrays`): the blocks' namespace
+    (NumPy or CuPy) holds the state; NumPy's fast paths (``out=`` centring, ``einsum`` row
+    norms, BLAS ``dger`` rank-1 updates) are chosen inside the helpers.
 
     dim_a, dim_b : widths of the source and target blocks. gram : also the Gram matrices.
-    normalize : L2-normalise rows first. dtype : GEMM dtype (float32 or float64); None: as
-    :func:`block_moments` chooses for the first block.
+    normalize : L2-normalise rows first. dtype : GEMM dtype (float32 or float64); None:
+    float64 when the first block holds float64 input, else float32.
     """
 
     def __init__(self, dim_a: int, dim_b: int, *, gram: bool = False,
@@ -230,9 +226,21 @@ class Accumulator:
         self._state = None  # mean_a, mean_b, cross, sq (2,), gram_a, gram_b
         self.rounding = None
 
-    def add(self, a: np.ndarray, b: np.ndarray, *, start: int = 0, scratch=None) -> None:
-        """Fold one block of paired rows in (see :func:`block_moments` for ``a``, ``b``,
-        ``start`` and ``scratch``)."""
+    def add(self, a, b, *, start: int = 0, scratch=None, flags: Optional[list] = None) -> None:
+        """Fold one block of paired rows in.
+
+        a, b : (n, dA), (n, dB) float16/32/64 arrays of one namespace (NumPy; CuPy on a
+            device), row i of ``a`` paired with row i of ``b``; the float64 state lives in
+            the namespace of the first block.
+        start : global index of the block's first row, used in error messages.
+        scratch : optional (buffer_a, buffer_b) of shapes (n, dA), (n, dB) in the GEMM
+            dtype to hold the centred blocks (NumPy/CuPy; contents are clobbered).
+        flags : None: a NaN/Inf row (or, with ``normalize``, a row whose norm is zero or
+            not finite) raises NonFiniteError naming it, at once. A list (a device, which
+            must not wait): each check appends a 0-d bool array (True: failed) instead; the
+            caller reads them after the stream is synchronised and, if one is set, runs the
+            block again on the host to name the row (the statistics are then garbage).
+        """
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[0] or \
                 (a.shape[1], b.shape[1]) != self.dims:
             raise ValueError(f"expected paired blocks of widths {self.dims} with equal row "
@@ -240,27 +248,29 @@ class Accumulator:
         n = a.shape[0]
         if n == 0:
             return
+        xp = namespace(a, b)
         dtype = self.dtype
         if dtype is None:
-            dtype = np.float64 if (a.dtype == np.float64 or b.dtype == np.float64) \
+            dtype = np.float64 if (a.dtype == xp.float64 or b.dtype == xp.float64) \
                 else np.float32
         dtype = self.dtype = np.dtype(dtype)
-        rounding = rounding_of(n, dtype, a.dtype, b.dtype, *self.dims, self.normalize)
+        rounding = rounding_of(n, dtype, np_dtype(a.dtype), np_dtype(b.dtype), *self.dims,
+                               self.normalize)
         if self.normalize:
-            a = normalize_rows(a, dtype, start, "source")
-            b = normalize_rows(b, dtype, start, "target")
+            a = normalize_rows(a, dtype, start, "source", flags)
+            b = normalize_rows(b, dtype, start, "target", flags)
         out_a, out_b = scratch if scratch is not None else (None, None)
-        mean_a, ac, ra = _centre(a, dtype, start, "source", out_a)
-        mean_b, bc, rb = _centre(b, dtype, start, "target", out_b)
+        mean_a, ac, ra = _centre(a, dtype, start, "source", out_a, flags)
+        mean_b, bc, rb = _centre(b, dtype, start, "target", out_b, flags)
         if self._state is None:
-            self._start(dtype)
+            self._start(xp, a)
         m_a, m_b, cross, sq, g_a, g_b = self._state
         total = self.n + n
         w = self.n * n / total  # 0 for the first block
         da, db = mean_a - m_a, mean_b - m_b
         _add_product(cross, ac.T, bc, (-n, ra, rb), (w, da, db))
-        sq[0] += float(_row_sq(ac).sum()) - n * float(ra @ ra) + w * float(da @ da)
-        sq[1] += float(_row_sq(bc).sum()) - n * float(rb @ rb) + w * float(db @ db)
+        sq[0] += xp.sum(_row_sq(ac)) - n * (ra @ ra) + w * (da @ da)
+        sq[1] += xp.sum(_row_sq(bc)) - n * (rb @ rb) + w * (db @ db)
         if self.gram:
             _add_product(g_a, ac.T, ac, (-n, ra, ra), (w, da, da))
             _add_product(g_b, bc.T, bc, (-n, rb, rb), (w, db, db))
@@ -273,23 +283,29 @@ class Accumulator:
             self.rounding[2] += 1.0
         self.n = total
 
-    def _start(self, dtype) -> None:
+    def _start(self, xp, like) -> None:
         dim_a, dim_b = self.dims
-        z = np.zeros
-        self._state = (z(dim_a), z(dim_b), z((dim_a, dim_b)), z(2),
-                       z((dim_a, dim_a)) if self.gram else None,
-                       z((dim_b, dim_b)) if self.gram else None)
+        where = device(like)
+        z = lambda *shape: xp.zeros(shape, dtype=xp.float64, device=where)  # noqa: E731
+        self._state = (z(dim_a), z(dim_b), z(dim_a, dim_b), z(2),
+                       z(dim_a, dim_a) if self.gram else None,
+                       z(dim_b, dim_b) if self.gram else None)
 
     def moments(self) -> Moments:
-        """The statistics so far (the accumulator's own arrays: do not add to it after)."""
+        """The statistics so far (the accumulator's own arrays: do not add to it after), in
+        the blocks' namespace; ``sq_a``/``sq_b`` are floats on the host and 0-d float64
+        arrays on a device (reading them would wait for it)."""
         if self._state is None:
             return Moments.empty(*self.dims, self.gram)
         m_a, m_b, cross, sq, g_a, g_b = self._state
-        return Moments(self.n, m_a, m_b, cross, float(sq[0]), float(sq[1]), g_a, g_b,
-                       self.rounding)
+        if is_host(namespace(sq)):
+            sq_a, sq_b = float(sq[0]), float(sq[1])
+        else:
+            sq_a, sq_b = sq[0], sq[1]
+        return Moments(self.n, m_a, m_b, cross, sq_a, sq_b, g_a, g_b, self.rounding)
 
 
-def _add_product(acc: np.ndarray, x: np.ndarray, y: np.ndarray, *rank_ones) -> None:
+def _add_product(acc, x, y, *rank_ones) -> None:
     """acc (float64, C order) += x @ y (a GEMM in x's dtype; numpy's matmul, which calls
     syrk for x.T @ x; measured: writing into a reused ``out=`` buffer was not faster) plus
     the rank-1 terms ``alpha * u v^T`` of ``rank_ones`` ((alpha, u, v) each), in place."""
@@ -299,9 +315,13 @@ def _add_product(acc: np.ndarray, x: np.ndarray, y: np.ndarray, *rank_ones) -> N
             _rank_one(acc, alpha, u, v)
 
 
-def _rank_one(acc: np.ndarray, alpha: float, u: np.ndarray, v: np.ndarray) -> None:
-    """acc += alpha * outer(u, v) in place (BLAS dger on the transposed, Fortran-ordered
-    view: no d x d temporary); numpy in row bands where that is not possible."""
+def _rank_one(acc, alpha: float, u, v) -> None:
+    """acc += alpha * outer(u, v) in place: with NumPy, BLAS dger on the transposed,
+    Fortran-ordered view (no d x d temporary), or numpy in row bands where that is not
+    possible; elsewhere (a device) the broadcast product."""
+    if native(namespace(acc)) is not np:
+        acc += (alpha * u)[:, None] * v[None, :]
+        return
     try:
         from scipy.linalg.blas import dger
     except ImportError:  # pragma: no cover - scipy is a dependency
@@ -318,9 +338,14 @@ def _rank_one(acc: np.ndarray, alpha: float, u: np.ndarray, v: np.ndarray) -> No
         acc[i:i + band] += (alpha * u[i:i + band])[:, None] * v
 
 
-def _row_sq(x: np.ndarray) -> np.ndarray:
-    """Per-row squared norms, summed in the block dtype over d terms, returned float64."""
-    return np.einsum("ij,ij->i", x, x).astype(np.float64)
+def _row_sq(x):
+    """Per-row squared norms, summed in the block dtype over d terms, returned float64
+    (NumPy: einsum; elsewhere a plain reduction, not einsum, which CuPy may turn into
+    batched GEMMs)."""
+    if isinstance(x, np.ndarray):
+        return np.einsum("ij,ij->i", x, x).astype(np.float64)
+    xp = namespace(x)
+    return xp.astype(xp.sum(x * x, axis=1, dtype=x.dtype), xp.float64)
 
 
 def bad_norms(x: np.ndarray, dtype) -> np.ndarray:
@@ -343,31 +368,46 @@ def _unusable(norms: np.ndarray) -> np.ndarray:
     return ~(np.isfinite(norms) & (norms > 0))
 
 
-def normalize_rows(x: np.ndarray, dtype, start: int = 0, side: str = "source") -> np.ndarray:
-    """L2-normalise rows of ``x`` (n, d) into ``dtype``; zero or non-finite norms raise."""
-    x = np.asarray(x, dtype=dtype)
-    norms = np.sqrt(_row_sq(x))
-    bad = _unusable(norms)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise NonFiniteError(f"{side} row {start + i} holds {bad_norm_reason(x[i], dtype)} "
-                             f"(block rows {start}:{start + len(x)})")
-    return x / norms.astype(dtype)[:, None]
+def normalize_rows(x, dtype, start: int = 0, side: str = "source", flags=None):
+    """L2-normalise rows of ``x`` (n, d) into ``dtype``, in x's namespace (any array-like:
+    numpy). A zero or non-finite norm raises NonFiniteError naming the row, or with
+    ``flags`` (a list; see :meth:`Accumulator.add`) appends a 0-d bool instead."""
+    if not is_array_api_obj(x):
+        x = np.asarray(x)
+    xp = namespace(x)
+    x = xp.astype(x, dtype_in(xp, dtype), copy=False)
+    norms = xp.sqrt(_row_sq(x))
+    ok = xp.isfinite(norms) & (norms > 0)
+    if flags is not None:
+        flags.append(~xp.all(ok))
+    elif not bool(xp.all(ok)):
+        i = int(xp.nonzero(~ok)[0][0])
+        raise NonFiniteError(f"{side} row {start + i} holds "
+                             f"{bad_norm_reason(to_numpy(x[i, ...]), dtype)} "
+                             f"(block rows {start}:{start + x.shape[0]})")
+    return x / xp.astype(norms, x.dtype)[:, None]
 
 
-def check_finite(colsum: np.ndarray, x: np.ndarray, start: int, side: str) -> None:
+def check_finite(colsum, x, start: int, side: str, flags=None) -> None:
     """Raise NonFiniteError naming the first bad row if ``colsum`` (a column sum or mean of
     ``x``) is not finite and some row of ``x`` holds NaN/Inf. A finite float64 sum of
     float16/32 values proves the block clean at no extra pass; a float32 sum can also
-    overflow on finite values, so a non-finite sum with no bad row passes."""
-    if np.isfinite(colsum).all():
+    overflow on finite values, so a non-finite sum with no bad row passes. ``flags`` (a
+    list; see :meth:`Accumulator.add`): append ``colsum`` is not finite, as a 0-d bool of
+    the arrays' namespace, and return (no wait for a device)."""
+    xp = namespace(colsum, x)
+    clean = xp.all(xp.isfinite(colsum))
+    if flags is not None:
+        flags.append(~clean)
         return
-    rows = np.flatnonzero(~np.isfinite(x).all(axis=1))
-    if not rows.size:
+    if bool(clean):
+        return
+    rows = xp.nonzero(~xp.all(xp.isfinite(x), axis=1))[0]
+    if not rows.shape[0]:
         return
     i = int(rows[0])
     raise NonFiniteError(f"{side} row {start + i} holds NaN or Inf "
-                         f"({rows.size} bad rows in block rows {start}:{start + len(x)})")
+                         f"({rows.shape[0]} bad rows in block rows {start}:{start + x.shape[0]})")
 
 
 def merge(p: Moments, q: Moments) -> Moments:
