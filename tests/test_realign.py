@@ -479,3 +479,23 @@ def test_the_evaluation_inside_realign_logs_as_realign(data, caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("realign: ") for m in lines), lines
     assert not any(m.startswith("evaluate: ") for m in lines), lines
+
+
+@pytest.mark.parametrize("key", sorted(__import__("bigalign.commands.realign",
+                                                  fromlist=["GATED"]).GATED))
+def test_every_gated_metric_is_parsed_and_judged(tmp_path, key):
+    """The gate is table-driven (realign.GATED): each gated metric is read from [gate],
+    checked in its direction, and NaN never passes."""
+    from bigalign.commands.realign import GATED, gate
+
+    figure, direction = GATED[key]
+    cfg = load_config(config(tmp_path / "g.toml", "reg",
+                             gate={key: 0.5, "not_worse_than_current": False}))
+    assert getattr(cfg.gate, key) == 0.5
+    good, bad = (0.6, 0.4) if direction == "min" else (0.4, 0.6)
+    for value, passed in ((good, True), (bad, False), (float("nan"), False)):
+        verdict = gate(cfg.gate, {"methods": {"candidate": {figure: value}}})
+        assert verdict["passed"] is passed
+        assert verdict["criteria"] == [{"name": key, "value": value if value == value else
+                                        verdict["criteria"][0]["value"], "threshold": 0.5,
+                                        "passed": passed}]

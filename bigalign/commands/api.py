@@ -29,7 +29,7 @@ from ..storage.output_job import ZarrTarget, classify, output_job
 from ..execution.cluster import session
 from ..execution.engine import apply_graph, fit_graph
 from ..errors import CheckpointError, DamagedOutputError, InputError
-from ..execution.gpu import check_device
+from ..execution.devices import check_device
 from ..storage.locations import canonical_url, check_disjoint, options_for
 from ..planning.options import (ApplyOptions, Execution, FitOptions, JobOptions, Pairing,
                                 keywords_of, requests)

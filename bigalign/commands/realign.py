@@ -97,7 +97,7 @@ from ..storage.registry import Registry
 
 log = logging.getLogger("bigalign")
 
-__all__ = ["realign", "load_config", "RealignConfig", "GateConfig", "ApplyConfig",
+__all__ = ["realign", "load_config", "RealignConfig", "GateConfig", "ApplyConfig", "GATED",
            "holdout_mask", "stable_unit", "gate", "summary"]
 
 VERDICT_FORMAT = "bigalign.realign-verdict/1"
@@ -116,6 +116,15 @@ LOCK_WAIT = 180.0
 # ---------------------------------------------------------------------------------------
 # configuration
 # ---------------------------------------------------------------------------------------
+
+#: The gated metrics: ``[gate] KEY = threshold`` checks that the candidate's held-out
+#: FIGURE (a key of :func:`_figures`) is at least ("min") or at most ("max") the threshold.
+#: Adding a gated metric is one entry here and a field of the same name in
+#: :class:`GateConfig` (and, for a new figure, a key in :func:`_figures`), plus its test;
+#: parsing, the verdict and the summary follow from the table.
+GATED = {"min_recall_at_10": ("recall@10", "min"),
+         "max_relative_residual": ("relative_residual", "max")}
+
 
 @dataclass(frozen=True)
 class GateConfig:
@@ -250,20 +259,17 @@ def load_config(path_or_text: Union[str, os.PathLike, dict], *, base: Optional[s
         raise InputError(f"[fit] precision must be auto, float32 or float64, got "
                          f"{fit['precision']!r}")
     g = dict(data.get("gate") or {})
-    _keys(g, ("min_recall_at_10", "max_relative_residual", "not_worse_than_current",
-              "tolerance", "max_queries"), "[gate]")
+    _keys(g, (*GATED, "not_worse_than_current", "tolerance", "max_queries"), "[gate]")
     gate_cfg = GateConfig(
-        min_recall_at_10=None if g.get("min_recall_at_10") is None else
-        _typed(g["min_recall_at_10"], float, "[gate] min_recall_at_10"),
-        max_relative_residual=None if g.get("max_relative_residual") is None else
-        _typed(g["max_relative_residual"], float, "[gate] max_relative_residual"),
+        **{key: None if g.get(key) is None else _typed(g[key], float, f"[gate] {key}")
+           for key in GATED},
         not_worse_than_current=_typed(g.get("not_worse_than_current", True), bool,
                                       "[gate] not_worse_than_current"),
         tolerance=_typed(g.get("tolerance", 0.0), float, "[gate] tolerance"),
         max_queries=_typed(g.get("max_queries", 10_000), int, "[gate] max_queries"))
     if gate_cfg.max_queries < 1:
         raise InputError("[gate] max_queries must be positive")
-    if gate_cfg.min_recall_at_10 is None and gate_cfg.max_relative_residual is None and \
+    if all(getattr(gate_cfg, key) is None for key in GATED) and \
             not gate_cfg.not_worse_than_current:
         log.warning("the [gate] checks nothing: every candidate will be published")
     apply_cfg = None
@@ -586,15 +592,13 @@ def gate(g: GateConfig, evaluation: dict) -> dict:
     cand = evaluation["methods"]["candidate"]
     cur = evaluation["methods"].get("current")
     criteria = []
-    if g.min_recall_at_10 is not None:
-        v = cand["recall@10"]
-        criteria.append({"name": "min_recall_at_10", "value": v,
-                         "threshold": g.min_recall_at_10, "passed": bool(v >= g.min_recall_at_10)})
-    if g.max_relative_residual is not None:
-        v = cand["relative_residual"]
-        criteria.append({"name": "max_relative_residual", "value": v,
-                         "threshold": g.max_relative_residual,
-                         "passed": bool(v <= g.max_relative_residual)})
+    for key, (figure, direction) in GATED.items():
+        threshold = getattr(g, key)
+        if threshold is not None:
+            v = cand[figure]
+            criteria.append({"name": key, "value": v, "threshold": threshold,
+                             "passed": bool(v >= threshold if direction == "min" else
+                                            v <= threshold)})
     if g.not_worse_than_current:
         c = {"name": "not_worse_than_current", "tolerance": g.tolerance}
         if cur is None:

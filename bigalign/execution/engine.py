@@ -19,7 +19,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import faults, gpu
+from . import devices, faults
 from .graph import GraphSpec, Group, Leaf, Shared, build, token
 from ..storage.checkpoint import Job
 from ..planning.plan import COUNT_FAN_IN, Block, FitPlan, merge_tree, plan_blocks
@@ -55,7 +55,7 @@ def release_buffers() -> None:
     """Drop every thread's buffers in this process (after a run: no memory stays held)."""
     with _buffers_lock:
         _buffers.clear()
-    gpu.release_lanes()
+    devices.release_all()
 
 
 def _read(emb: EmbeddingArray, start: int, stop: int, name: str) -> np.ndarray:
@@ -69,10 +69,11 @@ def block_task(source: EmbeddingArray, target: EmbeddingArray, start: int, stop:
                device: str = "cpu") -> Moments:
     """Read paired rows [start, stop) once, ``rows_per_read`` (whole chunks) at a time, and
     reduce them to float64 statistics; memory is one read plus the running statistics.
-    ``device="cuda"``: the same on the GPU (bigalign.execution.gpu), statistics left on the device."""
+    Another ``device``: the same on its backend (:mod:`bigalign.execution.devices`),
+    statistics left on the device."""
     if device != "cpu":
-        total = gpu.fit_block(source, target, start, stop, normalize, gram, dtype, step,
-                              rows_per_read, device)
+        total = devices.backend(device).fit_block(source, target, start, stop, normalize,
+                                                  gram, dtype, step, rows_per_read, device)
         faults.point("fit.block")
         return total
     acc = Accumulator(source.dim, target.dim, gram=gram, normalize=normalize, dtype=dtype)
@@ -92,7 +93,7 @@ def unit_task(job: Job, index: int, start: int, stop: int, *parts: Moments) -> M
     statistics for rows [start, stop) (its durable progress; fenced: a run that lost its
     lease raises instead of writing)."""
     moments = parts[0] if len(parts) == 1 else merge_task(*parts)
-    job.save_unit(index, gpu.to_host(moments), start, stop)
+    job.save_unit(index, devices.to_host(moments), start, stop)
     faults.point("fit.unit-saved")
     return moments
 
@@ -120,8 +121,9 @@ def resumed_unit_task(job: Job, index: int, start: int, stop: int,
 
 
 def merge_task(*parts: Moments) -> Moments:
-    if any(isinstance(p, gpu.DeviceMoments) for p in parts):
-        return gpu.merge_task(*parts)
+    module = devices.owner(parts)
+    if module is not None:
+        return module.merge_task(*parts)
     return merge_all(parts)
 
 
@@ -208,8 +210,8 @@ def _map(source: EmbeddingArray, params: tuple, start: int, stop: int, dtype: st
     matrix, source_mean, target_mean, _ = params
     if device != "cpu":
         try:
-            return gpu.map_region(source, start, stop, params, dtype, renormalize,
-                                  normalize, device), []
+            return devices.backend(device).map_region(source, start, stop, params, dtype,
+                                                      renormalize, normalize, device), []
         except NonFiniteError:
             if bad_rows == "fail":
                 raise
@@ -277,7 +279,7 @@ def fit_graph(source: EmbeddingArray, target: EmbeddingArray, plan: FitPlan, *,
     spec = GraphSpec("fit", token(asdict(plan), run_id, sorted(done), normalize, gram,
                                   dtype, fan_in, device),
                      {"source": source, "target": target}, tuple(groups), merge_task,
-                     fan_in, finish=None if device == "cpu" else gpu.to_host_task)
+                     fan_in, finish=None if device == "cpu" else devices.to_host)
     graph, key, _ = build(spec)
     return graph, key, sum(len(g.leaves) for g in groups if g.root is not None or
                            g.leaves[0].label == "block")

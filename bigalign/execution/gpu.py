@@ -422,3 +422,18 @@ def using_backend(backend, device: str = "cuda"):
                 _backends.pop(device, None)
             else:
                 _backends[device] = old
+
+
+# ---- the backend interface (bigalign.execution.devices) ----------------------------------
+
+def check(device: str) -> None:
+    """:func:`check_device` as the backend interface names it."""
+    check_device(device)
+
+
+def owns(m) -> bool:
+    """Is ``m`` a partial on this backend's device?"""
+    return isinstance(m, DeviceMoments)
+
+
+release = release_lanes
