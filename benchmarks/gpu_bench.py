@@ -155,7 +155,15 @@ def generate(case_dir: Path, n: int, d: int, chunk: int, threads: int, cp) -> tu
 
 
 def fit_reads(src, tgt) -> list:
-    plan = bigalign.commands.api._fit_plan(src, tgt, 0, src.rows, DEFAULT_BLOCK_BYTES, True)
+    """The reads of the fit bigalign would plan for these arrays (with diagnostics)."""
+    from dataclasses import asdict
+
+    from bigalign.planning.plan import make_fit_plan
+
+    plan = asdict(make_fit_plan(0, src.rows, (src.row_step, tgt.row_step), (src.dim, tgt.dim),
+                                (src.dtype.itemsize, tgt.dtype.itemsize), True,
+                                DEFAULT_BLOCK_BYTES,
+                                read_steps=(src.read_step, tgt.read_step)))
     return plan_blocks(0, src.rows, plan["step"], plan["rows_per_read"]), plan
 
 

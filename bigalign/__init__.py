@@ -18,9 +18,9 @@ from .errors import (BigalignError, CheckpointError, ChunkReadError, DamagedOutp
                      InputError, NonFiniteError)
 
 #: name -> submodule that defines it, imported on first access
-_LAZY = {"Transform": ".transform", "apply": ".commands.api", "fit": ".commands.api",
-         "output_damage": ".commands.api", "output_status": ".commands.api",
-         "run_status": ".commands.api", "RunReport": ".commands.runs",
+_LAZY = {"Transform": ".transform", "apply": ".commands.apply", "fit": ".commands.fit",
+         "output_damage": ".commands.status", "output_status": ".commands.status",
+         "run_status": ".commands.status", "RunReport": ".commands.runs",
          "Procrustes": ".estimator", "FitOptions": ".planning.options",
          "ApplyOptions": ".planning.options", "Pairing": ".planning.options",
          "JobOptions": ".planning.options", "Execution": ".planning.options"}

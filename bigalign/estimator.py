@@ -58,7 +58,7 @@ class Procrustes:
         of Zarr arrays or embedding stores, or open zarr.Arrays. ``run``: what
         :func:`bigalign.fit` takes besides the options (pairing, job, execution objects or
         their keywords, ``output``, ``storage_options``, ...). Returns self."""
-        from .commands.api import fit
+        from .commands.fit import fit
 
         t = fit(source, target, self.options, **run)
         self.transform_ = t
@@ -81,7 +81,7 @@ class Procrustes:
 
     def apply(self, source, output, **kwargs):
         """Map a whole corpus out of core (:func:`bigalign.apply`); returns its RunReport."""
-        from .commands.api import apply
+        from .commands.apply import apply
 
         return apply(self._fitted(), source, output, **kwargs)
 

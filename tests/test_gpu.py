@@ -133,7 +133,7 @@ def test_fit_on_emulated_device_checkpoints_and_resumes(pair, emulated, tmp_path
     dev = bigalign.fit(s, t, device="cuda", output=out, keep_checkpoint=True, **kw)
     _assert_streamed_equal(dev.statistics, cpu.statistics)
     # units saved by the device run are plain numpy Moments, equal to the CPU's
-    prog = Job(bigalign.commands.api.default_checkpoint(out))
+    prog = Job(bigalign.storage.checkpoint.default_checkpoint(out))
     manifest = prog.manifest()
     prog.run_id = manifest["run_id"]
     rows = FitPlan(**manifest["plan"]).unit_rows()

@@ -237,7 +237,7 @@ def test_sample_of_all_matched_pairs_warns_none_held_out(tmp_path, caplog):
 def test_fit_by_ids_refuses_an_output_on_its_input_before_joining(tmp_path, monkeypatch):
     """An output that aliases an input is refused up front, before the id join (which reads
     every id of both stores) is paid for."""
-    from bigalign.commands import api
+    from bigalign.commands import fit as api
 
     a, b, _ = planted(300, 4, seed=2)
     ids = np.arange(300)
