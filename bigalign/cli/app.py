@@ -28,8 +28,8 @@ from typing import Optional
 
 from .. import __version__
 from ..storage.locations import options_for
-from .common import (_common, _describe_transform, _print_json, _run_args, _run_details,
-                     add_storage_option, positive_int, storage_options)
+from .common import (_describe_transform, _print_json, _run_args, _run_details,
+                     add_storage_option, positive_int, requests, storage_options)
 
 CENTER_HELP = ("remove each side's mean before fitting, and map (x - mean_src) Q + mean_tgt. "
                "Use it whenever a model's vectors share a common offset, which real models "
@@ -247,14 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _fit(args) -> int:
     import bigalign
 
-    t = bigalign.fit(args.source, args.target, output=args.output, center=args.center,
-                     normalize=args.normalize, scale=args.scale,
-                     reflection=not args.no_reflection, rows=args.rows,
-                     diagnostics=not args.no_diagnostics, precision=args.precision,
-                     keep_checkpoint=args.keep_checkpoint, pair_by=args.pair_by,
-                     duplicates=args.duplicates, sample=args.sample, seed=args.seed,
-                     scratch=args.scratch, source_model=args.source_model,
-                     target_model=args.target_model, **_common(args))
+    from ..planning.options import FitOptions, Pairing
+
+    options = FitOptions(center=args.center, normalize=args.normalize, scale=args.scale,
+                         reflection=not args.no_reflection,
+                         diagnostics=not args.no_diagnostics, precision=args.precision)
+    pairing = Pairing(by=args.pair_by, rows=args.rows, duplicates=args.duplicates,
+                      sample=args.sample, seed=args.seed, scratch=args.scratch)
+    t = bigalign.fit(args.source, args.target, options, pairing=pairing, output=args.output,
+                     source_model=args.source_model, target_model=args.target_model,
+                     **requests(args))
     if args.json:
         _print_json(_transform_json(t, args.output))
     elif not args.quiet:
@@ -271,11 +273,13 @@ def _transform_json(t, path) -> dict:
 def _apply(args) -> int:
     import bigalign
 
-    r = bigalign.apply(args.transform, args.source, args.output, dtype=args.dtype,
-                       renormalize=args.renormalize, target_centred=args.target_centred,
-                       compression=args.compression, chunk_rows=args.chunk_rows,
-                       rows=args.rows, bad_rows=args.bad_rows,
-                       allow_model_mismatch=args.allow_model_mismatch, **_common(args))
+    from ..planning.options import ApplyOptions
+
+    options = ApplyOptions(dtype=args.dtype, renormalize=args.renormalize,
+                           target_centred=args.target_centred, compression=args.compression,
+                           chunk_rows=args.chunk_rows, bad_rows=args.bad_rows)
+    r = bigalign.apply(args.transform, args.source, args.output, options, rows=args.rows,
+                       allow_model_mismatch=args.allow_model_mismatch, **requests(args))
     if args.json:
         from ..storage.outputs import inspect
 

@@ -210,6 +210,26 @@ def _run_details(r, *more: str) -> str:
     return f" ({'; '.join(parts)})" if parts else ""
 
 
+def requests(args) -> dict:
+    """The job protocol and the execution settings of a streaming command, as the API's
+    request objects (:class:`bigalign.planning.options.JobOptions`, :class:`Execution`),
+    each validated as it is built, and the storage options: the keywords ``fit`` and
+    ``apply`` take."""
+    from ..planning.options import Execution, JobOptions
+
+    return {"job": JobOptions(overwrite=args.overwrite, checkpoint=args.checkpoint,
+                              restart=args.restart,
+                              keep_checkpoint=getattr(args, "keep_checkpoint", False),
+                              check_chunks=not args.allow_missing_chunks),
+            "execution": Execution(scheduler=args.scheduler or args.scheduler_file,
+                                   workers=args.workers, memory_limit=args.memory_limit,
+                                   threads=args.threads,
+                                   block_bytes=int(args.block_mb * 2**20),
+                                   progress=not args.quiet, device=args.device,
+                                   stall_timeout=getattr(args, "stall_timeout", None)),
+            "storage_options": storage_options(args)}
+
+
 def _common(args) -> dict:
     return dict(scheduler=args.scheduler or args.scheduler_file, workers=args.workers,
                 memory_limit=args.memory_limit,
