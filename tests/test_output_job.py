@@ -224,3 +224,25 @@ def test_a_resume_removes_the_partial_files_of_killed_writers(corpus):
     assert not stray.exists()
     assert not [p for p in out.rglob("*.partial")]
     np.testing.assert_array_equal(zarr.open_array(str(out))[:], ref)
+
+
+def test_an_output_that_cannot_be_read_is_not_taken_for_foreign(corpus, monkeypatch):
+    """Classifying what sits at an output (absent / ours / foreign) never turns "storage did
+    not answer" into an answer: a refusal ("not written by bigalign", exit 2) or a
+    replacement would both be wrong."""
+    from bigalign.storage.outputs import inspect
+
+    tmp, s, t, _ = corpus
+    out = fresh(tmp)
+    bigalign.apply(t, s, str(out), block_bytes=BLOCK)
+    real = zarr.open
+
+    def flaky(*a, **k):
+        raise TimeoutError("read timed out")
+
+    monkeypatch.setattr(zarr, "open", flaky)
+    with pytest.raises(TransientError, match="storage did not answer") as e:
+        inspect(str(out))
+    assert exit_code(e.value) == 75
+    monkeypatch.setattr(zarr, "open", real)
+    assert inspect(str(out)).kind == "apply-output"

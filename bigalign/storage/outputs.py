@@ -88,11 +88,12 @@ def inspect(url, storage_options: Optional[dict] = None) -> Node:
             return Node("absent")
         if fs.isdir(path) and not fs.ls(path, detail=False):
             return Node("absent")
-    except (OSError, ValueError):
-        pass
+    except (OSError, ValueError) as e:
+        _raise_transient(url, e)
     try:
         node = zarr.open(url, mode="r", storage_options=options_for(url, storage_options))
-    except Exception:
+    except Exception as e:
+        _raise_transient(url, e)  # storage that did not answer is not "not ours"
         return Node("foreign")
     attrs = node.attrs.get("bigalign")
     attrs = dict(attrs) if isinstance(attrs, dict) else {}
@@ -109,6 +110,18 @@ def inspect(url, storage_options: Optional[dict] = None) -> Node:
     if "complete" in attrs:
         return Node("apply-output", attrs)
     return Node("foreign")
+
+
+def _raise_transient(url, e: BaseException) -> None:
+    """Raise TransientError (exit 75) when ``e`` says storage did not answer: what is at
+    ``url`` is then unknown, never "absent" or "foreign"."""
+    from ..errors import TransientError, is_transient
+
+    if isinstance(e, TransientError):
+        raise e
+    if is_transient(e):
+        raise TransientError(f"{str(url)!r}: storage did not answer ({type(e).__name__}: "
+                             f"{e}); rerun the same command") from e
 
 
 def chunks_damage(url, storage_options: Optional[dict] = None) -> Optional[str]:
