@@ -40,8 +40,9 @@ The steps, each resumable, with their progress under ``REG/runs/<run id>/``:
 3. **fit** the candidate on the training copies with :func:`bigalign.fit` (its own
    checkpointed job: a killed fit resumes unit by unit).
 4. **evaluate** the candidate, the current version and no alignment (equal dimensions) on
-   the held-out copies with :func:`bigalign.commands.evaluate.evaluate_maps`: recall@1/@10 (cosine,
-   mapped source rows searched among every held-out native target row) and the relative
+   the held-out copies with :func:`bigalign.commands.evaluate_engine.evaluate_maps`:
+   recall@1/@10 (cosine, mapped source rows searched among every held-out native target
+   row) and the relative
    residual. Recorded in ``evaluation.json``.
 5. **gate** (:func:`gate`): thresholds, and "not worse than current" (candidate recall@10
    >= current's - tolerance and residual <= current's + tolerance). A failed gate
@@ -122,7 +123,7 @@ def _figures(entry: dict) -> dict:
 def _evaluate(cfg: RealignConfig, reg: Registry, files: RunFiles, so,
               threads: Optional[int]) -> dict:
     """Candidate, current version and no alignment on the held-out copies."""
-    from .evaluate import evaluate_maps
+    from .evaluate_engine import evaluate_maps
     from ..maths.metrics import AffineMap, Method
     from ..transform import Transform
 
