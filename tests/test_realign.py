@@ -17,7 +17,8 @@ import zarr
 
 import bigalign
 from bigalign.cli import main
-from bigalign.commands.realign import holdout_mask, load_config, stable_unit
+from bigalign.commands.realign_config import load_config
+from bigalign.commands.realign_pairs import holdout_mask, stable_unit
 from bigalign.storage.registry import Registry
 from conftest import planted
 
@@ -481,12 +482,13 @@ def test_the_evaluation_inside_realign_logs_as_realign(data, caplog):
     assert not any(m.startswith("evaluate: ") for m in lines), lines
 
 
-@pytest.mark.parametrize("key", sorted(__import__("bigalign.commands.realign",
+@pytest.mark.parametrize("key", sorted(__import__("bigalign.commands.realign_config",
                                                   fromlist=["GATED"]).GATED))
 def test_every_gated_metric_is_parsed_and_judged(tmp_path, key):
-    """The gate is table-driven (realign.GATED): each gated metric is read from [gate],
+    """The gate is table-driven (realign_config.GATED): each gated metric is read from [gate],
     checked in its direction, and NaN never passes."""
-    from bigalign.commands.realign import GATED, gate
+    from bigalign.commands.realign import gate
+    from bigalign.commands.realign_config import GATED
 
     figure, direction = GATED[key]
     cfg = load_config(config(tmp_path / "g.toml", "reg",

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from bigalign.cli import build_parser
-from bigalign.commands.realign import load_config
+from bigalign.commands.realign_config import load_config
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 YAMLS = sorted(WORKFLOWS.glob("*.yaml"))

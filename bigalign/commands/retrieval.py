@@ -5,7 +5,7 @@ from another, one side mapped by the transform. :func:`evaluate_retrieval` searc
 judged query (or a seeded sample) exactly, blockwise, among all searched documents, for the
 transform, its baselines (:func:`bigalign.maths.metrics.methods_for`) and optionally the native
 ceiling, in raw and centred cosine search; :func:`load_qrels` reads the judgements.
-Streaming as :mod:`bigalign.commands.evaluate`: memory is the queries, one block of documents and
+Streaming as :mod:`bigalign.commands.evaluate_engine`: memory is the queries, one block of documents and
 one block of scores per thread.
 """
 
@@ -14,13 +14,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
 
 from ..errors import InputError, NonFiniteError
-from .evaluate import (DEFAULT_MAX_QUERIES, Parallel, blocks, counted, load_transform,
-                       open_input, read_checked, row_range, take_rows, training_statistics)
+from .evaluate import load_transform, training_statistics
+from .evaluate_engine import (DEFAULT_MAX_QUERIES, Parallel, blocks, counted, open_input,
+                              read_checked, row_range, take_rows)
 from ..execution.pairing import Pairs, gathered, join, pair_by_ids
 from ..maths.metrics import (methods_for, ndcg_at_k, query_sample, recall_at_k, score_rows,
                       sort_topk, topk_block, unit_rows)
@@ -196,36 +198,15 @@ def evaluate_retrieval(transform, queries, docs, qrels, *, map_side: str = "quer
             f"the transform maps {dim_a} -> {dim_b} dims; with --map {map_side} the "
             f"{mapped.side} must have {dim_a} dims (got {mapped.dim}) and the {fixed.side} "
             f"{dim_b} (got {fixed.dim})")
-    nat = nat_ids = None
-    if native is not None:
-        nat, nat_ids = open_input(native, "native " + mapped.side, storage_options,
-                                  check_chunks)
-        if by_ids and nat_ids is None:
-            raise InputError(f"pairing by ids: --native must be an embedding store with ids "
-                             f"(the {mapped.side} embedded by the other model)")
-        if nat.dim != dim_b or (not by_ids and nat.rows != mapped.rows):
-            raise InputError(f"native {mapped.side} must be the {mapped.side} embedded by the "
-                             f"other model: shape ({mapped.rows}, {dim_b}), got "
-                             f"({nat.rows}, {nat.dim})")
+    nat, nat_ids = (None, None) if native is None else \
+        _open_native(native, mapped, dim_b, by_ids, storage_options, check_chunks)
     q0, q1 = row_range(query_rows, qa.rows, "query rows")
     d0, d1 = row_range(doc_rows, da.rows, "document rows")
     if by_ids:
         judged, pairing = qrels_by_ids(qrels, q_ids, d_ids, duplicates)
     else:
         judged, pairing = load_qrels(qrels), {"by": "rows"}
-    judged = {q: rel for q, rel in judged.items() if q0 <= q < q1}
-    bad_docs = sorted({d for rel in judged.values() for d in rel if not d0 <= d < d1})
-    if bad_docs:
-        raise InputError(f"qrels name {len(bad_docs)} document(s) outside the searched rows "
-                         f"{d0}:{d1} (first: {bad_docs[0]}); pass --doc-rows to include them")
-    qids = np.array(sorted(q for q, rel in judged.items() if any(r > 0 for r in rel.values())),
-                    dtype=np.int64)
-    if not len(qids):
-        raise InputError(f"no query in rows {q0}:{q1} has a relevant document (relevance > 0) "
-                         "in the qrels")
-    n_judged = len(qids)
-    qids = qids[query_sample(n_judged, max_queries, seed)]
-    relevance = [judged[int(q)] for q in qids]
+    qids, relevance, n_judged = _judged_queries(judged, (q0, q1), (d0, d1), max_queries, seed)
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1 or ndcg_k < 1:
         raise InputError("cut-offs must be positive integers")
@@ -242,10 +223,47 @@ def evaluate_retrieval(transform, queries, docs, qrels, *, map_side: str = "quer
             relevance = [{d - d0: r for d, r in rel.items()} for rel in relevance]
             shift, d0, d1 = d0, 0, d1 - d0
     with stack:
-        return _search(t, qa, da, nat, native_rows, qids, relevance, n_judged, map_side,
-                       statistics, train_source, train_target, ridge, ks, ndcg_k, dtype,
-                       block_rows, storage_options, check_chunks, (d0, d1), shift,
-                       (q0, q1), pairing)
+        return _search(_Search(
+            t, qa, da, nat, native_rows, qids, relevance, n_judged, map_side, (d0, d1), shift,
+            (q0, q1), pairing, ks, ndcg_k, dtype, statistics, train_source, train_target,
+            ridge, block_rows, storage_options, check_chunks))
+
+
+def _open_native(native, mapped, dim_b: int, by_ids: bool, storage_options, check_chunks
+                 ) -> tuple:
+    """(rows, ids) of ``native``: the mapped side's texts embedded by the other model,
+    (mapped.rows, dim_b) when paired by rows, a store with ids when paired by ids."""
+    nat, nat_ids = open_input(native, "native " + mapped.side, storage_options, check_chunks)
+    if by_ids and nat_ids is None:
+        raise InputError(f"pairing by ids: --native must be an embedding store with ids "
+                         f"(the {mapped.side} embedded by the other model)")
+    if nat.dim != dim_b or (not by_ids and nat.rows != mapped.rows):
+        raise InputError(f"native {mapped.side} must be the {mapped.side} embedded by the "
+                         f"other model: shape ({mapped.rows}, {dim_b}), got "
+                         f"({nat.rows}, {nat.dim})")
+    return nat, nat_ids
+
+
+def _judged_queries(judged: dict, query_range: tuple, doc_range: tuple,
+                    max_queries: Optional[int], seed: int) -> tuple[np.ndarray, list, int]:
+    """The queries searched: (qids, relevance, n_judged). ``judged`` (query row -> {doc row:
+    relevance}) is kept to rows ``query_range``; every judged document must lie in
+    ``doc_range``. qids : (nq,) int64, sorted, queries with a relevant document (a seeded
+    sample of at most ``max_queries`` of the ``n_judged``); relevance : their judgements."""
+    (q0, q1), (d0, d1) = query_range, doc_range
+    judged = {q: rel for q, rel in judged.items() if q0 <= q < q1}
+    bad_docs = sorted({d for rel in judged.values() for d in rel if not d0 <= d < d1})
+    if bad_docs:
+        raise InputError(f"qrels name {len(bad_docs)} document(s) outside the searched rows "
+                         f"{d0}:{d1} (first: {bad_docs[0]}); pass --doc-rows to include them")
+    qids = np.array(sorted(q for q, rel in judged.items() if any(r > 0 for r in rel.values())),
+                    dtype=np.int64)
+    if not len(qids):
+        raise InputError(f"no query in rows {q0}:{q1} has a relevant document (relevance > 0) "
+                         "in the qrels")
+    n_judged = len(qids)
+    qids = qids[query_sample(n_judged, max_queries, seed)]
+    return qids, [judged[int(q)] for q in qids], n_judged
 
 
 def _native_rows(mapped_ids, native_ids, rows: np.ndarray, duplicates: str, side: str):
@@ -265,7 +283,7 @@ def _native_rows(mapped_ids, native_ids, rows: np.ndarray, duplicates: str, side
 
 
 def _take(arr, rows: np.ndarray) -> np.ndarray:
-    """Rows at indices ``rows`` in any order (:func:`bigalign.commands.evaluate.take_rows`)."""
+    """Rows at indices ``rows`` in any order (:func:`bigalign.commands.evaluate_engine.take_rows`)."""
     order = np.argsort(rows, kind="stable")
     out = take_rows(arr, rows[order])
     back = np.empty_like(order)
@@ -273,24 +291,63 @@ def _take(arr, rows: np.ndarray) -> np.ndarray:
     return out[back]
 
 
-def _search(t, qa, da, nat, native_rows, qids, relevance, n_judged, map_side, statistics,
-            train_source, train_target, ridge, ks, ndcg_k, dtype, block_rows, storage_options,
-            check_chunks, doc_range, shift, query_range, pairing) -> dict:
-    """The searches of :func:`evaluate_retrieval` once queries, documents and judgements
-    are known: documents are rows ``doc_range`` of ``da`` (``shift`` added back when
-    reporting: gathered documents start at 0); ``native_rows``: by ids, the native rows of
-    the mapped side's evaluated rows (queries: of ``qids``; documents: of ``doc_range``)."""
-    (d0, d1), (q0, q1) = doc_range, query_range
-    dim_b = t.dims[1]
+@dataclass(frozen=True)
+class _Search:
+    """One search of :func:`evaluate_retrieval`, once queries, documents and judgements are
+    known.
+
+    t : the transform. queries / docs : the query and document rows; docs are rows
+    ``doc_range`` of ``docs`` (``shift`` added back when reporting: gathered documents
+    start at 0). native : the native twins of the mapped side, or None; ``native_rows``:
+    by ids, their rows for the mapped side's evaluated rows (queries: of ``qids``;
+    documents: of ``doc_range``). qids : (nq,) int64 query rows searched; relevance : per
+    query, {document row: relevance}; n_judged : judged queries before sampling.
+    map_side, query_range, pairing : as reported. ks, ndcg_k : cut-offs; dtype : the work
+    dtype. statistics, train_source, train_target, ridge : the baselines' training
+    statistics (:func:`bigalign.commands.evaluate.training_statistics`). block_rows,
+    storage_options, check_chunks : how inputs are read."""
+
+    t: object
+    queries: object
+    docs: object
+    native: object
+    native_rows: Optional[np.ndarray]
+    qids: np.ndarray
+    relevance: list
+    n_judged: int
+    map_side: str
+    doc_range: tuple
+    shift: int
+    query_range: tuple
+    pairing: dict
+    ks: list
+    ndcg_k: int
+    dtype: object
+    statistics: Optional[Moments]
+    train_source: object
+    train_target: object
+    ridge: float
+    block_rows: Optional[int]
+    storage_options: Optional[dict]
+    check_chunks: bool
+
+
+def _search(s: _Search) -> dict:
+    """The searches of :func:`evaluate_retrieval`: the transform, its baselines and the
+    native ceiling, raw and centred, exact top-k over every searched document; scored by
+    nDCG and recall ("kind": "retrieval")."""
+    t, qids = s.t, s.qids
+    (d0, d1), (q0, q1) = s.doc_range, s.query_range
     n_docs = d1 - d0
-    depth = min(max(max(ks), ndcg_k), n_docs)
-    work = np.dtype(dtype)
+    depth = min(max(max(s.ks), s.ndcg_k), n_docs)
+    work = np.dtype(s.dtype)
     t0 = time.perf_counter()
 
     moments, origin = training_statistics(
-        t, statistics, train_source=train_source, train_target=train_target,
-        storage_options=storage_options, check_chunks=check_chunks, block_rows=block_rows)
-    methods = methods_for(t, moments, ridge)
+        t, s.statistics, train_source=s.train_source, train_target=s.train_target,
+        storage_options=s.storage_options, check_chunks=s.check_chunks,
+        block_rows=s.block_rows)
+    methods = methods_for(t, moments, s.ridge)
     centred = len(qids) >= MIN_CENTRED_QUERIES
     if not centred:
         log.warning("evaluate-retrieval: only %s: the centred search (queries minus their "
@@ -299,59 +356,24 @@ def _search(t, qa, da, nat, native_rows, qids, relevance, n_judged, map_side, st
                     counted(len(qids), "query", "queries"), MIN_CENTRED_QUERIES)
     log.info("evaluate-retrieval: %s (rows %d:%d) among %s (rows %d:%d), %s mapped, %s",
              counted(len(qids), "query", "queries"), q0, q1,
-             counted(n_docs, "document", "documents"), d0, d1, map_side,
-             counted(len(methods) + (nat is not None), "method", "methods"))
+             counted(n_docs, "document", "documents"), d0, d1, s.map_side,
+             counted(len(methods) + (s.native is not None), "method", "methods"))
 
-    def fixed(x: np.ndarray, start: int = 0, side: str = "target", ids=None) -> np.ndarray:
-        """Rows in the target model's space, preprocessed as the fit preprocessed its
-        targets (unit rows when it normalised: its maps normalise their inputs). ``ids``:
-        the row indices of ``x`` when they are not ``start, start + 1, ...``."""
-        x = x.astype(work, copy=False)
-        if not t.normalize:
-            return x
-        if ids is not None:  # name the stored row, not the position in x
-            bad = np.flatnonzero(bad_norms(x, work))
-            if bad.size:
-                raise NonFiniteError(f"{side} row {int(ids[bad[0]])} holds "
-                                     f"{bad_norm_reason(x[bad[0]], work)} (the transform's "
-                                     "fit normalised its rows)")
-        return normalize_rows(x, work, start, side)
-
-    # entries: (name, note, this, query vectors, doc stream key); streams: key -> (rows, map)
-    q_raw = take_rows(qa, qids)
-    entries, streams = [], {}
-    if map_side == "queries":
-        streams["docs"] = (da, None)
-        if nat is not None:
-            twins = _take(nat, native_rows) if native_rows is not None else take_rows(nat, qids)
-            entries.append(("native", "queries embedded by the document model", False,
-                            fixed(twins, side=nat.side, ids=qids), "docs"))
-        for m in methods:
-            entries.append((m.name, m.note, m.this, m.map(q_raw, work), "docs"))
-    else:
-        q_work = fixed(q_raw, side=qa.side, ids=qids)
-        if nat is not None:
-            streams["native"] = (nat, None)
-            entries.append(("native", "documents embedded by the query model", False,
-                            q_work, "native"))
-        for i, m in enumerate(methods):
-            streams[f"m{i}"] = (da, m.map)
-            entries.append((m.name, m.note, m.this, q_work, f"m{i}"))
-
+    entries, streams = _entries(s, methods, work)
     arrays = list({id(arr): arr for arr, _ in streams.values()}.values())
-    ranges = blocks(d0, d1, arrays, block_rows)
+    ranges = blocks(d0, d1, arrays, s.block_rows)
 
     def doc_blocks():
         """Yield (offset, {stream key: mapped block}) reading each array once per block."""
         for blk in ranges:
-            s = blk.start
-            read = {id(arr): read_checked(arr, s, blk.stop) for arr in arrays}
-            yield s, {key: fn(read[id(arr)], work, start=s) if fn is not None
-                      else fixed(read[id(arr)], s, arr.side)
-                      for key, (arr, fn) in streams.items()}
+            b0 = blk.start
+            read = {id(arr): read_checked(arr, b0, blk.stop) for arr in arrays}
+            yield b0, {key: fn(read[id(arr)], work, start=b0) if fn is not None
+                       else _fixed(t, work, read[id(arr)], b0, arr.side)
+                       for key, (arr, fn) in streams.items()}
 
     # pass 1: the mean of each document stream (for centred search)
-    sums_ = {key: np.zeros(dim_b) for key in streams}
+    sums_ = {key: np.zeros(t.dims[1]) for key in streams}
     for _, out in doc_blocks() if centred else ():
         for key, y in out.items():
             sums_[key] += y.sum(axis=0, dtype=np.float64)
@@ -363,9 +385,82 @@ def _search(t, qa, da, nat, native_rows, qids, relevance, n_judged, map_side, st
         search.append((name, "raw", unit_rows(qv), key))
         if centred:
             search.append((name, "centred", unit_rows(qv - qv.mean(axis=0)), key))
-    # pass 2: exact top-k; one running best per (search, query chunk), filled in parallel
+    ranked = _top_k(search, doc_blocks(), doc_mean, centred, depth, len(qids), work)
+    results = {}
+    for (name, variant, _, _), r in zip(search, ranked):
+        scores = {f"ndcg@{s.ndcg_k}": float(np.nanmean(ndcg_at_k(r, s.relevance, s.ndcg_k)))}
+        for k in s.ks:
+            scores[f"recall@{k}"] = float(np.nanmean(recall_at_k(r, s.relevance, k)))
+        results.setdefault(name, {})[variant] = scores
+        if not centred:
+            results[name]["centred"] = dict.fromkeys(scores)
+    out_methods = [{"name": name, "note": note, "this": this, "retrieval": results[name]}
+                   for name, note, this, _, _ in entries]
+    seconds = time.perf_counter() - t0
+    log.info("evaluate-retrieval: done in %.1fs", seconds)
+    return {"kind": "retrieval", "map": s.map_side, "queries": int(len(qids)),
+            "query_rows": [q0, q1], "doc_rows": [d0 + s.shift, d1 + s.shift],
+            "documents": n_docs, "pairing": s.pairing,
+            "sampled": len(qids) < s.n_judged, "ks": s.ks, "centred_computed": centred,
+            "ndcg_k": s.ndcg_k,
+            "training": {"rows": t.options.get("rows"), "statistics": origin},
+            "transform": {"dims": list(t.dims), "options": t.options},
+            "seconds": seconds, "methods": out_methods}
+
+
+def _fixed(t, work: np.dtype, x: np.ndarray, start: int = 0, side: str = "target",
+           ids=None) -> np.ndarray:
+    """Rows in the target model's space, preprocessed as the fit of ``t`` preprocessed its
+    targets (unit rows when it normalised: its maps normalise their inputs), as ``work``.
+    ``ids``: the row indices of ``x`` when they are not ``start, start + 1, ...``."""
+    x = x.astype(work, copy=False)
+    if not t.normalize:
+        return x
+    if ids is not None:  # name the stored row, not the position in x
+        bad = np.flatnonzero(bad_norms(x, work))
+        if bad.size:
+            raise NonFiniteError(f"{side} row {int(ids[bad[0]])} holds "
+                                 f"{bad_norm_reason(x[bad[0]], work)} (the transform's "
+                                 "fit normalised its rows)")
+    return normalize_rows(x, work, start, side)
+
+
+def _entries(s: _Search, methods, work: np.dtype) -> tuple[list, dict]:
+    """What is searched: entries (name, note, this, query vectors, document stream key),
+    and the document streams, key -> (rows, map or None): the mapped side's map applied
+    to the queries (map_side "queries") or to each block of documents ("docs")."""
+    qa, nat = s.queries, s.native
+    q_raw = take_rows(qa, s.qids)
+    entries, streams = [], {}
+    if s.map_side == "queries":
+        streams["docs"] = (s.docs, None)
+        if nat is not None:
+            twins = _take(nat, s.native_rows) if s.native_rows is not None \
+                else take_rows(nat, s.qids)
+            entries.append(("native", "queries embedded by the document model", False,
+                            _fixed(s.t, work, twins, side=nat.side, ids=s.qids), "docs"))
+        for m in methods:
+            entries.append((m.name, m.note, m.this, m.map(q_raw, work), "docs"))
+    else:
+        q_work = _fixed(s.t, work, q_raw, side=qa.side, ids=s.qids)
+        if nat is not None:
+            streams["native"] = (nat, None)
+            entries.append(("native", "documents embedded by the query model", False,
+                            q_work, "native"))
+        for i, m in enumerate(methods):
+            streams[f"m{i}"] = (s.docs, m.map)
+            entries.append((m.name, m.note, m.this, q_work, f"m{i}"))
+    return entries, streams
+
+
+def _top_k(search: list, doc_blocks, doc_mean: dict, centred: bool, depth: int, nq: int,
+           work: np.dtype):
+    """Pass 2: exact top-``depth`` of every search (name, variant, (nq, d) unit query
+    rows, stream key) among the blocks ``doc_blocks`` yields; one running best per
+    (search, query chunk), filled in parallel. Yields, per search, the (nq, depth)
+    document rows ranked best first."""
     pool = Parallel()
-    chunks = pool.chunks(len(qids))
+    chunks = pool.chunks(nq)
     best = {(j, c): (np.empty((c[1] - c[0], 0), dtype=work),
                      np.empty((c[1] - c[0], 0), dtype=np.int64))
             for j in range(len(search)) for c in chunks}
@@ -375,7 +470,7 @@ def _search(t, qa, da, nat, native_rows, qids, relevance, n_judged, map_side, st
         best[(j, c)] = topk_block(qv[c[0]:c[1]], docs, offset, depth, *best[(j, c)],
                                   score_rows(c[1] - c[0], len(docs), pool.workers))
 
-    for s, out in doc_blocks():
+    for s, out in doc_blocks:
         units = {}
         for key, y in out.items():
             units[(key, "raw")] = unit_rows(y)
@@ -383,24 +478,6 @@ def _search(t, qa, da, nat, native_rows, qids, relevance, n_judged, map_side, st
                 units[(key, "centred")] = unit_rows(y - doc_mean[key])
         pool.run([lambda j=j, c=c, d=units[(key, variant)], s=s: task(j, c, d, s)
                   for j, (_, variant, _, key) in enumerate(search) for c in chunks])
-    results = {}
-    for j, (name, variant, _, _) in enumerate(search):
-        _, ranked = sort_topk(np.concatenate([best[(j, c)][0] for c in chunks]),
-                              np.concatenate([best[(j, c)][1] for c in chunks]))
-        scores = {f"ndcg@{ndcg_k}": float(np.nanmean(ndcg_at_k(ranked, relevance, ndcg_k)))}
-        for k in ks:
-            scores[f"recall@{k}"] = float(np.nanmean(recall_at_k(ranked, relevance, k)))
-        results.setdefault(name, {})[variant] = scores
-        if not centred:
-            results[name]["centred"] = dict.fromkeys(scores)
-    out_methods = [{"name": name, "note": note, "this": this, "retrieval": results[name]}
-                   for name, note, this, _, _ in entries]
-    seconds = time.perf_counter() - t0
-    log.info("evaluate-retrieval: done in %.1fs", seconds)
-    return {"kind": "retrieval", "map": map_side, "queries": int(len(qids)),
-            "query_rows": [q0, q1], "doc_rows": [d0 + shift, d1 + shift], "documents": n_docs,
-            "pairing": pairing,
-            "sampled": len(qids) < n_judged, "ks": ks, "centred_computed": centred,
-            "ndcg_k": ndcg_k, "training": {"rows": t.options.get("rows"), "statistics": origin},
-            "transform": {"dims": list(t.dims), "options": t.options},
-            "seconds": seconds, "methods": out_methods}
+    return (sort_topk(np.concatenate([best[(j, c)][0] for c in chunks]),
+                      np.concatenate([best[(j, c)][1] for c in chunks]))[1]
+            for j in range(len(search)))
