@@ -124,7 +124,7 @@ def test_fit_on_emulated_device_equals_cpu_fit(pair, emulated, diagnostics):
 
 
 def test_fit_on_emulated_device_checkpoints_and_resumes(pair, emulated, tmp_path):
-    from bigalign.storage.checkpoint import Job
+    from bigalign.storage.job import Job
     from bigalign.planning.plan import FitPlan
     s, t, *_ = pair(n=3000, dim_a=8, chunk_a=50, offset_a=1.0)
     kw = dict(center=True, block_bytes=50 * 16 * 4, threads=3)

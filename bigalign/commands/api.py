@@ -3,7 +3,7 @@
     >>> t = bigalign.fit("old.zarr", "new.zarr", center=True, output="old2new.transform")
     >>> bigalign.apply(t, "corpus_old.zarr", "corpus_in_new.zarr")
 
-Both run as checkpointed jobs (:func:`bigalign.storage.checkpoint.checkpointed`): inputs are checked
+Both run as checkpointed jobs (:func:`bigalign.storage.job.checkpointed`): inputs are checked
 against outputs under every spelling (:mod:`bigalign.storage.locations`), an output is replaced only
 when bigalign wrote it (:mod:`bigalign.storage.outputs`), a finished job rerun with the same inputs
 and options is a no-op, and a changed one is refused naming what changed.
@@ -22,8 +22,8 @@ import numpy as np
 from .. import __version__
 
 from ..execution import faults
-from ..storage.checkpoint import (Job, checkpointed, default_checkpoint, finished_or_refuse,
-                                  lease_home)
+from ..storage.job import (Job, checkpointed, default_checkpoint, finished_or_refuse,
+                           lease_home)
 from .runs import MAX_BAD_ROWS_LISTED, RunReport
 from ..storage.output_job import ZarrTarget, classify, output_job
 from ..execution.cluster import session

@@ -1090,9 +1090,9 @@ def import_vectors(inputs, output: str, *, ids_column: Optional[str] = None,
     Returns a :class:`bigalign.RunReport` (``already_complete`` for a rerun of a finished
     import).
     """
-    from ..storage.checkpoint import default_checkpoint
+    from ..storage.job import default_checkpoint
     from .runs import RunReport
-    from ..storage.checkpoint import Job, finished_or_refuse
+    from ..storage.job import Job, finished_or_refuse
     from ..execution.cluster import session
     from ..storage.output_job import output_job
     from ..storage.locations import check_disjoint

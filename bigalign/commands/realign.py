@@ -88,7 +88,7 @@ import numpy as np
 from .. import __version__
 
 from ..execution import faults
-from ..storage.checkpoint import Job, checkpointed, describe_changes
+from ..storage.job import Job, checkpointed, describe_changes
 from ..errors import InputError
 from ..storage.locations import canonical_url, check_disjoint, options_for
 from ..planning.options import Execution
@@ -658,7 +658,7 @@ def _refuse_changed(reg: Registry, run_id: str, fingerprint: dict, so) -> None:
 def _lease_held(e: BaseException) -> bool:
     """Was ``e`` a refusal because another run holds a lease (the registry's, this run's or
     its fit's)? Those are the only errors :func:`realign`'s ``wait`` retries."""
-    from ..storage.checkpoint import LeaseHeldError
+    from ..storage.lease import LeaseHeldError
 
     return isinstance(e, LeaseHeldError)
 

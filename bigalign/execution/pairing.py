@@ -342,10 +342,10 @@ def _scratch_key(pairs: Pairs, source, target) -> str:
 
 def _owner_gone(record) -> bool:
     """Whether an owner record names a process of this machine (same host, boot and pid
-    namespace: :func:`bigalign.storage.checkpoint._machine`) that is gone: no such pid, an
+    namespace: :func:`bigalign.storage.lease._machine`) that is gone: no such pid, an
     exited process (zombie) or a pid since reused (another start time). A record of another
     machine, or one that cannot be read, is never "gone": its folder is not ours to judge."""
-    from ..storage.checkpoint import _machine, _proc_stat
+    from ..storage.lease import _machine, _proc_stat
 
     if not isinstance(record, dict) or record.get("machine") != _machine():
         return False
@@ -375,7 +375,7 @@ def sweep_scratch(folder: Optional[str] = None, key: Optional[str] = None) -> li
     import json
     import shutil
 
-    from ..storage.checkpoint import _machine
+    from ..storage.lease import _machine
 
     folder = folder or tempfile.gettempdir()
     try:
@@ -411,7 +411,7 @@ def _make_scratch(folder: Optional[str], key: str) -> str:
     owner's leftovers from a live run's folder."""
     import json
 
-    from ..storage.checkpoint import _machine, _process_start
+    from ..storage.lease import _machine, _process_start
 
     path = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{key}-", dir=folder)
     record = {"host": socket.gethostname(), "machine": _machine(), "pid": os.getpid(),

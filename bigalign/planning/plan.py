@@ -25,7 +25,7 @@ Scale bounds (what a plan of N rows costs, whatever N):
   write: a kill loses at most the regions in flight, never a group. Markers are bounded by
   the task budget, and their names carry the run id, rows and bad-row count, so resume,
   verify and ``status`` read one listing, not one file per marker
-  (:mod:`bigalign.storage.checkpoint`).
+  (:mod:`bigalign.storage.progress_files`).
 """
 
 from __future__ import annotations
@@ -567,7 +567,7 @@ CORE_RATES_SOURCE = "measured 2026-11-27 by benchmarks/core_rates.py on a 2-core
 #: Memory of a Dask worker process before any task (Python, numpy, Dask, Zarr, s3fs).
 WORKER_BASE_BYTES = 300 * 2**20
 
-#: Seconds between lease renewals (checkpoint.Lease: ttl 120 s / 4).
+#: Seconds between lease renewals (storage.lease.Lease: ttl 120 s / 4).
 LEASE_RENEWAL_S = 30.0
 
 #: Keys of one object-store listing page (S3 ListObjectsV2).
