@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Rows per second per core of bigalign's fit and apply (run by hand, not a test): the
-rates `bigalign plan` estimates time with (bigalign.planning.plan.CORE_RATES).
+rates `bigalign plan` estimates time with (bigalign.planning.estimates.CORE_RATES).
 
 For d in 384, 1024, 4096 it writes a float32 pair (uncompressed Zarr, 16 MiB chunks) under
 --workdir, reads it once (page cache), then times, each in this process with one Dask

@@ -101,7 +101,7 @@ def race_for_lease(url, storage_options=None, runs: int = 8):
     (winners' leases, refusal messages). The caller releases the winners."""
     import threading
 
-    from bigalign.storage.checkpoint import Job
+    from bigalign.storage.job import Job
     from bigalign.errors import CheckpointError
 
     barrier, won, refused = threading.Barrier(runs), [], []

@@ -6,8 +6,8 @@ import time
 import numpy as np
 import pytest
 
-from bigalign.storage.checkpoint import (Job, Lease, LeaseLostError, _process_start, checkpointed,
-                                       describe_changes)
+from bigalign.storage.job import Job, checkpointed, describe_changes
+from bigalign.storage.lease import Lease, LeaseLostError, _process_start
 from bigalign.errors import CheckpointError
 from bigalign.maths.stats import block_moments
 from conftest import race_for_lease
@@ -152,12 +152,12 @@ def test_backends_without_conditional_create_say_so(caplog):
     once, and an existing lease file still refuses a second starter."""
     import fsspec
 
-    from bigalign.storage import checkpoint
-    from bigalign.storage.checkpoint import LeaseHeldError, conditional_create
+    from bigalign.storage import lease
+    from bigalign.storage.lease import LeaseHeldError, conditional_create
 
     assert conditional_create(fsspec.filesystem("file"))
     assert not conditional_create(fsspec.filesystem("memory"))
-    checkpoint._warned_protocols.discard("memory")
+    lease._warned_protocols.discard("memory")
     url = f"memory://no-cas-{time.time_ns()}"
     with caplog.at_level("WARNING", logger="bigalign"):
         with Job(url).lease(ttl=60):

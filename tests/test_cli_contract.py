@@ -346,7 +346,7 @@ def test_progress_is_line_based_when_stderr_is_not_a_terminal(tmp_path):
 
 
 def test_progress_bar_on_a_terminal():
-    from bigalign.execution.cluster import Reporter
+    from bigalign.execution.progress import Reporter
 
     class Terminal:
         text = ""

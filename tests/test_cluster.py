@@ -22,6 +22,7 @@ import pytest
 import zarr
 
 import bigalign
+import bigalign.storage.job
 from conftest import planted, write_zarr
 
 distributed = pytest.importorskip("distributed")
@@ -215,7 +216,7 @@ def test_worker_killed_mid_apply_and_replaced(cluster, data, tmp_path):
     embedded run's bytes, verified region by region before ``complete``."""
     s, t, tmp, kw, _, ref_out = data
     out = str(tmp_path / "o.zarr")
-    done_dir = Path(bigalign.storage.checkpoint.default_checkpoint(out)) / "done"
+    done_dir = Path(bigalign.storage.job.default_checkpoint(out)) / "done"
     result: dict = {}
 
     def run():
@@ -277,7 +278,7 @@ def _apply_cli(small, out, scheduler, *extra, stderr=None) -> subprocess.Popen:
 def _wait_first_marker(out, proc) -> None:
     """Until the run has stored its first region (a done-marker): it has demonstrably
     started on the cluster."""
-    done = Path(bigalign.storage.checkpoint.default_checkpoint(str(out))) / "done"
+    done = Path(bigalign.storage.job.default_checkpoint(str(out))) / "done"
     deadline = time.time() + 120
     while not (done.is_dir() and os.listdir(done)):
         assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else proc.returncode

@@ -18,6 +18,7 @@ import pytest
 import zarr
 
 import bigalign
+import bigalign.storage.job
 from bigalign.execution import gpu
 from bigalign.errors import InputError, NonFiniteError
 from bigalign.maths.stats import Moments, block_moments, merge
@@ -124,7 +125,7 @@ def test_fit_on_emulated_device_equals_cpu_fit(pair, emulated, diagnostics):
 
 
 def test_fit_on_emulated_device_checkpoints_and_resumes(pair, emulated, tmp_path):
-    from bigalign.storage.checkpoint import Job
+    from bigalign.storage.job import Job
     from bigalign.planning.plan import FitPlan
     s, t, *_ = pair(n=3000, dim_a=8, chunk_a=50, offset_a=1.0)
     kw = dict(center=True, block_bytes=50 * 16 * 4, threads=3)
@@ -133,7 +134,7 @@ def test_fit_on_emulated_device_checkpoints_and_resumes(pair, emulated, tmp_path
     dev = bigalign.fit(s, t, device="cuda", output=out, keep_checkpoint=True, **kw)
     _assert_streamed_equal(dev.statistics, cpu.statistics)
     # units saved by the device run are plain numpy Moments, equal to the CPU's
-    prog = Job(bigalign.storage.checkpoint.default_checkpoint(out))
+    prog = Job(bigalign.storage.job.default_checkpoint(out))
     manifest = prog.manifest()
     prog.run_id = manifest["run_id"]
     rows = FitPlan(**manifest["plan"]).unit_rows()

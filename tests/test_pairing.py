@@ -262,7 +262,7 @@ def test_killed_fit_by_ids_leaves_scratch_that_the_next_run_removes(tmp_path):
     import os
     import socket
 
-    from bigalign.storage.checkpoint import _machine, _process_start
+    from bigalign.storage.lease import _machine, _process_start
     from conftest import run_cli
 
     a, b, _ = planted(2000, 8, noise=0.05, offset_a=1.0, seed=8)

@@ -209,7 +209,7 @@ def test_changed_inputs_refused_then_restart(data, tmp_path):
 def test_concurrent_run_refused(data, tmp_path):
     s, t, _, _, _ = data
     out = tmp_path / "t"
-    from bigalign.storage.checkpoint import Job
+    from bigalign.storage.job import Job
     with Job(f"{out}.checkpoint").lease(ttl=60):
         r = cli("fit", s, t, "-o", out, *SMALL, check=2)
     assert "another bigalign run holds this job" in r.stderr and f"pid {os.getpid()}" in r.stderr

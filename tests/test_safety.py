@@ -19,7 +19,8 @@ import pytest
 import zarr
 
 import bigalign
-from bigalign.storage.checkpoint import Job, Lease, LeaseLostError
+from bigalign.storage.job import Job
+from bigalign.storage.lease import Lease, LeaseLostError
 from bigalign.errors import CheckpointError, InputError
 from conftest import imported_store, planted, write_zarr
 

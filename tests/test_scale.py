@@ -13,6 +13,7 @@ import pytest
 import zarr
 
 import bigalign
+import bigalign.storage.job
 from bigalign.errors import InputError
 from bigalign.storage.stores import open_embeddings, read_rows
 from conftest import planted, write_zarr
@@ -74,7 +75,7 @@ def test_regions_stream_writes_and_resume(tmp_path, monkeypatch):
     assert 16 <= r.units_total <= 30 and 0 < r.units_resumed < r.units_total
     assert r.rows < 40_000  # only what was not done
     np.testing.assert_array_equal(zarr.open_array(out)[:], zarr.open_array(ref)[:])
-    assert not os.path.exists(bigalign.storage.checkpoint.default_checkpoint(out))
+    assert not os.path.exists(bigalign.storage.job.default_checkpoint(out))
 
 
 def test_missing_chunks_found_up_front_and_while_streaming(tmp_path):
@@ -115,7 +116,7 @@ def test_resumed_unit_that_cannot_be_loaded_is_recomputed_to_the_same_bits(tmp_p
     ref = bigalign.fit(s, t, **kw)
     out = str(tmp_path / "t")
     bigalign.fit(s, t, output=out, keep_checkpoint=True, **kw)
-    units = os.path.join(bigalign.storage.checkpoint.default_checkpoint(out), "units")
+    units = os.path.join(bigalign.storage.job.default_checkpoint(out), "units")
     names = sorted(os.listdir(units))
     assert len(names) > 2
     with open(os.path.join(units, names[1]), "wb") as f:

@@ -5,8 +5,9 @@ STORE``: their Zarr metadata and the transform's shape are read, no chunk is lis
 (``--rows N --dims D[,D2] [--chunk-rows C] [--shard-rows S] [--dtype T]``) it prints what
 the run would do: tasks, checkpoint units or markers, bytes read and written, storage
 requests, memory per thread and worker and, with ``--workers``, an estimated time at
-measured per-core rates (:data:`bigalign.planning.plan.CORE_RATES`). ``--json`` for machines.
-Thin like cli.py: the arithmetic is :mod:`bigalign.planning.plan`'s.
+measured per-core rates (:data:`bigalign.planning.estimates.CORE_RATES`). ``--json`` for
+machines. Thin like cli.py: the arithmetic is :mod:`bigalign.planning.plan`'s and
+:mod:`bigalign.planning.estimates`'.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import numpy as np
 from .common import add_storage_option, positive_float, storage_options
 from ..jsonsafe import json_safe
 from ..errors import InputError
-from ..planning.plan import (DEFAULT_BLOCK_BYTES, estimate_apply, estimate_export,
-                             estimate_fit, export_row_bytes, make_apply_plan, make_export_plan,
-                             make_fit_plan, output_layout)
+from ..planning.estimates import estimate_apply, estimate_export, estimate_fit
+from ..planning.plan import (DEFAULT_BLOCK_BYTES, export_row_bytes, make_apply_plan,
+                             make_export_plan, make_fit_plan, output_layout)
 from ..storage.locations import options_for
 
 DTYPES = ("float16", "float32", "float64")

@@ -25,7 +25,7 @@ from ..execution.devices import check_device
 from ..execution.engine import apply_graph
 from ..planning.options import ApplyOptions, Execution, JobOptions, keywords_of, requests
 from ..planning.plan import ApplyPlan, apply_task_bytes, make_apply_plan, output_layout
-from ..storage.checkpoint import Job, default_checkpoint, finished_or_refuse
+from ..storage.job import Job, default_checkpoint, finished_or_refuse
 from ..storage.embedding_store import (KIND as STORE_KIND, create_store, ids_kind_of, is_store,
                                        open_for_writing, store_parts)
 from ..storage.locations import check_disjoint, options_for

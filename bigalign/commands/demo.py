@@ -81,7 +81,7 @@ def check_workdir(workdir, names=(*DATA, FIT, APPLY)) -> None:
     is absent or what an earlier demo in this folder wrote (see the module doc), and
     ``workdir`` is not a file and neither is nor lies inside a Zarr node (an embedding
     store, a transform, a user's Zarr group). Modifies nothing."""
-    from ..storage.checkpoint import default_checkpoint
+    from ..storage.job import default_checkpoint
 
     workdir = Path(workdir).absolute()
     for folder in (workdir, *workdir.parents):
@@ -118,7 +118,7 @@ _RECORDED_SOURCE = {
 def _not_the_demos(path: Path, source: str) -> Optional[str]:
     """None when ``path`` (one the demo writes) is absent or what an earlier demo wrote
     from ``source``; else what it holds, in words."""
-    from ..storage.checkpoint import Job
+    from ..storage.job import Job
 
     if path.name.endswith(".checkpoint"):
         if not os.path.lexists(path):

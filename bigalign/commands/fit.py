@@ -2,7 +2,7 @@
 
     >>> t = bigalign.fit("old.zarr", "new.zarr", center=True, output="old2new.transform")
 
-A checkpointed job (:func:`bigalign.storage.checkpoint.checkpointed`) of per-unit float64
+A checkpointed job (:func:`bigalign.storage.job.checkpointed`) of per-unit float64
 statistics, merged by fixed trees, then one small SVD on this node
 (:func:`bigalign.maths.solve.procrustes`). Inputs are checked against outputs under every
 spelling (:mod:`bigalign.storage.locations`), an output is replaced only when bigalign wrote
@@ -31,7 +31,7 @@ from ..maths.metrics import fit_diagnostics
 from ..maths.solve import procrustes
 from ..planning.options import Execution, FitOptions, JobOptions, Pairing, keywords_of, requests
 from ..planning.plan import FitPlan, fit_task_bytes, make_fit_plan
-from ..storage.checkpoint import (Job, checkpointed, default_checkpoint, finished_or_refuse,
+from ..storage.job import (Job, checkpointed, default_checkpoint, finished_or_refuse,
                                   lease_home)
 from ..storage.embedding_store import store_parts
 from ..storage.locations import canonical_url, check_disjoint

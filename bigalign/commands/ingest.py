@@ -23,7 +23,7 @@ How it works, in the house style (a plan + a job + a graph):
   a unit runs on until a row group (or file) starts close to a region boundary, and each
   row group is decoded about once; .npy/.fvecs rows are read directly, so there every
   region is a unit.
-* **The job** is :func:`bigalign.storage.checkpoint.checkpointed`, exactly as for apply: the
+* **The job** is :func:`bigalign.storage.job.checkpointed`, exactly as for apply: the
   fingerprint holds every input file (path, size, mtime/ETag, rows, format) and the
   options; a region's marker is written after its data; the store is marked complete only
   after every region is verified done. A rerun after a crash writes the missing regions; a
@@ -1090,9 +1090,9 @@ def import_vectors(inputs, output: str, *, ids_column: Optional[str] = None,
     Returns a :class:`bigalign.RunReport` (``already_complete`` for a rerun of a finished
     import).
     """
-    from ..storage.checkpoint import default_checkpoint
+    from ..storage.job import default_checkpoint
     from .runs import RunReport
-    from ..storage.checkpoint import Job, finished_or_refuse
+    from ..storage.job import Job, finished_or_refuse
     from ..execution.cluster import session
     from ..storage.output_job import output_job
     from ..storage.locations import check_disjoint

@@ -34,7 +34,7 @@ How it works, in the house style (a plan + a job + a graph):
   source chunks (shards when sharded) of about 256 MB (``--rows-per-file``: a multiple of
   the chunk rows), each read from the source ~32 MiB at a time and written in row groups of
   that many rows.
-* **The job** is :func:`bigalign.storage.checkpoint.checkpointed`, exactly as for apply and import:
+* **The job** is :func:`bigalign.storage.job.checkpointed`, exactly as for apply and import:
   the fingerprint holds the source (its content witness), the ids, the rows and the
   options; a file is written under a temporary name and renamed into place (on object
   stores: one upload, which appears whole), then marked done. A rerun after a crash writes
@@ -126,7 +126,7 @@ def _parts_of(manifest: Optional[dict]) -> set:
 
 def _folder(url, so):
     """Job's file helpers (retried; files written whole) at the output folder."""
-    from ..storage.checkpoint import Job
+    from ..storage.job import Job
 
     return Job(str(url), so)
 
@@ -566,9 +566,9 @@ def export_parquet(source, output: str, *, ids_column: str = "id",
     Returns a :class:`bigalign.RunReport` (``units_total``: files; ``already_complete`` for
     a rerun of a finished export; ``rows``: the rows written, without those skipped).
     """
-    from ..storage.checkpoint import default_checkpoint
+    from ..storage.job import default_checkpoint
     from .runs import MAX_BAD_ROWS_LISTED, RunReport
-    from ..storage.checkpoint import Job, finished_or_refuse
+    from ..storage.job import Job, finished_or_refuse
     from ..storage.output_job import output_job
     from ..execution.cluster import session
     from ..storage.locations import canonical_url, check_disjoint

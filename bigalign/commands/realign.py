@@ -87,7 +87,7 @@ from typing import Optional
 from .. import __version__
 
 from ..execution import faults
-from ..storage.checkpoint import Job, checkpointed, describe_changes
+from ..storage.job import Job, checkpointed, describe_changes
 from ..errors import InputError
 from ..storage.locations import check_disjoint
 from ..planning.options import Execution
@@ -232,7 +232,7 @@ def _refuse_changed(reg: Registry, run_id: str, fingerprint: dict, so) -> None:
 def _lease_held(e: BaseException) -> bool:
     """Was ``e`` a refusal because another run holds a lease (the registry's, this run's or
     its fit's)? Those are the only errors :func:`realign`'s ``wait`` retries."""
-    from ..storage.checkpoint import LeaseHeldError
+    from ..storage.lease import LeaseHeldError
 
     return isinstance(e, LeaseHeldError)
 

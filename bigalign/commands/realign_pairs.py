@@ -149,7 +149,7 @@ def split_pairs(cfg: RealignConfig, src: Side, tgt: Side, by_ids: bool) -> dict:
 
 class RunFiles:
     """JSON files and gathered arrays of one realign run, written fenced by its job (the
-    run's :class:`bigalign.storage.checkpoint.Job`)."""
+    run's :class:`bigalign.storage.job.Job`)."""
 
     def __init__(self, reg: Registry, run_id: str, job):
         self.reg, self.run_id, self.job = reg, run_id, job

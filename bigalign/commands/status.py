@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..storage.checkpoint import Job, default_checkpoint
+from ..storage.job import Job, default_checkpoint
 from ..storage.locations import options_for
 from ..storage.outputs import chunks_damage
 from .fit import _transform_damage

@@ -44,7 +44,7 @@ from typing import Callable, Optional, Union
 import numpy as np
 
 from ..errors import DamagedOutputError, InputError
-from ..storage.checkpoint import refuse_damaged
+from ..storage.job import refuse_damaged
 from ..storage.locations import check_disjoint
 from ..storage.outputs import TRANSFORM_KINDS, check_replaceable
 from ..transform import (Transform, check_composable, check_finite as _check_finite,

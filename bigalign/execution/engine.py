@@ -21,7 +21,7 @@ import numpy as np
 
 from . import devices, faults
 from .graph import GraphSpec, Group, Leaf, Shared, build, token
-from ..storage.checkpoint import Job
+from ..storage.job import Job
 from ..planning.plan import COUNT_FAN_IN, Block, FitPlan, merge_tree, plan_blocks
 from ..errors import NonFiniteError
 from ..maths.stats import Accumulator, Moments, bad_norms, merge_all

@@ -341,29 +341,11 @@ def _scratch_key(pairs: Pairs, source, target) -> str:
 
 
 def _owner_gone(record) -> bool:
-    """Whether an owner record names a process of this machine (same host, boot and pid
-    namespace: :func:`bigalign.storage.checkpoint._machine`) that is gone: no such pid, an
-    exited process (zombie) or a pid since reused (another start time). A record of another
-    machine, or one that cannot be read, is never "gone": its folder is not ours to judge."""
-    from ..storage.checkpoint import _machine, _proc_stat
+    """Whether a scratch folder's owner record names a process of this machine that is gone
+    (:func:`bigalign.storage.lease.process_gone`, as a lease holder is judged)."""
+    from ..storage.lease import process_gone
 
-    if not isinstance(record, dict) or record.get("machine") != _machine():
-        return False
-    try:
-        pid = int(record["pid"])
-    except (KeyError, TypeError, ValueError):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        pass
-    stat = _proc_stat(pid)
-    if stat is None:
-        return False
-    started = record.get("pid_started")
-    return stat[0] in ("Z", "X") or (started is not None and stat[1] != started)
+    return process_gone(record)
 
 
 def sweep_scratch(folder: Optional[str] = None, key: Optional[str] = None) -> list:
@@ -375,7 +357,7 @@ def sweep_scratch(folder: Optional[str] = None, key: Optional[str] = None) -> li
     import json
     import shutil
 
-    from ..storage.checkpoint import _machine
+    from ..storage.lease import _machine
 
     folder = folder or tempfile.gettempdir()
     try:
@@ -411,7 +393,7 @@ def _make_scratch(folder: Optional[str], key: str) -> str:
     owner's leftovers from a live run's folder."""
     import json
 
-    from ..storage.checkpoint import _machine, _process_start
+    from ..storage.lease import _machine, _process_start
 
     path = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{key}-", dir=folder)
     record = {"host": socket.gethostname(), "machine": _machine(), "pid": os.getpid(),

@@ -13,7 +13,7 @@ and runs::
 What this module guarantees, once for every command:
 
 * **The output is the unit of exclusion.** The lease is taken at the output's job home
-  (:func:`bigalign.storage.checkpoint.lease_home`), whatever checkpoint the run names, or
+  (:func:`bigalign.storage.job.lease_home`), whatever checkpoint the run names, or
   none (``checkpoint=False``): two runs writing one output cannot both hold it, and every
   write of a run that lost it is refused by the fence.
 * **One place classifies an existing output** (:meth:`RegionRun.open`): it is this run's
@@ -38,7 +38,7 @@ import logging
 from typing import Any, Callable, Optional, Protocol
 
 from ..errors import CheckpointError, TransientError, is_transient
-from .checkpoint import Job, checkpointed, lease_home
+from .job import Job, checkpointed, lease_home
 
 log = logging.getLogger("bigalign")
 
@@ -165,7 +165,7 @@ class RegionRun:
 def output_job(target: Target, checkpoint: Optional[str], kind: str, fingerprint: dict,
                plan: dict, *, storage_options: Optional[dict] = None, restart: bool = False,
                replace: bool = False):
-    """The checkpointed job (:func:`bigalign.storage.checkpoint.checkpointed`) of a region
+    """The checkpointed job (:func:`bigalign.storage.job.checkpointed`) of a region
     job writing ``target``: progress at ``checkpoint`` (None: none recorded), the lease at
     the output's job home. Yields a :class:`RegionRun`."""
     from .locations import canonical_url

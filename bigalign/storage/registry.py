@@ -13,12 +13,12 @@ Layout at ``REG`` (a local folder or any fsspec URL)::
                                    and a record is never rewritten
     current/000000000004.json      pointer generations; the newest names the current version
     runs/<run id>/                 progress and verdicts of realign runs (bigalign.commands.realign)
-    .lock/lease/...                the registry lock: a checkpoint lease (bigalign.storage.checkpoint)
+    .lock/lease/...                the registry lock: a checkpoint lease (bigalign.storage.lease)
     .realign/lease/...             the realign lease: one realign run at a time
                                    (:meth:`Registry.realign_lock`)
 
 **The current pointer** is a sequence of small files, each created with the job protocol's
-conditional create (:meth:`bigalign.storage.checkpoint.Job.put_file` with ``create=True``: a hard link
+conditional create (:meth:`bigalign.storage.job.Job.put_file` with ``create=True``: a hard link
 of a complete temporary file on local disks, ``If-None-Match: *`` on S3), exactly like a
 lease generation. Moving the pointer creates generation g+1; readers take the newest. So a
 reader sees the old version or the new one, never a half-written pointer, and two writers
@@ -27,7 +27,7 @@ can never both create generation g+1. Old generations are kept: they are the his
 already moved the pointer.
 
 **Writers** (realign's version write and publish, ``rollback``, ``gc``) hold the registry
-lock, a lease of :class:`bigalign.storage.checkpoint.Job` at ``REG/.lock``, only for those short
+lock, a lease of :class:`bigalign.storage.job.Job` at ``REG/.lock``, only for those short
 steps, so one runs and the others are refused (exit 2, naming the holder) or wait
 (``lock(wait=...)``). Every write checks the lease first (fencing), as fit and apply do.
 Readers take no lock. A realign run's long steps (fit, evaluation, corpus apply) hold only
@@ -56,7 +56,8 @@ import time
 from datetime import datetime, timezone
 from typing import Iterator, Optional
 
-from .checkpoint import Job, LeaseHeldError
+from .job import Job
+from .lease import LeaseHeldError
 from ..errors import CheckpointError, DamagedOutputError, InputError
 # the reading half, and the names this module has always had
 from .registry_read import (FORMAT, POINTER_FORMAT, RECORD_FORMAT, _VERSION,  # noqa: F401
@@ -117,7 +118,7 @@ class Registry(RegistryReader):
     @contextlib.contextmanager
     def lock(self, what: str = "change", *, wait: float = 0.0) -> Iterator[Job]:
         """Hold the registry lock (a checkpoint lease at ``REG/.lock``) and yield its Job,
-        whose :meth:`~bigalign.storage.checkpoint.Job.check_fence` guards every write. Held
+        whose :meth:`~bigalign.storage.job.Job.check_fence` guards every write. Held
         for short steps only (a version write, a pointer move, a gc). Another holder alive:
         keep trying for ``wait`` seconds, then LeaseHeldError (a CheckpointError, exit 2)
         naming it."""

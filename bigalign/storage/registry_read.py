@@ -13,7 +13,7 @@ import json
 import re
 from typing import Optional
 
-from .checkpoint import Job
+from .job import Job
 from ..errors import BigalignError, InputError, TransientError
 
 __all__ = ["RegistryReader", "is_registry", "resolve_transform", "version_name",

@@ -14,17 +14,8 @@ Every command that streams (fit, apply, and the commands built on them) runs as 
                            RUN, written after the region's data; its JSON body lists the
                            bad rows
 
-**Names carry the stamps.** Resume, verification and ``status`` decide what is done from
-*one listing* of ``units/`` or ``done/`` (pages of 1000 names on object stores), never one
-read per file: at 10^5 markers one GET each would take longer than the listing by three
-orders of magnitude. A file is written whole under its final name, so a name that is
-listed vouches for its run, its rows and (units) its pair count exactly as the stamps inside
-it do; the contents are read only where they are needed: a unit's statistics when a resumed
-fit merges them (checked against the name; a mismatch recomputes the unit), and a marker's
-list of bad rows when its name says it has some. Markers stay one per region (a group
-marker written when a whole group is done would lose the group on a kill); the planner
-bounds their number instead (:mod:`bigalign.planning.plan`). Files named the older way (no stamps in
-the name) are never trusted, and are removed with the rest.
+**Names carry the stamps** of units and markers, so that resume, verification and ``status``
+decide what is done from one listing (:mod:`bigalign.storage.progress_files`).
 
 The protocol:
 
@@ -34,18 +25,12 @@ The protocol:
   and recomputed.
 * **Lease.** One writer per output. The lease lives at the output's job home
   (:func:`lease_home`: ``OUTPUT.checkpoint/lease/``) whatever ``--checkpoint`` names, so
-  two runs writing one output exclude each other even with two checkpoints, or none.
-  Taking it is a conditional create of the next lease generation (``O_EXCL``-style hard
-  link on local disks; ``If-None-Match: *`` on S3), so two starters cannot both win. Other
-  fsspec backends are not known to create conditionally: there the lease is taken by
-  check-then-write, with a warning, and two starters at the same moment can both win
-  (:func:`conditional_create`). The generation is
-  the run's *fencing token*: before every durable write (unit, marker, manifest, the
-  output's completion, the final clean-up) the writer checks that the newest generation is
-  still its own, and a run that lost its lease stops with :class:`LeaseLostError`.
-  A holder is alive while its lease is fresh (renewed in the background), except that a
-  holder on this very machine (same host, boot and pid namespace) whose process is gone is
-  dead at once.
+  two runs writing one output exclude each other even with two checkpoints, or none
+  (:mod:`bigalign.storage.lease`: how it is taken, renewed, and when its holder is dead).
+  The generation is the run's *fencing token*: before every durable write (unit, marker,
+  manifest, the output's completion, the final clean-up) the writer checks that the newest
+  generation is still its own, and a run that lost its lease stops with
+  :class:`~bigalign.storage.lease.LeaseLostError`.
 * **Owned files only.** A checkpoint folder is used only when every name in it is this
   job's (:meth:`Job.check_location`: a bigalign manifest, units and markers stamped with
   its run id, lease records); :meth:`Job.clear` removes those names and nothing else,
@@ -61,80 +46,32 @@ than the lease's lifetime) can still land that one write; the README says so.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import os
 import re
-import socket
-import threading
 import time
 import uuid
-import warnings
 from typing import Optional
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
-import numpy as np
 
 from ..errors import CheckpointError, DamagedOutputError, InputError
-from ..maths.stats import Moments
+from .lease import (Lease, LeaseLostError, _precondition_failed, _warn_no_conditional_create,
+                    conditional_create)
+from .progress_files import (_MARKER, _UNIT, ProgressFiles, _mtime, _parse, _stamped_by,
+                             _temp_of)
 
 log = logging.getLogger("bigalign")
 
 FORMAT = "bigalign.checkpoint/2"
-LEASE_FORMAT = "bigalign.lease/1"
 
 #: Names a checkpoint folder may hold: what :meth:`Job.clear` removes.
 OWN_NAMES = ("manifest.json", "lease", "units", "done")
 
-__all__ = ["Job", "Lease", "LeaseHeldError", "LeaseLostError", "checkpointed", "clear_finished",
-           "lease_home", "default_checkpoint",
+__all__ = ["Job", "checkpointed", "clear_finished", "lease_home", "default_checkpoint",
            "finished_or_refuse", "refuse_damaged", "describe_changes", "FORMAT"]
-
-
-#: ``done/`` marker names: index, run id, rows and count of bad rows.
-_MARKER = re.compile(r"(\d{9,})_([0-9A-Za-z-]+)_(\d+)_(\d+)_(\d+)")
-#: ``units/`` names: index, run id, rows and pair count.
-_UNIT = re.compile(r"(\d{9,})_([0-9A-Za-z-]+)_(\d+)_(\d+)_(\d+)\.npz")
-
-
-def _parse(pattern, name: str) -> Optional[tuple]:
-    """(index, run id, start, stop, count) from a stamped file name, or None."""
-    m = pattern.fullmatch(name)
-    if m is None:
-        return None
-    return int(m[1]), m[2], int(m[3]), int(m[4]), int(m[5])
-
-
-def _marker_name(index: int, run_id: str, start: int, stop: int, bad: int) -> str:
-    return f"{index:09d}_{run_id}_{start}_{stop}_{bad}"
-
-
-def _unit_name(index: int, run_id: str, start: int, stop: int, n: int) -> str:
-    return f"{index:09d}_{run_id}_{start}_{stop}_{n}.npz"
-
-
-def _mtime(info: dict) -> float:
-    """Modification time (seconds since the epoch) of a listing entry: ``mtime`` on file
-    systems, ``LastModified`` on object stores; 0 when neither is there."""
-    t = info.get("mtime", info.get("LastModified", info.get("last_modified")))
-    if t is None:
-        return 0.0
-    if hasattr(t, "timestamp"):
-        return float(t.timestamp())
-    try:
-        return float(t)
-    except (TypeError, ValueError):
-        return 0.0
-
-
-class LeaseHeldError(CheckpointError):
-    """Another live run holds this job's lease (or took it at the same moment): refused."""
-
-
-class LeaseLostError(CheckpointError):
-    """This run no longer holds its job's lease (another run took it): it must stop."""
 
 
 def describe_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -160,7 +97,7 @@ def _retrying(what: str, fn):
     return retrying(what, fn)
 
 
-class Job:
+class Job(ProgressFiles):
     """One checkpointed job at ``url``. Safe to pickle to workers: the run id and the
     fencing token travel with it, so a task on any worker can check the lease before it
     writes."""
@@ -485,151 +422,6 @@ class Job:
             except (OSError, NotImplementedError):
                 pass  # not empty (files of others), or object stores without folders
 
-    # ---- fit units ----------------------------------------------------------------
-    def _unit_path(self, index: int, start: int, stop: int, n: int) -> str:
-        return self._path("units", _unit_name(index, self.run_id or "", start, stop, n))
-
-    def save_unit(self, index: int, moments: Moments, start: int, stop: int) -> Moments:
-        """Store a finished unit's statistics, stamped with the run id, row range and pair
-        count (in its name and inside). Without recorded progress: the fence check only."""
-        if not self.progress:
-            self.check_fence()
-            return moments
-        buf = io.BytesIO()
-        np.savez(buf, saved_at=time.time(), run_id=np.str_(self.run_id or ""),
-                 rows=np.array([start, stop], dtype=np.int64), **moments.to_arrays())
-        self.fenced_put(self._unit_path(index, start, stop, int(moments.n)), buf.getvalue())
-        return moments
-
-    def load_unit(self, index: int, start: int, stop: int) -> Moments:
-        """The stored statistics of unit ``index`` (rows [start, stop)) of this run; raises
-        CheckpointError saying why when there are none or they do not match."""
-        raw = self.get_file(self._unit_path(index, start, stop, stop - start))
-        if raw is None:
-            problems = [p for p in (self._unit_name_problem(n, index, start, stop)
-                                    for n in self.list_names("units")) if p]
-            why = problems[0] if problems else "is recorded as done but missing"
-            raise CheckpointError(f"{self.url}: unit {index} {why}")
-        try:
-            with np.load(io.BytesIO(raw)) as z:
-                problem = self._unit_problem(z, start, stop)
-                if problem:
-                    raise CheckpointError(f"{self.url}: unit {index} {problem}; pass --restart")
-                return Moments.from_arrays(z)
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"{self.url}: unit {index} is unreadable ({e})") from None
-
-    def _unit_name_problem(self, name: str, index: int, start: int,
-                           stop: int) -> Optional[str]:
-        """Why the unit file ``name`` cannot be unit ``index`` (rows [start, stop)) of this
-        run, or None; names of other units give None too (nothing to say about them)."""
-        parsed = _parse(_UNIT, name)
-        if parsed is None:
-            if name.endswith(".npz") and name[:9].isdigit() and int(name[:9]) == index:
-                return "has no run stamp in its name (written by another version)"
-            return None
-        i, run, a, b, n = parsed
-        if i != index:
-            return None
-        if run != self.run_id:
-            return f"belongs to run {run[:12]}, not {str(self.run_id)[:12]}"
-        if [a, b] != [start, stop]:
-            return f"covers rows {[a, b]}, not {[start, stop]}"
-        if n != stop - start:
-            return f"holds {n} pairs for {stop - start} rows"
-        return None
-
-    def _unit_problem(self, z, start: int, stop: int) -> Optional[str]:
-        """Why a stored unit cannot be used for rows [start, stop) of this run, or None."""
-        if "cross" not in z.files or "run_id" not in z.files or "rows" not in z.files:
-            return "has no run stamp (written by another version)"
-        if str(z["run_id"]) != self.run_id:
-            return f"belongs to run {str(z['run_id'])[:12]}, not {str(self.run_id)[:12]}"
-        if [int(v) for v in z["rows"]] != [start, stop]:
-            return f"covers rows {[int(v) for v in z['rows']]}, not {[start, stop]}"
-        if int(z["n"]) != stop - start:
-            return f"holds {int(z['n'])} pairs for {stop - start} rows"
-        return None
-
-    def done_units(self, expected: dict[int, tuple[int, int]]) -> set[int]:
-        """Units of ``expected`` (index -> (start, stop)) whose stored statistics belong to
-        this run and cover exactly their rows, by their names in one listing of ``units/``
-        (no file is read). Anything else (a stale file of an earlier run, a wrong range or
-        pair count, an older name) is ignored with a warning and recomputed; a file whose
-        contents turn out not to match its name is recomputed when the fit loads it."""
-        done: set = set()
-        if not self.progress:
-            return done
-        seen: dict[int, str] = {}
-        for name in sorted(self.list_names("units")):
-            parsed = _parse(_UNIT, name)
-            index = parsed[0] if parsed else (int(name[:9]) if name[:9].isdigit() and
-                                               name.endswith(".npz") else None)
-            if index is None or index not in expected:
-                continue
-            problem = self._unit_name_problem(name, index, *expected[index])
-            if problem is None:
-                done.add(index)
-            else:
-                seen.setdefault(index, problem)
-        for index, problem in sorted(seen.items()):
-            if index not in done:
-                warnings.warn(f"{self.url}: unit {index} {problem}; recomputing it")
-        return done
-
-    # ---- apply regions ------------------------------------------------------------
-    def mark_done(self, index: int, start: int, stop: int, bad: Optional[list] = None) -> None:
-        """Record region ``index`` (rows [start, stop)) as written; call after its data.
-        ``bad``: the global numbers of rows written as NaN/zero (``--bad-rows``). Without
-        recorded progress: the fence check only."""
-        if not self.progress:
-            self.check_fence()
-            return
-        bad = list(bad or [])
-        info = {"run_id": self.run_id, "start": start, "stop": stop, "t": time.time(),
-                "bad_rows": bad}
-        name = _marker_name(index, self.run_id or "", start, stop, len(bad))
-        self.fenced_put(self._path("done", name), json.dumps(info).encode())
-
-    def _markers(self, expected: Optional[dict[int, tuple[int, int]]] = None) -> dict[int, dict]:
-        """This run's markers from one listing of ``done/``: index -> {start, stop, t,
-        bad_count}, only those of ``expected`` (index -> (start, stop)) with exactly those
-        rows when given."""
-        found: dict = {}
-        if not self.progress:
-            return found
-        for name, entry in self._list_detail("done").items():
-            parsed = _parse(_MARKER, name)
-            if parsed is None or parsed[1] != self.run_id:
-                continue
-            index, _, start, stop, nbad = parsed
-            if expected is not None and list(expected.get(index, ())) != [start, stop]:
-                continue
-            found[index] = {"run_id": self.run_id, "start": start, "stop": stop,
-                            "t": _mtime(entry), "bad_count": nbad, "name": name}
-        return found
-
-    def region_markers(self, expected: dict[int, tuple[int, int]]) -> dict[int, dict]:
-        """Markers of ``expected`` regions (index -> (start, stop)) written by this run for
-        exactly those rows: index -> marker ({run_id, start, stop, t, bad_rows}). One
-        listing; a marker's file is read only when its name says it holds bad rows."""
-        found = self._markers(expected)
-        for info in found.values():
-            info["bad_rows"] = []
-            if info["bad_count"]:
-                try:
-                    body = json.loads(self.get_file(self._path("done", info["name"])) or b"{}")
-                    info["bad_rows"] = list(body.get("bad_rows", []))
-                except ValueError:
-                    pass
-        return found
-
-    def done_regions(self, expected: dict[int, tuple[int, int]]) -> set[int]:
-        """Regions of ``expected`` with a marker of this run: one listing, no reads."""
-        return set(self._markers(expected))
-
     # ---- progress in flight -------------------------------------------------------
     def summary(self) -> Optional[dict]:
         """Units done, rows done, rate and time left, from storage alone (any process can
@@ -680,53 +472,6 @@ class Job:
     def lease(self, ttl: float = 120.0) -> "Lease":
         return Lease(self, ttl)
 
-
-#: fsspec protocols whose ``pipe_file(mode="create")`` is an atomic conditional create
-#: (S3's ``If-None-Match: *`` through s3fs); local files use a hard link instead.
-CONDITIONAL_PROTOCOLS = ("s3", "s3a")
-_warned_protocols: set = set()
-
-
-def _protocol(fs) -> str:
-    p = fs.protocol
-    return p[0] if isinstance(p, (tuple, list)) else str(p)
-
-
-def conditional_create(fs) -> bool:
-    """Does ``fs`` create a file only-if-absent atomically (so that of two runs taking a
-    lease at the same moment exactly one wins)? Local files (a hard link) and S3 do; other
-    fsspec backends (GCS, Azure, in-memory, ...) are not known to, whatever ``mode="create"``
-    they accept."""
-    return isinstance(fs, LocalFileSystem) or _protocol(fs) in CONDITIONAL_PROTOCOLS
-
-
-def _warn_no_conditional_create(fs) -> None:
-    """Say once per protocol that leases there are taken by check-then-write."""
-    protocol = _protocol(fs)
-    if protocol not in _warned_protocols:
-        _warned_protocols.add(protocol)
-        log.warning("storage %r offers bigalign no conditional create: a lease there is "
-                    "taken by check-then-write, so two runs started at the same moment on "
-                    "one output can both start (see the README's crash-safety limits); "
-                    "start one run per output", protocol)
-
-
-def _temp_of(name: str, base: str) -> bool:
-    """Is ``name`` the temporary file of ``base`` (``BASE.tmp-HEX``, :meth:`Job.put_file`)?"""
-    return name.startswith(base + ".tmp-") and \
-        re.fullmatch(r"[0-9a-f]+", name[len(base) + 5:]) is not None
-
-
-def _stamped_by(pattern, name: str, runs: set) -> bool:
-    """Is ``name`` (or the file it is the temporary of) a unit or marker file name of
-    ``pattern`` stamped with one of the run ids ``runs``?"""
-    base = name.split(".tmp-")[0]
-    if base != name and not _temp_of(name, base):
-        return False
-    parsed = _parse(pattern, base)
-    return parsed is not None and parsed[1] in runs
-
-
 def _is_manifest(manifest) -> bool:
     """A bigalign checkpoint manifest (any format version): a JSON object naming its kind
     and run id under a ``bigalign.checkpoint/`` format."""
@@ -738,168 +483,6 @@ def _is_manifest(manifest) -> bool:
 def _rebuild(url, storage_options, run_id, token, lease_url=None, progress=True):
     return Job(url, storage_options, run_id=run_id, token=token, lease_url=lease_url,
                progress=progress)
-
-
-def _precondition_failed(e: BaseException) -> bool:
-    """An object store's answer to a conditional create of an existing key (HTTP 412)."""
-    while e is not None:
-        text = f"{type(e).__name__} {e}"
-        if "PreconditionFailed" in text or "412" in text:
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
-def _process_start(pid: int):
-    """Start time of a process in clock ticks since boot (Linux), or None elsewhere: with
-    the pid it identifies a process even when pids are reused."""
-    stat = _proc_stat(pid)
-    return None if stat is None else stat[1]
-
-
-def _proc_stat(pid: int):
-    """(state, start time in clock ticks) of a process from /proc (Linux), or None. State
-    "Z" (zombie) or "X" (dead) is a process that has exited but not yet been reaped by its
-    parent (a container whose init does not reap keeps such pids for good)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        return fields[0].decode(), int(fields[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _machine() -> str:
-    """This host's identity for pid checks: hostname, boot id and pid namespace. Two
-    containers sharing a hostname (host networking) but not a pid namespace differ here,
-    so neither declares the other dead because its pid is invisible."""
-    parts = [socket.gethostname()]
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            parts.append(f.read().strip())
-        parts.append(os.readlink("/proc/self/ns/pid"))
-    except OSError:
-        pass
-    return "|".join(parts)
-
-
-class Lease:
-    """The lease of one job: the run holding the newest generation file under ``lease/``.
-
-    Taking it creates generation g+1 with a conditional create (only one starter can), and
-    only when generation g's holder is dead, gone or released. While held, a background
-    thread renews it every ttl/4 (after checking no newer generation exists; a run that
-    finds one has lost the lease and its next fenced write raises)."""
-
-    def __init__(self, job: Job, ttl: float):
-        self.run = job        # the job whose writes this lease fences
-        self.job = job.home   # where the lease files live (the output's job home)
-        self.ttl = ttl
-        self.owner = uuid.uuid4().hex
-        self.generation: Optional[int] = None
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-
-    def _file(self, generation: int) -> str:
-        return self.job._path("lease", f"{generation:012d}.json")
-
-    def _record(self, released: bool = False) -> bytes:
-        now = time.time()
-        return json.dumps({"format": LEASE_FORMAT, "checkpoint": self.run.url,
-                           "owner": self.owner, "generation": self.generation,
-                           "host": socket.gethostname(), "machine": _machine(),
-                           "pid": os.getpid(), "pid_started": _process_start(os.getpid()),
-                           "renewed": now, "expires": now + self.ttl,
-                           "released": released}).encode()
-
-    @staticmethod
-    def newest(job: Job) -> Optional[tuple[int, dict]]:
-        """(generation, record) of the newest lease file, or None. An unreadable record
-        reads as {} (a dead holder)."""
-        gens = [int(n[:-5]) for n in job.list_names("lease")
-                if n.endswith(".json") and n[:-5].isdigit()]
-        if not gens:
-            return None
-        g = max(gens)
-        raw = job.get_file(job._path("lease", f"{g:012d}.json"))
-        try:
-            return g, (json.loads(raw) if raw else {})
-        except ValueError:
-            return g, {}
-
-    @staticmethod
-    def alive(holder: dict) -> bool:
-        """A holder is alive while its lease is fresh and not released, unless it ran on
-        this machine (same host, boot and pid namespace) and its process is gone: no such
-        pid, an exited process not yet reaped (a zombie), or a pid reused by another
-        process (its start time differs)."""
-        if not holder or holder.get("released") or holder.get("expires", 0) < time.time():
-            return False
-        if holder.get("machine") == _machine():
-            try:
-                pid = int(holder["pid"])
-            except (KeyError, TypeError, ValueError):
-                return True
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:
-                pass
-            stat = _proc_stat(pid)
-            if stat is not None and stat[0] in ("Z", "X"):
-                return False
-            started = holder.get("pid_started")
-            if started is not None and stat is not None and stat[1] != started:
-                return False
-        return True
-
-    def __enter__(self) -> "Lease":
-        newest = self.newest(self.job)
-        if newest is not None and self.alive(newest[1]):
-            holder = newest[1]
-            raise LeaseHeldError(
-                f"{self.job.url}: another bigalign run holds this job (host "
-                f"{holder.get('host')}, pid {holder.get('pid')}, lease renewed "
-                f"{time.time() - holder.get('renewed', 0):.0f}s ago). Wait for it to finish; if "
-                f"it died, its lease expires within {self.ttl:.0f}s of its last renewal.")
-        self.generation = (newest[0] if newest else 0) + 1
-        try:
-            self.job.put_file(self._file(self.generation), self._record(), create=True)
-        except FileExistsError:
-            raise LeaseHeldError(f"{self.job.url}: another bigalign run took this job at "
-                                  "the same moment") from None
-        self.run.token = self.job.token = (self.generation, self.owner)
-        for name in self.job.list_names("lease"):  # older generations: dead holders' files
-            if name.endswith(".json") and name[:-5].isdigit() and int(name[:-5]) < self.generation:
-                self.job.remove_file(self.job._path("lease", name))
-        self._thread = threading.Thread(target=self._renew, daemon=True, name="bigalign-lease")
-        self._thread.start()
-        return self
-
-    def _renew(self) -> None:
-        while not self._stop.wait(self.ttl / 4):
-            try:
-                self.run.check_fence()
-                self.job.put_file(self._file(self.generation), self._record())
-            except LeaseLostError:
-                return  # the next fenced write of the run raises
-            except Exception:  # a missed renewal is retried on the next tick
-                pass
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        try:
-            newest = self.newest(self.job)
-            if newest is not None and newest[0] == self.generation and \
-                    newest[1].get("owner") == self.owner:
-                # released, not deleted: a lower generation must never become newest again
-                self.job.put_file(self._file(self.generation), self._record(released=True))
-        except Exception:
-            pass  # the lease then lapses by itself
-        self.run.token = self.job.token = None
 
 
 def default_checkpoint(output) -> str:
