@@ -21,9 +21,9 @@ from .errors import (BigalignError, CheckpointError, ChunkReadError, DamagedOutp
 _LAZY = {"Transform": ".transform", "apply": ".commands.apply", "fit": ".commands.fit",
          "output_damage": ".commands.status", "output_status": ".commands.status",
          "run_status": ".commands.status", "RunReport": ".commands.runs",
-         "Procrustes": ".estimator", "FitOptions": ".planning.options",
-         "ApplyOptions": ".planning.options", "Pairing": ".planning.options",
-         "JobOptions": ".planning.options", "Execution": ".planning.options"}
+         "Procrustes": ".estimator", "FitOptions": ".options",
+         "ApplyOptions": ".options", "Pairing": ".options",
+         "JobOptions": ".options", "Execution": ".options"}
 
 __all__ = ["fit", "apply", "Transform", "RunReport", "output_status", "output_damage", "run_status",
            "Procrustes", "FitOptions", "ApplyOptions", "Pairing", "JobOptions", "Execution",

@@ -6,7 +6,7 @@
     >>> est.transform_.save("old2new.transform")    # the fitted artefact
 
 As scikit-learn separates an estimator's parameters from ``n_jobs``, the constructor takes
-what the fit computes (:class:`bigalign.planning.options.FitOptions`' fields), and
+what the fit computes (:class:`bigalign.options.FitOptions`' fields), and
 :meth:`Procrustes.fit` takes the inputs and how to run (pairing, the job protocol,
 execution: as :func:`bigalign.fit`). Learned attributes end in an underscore.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, fields
 
-from .planning.options import FitOptions
+from .options import FitOptions
 
 __all__ = ["Procrustes"]
 

@@ -543,7 +543,7 @@ def test_fit_that_cannot_fit_in_memory_is_refused_before_writing(capsys, tmp_pat
     """4 x 100,000-dim arrays: the plan needs ~1.1 TiB per task (float64 d x d partials);
     the fit started anyway and died with 'MemoryError: 74.5 GiB' (exit 1). Now refused up
     front, naming the planned and the available sizes and what to do."""
-    from bigalign.planning import options
+    from bigalign import options
 
     monkeypatch.setattr(options, "machine_memory", lambda: 64 * 2**30)
     a = write_zarr(tmp_path / "a.zarr", np.ones((4, 100_000), np.float32), 4)

@@ -1,4 +1,4 @@
-"""Options as the API (bigalign.planning.options): validated request objects, the one place
+"""Options as the API (bigalign.options): validated request objects, the one place
 where flat keywords become them, and fit/apply taking either."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import zarr
 
 import bigalign
 from bigalign.errors import InputError
-from bigalign.planning.options import (ApplyOptions, Execution, FitOptions, JobOptions, Pairing,
+from bigalign.options import (ApplyOptions, Execution, FitOptions, JobOptions, Pairing,
                                        keywords_of, requests)
 
 

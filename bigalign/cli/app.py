@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _fit(args) -> int:
     import bigalign
 
-    from ..planning.options import FitOptions, Pairing
+    from ..options import FitOptions, Pairing
 
     options = FitOptions(center=args.center, normalize=args.normalize, scale=args.scale,
                          reflection=not args.no_reflection,
@@ -273,7 +273,7 @@ def _transform_json(t, path) -> dict:
 def _apply(args) -> int:
     import bigalign
 
-    from ..planning.options import ApplyOptions
+    from ..options import ApplyOptions
 
     options = ApplyOptions(dtype=args.dtype, renormalize=args.renormalize,
                            target_centred=args.target_centred, compression=args.compression,

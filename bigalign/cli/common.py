@@ -212,10 +212,10 @@ def _run_details(r, *more: str) -> str:
 
 def requests(args) -> dict:
     """The job protocol and the execution settings of a streaming command, as the API's
-    request objects (:class:`bigalign.planning.options.JobOptions`, :class:`Execution`),
+    request objects (:class:`bigalign.options.JobOptions`, :class:`Execution`),
     each validated as it is built, and the storage options: the keywords ``fit`` and
     ``apply`` take."""
-    from ..planning.options import Execution, JobOptions
+    from ..options import Execution, JobOptions
 
     return {"job": JobOptions(overwrite=args.overwrite, checkpoint=args.checkpoint,
                               restart=args.restart,

@@ -164,7 +164,7 @@ def describe_verdict(v: dict) -> str:
 
 def _realign(args) -> int:
     from ..errors import exit_code
-    from ..planning.options import Execution
+    from ..options import Execution
     from ..commands.realign import realign, summary, write_summary
 
     so = storage_options(args)

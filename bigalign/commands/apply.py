@@ -23,7 +23,7 @@ from ..execution import faults
 from ..execution.cluster import session
 from ..execution.devices import check_device
 from ..execution.engine import apply_graph
-from ..planning.options import ApplyOptions, Execution, JobOptions, keywords_of, requests
+from ..options import ApplyOptions, Execution, JobOptions, keywords_of, requests
 from ..planning.plan import ApplyPlan, apply_task_bytes, make_apply_plan, output_layout
 from ..storage.job import Job, default_checkpoint, finished_or_refuse
 from ..storage.embedding_store import (KIND as STORE_KIND, create_store, ids_kind_of, is_store,

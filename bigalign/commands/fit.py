@@ -29,7 +29,7 @@ from ..execution.engine import fit_graph
 from ..execution.pairing import fit_record, gathered, join, pair_by_ids, sample_pairs
 from ..maths.metrics import fit_diagnostics
 from ..maths.solve import procrustes
-from ..planning.options import Execution, FitOptions, JobOptions, Pairing, keywords_of, requests
+from ..options import Execution, FitOptions, JobOptions, Pairing, keywords_of, requests
 from ..planning.plan import FitPlan, fit_task_bytes, make_fit_plan
 from ..storage.job import (Job, checkpointed, default_checkpoint, finished_or_refuse,
                                   lease_home)
@@ -63,7 +63,7 @@ def fit(source, target, options: Optional[FitOptions] = None, *,
     the dA x dB cross-covariance on this node gives the rotation.
 
     What to compute, which rows pair, the job protocol and where it runs are four options
-    objects (:mod:`bigalign.planning.options`), each validated when built: ``options``
+    objects (:mod:`bigalign.options`), each validated when built: ``options``
     (:class:`FitOptions`: center, normalize, scale, reflection, diagnostics, precision),
     ``pairing`` (:class:`Pairing`: by, rows, duplicates, sample, seed, scratch), ``job``
     (:class:`JobOptions`: overwrite, checkpoint, restart, keep_checkpoint, check_chunks) and

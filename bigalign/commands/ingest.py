@@ -1096,7 +1096,7 @@ def import_vectors(inputs, output: str, *, ids_column: Optional[str] = None,
     from ..execution.cluster import session
     from ..storage.output_job import output_job
     from ..storage.locations import check_disjoint
-    from ..planning.options import Execution
+    from ..options import Execution
     from ..storage.outputs import STORE_KINDS, check_replaceable, chunks_damage
 
     t0 = time.perf_counter()

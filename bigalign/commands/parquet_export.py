@@ -572,7 +572,7 @@ def export_parquet(source, output: str, *, ids_column: str = "id",
     from ..storage.output_job import output_job
     from ..execution.cluster import session
     from ..storage.locations import canonical_url, check_disjoint
-    from ..planning.options import Execution
+    from ..options import Execution
     from ..storage.outputs import Node, refuse_inside_zarr
     from ..storage.stores import parse_rows
 

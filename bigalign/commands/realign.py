@@ -90,7 +90,7 @@ from ..execution import faults
 from ..storage.job import Job, checkpointed, describe_changes
 from ..errors import InputError
 from ..storage.locations import check_disjoint
-from ..planning.options import Execution
+from ..options import Execution
 from ..execution.pairing import pair_by_ids
 from ..storage.registry import Registry
 from .realign_config import GATED, ApplyConfig, GateConfig, RealignConfig, load_config
@@ -245,7 +245,7 @@ def realign(config, *, run_id: Optional[str] = None, execution: Optional[Executi
     run_id : names the run (e.g. the Kubernetes Job or Argo workflow name): rerunning it
         resumes it, or does nothing once it finished. Default: derived from the
         configuration and the inputs' fingerprints.
-    execution : where fit and apply run (:class:`bigalign.planning.options.Execution`; default
+    execution : where fit and apply run (:class:`bigalign.options.Execution`; default
         in-process threads).
     storage_options : fsspec options, over the configuration's ``storage_options``.
     wait : seconds to keep trying while another run holds the registry (or this run's

@@ -246,7 +246,7 @@ def _apply_config(table, base: str) -> ApplyConfig:
     for k, v in a.items():
         _typed(v, APPLY_OPTIONS[k], f"[apply] {k}")
     # checked now, not after the version is written (apply runs after the publish)
-    from ..planning.options import ApplyOptions
+    from ..options import ApplyOptions
     from ..storage.stores import COMPRESSIONS
     try:
         ApplyOptions(**{k: v for k, v in a.items() if k != "compression"})

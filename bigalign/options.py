@@ -15,8 +15,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..errors import InputError
-from .plan import COMPRESSIONS, DEFAULT_BLOCK_BYTES
+from .errors import InputError
+from .planning.plan import COMPRESSIONS, DEFAULT_BLOCK_BYTES
 
 __all__ = ["FitOptions", "ApplyOptions", "Execution", "Pairing", "JobOptions", "requests",
            "keywords_of",
@@ -283,7 +283,7 @@ class Execution:
                 return machine // self.workers, (f"each of the {self.workers} workers' share "
                                                  f"of this machine's {format_bytes(machine)}")
             return None
-        from ..execution.cluster import scheduler_from_config
+        from .execution.cluster import scheduler_from_config
 
         if scheduler_from_config() or not machine:
             return None
