@@ -8,7 +8,8 @@ import pytest
 
 from bigalign.storage.embedding_store import open_store
 from bigalign.errors import InputError
-from bigalign.commands.ingest import _polars_options, import_vectors
+from bigalign.commands.ingest import import_vectors
+from bigalign.storage.formats.parquet import _polars_options
 
 s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
