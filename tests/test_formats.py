@@ -203,3 +203,35 @@ def test_a_new_format_is_one_reader_class(tmp_path, monkeypatch):
                          str(tmp_path / "s"), chunk_rows=16)
     emb, _, _ = open_store(str(tmp_path / "s"))
     assert rep.rows == 57 and np.array_equal(emb[:], np.concatenate([x, x[:7]]))
+
+
+def test_remote_footer_reads_retry_transient_errors_and_name_bad_files(tmp_path, monkeypatch):
+    """A remote footer read that fails on the connection is retried, then reported as
+    transient (exit 75); bytes that are no Parquet are bad input (exit 2), named."""
+    from bigalign.errors import TransientError, exit_code
+    from bigalign.storage import stores
+
+    monkeypatch.setattr(stores, "RETRY_BACKOFF", 0)
+    fs = fsspec.filesystem("memory")
+    with open(write_parquet(tmp_path / "m.parquet", vectors(30)), "rb") as src:
+        fs.pipe("/bucket/m.parquet", src.read())
+    fs.pipe("/bucket/junk.parquet", b"PAR1" + b"\xff" * 40 + b"\x10\0\0\0PAR1")
+    real, calls = fs.open, []
+
+    def flaky(path, *a, fails=1, **kw):
+        calls.append(path)
+        if len(calls) <= fails:
+            raise ConnectionError("connection reset")
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(fs, "open", flaky)
+    assert parquet_metadata(fs, "/bucket/m.parquet").rows == 30 and len(calls) == 2
+    calls.clear()
+    monkeypatch.setattr(fs, "open", lambda path, *a, **kw: flaky(path, *a, fails=99, **kw))
+    with pytest.raises(TransientError, match=r"m\.parquet.*ConnectionError") as e:
+        parquet_metadata(fs, "/bucket/m.parquet")
+    assert exit_code(e.value) == 75 and len(calls) == stores.RETRIES + 1
+    monkeypatch.setattr(fs, "open", real)
+    with pytest.raises(InputError, match=r"junk\.parquet: not a readable Parquet") as e:
+        parquet_metadata(fs, "/bucket/junk.parquet", name="memory://bucket/junk.parquet")
+    assert exit_code(e.value) == 2
