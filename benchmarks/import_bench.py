@@ -23,6 +23,11 @@ one .npy file, reads everything once to warm the page cache, then times, side by
   ``bigalign-import-npy``: from the .npy file; ``bigalign-import-per-region``: Parquet with
   every region a task of its own (``UNIT_WASTE = inf``), i.e. without the row-group
   aware units, to show what they save.
+* ``bigalign-probe``: probing ``--probe-files`` (200) small Parquet shards (1,000 rows x d,
+  string ids, one row group) as ``bigalign import`` does before planning (expand the glob,
+  read every footer, check columns and dimensions; 16 threads), in a fresh interpreter, so
+  the first use of the Parquet metadata library counts; ``bigalign-probe-warm``: the same
+  probe a second time in that interpreter (per-file cost alone).
 
 Every run is a fresh subprocess reporting its wall time and peak RSS (VmHWM); repeats go
 round-robin over the methods; the table shows medians (of 3 by default) as rows/s and MiB/s
@@ -52,7 +57,9 @@ from bench import peak_rss_mb as _peak_rss_mb  # noqa: E402  (VmHWM)
 
 MB = 2**20
 METHODS = ("zarr-from-memory", "zarr-from-memory-wec", "parquet-read", "naive-parquet-to-zarr", "bigalign-import",
-           "bigalign-import-noids", "bigalign-import-npy", "bigalign-import-per-region")
+           "bigalign-import-noids", "bigalign-import-npy", "bigalign-import-per-region",
+           "bigalign-probe", "bigalign-probe-warm")
+PROBE_ROWS = 1000
 
 
 def shard_bounds(rows: int, shards: int) -> list[int]:
@@ -85,6 +92,25 @@ def generate(work: Path, rows: int, dim: int, shards: int) -> dict:
     del npy
     stamp.write_text(json.dumps(meta))
     return meta
+
+
+def generate_probe(work: Path, files: int, dim: int) -> None:
+    """``files`` small Parquet shards of PROBE_ROWS rows under work/probe (made once)."""
+    import polars as pl
+
+    meta = {"files": files, "rows": PROBE_ROWS, "dim": dim}
+    stamp = work / "probe.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == meta:
+        return
+    shutil.rmtree(work / "probe", ignore_errors=True)
+    (work / "probe").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for i in range(files):
+        x = rng.standard_normal((PROBE_ROWS, dim), dtype=np.float32)
+        pl.DataFrame({"doc_id": [f"doc-{i}-{j}" for j in range(PROBE_ROWS)], "emb": x}) \
+            .with_columns(pl.col("emb").arr.to_list()) \
+            .write_parquet(work / "probe" / f"part-{i:05d}.parquet")
+    stamp.write_text(json.dumps(meta))
 
 
 def shard_files(work: Path) -> list[str]:
@@ -128,6 +154,19 @@ def run_one(method: str, work: Path, rows: int, dim: int) -> dict:
             x = pl.read_parquet(f, columns=["emb"])["emb"].explode().to_numpy().reshape(-1, dim)
             arr[a:a + len(x)] = x
             a += len(x)
+    elif method.startswith("bigalign-probe"):
+        from bigalign.commands.ingest import expand_inputs, probe_all
+
+        def probe() -> int:
+            found = probe_all(expand_inputs([str(work / "probe" / "*.parquet")]),
+                              ids_column="doc_id")
+            assert all(f.rows == PROBE_ROWS and f.dim == dim for f in found)
+            return len(found)
+
+        if method.endswith("warm"):
+            probe()
+            t0 = time.perf_counter()
+        probe()
     elif method.startswith("bigalign-import"):
         if method.endswith("per-region"):
             import bigalign.commands.ingest
@@ -150,6 +189,7 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--shards", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--probe-files", type=int, default=200)
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--workdir", default="bench-data/import")
     p.add_argument("--out", default="bench-results/import.json")
@@ -161,10 +201,13 @@ def main() -> None:
         return
     t = time.perf_counter()
     meta = generate(work, args.rows, args.dim, args.shards)
+    if any(m.startswith("bigalign-probe") for m in args.methods.split(",")):
+        generate_probe(work, args.probe_files, args.dim)
     print(f"data: {args.rows:,} x {args.dim} float32 in {args.shards} Parquet shards "
           f"({sum(os.path.getsize(f) for f in shard_files(work)) / 1e9:.2f} GB) and one .npy "
           f"(ready in {time.perf_counter() - t:.0f}s)", file=sys.stderr)
-    for f in [*shard_files(work), str(work / "data" / "all.npy")]:  # warm the page cache
+    for f in [*shard_files(work), str(work / "data" / "all.npy"),  # warm the page cache
+              *map(str, (work / "probe").glob("*.parquet"))]:
         with open(f, "rb") as fh:
             while fh.read(64 * MB):
                 pass

@@ -6,7 +6,6 @@ outputs that alias inputs."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 
@@ -131,38 +130,12 @@ def test_units_follow_row_groups():
     assert huge.units() == [list(range(8)), list(range(8, 16)), list(range(16, 20))]
 
 
-@pytest.mark.parametrize("groups", [7, 64, 1000, None], ids=lambda g: f"row-groups-{g}")
-def test_parquet_row_groups_from_the_footer(tmp_path, groups):
-    import fsspec
-
-    from bigalign.commands.ingest import _dim_from_footer, parquet_footer, parquet_row_groups
-    x = vectors(1000, seed=6)
-    path = write_parquet(tmp_path / "r.parquet", x, [str(i) for i in range(1000)],
-                         **({"row_group_size": groups} if groups else {}))
-    fs = fsspec.filesystem("file")
-    got = parquet_row_groups(fs, path, os.path.getsize(path))
-    assert sum(got) == 1000 and len(got) == (math.ceil(1000 / groups) if groups else 1)
-    assert parquet_row_groups(fs, str(tmp_path / "r.parquet"), 7) is None  # no footer there
-    (tmp_path / "junk.parquet").write_bytes(b"PAR1" + b"\xff" * 40 + b"\x10\0\0\0PAR1")
-    assert parquet_row_groups(fs, str(tmp_path / "junk.parquet"), 52) is None
-    # the vector length, from the leaf values per row group (spares reading a row)
-    footer = parquet_footer(fs, path, os.path.getsize(path))
-    assert _dim_from_footer(footer, "emb") == DIM and footer["values"]["doc_id"] == got
-    bad = _bad_parquet(tmp_path, "ragged.parquet", [[1.0, 2.0], [1.0], [1.0, 2.0]])
-    assert _dim_from_footer(parquet_footer(fs, bad, os.path.getsize(bad)), "emb") is None
-    # ragged rows whose values happen to add up to rows x 3: still caught row by row
-    odd = _bad_parquet(tmp_path, "odd.parquet", [[1.0, 2.0, 3.0], [1.0, 2.0], [1.0] * 4])
-    assert _dim_from_footer(parquet_footer(fs, odd, os.path.getsize(odd)), "emb") == 3
-    with pytest.raises(InputError, match=r"odd\.parquet row 1: .* has 2 values, expected 3"):
-        import_vectors([odd], str(tmp_path / "s"))
-
-
 @pytest.mark.parametrize("row_group_size", [37, 10_000])
 @pytest.mark.parametrize("batches", [True, False], ids=["stream", "slices"])
 def test_parquet_row_groups_and_readers_round_trip(tmp_path, monkeypatch, row_group_size,
                                                    batches):
-    from bigalign.commands import ingest
-    monkeypatch.setattr(ingest, "_HAS_BATCHES", batches and ingest._HAS_BATCHES)
+    from bigalign.storage.formats import parquet
+    monkeypatch.setattr(parquet, "_HAS_BATCHES", batches and parquet._HAS_BATCHES)
     x = vectors(2000, seed=7)
     files = [write_parquet(tmp_path / f"p{i}.parquet", x[a:b], list(range(a, b)),
                            row_group_size=row_group_size)

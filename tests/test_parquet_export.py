@@ -170,7 +170,7 @@ def test_float64_from_float32_sharded_source_and_zstd(tmp_path):
 def test_a_file_has_the_row_groups_of_its_plan(tmp_path):
     import fsspec
 
-    from bigalign.commands.ingest import parquet_row_groups
+    from bigalign.storage.formats.parquet import parquet_row_groups
     from bigalign.commands.parquet_export import FileSpec, file_task, open_source
 
     x = vectors()
@@ -183,7 +183,7 @@ def test_a_file_has_the_row_groups_of_its_plan(tmp_path):
     path = str(tmp_path / "out" / "part-00000.parquet")
     fs = fsspec.filesystem("file")
     # reads on chunk boundaries (250, 300, 300, 200 rows); row groups of 300 from the file's start
-    assert parquet_row_groups(fs, path, fs.size(path)) == (300, 300, 300, 150)
+    assert parquet_row_groups(fs, path) == (300, 300, 300, 150)
     assert np.array_equal(pl.read_parquet(path)["embedding"].to_numpy(), x[50:1100])
     assert os.listdir(tmp_path / "out") == ["part-00000.parquet"]  # no temporary left
 

@@ -35,11 +35,10 @@ How it works, in the house style (a plan + a job + a graph):
   Parquet, what polars holds while decoding a row group). Any error names the file and
   the row in it (0-based).
 
-Readers: .npy through ``np.memmap`` at the array's data offset (local files: memory-mapped,
-so files larger than RAM work; remote ones: byte ranges through fsspec); .fvecs likewise
-(each row is an int32 dimension followed by that many float32); Parquet through polars,
-one ``scan_parquet(...).slice(offset, n).collect_batches()`` stream per file span (local
-paths, or polars' own object-store client, to which S3 storage options are translated). Fault points for the crash tests:
+Readers: one class per format behind one interface (:mod:`bigalign.storage.formats`: probe,
+read a slice, stream batches, restart points), found by extension; this module only calls
+:func:`~bigalign.storage.formats.probe`, :func:`~bigalign.storage.formats.iter_rows` and
+:func:`~bigalign.storage.formats.restart_points`. Fault points for the crash tests:
 ``import.begun``, ``import.region-written`` (data stored, marker not yet),
 ``import.region-done``, ``import.before-complete``.
 """
@@ -47,11 +46,8 @@ paths, or polars' own object-store client, to which S3 storage options are trans
 from __future__ import annotations
 
 import bisect
-import glob as _glob
-import json
 import logging
 import math
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -63,17 +59,15 @@ import numpy as np
 from ..execution import faults
 from ..errors import CheckpointError, InputError, NonFiniteError
 from ..planning.plan import DEFAULT_BLOCK_BYTES, MIN_BLOCKS, ApplyPlan, Block, choose_block_rows
+from ..storage.formats import (FORMATS, SourceFile, expand_inputs, iter_rows, probe,
+                               read_slice, restart_points)
 from ..storage.output_job import ZarrTarget, classify
 
 log = logging.getLogger("bigalign")
 
 __all__ = ["import_vectors", "ImportPlan", "Slice", "Region", "SourceFile", "make_import_plan",
            "choose_chunk_rows", "expand_inputs", "probe", "probe_all", "read_slice",
-           "iter_rows", "parquet_footer", "parquet_row_groups", "import_unit_task", "import_graph",
-           "FORMATS"]
-
-#: File extensions and the format they mean.
-FORMATS = {".npy": "npy", ".fvecs": "fvecs", ".parquet": "parquet", ".pq": "parquet"}
+           "iter_rows", "import_unit_task", "import_graph", "FORMATS"]
 
 #: Default bytes per output chunk: chunks of 16-64 MB read and write fastest (plan.py).
 TARGET_CHUNK_BYTES = 32 * 2**20
@@ -257,311 +251,13 @@ def make_import_plan(file_rows: Sequence[int], row_bytes: int, chunk_rows: int,
                       groups)
 
 
-# ==== inputs: expanding, probing, reading ====================================================
-
-@dataclass(frozen=True)
-class SourceFile:
-    """One input file as probed: ``name`` (as the user spelled or the glob matched it),
-    ``url`` (what is opened: an absolute local path or an fsspec URL), ``format``, ``rows``,
-    ``dim``, ``dtype`` (of the stored values), ``size`` and ``stamp`` (mtime or ETag);
-    ``offset``/``order`` (npy, fvecs: where rows start, C or F order); ``vector_column`` /
-    ``ids_column`` / ``ids_kind`` / ``row_groups`` (Parquet: rows of each row group, from the
-    footer; None when unknown) / ``model`` (Parquet written by ``bigalign export``: the
-    model its ``bigalign`` metadata names)."""
-
-    name: str
-    url: str
-    local: bool
-    format: str
-    rows: int
-    dim: int
-    dtype: str
-    size: int
-    stamp: Optional[str]
-    offset: int = 0
-    order: str = "C"
-    vector_column: Optional[str] = None
-    ids_column: Optional[str] = None
-    ids_kind: Optional[str] = None
-    row_groups: Optional[tuple] = None
-    model: Optional[str] = None
-
-    def fingerprint(self, index: int) -> dict:
-        return {"position": index, "format": self.format, "size": self.size,
-                "stamp": self.stamp, "rows": self.rows, "dim": self.dim, "dtype": self.dtype,
-                "vector_column": self.vector_column, "ids_column": self.ids_column}
-
-
-def _has_magic(text: str) -> bool:
-    return any(c in text for c in "*?[")
-
-
-def _format_of(name: str) -> Optional[str]:
-    lower = name.lower().rstrip("/")
-    for ext, fmt in FORMATS.items():
-        if lower.endswith(ext):
-            return fmt
-    return None
-
-
-def expand_inputs(inputs: Sequence, storage_options: Optional[dict] = None) -> list[tuple]:
-    """``(name, url, fs, path, local)`` of every input file, in the order given; a glob
-    expands to its matching files of a known format (.npy, .fvecs, .parquet, .pq) in
-    lexicographic order. Raises InputError for a missing file, an empty glob, a folder, an
-    unknown extension or a file named twice."""
-    import fsspec
-    from fsspec.implementations.local import LocalFileSystem
-
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    out, seen = [], {}
-    for spec in inputs:
-        spec = os.fspath(spec)
-        fs, path = fsspec.core.url_to_fs(spec, **(storage_options or {}))
-        local = isinstance(fs, LocalFileSystem)
-        if _has_magic(spec):
-            if local:
-                matches = sorted(p for p in _glob.glob(os.path.expanduser(path))
-                                 if os.path.isfile(p))
-            else:
-                matches = sorted(p for p in fs.glob(path) if fs.isfile(p))
-            matches = [p for p in matches if _format_of(p)]
-            if not matches:
-                raise InputError(f"input {spec!r} matches no .npy, .fvecs or .parquet file")
-            names = [(p if local else fs.unstrip_protocol(p), p) for p in matches]
-        else:
-            if not fs.exists(path):
-                raise InputError(f"input {spec!r}: no such file")
-            if fs.isdir(path):
-                raise InputError(f"input {spec!r} is a folder; name its files or a glob "
-                                 f"such as '{spec.rstrip('/')}/*.parquet'")
-            if _format_of(spec) is None:
-                raise InputError(f"input {spec!r}: unknown format; bigalign imports "
-                                 f"{', '.join(FORMATS)} files (by extension)")
-            names = [(spec, path)]
-        for name, p in names:
-            url = os.path.abspath(os.path.expanduser(p)) if local else fs.unstrip_protocol(p)
-            if url in seen:
-                raise InputError(f"input {name!r} is given twice ({seen[url]!r} and "
-                                 f"{name!r}): its rows would be imported twice")
-            seen[url] = name
-            out.append((name, url, fs, p, local))
-    if not out:
-        raise InputError("no inputs given")
-    return out
-
-
-def _stamp(fs, path) -> tuple[int, Optional[str]]:
-    info = fs.info(path)
-    stamp = info.get("ETag") or info.get("etag") or info.get("mtime") or \
-        info.get("LastModified") or info.get("created")
-    return int(info.get("size") or 0), None if stamp is None else str(stamp)
-
-
-def _numeric(dtype: np.dtype) -> bool:
-    return dtype.kind in "fiu" and dtype.fields is None
-
-
-def probe(name: str, url: str, fs, path: str, local: bool, *,
-          vector_column: Optional[str] = None, ids_column: Optional[str] = None) -> SourceFile:
-    """Read one file's metadata (never its vectors) and check what can be checked."""
-    fmt = _format_of(name) or _format_of(url)
-    size, stamp = _stamp(fs, path)
-    common = dict(name=name, url=url, local=local, format=fmt, size=size, stamp=stamp)
-    if fmt in ("npy", "fvecs") and ids_column is not None:
-        raise InputError(f"{name}: --ids-column applies to Parquet inputs; a .{fmt} file "
-                         "has no columns (use --row-ids for row-number ids)")
-    if fmt == "npy":
-        return SourceFile(**common, **_probe_npy(name, fs, path, size))
-    if fmt == "fvecs":
-        return SourceFile(**common, **_probe_fvecs(name, fs, path, size))
-    footer = parquet_footer(fs, path, size)
-    found = _probe_parquet(name, url, local, vector_column, ids_column,
-                           _storage_options_of(fs), footer)
-    groups = None if footer is None else footer["row_groups"]
-    if groups is not None and sum(groups) != found["rows"]:
-        groups = None
-    return SourceFile(**common, **found, row_groups=groups, model=_exported_model(footer))
-
-
-def _exported_model(footer: Optional[dict]) -> Optional[str]:
-    """The model a Parquet file written by ``bigalign export`` names in its ``bigalign``
-    key-value metadata, or None."""
-    raw = (footer or {}).get("metadata", {}).get("bigalign")
-    try:
-        model = json.loads(raw).get("model") if raw else None
-    except (ValueError, AttributeError):
-        return None
-    return model if isinstance(model, str) and model else None
-
+# ==== inputs: found and probed by the reader of each format (storage.formats) ==============
 
 def files_model(files) -> Optional[str]:
     """The model stamp every input names (files written by ``bigalign export``), or None
     when some name none or they disagree."""
     models = {f.model for f in files if f.rows}
     return models.pop() if len(models) == 1 and None not in models else None
-
-
-def _probe_npy(name, fs, path, size=None) -> dict:
-    from numpy.lib import format as npf
-
-    with fs.open(path, "rb") as f:
-        try:
-            version = npf.read_magic(f)
-            reader = npf.read_array_header_1_0 if version == (1, 0) else \
-                npf.read_array_header_2_0
-            shape, fortran, dtype = reader(f) if version in ((1, 0), (2, 0)) else \
-                npf._read_array_header(f, version)
-        except Exception as e:
-            raise InputError(f"{name}: not a readable .npy file ({e})") from None
-        offset = f.tell()
-    if len(shape) != 2:
-        raise InputError(f"{name}: expected a 2-D (rows, dim) array, got shape {shape}")
-    if not _numeric(dtype):
-        raise InputError(f"{name}: dtype {dtype} is not numeric; vectors must be floats "
-                         "(or integers)")
-    if shape[1] == 0:
-        raise InputError(f"{name}: vectors of dimension 0 (shape {shape})")
-    need = offset + int(shape[0]) * int(shape[1]) * dtype.itemsize
-    if size and size < need:  # refused before an output or checkpoint exists (0: unknown)
-        whole = max(size - offset, 0) // (int(shape[1]) * dtype.itemsize)
-        raise InputError(f"{name}: truncated .npy file: its header says shape {shape} of "
-                         f"{dtype}, {need:,} bytes with the header, but the file has "
-                         f"{size:,} bytes ({whole:,} whole rows)")
-    return dict(rows=int(shape[0]), dim=int(shape[1]), dtype=dtype.str, offset=offset,
-                order="F" if fortran else "C")
-
-
-def _probe_fvecs(name, fs, path, size) -> dict:
-    if size == 0:
-        return dict(rows=0, dim=0, dtype="<f4", offset=0)
-    with fs.open(path, "rb") as f:
-        head = f.read(4)
-    dim = int(np.frombuffer(head, "<i4")[0]) if len(head) == 4 else -1
-    if not 0 < dim <= 1 << 20:
-        raise InputError(f"{name}: not an .fvecs file (row 0 header says the vector has "
-                         f"{dim} values)")
-    row_bytes = 4 * (dim + 1)
-    if size % row_bytes:
-        raise InputError(f"{name}: {size} bytes is not a whole number of rows of {row_bytes} "
-                         f"bytes (an int32 header and {dim} float32, as row 0 says): the "
-                         "file is truncated or its rows have different dimensions")
-    return dict(rows=size // row_bytes, dim=dim, dtype="<f4", offset=0)
-
-
-#: polars' object-store keys for the s3fs options bigalign's other commands take.
-_S3_KEYS = {"key": "aws_access_key_id", "secret": "aws_secret_access_key",
-            "token": "aws_session_token", "endpoint_url": "aws_endpoint_url",
-            "region_name": "aws_region", "region": "aws_region"}
-
-
-def _storage_options_of(fs) -> dict:
-    return dict(getattr(fs, "storage_options", {}) or {})
-
-
-def _polars_options(url: str, so: dict) -> Optional[dict]:
-    """Storage options for polars' own object-store client, from fsspec-style ones: S3
-    keys are translated (key/secret/token/endpoint_url/region, client_kwargs' endpoint and
-    region, anon), ``aws_*`` keys pass through; other protocols get the options as given."""
-    if not so:
-        return None
-    if not url.startswith(("s3://", "s3a://")):
-        return dict(so)
-    out = {}
-    items = dict(so)
-    items.update((k, v) for k, v in (so.get("client_kwargs") or {}).items())
-    for k, v in items.items():
-        if k in _S3_KEYS and v is not None:
-            out[_S3_KEYS[k]] = str(v)
-        elif k.startswith("aws_"):
-            out[k] = str(v)
-        elif k == "anon" and v:
-            out["aws_skip_signature"] = "true"
-    if str(out.get("aws_endpoint_url", "")).startswith("http://"):
-        out.setdefault("aws_allow_http", "true")
-    return out
-
-
-def _scan(url: str, local: bool, so: dict):
-    import polars as pl
-
-    src = url if local else url.replace("s3a://", "s3://", 1)
-    return pl.scan_parquet(src, storage_options=None if local else _polars_options(url, so),
-                           glob=False)
-
-
-def _np_dtype(pl_dtype) -> Optional[np.dtype]:
-    """The numpy dtype of a polars numeric dtype, or None when it is not a number."""
-    import polars as pl
-
-    if not (pl_dtype.is_float() or pl_dtype.is_integer()):
-        return None
-    return np.dtype(pl.Series([], dtype=pl_dtype).to_numpy().dtype)
-
-
-def _probe_parquet(name, url, local, vector_column, ids_column, so,
-                   footer: Optional[dict] = None) -> dict:
-    import polars as pl
-
-    try:
-        lazy = _scan(url, local, so)
-        schema = lazy.collect_schema()
-        rows = int(lazy.select(pl.len()).collect().item())
-    except Exception as e:
-        raise InputError(f"{name}: not a readable Parquet file ({type(e).__name__}: {e})") \
-            from None
-    vectors = [c for c, t in schema.items() if isinstance(t, (pl.List, pl.Array))]
-    if vector_column is None:
-        numeric = [c for c in vectors if _np_dtype(schema[c].inner) is not None]
-        if len(numeric) != 1:
-            raise InputError(
-                f"{name}: {'no' if not numeric else 'several'} list-of-number columns "
-                f"({', '.join(numeric) or 'columns: ' + ', '.join(schema)}); name the vectors "
-                "with --vector-column")
-        vector_column = numeric[0]
-    if vector_column not in schema:
-        raise InputError(f"{name}: no column {vector_column!r} (columns: "
-                         f"{', '.join(schema)})")
-    vtype = schema[vector_column]
-    if not isinstance(vtype, (pl.List, pl.Array)):
-        raise InputError(f"{name}: column {vector_column!r} is {vtype}, not a list or array "
-                         "of numbers (one vector per row)")
-    inner = _np_dtype(vtype.inner)
-    if inner is None:
-        raise InputError(f"{name}: column {vector_column!r} holds {vtype}: its values are "
-                         "not numbers (in every row, from row 0)")
-    if isinstance(vtype, pl.Array):
-        if len(vtype.shape) != 1:
-            raise InputError(f"{name}: column {vector_column!r} is {vtype}, not one vector "
-                             "per row")
-        dim = int(vtype.size)
-    elif rows and _dim_from_footer(footer, vector_column):
-        dim = _dim_from_footer(footer, vector_column)
-    elif rows:  # reading one row decodes its column chunk: ~40% of reading the file
-        first = lazy.head(1).select(pl.col(vector_column).list.len()).collect().item()
-        if first is None:
-            raise InputError(f"{name} row 0: the vector in column {vector_column!r} is null")
-        dim = int(first)
-    else:
-        dim = 0
-    if rows and dim == 0:
-        raise InputError(f"{name} row 0: the vector in column {vector_column!r} is empty")
-    ids_kind = None
-    if ids_column is not None:
-        if ids_column not in schema:
-            raise InputError(f"{name}: no id column {ids_column!r} (columns: "
-                             f"{', '.join(schema)})")
-        itype = schema[ids_column]
-        if itype.is_integer():
-            ids_kind = "int64"
-        elif itype in (pl.String, pl.Categorical) or isinstance(itype, (pl.Categorical,
-                                                                            pl.Enum)):
-            ids_kind = "string"
-        else:
-            raise InputError(f"{name}: id column {ids_column!r} is {itype}; ids must be "
-                             "integers or strings")
-    return dict(rows=rows, dim=dim, dtype=inner.str, vector_column=vector_column,
-                ids_column=ids_column, ids_kind=ids_kind)
 
 
 def probe_all(expanded: list[tuple], *, vector_column=None, ids_column=None,
@@ -591,292 +287,6 @@ def probe_all(expanded: list[tuple], *, vector_column=None, ids_column=None,
             raise InputError(f"{f.name}: ids are {f.ids_kind} but {first.name} has "
                              f"{first.ids_kind} ids: all files need the same id type")
     return files
-
-
-def read_slice(f: SourceFile, start: int, stop: int,
-               storage_options: Optional[dict] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """Rows [start, stop) of file ``f``: ``(vectors (n, dim) in the file's dtype, ids (n,)
-    or None)``, validated (dimension, nulls, .fvecs headers); errors name the file and the
-    row. Local .npy/.fvecs are memory-mapped (only these rows are paged in)."""
-    if f.format == "parquet":
-        return _read_parquet(f, start, stop, storage_options or {})
-    if f.format == "npy":
-        row_bytes = f.dim * np.dtype(f.dtype).itemsize
-        if f.order == "F":  # column-major: rows are strided, memmap the whole array
-            mm = np.memmap(f.url, dtype=f.dtype, mode="r", offset=f.offset,
-                           shape=(f.rows, f.dim), order="F")
-            return np.ascontiguousarray(mm[start:stop]), None
-        raw = _raw_rows(f, start, stop, row_bytes, storage_options)
-        return raw.view(f.dtype).reshape(stop - start, f.dim), None
-    raw = _raw_rows(f, start, stop, 4 * (f.dim + 1), storage_options)
-    rows = raw.view("<i4").reshape(stop - start, f.dim + 1)
-    bad = np.flatnonzero(rows[:, 0] != f.dim)
-    if bad.size:
-        i = int(bad[0])
-        raise InputError(f"{f.name} row {start + i}: its header says {int(rows[i, 0])} "
-                         f"values, but row 0 has {f.dim}: an .fvecs file holds vectors of "
-                         "one dimension (or the file is corrupt)")
-    return raw.view("<f4").reshape(stop - start, f.dim + 1)[:, 1:], None
-
-
-def _raw_rows(f: SourceFile, start: int, stop: int, row_bytes: int, so) -> np.ndarray:
-    """Bytes of rows [start, stop) of a fixed-row-size file: a memory map of just those rows
-    (local) or one ranged read (fsspec)."""
-    begin, end = f.offset + start * row_bytes, f.offset + stop * row_bytes
-    if f.local:
-        return np.memmap(f.url, dtype=np.uint8, mode="r", offset=begin, shape=(end - begin,))
-    import fsspec
-
-    from ..storage.stores import retrying
-
-    fs, path = fsspec.core.url_to_fs(f.url, **(so or {}))
-    data = retrying(f"cannot read rows {start}:{stop} of {f.name!r}",
-                    lambda: fs.cat_file(path, start=begin, end=end))
-    if len(data) != end - begin:
-        raise InputError(f"{f.name}: rows {start}:{stop} are cut short (the file shrank?)")
-    return np.frombuffer(data, dtype=np.uint8)
-
-
-def _read_parquet(f: SourceFile, start: int, stop: int, so) -> tuple:
-    from ..storage.stores import retrying
-
-    df = retrying(f"cannot read rows {start}:{stop} of {f.name!r}",
-                  lambda: _scan(f.url, f.local, so).slice(start, stop - start)
-                  .select(_columns(f)).collect())
-    if df.height != stop - start:
-        raise InputError(f"{f.name}: rows {start}:{stop} read {df.height} rows (the file "
-                         "changed?)")
-    return _frame_arrays(f, df, start)
-
-
-def _columns(f: SourceFile) -> list[str]:
-    return [f.vector_column] + ([f.ids_column] if f.ids_column else [])
-
-
-def _frame_arrays(f: SourceFile, df, start: int) -> tuple:
-    """(vectors (n, dim), ids or None) of a frame holding rows [start, start + n) of ``f``,
-    validated: no null or ragged vectors, no null values or ids."""
-    import polars as pl
-
-    n, col = df.height, f.vector_column
-    s = df[col]
-
-    def first(mask: "pl.Series") -> int:
-        return start + int(mask.arg_true()[0])
-
-    if s.null_count():
-        raise InputError(f"{f.name} row {first(s.is_null())}: the vector in column "
-                         f"{col!r} is null")
-    if isinstance(s.dtype, pl.List):
-        lengths = s.list.len()
-        wrong = lengths != f.dim
-        if wrong.any():
-            row = first(wrong)
-            raise InputError(f"{f.name} row {row}: the vector in column {col!r} has "
-                             f"{lengths[row - start]} values, expected {f.dim} (ragged "
-                             "vectors, or a file of another dimension)")
-    flat = s.explode()
-    if flat.null_count():
-        i = int(flat.is_null().arg_true()[0])
-        raise InputError(f"{f.name} row {start + i // f.dim}: the vector in column {col!r} "
-                         f"holds a null (value {i % f.dim})")
-    values = flat.to_numpy().reshape(n, f.dim)
-    ids = None
-    if f.ids_column:
-        s = df[f.ids_column]
-        if s.null_count():
-            raise InputError(f"{f.name} row {first(s.is_null())}: the id in column "
-                             f"{f.ids_column!r} is null")
-        if f.ids_kind == "int64":
-            try:
-                ids = s.cast(pl.Int64, strict=True).to_numpy()
-            except Exception:
-                raise InputError(f"{f.name}: ids in column {f.ids_column!r} rows "
-                                 f"{start}:{start + n} do not fit in int64") from None
-        else:
-            ids = s.cast(pl.String).to_numpy()
-    return values, ids
-
-
-def iter_rows(f: SourceFile, start: int, stop: int, batch_rows: int,
-              storage_options: Optional[dict] = None):
-    """Rows [start, stop) of ``f`` in order, as ``(file row, vectors, ids or None)`` batches
-    of at most about ``batch_rows`` rows, validated like :func:`read_slice`.
-
-    Parquet is read as *one* stream (polars' ``collect_batches``): a slice that starts
-    inside a row group decodes it from its start (there is no row index inside a row group
-    without a page index), so reading a span slice by slice would decode its row groups
-    over and over. Polars without ``collect_batches`` falls back to one slice per batch."""
-    batch_rows = max(1, int(batch_rows))
-    if f.format != "parquet" or not _HAS_BATCHES:
-        for a in range(start, stop, batch_rows):
-            b = min(stop, a + batch_rows)
-            values, ids = read_slice(f, a, b, storage_options)
-            yield a, values, ids
-        return
-    lazy = _scan(f.url, f.local, storage_options or {}).slice(start, stop - start) \
-        .select(_columns(f))
-    batches = lazy.collect_batches(chunk_size=batch_rows)
-    row = start
-    try:
-        for df in batches:
-            if df.height == 0:
-                continue
-            if row + df.height > stop:
-                raise InputError(f"{f.name}: rows {start}:{stop} read more rows than asked "
-                                 "(the file changed?)")
-            values, ids = _frame_arrays(f, df, row)
-            yield row, values, ids
-            row += df.height
-    finally:  # an error or an early exit: stop the stream (older polars) or drop it
-        stop_early = getattr(batches, "stop", None)
-        if row < stop and stop_early is not None:
-            stop_early()
-        del batches
-    if row != stop:
-        raise InputError(f"{f.name}: rows {start}:{stop} read {row - start} rows (the file "
-                         "changed?)")
-
-
-def _has_batches() -> bool:
-    import polars as pl
-
-    return hasattr(pl.LazyFrame, "collect_batches")
-
-
-_HAS_BATCHES = _has_batches()
-
-
-# ---- Parquet footers: row group sizes ------------------------------------------------------
-# polars reads no row-group metadata, and pyarrow is not a dependency; the footer is a
-# Thrift (compact protocol) FileMetaData whose field 4 lists the row groups, each with its
-# row count in field 3. This reader decodes the compact protocol generically.
-
-def parquet_footer(fs, path: str, size: int) -> Optional[dict]:
-    """What the footer of a Parquet file says (one or two ranged reads): ``rows``,
-    ``row_groups`` (rows of each), ``values`` (top-level column -> its leaf values per
-    row group, nulls included) and ``metadata`` (its key-value metadata, str -> str), or
-    None when it cannot be read."""
-    import struct
-
-    try:
-        tail = fs.cat_file(path, start=max(0, size - 8), end=size)
-        if len(tail) != 8 or tail[4:] != b"PAR1":
-            return None
-        n = struct.unpack("<i", tail[:4])[0]
-        if not 0 < n <= size - 12:
-            return None
-        footer = fs.cat_file(path, start=size - 8 - n, end=size - 8)
-        meta, _ = _thrift_struct(memoryview(footer), 0)
-        groups = tuple(int(rg[3]) for rg in meta.get(4, []))
-        if sum(groups) != int(meta[3]):
-            return None
-        values: dict = {}
-        for g, rg in enumerate(meta.get(4, [])):
-            for chunk in rg.get(1, []):
-                cm = chunk.get(3) or {}
-                path_in_schema = cm.get(3) or []
-                if path_in_schema and 5 in cm:
-                    name = bytes(path_in_schema[0]).decode("utf-8", "replace")
-                    values.setdefault(name, [0] * len(groups))[g] += int(cm[5])
-        kv = {bytes(e[1]).decode("utf-8", "replace"): bytes(e.get(2, b"")).decode(
-            "utf-8", "replace") for e in meta.get(5, []) if isinstance(e, dict) and 1 in e}
-        return {"rows": int(meta[3]), "row_groups": groups,
-                "values": {k: tuple(v) for k, v in values.items()}, "metadata": kv}
-    except Exception:
-        return None
-
-
-def parquet_row_groups(fs, path: str, size: int) -> Optional[tuple]:
-    """Rows of each row group of a Parquet file, from its footer, or None when the footer
-    cannot be read (the import then treats the file as one row group: correct, only less
-    parallel)."""
-    footer = parquet_footer(fs, path, size)
-    return None if footer is None else footer["row_groups"]
-
-
-def _dim_from_footer(footer: Optional[dict], column: str) -> Optional[int]:
-    """A list column's vector length when the footer proves every row group holds exactly
-    rows x d values (d the same everywhere), else None. Every row is still checked while
-    reading; this only spares reading a row per file to learn d up front."""
-    if not footer or column not in footer["values"]:
-        return None
-    dims = {v // g if g and v % g == 0 else None
-            for v, g in zip(footer["values"][column], footer["row_groups"]) if g}
-    return dims.pop() if len(dims) == 1 and None not in dims and 0 not in dims else None
-
-
-def _varint(buf, pos: int) -> tuple[int, int]:
-    shift = result = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
-
-
-def _zigzag(n: int) -> int:
-    return (n >> 1) ^ -(n & 1)
-
-
-def _thrift_value(buf, pos: int, t: int):
-    if t in (1, 2):  # booleans live in the field header
-        return t == 1, pos
-    if t == 3:
-        return buf[pos], pos + 1
-    if t in (4, 5, 6):
-        v, pos = _varint(buf, pos)
-        return _zigzag(v), pos
-    if t == 7:
-        return None, pos + 8
-    if t == 8:
-        n, pos = _varint(buf, pos)
-        return buf[pos:pos + n], pos + n
-    if t in (9, 10):
-        head = buf[pos]
-        pos += 1
-        n, et = head >> 4, head & 0x0F
-        if n == 15:
-            n, pos = _varint(buf, pos)
-        out = []
-        for _ in range(n):
-            if et in (1, 2):  # booleans in lists take a byte each
-                v, pos = buf[pos] == 1, pos + 1
-            else:
-                v, pos = _thrift_value(buf, pos, et)
-            out.append(v)
-        return out, pos
-    if t == 11:
-        n, pos = _varint(buf, pos)
-        if n == 0:
-            return {}, pos
-        kv = buf[pos]
-        pos += 1
-        for _ in range(n):
-            _key, pos = _thrift_value(buf, pos, kv >> 4)
-            _val, pos = _thrift_value(buf, pos, kv & 0x0F)
-        return {}, pos
-    if t == 12:
-        return _thrift_struct(buf, pos)
-    raise ValueError(f"unknown Thrift compact type {t}")
-
-
-def _thrift_struct(buf, pos: int) -> tuple[dict, int]:
-    out, fid = {}, 0
-    while True:
-        head = buf[pos]
-        pos += 1
-        if head == 0:
-            return out, pos
-        delta, t = head >> 4, head & 0x0F
-        if delta:
-            fid += delta
-        else:
-            v, pos = _varint(buf, pos)
-            fid = _zigzag(v)
-        out[fid], pos = _thrift_value(buf, pos, t)
 
 
 # ==== execution: one task per unit of regions ==============================================
@@ -1029,14 +439,6 @@ def import_graph(files: tuple, plan: ImportPlan, embeddings, ids, *, done=frozen
 
 # ==== the public face ========================================================================
 
-def _restart_points(f: SourceFile) -> Optional[tuple]:
-    """What the plan needs to know of where reads of ``f`` can start cheaply: None for files
-    read directly, the row groups for Parquet (``()``: unknown, one row group)."""
-    if f.format != "parquet":
-        return None
-    return f.row_groups or ()
-
-
 def _store_dtype(files: list[SourceFile], dtype: Optional[str]) -> np.dtype:
     if dtype is not None:
         if str(dtype) not in STORE_DTYPES:
@@ -1122,7 +524,7 @@ def import_vectors(inputs, output: str, *, ids_column: Optional[str] = None,
     chunk = int(chunk_rows or choose_chunk_rows(dim, store_dtype.itemsize, total))
     ids_kind = "int64" if row_ids else next(f.ids_kind for f in files if f.rows)
     plan = make_import_plan([f.rows for f in files], dim * store_dtype.itemsize, chunk,
-                            run.block_bytes, [_restart_points(f) for f in files])
+                            run.block_bytes, [restart_points(f) for f in files])
     fingerprint = {
         "inputs": {f.url: f.fingerprint(i) for i, f in enumerate(files)},
         "options": {"dtype": store_dtype.name, "chunk_rows": chunk, "ids": ids_kind,
