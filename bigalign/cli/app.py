@@ -81,6 +81,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"bigalign {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    for add in (_add_fit, _add_apply, _add_info, _add_status, _add_demo, _add_sample):
+        add(sub)
+    from .evaluate import add_commands
+    COMMANDS.update(add_commands(sub))
+    from .ingest import add_commands as add_import
+    from .plan import add_commands as add_plan
+    from .registry import add_commands as add_registry
+    from .transforms import add_commands as add_transforms
+    for add in (add_import, add_transforms, add_registry, add_plan):
+        COMMANDS.update(add(sub))
+    return p
+
+
+
+def _add_fit(sub) -> None:
+    """``bigalign fit``: its arguments and flags."""
     f = sub.add_parser(
         "fit", help="fit a transform from paired source/target rows",
         description="Fit Q minimising ||s (A - mean_A) Q - (B - mean_B)||_F over paired rows "
@@ -134,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model of the target vectors (default: the store's model attribute)")
     _run_args(f)
 
+
+def _add_apply(sub) -> None:
+    """``bigalign apply``: its arguments and flags."""
     a = sub.add_parser(
         "apply", help="map every row of a source array into the target space",
         description="Write OUTPUT[i] = (SOURCE[i] - mean_A) s Q + mean_B for every row, one "
@@ -179,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "source model (refused by default)")
     _run_args(a)
 
+
+def _add_info(sub) -> None:
+    """``bigalign info``."""
     i = sub.add_parser("info", help="describe a transform, an apply output, an embedding store, "
                                     "a Parquet export, a Zarr array or progress in flight",
                        description="Describe what is at path: a transform (its pairs, "
@@ -193,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print machine-readable JSON")
     add_storage_option(i)
 
+
+def _add_status(sub) -> None:
+    """``bigalign status``."""
     st = sub.add_parser("status", help="progress of a fit, apply, import or export in flight "
                                        "or interrupted",
                         description="Units done, rows/s and time left, read from the run's "
@@ -204,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="print machine-readable JSON")
     add_storage_option(st)
 
+
+def _add_demo(sub) -> None:
+    """``bigalign demo``."""
     d = sub.add_parser("demo", help="generate a paired corpus, fit, apply and check (the main "
                                     "job on an embedded default)")
     d.add_argument("--rows", type=int, default=1_000_000, help="pairs to generate (default 1e6)")
@@ -215,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print nothing but warnings and errors: no progress, no report on "
                         "stdout (the exit code says whether the rotation was recovered)")
 
+
+def _add_sample(sub) -> None:
+    """``bigalign sample``."""
     sm = sub.add_parser(
         "sample", help="choose which items to re-embed with the new model",
         description="Write a reproducible sample of a corpus's rows (and ids, for a store) "
@@ -232,16 +263,6 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("-o", "--output", required=True, help="Parquet file to write (local)")
     sm.add_argument("--overwrite", action="store_true", help="replace an existing file")
     add_storage_option(sm)
-
-    from .evaluate import add_commands
-    COMMANDS.update(add_commands(sub))
-    from .ingest import add_commands as add_import
-    from .plan import add_commands as add_plan
-    from .registry import add_commands as add_registry
-    from .transforms import add_commands as add_transforms
-    for add in (add_import, add_transforms, add_registry, add_plan):
-        COMMANDS.update(add(sub))
-    return p
 
 
 def _fit(args) -> int:
