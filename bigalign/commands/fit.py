@@ -51,6 +51,7 @@ FIT_KEYWORDS = {"options": keywords_of(FitOptions),
                 "execution": keywords_of(Execution)}
 
 
+# Over 80 lines by its docstring only, which documents every keyword (the code is ~70).
 def fit(source, target, options: Optional[FitOptions] = None, *,
         pairing: Optional[Pairing] = None, job: Optional[JobOptions] = None,
         execution: Optional[Execution] = None, output: Optional[str] = None,
@@ -129,7 +130,7 @@ def fit(source, target, options: Optional[FitOptions] = None, *,
     center, normalize, scale, reflection, diagnostics, precision = astuple(fit_options)
     rows, pair_by, duplicates, sample, seed = (pairing.rows, pairing.by, pairing.duplicates,
                                                pairing.sample, pairing.seed)
-    overwrite, checkpoint, restart = job.overwrite, job.checkpoint, job.restart
+    checkpoint = job.checkpoint
     src_url, src_ids, src_model = store_parts(source, so)
     tgt_url, tgt_ids, tgt_model = store_parts(target, so)
     src = open_embeddings(src_url, side="source", storage_options=so,
@@ -154,18 +155,7 @@ def fit(source, target, options: Optional[FitOptions] = None, *,
                 for side, fp in fingerprints.items()}  # where the fit ran: for evaluate
     pairs = record = None
     if by_ids:
-        joined = pairs = join(src_ids, tgt_ids, duplicates=duplicates)
-        if sample is not None:
-            pairs = sample_pairs(joined, int(sample), seed)
-        record = fit_record(joined, pairs, duplicates, sample, seed)
-        log.info("paired by id: %d pairs; %d source and %d target ids unmatched%s",
-                 joined.matched, pairs.source_only, pairs.target_only,
-                 f"; sampled {pairs.matched} (seed {seed})" if sample else "")
-        if sample is not None and int(sample) >= joined.matched:
-            log.warning("--sample %d is not fewer than the %d pairs matched by id: the fit "
-                        "uses all of them and holds none out ('bigalign evaluate' of these "
-                        "stores will have no held-out pairs); pass --sample below %d to "
-                        "hold some out", int(sample), joined.matched, joined.matched)
+        pairs, record = _pairs_by_id(src_ids, tgt_ids, pairing)
         if run.scheduler or run.workers:
             log.warning("a fit by id reads its gathered pairs from local scratch: it runs "
                         "in this process, not on the cluster")
@@ -187,25 +177,55 @@ def fit(source, target, options: Optional[FitOptions] = None, *,
                                 "sha256": pairs.digest()}
     _check_fit_memory(src, tgt, start, stop, opts, gram, run, fan_in)  # before any write
     if output is not None:
-        node = check_replaceable(output, "output", so, kinds=TRANSFORM_KINDS)
-        finished: list = []  # the finished transform, once loaded (and found intact)
-        if node.kind == "transform":
-            if finished_or_refuse(node, _transform_fingerprint(fingerprint, opts), output,
-                                  overwrite, restart, checkpoint, so,
-                                  damage=lambda: _transform_damage(output, so, finished)):
-                log.warning("%s is already complete with the same inputs and options: "
-                            "nothing to do", output)
-                return finished[0]
-        elif node.kind == "partial-transform" and not (overwrite or restart or
-                                                       Job(checkpoint, so).exists()):
-            raise InputError(f"output {output!r} is an unfinished transform with no recorded "
-                             "progress; pass --overwrite to replace it")
+        finished = _finished(output, _transform_fingerprint(fingerprint, opts), job,
+                             checkpoint, so)
+        if finished is not None:
+            return finished
     with gathered(pairs, src, tgt, pairing.scratch,
                   normalize=opts.precision if opts.normalize else None) as (src, tgt):
         return _fit_job(_FitJob(src, tgt, start, stop, opts, gram, fingerprint, recorded,
                                 models, record, output, checkpoint, replace(job, checkpoint=
                                                                             checkpoint),
                                 run, fan_in, so, t0))
+
+
+def _pairs_by_id(src_ids, tgt_ids, pairing: Pairing) -> tuple:
+    """(the pairs to fit, their record for the transform's metadata): the id join of the
+    two inputs (:func:`bigalign.execution.pairing.join`), sampled when ``pairing.sample``
+    says so, with what was matched logged."""
+    duplicates, sample, seed = pairing.duplicates, pairing.sample, pairing.seed
+    joined = pairs = join(src_ids, tgt_ids, duplicates=duplicates)
+    if sample is not None:
+        pairs = sample_pairs(joined, int(sample), seed)
+    log.info("paired by id: %d pairs; %d source and %d target ids unmatched%s",
+             joined.matched, pairs.source_only, pairs.target_only,
+             f"; sampled {pairs.matched} (seed {seed})" if sample else "")
+    if sample is not None and int(sample) >= joined.matched:
+        log.warning("--sample %d is not fewer than the %d pairs matched by id: the fit "
+                    "uses all of them and holds none out ('bigalign evaluate' of these "
+                    "stores will have no held-out pairs); pass --sample below %d to "
+                    "hold some out", int(sample), joined.matched, joined.matched)
+    return pairs, fit_record(joined, pairs, duplicates, sample, seed)
+
+
+def _finished(output, fingerprint: dict, job: JobOptions, checkpoint, so):
+    """The finished, intact transform at ``output`` when it is this very job (the fit is
+    then a no-op), else None; refuses another job's transform (unless --overwrite) and an
+    unfinished one with no recorded progress (:func:`finished_or_refuse`)."""
+    node = check_replaceable(output, "output", so, kinds=TRANSFORM_KINDS)
+    finished: list = []  # the finished transform, once loaded (and found intact)
+    if node.kind == "transform":
+        if finished_or_refuse(node, fingerprint, output, job.overwrite, job.restart,
+                              checkpoint, so,
+                              damage=lambda: _transform_damage(output, so, finished)):
+            log.warning("%s is already complete with the same inputs and options: "
+                        "nothing to do", output)
+            return finished[0]
+    elif node.kind == "partial-transform" and not (job.overwrite or job.restart or
+                                                   Job(checkpoint, so).exists()):
+        raise InputError(f"output {output!r} is an unfinished transform with no recorded "
+                         "progress; pass --overwrite to replace it")
+    return None
 
 
 def _check_fit_memory(src, tgt, start, stop, opts, gram, run, fan_in) -> None:
