@@ -21,13 +21,17 @@ import zarr
 import bigalign
 from bigalign.storage.checkpoint import Job, Lease, LeaseLostError
 from bigalign.errors import CheckpointError, InputError
-from conftest import imported_store, planted, write_zarr
+from conftest import imported_store, main_cli, planted, write_zarr
 
 ROWS, DIM, CHUNK = 6000, 8, 250
 SMALL = ["--block-mb", "0.02", "-q"]  # 24 blocks: room for kills between units
 
 
 def cli(*argv, faults=None, check=None, cwd=None):
+    """``bigalign ARGV``: in this process (conftest.main_cli), or with ``faults`` (SIGKILL at
+    a fault point) in a real process. ``check``: the expected exit code."""
+    if not faults:
+        return main_cli(*argv, check=check, cwd=cwd)
     env = dict(os.environ)
     env.pop("BIGALIGN_FAULTS", None)
     if faults:
@@ -223,22 +227,48 @@ def test_input_rewritten_in_place_is_detected(corpus):
 
 @pytest.mark.parametrize("command", ["apply", "fit"])
 def test_three_runs_started_together(corpus, command):
-    """Three processes on one output at once: one does the work, the others are refused
-    (exit 2, naming the holder) or, started after it finished, find it done (exit 0)."""
+    """Three processes on one output at once: one takes the lease and does the work, the
+    other two are refused (exit 2, naming the holder). Every process is stopped (SIGSTOP)
+    as soon as a lease exists, and the holder resumed only after the others have ended, so
+    they meet it mid-run however loaded the machine is; a rerun after it finds it done."""
     tmp, s, t, a, _, tr = corpus
     out = tmp / f"{command}-out"
     argv = (["apply", tmp / "t", s] if command == "apply" else ["fit", s, t, "--center"]) + \
         ["-o", out, *SMALL]
     env = dict(os.environ, BIGALIGN_FAULTS="delay:fit.block@0.05,delay:apply.region-written@0.05")
+    job = Job(f"{out}.checkpoint")
     procs = [subprocess.Popen([sys.executable, "-m", "bigalign.cli", *map(str, argv)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(3)]
-    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
-    codes = sorted(code for code, _ in results)
-    assert codes[0] == 0 and set(codes) <= {0, 2}, results
-    for code, err in results:
-        if code == 2:
+    try:
+        deadline, held = time.monotonic() + 120, None
+        while time.monotonic() < deadline and not (held and held[1].get("pid")):
+            held = Lease.newest(job) if os.path.isdir(f"{out}.checkpoint") else None
+            time.sleep(0.005)
+        for p in procs:
+            p.send_signal(signal.SIGSTOP)
+        held = Lease.newest(job)  # as it stands now that no one moves
+        assert held and Lease.alive(held[1]), ("the holder finished before it was stopped",
+                                               held)
+        holder, = [p for p in procs if p.pid == held[1]["pid"]]
+        others = [p for p in procs if p is not holder]
+        for p in others:
+            p.send_signal(signal.SIGCONT)
+        for p in others:
+            err = p.communicate(timeout=300)[1]
+            assert p.returncode == 2, (p.returncode, err)
             assert "another bigalign run" in err, err
+        assert holder.poll() is None  # still mid-run, holding the lease
+        holder.send_signal(signal.SIGCONT)
+        err = holder.communicate(timeout=300)[1]
+        assert holder.returncode == 0, err
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    r = cli(*argv[:-1], check=0)  # not -q
+    assert "nothing to do" in r.stderr, r.stderr
     if command == "apply":
         arr = zarr.open_array(str(out))
         assert arr.attrs["bigalign"]["complete"] is True
