@@ -158,7 +158,7 @@ def test_stale_output_of_another_run_is_recreated(corpus):
     tmp, s, _, a, _, tr = corpus
     out = tmp / "o.zarr"
     cli("apply", tmp / "t", s, "-o", out, "--block-mb", "0.02", "-q",
-        faults="kill:apply.region-done@5")
+        faults="kill:apply.region-done@5", check=-signal.SIGKILL)
     assert zarr.open_array(str(out)).dtype == np.float32
     argv = ["apply", tmp / "t", s, "-o", out, "--chunk-rows", "500", "--dtype", "float16",
             "--block-mb", "0.02", "-q"]
@@ -182,12 +182,13 @@ def test_stale_units_are_recomputed(corpus):
     never read or deleted."""
     tmp, s, t, a, b, _ = corpus
     big = tmp / "big"
-    cli("fit", s, t, "-o", big, *SMALL, faults="kill:fit.unit-saved@3")
+    cli("fit", s, t, "-o", big, *SMALL, faults="kill:fit.unit-saved@3", check=-signal.SIGKILL)
     stale = {n: (tmp / "big.checkpoint" / "units" / n).read_bytes()
              for n in os.listdir(tmp / "big.checkpoint" / "units") if n.endswith(".npz")}
     assert len(stale) >= 3
     small = tmp / "small"
-    cli("fit", s, t, "-o", small, "--rows", "0:4000", *SMALL, faults="kill:fit.unit-saved@1")
+    cli("fit", s, t, "-o", small, "--rows", "0:4000", *SMALL, faults="kill:fit.unit-saved@1",
+        check=-signal.SIGKILL)
     for name, raw in stale.items():
         (tmp / "small.checkpoint" / "units" / name).write_bytes(raw)
     # units stamped with another run are not this job's: the folder is refused, untouched
@@ -208,7 +209,8 @@ def test_stale_units_are_recomputed(corpus):
 def test_input_rewritten_in_place_is_detected(corpus):
     tmp, s, t, a, b, _ = corpus
     out = tmp / "t2"
-    cli("fit", s, t, "-o", out, "--center", *SMALL, faults="kill:fit.unit-saved@2")
+    cli("fit", s, t, "-o", out, "--center", *SMALL, faults="kill:fit.unit-saved@2",
+        check=-signal.SIGKILL)
     rng = np.random.default_rng(9)
     q, _ = np.linalg.qr(rng.standard_normal((DIM, DIM)))
     new_b = (a @ q).astype(np.float32)  # re-embedded: same shape, chunks and dtype
@@ -496,7 +498,7 @@ def test_stale_store_of_another_run_is_recreated(stores):
     tmp, s, _, a, ids, tr = stores
     out = tmp / "o.store"
     cli("apply", tmp / "t", s, "-o", out, "--block-mb", "0.02", "-q",
-        faults="kill:apply.region-done@5")
+        faults="kill:apply.region-done@5", check=-signal.SIGKILL)
     assert zarr.open_group(str(out))["ids"].chunks == (CHUNK,)
     argv = ["apply", tmp / "t", s, "-o", out, "--chunk-rows", "500", "--dtype", "float16",
             "--block-mb", "0.02", "-q"]
@@ -518,7 +520,7 @@ def test_source_ids_rewritten_in_place_are_detected(stores):
     tmp, s, _, _, ids, _ = stores
     out = tmp / "o.store"
     apply = ["apply", tmp / "t", s, "-o", out, "--block-mb", "0.02", "-q"]
-    cli(*apply, faults="kill:apply.region-done@3")
+    cli(*apply, faults="kill:apply.region-done@3", check=-signal.SIGKILL)
     time.sleep(0.01)
     new_ids = np.array([f"new-{i}" for i in range(ROWS)], dtype=np.dtypes.StringDType())
     zarr.open_group(s, mode="r+")["ids"][:] = new_ids
