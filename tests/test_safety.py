@@ -11,7 +11,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -284,32 +283,36 @@ def test_three_runs_started_together(corpus, command):
 # ---- 6b. a run that lost its lease stops ----------------------------------------------------
 
 def test_run_that_lost_its_lease_stops_without_completing(corpus, monkeypatch):
+    """The run stalls past its lease's expiry (as a paused VM would) and a second run takes
+    the job over: the first stops (LeaseLostError) and never marks the output complete.
+    The takeover happens when the first has stored its second region (the fault point
+    apply.region-done, in this process), not after a sleep."""
+    from bigalign.execution import faults
+
     tmp, s, _, _, _, _ = corpus
     out = tmp / "o.zarr"
-    monkeypatch.setenv("BIGALIGN_FAULTS", "delay:apply.region-written@0.1")
-    result = {}
+    job = Job(f"{out}.checkpoint")
+    reached, taken = [], []
 
-    def run():
-        try:
+    def point(name):
+        if name == "apply.region-done" and len(reached) < 2:
+            reached.append(name)
+            if len(reached) == 2:
+                gen, record = Lease.newest(job)
+                record.update(expires=time.time() - 1, machine="elsewhere")
+                (tmp / "o.zarr.checkpoint" / "lease" / f"{gen:012d}.json").write_text(
+                    json.dumps(record))
+                taken.append(job.lease(ttl=60).__enter__())
+
+    monkeypatch.setattr(faults, "point", point)
+    try:
+        with pytest.raises(LeaseLostError):
             bigalign.apply(str(tmp / "t"), s, str(out), block_bytes=int(0.02 * 2**20),
                            threads=1)
-        except Exception as e:  # noqa: BLE001 - the test inspects it
-            result["error"] = e
-
-    worker = threading.Thread(target=run)
-    worker.start()
-    job = Job(f"{out}.checkpoint")
-    deadline = time.time() + 60
-    while Lease.newest(job) is None and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)
-    gen, record = Lease.newest(job)
-    # the first run stalls past its expiry (as a paused VM would); a second takes over
-    record.update(expires=time.time() - 1, machine="elsewhere")
-    (tmp / "o.zarr.checkpoint" / "lease" / f"{gen:012d}.json").write_text(json.dumps(record))
-    with job.lease(ttl=60):
-        worker.join(timeout=120)
-    assert isinstance(result.get("error"), LeaseLostError), result
+    finally:
+        for lease in taken:
+            lease.__exit__(None, None, None)
+    assert len(taken) == 1  # taken over mid-run
     assert bigalign.output_status(str(out))["complete"] is False
 
 
