@@ -197,3 +197,12 @@ def main_cli(*argv, check=None, cwd=None):
     if check is not None:
         assert p.returncode == check, (p.returncode, p.stdout, p.stderr)
     return p
+
+
+def cli(*argv, faults=None, check=None):
+    """``bigalign ARGV`` as most tests run it: in this process (:func:`main_cli`), or in a
+    real process (:func:`run_cli`) where fault points are armed (a SIGKILL or SIGTERM needs
+    a process to end)."""
+    if faults:
+        return run_cli(*argv, faults=faults, check=check)
+    return main_cli(*argv, check=check)
