@@ -162,3 +162,47 @@ def run_cli(*argv, faults=None, check=None):
     if check is not None:
         assert p.returncode == check, (p.returncode, p.stdout, p.stderr)
     return p
+
+
+def main_cli(*argv, check=None, cwd=None):
+    """``bigalign ARGV`` in this process (:func:`bigalign.cli.main`): the parsing, the
+    messages and the exit code of a real run without a new interpreter's start-up. A usage
+    error's SystemExit becomes its exit code, as it does for a process; stdout and stderr
+    are captured as text (stderr is no terminal, as in a pipe). ``cwd``: run from there.
+    ``check``: the expected exit code. Returns what :func:`run_cli` returns (returncode,
+    stdout, stderr). Signals, SIGKILL fault points and a real process's exit need
+    :func:`run_cli`."""
+    import io
+    import os
+    import types
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from bigalign.cli import main
+
+    saved_cwd, faults = os.getcwd(), os.environ.pop("BIGALIGN_FAULTS", None)
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                code = main([str(x) for x in argv])
+            except SystemExit as e:  # argparse: usage errors 2, --help 0
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        os.chdir(saved_cwd)
+        if faults is not None:
+            os.environ["BIGALIGN_FAULTS"] = faults
+    p = types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+    if check is not None:
+        assert p.returncode == check, (p.returncode, p.stdout, p.stderr)
+    return p
+
+
+def cli(*argv, faults=None, check=None):
+    """``bigalign ARGV`` as most tests run it: in this process (:func:`main_cli`), or in a
+    real process (:func:`run_cli`) where fault points are armed (a SIGKILL or SIGTERM needs
+    a process to end)."""
+    if faults:
+        return run_cli(*argv, faults=faults, check=check)
+    return main_cli(*argv, check=check)

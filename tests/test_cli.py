@@ -7,7 +7,7 @@ import pytest
 import zarr
 
 from bigalign.cli import main
-from conftest import imported_store, planted, write_zarr
+from conftest import imported_store, main_cli, planted, write_zarr
 
 
 @pytest.fixture
@@ -120,9 +120,9 @@ def test_zero_norm_with_normalize(files, capsys):
     assert code == 2 and "source row 77 holds a zero-norm row" in err
 
 
-def test_help_explains_center():
-    out = subprocess.run([sys.executable, "-m", "bigalign.cli", "fit", "--help"],
-                         capture_output=True, text=True)
+def test_help_explains_center(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")  # wrapped as in a pipe, whatever the terminal
+    out = main_cli("fit", "--help")
     assert out.returncode == 0 and "--center" in out.stdout and "common offset" in out.stdout
 
 
@@ -148,9 +148,7 @@ def test_real_exit_code_and_demo(tmp_path):
                           str(tmp_path / "no2"), "-o", str(tmp_path / "t")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "no such Zarr array" in bad.stderr
-    demo = subprocess.run([sys.executable, "-m", "bigalign.cli", "demo", "--rows", "20000",
-                           "--dim", "32", "--workdir", str(tmp_path / "d")],
-                          capture_output=True, text=True, timeout=300)
+    demo = main_cli("demo", "--rows", "20000", "--dim", "32", "--workdir", tmp_path / "d")
     assert demo.returncode == 0, demo.stderr
     assert "recovered rotation" in demo.stdout and "demo OK" in demo.stdout
 
@@ -246,11 +244,9 @@ def test_python_warnings_print_as_one_line(tmp_path):
     """The fit's NotUniqueWarning (fewer pairs than dims) on the command line: one line
     'bigalign: warning: ...', not the file:line, category and source line of Python's
     default format."""
-    from conftest import run_cli
-
     a, b, _ = planted(10, 16, seed=3)
     s, t = write_zarr(tmp_path / "a.zarr", a, 5), write_zarr(tmp_path / "b.zarr", b, 5)
-    r = run_cli("fit", s, t, "-o", tmp_path / "t", "-q", check=0)
+    r = main_cli("fit", s, t, "-o", tmp_path / "t", "-q", check=0)
     lines = r.stderr.splitlines()
     assert any(line.startswith("bigalign: warning: 10 pairs for dimensions 16x16")
                for line in lines), r.stderr

@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,7 +24,7 @@ from bigalign.storage import stores
 from bigalign.cli import main, storage_options
 from bigalign.errors import (ChunkReadError, CheckpointError, InputError, NonFiniteError,
                              TransientChunkReadError, TransientError, exit_code)
-from conftest import planted, write_zarr
+from conftest import main_cli, planted, write_zarr
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
@@ -127,26 +126,19 @@ def test_unexpected_error_exits_1_with_traceback(done, capsys, monkeypatch, tmp_
 
 
 def test_sigterm_exits_130_and_the_rerun_resumes(tmp_path):
+    """A real SIGTERM once the fit has stored a unit (the fault point term:fit.unit-saved@1,
+    not a moment the test waits for): exit 130 and one line; the rerun resumes."""
     a, b, _ = planted(8000, 8, seed=7)
     s, t = write_zarr(tmp_path / "a.zarr", a, 200), write_zarr(tmp_path / "b.zarr", b, 200)
-    argv = [*CLI, "fit", s, t, "-o", str(tmp_path / "t"), "--block-mb", "0.01", "-q",
-            "--threads", "1"]
-    env = dict(ENV, BIGALIGN_FAULTS="delay:fit.block@0.2")
-    p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
-    units = tmp_path / "t.checkpoint" / "units"
-    deadline = time.monotonic() + 60
-    while p.poll() is None and time.monotonic() < deadline and not (
-            units.is_dir() and any(n.suffix == ".npz" for n in units.iterdir())):
-        time.sleep(0.02)
-    assert p.poll() is None, p.communicate()  # a unit stored, the fit still running
-    p.send_signal(signal.SIGTERM)
-    out, err = p.communicate(timeout=60)
-    assert p.returncode == 130, err
-    assert "bigalign: interrupted; rerun the same command to resume" in err
-    assert "Traceback" not in err and out == ""
+    argv = ["fit", s, t, "-o", str(tmp_path / "t"), "--block-mb", "0.01", "-q", "--threads",
+            "1"]
+    p = subprocess.run([*CLI, *argv], env=dict(ENV, BIGALIGN_FAULTS="term:fit.unit-saved@1"),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 130, p.stderr
+    assert "bigalign: interrupted; rerun the same command to resume" in p.stderr
+    assert "Traceback" not in p.stderr and p.stdout == ""
     assert not (tmp_path / "t" / "zarr.json").exists()
-    again = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=120)
+    again = main_cli(*argv)  # the same command
     assert again.returncode == 0, again.stderr
     assert "resuming" in again.stderr
     assert np.array_equal(bigalign.Transform.load(str(tmp_path / "t")).rotation,
@@ -201,10 +193,10 @@ def test_sigterm_handler_is_restored(done, capsys):
 
 def test_status_of_finished_outputs_exits_0(done):
     for path in (done["out"], done["tr"]):
-        r = cli("status", path)
+        r = main_cli("status", path)
         assert r.returncode == 0, r.stderr
         assert "finished, nothing in flight" in r.stdout and "Traceback" not in r.stderr
-    r = cli("status", done["out"], "--json")
+    r = main_cli("status", done["out"], "--json")
     assert r.returncode == 0 and json.loads(r.stdout) == {"finished": True}
 
 
@@ -212,7 +204,7 @@ def test_embedding_array_where_a_transform_belongs_exits_2(done):
     message = f"{done['s']!r} is a Zarr array of shape (400, 6), not a bigalign transform"
     for argv in (["apply", done["s"], done["s"], "-o", done["dir"] / "x.zarr"],
                  ["evaluate", done["s"], done["s"], done["t"]]):
-        r = cli(*argv)
+        r = main_cli(*argv)
         assert r.returncode == 2, (argv, r.stderr)
         assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
     with pytest.raises(InputError, match=r"is a Zarr array of shape \(400, 6\)"):
@@ -220,7 +212,7 @@ def test_embedding_array_where_a_transform_belongs_exits_2(done):
 
 
 def test_status_of_nothing_exits_2(tmp_path):
-    r = cli("status", tmp_path / "nothing")
+    r = main_cli("status", tmp_path / "nothing")
     assert r.returncode == 2 and "no progress recorded and no finished output" in r.stderr
 
 
@@ -256,7 +248,7 @@ def test_piped_into_head(done):
 # ---- 5. row ranges are not clipped -----------------------------------------------------------
 
 def test_rows_past_the_end_exit_2(done):
-    r = cli("fit", done["s"], done["t"], "-o", done["dir"] / "r", "--rows", "0:5000", "-q")
+    r = main_cli("fit", done["s"], done["t"], "-o", done["dir"] / "r", "--rows", "0:5000", "-q")
     assert r.returncode == 2
     assert "row range 0:5000: stop 5000 is outside the array's 400 rows" in r.stderr
     assert not (done["dir"] / "r").exists()
@@ -286,18 +278,18 @@ def test_storage_options_nested_json():
 # ---- 7. quiet and JSON summaries -------------------------------------------------------------
 
 def test_quiet_prints_nothing_json_prints_a_summary(done, tmp_path):
-    r = cli("fit", done["s"], done["t"], "-o", tmp_path / "q", "-q")
+    r = main_cli("fit", done["s"], done["t"], "-o", tmp_path / "q", "-q")
     assert r.returncode == 0 and r.stdout == "" and r.stderr == ""
-    r = cli("fit", done["s"], done["t"], "-o", tmp_path / "j", "--center", "--json", "-q")
+    r = main_cli("fit", done["s"], done["t"], "-o", tmp_path / "j", "--center", "--json", "-q")
     summary = json.loads(r.stdout)
     assert summary["kind"] == "transform" and summary["metadata"]["n_pairs"] == 400
     assert summary["dims"] == [6, 6] and summary["options"]["center"] is True
-    r = cli("apply", tmp_path / "j", done["s"], "-o", tmp_path / "o.zarr", "-q")
+    r = main_cli("apply", tmp_path / "j", done["s"], "-o", tmp_path / "o.zarr", "-q")
     assert r.returncode == 0 and r.stdout == "" and r.stderr == ""
-    r = cli("apply", tmp_path / "j", done["s"], "-o", tmp_path / "p.zarr", "--json")
+    r = main_cli("apply", tmp_path / "j", done["s"], "-o", tmp_path / "p.zarr", "--json")
     summary = json.loads(r.stdout)
     assert r.returncode == 0 and summary["complete"] is True and summary["rows"] == 400
-    r = cli("fit", done["s"], done["t"], "-o", tmp_path / "v")
+    r = main_cli("fit", done["s"], done["t"], "-o", tmp_path / "v")
     assert r.returncode == 0 and "maps 6 -> 6 dims, fitted on 400 pairs" in r.stdout
 
 
@@ -375,7 +367,7 @@ def test_float16_overflow_exits_2_naming_the_row(tmp_path):
     x[217] = 3e4  # maps to 3e4 * 3 = 9e4 > 65504
     s = write_zarr(tmp_path / "x.zarr", x, 100)
     bigalign.Transform(np.eye(4), np.zeros(4), np.zeros(4), 3.0).save(str(tmp_path / "t"))
-    r = cli("apply", tmp_path / "t", s, "-o", tmp_path / "o.zarr", "--dtype", "float16", "-q")
+    r = main_cli("apply", tmp_path / "t", s, "-o", tmp_path / "o.zarr", "--dtype", "float16", "-q")
     assert r.returncode == 2, r.stderr
     assert "source row 217" in r.stderr and "float16" in r.stderr
     assert not bigalign.output_status(str(tmp_path / "o.zarr"))["complete"]
@@ -387,6 +379,7 @@ def test_status_of_unreachable_storage_exits_75(capsys, monkeypatch):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    monkeypatch.setattr(stores, "RETRY_BACKOFF", 0.001)  # 4 tries, not 3.5 s of waits
     for command in ("status", "info"):
         code, _, err = run(capsys, command, f"http://127.0.0.1:{port}/out.zarr")
         assert code == 75, err

@@ -19,7 +19,7 @@ import bigalign
 from bigalign.storage.embedding_store import create_store, open_store
 from bigalign.errors import InputError, NonFiniteError
 from bigalign.commands.ingest import choose_chunk_rows, import_vectors, make_import_plan
-from conftest import run_cli
+from conftest import cli
 
 DIM = 8
 
@@ -59,9 +59,6 @@ def shards(tmp_path, x, bounds, name="part", array=False, ids=True):
 def read_store(url, **kw):
     emb, ids, model = open_store(str(url), **kw)
     return emb[:], None if ids is None else ids[:], model
-
-
-cli = run_cli  # a subprocess CLI run (conftest)
 
 
 # ---- the plan (pure) --------------------------------------------------------------------
@@ -328,7 +325,8 @@ def test_a_finished_store_that_lost_a_chunk_is_not_a_noop(corpus, capsys):
 def test_changed_input_refuses_a_resume(corpus):
     x, files, tmp = corpus
     out = tmp / "s.store"
-    cli("import", *files, "-o", out, *SMALL, faults="kill:import.region-done@3")
+    cli("import", *files, "-o", out, *SMALL, faults="kill:import.region-done@3",
+        check=-signal.SIGKILL)
     write_parquet(files[0], x[:700] * 2, [f"doc-{j}" for j in range(700)])
     r = cli("import", *files, "-o", out, *SMALL, check=2)
     assert "changed" in r.stderr and "part-000.parquet" in r.stderr
@@ -493,12 +491,8 @@ def test_create_and_open_store(tmp_path):
 
 def test_info_and_status_of_a_store(tmp_path):
     """info describes a finished store (exit 0); status says it is finished (exit 0)."""
-    import subprocess
-    import sys
-
     np.save(tmp_path / "a.npy", np.ones((300, 4), np.float32))
-    run = lambda *a: subprocess.run([sys.executable, "-m", "bigalign.cli", *map(str, a)],  # noqa: E731
-                                    capture_output=True, text=True, timeout=120)
+    run = cli
     assert run("import", tmp_path / "a.npy", "-o", tmp_path / "s.store", "--row-ids",
                "-q").returncode == 0
     info = run("info", tmp_path / "s.store")

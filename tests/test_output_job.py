@@ -6,6 +6,7 @@ completion only while the output is still this run's."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -21,13 +22,17 @@ from bigalign.execution import faults
 from bigalign.storage.job import Job, lease_home
 from bigalign.storage.lease import LeaseHeldError
 from bigalign.storage.output_job import OutputTakenError
-from conftest import planted, write_zarr
+from conftest import main_cli, planted, write_zarr
 
 ROWS, DIM, CHUNK = 6000, 16, 500
 BLOCK = 500 * DIM * 4 * 2  # about a chunk of input and output per task: 12 regions
 
 
 def cli(*argv, faults=None, check=None, wait=True):
+    """``bigalign ARGV``: in this process (conftest.main_cli), or in a real process with
+    ``faults`` armed (BIGALIGN_FAULTS) or ``wait=False`` (returns the running Popen)."""
+    if not faults and wait:
+        return main_cli(*argv, check=check)
     env = dict(os.environ)
     env.pop("BIGALIGN_FAULTS", None)
     if faults:
@@ -68,7 +73,8 @@ def markers(ck) -> list[str]:
 def killed_midway(tmp, s, t, at=4):
     """An apply killed right after its ``at``-th region marker: (output, checkpoint)."""
     out = fresh(tmp)
-    cli(*apply_args(t, s, out, "--threads", "1"), faults=f"kill:apply.region-done@{at}")
+    cli(*apply_args(t, s, out, "--threads", "1"), faults=f"kill:apply.region-done@{at}",
+        check=-signal.SIGKILL)
     ck = f"{out}.checkpoint"
     assert 0 < len(markers(ck)) < ROWS // CHUNK  # the kill landed mid-run
     assert not zarr.open_array(str(out)).attrs["bigalign"]["complete"]
@@ -105,9 +111,13 @@ def test_two_checkpoints_on_one_output_one_writer(corpus):
         while not markers(c1):  # run 1 has written a region: it holds the output
             assert first.poll() is None and time.monotonic() < deadline, first.communicate()
             time.sleep(0.05)
-        second = cli(*apply_args(t, s, out, "--checkpoint", c2, "--overwrite"), check=2)
-        assert "another bigalign run holds this job" in second.stderr
-        assert len(markers(c1)) < ROWS // CHUNK  # refused while run 1 was still running
+        first.send_signal(signal.SIGSTOP)  # mid-run while run 2 starts, whatever the load
+        try:
+            second = cli(*apply_args(t, s, out, "--checkpoint", c2, "--overwrite"), check=2)
+            assert "another bigalign run holds this job" in second.stderr
+            assert len(markers(c1)) < ROWS // CHUNK  # refused while run 1 was still running
+        finally:
+            first.send_signal(signal.SIGCONT)
     finally:
         stdout, stderr = first.communicate(timeout=120)
     assert first.returncode == 0, stderr

@@ -25,7 +25,7 @@ from bigalign.errors import InputError, NonFiniteError
 from bigalign.commands.parquet_export import (MANIFEST, check_folder, export_manifest, export_parquet,
                                      part_name)
 from bigalign.planning.plan import FILE_BYTES, ExportPlan, make_export_plan, max_tasks
-from conftest import planted, run_cli, write_zarr
+from conftest import cli, planted, write_zarr
 
 ROWS, DIM, CHUNK = 3000, 8, 100
 
@@ -55,9 +55,6 @@ def read_back(folder):
 
 def parts(folder):
     return sorted(n for n in os.listdir(folder) if n.endswith(".parquet"))
-
-
-cli = run_cli  # a subprocess CLI run (conftest)
 
 
 def run(capsys, *argv):
@@ -402,7 +399,7 @@ def test_changed_input_refuses_a_resume(corpus):
     x, store, tmp = corpus
     out = tmp / "out"
     cli("export", store, "-o", out, *SMALL, "--threads", "1",
-        faults="kill:export.file-done@3")
+        faults="kill:export.file-done@3", check=-signal.SIGKILL)
     zarr.open_group(store, mode="r+")["embeddings"][:100] = x[:100] * 2
     r = cli("export", store, "-o", out, *SMALL, check=2)
     assert "changed" in r.stderr and "source.content" in r.stderr
@@ -414,7 +411,7 @@ def test_unfinished_export_without_its_checkpoint_needs_overwrite(corpus):
     x, store, tmp = corpus
     out = tmp / "out"
     cli("export", store, "-o", out, *SMALL, "--threads", "1",
-        faults="kill:export.file-done@3")
+        faults="kill:export.file-done@3", check=-signal.SIGKILL)
     import shutil
 
     shutil.rmtree(f"{out}.checkpoint")

@@ -11,7 +11,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -22,13 +21,17 @@ import bigalign
 from bigalign.storage.job import Job
 from bigalign.storage.lease import Lease, LeaseLostError
 from bigalign.errors import CheckpointError, InputError
-from conftest import imported_store, planted, write_zarr
+from conftest import imported_store, main_cli, planted, write_zarr
 
 ROWS, DIM, CHUNK = 6000, 8, 250
 SMALL = ["--block-mb", "0.02", "-q"]  # 24 blocks: room for kills between units
 
 
 def cli(*argv, faults=None, check=None, cwd=None):
+    """``bigalign ARGV``: in this process (conftest.main_cli), or with ``faults`` (SIGKILL at
+    a fault point) in a real process. ``check``: the expected exit code."""
+    if not faults:
+        return main_cli(*argv, check=check, cwd=cwd)
     env = dict(os.environ)
     env.pop("BIGALIGN_FAULTS", None)
     if faults:
@@ -155,7 +158,7 @@ def test_stale_output_of_another_run_is_recreated(corpus):
     tmp, s, _, a, _, tr = corpus
     out = tmp / "o.zarr"
     cli("apply", tmp / "t", s, "-o", out, "--block-mb", "0.02", "-q",
-        faults="kill:apply.region-done@5")
+        faults="kill:apply.region-done@5", check=-signal.SIGKILL)
     assert zarr.open_array(str(out)).dtype == np.float32
     argv = ["apply", tmp / "t", s, "-o", out, "--chunk-rows", "500", "--dtype", "float16",
             "--block-mb", "0.02", "-q"]
@@ -179,12 +182,13 @@ def test_stale_units_are_recomputed(corpus):
     never read or deleted."""
     tmp, s, t, a, b, _ = corpus
     big = tmp / "big"
-    cli("fit", s, t, "-o", big, *SMALL, faults="kill:fit.unit-saved@3")
+    cli("fit", s, t, "-o", big, *SMALL, faults="kill:fit.unit-saved@3", check=-signal.SIGKILL)
     stale = {n: (tmp / "big.checkpoint" / "units" / n).read_bytes()
              for n in os.listdir(tmp / "big.checkpoint" / "units") if n.endswith(".npz")}
     assert len(stale) >= 3
     small = tmp / "small"
-    cli("fit", s, t, "-o", small, "--rows", "0:4000", *SMALL, faults="kill:fit.unit-saved@1")
+    cli("fit", s, t, "-o", small, "--rows", "0:4000", *SMALL, faults="kill:fit.unit-saved@1",
+        check=-signal.SIGKILL)
     for name, raw in stale.items():
         (tmp / "small.checkpoint" / "units" / name).write_bytes(raw)
     # units stamped with another run are not this job's: the folder is refused, untouched
@@ -205,7 +209,8 @@ def test_stale_units_are_recomputed(corpus):
 def test_input_rewritten_in_place_is_detected(corpus):
     tmp, s, t, a, b, _ = corpus
     out = tmp / "t2"
-    cli("fit", s, t, "-o", out, "--center", *SMALL, faults="kill:fit.unit-saved@2")
+    cli("fit", s, t, "-o", out, "--center", *SMALL, faults="kill:fit.unit-saved@2",
+        check=-signal.SIGKILL)
     rng = np.random.default_rng(9)
     q, _ = np.linalg.qr(rng.standard_normal((DIM, DIM)))
     new_b = (a @ q).astype(np.float32)  # re-embedded: same shape, chunks and dtype
@@ -224,22 +229,48 @@ def test_input_rewritten_in_place_is_detected(corpus):
 
 @pytest.mark.parametrize("command", ["apply", "fit"])
 def test_three_runs_started_together(corpus, command):
-    """Three processes on one output at once: one does the work, the others are refused
-    (exit 2, naming the holder) or, started after it finished, find it done (exit 0)."""
+    """Three processes on one output at once: one takes the lease and does the work, the
+    other two are refused (exit 2, naming the holder). Every process is stopped (SIGSTOP)
+    as soon as a lease exists, and the holder resumed only after the others have ended, so
+    they meet it mid-run however loaded the machine is; a rerun after it finds it done."""
     tmp, s, t, a, _, tr = corpus
     out = tmp / f"{command}-out"
     argv = (["apply", tmp / "t", s] if command == "apply" else ["fit", s, t, "--center"]) + \
         ["-o", out, *SMALL]
     env = dict(os.environ, BIGALIGN_FAULTS="delay:fit.block@0.05,delay:apply.region-written@0.05")
+    job = Job(f"{out}.checkpoint")
     procs = [subprocess.Popen([sys.executable, "-m", "bigalign.cli", *map(str, argv)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(3)]
-    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
-    codes = sorted(code for code, _ in results)
-    assert codes[0] == 0 and set(codes) <= {0, 2}, results
-    for code, err in results:
-        if code == 2:
+    try:
+        deadline, held = time.monotonic() + 120, None
+        while time.monotonic() < deadline and not (held and held[1].get("pid")):
+            held = Lease.newest(job) if os.path.isdir(f"{out}.checkpoint") else None
+            time.sleep(0.005)
+        for p in procs:
+            p.send_signal(signal.SIGSTOP)
+        held = Lease.newest(job)  # as it stands now that no one moves
+        assert held and Lease.alive(held[1]), ("the holder finished before it was stopped",
+                                               held)
+        holder, = [p for p in procs if p.pid == held[1]["pid"]]
+        others = [p for p in procs if p is not holder]
+        for p in others:
+            p.send_signal(signal.SIGCONT)
+        for p in others:
+            err = p.communicate(timeout=300)[1]
+            assert p.returncode == 2, (p.returncode, err)
             assert "another bigalign run" in err, err
+        assert holder.poll() is None  # still mid-run, holding the lease
+        holder.send_signal(signal.SIGCONT)
+        err = holder.communicate(timeout=300)[1]
+        assert holder.returncode == 0, err
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    r = cli(*argv[:-1], check=0)  # not -q
+    assert "nothing to do" in r.stderr, r.stderr
     if command == "apply":
         arr = zarr.open_array(str(out))
         assert arr.attrs["bigalign"]["complete"] is True
@@ -253,32 +284,36 @@ def test_three_runs_started_together(corpus, command):
 # ---- 6b. a run that lost its lease stops ----------------------------------------------------
 
 def test_run_that_lost_its_lease_stops_without_completing(corpus, monkeypatch):
+    """The run stalls past its lease's expiry (as a paused VM would) and a second run takes
+    the job over: the first stops (LeaseLostError) and never marks the output complete.
+    The takeover happens when the first has stored its second region (the fault point
+    apply.region-done, in this process), not after a sleep."""
+    from bigalign.execution import faults
+
     tmp, s, _, _, _, _ = corpus
     out = tmp / "o.zarr"
-    monkeypatch.setenv("BIGALIGN_FAULTS", "delay:apply.region-written@0.1")
-    result = {}
+    job = Job(f"{out}.checkpoint")
+    reached, taken = [], []
 
-    def run():
-        try:
+    def point(name):
+        if name == "apply.region-done" and len(reached) < 2:
+            reached.append(name)
+            if len(reached) == 2:
+                gen, record = Lease.newest(job)
+                record.update(expires=time.time() - 1, machine="elsewhere")
+                (tmp / "o.zarr.checkpoint" / "lease" / f"{gen:012d}.json").write_text(
+                    json.dumps(record))
+                taken.append(job.lease(ttl=60).__enter__())
+
+    monkeypatch.setattr(faults, "point", point)
+    try:
+        with pytest.raises(LeaseLostError):
             bigalign.apply(str(tmp / "t"), s, str(out), block_bytes=int(0.02 * 2**20),
                            threads=1)
-        except Exception as e:  # noqa: BLE001 - the test inspects it
-            result["error"] = e
-
-    worker = threading.Thread(target=run)
-    worker.start()
-    job = Job(f"{out}.checkpoint")
-    deadline = time.time() + 60
-    while Lease.newest(job) is None and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)
-    gen, record = Lease.newest(job)
-    # the first run stalls past its expiry (as a paused VM would); a second takes over
-    record.update(expires=time.time() - 1, machine="elsewhere")
-    (tmp / "o.zarr.checkpoint" / "lease" / f"{gen:012d}.json").write_text(json.dumps(record))
-    with job.lease(ttl=60):
-        worker.join(timeout=120)
-    assert isinstance(result.get("error"), LeaseLostError), result
+    finally:
+        for lease in taken:
+            lease.__exit__(None, None, None)
+    assert len(taken) == 1  # taken over mid-run
     assert bigalign.output_status(str(out))["complete"] is False
 
 
@@ -467,7 +502,7 @@ def test_stale_store_of_another_run_is_recreated(stores):
     tmp, s, _, a, ids, tr = stores
     out = tmp / "o.store"
     cli("apply", tmp / "t", s, "-o", out, "--block-mb", "0.02", "-q",
-        faults="kill:apply.region-done@5")
+        faults="kill:apply.region-done@5", check=-signal.SIGKILL)
     assert zarr.open_group(str(out))["ids"].chunks == (CHUNK,)
     argv = ["apply", tmp / "t", s, "-o", out, "--chunk-rows", "500", "--dtype", "float16",
             "--block-mb", "0.02", "-q"]
@@ -489,7 +524,7 @@ def test_source_ids_rewritten_in_place_are_detected(stores):
     tmp, s, _, _, ids, _ = stores
     out = tmp / "o.store"
     apply = ["apply", tmp / "t", s, "-o", out, "--block-mb", "0.02", "-q"]
-    cli(*apply, faults="kill:apply.region-done@3")
+    cli(*apply, faults="kill:apply.region-done@3", check=-signal.SIGKILL)
     time.sleep(0.01)
     new_ids = np.array([f"new-{i}" for i in range(ROWS)], dtype=np.dtypes.StringDType())
     zarr.open_group(s, mode="r+")["ids"][:] = new_ids
