@@ -305,6 +305,68 @@ def realign_rows(m, work):
                 same = cli("realign", cfg, "-q").returncode == 0 and realign_bytes(w) == ref
             m.row("realign", f"{'SIGKILL' if action == 'kill' else 'SIGTERM'} at {point}@{k}",
                   want, r.returncode, same, "" if landed else "the fault did not land")
+    return ref
+
+
+def realign_lost(m, work, ref, what):
+    """Realign with its fit and apply on a Dask cluster whose scheduler (or every worker)
+    is killed once the fit has stored a unit."""
+    w = os.path.join(work, f"realign-{what}-lost")
+    shutil.copytree(work, w, ignore=shutil.ignore_patterns("*-*", "T", "T.*", "reg",
+                                                           "mapped-*"))
+    cfg = os.path.join(w, "realign.toml")
+    units = os.path.join(w, "**", "units", "*.npz")
+    with dask_cluster(work, faults="delay:fit.unit-saved@0.5") as (sf, sched, workers):
+        run = cli("realign", cfg, "-q", "--scheduler", sf, "--stall-timeout", "5",
+                  wait=False)
+        deadline = time.monotonic() + 120
+        while not glob.glob(units, recursive=True) and run.poll() is None and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
+        landed = run.poll() is None
+        for p in ([sched] if what == "scheduler" else workers):
+            p.kill()
+        run.communicate(timeout=300)
+    with dask_cluster(work) as (sf, _, _):
+        again = cli("realign", cfg, "-q", "--scheduler", sf)
+    m.row("realign", f"{what} killed", 75, run.returncode,
+          again.returncode == 0 and realign_bytes(w) == ref,
+          "" if landed else "the run ended before the kill")
+
+
+def realign_disk_full(m, work, ref):
+    """Realign whose registry and mapped corpus lie on a full disk."""
+    if os.geteuid() != 0:
+        m.row("realign", "disk full", 2, None, None, "skipped: needs root for a tmpfs")
+        return
+    w = os.path.join(work, "realign-full")
+    shutil.copytree(work, w, ignore=shutil.ignore_patterns("*-*", "T", "T.*", "reg",
+                                                           "mapped-*"))
+    mnt = os.path.join(w, "disk")
+    os.makedirs(mnt)
+    with open(os.path.join(w, "realign.toml")) as f:
+        text = f.read()
+    cfg = os.path.join(w, "full.toml")
+    with open(cfg, "w") as f:
+        f.write(text.replace('registry = "reg"', f'registry = "{mnt}/reg"')
+                .replace('output = "mapped-{version}.zarr"',
+                         f'output = "{mnt}/mapped-{{version}}.zarr"'))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", mnt], check=True)
+    try:
+        r = cli("realign", cfg, "-q")
+        subprocess.run(["mount", "-o", "remount,size=64m", mnt], check=True)
+        again = cli("realign", cfg, "-q")
+        from bigalign.storage.registry import Registry
+
+        reg = Registry(os.path.join(mnt, "reg"))
+        mapped = sorted(glob.glob(os.path.join(mnt, "mapped-*.zarr")))
+        same = again.returncode == 0 and ref == (
+            transform_bytes(reg.transform_url(reg.current())) + reg.current().encode() +
+            b"".join(zarr_bytes(x, "embeddings", "ids") for x in mapped))
+        m.row("realign", "disk full", 2, r.returncode, same,
+              r.stderr.strip().splitlines()[-1][:60] if r.stderr.strip() else "")
+    finally:
+        subprocess.run(["umount", "-l", mnt])
 
 
 def main(argv=None) -> int:
@@ -333,7 +395,11 @@ def main(argv=None) -> int:
                 cluster_lost(m, cmd, work, ref, "scheduler")
                 cluster_lost(m, cmd, work, ref, "workers")
         if "realign" in only:
-            realign_rows(m, work)
+            ref = realign_rows(m, work)
+            realign_disk_full(m, work, ref)
+            if not args.no_cluster:
+                realign_lost(m, work, ref, "scheduler")
+                realign_lost(m, work, ref, "workers")
     bad = [r for r in m.rows if not r["ok"]]
     print(f"\n{len(m.rows) - len(bad)} of {len(m.rows)} rows as documented")
     if args.json:

@@ -24,14 +24,29 @@ import socket
 import threading
 import time
 import uuid
-from typing import TYPE_CHECKING, Optional
+from typing import Optional, Protocol
 
 from fsspec.implementations.local import LocalFileSystem
 
 from ..errors import CheckpointError
 
-if TYPE_CHECKING:
-    from .job import Job
+
+class LeasedJob(Protocol):
+    """What a lease needs of the job whose writes it fences (:class:`bigalign.storage.job.Job`):
+    its lease folder (``home``, a job of the same kind), file helpers there, its fence and
+    its fencing token. A protocol, so that the lease does not import the job."""
+
+    url: str
+    token: Optional[tuple]
+    home: "LeasedJob"
+
+    def _path(self, *parts: str) -> str: ...
+    def get_file(self, path: str) -> Optional[bytes]: ...
+    def put_file(self, path: str, data: bytes, *, create: bool = False) -> None: ...
+    def list_names(self, sub: str = "") -> list: ...
+    def remove_file(self, path: str) -> None: ...
+    def check_fence(self) -> None: ...
+
 
 log = logging.getLogger("bigalign")
 
@@ -155,7 +170,7 @@ class Lease:
     thread renews it every ttl/4 (after checking no newer generation exists; a run that
     finds one has lost the lease and its next fenced write raises)."""
 
-    def __init__(self, job: Job, ttl: float):
+    def __init__(self, job: LeasedJob, ttl: float):
         self.run = job        # the job whose writes this lease fences
         self.job = job.home   # where the lease files live (the output's job home)
         self.ttl = ttl
@@ -177,7 +192,7 @@ class Lease:
                            "released": released}).encode()
 
     @staticmethod
-    def newest(job: Job) -> Optional[tuple[int, dict]]:
+    def newest(job: LeasedJob) -> Optional[tuple[int, dict]]:
         """(generation, record) of the newest lease file, or None. An unreadable record
         reads as {} (a dead holder)."""
         gens = [int(n[:-5]) for n in job.list_names("lease")
