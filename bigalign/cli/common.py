@@ -230,15 +230,6 @@ def requests(args) -> dict:
             "storage_options": storage_options(args)}
 
 
-def _common(args) -> dict:
-    return dict(scheduler=args.scheduler or args.scheduler_file, workers=args.workers,
-                memory_limit=args.memory_limit,
-                threads=args.threads, block_bytes=int(args.block_mb * 2**20),
-                checkpoint=args.checkpoint, restart=args.restart, overwrite=args.overwrite,
-                progress=not args.quiet, check_chunks=not args.allow_missing_chunks,
-                storage_options=storage_options(args), device=args.device)
-
-
 def _describe_transform(t, path) -> str:
     m = t.metadata
     pairs = m.get("pairs")

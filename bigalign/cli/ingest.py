@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import _common, _print_json, _run_args, _run_details, positive_int
+from .common import _print_json, _run_args, _run_details, positive_int, requests
 
 DESCRIPTION = """\
 Import vectors into an embedding store: a Zarr group holding 'embeddings' (N x d, chunked by
@@ -65,13 +65,10 @@ def add_commands(sub) -> dict:
 def _import(args) -> int:
     from ..commands.ingest import import_vectors
 
-    common = _common(args)
-    common.pop("check_chunks")
-    common.pop("device")
     r = import_vectors(args.inputs, args.output, ids_column=args.ids_column,
                        vector_column=args.vector_column, row_ids=args.row_ids,
                        model=args.model, chunk_rows=args.chunk_rows, dtype=args.dtype,
-                       **common)
+                       **requests(args))
     if args.json:
         _print_json({"kind": "embedding-store", "path": args.output, "complete": True,
                      "already_complete": r.already_complete, "rows": r.rows_total,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import (_common, _print_json, _run_args, _run_details, add_storage_option,
+from .common import (_print_json, _run_args, _run_details, add_storage_option, requests,
                      storage_options)
 from ..errors import InputError
 from ..commands.parquet_export import BAD_ROWS, COMPRESSIONS
@@ -202,9 +202,7 @@ def _refuse(args, options, belongs_to: str) -> None:
 def _export_vectors(args) -> int:
     from ..commands.parquet_export import export_manifest, export_parquet
 
-    common = _common(args)
-    for key in ("device", "block_bytes"):
-        common.pop(key)
+    common = requests(args)
     r = export_parquet(args.source, args.output, ids_column=args.ids_column or "id",
                        vector_column=args.vector_column or "embedding", dtype=args.dtype,
                        rows=args.rows, rows_per_file=args.rows_per_file,

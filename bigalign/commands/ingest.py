@@ -52,7 +52,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -454,12 +454,8 @@ def _store_dtype(files: list[SourceFile], dtype: Optional[str]) -> np.dtype:
 def import_vectors(inputs, output: str, *, ids_column: Optional[str] = None,
                    vector_column: Optional[str] = None, row_ids: bool = False,
                    model: Optional[str] = None, chunk_rows: Optional[int] = None,
-                   dtype: Optional[str] = None, overwrite: bool = False,
-                   checkpoint: Union[str, bool, None] = None, restart: bool = False,
-                   scheduler: Optional[str] = None, workers: Optional[int] = None,
-                   memory_limit: Optional[str] = None, threads: Optional[int] = None,
-                   block_bytes: int = DEFAULT_BLOCK_BYTES, progress: bool = False,
-                   storage_options: Optional[dict] = None):
+                   dtype: Optional[str] = None, job=None, execution=None,
+                   storage_options: Optional[dict] = None, **keywords):
     """Import vectors from files into a new embedding store at ``output``.
 
     Parameters
@@ -481,8 +477,10 @@ def import_vectors(inputs, output: str, *, ids_column: Optional[str] = None,
     chunk_rows : rows per stored chunk (default: about 32 MiB of vectors per chunk).
     dtype : float16/float32/float64 (default: the inputs' float dtype when they all share
         one, else float32).
-    overwrite, checkpoint, restart, scheduler, workers, memory_limit, threads, block_bytes,
-    progress, storage_options : as for :func:`bigalign.apply`.
+    job, execution, storage_options : as for :func:`bigalign.apply`: the job protocol
+        (:class:`bigalign.options.JobOptions`: overwrite, checkpoint, restart) and where it
+        runs (:class:`bigalign.options.Execution`: scheduler, workers, memory_limit,
+        threads, block_bytes, progress), or their fields as flat keywords.
 
     Duplicate ids are counted once the ids are written (:func:`bigalign.execution.pairing.duplicate_ids`,
     polars on Arrow columns): the count is the store's ``bigalign.duplicate_ids`` attribute,
@@ -498,17 +496,18 @@ def import_vectors(inputs, output: str, *, ids_column: Optional[str] = None,
     from ..execution.cluster import session
     from ..storage.output_job import output_job
     from ..storage.locations import check_disjoint
-    from ..options import Execution
+    from ..options import Execution, JobOptions, keywords_of, requests
     from ..storage.outputs import STORE_KINDS, check_replaceable, chunks_damage
 
     t0 = time.perf_counter()
     so = storage_options
-    run = Execution(scheduler, workers, memory_limit, threads, block_bytes, progress)
+    given = requests("import_vectors", {"job": job, "execution": execution}, keywords,
+                     {"job": keywords_of(JobOptions), "execution": keywords_of(Execution)})
+    job, run = given["job"], given["execution"]
+    overwrite, restart = job.overwrite, job.restart
     if ids_column is not None and row_ids:
         raise InputError("give either an id column (--ids-column) or --row-ids, not both")
-    if checkpoint is not False and checkpoint is None:
-        checkpoint = default_checkpoint(output)
-    ckpt = checkpoint or None
+    ckpt = default_checkpoint(output) if job.checkpoint is None else (job.checkpoint or None)
     expanded = expand_inputs(inputs, so)
     check_disjoint({f"input {name}": url for name, url, *_ in expanded},
                    {"output": output, "checkpoint": ckpt}, so)
@@ -545,16 +544,16 @@ def import_vectors(inputs, output: str, *, ids_column: Optional[str] = None,
         "made_by": "import", "inputs": [f.name for f in files[:1000]],
         "input_files": len(files)})
     with output_job(target, ckpt, "import", fingerprint, asdict(plan.regions),
-                    storage_options=so, restart=restart, replace=overwrite) as job:
-        plan = target.plan = ImportPlan(plan.file_rows, ApplyPlan(**job.manifest["plan"]),
+                    storage_options=so, restart=restart, replace=overwrite) as region:
+        plan = target.plan = ImportPlan(plan.file_rows, ApplyPlan(**region.manifest["plan"]),
                                         plan.row_groups)
         expected = plan.region_rows()
         faults.point("import.begun")
-        handle, done = job.open(expected)
+        handle, done = region.open(expected)
         group, embeddings, ids = handle
         graph, key, tasks = import_graph(tuple(files), plan, embeddings, ids, done=done,
-                                         job=job.job, row_ids=row_ids, url=str(output),
-                                         storage_options=so, run_id=job.run_id)
+                                         job=region.job, row_ids=row_ids, url=str(output),
+                                         storage_options=so, run_id=region.run_id)
         log.info("import: %d rows x %d (%s) from %d file%s: %d regions of ~%.3g MB (chunks "
                  "of %d rows, %.3g MB) in %d tasks", plan.rows, dim, store_dtype.name,
                  len(files), "s" * (len(files) != 1), len(expected),
@@ -564,13 +563,13 @@ def import_vectors(inputs, output: str, *, ids_column: Optional[str] = None,
             written = s.get(graph, key)
         seconds = time.perf_counter() - t0
         faults.point("import.before-complete")
-        job.markers(expected)  # verify, then complete (RegionRun.finish)
+        region.markers(expected)  # verify, then complete (RegionRun.finish)
         record = {}
         if ids is not None:  # row numbers (--row-ids) cannot repeat
             record["duplicate_ids"] = 0 if row_ids else _count_duplicate_ids(ids, output)
-        job.finish(handle, expected, dict(
+        region.finish(handle, expected, dict(
             record, complete=True, seconds=seconds,
-            job={"run_id": job.run_id, "fingerprint": fingerprint},
+            job={"run_id": region.run_id, "fingerprint": fingerprint},
             completed=datetime.now(timezone.utc).isoformat(timespec="seconds")))
     return RunReport(int(written), seconds, tasks, len(expected), len(done), plan.rows)
 

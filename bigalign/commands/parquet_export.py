@@ -63,7 +63,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from typing import Optional, Union
+from typing import Optional
 
 import numpy as np
 
@@ -532,12 +532,8 @@ def export_graph(source, ids, plan: ExportPlan, spec: FileSpec, *, done=frozense
 def export_parquet(source, output: str, *, ids_column: str = "id",
                    vector_column: str = "embedding", dtype: Optional[str] = None,
                    rows=None, rows_per_file: Optional[int] = None,
-                   compression: str = "snappy", overwrite: bool = False,
-                   checkpoint: Union[str, bool, None] = None, restart: bool = False,
-                   scheduler: Optional[str] = None, workers: Optional[int] = None,
-                   memory_limit: Optional[str] = None, threads: Optional[int] = None,
-                   progress: bool = False, storage_options: Optional[dict] = None,
-                   check_chunks: bool = True, bad_rows: str = "fail"):
+                   compression: str = "snappy", bad_rows: str = "fail", job=None,
+                   execution=None, storage_options: Optional[dict] = None, **keywords):
     """Export the vectors of ``source`` to Parquet files in the folder ``output``.
 
     Parameters
@@ -560,8 +556,11 @@ def export_parquet(source, output: str, *, ids_column: str = "id",
         ``MAX_BAD_ROWS_LISTED`` source row numbers) and ``RunReport.bad_rows`` list them.
         Like apply's, not part of the job's fingerprint: a run stopped by a bad row
         resumes with ``"skip"``.
-    overwrite, checkpoint, restart, scheduler, workers, memory_limit, threads, progress,
-    storage_options, check_chunks : as for :func:`bigalign.apply`.
+    job, execution, storage_options : as for :func:`bigalign.apply`: the job protocol
+        (:class:`bigalign.options.JobOptions`: overwrite, checkpoint, restart,
+        check_chunks) and where it runs (:class:`bigalign.options.Execution`: scheduler,
+        workers, memory_limit, threads, progress; a file is a task, so block_bytes does not
+        apply), or their fields as flat keywords.
 
     Returns a :class:`bigalign.RunReport` (``units_total``: files; ``already_complete`` for
     a rerun of a finished export; ``rows``: the rows written, without those skipped).
@@ -572,23 +571,24 @@ def export_parquet(source, output: str, *, ids_column: str = "id",
     from ..storage.output_job import output_job
     from ..execution.cluster import session
     from ..storage.locations import canonical_url, check_disjoint
-    from ..options import Execution
+    from ..options import Execution, JobOptions, keywords_of, requests
     from ..storage.outputs import Node, refuse_inside_zarr
     from ..storage.stores import parse_rows
 
     t0 = time.perf_counter()
     so = storage_options
-    run = Execution(scheduler, workers, memory_limit, threads, progress=progress)
+    given = requests("export_parquet", {"job": job, "execution": execution}, keywords,
+                     {"job": keywords_of(JobOptions), "execution": keywords_of(Execution)})
+    job, run = given["job"], given["execution"]
+    overwrite, restart = job.overwrite, job.restart
     _check_options(ids_column, vector_column, dtype, compression, bad_rows)
-    emb, ids, model = open_source(source, so, check_chunks)
+    emb, ids, model = open_source(source, so, job.check_chunks)
     zero_rows_bad = _zero_rows_bad(source, so)
     first, last = parse_rows(rows, emb.rows)
     out_dtype = np.dtype(dtype or emb.dtype.name)
     kind = ids_kind(ids)
     plan = _plan(emb, first, last, out_dtype, kind, rows_per_file)
-    if checkpoint is not False and checkpoint is None:
-        checkpoint = default_checkpoint(output)
-    ckpt = checkpoint or None
+    ckpt = default_checkpoint(output) if job.checkpoint is None else (job.checkpoint or None)
     check_disjoint({"source": source}, {"output": output, "checkpoint": ckpt}, so)
     fingerprint = {
         "source": emb.fingerprint(), "ids": None if ids is None else _fingerprint_of(ids),
@@ -616,18 +616,18 @@ def export_parquet(source, output: str, *, ids_column: str = "id",
             "compression": compression}
     target = _ExportTarget(output, so, head)
     with output_job(target, ckpt, "export", fingerprint, asdict(plan), storage_options=so,
-                    restart=restart, replace=overwrite) as job:
-        plan = ExportPlan(**job.manifest["plan"])
+                    restart=restart, replace=overwrite) as region:
+        plan = ExportPlan(**region.manifest["plan"])
         expected = plan.region_rows()
         target.plan_files(expected)
         faults.point("export.begun")
-        handle, done = job.open(expected)
+        handle, done = region.open(expected)
         spec = FileSpec(str(output).rstrip("/"), ids_column, vector_column, kind, emb.dim,
                         out_dtype.name, COMPRESSIONS[compression],
-                        {"format": FORMAT, "run_id": job.run_id, "model": model,
+                        {"format": FORMAT, "run_id": region.run_id, "model": model,
                          "source": head["source"]}, so, bad_rows, zero_rows_bad)
-        graph, key, tasks = export_graph(emb, ids, plan, spec, done=done, job=job.job,
-                                         run_id=job.run_id)
+        graph, key, tasks = export_graph(emb, ids, plan, spec, done=done, job=region.job,
+                                         run_id=region.run_id)
         per = min(plan.rows_per_file, plan.rows)
         log.info("export: %d rows x %d (%s, ids %s) to %d Parquet file%s of up to %d rows "
                  "(~%.3g MB of vectors) in %d task%s", plan.rows, emb.dim, out_dtype.name,
@@ -637,18 +637,18 @@ def export_parquet(source, output: str, *, ids_column: str = "id",
             written, skipped = s.get(graph, key)
         seconds = time.perf_counter() - t0
         faults.point("export.before-complete")
-        markers = job.markers(expected)  # verify, then complete (RegionRun.finish)
-        if job.job.progress:  # the files of earlier runs count too
+        markers = region.markers(expected)  # verify, then complete (RegionRun.finish)
+        if region.job.progress:  # the files of earlier runs count too
             skipped = sorted(i for m in markers.values() for i in m.get("bad_rows", []))
         if skipped:
             log.warning("%d source rows left out (NaN/Inf%s; first: %s); their numbers are "
                         "in the manifest's bad_rows", len(skipped),
                         " or all zeros" if zero_rows_bad else "", skipped[:5])
-        job.finish(handle, expected, dict(
+        region.finish(handle, expected, dict(
             complete=True, seconds=seconds,
             bad_rows={"policy": "skip" if skipped else bad_rows, "count": len(skipped),
                       "rows": skipped[:MAX_BAD_ROWS_LISTED]},
-            job={"run_id": job.run_id, "fingerprint": fingerprint},
+            job={"run_id": region.run_id, "fingerprint": fingerprint},
             completed=datetime.now(timezone.utc).isoformat(timespec="seconds")))
     return RunReport(int(written), seconds, tasks, len(expected), len(done), plan.rows,
                      bad_rows=skipped)
