@@ -59,7 +59,7 @@ def output_damage(path, storage_options: Optional[dict] = None) -> Optional[str]
     ``info`` and ``status`` report it (exit 3). Cost: a Parquet export, one listing of its
     folder; an apply output or embedding store, one listing of its arrays' chunk (shard)
     objects; a transform, reading it (its SHA-256 is checked)."""
-    from .parquet_export import export_damage, export_manifest
+    from ..storage.parquet_folder import export_damage, export_manifest
     from ..storage.outputs import inspect
 
     so = storage_options
