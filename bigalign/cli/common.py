@@ -297,3 +297,9 @@ def _bound_lines(d: dict, tr: dict) -> str:
                      "statistics (a difference of nearly equal sums); fit with --precision "
                      "float64 to resolve it")
     return "\n".join(lines)
+
+
+def _transform_json(t, path) -> dict:
+    """What ``info --json`` and ``fit --json`` print for a transform."""
+    return {"kind": "transform", "path": str(path), "dims": list(t.dims), "scale": t.scale,
+            "options": t.options, "metadata": t.metadata}
