@@ -18,7 +18,8 @@ from hypothesis import given, settings, strategies as st
 import bigalign
 from bigalign.storage.embedding_store import create_store, open_store
 from bigalign.errors import InputError, NonFiniteError
-from bigalign.commands.ingest import choose_chunk_rows, import_vectors, make_import_plan
+from bigalign.commands.ingest import import_vectors
+from bigalign.planning.import_plan import choose_chunk_rows, make_import_plan
 from conftest import cli
 
 DIM = 8

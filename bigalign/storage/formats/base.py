@@ -132,7 +132,7 @@ class Reader:
 
     def restart_points(self, f: SourceFile) -> Optional[tuple]:
         """Where reads of ``f`` start cheaply, for the plan's units
-        (:meth:`bigalign.commands.ingest.ImportPlan.units`): None when any row can be read
+        (:meth:`bigalign.planning.import_plan.ImportPlan.units`): None when any row can be read
         directly; else the rows of each block that a read decodes from its start (Parquet's
         row groups; ``()``: unknown, the whole file is one)."""
         return None
