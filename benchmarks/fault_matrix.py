@@ -285,11 +285,8 @@ def cluster_lost(m, cmd, work, ref, what):
 
 
 def realign_rows(m, work):
-    keep = shutil.ignore_patterns("*-*", "T", "T.*", "reg", "mapped-*")
-
     def fresh(name):
-        w = os.path.join(work, name)
-        shutil.copytree(work, w, ignore=keep)
+        w = realign_copy(work, name)
         return w, os.path.join(w, "realign.toml")
 
     base, cfg = fresh("realign-ref")
@@ -308,12 +305,19 @@ def realign_rows(m, work):
     return ref
 
 
+def realign_copy(work, name) -> str:
+    """A fresh copy of the realign inputs (stores and config, no registry or output) at
+    WORK/NAME, for one row."""
+    w = os.path.join(work, name)
+    shutil.copytree(work, w, ignore=shutil.ignore_patterns("*-*", "T", "T.*", "reg",
+                                                           "mapped-*"))
+    return w
+
+
 def realign_lost(m, work, ref, what):
     """Realign with its fit and apply on a Dask cluster whose scheduler (or every worker)
     is killed once the fit has stored a unit."""
-    w = os.path.join(work, f"realign-{what}-lost")
-    shutil.copytree(work, w, ignore=shutil.ignore_patterns("*-*", "T", "T.*", "reg",
-                                                           "mapped-*"))
+    w = realign_copy(work, f"realign-{what}-lost")
     cfg = os.path.join(w, "realign.toml")
     units = os.path.join(w, "**", "units", "*.npz")
     with dask_cluster(work, faults="delay:fit.unit-saved@0.5") as (sf, sched, workers):
@@ -339,9 +343,7 @@ def realign_disk_full(m, work, ref):
     if os.geteuid() != 0:
         m.row("realign", "disk full", 2, None, None, "skipped: needs root for a tmpfs")
         return
-    w = os.path.join(work, "realign-full")
-    shutil.copytree(work, w, ignore=shutil.ignore_patterns("*-*", "T", "T.*", "reg",
-                                                           "mapped-*"))
+    w = realign_copy(work, "realign-full")
     mnt = os.path.join(w, "disk")
     os.makedirs(mnt)
     with open(os.path.join(w, "realign.toml")) as f:
