@@ -265,22 +265,33 @@ def dask_cluster(work, faults=None, workers=1):
             p.wait()
 
 
-def cluster_lost(m, cmd, work, ref, what):
-    out = os.path.join(work, f"{cmd.name}-{what}-lost")
-    point = {"fit": "fit.unit-saved", "export": "export.file-done"}.get(
-        cmd.name, f"{cmd.name}.region-done")
+def lose_cluster_mid_run(work, argv, started, point, what) -> tuple:
+    """Run ``argv`` on a fresh Dask cluster (tasks slowed at ``point``), kill its scheduler
+    or every worker (``what``) once ``started()`` says the run has stored progress, and
+    rerun it on a new cluster. Returns (exit code of the first run, whether the kill landed
+    mid-run, the rerun's CompletedProcess)."""
     with dask_cluster(work, faults=f"delay:{point}@0.5") as (sf, sched, workers):
-        run = cli(*cmd.argv(out), "--scheduler", sf, "--stall-timeout", "5", wait=False)
+        run = cli(*argv, "--scheduler", sf, "--stall-timeout", "5", wait=False)
         deadline = time.monotonic() + 120
-        while not cmd.progress(out) and run.poll() is None and time.monotonic() < deadline:
+        while not started() and run.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         landed = run.poll() is None
         for p in ([sched] if what == "scheduler" else workers):
             p.kill()
         run.communicate(timeout=300)
     with dask_cluster(work) as (sf, _, _):
-        same = rerun_same(cmd, out, ref, (*cmd.argv(out), "--scheduler", sf))
-    m.row(cmd.name, f"{what} killed", 75, run.returncode, same,
+        again = cli(*argv, "--scheduler", sf)
+    return run.returncode, landed, again
+
+
+def cluster_lost(m, cmd, work, ref, what):
+    out = os.path.join(work, f"{cmd.name}-{what}-lost")
+    point = {"fit": "fit.unit-saved", "export": "export.file-done"}.get(
+        cmd.name, f"{cmd.name}.region-done")
+    code, landed, again = lose_cluster_mid_run(work, cmd.argv(out),
+                                               lambda: cmd.progress(out), point, what)
+    m.row(cmd.name, f"{what} killed", 75, code,
+          again.returncode == 0 and cmd.data(out) == ref,
           "" if landed else "the run ended before the kill")
 
 
@@ -318,22 +329,11 @@ def realign_lost(m, work, ref, what):
     """Realign with its fit and apply on a Dask cluster whose scheduler (or every worker)
     is killed once the fit has stored a unit."""
     w = realign_copy(work, f"realign-{what}-lost")
-    cfg = os.path.join(w, "realign.toml")
     units = os.path.join(w, "**", "units", "*.npz")
-    with dask_cluster(work, faults="delay:fit.unit-saved@0.5") as (sf, sched, workers):
-        run = cli("realign", cfg, "-q", "--scheduler", sf, "--stall-timeout", "5",
-                  wait=False)
-        deadline = time.monotonic() + 120
-        while not glob.glob(units, recursive=True) and run.poll() is None and \
-                time.monotonic() < deadline:
-            time.sleep(0.05)
-        landed = run.poll() is None
-        for p in ([sched] if what == "scheduler" else workers):
-            p.kill()
-        run.communicate(timeout=300)
-    with dask_cluster(work) as (sf, _, _):
-        again = cli("realign", cfg, "-q", "--scheduler", sf)
-    m.row("realign", f"{what} killed", 75, run.returncode,
+    code, landed, again = lose_cluster_mid_run(
+        work, ("realign", os.path.join(w, "realign.toml"), "-q"),
+        lambda: glob.glob(units, recursive=True), "fit.unit-saved", what)
+    m.row("realign", f"{what} killed", 75, code,
           again.returncode == 0 and realign_bytes(w) == ref,
           "" if landed else "the run ended before the kill")
 
