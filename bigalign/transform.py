@@ -9,7 +9,7 @@ Zarr group: arrays ``rotation`` (dA, dB), ``source_mean`` (dA,), ``target_mean``
 ``singular_values`` and JSON attributes ``bigalign`` = {format, options, metadata}.
 
 Transforms made from transforms (``then``: compose; ``inverse``) are built at the end of
-this module; ``bigalign compose|invert|export`` (:mod:`bigalign.commands.transforms`) add
+this module; ``bigalign compose|invert|export`` (:mod:`bigalign.commands.compose`, :mod:`bigalign.commands.map_export`) add
 reading inputs and writing outputs.
 """
 
@@ -346,7 +346,7 @@ def _checksummed():
 
 # ==== transforms made from transforms, in memory: compose (T1 then T2) and invert ==========
 # What Transform.then / Transform.inverse do and what ``bigalign compose|invert``
-# (bigalign.commands.transforms, which adds reading inputs and writing outputs) call: the
+# (bigalign.commands.compose, which adds reading inputs and writing outputs) call: the
 # checks that refuse a derived map that would not mean what it says, the maths
 # (bigalign.maths.affine), and what the result records (model stamps, provenance of its
 # inputs, a job fingerprint). Each operation is two steps, the check (check_composable,

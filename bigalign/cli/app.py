@@ -87,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .ingest import add_commands as add_import
     from .plan import add_commands as add_plan
     from .registry import add_commands as add_registry
-    from .transforms import add_commands as add_transforms
-    for add in (add_import, add_transforms, add_registry, add_plan):
+    from .compose import add_commands as add_compose
+    from .export import add_commands as add_export
+    for add in (add_import, add_export, add_compose, add_registry, add_plan):
         COMMANDS.update(add(sub))
     return p
 

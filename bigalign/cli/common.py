@@ -303,3 +303,12 @@ def _transform_json(t, path) -> dict:
     """What ``info --json`` and ``fit --json`` print for a transform."""
     return {"kind": "transform", "path": str(path), "dims": list(t.dims), "scale": t.scale,
             "options": t.options, "metadata": t.metadata}
+
+
+def models_text(meta: dict) -> str:
+    """", models A -> B" from a metadata dict's model stamps, or "" when it has none."""
+    s, t = meta.get("source_model"), meta.get("target_model")
+    if s is None and t is None:
+        return ""
+    show = lambda m: "?" if m is None else (m if isinstance(m, str) else json.dumps(m))  # noqa: E731
+    return f", models {show(s)} -> {show(t)}"

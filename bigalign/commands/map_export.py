@@ -1,33 +1,11 @@
-"""Transforms at query time: compose, invert, export (``bigalign compose|invert|export``).
+"""Writing a transform as plain arrays (``bigalign export TRANSFORM``), for serving stacks
+that read them with plain numpy (or any language), no bigalign installed.
 
-A :class:`~bigalign.transform.Transform` is the affine map
-
-    T(x) = (normalize(x) - source_mean) * scale @ rotation + target_mean
-
-and these functions build new ones from it, or write it in formats a serving stack reads
-with plain numpy (or any language), no bigalign installed:
-
-- :func:`compose` (T1 then T2): ``compose(t1, t2)(x) == t2(t1(x))``. The result is again a
-  Transform: rotation Q1 Q2, scale s1 s2, source_mean mu1, target_mean
-  (nu1 - mu2) s2 Q2 + nu2 = T2(nu1) -- the form (x - mean) * scale @ rotation + mean holds
-  any affine map whose matrix is scale * rotation.
-- :func:`invert`: the map back, target -> source: rotation Q^T, scale 1/s, the means
-  swapped. Exact when dA == dB; a left inverse (exact on T's image, a projection elsewhere)
-  when dA < dB; refused as lossy when T keeps fewer dims than the source has (dA > dB) or
-  normalises its input, unless ``allow_lossy``.
-- :func:`export`: the matrix M = scale * rotation and the two means of both directions,
-  forward (old -> new: documents) and, where it exists, the inverse (new -> old: queries for a
-  dual-read), as ``.npz``, ``.json`` or ``.safetensors`` (written by hand, no dependency).
-
-Why functions in a module rather than methods of Transform: these are operations *between*
-artifacts, with policy (model stamps, lossy flags, provenance, output safety) that the
-artifact itself should not carry. The in-memory part (checks, maths, what the result records)
-sits beside the artefact in :mod:`bigalign.transform`, which ``Transform.inverse()`` and
-``Transform.then()`` use; this module adds reading inputs and writing outputs.
-
-Model stamps: ``metadata["source_model"]`` / ``metadata["target_model"]``, when present,
-are carried: compose(A->B, B->C) is A->C (refused when T1's target model differs from T2's
-source model, unless ``allow_model_mismatch``), invert swaps them, export records them.
+:func:`export`: the matrix M = scale * rotation and the two means of both directions,
+forward (old -> new: documents) and, where it exists, the inverse (new -> old: queries for a
+dual-read; :func:`bigalign.commands.compose.invert`), as ``.npz``, ``.json`` or
+``.safetensors`` (written by hand, no dependency). Vectors are exported as Parquet by
+:mod:`bigalign.commands.parquet_export`.
 """
 
 from __future__ import annotations
@@ -39,21 +17,19 @@ import struct
 import tempfile
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import numpy as np
 
-from ..errors import DamagedOutputError, InputError
-from ..storage.job import refuse_damaged
+from ..errors import InputError
 from ..storage.locations import check_disjoint
-from ..storage.outputs import TRANSFORM_KINDS, check_replaceable
-from ..transform import (Transform, check_composable, check_finite as _check_finite,
-                         check_invertible, composed, inverse_kind, inverted, models,
+from ..storage.outputs import check_replaceable
+from ..transform import (Transform, check_finite as _check_finite, models,
                          provenance as _provenance, show as _show, stamp as _stamp)
+from .compose import TransformLike, digest, invert, load_transform
 
-__all__ = ["compose", "invert", "export", "export_metadata", "inverse_kind", "digest",
-           "ExportResult", "EXPORT_FORMAT", "FORMATS", "NUMPY_SNIPPET", "JSON_SNIPPET",
-           "SAFETENSORS_SNIPPET"]
+__all__ = ["export", "export_metadata", "ExportResult", "EXPORT_FORMAT", "FORMATS",
+           "NUMPY_SNIPPET", "JSON_SNIPPET", "SAFETENSORS_SNIPPET", "SNIPPETS"]
 
 log = logging.getLogger("bigalign")
 
@@ -66,8 +42,6 @@ _ALIASES = {"npy": "npz"}
 _SUFFIXES = {**{ext: name for name, ext in FORMATS.items()}, ".npy": "npz"}
 #: JSON exports above this many (estimated) bytes get a warning
 JSON_WARN_BYTES = 64 * 2**20
-
-TransformLike = Union[Transform, str, "os.PathLike[str]"]
 
 # The numpy lines that reproduce Transform.transform from an export. They are printed by
 # `bigalign export`, shown in docs/transforms.md, and run verbatim by the tests; ``x`` is an
@@ -104,122 +78,6 @@ y = (x - t[f"{d}.source_mean"]) @ t[f"{d}.matrix"] + t[f"{d}.target_mean"]
 
 SNIPPETS = {"npz": (NUMPY_SNIPPET, "old2new.npz"), "json": (JSON_SNIPPET, "old2new.json"),
             "safetensors": (SAFETENSORS_SNIPPET, "old2new.safetensors")}
-
-
-# ---- small helpers ------------------------------------------------------------------
-
-def digest(t: Transform) -> str:
-    """:meth:`Transform.digest` (what the map computes)."""
-    return t.digest()
-
-
-def _load(t: TransformLike, storage_options) -> tuple[Transform, Optional[str]]:
-    if isinstance(t, Transform):
-        return t, None
-    path = os.fspath(t) if isinstance(t, os.PathLike) else str(t)
-    return Transform.load(path, storage_options=storage_options), path
-
-
-# ---- compose --------------------------------------------------------------------------
-
-def compose(first: TransformLike, second: TransformLike, *, output=None,
-            overwrite: bool = False, allow_model_mismatch: bool = False,
-            storage_options: Optional[dict] = None) -> Transform:
-    """T1 then T2 as one Transform: ``compose(t1, t2).transform(x) == t2(t1(x))``.
-
-    first : (dA -> dB) transform or a path to one; second : (dB -> dC). Returns (dA -> dC):
-    rotation Q1 Q2 (dA, dC) float64, scale s1 s2, source_mean mu1, target_mean
-    (nu1 - mu2) s2 Q2 + nu2 (= T2(nu1), the image of the first source mean; it equals nu2
-    when both fits saw the same mean of the middle model), normalize as T1's.
-
-    Refused (InputError): dims that do not chain; T2 fitted with normalize=True (it would
-    renormalise T1's output: not an affine step, so not one Transform); T1's target model
-    differing from T2's source model (both recorded), unless ``allow_model_mismatch``.
-    Q1 Q2 is orthonormal (rows or columns) when dims rise or fall monotonically
-    (dA <= dB <= dC or dA >= dB >= dC); otherwise (e.g. dA < dB > dC) it is checked and,
-    when not, metadata says ``orthonormal: false`` -- the map is still exactly T2 after T1,
-    but not an isometry. The inputs' statistics are dropped (they describe neither fit);
-    metadata records both inputs (path, digest, dims, models) under ``composed_of``.
-    ``output``: save there (a new Zarr group; ``overwrite`` replaces a bigalign transform
-    of other inputs; a rerun with the same inputs is a no-op)."""
-    so = storage_options
-    t1, p1 = _load(first, so)
-    t2, p2 = _load(second, so)
-    if output is not None:
-        check_disjoint({"first transform": p1, "second transform": p2}, {"output": output}, so)
-    mismatch = check_composable(t1, t2, allow_model_mismatch=allow_model_mismatch)
-    fingerprint = {"inputs": [digest(t1), digest(t2)]}
-    if output is not None:
-        done = _existing_transform(output, "compose", fingerprint, overwrite, so)
-        if done is not None:
-            return done
-    result = composed(t1, t2, mismatch, (p1, p2), fingerprint)
-    if output is not None:
-        _save(result, output, overwrite, so)
-    return result
-
-
-# ---- invert ---------------------------------------------------------------------------
-
-def invert(t: TransformLike, *, allow_lossy: bool = False, output=None,
-           overwrite: bool = False, storage_options: Optional[dict] = None) -> Transform:
-    """The map back, target -> source: ``inverse(y) = (y - target_mean) Q^T / s +
-    source_mean`` (the Moore-Penrose pseudo-inverse ``pinv(Q) / s`` when Q is not
-    orthonormal, e.g. a composed dA < dB > dC map), as a (dB -> dA) Transform with
-    normalize=False and the model stamps swapped.
-
-    - dA == dB: exact (invert(T)(T(x)) == x).
-    - dA < dB: left inverse: exact for vectors T produced; any other target vector is first
-      projected onto the dA-dim subspace T maps onto. Allowed; metadata says so.
-    - dA > dB (T lost dims) or T fitted with normalize=True (T drops the norm): not an
-      inverse; refused (InputError, saying why) unless ``allow_lossy``.
-
-    metadata["inverse"] = {kind, lossy, meaning, rank, orthonormal}; metadata["inverse_of"]
-    records the input. The forward fit's statistics are kept, swapped (they are the same
-    pairs seen from the other side), except for a normalize=True fit."""
-    so = storage_options
-    t, path = _load(t, so)
-    if output is not None:
-        check_disjoint({"transform": path}, {"output": output}, so)
-    info = check_invertible(t, allow_lossy=allow_lossy)
-    fingerprint = {"input": digest(t)}
-    if output is not None:
-        done = _existing_transform(output, "invert", fingerprint, overwrite, so)
-        if done is not None:
-            return done
-    result = inverted(t, info, path, fingerprint)
-    if output is not None:
-        _save(result, output, overwrite, so)
-    return result
-
-
-def _existing_transform(output, operation: str, fingerprint: dict, overwrite: bool,
-                        so) -> Optional[Transform]:
-    """The finished transform at ``output`` when it is this very job (a no-op rerun);
-    None when ``output`` may be written; InputError otherwise."""
-    node = check_replaceable(output, "output", so, kinds=TRANSFORM_KINDS)
-    if node.kind == "absent":
-        return None
-    if node.kind == "transform":
-        stored = ((node.attrs.get("metadata") or {}).get("job") or {}).get("fingerprint")
-        if stored == dict(fingerprint, operation=operation):
-            try:
-                t = Transform.load(output, storage_options=so)
-            except DamagedOutputError as e:  # never a no-op: refused, or written again
-                refuse_damaged(output, e.lost, overwrite)
-                return None
-            log.warning("%s is already complete with the same inputs: nothing to do", output)
-            return t
-    if not overwrite:
-        what = {"transform": "a bigalign transform made from other inputs",
-                "partial-transform": "an unfinished bigalign transform"}[node.kind]
-        raise InputError(f"output {str(output)!r} already exists ({what}); pass --overwrite "
-                         "to replace it")
-    return None
-
-
-def _save(t: Transform, output, overwrite: bool, so) -> None:
-    t.save(output, overwrite=overwrite, storage_options=so)
 
 
 # ---- export ---------------------------------------------------------------------------
@@ -300,7 +158,7 @@ def export(transform: TransformLike, path, format: Optional[str] = None, *,
     bigalign export and ``overwrite``; an identical export (same transform and options) is a
     no-op; anything else there is refused."""
     so = storage_options
-    t, tpath = _load(transform, so)
+    t, tpath = load_transform(transform, so)
     fmt = _format_of(format, path)
     if str(dtype) not in ("float32", "float64"):
         raise InputError(f"export dtype {dtype!r}: a transform exports in float32 or float64 "
@@ -324,21 +182,8 @@ def export(transform: TransformLike, path, format: Optional[str] = None, *,
             omitted = str(e)
     else:
         omitted = "not requested (--no-inverse)"
+    meta = _export_metadata(t, tpath, inv_t, omitted, dtype, fingerprint)
     d_a, d_b = t.dims
-    source_model, target_model = models(t)
-    inv_info = {"omitted": omitted} if inv_t is None else \
-        {k: v for k, v in inv_t.metadata["inverse"].items() if k != "orthonormal"}
-    meta = {"format": EXPORT_FORMAT, "dims": [d_a, d_b], "dtype": dtype,
-            "scale": t.scale, "normalize": t.normalize,
-            "source_model": source_model, "target_model": target_model,
-            "forward": f"source -> target ({d_a} -> {d_b}"
-                       + (f", {_show(source_model)} -> {_show(target_model)}"
-                          if source_model is not None or target_model is not None else "")
-                       + "): y = (normalize(x) - source_mean) @ matrix + target_mean",
-            "inverse": inv_info, "transform": _provenance(t, tpath),
-            "transform_options": t.options}
-    meta = _jsonable(_stamp(meta, "export", {k: v for k, v in fingerprint.items()
-                                             if k != "operation"}))
     directions = {"forward": _direction(t, dtype)}
     if inv_t is not None:
         directions["inverse"] = _direction(inv_t, dtype)
@@ -353,7 +198,28 @@ def export(transform: TransformLike, path, format: Optional[str] = None, *,
     writer = {"npz": _write_npz, "json": _write_json, "safetensors": _write_safetensors}[fmt]
     nbytes = _publish(path, lambda f: writer(f, meta, directions), so)
     return ExportResult(str(path), fmt, nbytes, (d_a, d_b), dtype,
-                        None if inv_t is None else inv_info["kind"], omitted, False, meta)
+                        None if inv_t is None else meta["inverse"]["kind"], omitted, False, meta)
+
+
+def _export_metadata(t: Transform, tpath: Optional[str], inv_t: Optional[Transform],
+                     omitted: Optional[str], dtype: str, fingerprint: dict) -> dict:
+    """The ``metadata`` an export file carries (JSON-able): dims, dtype, models, what each
+    direction computes, the inverse's kind (or why there is none), provenance, the job stamp."""
+    d_a, d_b = t.dims
+    source_model, target_model = models(t)
+    inv_info = {"omitted": omitted} if inv_t is None else \
+        {k: v for k, v in inv_t.metadata["inverse"].items() if k != "orthonormal"}
+    meta = {"format": EXPORT_FORMAT, "dims": [d_a, d_b], "dtype": dtype,
+            "scale": t.scale, "normalize": t.normalize,
+            "source_model": source_model, "target_model": target_model,
+            "forward": f"source -> target ({d_a} -> {d_b}"
+                       + (f", {_show(source_model)} -> {_show(target_model)}"
+                          if source_model is not None or target_model is not None else "")
+                       + "): y = (normalize(x) - source_mean) @ matrix + target_mean",
+            "inverse": inv_info, "transform": _provenance(t, tpath),
+            "transform_options": t.options}
+    return _jsonable(_stamp(meta, "export", {k: v for k, v in fingerprint.items()
+                                             if k != "operation"}))
 
 
 def _jsonable(obj):

@@ -1,4 +1,4 @@
-"""Transforms at query time (bigalign/commands/transforms.py, cli_transforms.py): compose, invert,
+"""Transforms at query time (bigalign/commands/compose.py and map_export.py; bigalign/cli/compose.py and export.py): compose, invert,
 export. The reference everywhere is Transform.transform (what apply computes): compose must
 equal applying twice, invert must undo T where an inverse exists, and an export read back
 with plain numpy -- never with bigalign -- must equal it in both directions."""
@@ -20,7 +20,7 @@ import pytest
 
 import bigalign
 from bigalign import Transform
-from bigalign.commands import transforms as T
+from bigalign.commands import compose as C, map_export as T
 from bigalign.cli import main
 from bigalign.errors import InputError
 from conftest import planted, write_zarr
@@ -73,7 +73,7 @@ def test_compose_equals_applying_twice(dims, normalize):
     d_a, d_b, d_c = dims
     t1 = make(d_a, d_b, normalize=normalize, seed=1)
     t2 = make(d_b, d_c, seed=2)
-    t12 = T.compose(t1, t2)
+    t12 = C.compose(t1, t2)
     x = rows(40, d_a)
     np.testing.assert_allclose(t12.transform(x), t2.transform(t1.transform(x)), atol=1e-12)
     np.testing.assert_allclose(t12.transform(x[0]), t2.transform(t1.transform(x))[0], atol=1e-12)
@@ -99,14 +99,14 @@ def test_compose_of_fitted_transforms(tmp_path):
     bigalign.fit(paths["b"], paths["c"], center=True, output=str(tmp_path / "bc"))
     t1, t2 = Transform.load(tmp_path / "ab"), Transform.load(tmp_path / "bc")
     assert t1.statistics is not None
-    t13 = T.compose(tmp_path / "ab", tmp_path / "bc", output=tmp_path / "ac")
+    t13 = C.compose(tmp_path / "ab", tmp_path / "bc", output=tmp_path / "ac")
     x = a[:100].astype(np.float64)
     np.testing.assert_allclose(t13.transform(x), t2.transform(t1.transform(x)), atol=1e-10)
     saved = Transform.load(tmp_path / "ac")
     assert saved.statistics is None and "neither fit" in saved.metadata["statistics"]
     first, second = saved.metadata["composed_of"]
     assert first["path"] == str(tmp_path / "ab") and second["path"] == str(tmp_path / "bc")
-    assert (first["digest"], second["digest"]) == (T.digest(t1), T.digest(t2))
+    assert (first["digest"], second["digest"]) == (C.digest(t1), C.digest(t2))
     assert first["n_pairs"] == 1500 and saved.metadata["kind"] == "composed"
     np.testing.assert_allclose(saved.transform(x), t13.transform(x), atol=1e-12)
 
@@ -114,49 +114,49 @@ def test_compose_of_fitted_transforms(tmp_path):
 def test_compose_refusals_and_model_stamps(logs):
     ab = make(4, 6, source_model="A", target_model="B")
     bc = make(6, 5, source_model="B", target_model="C", seed=2)
-    t = T.compose(ab, bc)
+    t = C.compose(ab, bc)
     assert (t.metadata["source_model"], t.metadata["target_model"]) == ("A", "C")
 
     with pytest.raises(InputError, match=r"maps 6 -> 5 dims but the second takes 4-dim"):
-        T.compose(bc, ab)
+        C.compose(bc, ab)
     with pytest.raises(InputError, match="fitted with --normalize, so"):
-        T.compose(ab, make(6, 5, normalize=True))
+        C.compose(ab, make(6, 5, normalize=True))
     xc = make(6, 5, source_model="X", target_model="C")
     with pytest.raises(InputError, match="'B'.*'X'.*pass --allow-model-mismatch if they"):
-        T.compose(ab, xc)
-    t = T.compose(ab, xc, allow_model_mismatch=True)
+        C.compose(ab, xc)
+    t = C.compose(ab, xc, allow_model_mismatch=True)
     assert t.metadata["model_mismatch"] == {"first_target_model": "B",
                                             "second_source_model": "X"}
     assert "different model stamps" in logs()
     # one side unstamped: not checkable, not refused; the known stamps still carried
-    t = T.compose(ab, make(6, 5, target_model="C"))
+    t = C.compose(ab, make(6, 5, target_model="C"))
     assert (t.metadata["source_model"], t.metadata["target_model"]) == ("A", "C")
     assert "cannot check" in logs()
     # structured stamps compare by value
     d1 = make(4, 6, target_model={"name": "m", "revision": "1"})
     d2 = make(6, 5, source_model={"name": "m", "revision": "2"})
     with pytest.raises(InputError, match="revision"):
-        T.compose(d1, d2)
+        C.compose(d1, d2)
     with pytest.raises(InputError, match="NaN"):
         bad = make(4, 6)
         bad.source_mean[0] = np.nan
-        T.compose(bad, bc)
+        C.compose(bad, bc)
 
 
 # ---- invert -------------------------------------------------------------------------
 
 def test_invert_exact_for_equal_dims():
     t = make(7, 7, source_model="old", target_model="new")
-    inv = T.invert(t)
+    inv = C.invert(t)
     x, y = rows(30, 7), rows(30, 7, seed=2)
     np.testing.assert_allclose(inv.transform(t.transform(x)), x, atol=1e-12)
     np.testing.assert_allclose(t.transform(inv.transform(y)), y, atol=1e-12)
     assert inv.scale == pytest.approx(1 / t.scale) and inv.dims == (7, 7)
     assert (inv.metadata["source_model"], inv.metadata["target_model"]) == ("new", "old")
     assert inv.metadata["inverse"]["kind"] == "exact"
-    assert inv.metadata["inverse_of"]["digest"] == T.digest(t)
+    assert inv.metadata["inverse_of"]["digest"] == C.digest(t)
     assert inv.options["inverted"] is True and inv.metadata["n_pairs"] == 100
-    back = T.invert(inv)
+    back = C.invert(inv)
     np.testing.assert_allclose(back.transform(x), t.transform(x), atol=1e-12)
     assert back.options["inverted"] is False
     assert (back.metadata["source_model"], back.metadata["target_model"]) == ("old", "new")
@@ -165,7 +165,7 @@ def test_invert_exact_for_equal_dims():
 
 def test_invert_smaller_source_is_a_left_inverse():
     t = make(4, 9)
-    inv = T.invert(t)
+    inv = C.invert(t)
     assert inv.metadata["inverse"]["kind"] == "left-inverse"
     assert "projected" in inv.metadata["inverse"]["meaning"]
     x, y = rows(30, 4), rows(30, 9, seed=2)
@@ -179,10 +179,10 @@ def test_invert_smaller_source_is_a_left_inverse():
 def test_invert_lossy_refused_unless_allowed():
     t = make(9, 4)
     with pytest.raises(InputError, match=r"keeps only 4 of the source's 9 dims.*Pass --allow-lossy to write"):
-        T.invert(t)
+        C.invert(t)
     with pytest.raises(InputError, match="allow-lossy"):
         t.inverse()
-    inv = T.invert(t, allow_lossy=True)
+    inv = C.invert(t, allow_lossy=True)
     assert inv.metadata["inverse"]["kind"] == "pseudo-inverse"
     y, x = rows(20, 4), rows(20, 9, seed=2)
     np.testing.assert_allclose(t.transform(inv.transform(y)), y, atol=1e-12)  # right inverse
@@ -192,8 +192,8 @@ def test_invert_lossy_refused_unless_allowed():
 
     n = make(6, 6, normalize=True)
     with pytest.raises(InputError, match=r"x / \|\|x\|\|"):
-        T.invert(n)
-    inv = T.invert(n, allow_lossy=True)
+        C.invert(n)
+    inv = C.invert(n, allow_lossy=True)
     assert not inv.normalize and inv.metadata["inverse"]["kind"] == "inverse-up-to-norm"
     x = rows(20, 6) * 5
     np.testing.assert_allclose(inv.transform(n.transform(x)),
@@ -201,9 +201,9 @@ def test_invert_lossy_refused_unless_allowed():
 
 
 def test_invert_non_orthonormal_composition_uses_the_pseudo_inverse():
-    t = T.compose(make(4, 9, seed=1), make(9, 5, seed=2))     # 4 -> 9 -> 5: not orthonormal
+    t = C.compose(make(4, 9, seed=1), make(9, 5, seed=2))     # 4 -> 9 -> 5: not orthonormal
     assert not t.metadata["orthonormal"]
-    inv = T.invert(t)                                          # rank 4 = dA: left inverse
+    inv = C.invert(t)                                          # rank 4 = dA: left inverse
     assert inv.metadata["inverse"]["kind"] == "left-inverse"
     x = rows(20, 4)
     np.testing.assert_allclose(inv.transform(t.transform(x)), x, atol=1e-9)
@@ -212,7 +212,7 @@ def test_invert_non_orthonormal_composition_uses_the_pseudo_inverse():
 def test_invert_of_a_fit_keeps_its_statistics_swapped(pair):
     s, tg, *_ = pair(n=800, dim_a=5, dim_b=8)
     t = bigalign.fit(s, tg, center=True)
-    inv = T.invert(t)
+    inv = C.invert(t)
     m, w = t.statistics, inv.statistics
     np.testing.assert_array_equal(w.mean_a, m.mean_b)
     np.testing.assert_array_equal(w.cross, m.cross.T)
@@ -224,7 +224,7 @@ def test_dual_read_rankings_match():
     """Old documents searched with inverse(q) rank as q among forward-mapped documents: by
     L2 distance, and by dot product once both sides are centred (docs/transforms.md)."""
     t = make(6, 9)
-    inv = T.invert(t)
+    inv = C.invert(t)
     docs, queries = rows(50, 6) + 3, rows(7, 9, seed=2) - 1
     fwd, back = t.transform(docs), inv.transform(queries)
     l2_new = ((queries[:, None, :] - fwd[None]) ** 2).sum(-1)
@@ -302,7 +302,7 @@ def test_export_applied_with_numpy_equals_transform(tmp_path, fmt, dims, dtype):
     assert meta["dims"] == list(dims) and meta["dtype"] == dtype
     assert (meta["source_model"], meta["target_model"]) == ("old", "new")
     assert meta["inverse"]["kind"] == ("exact" if dims[0] == dims[1] else "left-inverse")
-    inv = T.invert(t)
+    inv = C.invert(t)
     x, y = rows(25, dims[0]), rows(25, dims[1], seed=2)
     if dtype == "float64":
         assert arrays["forward"]["matrix"].dtype == np.float64
@@ -317,7 +317,7 @@ def test_export_applied_with_numpy_equals_transform(tmp_path, fmt, dims, dtype):
                                    rtol=1e-6, atol=1e-5)
         np.testing.assert_allclose(numpy_apply(arrays["inverse"], y32), inv.transform(y32),
                                    rtol=1e-6, atol=1e-5)
-    assert T.export_metadata(path)["job"]["fingerprint"]["transform"] == T.digest(t)
+    assert T.export_metadata(path)["job"]["fingerprint"]["transform"] == C.digest(t)
 
 
 @pytest.mark.parametrize("fmt", ["npz", "json", "safetensors"])
@@ -367,7 +367,7 @@ def test_docs_snippets_run_verbatim(tmp_path, monkeypatch):
         T.export(t, "old2new.json", allow_lossy=True, overwrite=True)
         x = rows(20, 6) * 3
         y = t.transform(x)
-        inv = T.invert(t, allow_lossy=True)
+        inv = C.invert(t, allow_lossy=True)
         np.testing.assert_allclose(_run_snippet(T.NUMPY_SNIPPET, x), y, atol=1e-12)
         np.testing.assert_allclose(_run_snippet(T.NUMPY_SNIPPET, x[0]), y[0], atol=1e-12)
         np.testing.assert_allclose(_run_snippet(T.JSON_SNIPPET, x), y, atol=1e-12)
@@ -453,19 +453,19 @@ def test_compose_invert_output_safety(tmp_path):
     (tmp_path / "user").mkdir()
     (tmp_path / "user" / "notes.txt").write_text("keep")
     with pytest.raises(InputError, match="not written by bigalign"):
-        T.compose(tmp_path / "ab", tmp_path / "bc", output=tmp_path / "user", overwrite=True)
+        C.compose(tmp_path / "ab", tmp_path / "bc", output=tmp_path / "user", overwrite=True)
     with pytest.raises(InputError, match="not written by bigalign"):
-        T.invert(tmp_path / "ab", output=tmp_path / "user", overwrite=True)
+        C.invert(tmp_path / "ab", output=tmp_path / "user", overwrite=True)
     assert (tmp_path / "user" / "notes.txt").read_text() == "keep"
     with pytest.raises(InputError, match="same or nested"):
-        T.compose(tmp_path / "ab", tmp_path / "bc", output=tmp_path / "bc")
+        C.compose(tmp_path / "ab", tmp_path / "bc", output=tmp_path / "bc")
     with pytest.raises(InputError, match="same or nested"):
-        T.invert(str(tmp_path / "ab") + "/", output=tmp_path / "ab")
-    T.compose(tmp_path / "ab", tmp_path / "bc", output=tmp_path / "ac")
-    T.compose(tmp_path / "ab", tmp_path / "bc", output=tmp_path / "ac")   # no-op rerun
+        C.invert(str(tmp_path / "ab") + "/", output=tmp_path / "ab")
+    C.compose(tmp_path / "ab", tmp_path / "bc", output=tmp_path / "ac")
+    C.compose(tmp_path / "ab", tmp_path / "bc", output=tmp_path / "ac")   # no-op rerun
     with pytest.raises(InputError, match="other inputs.*--overwrite"):
-        T.invert(tmp_path / "ab", output=tmp_path / "ac")
-    T.invert(tmp_path / "ab", output=tmp_path / "ac", overwrite=True)
+        C.invert(tmp_path / "ab", output=tmp_path / "ac")
+    C.invert(tmp_path / "ab", output=tmp_path / "ac", overwrite=True)
     assert Transform.load(tmp_path / "ac").metadata["kind"] == "inverse"
 
 
@@ -497,7 +497,7 @@ def test_export_killed_midway(tmp_path):
     make(6, 6).save(tmp_path / "t.transform")
     code = textwrap.dedent(f"""
         import os, signal, sys
-        from bigalign.commands import transforms as T
+        from bigalign.commands import map_export as T
         def dying(f, meta, directions):
             f.write(b"{{\\"format\\": half")
             f.flush()
@@ -550,14 +550,14 @@ def test_a_saved_composition_that_lost_a_chunk_is_not_a_noop(tmp_path):
     deleted chunk is refused (DamagedOutputError naming it), --overwrite writes it again."""
     ab, bc = make(5, 5, seed=1), make(5, 8, seed=2)
     out = tmp_path / "ac"
-    T.compose(ab, bc, output=out)
+    C.compose(ab, bc, output=out)
     os.remove(out / "rotation" / "c" / "0" / "0")
     with pytest.raises(bigalign.DamagedOutputError, match="rotation/c/0/0.*--overwrite"):
-        T.compose(ab, bc, output=out)
+        C.compose(ab, bc, output=out)
     with pytest.raises(bigalign.DamagedOutputError, match="damaged bigalign transform"):
         Transform.load(out)
-    T.compose(ab, bc, output=out, overwrite=True)
-    np.testing.assert_array_equal(Transform.load(out).rotation, T.compose(ab, bc).rotation)
+    C.compose(ab, bc, output=out, overwrite=True)
+    np.testing.assert_array_equal(Transform.load(out).rotation, C.compose(ab, bc).rotation)
 
 
 # ---- command line -------------------------------------------------------------------
@@ -664,5 +664,5 @@ def test_cli_help(command, capsys):
 def test_info_describes_a_composed_transform(tmp_path, capsys):
     make(4, 6).save(tmp_path / "ab")
     make(6, 5, seed=2).save(tmp_path / "bc")
-    T.compose(tmp_path / "ab", tmp_path / "bc", output=tmp_path / "ac")
+    C.compose(tmp_path / "ab", tmp_path / "bc", output=tmp_path / "ac")
     assert main(["info", str(tmp_path / "ac")]) == 0

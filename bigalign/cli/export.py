@@ -1,10 +1,10 @@
-"""Command line for transforms at query time: ``export``, ``compose`` and ``invert``; and
-``export --format parquet``, an embedding store's vectors out to Parquet files.
+"""Command line for ``bigalign export``: a transform as plain arrays (npz, JSON,
+safetensors), or an embedding store's vectors out to Parquet files.
 
-Thin, like cli.py: parse, call :mod:`bigalign.commands.transforms` (or
+Thin: parse, call :func:`bigalign.commands.map_export.export` (or
 :func:`bigalign.commands.parquet_export.export_parquet`), print what was written to stdout;
-log lines (warnings such as a non-isometric composition) go to stderr. Bad input raises
-:class:`bigalign.InputError` (exit code 2). See docs/transforms.md.
+log lines go to stderr. Bad input raises :class:`bigalign.InputError` (exit code 2). See
+docs/transforms.md.
 """
 
 from __future__ import annotations
@@ -12,13 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import (_print_json, _run_args, _run_details, add_storage_option, requests,
-                     storage_options)
+from .common import (_print_json, _run_args, _run_details, add_storage_option, models_text,
+                     requests, storage_options)
 from ..errors import InputError
 from ..commands.parquet_export import BAD_ROWS, COMPRESSIONS
-from ..commands.transforms import SNIPPETS, compose, export, invert
-
-EPILOG = "Transforms at query time, with the numpy lines that apply an export: docs/transforms.md"
+from ..commands.map_export import SNIPPETS, export
 
 EXPORT_DESCRIPTION = """\
 Two uses, told apart by SOURCE:
@@ -57,7 +55,7 @@ _PARQUET_ONLY = (("ids_column", "--ids-column"), ("vector_column", "--vector-col
 _TRANSFORM_ONLY = (("no_inverse", "--no-inverse"), ("allow_lossy", "--allow-lossy"))
 
 
-def _output_args(p, what: str) -> None:
+def add_output_args(p, what: str) -> None:
     p.add_argument("-o", "--output", required=True, help=what)
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output written by bigalign (never anything "
@@ -68,8 +66,9 @@ def _output_args(p, what: str) -> None:
                         "stdout")
 
 
+
 def add_commands(sub) -> dict:
-    """Register subcommands on the argparse ``sub`` parsers; return {name: handler(args)}."""
+    """Register ``export`` on the argparse ``sub`` parsers; return {name: handler(args)}."""
     e = sub.add_parser(
         "export", help="write a transform as plain arrays (npz, JSON, safetensors), or an "
                        "embedding store's vectors as Parquet files for a vector database",
@@ -123,51 +122,7 @@ def add_commands(sub) -> dict:
     for action in e._actions:  # no GEMM to put on a GPU; a file, not a block, is a task
         if action.dest in ("device", "block_mb"):
             action.help = argparse.SUPPRESS
-
-    c = sub.add_parser(
-        "compose", help="one transform equal to FIRST then SECOND (v1 -> v2 -> v3 gives "
-                        "v1 -> v3)",
-        description="Fold two transforms into one: OUTPUT(x) = SECOND(FIRST(x)), means and "
-                    "scales included (rotation Q1 Q2, scale s1 s2, source mean of FIRST, "
-                    "target mean SECOND(target mean of FIRST)). FIRST's output dimension "
-                    "must be SECOND's input dimension; SECOND must not normalise its input "
-                    "(a --normalize fit: not foldable, apply the two in sequence). When both "
-                    "record model stamps, FIRST's target model must be SECOND's source model. "
-                    "A chain whose dims rise then fall (dA < dB > dC) is generally not an "
-                    "isometry: it is said and recorded. The inputs' training statistics are "
-                    "not kept (they describe neither fit); both inputs are recorded by path "
-                    "and digest.",
-        epilog=EPILOG)
-    c.add_argument("first", help="transform applied first (model A -> B)")
-    c.add_argument("second", help="transform applied second (model B -> C)")
-    _output_args(c, "where to save the composed transform (A -> C; a Zarr group)")
-    c.add_argument("--allow-model-mismatch", action="store_true",
-                   help="compose even when FIRST's target model stamp differs from SECOND's "
-                        "source model stamp (both are recorded in the output)")
-
-    i = sub.add_parser(
-        "invert", help="the transform back, target -> source (exact when dA == dB)",
-        description="Write the inverse map, target -> source: (y - target_mean) Q^T / s + "
-                    "source_mean, model stamps swapped. dA == dB: exact, inverse(T(x)) = x. "
-                    "dA < dB: a left inverse: exact for vectors T produced; other target "
-                    "vectors are first projected onto the dA-dim subspace T maps onto. "
-                    "dA > dB (T dropped dims) or a --normalize fit (T dropped the norm): not "
-                    "an inverse, refused unless --allow-lossy. What it is is recorded in the "
-                    "output's metadata ('inverse').",
-        epilog=EPILOG)
-    i.add_argument("transform", help="a transform saved by 'bigalign fit' (or compose)")
-    _output_args(i, "where to save the inverse transform (a Zarr group)")
-    i.add_argument("--allow-lossy", action="store_true",
-                   help="write the pseudo-inverse even when it is not an inverse")
-    return {"export": _export, "compose": _compose, "invert": _invert}
-
-
-def _models(meta: dict) -> str:
-    s, t = meta.get("source_model"), meta.get("target_model")
-    if s is None and t is None:
-        return ""
-    show = lambda m: "?" if m is None else (m if isinstance(m, str) else json.dumps(m))  # noqa: E731
-    return f", models {show(s)} -> {show(t)}"
+    return {"export": _export}
 
 
 def _export(args) -> int:
@@ -254,7 +209,7 @@ def _export_transform(args, so) -> int:
     if args.quiet:
         return 0
     head = "already there, nothing to do:" if r.nothing_to_do else "wrote"
-    print(f"{head} {args.output} ({r.format}, {r.dtype}, {r.bytes:,} bytes{_models(r.metadata)})")
+    print(f"{head} {args.output} ({r.format}, {r.dtype}, {r.bytes:,} bytes{models_text(r.metadata)})")
     print(f"  forward: {d_a} -> {d_b} (old -> new: documents)")
     if r.inverse:
         print(f"  inverse: {d_b} -> {d_a} (new -> old: queries), "
@@ -270,32 +225,4 @@ def _export_transform(args, so) -> int:
     return 0
 
 
-def _compose(args) -> int:
-    t = compose(args.first, args.second, output=args.output, overwrite=args.overwrite,
-                allow_model_mismatch=args.allow_model_mismatch,
-                storage_options=storage_options(args))
-    if args.quiet:
-        return 0
-    m = t.metadata
-    (d_a, d_b), (_, d_c) = (tuple(x["dims"]) for x in m["composed_of"])
-    iso = ("orthonormal (distances kept up to the scale)" if m["orthonormal"] else
-           f"NOT an isometry (max |Q Q^T - I| = {m['orthonormality_error']:.2g}): distances "
-           "are not kept")
-    print(f"transform {args.output}: {d_a} -> {d_b} -> {d_c} as one {d_a} -> {d_c} map"
-          f"{_models(m)}; scale {t.scale:.6g}; {iso}; normalize={t.normalize}")
-    print("  the inputs' training statistics are not kept (they describe neither fit)")
-    return 0
-
-
-def _invert(args) -> int:
-    t = invert(args.transform, allow_lossy=args.allow_lossy, output=args.output,
-               overwrite=args.overwrite, storage_options=storage_options(args))
-    if args.quiet:
-        return 0
-    info = t.metadata["inverse"]
-    print(f"transform {args.output}: {t.dims[0]} -> {t.dims[1]}{_models(t.metadata)}, "
-          f"{info['meaning']}")  # the meaning starts with the kind, in words
-    return 0
-
-
-__all__ = ["add_commands"]
+__all__ = ["add_commands", "add_output_args"]
