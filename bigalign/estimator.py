@@ -14,6 +14,7 @@ execution: as :func:`bigalign.fit`). Learned attributes end in an underscore.
 from __future__ import annotations
 
 from dataclasses import asdict, fields
+from typing import Optional
 
 from .options import FitOptions
 
@@ -23,17 +24,23 @@ __all__ = ["Procrustes"]
 class Procrustes:
     """Orthogonal Procrustes: Q minimising ||(A - mu_a) s Q - (B - mu_b)||_F over paired rows.
 
-    Parameters (:class:`FitOptions`): ``center``, ``normalize``, ``scale``, ``reflection``,
-    ``diagnostics``, ``precision``; see :func:`bigalign.fit`.
+    Parameters (:class:`FitOptions`): ``center`` (default True), ``normalize``, ``scale``,
+    ``reflection``, ``diagnostics``, ``precision``, ``method`` (the map family: "orthogonal"
+    by default, "similarity", "affine", "ridge", "reduced-rank" or "auto"), ``ridge``,
+    ``rank``, ``holdout``, ``max_holdout``; see :func:`bigalign.fit`.
 
     Attributes after :meth:`fit`: ``transform_`` (the :class:`bigalign.Transform`),
     ``rotation_`` (dA, dB) float64, ``source_mean_`` (dA,) and ``target_mean_`` (dB,)
     float64 (zeros when not centred), ``scale_`` (float), ``n_pairs_`` (int)."""
 
-    def __init__(self, center: bool = False, normalize: bool = False, scale: bool = False,
-                 reflection: bool = True, diagnostics: bool = True, precision: str = "auto"):
+    def __init__(self, center: bool = True, normalize: bool = False, scale: bool = False,
+                 reflection: bool = True, diagnostics: bool = True, precision: str = "auto",
+                 method: str = "orthogonal", ridge: Optional[float] = None,
+                 rank: Optional[int] = None, holdout: float = 0.2, max_holdout: int = 10_000):
         self.center, self.normalize, self.scale = center, normalize, scale
         self.reflection, self.diagnostics, self.precision = reflection, diagnostics, precision
+        self.method, self.ridge, self.rank = method, ridge, rank
+        self.holdout, self.max_holdout = holdout, max_holdout
 
     @property
     def options(self) -> FitOptions:

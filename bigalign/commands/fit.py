@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, astuple, dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Optional
 
@@ -127,7 +127,8 @@ def fit(source, target, options: Optional[FitOptions] = None, *,
                              "execution": execution}, keywords, FIT_KEYWORDS)
     fit_options, pairing, job = given["options"], given["pairing"], given["job"]
     run = replace(given["execution"], device=check_device(given["execution"].device))
-    center, normalize, scale, reflection, diagnostics, precision = astuple(fit_options)
+    normalize, reflection, diagnostics = (fit_options.normalize, fit_options.reflection,
+                                          fit_options.diagnostics)
     rows, pair_by, duplicates, sample, seed = (pairing.rows, pairing.by, pairing.duplicates,
                                                pairing.sample, pairing.seed)
     checkpoint = job.checkpoint
@@ -162,8 +163,7 @@ def fit(source, target, options: Optional[FitOptions] = None, *,
             run = replace(run, scheduler=None, workers=None, memory_limit=None)
     start, stop = (0, pairs.matched) if pairs is not None else parse_rows(rows, src.rows)
     dim_a, dim_b = src.dim, tgt.dim
-    opts = FitOptions(center, normalize, scale, reflection, diagnostics,
-                      precision).resolve(src.dtype, tgt.dtype)
+    opts = fit_options.resolve(src.dtype, tgt.dtype)
     if not reflection and dim_a != dim_b:
         raise InputError(f"--no-reflection needs equal dimensions (a proper rotation), got "
                          f"source {dim_a} and target {dim_b}")
@@ -362,7 +362,31 @@ def _transform_fingerprint(fingerprint: dict, opts: FitOptions) -> dict:
     return dict(fingerprint, options=dict(fingerprint["options"], **opts.as_dict()))
 
 
+#: An uncentred fit warns when a side's mean carries more than this share of its energy.
+MEAN_SHARE_WARN = 0.1
+
+
+def mean_shares(m) -> tuple[float, float]:
+    """The share of each side's energy that its mean carries: n ||mean||^2 / sum ||x_i||^2
+    (source, target), from the statistics ``m``; 0 for an all-zero side."""
+    qa, qb = m.raw_sq()
+    na, nb = (m.n * float(v @ v) for v in (m.mean_a, m.mean_b))
+    return (na / qa if qa > 0 else 0.0), (nb / qb if qb > 0 else 0.0)
+
+
+def _warn_uncentred(moments) -> None:
+    share_a, share_b = mean_shares(moments)
+    if max(share_a, share_b) > MEAN_SHARE_WARN:
+        log.warning("fitted without centring (--no-center), but the means carry %.0f%% of the "
+                    "source's and %.0f%% of the target's energy: an orthogonal map cannot move "
+                    "a common offset, so most of the fit aligns the means instead of the "
+                    "vectors. Centring (the default) is right for nearly every real model",
+                    100 * share_a, 100 * share_b)
+
+
 def _solve(moments, dims, inputs: dict, start, stop, opts: FitOptions, gram: bool) -> Transform:
+    if not opts.center:
+        _warn_uncentred(moments)
     sol = procrustes(moments, center=opts.center, scale=opts.scale,
                      reflection=opts.reflection)
     dim_a, dim_b = dims

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional, Union
 
 from ..errors import InputError
+from ..options import FitOptions
 from ..storage.locations import canonical_url
 
 log = logging.getLogger("bigalign")
@@ -22,7 +23,8 @@ __all__ = ["load_config", "RealignConfig", "GateConfig", "ApplyConfig", "GATED",
            "FIT_OPTIONS", "APPLY_OPTIONS"]
 
 FIT_OPTIONS = {"center": bool, "normalize": bool, "scale": bool, "reflection": bool,
-               "diagnostics": bool, "precision": str}
+               "diagnostics": bool, "precision": str, "method": str, "ridge": float,
+               "rank": int, "holdout": float, "max_holdout": int}
 APPLY_OPTIONS = {"dtype": str, "renormalize": bool, "target_centred": bool,
                  "compression": str, "chunk_rows": int, "bad_rows": str}
 
@@ -199,9 +201,11 @@ def _fit_options(table: Optional[dict]) -> dict:
     _keys(fit, FIT_OPTIONS, "[fit]")
     for k, v in fit.items():
         _typed(v, FIT_OPTIONS[k], f"[fit] {k}")
-    if fit.get("precision", "auto") not in ("auto", "float32", "float64"):
-        raise InputError(f"[fit] precision must be auto, float32 or float64, got "
-                         f"{fit['precision']!r}")
+    try:
+        FitOptions(**fit)  # validated where every fit's options are
+    except InputError as e:
+        raise InputError(f"[fit]: {e} (in the config, the key without the dashes: "
+                         "max_holdout for --max-holdout)") from None
     return fit
 
 

@@ -49,6 +49,7 @@ from ..errors import NonFiniteError
 from .arrays import dtype_in, is_host, namespace, native, np_dtype, to_numpy
 
 __all__ = ["Moments", "Accumulator", "block_moments", "merge", "merge_with", "merge_all",
+           "subtract",
            "NonFiniteError", "rounding_of", "unit_roundoff", "normalize_rows", "bad_norms",
            "bad_norm_reason", "check_finite"]
 
@@ -445,6 +446,39 @@ def merge_with(p: Moments, q: Moments, *, outer, cls, scalar):
                p.cross + q.cross + w * outer(da, db),
                p.sq_a + q.sq_a + w * scalar(da @ da), p.sq_b + q.sq_b + w * scalar(db @ db),
                ga, gb, rounding)
+
+
+def subtract(total: Moments, part: Moments) -> Moments:
+    """The statistics of the rows of ``total`` that are not in ``part`` (a subset of them):
+    :func:`merge` run backwards, exact algebra (merge(subtract(t, p), p) == t up to
+    round-off). Used to hold pairs out of a finished pass: the held-out rows' statistics,
+    computed from the rows, are taken out of the pass's. Round-off grows with the share
+    held out (the complement's sums are differences); a fit holds out a small share.
+    ``rounding``: the total's, one more level (the subtraction is one more operation)."""
+    if total.dims != part.dims or total.has_gram != part.has_gram:
+        raise ValueError("cannot subtract statistics of other dims or without the same Gram "
+                         "matrices")
+    n = total.n - part.n
+    if n < 1 or part.n < 0:
+        raise ValueError(f"cannot take {part.n} rows out of {total.n}: the rest must hold "
+                         "at least one row")
+    if part.n == 0:
+        return total
+    mean_a = (total.n * total.mean_a - part.n * part.mean_a) / n
+    mean_b = (total.n * total.mean_b - part.n * part.mean_b) / n
+    w = n * part.n / total.n
+    da, db = part.mean_a - mean_a, part.mean_b - mean_b
+    ga = gb = None
+    if total.has_gram:
+        ga = total.gram_a - part.gram_a - w * np.outer(da, da)
+        gb = total.gram_b - part.gram_b - w * np.outer(db, db)
+    rounding = None
+    if total.rounding is not None:
+        rounding = total.rounding.copy()
+        rounding[2] += 1.0
+    return Moments(n, mean_a, mean_b, total.cross - part.cross - w * np.outer(da, db),
+                   max(total.sq_a - part.sq_a - w * float(da @ da), 0.0),
+                   max(total.sq_b - part.sq_b - w * float(db @ db), 0.0), ga, gb, rounding)
 
 
 def merge_all(parts) -> Moments:
