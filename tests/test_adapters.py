@@ -80,7 +80,7 @@ def reference(family, a, b, center, *, ridge=0.0, rank=None):
 def params_for(family, m, center):
     if family == "ridge":
         return {"ridge": 0.7 * ridge_scale(m, center)}
-    if family == "reduced_rank":
+    if family == "reduced-rank":
         return {"rank": 3}
     return {}
 
@@ -110,7 +110,7 @@ def test_streamed_statistics_give_the_reference_map(family, center, dims):
         assert ad.params == {"scale": ad.scale}
         np.testing.assert_allclose(ad.rotation, procrustes_oracle(*centred(a, b, center)),
                                    atol=1e-9)
-    elif family in ("ridge", "reduced_rank"):
+    elif family in ("ridge", "reduced-rank"):
         assert ad.params == kw and ad.selection is None
 
 
@@ -196,7 +196,7 @@ def test_choose_rank_is_brute_force(center, dims):
     r, table = choose_rank(m, held, center=center)
     grid = list(default_rank_grid(dims))
     assert [v for v, _ in table] == grid == list(range(1, min(dims) + 1))
-    brute = [residual_on(solve(m, "reduced_rank", center=center, rank=v), held) for v in grid]
+    brute = [residual_on(solve(m, "reduced-rank", center=center, rank=v), held) for v in grid]
     np.testing.assert_allclose([x for _, x in table], brute, rtol=1e-7)
     assert r == grid[int(np.argmin(brute))]
     assert r <= 3  # the planted map has rank 2
@@ -233,10 +233,10 @@ def test_candidates_one_per_family_tuned_on_heldout():
     assert [c.family for c in out] == list(FAMILIES)
     by = {c.family: c for c in out}
     assert by["ridge"].params["ridge"] == choose_ridge(m, held)[0]
-    assert by["reduced_rank"].params["rank"] == choose_rank(m, held)[0]
+    assert by["reduced-rank"].params["rank"] == choose_rank(m, held)[0]
     assert by["ridge"].selection["by"] == "held-out"
-    assert len(by["reduced_rank"].selection["table"]) == 7
-    defaults = candidates(m, families=("ridge", "reduced_rank"), center=False)
+    assert len(by["reduced-rank"].selection["table"]) == 7
+    defaults = candidates(m, families=("ridge", "reduced-rank"), center=False)
     assert all(c.selection["by"] == "default" and not c.center for c in defaults)
     assert 1 <= defaults[1].params["rank"] <= 7
 
@@ -248,7 +248,7 @@ def test_refusals():
         solve(m, "lasso")
     with pytest.raises(ValueError, match="zero rows"):
         solve(Moments.empty(5, 7, gram=True), "affine")
-    for family in ("affine", "ridge", "reduced_rank"):
+    for family in ("affine", "ridge", "reduced-rank"):
         with pytest.raises(ValueError, match="Gram"):
             solve(no_gram, family)
     with pytest.raises(ValueError, match="Gram"):
@@ -257,7 +257,7 @@ def test_refusals():
         choose_ridge(m, no_gram)
     for bad in (0, 6, 2.5, True):
         with pytest.raises(ValueError, match="rank must be an integer from 1 to"):
-            solve(m, "reduced_rank", rank=bad)
+            solve(m, "reduced-rank", rank=bad)
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="ridge penalty must be a finite number >= 0"):
             solve(m, "ridge", ridge=bad)

@@ -26,8 +26,11 @@ def test_fit_learns_the_planted_map_and_transforms(pair, tmp_path):
 
 
 def test_params_and_an_unfitted_estimator():
-    est = bigalign.Procrustes(center=True)
-    assert est.get_params()["center"] is True and repr(est) == "Procrustes(center=True)"
+    assert bigalign.Procrustes().get_params()["center"] is True  # centring is the default
+    est = bigalign.Procrustes(center=False, method="affine")
+    assert est.get_params()["center"] is False
+    assert repr(est) == "Procrustes(center=False, method='affine')"
+    est.set_params(center=True, method="orthogonal")
     assert est.set_params(scale=True).options.scale is True
     with pytest.raises(ValueError, match="invalid parameters \\['centre'\\]"):
         est.set_params(centre=False)

@@ -25,7 +25,6 @@ import traceback
 import warnings
 
 from .. import __version__
-from ..options import METHODS
 from .common import (_describe_transform, _print_json, _run_args, _run_details,
                      _transform_json, add_storage_option, positive_int, requests,
                      storage_options)
@@ -121,6 +120,8 @@ def _add_fit(sub) -> None:
     f.add_argument("-o", "--output", required=True, help="where to save the transform (Zarr group)")
     f.add_argument("--center", action=argparse.BooleanOptionalAction, default=True,
                    help=CENTER_HELP)
+    from ..options import METHODS
+
     f.add_argument("--method", choices=METHODS, default="orthogonal", help=METHOD_HELP)
     f.add_argument("--ridge", type=float, metavar="LAMBDA",
                    help="--method ridge: the penalty (default: chosen on held-out pairs)")

@@ -249,6 +249,11 @@ def _describe_transform(t, path) -> str:
              f"  scale {t.scale:.6g}" + (
                  "" if m.get("relative_residual") is None else
                  f"; relative residual ||sAQ-B||^2/||B||^2 = {m['relative_residual']}")]
+    from ..commands.select import describe as selection_lines
+
+    lines += ["  " + line for line in selection_lines(m.get("selection"))]
+    if m.get("bound"):
+        lines.append(f"  paper bound: {m['bound']}")
     disc = m.get("discrepancy")
     if disc:  # each figure with its round-off: never a wrong number (docs/evaluation.md)
         lines += ["  " + line for line in _bound_lines(

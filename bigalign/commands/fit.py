@@ -28,6 +28,7 @@ from ..execution.devices import check_device
 from ..execution.engine import fit_graph
 from ..execution.pairing import fit_record, gathered, join, pair_by_ids, sample_pairs
 from ..maths.metrics import fit_diagnostics
+from ..maths.adapters import solve as solve_adapter
 from ..maths.solve import procrustes
 from ..options import Execution, FitOptions, JobOptions, Pairing, keywords_of, requests
 from ..planning.plan import FitPlan, fit_task_bytes, make_fit_plan
@@ -38,6 +39,7 @@ from ..storage.locations import canonical_url, check_disjoint
 from ..storage.outputs import TRANSFORM_KINDS, check_replaceable
 from ..storage.stores import open_embeddings, parse_rows, validate_pair
 from ..transform import Transform
+from .select import Selection, select
 
 log = logging.getLogger("bigalign")
 
@@ -171,6 +173,8 @@ def fit(source, target, options: Optional[FitOptions] = None, *,
     fingerprint = dict(fingerprints, rows=[start, stop],
                        options={"normalize": normalize, "gram": gram,
                                 "precision": opts.precision})
+    if opts.needs_holdout:  # which pairs are held out to choose
+        fingerprint["selection_seed"] = seed
     if pairs is not None:
         fingerprint["pairs"] = {"by": "ids", "duplicates": duplicates, "sample": sample,
                                 "seed": seed, "matched": pairs.matched,
@@ -186,7 +190,7 @@ def fit(source, target, options: Optional[FitOptions] = None, *,
         return _fit_job(_FitJob(src, tgt, start, stop, opts, gram, fingerprint, recorded,
                                 models, record, output, checkpoint, replace(job, checkpoint=
                                                                             checkpoint),
-                                run, fan_in, so, t0))
+                                run, fan_in, so, t0, seed))
 
 
 def _pairs_by_id(src_ids, tgt_ids, pairing: Pairing) -> tuple:
@@ -289,6 +293,7 @@ class _FitJob:
     fan_in: Optional[int]
     so: Optional[dict]
     t0: float
+    seed: int = 0  # of the held-out windows (method auto; ridge / rank to choose)
 
 
 def _fit_job(r: _FitJob) -> Transform:
@@ -332,7 +337,10 @@ def _fit_job(r: _FitJob) -> Transform:
             raise CheckpointError(f"the merged statistics hold {moments.n} pairs for "
                                   f"{stop - start} rows; rerun with --restart")
         seconds = time.perf_counter() - r.t0
-        transform = _solve(moments, (dim_a, dim_b), r.fingerprints, start, stop, opts, gram)
+        selection = select(moments, src, tgt, start, stop, opts, r.seed) \
+            if opts.needs_holdout else None
+        transform = _solve(moments, (dim_a, dim_b), r.fingerprints, start, stop, opts, gram,
+                           selection)
         solve_seconds = time.perf_counter() - r.t0 - seconds
         transform.metadata.update({k: v for k, v in r.models.items() if v})
         if r.pairing is not None:
@@ -384,34 +392,58 @@ def _warn_uncentred(moments) -> None:
                     100 * share_a, 100 * share_b)
 
 
-def _solve(moments, dims, inputs: dict, start, stop, opts: FitOptions, gram: bool) -> Transform:
+def _solve(moments, dims, inputs: dict, start, stop, opts: FitOptions, gram: bool,
+           selection: Optional[Selection] = None) -> Transform:
+    """The Transform of the statistics ``moments``: the options' family (or the one
+    ``selection`` chose, refitted on all pairs), with what a reader needs to trust it."""
     if not opts.center:
         _warn_uncentred(moments)
-    sol = procrustes(moments, center=opts.center, scale=opts.scale,
-                     reflection=opts.reflection)
+    family = opts.family if selection is None else selection.adapter.family
+    if family in ("orthogonal", "similarity"):
+        sol = procrustes(moments, center=opts.center, scale=family == "similarity",
+                         reflection=opts.reflection)
+        rotation, scale, singular, rank = sol.rotation, sol.scale, sol.singular_values, sol.rank
+        residual, relative, energy = sol.residual, sol.relative_residual, sol.target_energy
+    else:
+        a = selection.adapter if selection is not None else solve_adapter(
+            moments, family, center=opts.center, ridge=opts.ridge, rank=opts.rank)
+        rotation, scale = a.matrix, 1.0
+        singular = np.linalg.svd(a.matrix, compute_uv=False)
+        rank = int(np.sum(singular > singular[0] * 1e-6)) if singular[0] > 0 else 0
+        residual, relative, energy = a.residual, a.relative_residual, a.target_energy
+        params = {k: v for k, v in a.params.items() if k in ("ridge", "rank")}
     dim_a, dim_b = dims
     meta = {
         "n_pairs": int(moments.n), "dims": [dim_a, dim_b], "rows": [start, stop],
-        "residual": sol.residual, "relative_residual": sol.relative_residual,
-        "target_energy": sol.target_energy, "rank": sol.rank,
-        "singular_values": {"max": float(np.abs(sol.singular_values).max()),
-                            "min": float(np.abs(sol.singular_values).min()),
-                            "sum": float(sol.singular_values.sum())},
+        "family": family, "orthogonal": family in ("orthogonal", "similarity"),
+        "residual": residual, "relative_residual": relative,
+        "target_energy": energy, "rank": rank,
+        "singular_values": {"max": float(np.abs(singular).max()),
+                            "min": float(np.abs(singular).min()),
+                            "sum": float(singular.sum())},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "bigalign_version": __version__,
         "inputs": inputs,
     }
-    if sol.residual is not None:
-        meta["residual_error"] = sol.residual_error  # round-off bound of the residual
-    if gram:  # the paper's numbers, each with the interval its round-off allows
-        same = not opts.scale and opts.reflection  # then sol is the diagnostics' solution
-        meta["discrepancy"] = fit_diagnostics(moments, center=opts.center,
-                                              solution=sol if same else None)
+    if family in ("orthogonal", "similarity"):
+        if sol.residual is not None:
+            meta["residual_error"] = sol.residual_error  # round-off bound of the residual
+        if gram:  # the paper's numbers, each with the interval its round-off allows
+            same = family == "orthogonal" and opts.reflection  # sol is the diagnostics' one
+            meta["discrepancy"] = fit_diagnostics(moments, center=opts.center,
+                                                  solution=sol if same else None)
+    else:
+        meta["params"] = params
+        meta["bound"] = (f"none: the paper's bound is of orthogonal maps, and this map's "
+                         f"family is {family}")
+    if selection is not None:
+        meta["selection"] = selection.record
     options = {"center": opts.center, "normalize": opts.normalize, "scale": opts.scale,
                "reflection": opts.reflection, "rows": [start, stop],
-               "precision": opts.precision, "diagnostics": gram}
+               "precision": opts.precision, "diagnostics": gram, "method": opts.method,
+               "family": family}
     zeros = np.zeros
-    return Transform(sol.rotation,
+    return Transform(rotation,
                      moments.mean_a.copy() if opts.center else zeros(dim_a),
                      moments.mean_b.copy() if opts.center else zeros(dim_b),
-                     sol.scale, options, meta, sol.singular_values, moments)
+                     scale, options, meta, singular, moments)

@@ -16,7 +16,7 @@ similarity     s Q, s = tr S / tr(Q^T Ga Q) (Procrustes with scale)  only if dA 
 affine         Ga^+ C (least squares; min-norm if Ga is singular)    yes
 ridge          (Ga + lam I)^-1 C, lam >= 0 (centred: no penalty on   yes
                the intercept; raw: every coefficient penalised)
-reduced_rank   W_ls V_r V_r^T, V_r the top-r eigenvectors of         yes
+reduced-rank   W_ls V_r V_r^T, V_r the top-r eigenvectors of         yes
                W_ls^T Ga W_ls (classic reduced-rank regression)
 =============  ====================================================  ===============
 
@@ -58,7 +58,7 @@ __all__ = ["FAMILIES", "Adapter", "solve", "residual_on", "relative_residual_on"
            "choose_ridge", "choose_rank", "candidates", "ridge_scale", "default_ridge_grid",
            "default_rank_grid", "DEFAULT_RIDGE", "DEFAULT_RANK_ENERGY"]
 
-FAMILIES = ("orthogonal", "similarity", "affine", "ridge", "reduced_rank")
+FAMILIES = ("orthogonal", "similarity", "affine", "ridge", "reduced-rank")
 _ORTHOGONAL = ("orthogonal", "similarity")
 
 #: Ridge penalty without held-out data: DEFAULT_RIDGE x trace(Ga) / dA (the mean eigenvalue
@@ -228,7 +228,7 @@ def solve(m: Moments, family: str, *, center: bool = True, ridge: Optional[float
 
     center : fit on centred rows (a map with intercept; means = m's means) or raw rows.
     ridge : the penalty lam >= 0 of family "ridge" (None: DEFAULT_RIDGE x ridge_scale).
-    rank : r in 1..min(dA, dB) of family "reduced_rank" (None: the smallest rank holding
+    rank : r in 1..min(dA, dB) of family "reduced-rank" (None: the smallest rank holding
         DEFAULT_RANK_ENERGY of the fitted energy).
     reflection : orthogonal/similarity only: False forces det Q = +1 (dA == dB only).
 
@@ -240,8 +240,8 @@ def solve(m: Moments, family: str, *, center: bool = True, ridge: Optional[float
     _check_pairs(m)
     if ridge is not None and family != "ridge":
         raise ValueError(f"ridge= applies to the 'ridge' family only, not {family!r}")
-    if rank is not None and family != "reduced_rank":
-        raise ValueError(f"rank= applies to the 'reduced_rank' family only, not {family!r}")
+    if rank is not None and family != "reduced-rank":
+        raise ValueError(f"rank= applies to the 'reduced-rank' family only, not {family!r}")
     selection = None
     if family in _ORTHOGONAL:
         if family == "similarity" and m.dims[0] > m.dims[1]:
@@ -414,7 +414,7 @@ def candidates(m_train: Moments, m_heldout: Optional[Moments] = None, *, center:
     out = []
     for family in families:
         kw, selection = {}, None
-        if m_heldout is not None and family in ("ridge", "reduced_rank"):
+        if m_heldout is not None and family in ("ridge", "reduced-rank"):
             choose, key = (choose_ridge, "ridge") if family == "ridge" else (choose_rank, "rank")
             value, table = choose(m_train, m_heldout, center=center)
             kw[key] = value
