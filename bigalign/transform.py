@@ -512,6 +512,11 @@ def inverse_kind(t: Transform) -> dict:
                    ("; T(inverse(y)) = y" if rank == d_b else ""))
     if t.normalize and kind == "pseudo-inverse":
         meaning += "; " + lossy[-1]
+    family = t.options.get("family")
+    if family not in (None, "orthogonal", "similarity"):
+        meaning += (f" (the algebraic inverse of this {family} map, not a map fitted from "
+                    "target to source: a least-squares fit that way would differ, as "
+                    "regressing B on A and A on B differ)")
     return {"kind": kind, "lossy": lossy, "meaning": meaning, "rank": rank,
             "orthonormal": orthonormal}
 

@@ -250,9 +250,11 @@ def baseline_methods(m: Moments, *, center: bool = False, normalize: bool = Fals
                 w, res = least_squares(m, center=center, ridge=ridge)
                 out.append(Method(f"ridge {ridge:g}", AffineMap(w, *means, normalize),
                                   f"linear map, penalty {ridge:g}, {how}", train_numbers(res, m)))
+        own = transform is not None and (transform.options.get("family") or "orthogonal") \
+            in ("orthogonal", "similarity")
         for c in (False, True):
             name = "orthogonal + centring" if c else "orthogonal"
-            if transform is not None and c == center:
+            if own and c == center:
                 tr = transform.metadata.get("residual")
                 out.append(Method(name, AffineMap.from_transform(transform), "this transform",
                                   train_numbers(tr, m) if tr is not None else {}, this=True))
@@ -264,6 +266,11 @@ def baseline_methods(m: Moments, *, center: bool = False, normalize: bool = Fals
             out.append(Method(name, AffineMap(sol.scale * sol.rotation, *mc, normalize),
                               "Procrustes" + (" with scale" if scale else ""),
                               train_numbers(sol.residual, m)))
+    if transform is not None and not own:  # another family: its own row, after the baselines
+        tr = transform.metadata.get("residual")
+        out.append(Method(family_name(transform), AffineMap.from_transform(transform),
+                          "this transform", train_numbers(tr, m) if tr is not None else {},
+                          this=True))
     return out
 
 
@@ -274,9 +281,16 @@ def transform_methods(transform) -> list[Method]:
     if dim_a == dim_b:
         out.append(Method("none", AffineMap.identity(dim_a, transform.normalize),
                           "source vectors as they are"))
-    name = "orthogonal + centring" if transform.options.get("center") else "orthogonal"
-    out.append(Method(name, AffineMap.from_transform(transform), "this transform", this=True))
+    out.append(Method(family_name(transform), AffineMap.from_transform(transform),
+                      "this transform", this=True))
     return out
+
+
+def family_name(transform) -> str:
+    """A transform's row name: its family ("orthogonal" for transforms that record none),
+    "+ centring" when centred."""
+    family = transform.options.get("family") or "orthogonal"
+    return family + (" + centring" if transform.options.get("center") else "")
 
 
 def methods_for(transform, m: Optional[Moments], ridge: float = 0.0) -> list[Method]:
