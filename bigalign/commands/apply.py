@@ -26,6 +26,7 @@ from ..execution.engine import apply_graph
 from ..options import ApplyOptions, Execution, JobOptions, keywords_of, requests
 from ..planning.plan import ApplyPlan, apply_task_bytes, make_apply_plan, output_layout
 from ..storage.job import Job, default_checkpoint, finished_or_refuse
+from ..storage.in_memory import InMemoryRows, adapt
 from ..storage.embedding_store import (KIND as STORE_KIND, create_store, ids_kind_of, is_store,
                                        open_for_writing, store_parts)
 from ..storage.locations import check_disjoint, options_for
@@ -116,6 +117,11 @@ def apply(transform: Union[Transform, str], source, output: str,
     transform_url = None if isinstance(transform, Transform) else transform
     if transform_url is not None:
         transform = Transform.load(transform_url, storage_options=so)
+    source = adapt(source, "source")  # a numpy or Dask array: read here, in this process
+    if isinstance(source, InMemoryRows) and (run.scheduler or run.workers):
+        log.warning("an in-memory source (a numpy or Dask array) is read in this process: "
+                    "the apply runs here, not on the cluster")
+        run = replace(run, scheduler=None, workers=None, memory_limit=None)
     src_url, src_ids, src_model = store_parts(source, so)
     as_store = is_store(source, so)
     src = open_embeddings(src_url, side="source", storage_options=so,

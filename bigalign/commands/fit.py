@@ -35,6 +35,7 @@ from ..planning.plan import FitPlan, fit_task_bytes, make_fit_plan
 from ..storage.job import (Job, checkpointed, default_checkpoint, finished_or_refuse,
                                   lease_home)
 from ..storage.embedding_store import store_parts
+from ..storage.in_memory import InMemoryRows, adapt
 from ..storage.locations import canonical_url, check_disjoint
 from ..storage.outputs import TRANSFORM_KINDS, check_replaceable
 from ..storage.stores import open_embeddings, parse_rows, validate_pair
@@ -134,6 +135,9 @@ def fit(source, target, options: Optional[FitOptions] = None, *,
     rows, pair_by, duplicates, sample, seed = (pairing.rows, pairing.by, pairing.duplicates,
                                                pairing.sample, pairing.seed)
     checkpoint = job.checkpoint
+    source, target = adapt(source, "source"), adapt(target, "target")  # numpy / Dask arrays
+    if isinstance(source, InMemoryRows) or isinstance(target, InMemoryRows):
+        run = _in_this_process(run)
     src_url, src_ids, src_model = store_parts(source, so)
     tgt_url, tgt_ids, tgt_model = store_parts(target, so)
     src = open_embeddings(src_url, side="source", storage_options=so,
@@ -159,10 +163,7 @@ def fit(source, target, options: Optional[FitOptions] = None, *,
     pairs = record = None
     if by_ids:
         pairs, record = _pairs_by_id(src_ids, tgt_ids, pairing)
-        if run.scheduler or run.workers:
-            log.warning("a fit by id reads its gathered pairs from local scratch: it runs "
-                        "in this process, not on the cluster")
-            run = replace(run, scheduler=None, workers=None, memory_limit=None)
+        run = _in_this_process(run)
     start, stop = (0, pairs.matched) if pairs is not None else parse_rows(rows, src.rows)
     dim_a, dim_b = src.dim, tgt.dim
     opts = fit_options.resolve(src.dtype, tgt.dtype)
@@ -191,6 +192,15 @@ def fit(source, target, options: Optional[FitOptions] = None, *,
                                 models, record, output, checkpoint, replace(job, checkpoint=
                                                                             checkpoint),
                                 run, fan_in, so, t0, seed))
+
+
+def _in_this_process(run: Execution) -> Execution:
+    """``run`` without a cluster: in-memory rows (numpy, Dask, gathered pairs) live in this
+    process, so the job runs here (a warning says so when a cluster was asked for)."""
+    if run.scheduler or run.workers:
+        log.warning("in-memory inputs (numpy or Dask arrays, or pairs gathered by id) are "
+                    "read in this process: the job runs here, not on the cluster")
+    return replace(run, scheduler=None, workers=None, memory_limit=None)
 
 
 def _pairs_by_id(src_ids, tgt_ids, pairing: Pairing) -> tuple:

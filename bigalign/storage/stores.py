@@ -209,7 +209,10 @@ class ArrayRows:
 def open_embeddings(source, *, side: str = "source", storage_options: Optional[dict] = None,
                     check_chunks: bool = True) -> EmbeddingArray:
     """Open and validate an embedding array: a path or fsspec URL (Zarr v2 or v3), or an
-    already open zarr.Array. Raises InputError saying what is wrong and where."""
+    already open zarr.Array (or an in-memory input already adapted,
+    :mod:`bigalign.storage.in_memory`). Raises InputError saying what is wrong and where."""
+    if isinstance(source, EmbeddingArray):
+        return source
     if hasattr(source, "shape") and hasattr(source, "chunks") and hasattr(source, "metadata"):
         arr, url = source, str(source.store_path)
     elif not isinstance(source, (str, os.PathLike)):  # a numpy array, a list, ...
