@@ -8,7 +8,9 @@ parallel on Dask, resumable.
 What is written::
 
     DIR/part-00000.parquet     rows [start, start + rows_per_file) of the source, in order
-    DIR/part-00001.parquet     ... one file per task
+    DIR/part-00001.parquet     ... one file per task, each written in DIR/_in_progress/ and
+                               moved into DIR by the last step
+    DIR/_SUCCESS               empty: every part is in DIR (Spark/Hadoop's marker)
     DIR/_bigalign_export.json  the manifest: {"complete": true, "files": [{name, rows, bytes}],
                                "bad_rows": {policy, count, rows}, "job": {run_id,
                                fingerprint}, ...}; written first with "complete": false,
@@ -25,8 +27,16 @@ as a LIST whose Arrow schema, in the ``ARROW:schema`` key, says fixed-size list 
 and pyarrow read it back as such). Its key-value metadata holds ``bigalign``, a JSON object
 with the format, the model, the source, the file's rows [start, stop) and the run id.
 Row groups hold about 32 MiB. Names starting with ``_`` or ``.`` (the manifest, temporary
-files) are skipped by Spark, pyarrow datasets and most loaders; ``DIR/*.parquet`` matches
-only the parts.
+files, ``_in_progress``) are skipped by Spark, pyarrow datasets and most loaders;
+``DIR/*.parquet`` matches only the parts.
+
+**An interrupted export never looks complete to a loader that globs** ``DIR/*.parquet`` or
+reads DIR as a pyarrow/Spark dataset: the tasks write their parts under
+``DIR/_in_progress/``, and only the last step, once every part is verified, moves them into
+DIR, then writes ``_SUCCESS``, then the manifest with "complete": true (both halves of the
+Spark/Hadoop convention: names a glob does not take until the run completes, and a marker
+written last). A kill during the moves leaves some parts in DIR and no ``_SUCCESS``: a
+loader that must be safe even then checks for ``_SUCCESS``; the rerun finishes the moves.
 
 How it works, in the house style (a plan + a job + a graph):
 
@@ -36,7 +46,7 @@ How it works, in the house style (a plan + a job + a graph):
   that many rows.
 * **The job** is :func:`bigalign.storage.job.checkpointed`, exactly as for apply and import:
   the fingerprint holds the source (its content witness), the ids, the rows and the
-  options; a file is written under a temporary name and renamed into place (on object
+  options; a file is written under a temporary name in ``_in_progress`` and renamed (on object
   stores: one upload, which appears whole), then marked done. A rerun after a crash writes
   the missing files; a rerun of a finished export is a no-op while every file its manifest
   lists is there with its size (:func:`export_damage`, one listing; else refused until
@@ -61,14 +71,15 @@ from typing import Optional
 from ..errors import InputError
 from ..execution import faults
 from ..planning.plan import ExportPlan
-from ..storage.parquet_folder import (FORMAT, MANIFEST, ExportTarget, _temp_name,  # noqa: F401
-                                      check_folder, export_damage, export_manifest, part_name)
+from ..storage.parquet_folder import (FORMAT, IN_PROGRESS, MANIFEST, SUCCESS,  # noqa: F401
+                                      ExportTarget, _temp_name, check_folder, export_damage,
+                                      export_manifest, part_name)
 from .vector_export import (BAD_ROWS, DTYPES, ExportFormat, FileSpec,  # noqa: F401
                             export_graph, ids_kind, open_source, read_group, run_export)
 
 __all__ = ["export_parquet", "export_manifest", "check_folder", "part_name", "open_source",
            "file_task", "export_graph", "export_damage", "FORMAT", "MANIFEST", "COMPRESSIONS",
-           "DTYPES", "BAD_ROWS", "PARQUET", "ids_kind", "read_group", "FileSpec"]
+           "DTYPES", "BAD_ROWS", "PARQUET", "IN_PROGRESS", "SUCCESS", "ids_kind", "read_group", "FileSpec"]
 
 #: --compression choices and polars' names for them. snappy (the default) writes as fast as
 #: none and every Parquet reader has it; zstd is ~9% smaller on float vectors and ~1.4x
@@ -88,6 +99,7 @@ def write_file(source, ids, groups: list, spec: FileSpec, name: str) -> int:
     from fsspec.implementations.local import LocalFileSystem
 
     fs, root = fsspec.core.url_to_fs(spec.url, **(spec.storage_options or {}))
+    root = f"{root.rstrip('/')}/{IN_PROGRESS}"  # moved into the folder by the last step
     block = (groups[0].start, groups[-1].stop)
     meta = {"bigalign": json.dumps(dict(spec.metadata, rows=list(block), file=name))}
     skipped: list[int] = []
@@ -112,7 +124,7 @@ def write_file(source, ids, groups: list, spec: FileSpec, name: str) -> int:
         path = f"{root}/{name}"
         f = fs.open(path, "wb")
         try:
-            with _named_if_disk_full(spec.url.rstrip("/") + f"/{name}"):
+            with _named_if_disk_full(spec.url.rstrip("/") + f"/{IN_PROGRESS}/{name}"):
                 _sink(frames(), spec, f, rows_per_group, meta)
         except BaseException:
             _abandon(f, fs, path)
