@@ -247,6 +247,9 @@ class LanceTarget:
             ds = lance.LanceDataset.commit(self.url, lance.LanceOperation.Overwrite(
                 schema, fragments), storage_options=so)
             version = int(ds.version)
+        from ..execution import faults
+
+        faults.point("export.committed")  # committed, the manifest not yet rewritten
         self._write_manifest(folder, dict(self.head, run_id=run_id, files=self._files(),
                                           lance_version=version, **record))
 
