@@ -517,8 +517,9 @@ def test_export_on_a_full_disk_exits_2_naming_the_file(done, capsys, tmp_path, m
             "--threads", "1", "-q"]
     code, _, err = run(capsys, *argv)
     assert code == 2 and "Traceback" not in err, err
-    assert "cannot write " + str(out / "part-") in err and "no space left" in err, err
-    assert not [p for p in out.iterdir() if ".tmp" in p.name or p.name.startswith(".")]
+    assert "cannot write " + str(out / "_in_progress" / "part-") in err and "no space left" in err, err
+    assert not [p for d in (out, out / "_in_progress") for p in d.iterdir()
+                if ".tmp" in p.name or p.name.startswith(".")]
     monkeypatch.setattr(parquet_export, "_sink", real)
     code, _, err = run(capsys, *argv)
     assert code == 0, err

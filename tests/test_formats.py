@@ -51,7 +51,7 @@ def probed(path, **kw):
 
 def test_formats_by_extension():
     assert FORMATS == {".npy": "npy", ".fvecs": "fvecs", ".parquet": "parquet",
-                       ".pq": "parquet"}
+                       ".pq": "parquet", ".lance": "lance"}
     assert reader_for("a/B.PARQUET").format == "parquet" and reader_for("x.pq").columns
     assert reader_for("x.fvecs").format == "fvecs" and not reader_for("x.npy").columns
     assert reader_for("x.csv") is None

@@ -133,7 +133,8 @@ def test_store_round_trip(tmp_path, ids):
     assert m["complete"] and [f["rows"] for f in m["files"]] == \
         [[0, 700], [700, 1400], [1400, 2100], [2100, 2800], [2800, 3000]]
     assert all(f["bytes"] == os.path.getsize(tmp_path / "out" / f["name"]) for f in m["files"])
-    assert sorted(os.listdir(tmp_path / "out")) == [MANIFEST, *parts(tmp_path / "out")]
+    assert sorted(os.listdir(tmp_path / "out")) == ["_SUCCESS", MANIFEST,
+                                                   *parts(tmp_path / "out")]
     assert not os.path.exists(tmp_path / "out.checkpoint")
 
 
@@ -177,12 +178,13 @@ def test_a_file_has_the_row_groups_of_its_plan(tmp_path):
     spec = FileSpec(str(tmp_path / "out"), "id", "embedding", "int64", DIM, "float32",
                     "snappy", {"format": "test"})
     assert file_task(emb, ids, plan, 0, 50, 1100, spec, 1, None) == (1050, [])
-    path = str(tmp_path / "out" / "part-00000.parquet")
+    path = str(tmp_path / "out" / "_in_progress" / "part-00000.parquet")  # until completed
     fs = fsspec.filesystem("file")
     # reads on chunk boundaries (250, 300, 300, 200 rows); row groups of 300 from the file's start
     assert parquet_row_groups(fs, path) == (300, 300, 300, 150)
     assert np.array_equal(pl.read_parquet(path)["embedding"].to_numpy(), x[50:1100])
-    assert os.listdir(tmp_path / "out") == ["part-00000.parquet"]  # no temporary left
+    assert os.listdir(tmp_path / "out") == ["_in_progress"]  # no temporary left
+    assert os.listdir(tmp_path / "out" / "_in_progress") == ["part-00000.parquet"]
 
 
 def test_without_streaming_polars_the_files_are_the_same(tmp_path, monkeypatch):
@@ -319,9 +321,13 @@ def test_killed_export_resumes_writing_only_the_missing_files(corpus, fault, don
     if m is not None:
         assert cli("status", out, "--json").returncode == 3
         assert cli("info", out).returncode == 3
-    before = {n: os.stat(out / n).st_mtime_ns for n in parts(out)} if out.exists() else {}
+    assert parts(out) == [] if out.exists() else True  # a glob of DIR/*.parquet: nothing
+    waiting = out / "_in_progress"
+    before = {n: os.stat(waiting / n).st_mtime_ns for n in parts(waiting)} \
+        if waiting.exists() else {}
     if m is not None:  # what a writer killed in the middle of a file leaves
-        (out / ".part-00000.parquet.tmp-0123abcd").write_bytes(b"PAR1")
+        waiting.mkdir(exist_ok=True)
+        (waiting / ".part-00000.parquet.tmp-0123abcd").write_bytes(b"PAR1")
     again = cli("export", store, "-o", out, *SMALL[:-1], check=0)  # not -q
     if fault != "kill:export.begun@1":
         assert f"resuming: {done} of 10 files done" in again.stderr
@@ -332,7 +338,8 @@ def test_killed_export_resumes_writing_only_the_missing_files(corpus, fault, don
     assert len(rewritten) == 10 - done
     ids, got, _ = read_back(out)
     assert np.array_equal(got, x) and list(ids) == [f"doc-{i}" for i in range(ROWS)]
-    assert sorted(os.listdir(out)) == [MANIFEST, *parts(out)]  # no temporaries left
+    # no temporaries left, _in_progress empty
+    assert sorted(os.listdir(out)) == ["_SUCCESS", MANIFEST, *parts(out)]
     assert not os.path.exists(f"{out}.checkpoint") and export_manifest(out)["complete"]
 
 
@@ -358,7 +365,7 @@ def test_rerun_is_a_noop_changes_are_refused_and_overwrite_replaces(corpus):
     rep = export_parquet(store, out, rows_per_file=1000, overwrite=True)
     assert rep.rows == ROWS and parts(out) == [part_name(i, 3) for i in range(3)]
     assert np.array_equal(read_back(out)[1][:100], x[:100] + 1)
-    assert sorted(os.listdir(out)) == [MANIFEST, *parts(out)]
+    assert sorted(os.listdir(out)) == ["_SUCCESS", MANIFEST, *parts(out)]
     rep = export_parquet(store, out, rows_per_file=1000, restart=True)  # same job, again
     assert rep.rows == ROWS and not rep.already_complete
 
@@ -567,8 +574,8 @@ def test_export_to_s3(corpus):
         rep = export_parquet(store, out, rows_per_file=1000, storage_options=so)
         assert rep.rows == ROWS
         names = sorted(p.rsplit("/", 1)[1] for p in fs.ls("bigalign-export/corpus"))
-        assert names == [MANIFEST, *(part_name(i, 3) for i in range(3))]
-        frames = [pl.read_parquet(fs.cat_file(f"bigalign-export/corpus/{n}")) for n in names[1:]]
+        assert names == ["_SUCCESS", MANIFEST, *(part_name(i, 3) for i in range(3))]
+        frames = [pl.read_parquet(fs.cat_file(f"bigalign-export/corpus/{n}")) for n in names[2:]]
         got = pl.concat(frames)
         assert np.array_equal(got["embedding"].to_numpy(), x)
         assert got["id"].to_list() == [f"doc-{i}" for i in range(ROWS)]
@@ -580,10 +587,49 @@ def test_export_to_s3(corpus):
         with pytest.raises(NonFiniteError, match="row 2500"):
             export_parquet(bad, "s3://bigalign-export/bad", rows_per_file=1000,
                            storage_options=so)
-        assert not fs.exists("bigalign-export/bad/part-00002.parquet")
+        assert not fs.exists("bigalign-export/bad/_in_progress/part-00002.parquet")
+        assert not fs.exists("bigalign-export/bad/part-00000.parquet")  # not moved: failed
         assert not export_manifest("s3://bigalign-export/bad", so)["complete"]
         fs.pipe("bigalign-export/other/x.txt", b"x")
         with pytest.raises(InputError, match="did not write"):
             export_parquet(store, "s3://bigalign-export/other", overwrite=True,
                            storage_options=so)
         assert fs.cat("bigalign-export/other/x.txt") == b"x"
+
+
+# ---- an interrupted export does not look complete to a glob or a dataset reader -----------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["kill:export.file-done@4", "kill:export.before-complete@1"])
+def test_interrupted_export_shows_no_parquet_to_a_glob_or_a_pyarrow_dataset(corpus, fault):
+    import glob
+
+    import pyarrow.dataset as pads
+
+    x, store, tmp = corpus
+    out = tmp / "out"
+    cli("export", store, "-o", out, *SMALL, "--threads", "1", faults=fault,
+        check=-signal.SIGKILL)
+    assert glob.glob(f"{out}/*.parquet") == [] and not (out / "_SUCCESS").exists()
+    assert os.listdir(out / "_in_progress")  # the parts written so far wait there
+    assert pads.dataset(str(out), format="parquet").count_rows() == 0
+    cli("export", store, "-o", out, *SMALL, check=0)
+    assert (out / "_SUCCESS").exists() and pads.dataset(str(out)).count_rows() == ROWS
+
+
+@pytest.mark.slow
+def test_kill_in_the_middle_of_the_moves_resumes_them(corpus):
+    import pyarrow.dataset as pads
+
+    x, store, tmp = corpus
+    out = tmp / "out"
+    cli("export", store, "-o", out, *SMALL, "--threads", "1",
+        faults="kill:export.file-moved@4", check=-signal.SIGKILL)
+    assert len(parts(out)) == 4 and len(parts(out / "_in_progress")) == 6
+    assert not (out / "_SUCCESS").exists() and not export_manifest(out)["complete"]
+    again = cli("export", store, "-o", out, *SMALL[:-1], check=0)
+    assert "resuming: 10 of 10 files done" in again.stderr
+    ids, got, _ = read_back(out)
+    assert np.array_equal(got, x) and list(ids) == [f"doc-{i}" for i in range(ROWS)]
+    assert sorted(os.listdir(out)) == ["_SUCCESS", MANIFEST, *parts(out)]
+    assert pads.dataset(str(out)).count_rows() == ROWS

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Optional
 
 from .common import (_print_json, _run_args, _run_details, add_storage_option, models_text,
                      requests, storage_options)
@@ -38,13 +39,22 @@ the manifest OUTPUT/_bigalign_export.json that says the export is complete. Runs
 parallel as a checkpointed job: a killed export resumes when rerun with the same command
 (writing only the missing files), and a rerun of a finished one does nothing. OUTPUT must
 be absent, empty or an earlier export: a folder holding other files is refused, even with
---overwrite (which removes only the files bigalign wrote)."""
+--overwrite (which removes only the files bigalign wrote). An interrupted export leaves its
+parts under OUTPUT/_in_progress/ (no glob of OUTPUT/*.parquet sees them) until the last
+step moves them into OUTPUT and writes OUTPUT/_SUCCESS and the manifest.
+
+With --format lance (needs pylance: pip install 'bigalign[lance]'): write them as the Lance
+dataset OUTPUT (a folder, conventionally DATASET.lance: what LanceDB serves from) with the
+same two columns and the model stamp in its schema metadata. Tasks write Lance fragments;
+the last step commits them all as the dataset's first version, so an interrupted export is
+never a readable dataset; a rerun resumes the same way."""
 
 EXPORT_EPILOG = """\
 examples:
   bigalign export old2new.transform -o old2new.npz
   bigalign export corpus.store --format parquet -o corpus.parquet
   bigalign export corpus.store --format parquet -o s3://bucket/corpus/ --dtype float16
+  bigalign export corpus.store --format lance -o lancedb/corpus.lance
 
 Transforms at query time, with the numpy lines that apply an export: docs/transforms.md"""
 
@@ -71,24 +81,27 @@ def add_commands(sub) -> dict:
     """Register ``export`` on the argparse ``sub`` parsers; return {name: handler(args)}."""
     e = sub.add_parser(
         "export", help="write a transform as plain arrays (npz, JSON, safetensors), or an "
-                       "embedding store's vectors as Parquet files for a vector database",
+                       "embedding store's vectors as Parquet files or a Lance dataset for a "
+                       "vector database",
         description=EXPORT_DESCRIPTION, epilog=EXPORT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("source", metavar="SOURCE",
                    help="a transform saved by 'bigalign fit' (or compose/invert), or an "
-                        "embedding store / (N, d) Zarr array with --format parquet")
+                        "embedding store / (N, d) Zarr array with --format parquet or lance")
     e.add_argument("-o", "--output", required=True,
                    help="the file to write (a transform: .npz, .json or .safetensors; .npy "
-                        "gets the npz archive, which np.load reads) or the folder of Parquet "
-                        "files (--format parquet)")
-    e.add_argument("--format", choices=("npz", "npy", "json", "safetensors", "parquet"),
+                        "gets the npz archive, which np.load reads), the folder of Parquet "
+                        "files (--format parquet) or the Lance dataset folder (--format "
+                        "lance)")
+    e.add_argument("--format", choices=("npz", "npy", "json", "safetensors", "parquet",
+                                        "lance"),
                    help="a transform: npz (alias npy), numpy's archive of arrays; json, plain "
                         "lists (about 20 bytes a number: ~700 MB at d = 4096); safetensors, "
                         "raw tensors with a JSON header; default: from the output's suffix. "
-                        "A store or array: parquet (required)")
+                        "A store or array: parquet or lance (required)")
     e.add_argument("--dtype", choices=("float16", "float32", "float64"),
                    help="a transform: float64 (default, exact) or float32 (half the size, "
-                        "equal to apply's float32 arithmetic); not float16. Parquet: the "
+                        "equal to apply's float32 arithmetic); not float16. Parquet, Lance: the "
                         "vectors' dtype, any of the three (default: the source's)")
     g = e.add_argument_group("transforms")
     g.add_argument("--no-inverse", action="store_true",
@@ -96,7 +109,7 @@ def add_commands(sub) -> dict:
     g.add_argument("--allow-lossy", action="store_true",
                    help="also write the inverse when it is only a pseudo-inverse (dA > dB: "
                         "the map lost dims; --normalize fits: the norm is lost)")
-    g = e.add_argument_group("vectors (--format parquet)")
+    g = e.add_argument_group("vectors (--format parquet or lance)")
     g.add_argument("--ids-column", metavar="NAME",
                    help="name of the id column (default: id): the store's ids, int64 or "
                         "string; row numbers (int64) for a bare array or a store without ids")
@@ -107,8 +120,8 @@ def add_commands(sub) -> dict:
                    help="export only these source rows (negative values count from the end; "
                         "write --rows=-1000: for a leading minus)")
     g.add_argument("--rows-per-file", type=int, metavar="N",
-                   help="rows per file, a multiple of the source's chunk rows (default: whole "
-                        "chunks making about 256 MB per file)")
+                   help="rows per file (Lance: per fragment), a multiple of the source's "
+                        "chunk rows (default: whole chunks making about 256 MB per file)")
     g.add_argument("--bad-rows", choices=BAD_ROWS, default=None,
                    help="a row a vector database cannot index: NaN/Inf (what 'apply "
                         "--bad-rows nan' writes for its bad rows) or, in the output of "
@@ -134,17 +147,21 @@ def _export(args) -> int:
     if kind == "absent":
         raise InputError(f"no transform, embedding store or Zarr array at {args.source!r}")
     is_transform = kind in ("transform", "partial-transform")
-    if args.format == "parquet" or not is_transform:
+    if args.format in ("parquet", "lance") or not is_transform:
         if is_transform:
             raise InputError(f"{args.source!r} is a transform, which has no vectors to write "
-                             "as Parquet: export it with --format npz, json or safetensors")
-        if args.format != "parquet":
+                             f"as {args.format}: export it with --format npz, json or "
+                             "safetensors")
+        if args.format not in ("parquet", "lance"):
             raise InputError(f"{args.source!r} is not a transform (an embedding store or a "
-                             "Zarr array): its vectors export as Parquet files, "
-                             f"'bigalign export {args.source} --format parquet -o DIR'")
+                             "Zarr array): its vectors export as Parquet files or a Lance "
+                             f"dataset, 'bigalign export {args.source} --format parquet -o "
+                             f"DIR' or '--format lance -o DATASET.lance'")
         _refuse(args, _TRANSFORM_ONLY, "a transform export")
+        if args.format == "lance":
+            _refuse(args, (("compression", "--compression"),), "--format parquet")
         return _export_vectors(args)
-    _refuse(args, _PARQUET_ONLY, "--format parquet")
+    _refuse(args, _PARQUET_ONLY, "--format parquet or lance")
     return _export_transform(args, so)
 
 
@@ -155,19 +172,26 @@ def _refuse(args, options, belongs_to: str) -> None:
 
 
 def _export_vectors(args) -> int:
-    from ..commands.parquet_export import export_manifest, export_parquet
-
     common = requests(args)
-    r = export_parquet(args.source, args.output, ids_column=args.ids_column or "id",
-                       vector_column=args.vector_column or "embedding", dtype=args.dtype,
-                       rows=args.rows, rows_per_file=args.rows_per_file,
-                       compression=args.compression or "snappy",
-                       bad_rows=args.bad_rows or "fail", **common)
+    kw = dict(ids_column=args.ids_column or "id",
+              vector_column=args.vector_column or "embedding", dtype=args.dtype,
+              rows=args.rows, rows_per_file=args.rows_per_file,
+              bad_rows=args.bad_rows or "fail", **common)
+    if args.format == "lance":
+        from ..commands.lance_export import export_lance, export_manifest
+
+        r = export_lance(args.source, args.output, **kw)
+    else:
+        from ..commands.parquet_export import export_manifest, export_parquet
+
+        r = export_parquet(args.source, args.output, compression=args.compression or "snappy",
+                           **kw)
     m = export_manifest(args.output, common["storage_options"]) or {}
     files = m.get("files", [])
-    size = sum(f.get("bytes", 0) for f in files)
+    size = sum(f.get("bytes", 0) for f in files) or \
+        sum(b for f in files for _, b in f.get("data", []))
     if args.json:
-        _print_json({"kind": "parquet-export", "path": args.output, "complete": True,
+        _print_json({"kind": f"{args.format or 'parquet'}-export", "path": args.output, "complete": True,
                      "already_complete": r.already_complete, "rows": r.rows_total,
                      "rows_written": r.rows, "files": len(files), "bytes": size,
                      "bad_rows": (m.get("bad_rows") or {}).get("count", 0),
@@ -183,16 +207,21 @@ def _export_vectors(args) -> int:
         left_out = (m.get("bad_rows") or {}).get("count", 0)
         rows = f"{r.rows_total - left_out:,} rows ({left_out:,} bad rows left out, listed in " \
             "the manifest's bad_rows)" if left_out else f"{r.rows_total:,} rows"
-        print(f"wrote {rows} to {args.output} as {_files(len(files))} "
+        print(f"wrote {rows} to {args.output} as {_files(len(files), args.format)} "
               f"({size / 2**20:,.1f} MiB; columns {m.get('ids_column')}: {m.get('ids')}, "
               f"{m.get('vector_column')}: {m.get('dtype')}[{m.get('dim')}]) in "
-              f"{r.seconds:.1f}s{_run_details(r, resumed)}; marked complete "
-              "in _bigalign_export.json")
+              f"{r.seconds:.1f}s{_run_details(r, resumed)}; "
+              + (f"committed as Lance version {m.get('lance_version')}; " if
+                 args.format == "lance" else "")
+              + "marked complete in _bigalign_export.json")
     return 0
 
 
-def _files(n: int) -> str:
-    return f"{n:,} Parquet file" + "s" * (n != 1)
+def _files(n: int, fmt: Optional[str] = None) -> str:
+    what = "fragment of a Lance dataset" if fmt == "lance" else "Parquet file"
+    if n != 1:
+        what = what.replace("fragment", "fragments") if fmt == "lance" else what + "s"
+    return f"{n:,} {what}"
 
 
 def _export_transform(args, so) -> int:

@@ -1,12 +1,25 @@
 """A Parquet export's folder: what is there, what is bigalign's, and the folder as the
 region job writes it (:class:`ExportTarget`, :mod:`bigalign.storage.output_job`).
 
-    DIR/part-00000.parquet     one file per task, rows in order
-    DIR/_bigalign_export.json  the manifest: written first with "complete": false, rewritten
-                               last (:func:`bigalign.commands.parquet_export.export_parquet`)
+    DIR/_in_progress/part-00000.parquet   where each task writes its file, rows in order
+    DIR/part-00000.parquet                the same files, moved here by the last step
+    DIR/_SUCCESS                          empty, written once every part is in DIR
+    DIR/_bigalign_export.json             the manifest: written first with "complete":
+                                          false, rewritten last
+
+**An interrupted export does not look complete** (the Spark/Hadoop convention, both halves):
+until the last step no part is in DIR itself, so ``DIR/*.parquet`` matches nothing and a
+pyarrow or Spark dataset of DIR is empty (both skip names starting with ``_`` or ``.``,
+``_in_progress`` included); the last step moves every part into DIR, then writes
+``_SUCCESS``, then the manifest with "complete": true. A loader that must be safe even
+during those moves (a kill between two of them leaves some parts in DIR) waits for
+``_SUCCESS`` or the manifest's "complete", as Spark's readers of Hadoop output do. A rerun
+after a kill in the middle of the moves finds each part in one place or the other, and
+finishes the moves.
 
 bigalign deletes only what it wrote: a folder is an export's when its manifest is there and
-every other name in it is a part the manifest lists (or a temporary file of one).
+every other name in it is a part the manifest lists (or a temporary file of one), in DIR or
+in ``_in_progress``, or ``_SUCCESS``.
 """
 
 from __future__ import annotations
@@ -18,12 +31,16 @@ from typing import Optional
 
 from ..errors import InputError, TransientError
 
-__all__ = ["FORMAT", "MANIFEST", "part_name", "export_manifest", "check_folder",
-           "export_damage", "ExportTarget"]
+__all__ = ["FORMAT", "MANIFEST", "IN_PROGRESS", "SUCCESS", "part_name", "export_manifest",
+           "check_folder", "export_damage", "ExportTarget"]
 
 FORMAT = "bigalign.parquet-export/1"
 #: The manifest's name in the output folder (a leading "_": loaders skip it).
 MANIFEST = "_bigalign_export.json"
+#: The folder the tasks write their parts in until the last step moves them into DIR.
+IN_PROGRESS = "_in_progress"
+#: The empty marker written once every part is in DIR (Spark/Hadoop's name).
+SUCCESS = "_SUCCESS"
 
 
 # ==== names (pure) ===========================================================================
@@ -45,7 +62,8 @@ def _temp_name(name: str) -> str:
 def _owned(name: str, parts: set) -> bool:
     """Is ``name`` a file an export whose manifest lists ``parts`` wrote: the manifest, a
     part, or a temporary file of either."""
-    if name == MANIFEST or name in parts or name.startswith(MANIFEST + ".tmp-"):
+    if name in (MANIFEST, SUCCESS, IN_PROGRESS) or name in parts or \
+            name.startswith((MANIFEST + ".tmp-", SUCCESS + ".tmp-")):
         return True
     return name.startswith(".") and ".tmp-" in name and name[1:].split(".tmp-")[0] in parts
 
@@ -99,6 +117,9 @@ def check_folder(url, storage_options: Optional[dict] = None) -> Optional[dict]:
     manifest = export_manifest(url, storage_options)
     parts = _parts_of(manifest)
     foreign = sorted(n for n in names if not _owned(n, parts))
+    if IN_PROGRESS in names:
+        foreign += sorted(f"{IN_PROGRESS}/{n}" for n in folder.list_names(IN_PROGRESS)
+                          if n == IN_PROGRESS or not _owned(n, parts) or n == SUCCESS)
     if manifest is None and all(_owned(n, parts) for n in names):
         return None  # only the temporary file of a first manifest cut short
     if foreign:
@@ -115,8 +136,16 @@ def _clear_folder(folder, manifest: Optional[dict], job) -> None:
     """Remove the parts ``manifest`` lists and temporary files (fenced), keeping the
     manifest: until a new one replaces it, the folder stays recognisably bigalign's."""
     parts = _parts_of(manifest)
+    for name in folder.list_names():  # _SUCCESS first: the folder stops looking complete
+        if name == SUCCESS:
+            folder.remove_file(folder._path(name))
+    for name in folder.list_names(IN_PROGRESS):
+        if _owned(name, parts):
+            if job is not None:
+                job.check_fence()
+            folder.remove_file(folder._path(IN_PROGRESS, name))
     for name in folder.list_names():
-        if name != MANIFEST and _owned(name, parts):
+        if name not in (MANIFEST, IN_PROGRESS) and _owned(name, parts):
             if job is not None:
                 job.check_fence()
             folder.remove_file(folder._path(name))
@@ -128,21 +157,33 @@ def _write_manifest(folder, manifest: dict, job) -> None:
     folder.put_file(folder._path(MANIFEST), json.dumps(manifest, indent=1).encode())
 
 
-def _listing(folder) -> dict[str, int]:
-    """name -> size of the files in the output folder (one listing)."""
+def _listing(folder, sub: str = "") -> dict[str, int]:
+    """name -> size of the files in the output folder (or its folder ``sub``): one
+    listing."""
     from .stores import retrying
+
+    where = folder._path(sub) if sub else folder.root
 
     def ls():
         try:
             try:
-                entries = folder.fs.ls(folder.root, detail=True, refresh=True)
+                entries = folder.fs.ls(where, detail=True, refresh=True)
             except TypeError:  # file systems without a listing cache
-                entries = folder.fs.ls(folder.root, detail=True)
+                entries = folder.fs.ls(where, detail=True)
         except FileNotFoundError:
             return {}
         return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
-                for e in entries}
+                for e in entries if e.get("type") != "directory"}
     return retrying(f"cannot list {folder.url!r}", ls)
+
+
+def _move(folder, name: str) -> None:
+    """Move part ``name`` from ``_in_progress`` into the folder (a rename on local disks;
+    a copy then a delete on object stores, where a rename is not atomic anyway)."""
+    from .stores import retrying
+
+    src, dst = folder._path(IN_PROGRESS, name), folder._path(name)
+    retrying(f"cannot move {src!r} to {dst!r}", lambda: folder.fs.mv(src, dst))
 
 
 def export_damage(url, manifest: dict, storage_options: Optional[dict] = None) -> Optional[str]:
@@ -178,6 +219,7 @@ class ExportTarget:
         self.names: dict = {}
         self.rows: dict = {}
         self._present: dict = {}
+        self._waiting: set = set()
 
     def plan_files(self, expected: dict) -> None:
         """The files of the plan: index -> rows [a, b) (``expected``), and their names."""
@@ -206,16 +248,31 @@ class ExportTarget:
         return (export_manifest(self.url, self.storage_options) or {}).get("run_id")
 
     def check(self, folder, regions: dict) -> set:
-        """Regions whose file is not in the folder (or empty), from one listing, which also
-        removes the temporary files of killed writers."""
-        present = self._present = _listing(folder)
+        """Regions whose file is neither in ``_in_progress`` nor (moved by a run killed
+        while completing) in the folder, or is empty: two listings, which also remove the
+        temporary files of killed writers."""
         parts = set(self.names.values())
-        for name in list(present):
-            if name != MANIFEST and name not in parts and _owned(name, parts):
-                folder.remove_file(folder._path(name))  # temporaries of killed writers
-                del present[name]
+        waiting = _listing(folder, IN_PROGRESS)
+        for name in list(waiting):
+            if name not in parts and _owned(name, parts):
+                folder.remove_file(folder._path(IN_PROGRESS, name))  # killed writers'
+                del waiting[name]
+        moved = {n: b for n, b in _listing(folder).items() if n in parts}
+        self._waiting = {n for n in parts if waiting.get(n)}
+        present = self._present = dict(moved, **{n: waiting[n] for n in self._waiting})
         return {i for i in regions if not present.get(self.names[i])}
 
     def complete(self, folder, record: dict) -> None:
+        """Move every part into the folder, then write ``_SUCCESS``, then the manifest."""
+        from ..execution import faults
+
+        for name in sorted(self._waiting):
+            _move(folder, name)
+            faults.point("export.file-moved")
+        try:  # now empty (local disks have folders; object stores do not)
+            folder.fs.rmdir(folder._path(IN_PROGRESS))
+        except (OSError, NotImplementedError):
+            pass
+        folder.put_file(folder._path(SUCCESS), b"")
         _write_manifest(folder, dict(self.head, run_id=record["job"]["run_id"],
                                      files=self._files(sizes=True), **record), None)

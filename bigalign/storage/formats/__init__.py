@@ -6,7 +6,7 @@ from .base import (FORMATS, Location, Reader, SourceFile, expand_inputs, format_
                    iter_rows, probe, read_slice, reader_for, reader_of, register,
                    restart_points)
 # each registers its reader; this order is the order messages list the extensions in
-from . import npy, fvecs, parquet  # noqa: F401,E402,I001
+from . import npy, fvecs, parquet, lance  # noqa: F401,E402,I001
 
 __all__ = ["FORMATS", "Location", "Reader", "SourceFile", "expand_inputs", "format_of",
            "iter_rows", "probe", "read_slice", "reader_for", "reader_of", "register",

@@ -42,7 +42,8 @@ class SourceFile:
     no ids) and ``model`` (the model the file's own metadata names, or None). Format-specific:
     ``offset``/``order`` (npy, fvecs: byte where rows start, C or F order);
     ``vector_column`` / ``ids_column`` / ``row_groups`` (Parquet: rows of each row group, from
-    the footer; None when unknown)."""
+    the footer; None when unknown; Lance: rows of each fragment) and ``version`` (Lance: the
+    dataset version probed, which every read opens; ``stamp`` names it too)."""
 
     name: str
     url: str
@@ -60,6 +61,7 @@ class SourceFile:
     ids_kind: Optional[str] = None
     row_groups: Optional[tuple] = None
     model: Optional[str] = None
+    version: Optional[int] = None
 
     def fingerprint(self, index: int) -> dict:
         """What an import's job fingerprint holds of this file (a resume must match it)."""
@@ -105,6 +107,9 @@ class Reader:
     extensions: tuple = ()
     #: whether files have named columns (``--vector-column`` / ``--ids-column`` apply)
     columns: bool = False
+    #: whether one input is a folder (a Lance dataset is a folder of data files and
+    #: versions): globs then match folders, and a folder with this extension is accepted
+    directory: bool = False
 
     def probe(self, at: Location, *, vector_column: Optional[str] = None,
               ids_column: Optional[str] = None) -> SourceFile:
@@ -173,6 +178,17 @@ def reader_of(f: SourceFile) -> Reader:
     return READERS[f.format]
 
 
+def _is_input(fs, path: str, local: bool) -> bool:
+    """Can ``path`` (a glob's match) be one input: a file, or a folder of a format whose
+    inputs are folders (:attr:`Reader.directory`)."""
+    reader = reader_for(path)
+    if reader is None:
+        return False
+    if reader.directory:
+        return os.path.isdir(path) if local else fs.isdir(path)
+    return os.path.isfile(path) if local else fs.isfile(path)
+
+
 def _extensions() -> str:
     exts = list(FORMATS)
     return ", ".join(exts[:-1]) + " or " + exts[-1] if len(exts) > 1 else "".join(exts)
@@ -198,19 +214,17 @@ def expand_inputs(inputs: Sequence, storage_options: Optional[dict] = None) -> l
         fs, path = fsspec.core.url_to_fs(spec, **(storage_options or {}))
         local = isinstance(fs, LocalFileSystem)
         if _has_magic(spec):
-            if local:
-                matches = sorted(p for p in _glob.glob(os.path.expanduser(path))
-                                 if os.path.isfile(p))
-            else:
-                matches = sorted(p for p in fs.glob(path) if fs.isfile(p))
-            matches = [p for p in matches if format_of(p)]
+            found = _glob.glob(os.path.expanduser(path)) if local else fs.glob(path)
+            matches = sorted(p.rstrip("/") for p in found if _is_input(fs, p.rstrip("/"),
+                                                                        local))
             if not matches:
                 raise InputError(f"input {spec!r} matches no {_extensions()} file")
             names = [(p if local else fs.unstrip_protocol(p), p) for p in matches]
         else:
             if not fs.exists(path):
                 raise InputError(f"input {spec!r}: no such file")
-            if fs.isdir(path):
+            reader = reader_for(spec)
+            if fs.isdir(path) and not (reader is not None and reader.directory):
                 raise InputError(f"input {spec!r} is a folder; name its files or a glob "
                                  f"such as '{spec.rstrip('/')}/*.parquet'")
             if format_of(spec) is None:
