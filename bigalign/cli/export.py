@@ -15,8 +15,7 @@ import json
 from .common import (_print_json, _run_args, _run_details, add_storage_option, models_text,
                      requests, storage_options)
 from ..errors import InputError
-from ..commands.parquet_export import BAD_ROWS, COMPRESSIONS
-from ..commands.map_export import SNIPPETS, export
+from ..storage.parquet_folder import BAD_ROWS, COMPRESSIONS
 
 EXPORT_DESCRIPTION = """\
 Two uses, told apart by SOURCE:
@@ -196,6 +195,8 @@ def _files(n: int) -> str:
 
 
 def _export_transform(args, so) -> int:
+    from ..commands.map_export import SNIPPETS, export  # numpy, Zarr: not for --help
+
     r = export(args.source, args.output, args.format, dtype=args.dtype or "float64",
                inverse=not args.no_inverse, allow_lossy=args.allow_lossy,
                overwrite=args.overwrite, storage_options=so)

@@ -69,7 +69,7 @@ from ..execution import faults
 from ..errors import InputError, NonFiniteError
 from ..planning.plan import ExportPlan, export_row_bytes, make_export_plan
 
-from ..storage.parquet_folder import (FORMAT, MANIFEST, ExportTarget, _temp_name,  # noqa: F401
+from ..storage.parquet_folder import (BAD_ROWS, COMPRESSIONS, FORMAT, MANIFEST, ExportTarget, _temp_name,  # noqa: F401
                                       check_folder, export_damage, export_manifest, part_name)
 
 log = logging.getLogger("bigalign")
@@ -78,13 +78,7 @@ __all__ = ["export_parquet", "export_manifest", "check_folder", "part_name", "op
            "file_task", "export_graph", "export_damage", "FORMAT", "MANIFEST", "COMPRESSIONS",
            "DTYPES", "BAD_ROWS"]
 
-#: --compression choices and polars' names for them. snappy (the default) writes as fast as
-#: none and every Parquet reader has it; zstd is ~9% smaller on float vectors and ~1.4x
-#: slower to write (measured: 200k x 384 float32 with string ids).
-COMPRESSIONS = {"snappy": "snappy", "zstd": "zstd", "none": "uncompressed"}
 DTYPES = ("float16", "float32", "float64")
-#: --bad-rows choices of a Parquet export.
-BAD_ROWS = ("fail", "skip")
 
 
 # ==== the source =============================================================================
