@@ -215,7 +215,63 @@ def test_status_of_finished_outputs_exits_0(done):
         assert r.returncode == 0, r.stderr
         assert "finished, nothing in flight" in r.stdout and "Traceback" not in r.stderr
     r = main_cli("status", done["out"], "--json")
-    assert r.returncode == 0 and json.loads(r.stdout) == {"finished": True}
+    assert r.returncode == 0 and json.loads(r.stdout)["finished"] is True
+
+
+def _status_json(path):
+    r = main_cli("status", path, "--json")
+    doc = json.loads(r.stdout)
+    from bigalign.commands.status import STATUS_KEYS
+    assert list(doc) == list(STATUS_KEYS), doc  # the same keys, in the same order, always
+    return r.returncode, doc
+
+
+def test_status_json_has_one_schema_in_every_state(done, tmp_path):
+    """``status --json`` prints the same keys (README, "status schema") whether the job is
+    finished, damaged, interrupted (a dead process), running (a live lease) or not started;
+    a dead job has no ETA, in JSON or in words; the exit code says which (0, 3, 3, 3, 2)."""
+    from bigalign.storage.job import Job
+
+    code, doc = _status_json(done["out"])
+    assert (code, doc["state"], doc["finished"], doc["kind"], doc["damaged"]) == \
+        (0, "finished", True, "apply", None)
+    assert doc["rows_done"] == doc["rows_total"] == 400 and doc["run_id"]
+    code, doc = _status_json(done["tr"])
+    assert (code, doc["state"], doc["kind"], doc["rows_total"]) == (0, "finished", "fit", 400)
+
+    damaged = tmp_path / "damaged.zarr"
+    assert main(["apply", done["tr"], done["s"], "-o", str(damaged), "-q"]) == 0
+    os.remove(damaged / "c" / "3" / "0")
+    code, doc = _status_json(damaged)
+    assert (code, doc["state"], doc["finished"]) == (3, "damaged", False)
+    assert "c/3/0" in doc["damaged"] and doc["kind"] == "apply"
+
+    out = tmp_path / "killed.zarr"
+    p = subprocess.run([*CLI, "apply", done["tr"], done["s"], "-o", str(out), "-q",
+                        "--threads", "1"], capture_output=True, text=True, timeout=120,
+                       env=dict(ENV, BIGALIGN_FAULTS="kill:apply.region-done@3"))
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    code, doc = _status_json(out)
+    assert (code, doc["state"], doc["running"], doc["kind"]) == (3, "interrupted", False, "apply")
+    assert doc["eta_seconds"] is None and doc["rows_total"] == 400
+    assert 0 < doc["units_done"] < doc["units_total"] and doc["checkpoint"]
+    assert bigalign.run_status(str(out))["eta_seconds"] is None  # the Python API's too
+    text, info = main_cli("status", out), main_cli("info", out)
+    assert text.returncode == 3 and "left" not in text.stdout and "not running" in text.stdout
+    assert info.returncode == 3 and "left" not in info.stdout and "not running" in info.stdout
+    assert f"{doc['units_done']} of {doc['units_total']} units done" in text.stdout
+
+    lease = Job(doc["checkpoint"]).lease(ttl=60).__enter__()  # a live process holds the job
+    try:
+        code, doc = _status_json(out)
+        assert (code, doc["state"], doc["running"]) == (3, "running", True)
+        assert doc["run_id"] and doc["units_done"] > 0
+    finally:
+        lease.__exit__(None, None, None)
+
+    code, doc = _status_json(tmp_path / "nothing")
+    assert code == 2 and doc["state"] == "not-started" and doc["kind"] is None
+    assert doc["path"] == str(tmp_path / "nothing") and doc["finished"] is False
 
 
 def test_embedding_array_where_a_transform_belongs_exits_2(done):
