@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import zarr
 
+import bigalign
 from bigalign.cli import main
 from conftest import imported_store, main_cli, planted, write_zarr
 
@@ -35,6 +36,22 @@ def test_fit_apply_info_roundtrip(files, capsys):
     assert "epsilon" in meta["metadata"]["discrepancy"]
     code, out, _ = run(capsys, "info", tmp / "o.zarr")
     assert code == 0 and "complete" in out
+
+
+def test_residual_in_words_has_four_significant_digits_json_all(files, capsys):
+    """``info`` printed the relative residual with 16 digits; people get ~4, ``--json``
+    every digit (the stored float64, compared with the transform's own metadata)."""
+    import re
+
+    s, t, tmp, a = files
+    assert main(["fit", s, t, "-o", str(tmp / "t4"), "-q"]) == 0
+    exact = bigalign.Transform.load(str(tmp / "t4")).metadata["relative_residual"]
+    capsys.readouterr()
+    code, out, _ = run(capsys, "info", tmp / "t4")
+    shown = re.search(r"relative residual \|\|sAQ-B\|\|\^2/\|\|B\|\|\^2 = (\S+)", out).group(1)
+    assert code == 0 and shown == f"{exact:.4g}" and len(shown.replace("e-", "")) <= 9
+    code, out, _ = run(capsys, "info", tmp / "t4", "--json")
+    assert json.loads(out)["metadata"]["relative_residual"] == exact
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -411,6 +411,35 @@ def test_progress_is_line_based_when_stderr_is_not_a_terminal(tmp_path):
     assert lines[-1].startswith("bigalign: progress 100% (")
 
 
+@pytest.mark.parametrize("command", ["fit", "apply"])
+def test_the_first_log_line_counts_the_tasks_the_progress_counts(done, tmp_path, command):
+    """The run's first line says "in N tasks" with the N of the progress lines' "of N
+    tasks" (it said 8 then 9: the reading tasks, then every task); counts are singular at 1
+    ("1 unit", not "1 units")."""
+    import re
+
+    argv = ["fit", done["s"], done["t"], "-o", tmp_path / "t"] if command == "fit" else \
+        ["apply", done["tr"], done["s"], "-o", tmp_path / "o.zarr"]
+    r = cli(*argv)
+    assert r.returncode == 0, r.stderr
+    first = re.search(rf"bigalign: {command}: .* in (\d+) tasks \((\d+) ", r.stderr)
+    totals = set(re.findall(r"\(\d+ of (\d+) tasks\)", r.stderr))
+    assert first and totals == {first.group(1)}, r.stderr
+    assert int(first.group(2)) < int(first.group(1))  # the reading tasks, then merges/counts
+    assert "1 units" not in r.stderr + r.stdout and "1 regions" not in r.stderr + r.stdout
+
+
+def test_counts_and_significant_figures_in_words():
+    from bigalign.words import counted, significant
+    assert [counted(n, "region") for n in (0, 1, 2, 12345)] == \
+        ["0 regions", "1 region", "2 regions", "12,345 regions"]
+    assert counted(1, "query", "queries") == "1 query" and counted(3, "query", "queries") == \
+        "3 queries"
+    for x in (0.012345678912345, 1.2345678e-9, 123456.789, 0.5):
+        assert float(significant(x)) == float(f"{x:.4g}") and len(significant(x)) < 10
+    assert significant(None) == "?"
+
+
 def test_progress_bar_on_a_terminal():
     from bigalign.execution.progress import Reporter
 

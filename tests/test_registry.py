@@ -205,6 +205,8 @@ def test_gc_mapped_deletes_only_the_corpora_bigalign_mapped_with_those_versions(
         "complete"]
     assert main(["registry", "gc", path, "--keep", "1", "--mapped"]) == 0  # nothing left to do
     assert "deleted 0 versions" in capsys.readouterr().out
+    assert main(["registry", "list", path]) == 0
+    assert f"registry {path}: 1 version, current v0004" in capsys.readouterr().out
 
 
 def test_cli_list_show_info_and_apply_take_a_registry(tmp_path, transforms, capsys):

@@ -15,6 +15,7 @@ import json
 from .common import (_print_json, _run_args, _run_details, add_storage_option, models_text,
                      requests, storage_options)
 from ..errors import InputError
+from ..words import counted
 from ..storage.parquet_folder import BAD_ROWS, COMPRESSIONS
 
 EXPORT_DESCRIPTION = """\
@@ -177,11 +178,13 @@ def _export_vectors(args) -> int:
     elif not args.quiet:
         if r.already_complete:  # said on stderr by the export's warning: once is enough
             return 0
-        resumed = f"{r.units_resumed} of {r.units_total} files were already written" \
+        resumed = f"{r.units_resumed} of {counted(r.units_total, 'file')} were already " \
+            "written" \
             if r.units_resumed else ""
         left_out = (m.get("bad_rows") or {}).get("count", 0)
-        rows = f"{r.rows_total - left_out:,} rows ({left_out:,} bad rows left out, listed in " \
-            "the manifest's bad_rows)" if left_out else f"{r.rows_total:,} rows"
+        rows = f"{counted(r.rows_total - left_out, 'row')} ({counted(left_out, 'bad row')} " \
+            "left out, listed in the manifest's bad_rows)" if left_out else \
+            counted(r.rows_total, "row")
         print(f"wrote {rows} to {args.output} as {_files(len(files))} "
               f"({size / 2**20:,.1f} MiB; columns {m.get('ids_column')}: {m.get('ids')}, "
               f"{m.get('vector_column')}: {m.get('dtype')}[{m.get('dim')}]) in "

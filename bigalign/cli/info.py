@@ -58,7 +58,7 @@ def _describe_apply_output(status: dict) -> str:
         text += f"; model: {status['model']}"
     bad = status.get("bad_rows") or {}
     if bad.get("count"):
-        text += f"; {bad['count']:,} bad rows written as {bad.get('policy')}"
+        text += f"; {counted(bad['count'], 'bad row')} written as {bad.get('policy')}"
     if status.get("completed"):
         took = f" in {status['seconds']:.1f}s" if isinstance(status.get("seconds"), (int, float)) \
             else ""
@@ -303,7 +303,7 @@ def _describe_export(args, export: dict, so) -> int:
     else:
         a, b = export.get("rows", [0, 0])
         print(f"Parquet export {args.path}: {state}, rows {a:,}:{b:,} of "
-              f"{export.get('source')} in {len(files):,} files ({info['bytes'] / 2**20:,.1f} "
+              f"{export.get('source')} in {counted(len(files), 'file')} ({info['bytes'] / 2**20:,.1f} "
               f"MiB); columns {export.get('ids_column')}: {export.get('ids')}, "
               f"{export.get('vector_column')}: {export.get('dtype')}[{export.get('dim')}]; "
               f"model: {export.get('model') or '?'}")

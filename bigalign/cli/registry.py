@@ -240,7 +240,7 @@ def _list(reg, args) -> int:
     if args.json:
         _print_json(dict(info, damaged=damaged))
         return 3 if damaged else 0
-    print(f"registry {reg.url}: {len(info['versions'])} versions, current "
+    print(f"registry {reg.url}: {counted(len(info['versions']), 'version')}, current "
           f"{info['current'] or 'none'}")
     if info["versions"]:
         print(f"  {'version':<9} {'created':<26} {'pairs':>8} {'recall@10':>10} {'resid':>8}  run")

@@ -66,6 +66,8 @@ from typing import Optional
 import numpy as np
 
 from ..execution import faults
+from ..execution.graph import task_count
+from ..words import counted
 from ..errors import InputError, NonFiniteError
 from ..planning.plan import ExportPlan, export_row_bytes, make_export_plan
 
@@ -483,10 +485,10 @@ def export_parquet(source, output: str, *, ids_column: str = "id",
         graph, key, tasks = export_graph(emb, ids, plan, spec, done=done, job=region.job,
                                          run_id=region.run_id)
         per = min(plan.rows_per_file, plan.rows)
-        log.info("export: %d rows x %d (%s, ids %s) to %d Parquet file%s of up to %d rows "
-                 "(~%.3g MB of vectors) in %d task%s", plan.rows, emb.dim, out_dtype.name,
-                 kind, len(expected), "s" * (len(expected) != 1), per,
-                 per * emb.dim * out_dtype.itemsize / 2**20, tasks, "s" * (tasks != 1))
+        log.info("export: %d rows x %d (%s, ids %s) to %s of up to %d rows (~%.3g MB of "
+                 "vectors) in %s", plan.rows, emb.dim, out_dtype.name, kind,
+                 counted(len(expected), "Parquet file"), per,
+                 per * emb.dim * out_dtype.itemsize / 2**20, counted(task_count(graph), "task"))
         with session(**run.session_args()) as s:
             written, skipped = s.get(graph, key)
         seconds = time.perf_counter() - t0
