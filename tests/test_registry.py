@@ -209,6 +209,27 @@ def test_gc_mapped_deletes_only_the_corpora_bigalign_mapped_with_those_versions(
     assert f"registry {path}: 1 version, current v0004" in capsys.readouterr().out
 
 
+def test_apply_into_a_registry_says_it_is_a_registry(tmp_path, transforms, capsys):
+    """``apply -o REGISTRY`` (a registry where the output belongs) is refused naming it a
+    registry (it said "was not written by bigalign"), and the registry is untouched."""
+    reg = Registry(tmp_path / "reg")
+    publish(reg, transforms[0], "run-a")
+    a, _, _ = planted(200, 6, seed=3)
+    corpus = str(tmp_path / "c.zarr")
+    zarr.create_array(corpus, data=a, chunks=(100, 6))
+    transforms[1].save(str(tmp_path / "t"))
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "reg").rglob("*"))
+    for extra in ([], ["--overwrite"]):
+        capsys.readouterr()
+        assert main(["apply", str(tmp_path / "t"), corpus, "-o", str(tmp_path / "reg"),
+                     *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"output {str(tmp_path / 'reg')!r} is a bigalign registry, not an apply " \
+               "output: no command writes over a registry, even with --overwrite" in err
+        assert "was not written by bigalign" not in err
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "reg").rglob("*")) == before
+
+
 def test_cli_list_show_info_and_apply_take_a_registry(tmp_path, transforms, capsys):
     reg = Registry(tmp_path / "reg")
     publish(reg, transforms[0], "run-a")
