@@ -303,8 +303,8 @@ def _describe_export(args, export: dict, so) -> int:
     else:
         a, b = export.get("rows", [0, 0])
         print(f"Parquet export {args.path}: {state}, rows {a:,}:{b:,} of "
-              f"{export.get('source')} in {counted(len(files), 'file')} ({info['bytes'] / 2**20:,.1f} "
-              f"MiB); columns {export.get('ids_column')}: {export.get('ids')}, "
+              f"{export.get('source')} in {counted(len(files), 'file')} "
+              f"({info['bytes'] / 2**20:,.1f} MiB); columns {export.get('ids_column')}: {export.get('ids')}, "
               f"{export.get('vector_column')}: {export.get('dtype')}[{export.get('dim')}]; "
               f"model: {export.get('model') or '?'}")
         if info.get("progress"):

@@ -67,7 +67,7 @@ def output_status(output, storage_options: Optional[dict] = None) -> Optional[di
 
 def output_damage(path, storage_options: Optional[dict] = None) -> Optional[str]:
     """What a finished bigalign output at ``path`` has lost since it was marked complete,
-    in words (``"1 of 5 files listed in its manifest is missing or changed (first:
+    in words (``"1 of 5 files listed in its manifest are missing or changed (first:
     part-00003.parquet, missing)"``), or None: intact, unfinished, or not an output. A rerun
     of the job that wrote it refuses it (DamagedOutputError, exit 2) unless --overwrite;
     ``info`` and ``status`` report it (exit 3). Cost: a Parquet export, one listing of its

@@ -168,8 +168,7 @@ def export_damage(url, manifest: dict, storage_options: Optional[dict] = None) -
             bad.append(f"{name}, {present[name]:,} bytes where {f['bytes']:,} were written")
     if not bad:
         return None
-    return (f"{len(bad)} of {len(files)} file{'s' * (len(files) != 1)} listed in its manifest "
-            f"{'is' if len(bad) == 1 else 'are'} missing or changed "
+    return (f"{len(bad)} of {len(files)} files listed in its manifest are missing or changed "
             f"(first: {bad[0]})")
 
 
