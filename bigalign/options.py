@@ -13,8 +13,6 @@ import numbers
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Optional
 
-import numpy as np
-
 from .errors import InputError
 from .planning.plan import COMPRESSIONS, DEFAULT_BLOCK_BYTES
 
@@ -165,6 +163,8 @@ class FitOptions:
         """``precision`` "auto" made concrete: float64 when an input is float64."""
         p = self.precision
         if p == "auto":
+            import numpy as np  # here: the command line's parser imports this module
+
             p = "float64" if any(np.dtype(d) == np.float64 for d in input_dtypes) else "float32"
         if p not in ("float32", "float64"):
             raise InputError(f"precision must be 'auto', 'float32' or 'float64', got "

@@ -203,8 +203,7 @@ class Transform:
         attrs = group.attrs.get("bigalign")
         if not isinstance(attrs, dict) or attrs.get("format") != FORMAT or \
                 attrs.get("state") == "writing":
-            raise InputError(f"{path!r} is not a complete bigalign transform "
-                             f"(missing or unknown 'bigalign' attribute)")
+            raise InputError(_what_group_instead(path, group, attrs))
         try:
             arrays = {k: np.asarray(group[k][...]) for k in
                       ("rotation", "source_mean", "target_mean", "singular_values") if k in group}
@@ -330,6 +329,29 @@ def _not_a_transform(path, storage_options, error: Exception) -> str:
     shape = "(" + ", ".join(str(n) for n in arr.shape) + ")"
     return (f"{path!r} is a Zarr array of shape {shape}, not a bigalign transform (a "
             "transform is the Zarr group written by 'bigalign fit')")
+
+
+def _what_group_instead(path, group, attrs) -> str:
+    """What the Zarr group at ``path`` is, when it is no complete transform (``attrs``: its
+    ``bigalign`` attribute): an embedding store (imported, or apply's mapped vectors), an
+    unfinished transform, a user's group holding embeddings, or a group bigalign did not
+    write."""
+    from .storage.outputs import _NAMES
+
+    hint = " (a transform is the Zarr group written by 'bigalign fit', 'compose' or 'invert')"
+    if isinstance(attrs, dict) and attrs.get("format") == FORMAT:  # state "writing"
+        return (f"{path!r} is an unfinished transform (a save cut short): rerun the command "
+                "that wrote it")
+    if isinstance(attrs, dict) and attrs.get("kind") == "embedding-store":
+        kind = "apply-store" if attrs.get("made_by") == "apply" else "embedding-store"
+        name, maker = _NAMES[kind]
+        return (f"{path!r} is {name} written by {maker}, not a bigalign transform: pass it "
+                f"as the vectors (source, target or corpus), not as the transform{hint}")
+    if "embeddings" in group:
+        return (f"{path!r} is an embedding store (a group holding 'embeddings'), not a "
+                f"bigalign transform{hint}")
+    return (f"{path!r} is a Zarr group bigalign did not write (no 'bigalign' attribute), not a "
+            f"complete bigalign transform{hint}")
 
 
 def _jsonable(obj: Any) -> Any:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data"
+DEFAULT_DATA = Path(os.environ.get("BIGALIGN_SHARED_DATA") or ROOT.parent / "shared" / "data")
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bigalign-examples"
 
 
@@ -32,7 +32,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     mode.add_argument("--smoke", action="store_true",
                       help="an even smaller run, for the test suite")
     p.add_argument("--data", default=str(DEFAULT_DATA),
-                   help="folder of the real samples (default: ../shared/data)")
+                   help="folder of the real samples (default: $BIGALIGN_SHARED_DATA, else "
+                        "../shared/data)")
     p.add_argument("--cache", default=str(DEFAULT_CACHE),
                    help="embeddings computed by the full mode are cached here")
     p.add_argument("--out", default=None,

@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+#: The environment variable naming the folder of the real embedding samples (e5small_docs.npy,
+#: minilm_docs.npy, texts.jsonl.gz, ...); without it, ../shared/data beside the checkout.
+SHARED_DATA_VARIABLE = "BIGALIGN_SHARED_DATA"
+SHARED_DATA = Path(os.environ.get(SHARED_DATA_VARIABLE) or
+                   Path(__file__).resolve().parents[1].parent / "shared" / "data")
+
+
+def shared_path(name: str) -> Path:
+    """``SHARED_DATA / name``, or skip the test saying which folder was looked in and how to
+    name another (a silent skip hid that a checkout elsewhere tests no real data)."""
+    path = SHARED_DATA / name
+    if not path.exists():
+        var = SHARED_DATA_VARIABLE
+        where = f"named by {var}; point {var}=FOLDER at the samples" if os.environ.get(var) \
+            else f"the default; set {var}=FOLDER"
+        pytest.skip(f"real embedding sample {name} not in {SHARED_DATA} ({where} to test on "
+                    "real data)")
+    return path
 
 
 def write_zarr(path, data, chunk_rows, **kw):
@@ -90,10 +108,8 @@ def pair(tmp_path):
 
 
 def load_shared(name):
-    path = SHARED_DATA / name
-    if not path.exists():
-        pytest.skip(f"real embedding sample {path} not available")
-    return np.load(path)
+    """The real sample ``name`` (an .npy file) as an array, or skip (:func:`shared_path`)."""
+    return np.load(shared_path(name))
 
 
 def race_for_lease(url, storage_options=None, runs: int = 8):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import zarr
 
+import bigalign
 from bigalign.cli import main
 from conftest import imported_store, main_cli, planted, write_zarr
 
@@ -37,6 +38,22 @@ def test_fit_apply_info_roundtrip(files, capsys):
     assert code == 0 and "complete" in out
 
 
+def test_residual_in_words_has_four_significant_digits_json_all(files, capsys):
+    """``info`` printed the relative residual with 16 digits; people get ~4, ``--json``
+    every digit (the stored float64, compared with the transform's own metadata)."""
+    import re
+
+    s, t, tmp, a = files
+    assert main(["fit", s, t, "-o", str(tmp / "t4"), "-q"]) == 0
+    exact = bigalign.Transform.load(str(tmp / "t4")).metadata["relative_residual"]
+    capsys.readouterr()
+    code, out, _ = run(capsys, "info", tmp / "t4")
+    shown = re.search(r"relative residual \|\|sAQ-B\|\|\^2/\|\|B\|\|\^2 = (\S+)", out).group(1)
+    assert code == 0 and shown == f"{exact:.4g}" and len(shown.replace("e-", "")) <= 9
+    code, out, _ = run(capsys, "info", tmp / "t4", "--json")
+    assert json.loads(out)["metadata"]["relative_residual"] == exact
+
+
 @pytest.mark.parametrize("argv,message", [
     (["fit", "{tmp}/missing.zarr", "{t}", "-o", "{tmp}/x"], "source '.*missing.zarr': no such Zarr array"),
     (["fit", "{s}", "{short}", "-o", "{tmp}/x"], "source has 400 rows but target has 300"),
@@ -49,7 +66,13 @@ def test_fit_apply_info_roundtrip(files, capsys):
     (["fit", "{s}", "{wide}", "-o", "{tmp}/x", "--no-reflection"], "needs equal dimensions"),
     (["fit", "{s}", "{t}", "-o", "{s}"], "never writes over its inputs"),
     (["apply", "{tmp}/nothing", "{s}", "-o", "{tmp}/y"], "not a transform|no transform"),
-    (["info", "{tmp}/nothing"], "not a transform or apply output"),
+    (["info", "{tmp}/nothing"], r"'.*nothing' does not exist \(info describes transforms, "
+                                r"apply outputs, embedding stores, Parquet export folders"),
+    (["info", "{tmp}"], "is a folder bigalign did not write: not a transform, apply output"),
+    (["info", "{group}"], "is a Zarr group bigalign did not write, holding no 'embeddings'"),
+    (["info", "{npy}"], r"is a NumPy \.npy file of vectors, not a bigalign output: 'bigalign "
+                        r"import .*x\.npy -o STORE' makes an embedding store of it"),
+    (["info", "{fvecs}"], r"is an \.fvecs file of vectors.*'bigalign import .*x\.fvecs -o"),
 ])
 def test_bad_input_exit_2_with_message(files, capsys, argv, message):
     s, t, tmp, a = files
@@ -59,6 +82,11 @@ def test_bad_input_exit_2_with_message(files, capsys, argv, message):
                  wide=write_zarr(tmp / "wide.zarr", np.ones((400, 8), np.float32), 50))
     zarr.create_array(str(tmp / "empty.zarr"), shape=(0, 6), dtype="f4")
     paths["empty"] = str(tmp / "empty.zarr")
+    zarr.open_group(str(tmp / "group.zarr"), mode="w")
+    paths["group"] = str(tmp / "group.zarr")
+    np.save(tmp / "x.npy", a)
+    (tmp / "x.fvecs").write_bytes(b"")
+    paths.update(npy=str(tmp / "x.npy"), fvecs=str(tmp / "x.fvecs"))
     code, out, err = run(capsys, *[x.format(**paths) for x in argv])
     assert code == 2
     assert "error:" in err
@@ -87,6 +115,10 @@ def test_info_of_a_file_and_of_a_bare_array(files, capsys, tmp_path):
     s, t, tmp, a = files
     (tmp_path / "v.parquet").write_bytes(b"PAR1")
     code, out, err = run(capsys, "info", tmp_path / "v.parquet")
+    assert code == 2 and "is a Parquet file of vectors, not a bigalign output: 'bigalign " \
+        f"import {tmp_path / 'v.parquet'} -o STORE'" in err
+    (tmp_path / "notes.txt").write_text("x")
+    code, out, err = run(capsys, "info", tmp_path / "notes.txt")
     assert code == 2 and "is a file, not a bigalign output or Zarr store" in err
     assert "NotADirectoryError" not in err and "manifest" not in err
     code, out, err = run(capsys, "info", s)

@@ -175,6 +175,24 @@ def test_entry_point_imports_nothing_heavy():
     assert "dask" in lines[3] and "zarr" in lines[3]  # bigalign.fit loads them on first use
 
 
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["fit", "--help"],
+                                  ["evaluate", "--help"], ["export", "--help"],
+                                  ["plan", "apply", "--help"], ["registry", "gc", "--help"]])
+def test_help_and_version_import_no_dask_or_zarr(argv):
+    """``bigalign --help`` (every command's parser) and ``--version`` load no numpy, Dask,
+    Zarr or polars (they took 0.4 s here, 1.4-2.2 s on a cold disk): the command modules
+    import them in the functions that run a command. Checked in a fresh interpreter."""
+    code = ("import sys; from bigalign.cli import main\n"
+            f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('numpy', 'dask', 'zarr', 'polars', 'distributed') "
+            "if m in sys.modules), file=sys.stderr)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, env=ENV)
+    assert p.returncode == 0, p.stderr
+    assert "usage: bigalign" in p.stdout or p.stdout == "bigalign 0.1.0\n", p.stdout
+    assert p.stderr.splitlines()[-1] == "[]", p.stderr
+
+
 def test_lazy_package_names():
     from bigalign import RunReport, Transform, apply, fit  # noqa: F401
     assert bigalign.fit is fit and bigalign.Transform is Transform
@@ -197,7 +215,63 @@ def test_status_of_finished_outputs_exits_0(done):
         assert r.returncode == 0, r.stderr
         assert "finished, nothing in flight" in r.stdout and "Traceback" not in r.stderr
     r = main_cli("status", done["out"], "--json")
-    assert r.returncode == 0 and json.loads(r.stdout) == {"finished": True}
+    assert r.returncode == 0 and json.loads(r.stdout)["finished"] is True
+
+
+def _status_json(path):
+    r = main_cli("status", path, "--json")
+    doc = json.loads(r.stdout)
+    from bigalign.commands.status import STATUS_KEYS
+    assert list(doc) == list(STATUS_KEYS), doc  # the same keys, in the same order, always
+    return r.returncode, doc
+
+
+def test_status_json_has_one_schema_in_every_state(done, tmp_path):
+    """``status --json`` prints the same keys (README, "status schema") whether the job is
+    finished, damaged, interrupted (a dead process), running (a live lease) or not started;
+    a dead job has no ETA, in JSON or in words; the exit code says which (0, 3, 3, 3, 2)."""
+    from bigalign.storage.job import Job
+
+    code, doc = _status_json(done["out"])
+    assert (code, doc["state"], doc["finished"], doc["kind"], doc["damaged"]) == \
+        (0, "finished", True, "apply", None)
+    assert doc["rows_done"] == doc["rows_total"] == 400 and doc["run_id"]
+    code, doc = _status_json(done["tr"])
+    assert (code, doc["state"], doc["kind"], doc["rows_total"]) == (0, "finished", "fit", 400)
+
+    damaged = tmp_path / "damaged.zarr"
+    assert main(["apply", done["tr"], done["s"], "-o", str(damaged), "-q"]) == 0
+    os.remove(damaged / "c" / "3" / "0")
+    code, doc = _status_json(damaged)
+    assert (code, doc["state"], doc["finished"]) == (3, "damaged", False)
+    assert "c/3/0" in doc["damaged"] and doc["kind"] == "apply"
+
+    out = tmp_path / "killed.zarr"
+    p = subprocess.run([*CLI, "apply", done["tr"], done["s"], "-o", str(out), "-q",
+                        "--threads", "1"], capture_output=True, text=True, timeout=120,
+                       env=dict(ENV, BIGALIGN_FAULTS="kill:apply.region-done@3"))
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    code, doc = _status_json(out)
+    assert (code, doc["state"], doc["running"], doc["kind"]) == (3, "interrupted", False, "apply")
+    assert doc["eta_seconds"] is None and doc["rows_total"] == 400
+    assert 0 < doc["units_done"] < doc["units_total"] and doc["checkpoint"]
+    assert bigalign.run_status(str(out))["eta_seconds"] is None  # the Python API's too
+    text, info = main_cli("status", out), main_cli("info", out)
+    assert text.returncode == 3 and "left" not in text.stdout and "not running" in text.stdout
+    assert info.returncode == 3 and "left" not in info.stdout and "not running" in info.stdout
+    assert f"{doc['units_done']} of {doc['units_total']} units done" in text.stdout
+
+    lease = Job(doc["checkpoint"]).lease(ttl=60).__enter__()  # a live process holds the job
+    try:
+        code, doc = _status_json(out)
+        assert (code, doc["state"], doc["running"]) == (3, "running", True)
+        assert doc["run_id"] and doc["units_done"] > 0
+    finally:
+        lease.__exit__(None, None, None)
+
+    code, doc = _status_json(tmp_path / "nothing")
+    assert code == 2 and doc["state"] == "not-started" and doc["kind"] is None
+    assert doc["path"] == str(tmp_path / "nothing") and doc["finished"] is False
 
 
 def test_embedding_array_where_a_transform_belongs_exits_2(done):
@@ -335,6 +409,35 @@ def test_progress_is_line_based_when_stderr_is_not_a_terminal(tmp_path):
     assert len(lines) >= 5, r.stderr
     assert "% (" in lines[0] and " tasks) after " in lines[0]
     assert lines[-1].startswith("bigalign: progress 100% (")
+
+
+@pytest.mark.parametrize("command", ["fit", "apply"])
+def test_the_first_log_line_counts_the_tasks_the_progress_counts(done, tmp_path, command):
+    """The run's first line says "in N tasks" with the N of the progress lines' "of N
+    tasks" (it said 8 then 9: the reading tasks, then every task); counts are singular at 1
+    ("1 unit", not "1 units")."""
+    import re
+
+    argv = ["fit", done["s"], done["t"], "-o", tmp_path / "t"] if command == "fit" else \
+        ["apply", done["tr"], done["s"], "-o", tmp_path / "o.zarr"]
+    r = cli(*argv)
+    assert r.returncode == 0, r.stderr
+    first = re.search(rf"bigalign: {command}: .* in (\d+) tasks \((\d+) ", r.stderr)
+    totals = set(re.findall(r"\(\d+ of (\d+) tasks\)", r.stderr))
+    assert first and totals == {first.group(1)}, r.stderr
+    assert int(first.group(2)) < int(first.group(1))  # the reading tasks, then merges/counts
+    assert "1 units" not in r.stderr + r.stdout and "1 regions" not in r.stderr + r.stdout
+
+
+def test_counts_and_significant_figures_in_words():
+    from bigalign.words import counted, significant
+    assert [counted(n, "region") for n in (0, 1, 2, 12345)] == \
+        ["0 regions", "1 region", "2 regions", "12,345 regions"]
+    assert counted(1, "query", "queries") == "1 query" and counted(3, "query", "queries") == \
+        "3 queries"
+    for x in (0.012345678912345, 1.2345678e-9, 123456.789, 0.5):
+        assert float(significant(x)) == float(f"{x:.4g}") and len(significant(x)) < 10
+    assert significant(None) == "?"
 
 
 def test_progress_bar_on_a_terminal():

@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 from bigalign.cli import main
-from conftest import SHARED_DATA, load_shared, planted, write_zarr
+from conftest import load_shared, planted, shared_path, write_zarr
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -266,9 +266,7 @@ def real_ids(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("cli-eval-ids")
     e5, minilm = load_shared("e5small_docs.npy"), load_shared("minilm_docs.npy")
-    if not (SHARED_DATA / "texts.jsonl.gz").exists():
-        pytest.skip("real texts (ids) not available")
-    names = pl.read_ndjson(str(SHARED_DATA / "texts.jsonl.gz"))["id"].to_numpy()
+    names = pl.read_ndjson(str(shared_path("texts.jsonl.gz")))["id"].to_numpy()
     rng = np.random.default_rng(11)
     src_items = np.setdiff1d(np.arange(1500), rng.choice(1500, 60, replace=False))
     tgt_items = rng.permutation(np.setdiff1d(np.arange(10_000), rng.choice(1500, 40,
@@ -345,7 +343,7 @@ def test_curve_and_retrieval_by_ids_real(real_ids, capsys):
     assert pts[1]["retrieval"]["centred"]["recall@1"] > 0.9 > \
         pts[0]["retrieval"]["centred"]["recall@1"]
     # qrels by Debian package name: e5 queries mapped into the MiniLM document index
-    names = pl.read_ndjson(str(SHARED_DATA / "texts.jsonl.gz"))["id"].to_numpy()
+    names = pl.read_ndjson(str(shared_path("texts.jsonl.gz")))["id"].to_numpy()
     q = load_shared("e5small_queries.npy")
     pl.DataFrame({"id": names[:1500], "embedding": q.astype(np.float32)}) \
         .write_parquet(r["dir"] / "q.parquet")

@@ -16,15 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, shared_path
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
 def run_example(name, tmp_path, *extra):
-    if not (SHARED_DATA / "minilm_docs.npy").exists():
-        pytest.skip(f"real embedding samples not available in {SHARED_DATA}")
+    shared_path("minilm_docs.npy")  # or skip, naming the folder and BIGALIGN_SHARED_DATA
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / f"{name}.py"), "--smoke",

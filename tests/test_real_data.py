@@ -60,3 +60,28 @@ def test_dimension_mismatch_static64_to_minilm(tmp_path):
     truth = b[held].astype(np.float32)
     # measured 0.39 (the 64-d static model is weak on its own); chance is 0.0005
     assert recall_at_1(y - tr.target_mean, truth - tr.target_mean) > 0.30
+
+
+def test_real_data_folder_comes_from_the_environment_and_skips_say_where(tmp_path):
+    """BIGALIGN_SHARED_DATA names the samples' folder; a test whose sample is absent skips
+    with a reason that names the folder looked in and the variable (pytest -ra prints it)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    np.save(tmp_path / "e5small_docs.npy", np.arange(6.0).reshape(2, 3))
+    tests = Path(__file__).resolve().parent
+    code = ("import conftest, pytest\n"
+            "print(conftest.SHARED_DATA)\n"
+            "print(conftest.load_shared('e5small_docs.npy').tolist())\n"
+            "try:\n    conftest.load_shared('absent.npy')\n"
+            "except pytest.skip.Exception as e:\n    print('SKIP', e.msg)\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=tests, capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, BIGALIGN_SHARED_DATA=str(tmp_path)))
+    assert p.returncode == 0, p.stderr
+    folder, loaded, skipped = p.stdout.splitlines()
+    assert folder == str(tmp_path)
+    assert loaded == str(np.arange(6.0).reshape(2, 3).tolist())
+    assert skipped.startswith("SKIP real embedding sample absent.npy not in ")
+    assert str(tmp_path) in skipped and "BIGALIGN_SHARED_DATA=FOLDER" in skipped

@@ -154,6 +154,82 @@ def test_gc_keeps_the_newest_and_never_the_current(tmp_path, transforms, capsys)
     assert main(["registry", "gc", path, "--keep", "0"]) == 2
 
 
+def test_gc_mapped_deletes_only_the_corpora_bigalign_mapped_with_those_versions(
+        tmp_path, transforms, capsys):
+    """``gc --mapped`` deletes the corpus a deleted version's record names only when it is
+    a complete bigalign apply output of that version's transform; one mapped by another
+    transform, and a user's array at the named path, are listed and left. Without --mapped,
+    and with --dry-run, nothing is deleted; the listing gives each corpus's size."""
+    reg = Registry(tmp_path / "reg")
+    a, _, _ = planted(300, 6, seed=9)
+    corpus = str(tmp_path / "corpus.zarr")
+    zarr.create_array(corpus, data=a, chunks=(100, 6))
+    outs = [str(tmp_path / f"mapped-{i}.zarr") for i in range(1, 5)]
+    with reg.lock() as lock:
+        reg.create(lock)
+        for i, t in enumerate(transforms):
+            v = reg.next_version()
+            reg.write_version(lock, v, t, {"run_id": f"run-{i}", "created": "now",
+                                           "mapped_corpus": {"corpus": corpus,
+                                                             "output": outs[i]}})
+            reg.set_current(lock, v, action="publish", run_id=f"run-{i}")
+    bigalign.apply(reg.transform_url("v0001"), corpus, outs[0])  # ours: v0001's transform
+    bigalign.apply(reg.transform_url("v0003"), corpus, outs[1])  # v0002's path, v0003's map
+    zarr.create_array(outs[2], data=a, chunks=(100, 6))  # a user's array at v0003's path
+    bigalign.apply(reg.transform_url("v0004"), corpus, outs[3])  # the kept version's
+    size = sum(f.stat().st_size for f in (tmp_path / "mapped-1.zarr").rglob("*") if f.is_file())
+    path = str(tmp_path / "reg")
+
+    capsys.readouterr()
+    assert main(["registry", "gc", path, "--keep", "1", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "would delete 3 versions (v0001, v0002, v0003)" in text
+    assert f"mapped corpus of v0001: {outs[0]} ({size / 2**30:,.2f} GiB): left (pass " \
+           "--mapped to delete it as well)" in text
+    assert main(["registry", "gc", path, "--keep", "1", "--mapped", "--dry-run", "--json"]) == 0
+    listing = {c["version"]: c for c in json.loads(capsys.readouterr().out)["mapped"]}
+    assert sorted(listing) == ["v0001", "v0002", "v0003"]
+    assert listing["v0001"]["ours"] and listing["v0001"]["bytes"] == size
+    assert not listing["v0001"]["deleted"] and reg.versions() == ["v0001", "v0002", "v0003",
+                                                                   "v0004"]
+    assert "mapped by another transform" in listing["v0002"]["why"]
+    assert listing["v0003"]["why"] == "not a bigalign apply output (foreign)"
+
+    assert main(["registry", "gc", path, "--keep", "1", "--mapped"]) == 0
+    text = capsys.readouterr().out
+    assert f"mapped corpus of v0001: {outs[0]} ({size / 2**30:,.2f} GiB): deleted" in text
+    assert f"mapped corpus of v0002: {outs[1]}: left (mapped by another transform" in text
+    assert not os.path.exists(outs[0]) and reg.versions() == ["v0004"]
+    np.testing.assert_array_equal(zarr.open_array(outs[2])[:], a)  # never touched
+    assert bigalign.output_status(outs[1])["complete"] and bigalign.output_status(outs[3])[
+        "complete"]
+    assert main(["registry", "gc", path, "--keep", "1", "--mapped"]) == 0  # nothing left to do
+    assert "deleted 0 versions" in capsys.readouterr().out
+    assert main(["registry", "list", path]) == 0
+    assert f"registry {path}: 1 version, current v0004" in capsys.readouterr().out
+
+
+def test_apply_into_a_registry_says_it_is_a_registry(tmp_path, transforms, capsys):
+    """``apply -o REGISTRY`` (a registry where the output belongs) is refused naming it a
+    registry (it said "was not written by bigalign"), and the registry is untouched."""
+    reg = Registry(tmp_path / "reg")
+    publish(reg, transforms[0], "run-a")
+    a, _, _ = planted(200, 6, seed=3)
+    corpus = str(tmp_path / "c.zarr")
+    zarr.create_array(corpus, data=a, chunks=(100, 6))
+    transforms[1].save(str(tmp_path / "t"))
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "reg").rglob("*"))
+    for extra in ([], ["--overwrite"]):
+        capsys.readouterr()
+        assert main(["apply", str(tmp_path / "t"), corpus, "-o", str(tmp_path / "reg"),
+                     *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"output {str(tmp_path / 'reg')!r} is a bigalign registry, not an apply " \
+               "output: no command writes over a registry, even with --overwrite" in err
+        assert "was not written by bigalign" not in err
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "reg").rglob("*")) == before
+
+
 def test_cli_list_show_info_and_apply_take_a_registry(tmp_path, transforms, capsys):
     reg = Registry(tmp_path / "reg")
     publish(reg, transforms[0], "run-a")

@@ -90,6 +90,38 @@ def test_save_load_roundtrip(tmp_path):
     t.save(tmp_path / "t", overwrite=True)
 
 
+def test_loading_a_store_or_an_apply_output_says_what_it_is(tmp_path):
+    """Transform.load of vectors says which vectors they are (it said "not a complete
+    bigalign transform"): an imported store, apply's mapped store, a user's group holding
+    embeddings, an unfinished save."""
+    import bigalign
+    from bigalign.commands.ingest import import_vectors
+
+    a = np.random.default_rng(0).standard_normal((200, 4)).astype(np.float32)
+    np.save(tmp_path / "x.npy", a)
+    store = str(tmp_path / "s.store")
+    import_vectors([str(tmp_path / "x.npy")], store, progress=False)
+    with pytest.raises(InputError, match=r"is an imported embedding store written by 'bigalign "
+                                         r"import', not a bigalign transform: pass it as the "
+                                         r"vectors"):
+        Transform.load(store)
+    t = bigalign.fit(store, store, progress=False, output=str(tmp_path / "t"))
+    bigalign.apply(t, store, str(tmp_path / "m.store"), progress=False)
+    with pytest.raises(InputError, match=r"is an embedding store of mapped vectors written by "
+                                         r"'bigalign apply', not a bigalign transform"):
+        Transform.load(tmp_path / "m.store")
+    g = zarr.open_group(str(tmp_path / "u.zarr"), mode="w")
+    g.create_array("embeddings", data=a)
+    with pytest.raises(InputError, match=r"is an embedding store \(a group holding "
+                                         r"'embeddings'\), not a bigalign transform"):
+        Transform.load(tmp_path / "u.zarr")
+    zarr.open_group(str(tmp_path / "t"), mode="r+").attrs["bigalign"] = {
+        "format": zarr.open_group(str(tmp_path / "t")).attrs["bigalign"]["format"],
+        "state": "writing"}
+    with pytest.raises(InputError, match="is an unfinished transform"):
+        Transform.load(tmp_path / "t")
+
+
 def test_unfinished_save_is_not_a_transform(tmp_path):
     g = zarr.open_group(str(tmp_path / "t"), mode="w")
     g.create_array("rotation", data=np.eye(3))

@@ -29,6 +29,7 @@ from .common import (_describe_transform, _print_json, _run_args, _run_details,
                      _transform_json, add_storage_option, positive_int, requests,
                      storage_options)
 from .info import _add_info, _add_status, _info, _status
+from ..words import counted
 
 CENTER_HELP = ("remove each side's mean before fitting, and map (x - mean_src) Q + mean_tgt "
                "(default: on). Real models' vectors share a common offset (e5 -> MiniLM "
@@ -301,9 +302,10 @@ def _apply(args) -> int:
     elif not args.quiet:
         if r.already_complete:  # said on stderr by apply's warning: once is enough
             return 0
-        resumed = f"{r.units_resumed} of {r.units_total} regions were already done" \
+        resumed = f"{r.units_resumed} of {counted(r.units_total, 'region')} were already done" \
             if r.units_resumed else ""
-        bad = f"{len(r.bad_rows):,} bad rows written as {args.bad_rows}" if r.bad_rows else ""
+        bad = f"{counted(len(r.bad_rows), 'bad row')} written as {args.bad_rows}" \
+            if r.bad_rows else ""
         print(f"wrote {r.rows:,} rows to {args.output} in {r.seconds:.1f}s"
               f"{_run_details(r, resumed, bad)}; marked complete")
     return 0

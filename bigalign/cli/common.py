@@ -13,6 +13,7 @@ import json
 from typing import Optional
 
 from ..jsonsafe import json_safe
+from ..words import counted, significant
 
 __all__ = ["positive_int", "nonnegative_int", "positive_float", "add_stall_timeout",
            "add_storage_option", "parse_storage_value", "storage_options"]
@@ -248,7 +249,7 @@ def _describe_transform(t, path) -> str:
              "  options: " + ", ".join(f"{k}={v}" for k, v in t.options.items()),
              f"  scale {t.scale:.6g}" + (
                  "" if m.get("relative_residual") is None else
-                 f"; relative residual ||sAQ-B||^2/||B||^2 = {m['relative_residual']}")]
+                 f"; relative residual ||sAQ-B||^2/||B||^2 = {significant(m['relative_residual'])}")]
     from ..commands.select import describe as selection_lines
 
     lines += ["  " + line for line in selection_lines(m.get("selection"))]
@@ -264,8 +265,9 @@ def _describe_transform(t, path) -> str:
             "all rows resumed"
         solve = (f"; solve {run['solve_seconds']:.1f}s" if run.get("solve_seconds") is not None
                  else "")
-        lines.append(f"  fit took {run['seconds']:.1f}s ({rate}, {run['tasks']} tasks, "
-                     f"{run['units_resumed']} of {run['units']} units resumed{solve})")
+        lines.append(f"  fit took {run['seconds']:.1f}s ({rate}, {counted(run['tasks'], 'task')}"
+                     f", {run['units_resumed']} of {counted(run['units'], 'unit')} resumed"
+                     f"{solve})")
     return "\n".join(lines)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from .common import models_text, storage_options
 from .export import add_output_args
-from ..commands.compose import compose, invert
 
 EPILOG = "Transforms at query time, with the numpy lines that apply an export: docs/transforms.md"
 
@@ -52,6 +51,8 @@ def add_commands(sub) -> dict:
 
 
 def _compose(args) -> int:
+    from ..commands.compose import compose
+
     t = compose(args.first, args.second, output=args.output, overwrite=args.overwrite,
                 allow_model_mismatch=args.allow_model_mismatch,
                 storage_options=storage_options(args))
@@ -69,6 +70,8 @@ def _compose(args) -> int:
 
 
 def _invert(args) -> int:
+    from ..commands.compose import invert
+
     t = invert(args.transform, allow_lossy=args.allow_lossy, output=args.output,
                overwrite=args.overwrite, storage_options=storage_options(args))
     if args.quiet:

@@ -15,11 +15,9 @@ import math
 
 from .common import _bound_lines, add_storage_option, nonnegative_int, storage_options
 from ..jsonsafe import json_safe as _plain
-from ..commands.curve import learning_curve
 from ..errors import InputError
-from ..commands.evaluate import DEFAULT_MAX_QUERIES, counted, evaluate
-from ..maths.metrics import figure
-from ..commands.retrieval import MIN_CENTRED_QUERIES, evaluate_retrieval
+from ..planning.plan import DEFAULT_MAX_QUERIES, MIN_CENTRED_QUERIES
+from ..words import counted
 
 log = logging.getLogger("bigalign")
 
@@ -187,6 +185,8 @@ def _common(args) -> dict:
 
 
 def _evaluate(args) -> int:
+    from ..commands.evaluate import evaluate  # Dask and Zarr load here, not for --help
+
     if args.csls_k < 1:
         raise InputError("--csls-k must be positive")
     result = evaluate(args.transform, args.source, args.target, args.rows,
@@ -200,6 +200,8 @@ def _evaluate(args) -> int:
 
 
 def _evaluate_retrieval(args) -> int:
+    from ..commands.retrieval import evaluate_retrieval
+
     result = evaluate_retrieval(args.transform, args.queries, args.docs, args.qrels,
                                 map_side=args.map, native=args.native,
                                 train_source=args.train_source, train_target=args.train_target,
@@ -212,6 +214,8 @@ def _evaluate_retrieval(args) -> int:
 
 
 def _curve(args) -> int:
+    from ..commands.curve import learning_curve
+
     sizes = _ints(args.sizes, "--sizes") if args.sizes else None
     result = learning_curve(args.source, args.target, args.train_rows, args.eval_rows,
                             sizes=sizes, center=args.center, normalize=args.normalize,
@@ -425,4 +429,6 @@ def _g(d: dict, key: str):
     """A curve cell: the figure with its round-off ("<=x" when unresolved)."""
     if d.get(key) is None:
         return None
+    from ..maths.metrics import figure
+
     return figure(d[key], d.get(f"{key}_interval")).removeprefix("= ").replace(" ", "")

@@ -16,8 +16,8 @@ from typing import Optional
 from .common import (_print_json, _run_args, _run_details, add_storage_option, models_text,
                      requests, storage_options)
 from ..errors import InputError
-from ..commands.parquet_export import BAD_ROWS, COMPRESSIONS
-from ..commands.map_export import SNIPPETS, export
+from ..words import counted
+from ..storage.parquet_folder import BAD_ROWS, COMPRESSIONS
 
 EXPORT_DESCRIPTION = """\
 Two uses, told apart by SOURCE:
@@ -202,11 +202,13 @@ def _export_vectors(args) -> int:
     elif not args.quiet:
         if r.already_complete:  # said on stderr by the export's warning: once is enough
             return 0
-        resumed = f"{r.units_resumed} of {r.units_total} files were already written" \
+        resumed = f"{r.units_resumed} of {counted(r.units_total, 'file')} were already " \
+            "written" \
             if r.units_resumed else ""
         left_out = (m.get("bad_rows") or {}).get("count", 0)
-        rows = f"{r.rows_total - left_out:,} rows ({left_out:,} bad rows left out, listed in " \
-            "the manifest's bad_rows)" if left_out else f"{r.rows_total:,} rows"
+        rows = f"{counted(r.rows_total - left_out, 'row')} ({counted(left_out, 'bad row')} " \
+            "left out, listed in the manifest's bad_rows)" if left_out else \
+            counted(r.rows_total, "row")
         print(f"wrote {rows} to {args.output} as {_files(len(files), args.format)} "
               f"({size / 2**20:,.1f} MiB; columns {m.get('ids_column')}: {m.get('ids')}, "
               f"{m.get('vector_column')}: {m.get('dtype')}[{m.get('dim')}]) in "
@@ -225,6 +227,8 @@ def _files(n: int, fmt: Optional[str] = None) -> str:
 
 
 def _export_transform(args, so) -> int:
+    from ..commands.map_export import SNIPPETS, export  # numpy, Zarr: not for --help
+
     r = export(args.source, args.output, args.format, dtype=args.dtype or "float64",
                inverse=not args.no_inverse, allow_lossy=args.allow_lossy,
                overwrite=args.overwrite, storage_options=so)

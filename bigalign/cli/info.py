@@ -5,10 +5,10 @@ bigalign reads there."""
 
 from __future__ import annotations
 
-import json
 from typing import Optional
 
 from ..storage.locations import options_for
+from ..words import counted
 from .common import (_describe_transform, _print_json, _transform_json, add_storage_option,
                      storage_options)
 
@@ -58,7 +58,7 @@ def _describe_apply_output(status: dict) -> str:
         text += f"; model: {status['model']}"
     bad = status.get("bad_rows") or {}
     if bad.get("count"):
-        text += f"; {bad['count']:,} bad rows written as {bad.get('policy')}"
+        text += f"; {counted(bad['count'], 'bad row')} written as {bad.get('policy')}"
     if status.get("completed"):
         took = f" in {status['seconds']:.1f}s" if isinstance(status.get("seconds"), (int, float)) \
             else ""
@@ -78,10 +78,7 @@ def _plain_array(path, so) -> Optional[dict]:
 
     fs, local = fsspec.core.url_to_fs(str(path), **(options_for(path, so) or {}))
     if fs.isfile(local.rstrip("/")):
-        raise InputError(f"{path!r} is a file, not a bigalign output or Zarr store (info "
-                         "describes transforms, apply outputs, embedding stores, Parquet "
-                         "export folders and Zarr arrays; a Parquet file of vectors becomes "
-                         "a store with 'bigalign import')")
+        raise InputError(_nothing_described(path, so))
     try:
         arr = zarr.open_array(str(path), mode="r", storage_options=options_for(path, so))
     except Exception:  # no array there (absent, a group, unreadable): not ours to describe
@@ -126,53 +123,23 @@ def _user_store(path, so) -> Optional[dict]:
 
 
 def _info(args) -> int:
+    """``bigalign info``: what is at the path, tried in order (a Parquet export, an
+    embedding store, an apply output, a transform, a user's Zarr array or store, progress)."""
     import bigalign
+    from ..commands.parquet_export import export_manifest
+    from ..storage.embedding_store import store_attrs
     from ..transform import Transform
 
     so = storage_options(args)
-    from ..storage.embedding_store import store_attrs
-
-    from ..commands.parquet_export import export_manifest
-
     export = export_manifest(args.path, so)
     if export is not None:  # a folder of Parquet files (export --format parquet)
         return _describe_export(args, export, so)
     store = store_attrs(args.path, so)
     if store is not None:  # an embedding store (written by import or apply)
-        from ..storage.embedding_store import open_store
-
-        model = open_store(args.path, storage_options=so, allow_incomplete=True)[2]
-        info = {"kind": "embedding-store", "path": args.path, "model": model,
-                **{k: v for k, v in store.items() if k not in ("kind", "job")}}
-        made_by = store.get("made_by") or "import"
-        state = _completion(info, args.path, so, bool(store.get("complete")), f"the {made_by}")
-        if args.json:
-            _print_json(info)
-        else:
-            print(f"embedding store {args.path}: {state}, {store.get('rows', '?'):,} rows x "
-                  f"{store.get('dim', '?')}, ids: {store.get('ids') or 'none (row numbers)'}"
-                  f", model: {model or 'not recorded'}")
-            if made_by == "apply":
-                a, b = store.get("source_rows") or ("?", "?")
-                print(f"  written by apply from {store.get('source')} rows {a}:{b}")
-            if store.get("duplicate_ids"):
-                print(f"  {store['duplicate_ids']:,} ids occur more than once: a fit pairing by "
-                      "id needs --duplicates first|last")
-            if info.get("progress"):
-                print("  " + _describe_progress(info["progress"]))
-        return 0 if info.get("complete") else 3
+        return _describe_store(args, store, so)
     status = bigalign.output_status(args.path, so)
     if status is not None:
-        info = {"kind": "apply-output", "path": args.path, **status}
-        state = _completion(info, args.path, so, bool(status.get("complete")), "apply")
-        if args.json:
-            _print_json(info)
-        else:
-            print(f"apply output {args.path}: {state}")
-            print("  " + _describe_apply_output(status))
-            if info.get("progress"):
-                print("  " + _describe_progress(info["progress"]))
-        return 0 if info.get("complete") else 3
+        return _describe_output(args, status, so)
     try:
         t = Transform.load(args.path, storage_options=so)
     except bigalign.DamagedOutputError as e:
@@ -183,38 +150,126 @@ def _info(args) -> int:
             print(f"transform {args.path}: DAMAGED ({e.lost}; rerun the fit with --overwrite "
                   "to write it again)")
         return 3
-    except bigalign.InputError as e:
-        array = _plain_array(args.path, so)
-        if array is not None:  # a user's (N, d) array: every command takes one
-            if args.json:
-                _print_json(array)
-            else:
-                print(f"Zarr array {args.path}: shape {tuple(array['shape'])}, "
-                      f"{array['dtype']}, chunks {tuple(array['chunks'])}" +
-                      (f", shards {tuple(array['shards'])}" if array["shards"] else "") +
-                      (f"\n  not usable as an input: {array['unusable']}"
-                       if array["unusable"] else "; usable as an input (rows paired by position)"))
-            return 0
-        store = _user_store(args.path, so)
-        if store is not None:  # a user's group holding embeddings (and ids): an input too
-            if args.json:
-                _print_json(store)
-            else:
-                print(f"embedding store {args.path} (not written by bigalign): "
-                      f"{store['rows']:,} rows x {store['dim']} ({store['dtype']}), ids: "
-                      f"{store['ids'] or 'none (row numbers)'}, model: "
-                      f"{store['model'] or 'not recorded'}" +
-                      (f"\n  not usable as an input: {store['unusable']}" if store["unusable"]
-                       else "; usable as an input"))
-            return 0
-        if bigalign.run_status(args.path, so):
-            return _status(args)
-        raise bigalign.InputError(f"{args.path!r}: not a transform or apply output ({e})") from None
+    except bigalign.InputError:
+        return _describe_other(args, so)
     if args.json:
         _print_json(_transform_json(t, args.path))
     else:
         print(_describe_transform(t, args.path))
     return 0
+
+
+def _describe_store(args, store: dict, so) -> int:
+    """``info`` of an embedding store bigalign wrote (``store``: its record): 0 complete,
+    3 unfinished or damaged."""
+    from ..storage.embedding_store import open_store
+
+    model = open_store(args.path, storage_options=so, allow_incomplete=True)[2]
+    info = {"kind": "embedding-store", "path": args.path, "model": model,
+            **{k: v for k, v in store.items() if k not in ("kind", "job")}}
+    made_by = store.get("made_by") or "import"
+    state = _completion(info, args.path, so, bool(store.get("complete")), f"the {made_by}")
+    if args.json:
+        _print_json(info)
+        return 0 if info.get("complete") else 3
+    print(f"embedding store {args.path}: {state}, {store.get('rows', '?'):,} rows x "
+          f"{store.get('dim', '?')}, ids: {store.get('ids') or 'none (row numbers)'}"
+          f", model: {model or 'not recorded'}")
+    if made_by == "apply":
+        a, b = store.get("source_rows") or ("?", "?")
+        print(f"  written by apply from {store.get('source')} rows {a}:{b}")
+    if store.get("duplicate_ids"):
+        print(f"  {store['duplicate_ids']:,} ids occur more than once: a fit pairing by "
+              "id needs --duplicates first|last")
+    if info.get("progress"):
+        print("  " + _describe_progress(info["progress"]))
+    return 0 if info.get("complete") else 3
+
+
+def _describe_output(args, status: dict, so) -> int:
+    """``info`` of a bare apply output (``status``: its record)."""
+    info = {"kind": "apply-output", "path": args.path, **status}
+    state = _completion(info, args.path, so, bool(status.get("complete")), "apply")
+    if args.json:
+        _print_json(info)
+    else:
+        print(f"apply output {args.path}: {state}")
+        print("  " + _describe_apply_output(status))
+        if info.get("progress"):
+            print("  " + _describe_progress(info["progress"]))
+    return 0 if info.get("complete") else 3
+
+
+def _describe_other(args, so) -> int:
+    """``info`` of what bigalign did not write: a user's Zarr array or embedding store (0),
+    a run's checkpoint (its status), else InputError saying what is there and what ``info``
+    reads."""
+    import bigalign
+
+    array = _plain_array(args.path, so)
+    if array is not None:  # a user's (N, d) array: every command takes one
+        if args.json:
+            _print_json(array)
+        else:
+            print(f"Zarr array {args.path}: shape {tuple(array['shape'])}, "
+                  f"{array['dtype']}, chunks {tuple(array['chunks'])}" +
+                  (f", shards {tuple(array['shards'])}" if array["shards"] else "") +
+                  (f"\n  not usable as an input: {array['unusable']}"
+                   if array["unusable"] else "; usable as an input (rows paired by position)"))
+        return 0
+    store = _user_store(args.path, so)
+    if store is not None:  # a user's group holding embeddings (and ids): an input too
+        if args.json:
+            _print_json(store)
+        else:
+            print(f"embedding store {args.path} (not written by bigalign): "
+                  f"{store['rows']:,} rows x {store['dim']} ({store['dtype']}), ids: "
+                  f"{store['ids'] or 'none (row numbers)'}, model: "
+                  f"{store['model'] or 'not recorded'}" +
+                  (f"\n  not usable as an input: {store['unusable']}" if store["unusable"]
+                   else "; usable as an input"))
+        return 0
+    if bigalign.run_status(args.path, so):
+        return _status(args)
+    raise bigalign.InputError(_nothing_described(args.path, so)) from None
+
+
+#: What ``bigalign info`` describes, for its refusals.
+DESCRIBES = ("info describes transforms, apply outputs, embedding stores, Parquet export "
+             "folders, Zarr arrays and runs' checkpoints")
+#: An import format's name (storage.formats) -> how a message names a file of it.
+FILE_WORDS = {"npy": "a NumPy .npy file", "fvecs": "an .fvecs file", "parquet": "a Parquet file"}
+
+
+def _nothing_described(path, so) -> str:
+    """Why ``info`` describes nothing at ``path``, in words: it does not exist; it is a file
+    (of vectors: then the ``bigalign import`` that makes a store of it, in its format); or
+    what else it is (an empty folder, a Zarr group or folder bigalign did not write)."""
+    import fsspec
+
+    from ..storage.formats import format_of
+
+    fs, local = fsspec.core.url_to_fs(str(path), **(options_for(path, so) or {}))
+    local = local.rstrip("/")
+    if not fs.exists(local):
+        return f"{path!r} does not exist ({DESCRIBES})"
+    if fs.isfile(local):
+        fmt = format_of(str(path))
+        if fmt is not None:
+            return (f"{path!r} is {FILE_WORDS.get(fmt, f'a {fmt} file')} of vectors, not a "
+                    f"bigalign output: 'bigalign import {path} -o STORE' makes an embedding "
+                    f"store of it, which every command takes ({DESCRIBES})")
+        return (f"{path!r} is a file, not a bigalign output or Zarr store ({DESCRIBES}; files "
+                "of vectors (.npy, .fvecs, .parquet) become a store with 'bigalign import')")
+    names = fs.ls(local, detail=False)
+    if not names:
+        what = "an empty folder"
+    elif any(n.rstrip("/").endswith("zarr.json") for n in names):
+        what = "a Zarr group bigalign did not write, holding no 'embeddings' array"
+    else:
+        what = "a folder bigalign did not write"
+    return (f"{path!r} is {what}: not a transform, apply output, embedding store or Zarr "
+            f"array ({DESCRIBES})")
 
 
 def _completion(info: dict, path: str, so, complete: bool, rerun: str) -> str:
@@ -248,8 +303,8 @@ def _describe_export(args, export: dict, so) -> int:
     else:
         a, b = export.get("rows", [0, 0])
         print(f"Parquet export {args.path}: {state}, rows {a:,}:{b:,} of "
-              f"{export.get('source')} in {len(files):,} files ({info['bytes'] / 2**20:,.1f} "
-              f"MiB); columns {export.get('ids_column')}: {export.get('ids')}, "
+              f"{export.get('source')} in {counted(len(files), 'file')} "
+              f"({info['bytes'] / 2**20:,.1f} MiB); columns {export.get('ids_column')}: {export.get('ids')}, "
               f"{export.get('vector_column')}: {export.get('dtype')}[{export.get('dim')}]; "
               f"model: {export.get('model') or '?'}")
         if info.get("progress"):
@@ -258,45 +313,35 @@ def _describe_export(args, export: dict, so) -> int:
 
 
 def _describe_progress(p: dict) -> str:
-    rate = f"{p['rows_per_second']:,.0f} rows/s" if p.get("rows_per_second") else "rate unknown"
-    eta = f", about {p['eta_seconds']:.0f}s left" if p.get("eta_seconds") is not None else ""
+    """One line of a run's progress (:func:`bigalign.run_status`'s or
+    :func:`~bigalign.commands.status.status_report`'s record): units, rows, rate, and the
+    time left only while it runs (a dead job has work left, no time)."""
     state = "running" if p.get("running") else "not running (rerun the command to resume)"
-    return (f"{p['kind']}: {p['units_done']} of {p['units_total']} units done, "
-            f"{p['rows_done']:,} of {p['rows_total']:,} rows, {rate}{eta}; {state}")
+    if p.get("units_total") is None:  # an unfinished output whose checkpoint never started
+        return f"{p.get('kind') or 'run'}: unfinished, no progress recorded; {state}"
+    rate = f"{p['rows_per_second']:,.0f} rows/s" if p.get("rows_per_second") else "rate unknown"
+    eta = f", about {p['eta_seconds']:.0f}s left" \
+        if p.get("running") and p.get("eta_seconds") is not None else ""
+    return (f"{p['kind']}: {p['units_done']:,} of {counted(p['units_total'], 'unit')} done, "
+            f"{p['rows_done']:,} of {counted(p['rows_total'], 'row')}, {rate}{eta}; {state}")
 
 
 def _status(args) -> int:
-    import bigalign
+    """``bigalign status``: one record of the same keys in every state (README, "status
+    schema"); exit 0 finished, 3 running, interrupted or damaged, 2 nothing recorded."""
+    from ..commands.status import status_report
+    from ..errors import InputError
 
-    so = storage_options(args)
-    p = bigalign.run_status(args.path, so)
-    if p is None:
-        lost = bigalign.output_damage(args.path, so)
-        if lost:  # marked complete, but lost a file or chunk since: not finished
-            print(json.dumps({"finished": False, "damaged": lost}) if args.json else
-                  f"{args.path}: marked complete but DAMAGED: {lost}; rerun the command "
-                  "that wrote it with --overwrite to write it again")
-            return 3
-        from ..storage.embedding_store import store_attrs
-
-        from ..commands.parquet_export import export_manifest
-
-        status = bigalign.output_status(args.path, so) or store_attrs(args.path, so) or \
-            export_manifest(args.path, so)
-        done = bool(status and status.get("complete"))
-        if not done and status is None:  # not an apply output or a store: a transform?
-            try:
-                bigalign.Transform.load(args.path, storage_options=so)
-                done = True
-            except bigalign.InputError:
-                pass
-        if not done:
-            raise bigalign.InputError(f"{args.path!r}: no progress recorded and no finished output")
-        p = {"finished": True}
-        print(json.dumps(p) if args.json else f"{args.path}: finished, nothing in flight")
-        return 0
+    r = status_report(args.path, storage_options(args))
     if args.json:
-        _print_json(p)
-    else:
-        print(_describe_progress(p))
-    return 3
+        _print_json(r)
+    elif r["state"] == "finished":
+        print(f"{args.path}: finished, nothing in flight")
+    elif r["state"] == "damaged":  # marked complete, but lost a file or chunk since
+        print(f"{args.path}: marked complete but DAMAGED: {r['damaged']}; rerun the command "
+              "that wrote it with --overwrite to write it again")
+    elif r["state"] != "not-started":
+        print(_describe_progress(r))
+    if r["state"] == "not-started":
+        raise InputError(f"{args.path!r}: no progress recorded and no finished output")
+    return 0 if r["finished"] else 3

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..words import counted
 from .common import _print_json, _run_args, _run_details, positive_int, requests
 
 DESCRIPTION = """\
@@ -80,7 +81,7 @@ def _import(args) -> int:
         return 0
     if r.already_complete:  # said on stderr by import's warning: once is enough
         return 0
-    resumed = f"{r.units_resumed} of {r.units_total} regions were already done" \
+    resumed = f"{r.units_resumed} of {counted(r.units_total, 'region')} were already done" \
         if r.units_resumed else ""
     print(f"imported {r.rows:,} rows into {args.output} in {r.seconds:.1f}s"
           f"{_run_details(r, resumed)}; {r.rows_total:,} rows in the store, "

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-
 from .common import add_storage_option, positive_float, storage_options
 from ..jsonsafe import json_safe
 from ..errors import InputError
@@ -112,6 +110,8 @@ class _Input:
 
 
 def _synthetic(args, sides: int) -> list[_Input]:
+    import numpy as np  # not at import time: --help needs none
+
     if args.rows is None or args.dims is None:
         raise InputError("plan without inputs needs --rows N and --dims D[,D2]")
     rows = _count(args.rows, "--rows")
@@ -140,6 +140,8 @@ def _rows(args, n: int) -> tuple[int, int]:
 
 
 def _plan(args) -> int:
+    import numpy as np  # not at import time: --help needs none
+
     so = storage_options(args)
     for value, flag in ((args.workers, "--workers"), (args.threads_per_worker,
                                                       "--threads-per-worker"),
@@ -239,6 +241,8 @@ def _plan(args) -> int:
 def _plan_export(args, so):
     """(plan, estimate) of ``bigalign export STORE --format parquet``: the same plan the
     export makes (:func:`bigalign.planning.plan.make_export_plan`, same row bytes)."""
+    import numpy as np  # not at import time: --help needs none
+
     if args.inputs:
         if len(args.inputs) != 1:
             raise InputError("plan export takes STORE (or none, with --rows/--dims)")

@@ -15,6 +15,7 @@ import sys
 from .common import (_describe_transform, add_stall_timeout, add_storage_option,
                      positive_float, positive_int, storage_options)
 from ..jsonsafe import json_safe
+from ..words import counted
 from ..errors import GateFailedError
 
 EPILOG = ("Exit codes: 0 published (or already finished); 2 bad configuration or input, a "
@@ -27,6 +28,13 @@ EPILOG = ("Exit codes: 0 published (or already finished); 2 bad configuration or
 
 def add_commands(sub) -> dict:
     """Register subcommands on the argparse ``sub`` parsers; return {name: handler(args)}."""
+    _add_realign(sub)
+    _add_registry(sub)
+    return {"realign": _realign, "registry": _registry}
+
+
+def _add_realign(sub) -> None:
+    """``bigalign realign``."""
     r = sub.add_parser(
         "realign", help="refit on fresh pairs, gate on held-out quality, publish to a "
                         "registry (the scheduled job)",
@@ -73,6 +81,9 @@ def add_commands(sub) -> dict:
                    help="print nothing but warnings and errors")
     g.add_argument("--json", action="store_true", help="print the verdict as JSON on stdout")
 
+
+def _add_registry(sub) -> None:
+    """``bigalign registry list|show|rollback|gc``."""
     reg = sub.add_parser(
         "registry", help="list, show, roll back or collect versions of a registry",
         description="A registry holds numbered, immutable versions of a transform (v0001, "
@@ -96,18 +107,26 @@ def add_commands(sub) -> dict:
         "gc", help="delete old versions, keeping the N newest and the current one",
         description="Delete every complete version except the N newest and the current one "
                     "(its record first, then its transform). Folders of a publish cut short "
-                    "are left for their realign to finish.")
+                    "are left for their realign to finish. The corpus realign mapped with a "
+                    "deleted version ([apply] output) is listed, and deleted with --mapped "
+                    "only when it is a complete bigalign apply output of that version's "
+                    "transform; anything else there is never touched.")
     for p in (ls, sh, rb, gc):
         p.add_argument("registry", help="the registry (path or URL)")
     sh.add_argument("version", nargs="?", help="v0001, v0002, ... (default: the current one)")
     rb.add_argument("--to", metavar="VERSION", help="the version to make current")
     gc.add_argument("--keep", type=int, required=True, metavar="N",
                     help="keep the N newest versions (N >= 1; the current one is always kept)")
-    gc.add_argument("--dry-run", action="store_true", help="say what would be deleted")
+    gc.add_argument("--dry-run", action="store_true",
+                    help="say what would be deleted (with --mapped: the corpora too, and "
+                         "their sizes)")
+    gc.add_argument("--mapped", action="store_true",
+                    help="also delete the mapped corpora realign wrote with the deleted "
+                         "versions (checked: bigalign apply outputs of that version's "
+                         "transform; others are listed and left)")
     for p in (ls, sh, rb, gc):
         p.add_argument("--json", action="store_true", help="print JSON")
         add_storage_option(p)
-    return {"realign": _realign, "registry": _registry}
 
 
 def _print_json(obj) -> None:
@@ -221,7 +240,7 @@ def _list(reg, args) -> int:
     if args.json:
         _print_json(dict(info, damaged=damaged))
         return 3 if damaged else 0
-    print(f"registry {reg.url}: {len(info['versions'])} versions, current "
+    print(f"registry {reg.url}: {counted(len(info['versions']), 'version')}, current "
           f"{info['current'] or 'none'}")
     if info["versions"]:
         print(f"  {'version':<9} {'created':<26} {'pairs':>8} {'recall@10':>10} {'resid':>8}  run")
@@ -296,15 +315,30 @@ def _rollback(reg, args) -> int:
 
 
 def _gc(reg, args) -> int:
-    out = reg.gc(args.keep, dry_run=args.dry_run)
+    out = reg.gc(args.keep, dry_run=args.dry_run, mapped=args.mapped)
     if args.json:
         _print_json(out)
         return 0
     verb = "would delete" if args.dry_run else "deleted"
-    print(f"{reg.url}: {verb} {len(out['deleted'])} versions"
+    print(f"{reg.url}: {verb} {counted(len(out['deleted']), 'version')}"
           + (f" ({', '.join(out['deleted'])})" if out["deleted"] else "")
           + f"; kept {', '.join(out['kept']) or 'none'} (current {out['current'] or 'none'})")
     if out["incomplete"]:
         print(f"  left alone: unfinished publishes {', '.join(out['incomplete'])} (rerun their "
               "realign to finish them)")
+    for c in out["mapped"]:
+        print("  " + _mapped_line(c, args))
     return 0
+
+
+def _mapped_line(c: dict, args) -> str:
+    """What gc did (or would do) with one deleted version's mapped corpus, in words."""
+    what = f"mapped corpus of {c['version']}: {c['output']}"
+    if not c["ours"]:
+        return f"{what}: left ({c['why']}: not bigalign's to delete)"
+    size = f" ({c['bytes'] / 2**30:,.2f} GiB)" if c.get("bytes") is not None else ""
+    if c["deleted"]:
+        return f"{what}{size}: deleted"
+    if args.mapped:  # a dry run
+        return f"{what}{size}: would delete"
+    return f"{what}{size}: left (pass --mapped to delete it as well)"

@@ -20,6 +20,8 @@ import numpy as np
 
 from ..errors import InputError
 from ..execution import faults
+from ..execution.graph import task_count
+from ..words import counted
 from ..execution.cluster import session
 from ..execution.devices import check_device
 from ..execution.engine import apply_graph
@@ -245,8 +247,9 @@ def _apply_job(r: _ApplyJob) -> RunReport:
         mb = apply_task_bytes(per_read, dim_a, dim_b, src.dtype.itemsize,
                               np.dtype(opts.dtype).itemsize, per_write,
                               out_shard is not None) / 2**20
-        log.info("apply: %d rows of %d -> %d dims in %d tasks (~%.0f MB per thread)",
-                 plan.rows, dim_a, dim_b, tasks, mb)
+        log.info("apply: %d rows of %d -> %d dims in %s (%s, ~%.0f MB per thread)",
+                 plan.rows, dim_a, dim_b, counted(task_count(graph), "task"),
+                 counted(tasks, "region"), mb)
         with session(**run.session_args()) as s:
             written, bad = s.get(graph, key)
         seconds = time.perf_counter() - t0

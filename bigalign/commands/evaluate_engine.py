@@ -23,7 +23,8 @@ from ..storage.embedding_store import store_parts
 from ..errors import InputError, NonFiniteError
 from ..maths.metrics import (CosineHistogram, Method, count_better, query_sample,
                              recall_from_ranks, row_cosine, score_rows, topk_block, unit_rows)
-from ..planning.plan import Block, choose_block_rows, common_step, plan_blocks
+from ..planning.plan import DEFAULT_MAX_QUERIES, Block, choose_block_rows, common_step, plan_blocks
+from ..words import counted
 from ..maths.stats import Moments, block_moments, check_finite, merge, normalize_rows
 from ..storage.stores import (ArrayRows, EmbeddingArray, open_embeddings, parse_rows, read_rows,
                               validate_pair)
@@ -34,13 +35,6 @@ __all__ = ["evaluate_maps", "training_moments", "open_input", "open_rows", "open
            "row_range", "blocks", "read_checked", "take_rows", "counted", "Parallel", "Rows",
            "DEFAULT_MAX_QUERIES", "BLOCK_BYTES"]
 
-def counted(n: int, one: str, many: str) -> str:
-    """``n`` with its noun: "1 query", "2,000 queries"."""
-    return f"{n:,} {one if n == 1 else many}"
-
-#: Queries searched when the held-out set is larger (seeded sample); exact search of 10^4
-#: queries among 10^5 targets of 384 dims is ~1.5 TFLOP per method and search variant.
-DEFAULT_MAX_QUERIES = 10_000
 #: Input bytes per streamed block (all arrays read together).
 BLOCK_BYTES = 32 * 2**20
 

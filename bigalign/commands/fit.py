@@ -23,6 +23,8 @@ import numpy as np
 from .. import __version__
 from ..errors import CheckpointError, DamagedOutputError, InputError
 from ..execution import faults
+from ..execution.graph import task_count
+from ..words import counted
 from ..execution.cluster import session
 from ..execution.devices import check_device
 from ..execution.engine import fit_graph
@@ -330,17 +332,18 @@ def _fit_job(r: _FitJob) -> Transform:
         units = plan.units()
         done = job.done_units(plan.unit_rows()) if job else set()
         if done:
-            log.warning("resuming: %d of %d units done", len(done), len(units))
+            log.warning("resuming: %d of %s done", len(done), counted(len(units), "unit"))
         mb = fit_task_bytes(plan.rows_per_read, dim_a, dim_b, src.dtype.itemsize,
                             tgt.dtype.itemsize, np.dtype(opts.precision).itemsize, gram,
                             fan_in or plan.fan_in) / 2**20
-        log.info("fit: %d pairs of %d -> %d dims in %d tasks (~%.0f MB per thread)%s",
-                 stop - start, dim_a, dim_b, len(plan.blocks()), mb,
-                 f", progress saved in {len(units)} units" if job else "")
         graph, key, tasks = fit_graph(src, tgt, plan, done=done, job=job,
                                       normalize=opts.normalize, gram=gram,
                                       dtype=opts.precision, fan_in=fan_in, device=run.device,
                                       run_id=manifest["run_id"])
+        log.info("fit: %d pairs of %d -> %d dims in %s (%s, ~%.0f MB per thread)%s",
+                 stop - start, dim_a, dim_b, counted(task_count(graph), "task"),
+                 counted(len(plan.blocks()), "reading block"), mb,
+                 f", progress saved in {counted(len(units), 'unit')}" if job else "")
         with session(**run.session_args()) as s:
             moments = s.get(graph, key)
         if moments.n != stop - start:  # verify before anything is marked finished

@@ -56,6 +56,8 @@ import numpy as np
 
 from ..errors import CheckpointError, InputError, NonFiniteError
 from ..execution import faults
+from ..execution.graph import task_count
+from ..words import counted
 from ..planning.import_plan import ImportPlan, Region, choose_chunk_rows, make_import_plan
 from ..planning.plan import ApplyPlan
 from ..storage.formats import (FORMATS, SourceFile, expand_inputs, iter_rows, probe,
@@ -373,11 +375,12 @@ def import_vectors(inputs, output: str, *, ids_column: Optional[str] = None,
         graph, key, tasks = import_graph(tuple(files), plan, embeddings, ids, done=done,
                                          job=region.job, row_ids=row_ids, url=str(output),
                                          storage_options=so, run_id=region.run_id)
-        log.info("import: %d rows x %d (%s) from %d file%s: %d regions of ~%.3g MB (chunks "
-                 "of %d rows, %.3g MB) in %d tasks", plan.rows, dim, store_dtype.name,
-                 len(files), "s" * (len(files) != 1), len(expected),
+        log.info("import: %d rows x %d (%s) from %s: %s of ~%.3g MB (chunks of %d rows, "
+                 "%.3g MB) in %s", plan.rows, dim, store_dtype.name, counted(len(files), "file"),
+                 counted(len(expected), "region"),
                  plan.regions.rows_per_block * dim * store_dtype.itemsize / 2**20,
-                 plan.chunk_rows, plan.chunk_rows * dim * store_dtype.itemsize / 2**20, tasks)
+                 plan.chunk_rows, plan.chunk_rows * dim * store_dtype.itemsize / 2**20,
+                 counted(task_count(graph), "task"))
         with session(**run.session_args()) as s:
             written = s.get(graph, key)
         seconds = time.perf_counter() - t0

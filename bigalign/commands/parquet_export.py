@@ -71,7 +71,7 @@ from typing import Optional
 from ..errors import InputError
 from ..execution import faults
 from ..planning.plan import ExportPlan
-from ..storage.parquet_folder import (FORMAT, IN_PROGRESS, MANIFEST, SUCCESS,  # noqa: F401
+from ..storage.parquet_folder import (COMPRESSIONS, FORMAT, IN_PROGRESS, MANIFEST, SUCCESS,  # noqa: F401
                                       ExportTarget, _temp_name, check_folder, export_damage,
                                       export_manifest, part_name)
 from .vector_export import (BAD_ROWS, DTYPES, ExportFormat, FileSpec,  # noqa: F401
@@ -81,10 +81,6 @@ __all__ = ["export_parquet", "export_manifest", "check_folder", "part_name", "op
            "file_task", "export_graph", "export_damage", "FORMAT", "MANIFEST", "COMPRESSIONS",
            "DTYPES", "BAD_ROWS", "PARQUET", "IN_PROGRESS", "SUCCESS", "ids_kind", "read_group", "FileSpec"]
 
-#: --compression choices and polars' names for them. snappy (the default) writes as fast as
-#: none and every Parquet reader has it; zstd is ~9% smaller on float vectors and ~1.4x
-#: slower to write (measured: 200k x 384 float32 with string ids).
-COMPRESSIONS = {"snappy": "snappy", "zstd": "zstd", "none": "uncompressed"}
 
 
 # ==== one file: frames -> Parquet ==============================================================

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..errors import InputError, NonFiniteError
 from .evaluate import load_transform, training_statistics
+from ..planning.plan import MIN_CENTRED_QUERIES
 from .evaluate_engine import (DEFAULT_MAX_QUERIES, Parallel, blocks, counted, open_input,
                               read_checked, row_range, take_rows)
 from ..execution.pairing import Pairs, gathered, join, pair_by_ids
@@ -33,10 +34,6 @@ log = logging.getLogger("bigalign")
 __all__ = ["evaluate_retrieval", "load_qrels", "qrels_frame", "qrels_by_ids",
            "MIN_CENTRED_QUERIES"]
 
-#: Fewest queries for the centred search: it removes the queries' own mean, which a handful
-#: of queries cannot estimate (1 query centres to a zero vector, 2 to a vector and its
-#: negation); below this the centred figures are not computed (None, printed "-").
-MIN_CENTRED_QUERIES = 10
 
 
 def qrels_frame(qrels):

@@ -29,6 +29,7 @@ import numpy as np
 from ..errors import InputError, NonFiniteError
 from ..execution import faults
 from ..planning.plan import ExportPlan, export_row_bytes, make_export_plan
+from ..storage.parquet_folder import BAD_ROWS  # --bad-rows choices: the one list
 
 log = logging.getLogger("bigalign")
 
@@ -36,8 +37,6 @@ __all__ = ["open_source", "ids_kind", "FileSpec", "read_group", "export_graph",
            "ExportFormat", "run_export", "DTYPES", "BAD_ROWS"]
 
 DTYPES = ("float16", "float32", "float64")
-#: --bad-rows choices of an export of vectors.
-BAD_ROWS = ("fail", "skip")
 
 # ==== the source =============================================================================
 

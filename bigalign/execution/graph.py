@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 
 from ..planning.plan import merge_tree
 
-__all__ = ["Shared", "Leaf", "Group", "GraphSpec", "build", "token"]
+__all__ = ["Shared", "Leaf", "Group", "GraphSpec", "build", "token", "task_count"]
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,13 @@ def _tree(graph: dict, name: str, keys: list, fan_in: int, merge: Callable,
             keys_next.append(key)
         keys = keys_next
     return keys[0]
+
+
+def task_count(graph: dict) -> int:
+    """The tasks of a graph :func:`build` made (its shared objects are data, not tasks):
+    the total the progress line counts ("40% (32 of 80 tasks)"), so the run's first log
+    line names the same number."""
+    return sum(1 for v in graph.values() if isinstance(v, tuple) and v and callable(v[0]))
 
 
 def build(spec: GraphSpec) -> tuple[dict, Any, int]:

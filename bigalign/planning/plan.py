@@ -40,7 +40,8 @@ __all__ = ["Block", "common_step", "choose_block_rows", "plan_blocks", "count_bl
            "fit_task_bytes", "apply_task_bytes", "output_layout", "DEFAULT_BLOCK_BYTES",
            "MAX_UNITS", "COUNT_FAN_IN", "FitPlan", "ApplyPlan", "make_fit_plan",
            "make_apply_plan", "plan_from_dict", "ExportPlan", "make_export_plan",
-           "FILE_BYTES", "GROUP_BYTES", "export_row_bytes"]
+           "FILE_BYTES", "GROUP_BYTES", "export_row_bytes", "DEFAULT_MAX_QUERIES",
+           "MIN_CENTRED_QUERIES"]
 
 #: Output compression choices. Embeddings compress ~1.05-1.1x; Zarr 3's default zstd halves
 #: read/write speed (measured), so outputs are uncompressed unless asked.
@@ -49,6 +50,16 @@ COMPRESSIONS = ("none", "lz4", "zstd")
 #: Default input bytes per task: chunks of ~8-32 MB read fastest here, and a task of a few
 #: of them amortises Dask's per-task overhead (~1 ms) to nothing.
 DEFAULT_BLOCK_BYTES = 64 * 2**20
+
+#: Queries an evaluation searches when the held-out set is larger (a seeded sample); exact
+#: search of 10^4 queries among 10^5 targets of 384 dims is ~1.5 TFLOP per method and search
+#: variant.
+DEFAULT_MAX_QUERIES = 10_000
+
+#: Fewest queries for the centred search: it removes the queries' own mean, which a handful
+#: of queries cannot estimate (1 query centres to a zero vector, 2 to a vector and its
+#: negation); below this the centred figures are not computed (None, printed "-").
+MIN_CENTRED_QUERIES = 10
 
 #: Small inputs are still split into at least this many blocks (and checkpoint units) so
 #: every worker gets work. A constant, not the worker count: the plan, and so the float64

@@ -196,6 +196,15 @@ def check_replaceable(url, what: str, storage_options: Optional[dict] = None,
                          f"replace, even with --overwrite: only {maker} does. Remove it "
                          "yourself or choose another location.")
     if node.kind == "foreign":
+        from .registry_read import is_registry
+
+        if is_registry(url, storage_options):
+            wanted = _NAMES[kinds[0]][0] if kinds else "an output"
+            raise InputError(
+                f"{what} {str(url)!r} is a bigalign registry, not {wanted}: no command writes "
+                "over a registry, even with --overwrite. Choose another location (a registry "
+                "is written only by 'bigalign realign'; its [apply] output names where a "
+                "version's mapped corpus goes).")
         raise InputError(
             f"{what} {str(url)!r} already exists and was not written by bigalign (no "
             "bigalign attribute): bigalign deletes only what it wrote, even with "

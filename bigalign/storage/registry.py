@@ -255,10 +255,14 @@ class Registry(RegistryReader):
             self.set_current(lock, to, action="rollback")
             return {"from": current, "to": to, "changed": True}
 
-    def gc(self, keep: int, *, dry_run: bool = False) -> dict:
+    def gc(self, keep: int, *, dry_run: bool = False, mapped: bool = False) -> dict:
         """Delete complete versions other than the ``keep`` newest and the current one.
-        Returns {"kept": [...], "deleted": [...], "incomplete": [...]}: incomplete version
-        folders (a publish cut short; its realign rerun finishes it) are left alone."""
+        Returns {"kept": [...], "deleted": [...], "incomplete": [...], "current", "dry_run",
+        "mapped": [...]}: incomplete version folders (a publish cut short; its realign rerun
+        finishes it) are left alone. ``mapped`` lists the corpus each deleted version's
+        record names (:meth:`mapped_corpus`), and with ``mapped=True`` those bigalign wrote
+        with that version's transform are deleted too, before the version's record (a gc
+        cut short and rerun still finds them); anything else there is never touched."""
         if keep < 1:
             raise InputError(f"--keep must be at least 1, got {keep}")
         self.check()
@@ -268,11 +272,61 @@ class Registry(RegistryReader):
             kept = set(versions[-keep:]) | ({current} if current else set())
             doomed = [v for v in versions if v not in kept]
             incomplete = [v for v in self._version_dirs() if v not in versions]
+            corpora = [c for c in (self.mapped_corpus(v) for v in doomed) if c is not None]
+            for c in corpora:
+                c["deleted"] = bool(mapped and c["ours"] and not dry_run)
             if not dry_run:
                 for v in doomed:
+                    for c in corpora:
+                        if c["version"] == v and c["deleted"]:
+                            lock.check_fence()
+                            self._remove_output(c["output"])
                     self._delete_version(lock, v)
             return {"kept": [v for v in versions if v in kept], "deleted": doomed,
-                    "incomplete": incomplete, "current": current, "dry_run": dry_run}
+                    "incomplete": incomplete, "current": current, "dry_run": dry_run,
+                    "mapped": corpora}
+
+    def mapped_corpus(self, version: str) -> Optional[dict]:
+        """The corpus ``version``'s record says realign mapped with it ({version, output,
+        ours, why, bytes}), or None when it names none. ``ours`` only when ``output`` is a
+        complete bigalign apply output (a bare array or embedding store written by apply)
+        whose recorded transform digest is the one this version's record names; else
+        ``why`` says what it is instead (absent, unfinished, not an apply output, mapped by
+        another transform). ``bytes``: its size when ours (one listing of it)."""
+        from .outputs import inspect
+
+        record = self.record(version)
+        output = (record.get("mapped_corpus") or {}).get("output")
+        if not output:
+            return None
+        want = record.get("transform_sha256")
+        node = inspect(output, self.storage_options)
+        why = None
+        if node.kind == "absent":
+            why = "absent"
+        elif node.kind not in ("apply-output", "apply-store"):
+            why = f"not a bigalign apply output ({node.kind})"
+        elif not want or node.attrs.get("transform") != want:
+            why = (f"mapped by another transform (sha256 {node.attrs.get('transform')}, "
+                   f"{version}'s record: {want})")
+        elif not node.complete:
+            why = "unfinished (an apply may still be writing it)"
+        size = None
+        if why is None:
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(output, **(self.storage_options or {}))
+            size = fs.du(path.rstrip("/"))
+        return {"version": version, "output": output, "ours": why is None, "why": why,
+                "bytes": size}
+
+    def _remove_output(self, url: str) -> None:
+        """Delete the apply output at ``url`` (checked ours by :meth:`mapped_corpus`)."""
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(url, **(self.storage_options or {}))
+        fs.rm(path.rstrip("/"), recursive=True)
+        log.info("%s: deleted mapped corpus %s", self.url, url)
 
     def _delete_version(self, lock: Job, version: str) -> None:
         """Remove the record first (the version then no longer exists for readers), then
