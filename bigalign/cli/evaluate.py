@@ -9,15 +9,18 @@ means.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
+import textwrap
 
 from .common import _bound_lines, add_storage_option, nonnegative_int, storage_options
 from ..jsonsafe import json_safe as _plain
 from ..errors import InputError
 from ..planning.plan import DEFAULT_MAX_QUERIES, MIN_CENTRED_QUERIES
 from ..words import counted
+from .verdict import VERDICT_HELP, format_verdict, verdict_args as _verdict_args, verdict_call
 
 log = logging.getLogger("bigalign")
 
@@ -134,11 +137,17 @@ def add_commands(sub) -> dict:
         f"only with at least {MIN_CENTRED_QUERIES} queries). --map queries (default): "
         "TRANSFORM maps the query model into the document model's space (upgrade the query model "
         "without re-indexing); --map docs: it maps documents into the query space.",
-        TRANSFORM, ("queries", "Zarr array of query embeddings"),
-        ("docs", "Zarr array of document embeddings (the other model)"))
-    r.add_argument("--qrels", required=True, metavar="FILE",
+        TRANSFORM)
+    r.formatter_class = argparse.RawDescriptionHelpFormatter
+    r.description = textwrap.fill(r.description, 92) + "\n\n" + VERDICT_HELP
+    r.add_argument("queries", nargs="?", help="Zarr array of query embeddings (not with "
+                   "--old-queries ...)")
+    r.add_argument("docs", nargs="?",
+                   help="Zarr array of document embeddings (the other model)")
+    r.add_argument("--qrels", metavar="FILE",
                    help="relevance judgements: .parquet, .csv or .tsv with columns query_id, "
-                        "doc_id[, relevance]")
+                        "doc_id[, relevance] (required with QUERIES DOCS; with --old-queries "
+                        "..., default: query row i is relevant to document row i)")
     r.add_argument("--map", choices=("queries", "docs"), default="queries",
                    help="which side TRANSFORM maps (default queries)")
     r.add_argument("--native", metavar="ARRAY",
@@ -148,6 +157,7 @@ def add_commands(sub) -> dict:
     r.add_argument("--doc-rows", metavar="START:STOP", help="search documents in these rows")
     r.add_argument("--ndcg-k", type=int, default=10, metavar="K", help="nDCG cut-off (default 10)")
     _baseline_args(r)
+    _verdict_args(r)
     _pairing_args(r, "error")
     _io_args(r, ks="1,10,100")
 
@@ -202,6 +212,19 @@ def _evaluate(args) -> int:
 def _evaluate_retrieval(args) -> int:
     from ..commands.retrieval import evaluate_retrieval
 
+    call = verdict_call(args)
+    if call is not None:
+        from ..commands.retrieval_verdict import evaluate_verdict
+
+        inputs, keywords = call
+        result = evaluate_verdict(*inputs, query_rows=args.query_rows, doc_rows=args.doc_rows,
+                                  ks=_ints(args.k, "--k"), ndcg_k=args.ndcg_k,
+                                  pair_by=args.pair_by, duplicates=args.duplicates or "error",
+                                  **_common(args), **keywords)
+        return _finish(args, result, format_verdict)
+    if args.queries is None or args.docs is None or args.qrels is None:
+        raise InputError("evaluate-retrieval needs QUERIES, DOCS and --qrels, or the four "
+                         "--old-queries --old-docs --new-queries --new-docs for the verdict")
     result = evaluate_retrieval(args.transform, args.queries, args.docs, args.qrels,
                                 map_side=args.map, native=args.native,
                                 train_source=args.train_source, train_target=args.train_target,
