@@ -46,6 +46,7 @@ read a slice, stream batches, restart points), found by extension; this module o
 from __future__ import annotations
 
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -111,11 +112,13 @@ def probe_all(expanded: list[tuple], *, vector_column=None, ids_column=None,
 # ==== execution: one task per unit of regions ==============================================
 
 class _RegionWriter:
-    """Fills one region's rows at a time from batches of rows, in order; when a region is
-    full it is validated (finite), written (embeddings, then ids) and marked done (after
-    its data; both fenced). Memory: one region's buffer (reused) plus the batch in hand."""
+    """Fills one region's rows at a time from batches of rows, in order, and writes them
+    ``write_rows`` (whole chunks; 0: the whole region) at a time: each write is validated
+    (finite) and written (embeddings, then ids, both fenced); the region is marked done
+    after its last write. Memory: one write's buffer (reused) plus the batch in hand."""
 
-    def __init__(self, files, regions: list, embeddings, ids, job, row_ids: bool, url: str):
+    def __init__(self, files, regions: list, embeddings, ids, job, row_ids: bool, url: str,
+                 write_rows: int = 0):
         from ..execution.engine import buffer
 
         self.files, self.regions, self.embeddings, self.ids = files, regions, embeddings, ids
@@ -123,17 +126,25 @@ class _RegionWriter:
         self.dtype = np.dtype(embeddings.dtype)
         self.dim = int(embeddings.shape[1])
         self.buffer = buffer
+        self.write_rows = int(write_rows or 0)
         self.k = -1
         self.written = 0
         self._next()
 
     def _next(self) -> None:
         self.k += 1
-        self.filled = 0
+        self.base = 0  # rows of the region written so far
+        self._open_write()
+
+    def _open_write(self) -> None:
+        self.filled = 0  # rows in the buffer
         self.id_parts: list = []
         if self.k < len(self.regions):
             r = self.regions[self.k]
-            self.out = self.buffer("import", r.rows, self.dim, self.dtype)
+            self.cap = r.rows - self.base
+            if self.write_rows:
+                self.cap = min(self.cap, self.write_rows)
+            self.out = self.buffer("import", self.cap, self.dim, self.dtype)
 
     def add(self, f: SourceFile, file_row: int, values: np.ndarray, found) -> None:
         """Rows [file_row, file_row + len(values)) of ``f``, which land where the current
@@ -141,7 +152,7 @@ class _RegionWriter:
         i = 0
         while i < len(values):
             r = self.regions[self.k]
-            take = min(len(values) - i, r.rows - self.filled)
+            take = min(len(values) - i, self.cap - self.filled)
             dst = self.out[self.filled:self.filled + take]
             with np.errstate(over="ignore", invalid="ignore"):
                 np.copyto(dst, values[i:i + take], casting="unsafe")
@@ -152,24 +163,31 @@ class _RegionWriter:
                 raise NonFiniteError(f"{f.name} row {file_row + i + bad}: the vector holds "
                                      f"NaN or Inf{cast}; embeddings must be finite")
             if self.ids is not None:
-                row = r.start + self.filled
+                row = r.start + self.base + self.filled
                 self.id_parts.append(np.arange(row, row + take, dtype=np.int64)
                                      if self.row_ids else found[i:i + take])
             self.filled += take
             i += take
-            if self.filled == r.rows:
-                self._finish(r)
+            if self.filled == self.cap:
+                self._flush(r)
 
-    def _finish(self, r: Region) -> None:
+    def _flush(self, r: Region) -> None:
+        """Write the buffer (rows [base, base + filled) of region ``r``); after the
+        region's last write, mark it done and go on to the next region."""
         from ..storage.stores import write_rows
 
         if self.job is not None:
             self.job.check_fence()
-        write_rows(self.embeddings, r.start, self.out, url=f"{self.url}/embeddings")
+        row = r.start + self.base
+        write_rows(self.embeddings, row, self.out, url=f"{self.url}/embeddings")
         if self.ids is not None:
             parts = self.id_parts
-            write_rows(self.ids, r.start, np.concatenate(parts) if len(parts) > 1
+            write_rows(self.ids, row, np.concatenate(parts) if len(parts) > 1
                        else parts[0], url=f"{self.url}/ids")
+        self.base += self.filled
+        if self.base < r.rows:
+            self._open_write()
+            return
         faults.point("import.region-written")
         if self.job is not None:
             self.job.mark_done(r.index, r.start, r.stop)
@@ -192,16 +210,19 @@ def _spans(regions: list) -> list[tuple[int, int, int]]:
 
 
 def import_unit_task(files: tuple, regions: tuple, embeddings, ids, job, *, row_ids: bool,
-                     url: str, storage_options: Optional[dict] = None) -> int:
+                     url: str, storage_options: Optional[dict] = None,
+                     write_rows: int = 0) -> int:
     """Import ``regions`` (the regions of one unit not yet done, in order): stream the file
-    spans of each run of consecutive regions once, writing each region as soon as it is
-    full. Returns the rows written."""
+    spans of each run of consecutive regions once, writing ``write_rows`` rows (whole
+    chunks; 0: a whole region) as soon as they are in, each region marked done after its
+    last write. Returns the rows written."""
     written = 0
     run: list = []
     for r in list(regions) + [None]:
         if run and (r is None or r.start != run[-1].stop):
-            writer = _RegionWriter(files, run, embeddings, ids, job, row_ids, url)
-            batch = max(region.rows for region in run)
+            writer = _RegionWriter(files, run, embeddings, ids, job, row_ids, url,
+                                   write_rows)
+            batch = min(max(region.rows for region in run), write_rows or math.inf)
             for fi, a, b in _spans(run):
                 for row, values, found in iter_rows(files[fi], a, b, batch, storage_options):
                     writer.add(files[fi], row, values, found)
@@ -241,7 +262,8 @@ def import_graph(files: tuple, plan: ImportPlan, embeddings, ids, *, done=frozen
     from ..execution.graph import GraphSpec, Group, Leaf, Shared, build, token
     from ..planning.plan import COUNT_FAN_IN
 
-    task = partial(import_unit_task, row_ids=row_ids, url=url, storage_options=storage_options)
+    task = partial(import_unit_task, row_ids=row_ids, url=url, storage_options=storage_options,
+                   write_rows=plan.regions.rows_per_write)
     regions = plan.region_list()
     groups = []
     for u, unit in enumerate(plan.units()):
