@@ -58,7 +58,7 @@ import numpy as np
 from ..errors import CheckpointError, InputError, NonFiniteError
 from ..execution import faults
 from ..planning.import_plan import ImportPlan, Region, choose_chunk_rows, make_import_plan
-from ..planning.plan import ApplyPlan
+from ..planning.plan import DEFAULT_BLOCK_BYTES, ApplyPlan
 from ..storage.formats import (FORMATS, SourceFile, expand_inputs, iter_rows, probe,
                                read_slice, restart_points)
 from ..storage.output_job import ZarrTarget, classify
@@ -67,7 +67,7 @@ log = logging.getLogger("bigalign")
 
 __all__ = ["import_vectors", "SourceFile",
            "expand_inputs", "probe", "probe_all", "read_slice",
-           "iter_rows", "import_unit_task", "import_graph", "FORMATS"]
+           "iter_rows", "import_unit_task", "import_graph", "plan_import", "FORMATS"]
 
 STORE_DTYPES = ("float16", "float32", "float64")
 
@@ -292,6 +292,24 @@ def _store_dtype(files: list[SourceFile], dtype: Optional[str]) -> np.dtype:
     return np.dtype(np.float32)
 
 
+def plan_import(files: list[SourceFile], *, chunk_rows: Optional[int] = None,
+                dtype: Optional[str] = None, row_ids: bool = False,
+                block_bytes: int = DEFAULT_BLOCK_BYTES):
+    """The plan :func:`import_vectors` makes for probed ``files`` (``bigalign plan import``
+    shows it): (:class:`ImportPlan`, the store's dtype, its ids kind: "int64", "string"
+    or None). ``chunk_rows`` (default ~32 MiB of rows) and ``dtype`` as the import's."""
+    dim = next(f.dim for f in files if f.rows)
+    store_dtype = _store_dtype(files, dtype)
+    total = sum(f.rows for f in files)
+    if chunk_rows is not None and int(chunk_rows) <= 0:
+        raise InputError(f"--chunk-rows must be positive, got {chunk_rows}")
+    chunk = int(chunk_rows or choose_chunk_rows(dim, store_dtype.itemsize, total))
+    ids_kind = "int64" if row_ids else next(f.ids_kind for f in files if f.rows)
+    plan = make_import_plan([f.rows for f in files], dim * store_dtype.itemsize, chunk,
+                            block_bytes, [restart_points(f) for f in files])
+    return plan, store_dtype, ids_kind
+
+
 def import_vectors(inputs, output: str, *, ids_column: Optional[str] = None,
                    vector_column: Optional[str] = None, row_ids: bool = False,
                    model: Optional[str] = None, chunk_rows: Optional[int] = None,
@@ -357,14 +375,9 @@ def import_vectors(inputs, output: str, *, ids_column: Optional[str] = None,
         model = files_model(files)
         log.info("model %r: named by the inputs' bigalign export metadata", model)
     dim = next(f.dim for f in files if f.rows)
-    store_dtype = _store_dtype(files, dtype)
-    total = sum(f.rows for f in files)
-    if chunk_rows is not None and int(chunk_rows) <= 0:
-        raise InputError(f"--chunk-rows must be positive, got {chunk_rows}")
-    chunk = int(chunk_rows or choose_chunk_rows(dim, store_dtype.itemsize, total))
-    ids_kind = "int64" if row_ids else next(f.ids_kind for f in files if f.rows)
-    plan = make_import_plan([f.rows for f in files], dim * store_dtype.itemsize, chunk,
-                            run.block_bytes, [restart_points(f) for f in files])
+    plan, store_dtype, ids_kind = plan_import(files, chunk_rows=chunk_rows, dtype=dtype,
+                                              row_ids=row_ids, block_bytes=run.block_bytes)
+    chunk, total = plan.chunk_rows, plan.rows
     fingerprint = {
         "inputs": {f.url: f.fingerprint(i) for i, f in enumerate(files)},
         "options": {"dtype": store_dtype.name, "chunk_rows": chunk, "ids": ids_kind,
