@@ -351,54 +351,81 @@ def import_vectors(inputs, output: str, *, ids_column: Optional[str] = None,
     """
     from ..storage.job import default_checkpoint
     from .runs import RunReport
-    from ..storage.job import Job, finished_or_refuse
-    from ..execution.cluster import session
-    from ..storage.output_job import output_job
-    from ..storage.locations import check_disjoint
     from ..options import Execution, JobOptions, keywords_of, requests
-    from ..storage.outputs import STORE_KINDS, check_replaceable, chunks_damage
 
     t0 = time.perf_counter()
     so = storage_options
     given = requests("import_vectors", {"job": job, "execution": execution}, keywords,
                      {"job": keywords_of(JobOptions), "execution": keywords_of(Execution)})
     job, run = given["job"], given["execution"]
-    overwrite, restart = job.overwrite, job.restart
     if ids_column is not None and row_ids:
         raise InputError("give either an id column (--ids-column) or --row-ids, not both")
     ckpt = default_checkpoint(output) if job.checkpoint is None else (job.checkpoint or None)
-    expanded = expand_inputs(inputs, so)
-    check_disjoint({f"input {name}": url for name, url, *_ in expanded},
-                   {"output": output, "checkpoint": ckpt}, so)
-    files = probe_all(expanded, vector_column=vector_column, ids_column=ids_column)
+    files = _probe_inputs(inputs, output, ckpt, so, vector_column, ids_column)
     if model is None and files_model(files) is not None:
         model = files_model(files)
         log.info("model %r: named by the inputs' bigalign export metadata", model)
     dim = next(f.dim for f in files if f.rows)
     plan, store_dtype, ids_kind = plan_import(files, chunk_rows=chunk_rows, dtype=dtype,
                                               row_ids=row_ids, block_bytes=run.block_bytes)
-    chunk, total = plan.chunk_rows, plan.rows
     fingerprint = {
         "inputs": {f.url: f.fingerprint(i) for i, f in enumerate(files)},
-        "options": {"dtype": store_dtype.name, "chunk_rows": chunk, "ids": ids_kind,
+        "options": {"dtype": store_dtype.name, "chunk_rows": plan.chunk_rows, "ids": ids_kind,
                     "ids_column": ids_column, "vector_column": vector_column,
                     "row_ids": bool(row_ids), "model": model}}
-    node = check_replaceable(output, "output", so, kinds=STORE_KINDS)
-    if node.kind == "embedding-store" and node.complete:
-        if finished_or_refuse(node, fingerprint, output, overwrite, restart, ckpt, so,
-                              damage=lambda: chunks_damage(output, so)):
-            log.warning("%s is already complete with the same inputs and options: nothing "
-                        "to do", output)
-            return RunReport(0, time.perf_counter() - t0, 0, 0, 0, total, True)
-    elif node.kind == "embedding-store" and not (overwrite or restart or
-                                                 (ckpt and Job(ckpt, so).exists())):
-        raise InputError(f"output {output!r} is an incomplete embedding store with no "
-                         "recorded progress; pass --overwrite to write it again")
+    if _already_complete(output, fingerprint, job, ckpt, so):
+        log.warning("%s is already complete with the same inputs and options: nothing "
+                    "to do", output)
+        return RunReport(0, time.perf_counter() - t0, 0, 0, 0, plan.rows, True)
     target = _ImportTarget(output, plan, dim, store_dtype, ids_kind, model, so, {
         "made_by": "import", "inputs": [f.name for f in files[:1000]],
         "input_files": len(files)})
+    return _run(target, files, fingerprint, ckpt, job, run, row_ids, t0)
+
+
+def _probe_inputs(inputs, output: str, ckpt: Optional[str], so, vector_column,
+                  ids_column) -> list[SourceFile]:
+    """The input files expanded (globs), checked not to alias the output or checkpoint,
+    and probed (metadata only: :func:`probe_all`)."""
+    from ..storage.locations import check_disjoint
+
+    expanded = expand_inputs(inputs, so)
+    check_disjoint({f"input {name}": url for name, url, *_ in expanded},
+                   {"output": output, "checkpoint": ckpt}, so)
+    return probe_all(expanded, vector_column=vector_column, ids_column=ids_column)
+
+
+def _already_complete(output: str, fingerprint: dict, job, ckpt: Optional[str], so) -> bool:
+    """True when ``output`` is a complete store of these inputs and options (a rerun is a
+    no-op); refuses (InputError) a complete store of others without --overwrite, and an
+    incomplete one with no recorded progress."""
+    from ..storage.job import Job, finished_or_refuse
+    from ..storage.outputs import STORE_KINDS, check_replaceable, chunks_damage
+
+    node = check_replaceable(output, "output", so, kinds=STORE_KINDS)
+    if node.kind == "embedding-store" and node.complete:
+        return bool(finished_or_refuse(node, fingerprint, output, job.overwrite, job.restart,
+                                       ckpt, so, damage=lambda: chunks_damage(output, so)))
+    if node.kind == "embedding-store" and not (job.overwrite or job.restart or
+                                               (ckpt and Job(ckpt, so).exists())):
+        raise InputError(f"output {output!r} is an incomplete embedding store with no "
+                         "recorded progress; pass --overwrite to write it again")
+    return False
+
+
+def _run(target: "_ImportTarget", files: list, fingerprint: dict, ckpt: Optional[str], job,
+         run, row_ids: bool, t0: float):
+    """The import as a region job (:func:`bigalign.storage.output_job.output_job`): create
+    or resume the store, run the graph of the regions left, verify, count duplicate ids,
+    complete. Returns the :class:`bigalign.RunReport`."""
+    from .runs import RunReport
+    from ..execution.cluster import session
+    from ..storage.output_job import output_job
+
+    output, so, plan = target.url, target.storage_options, target.plan
+    dim, store_dtype = target.dim, target.dtype
     with output_job(target, ckpt, "import", fingerprint, asdict(plan.regions),
-                    storage_options=so, restart=restart, replace=overwrite) as region:
+                    storage_options=so, restart=job.restart, replace=job.overwrite) as region:
         plan = target.plan = ImportPlan(plan.file_rows, ApplyPlan(**region.manifest["plan"]),
                                         plan.row_groups)
         expected = plan.region_rows()
