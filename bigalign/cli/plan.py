@@ -1,12 +1,16 @@
-"""Command line for ``bigalign plan fit|apply|export``: a dry run that reads metadata only.
+"""Command line for ``bigalign plan fit|apply|export|import``: a dry run (metadata only).
 
 From real inputs (``plan fit SOURCE TARGET``, ``plan apply TRANSFORM SOURCE``, ``plan export
-STORE``: their Zarr metadata and the transform's shape are read, no chunk is listed or read) or from shapes
-(``--rows N --dims D[,D2] [--chunk-rows C] [--shard-rows S] [--dtype T]``) it prints what
-the run would do: tasks, checkpoint units or markers, bytes read and written, storage
-requests, memory per thread and worker and, with ``--workers``, an estimated time at
-measured per-core rates (:data:`bigalign.planning.estimates.CORE_RATES`). ``--json`` for
-machines. Thin like cli.py: the arithmetic is :mod:`bigalign.planning.plan`'s and
+STORE``, ``plan import FILE...``: their Zarr metadata, the transform's shape, the files'
+footers and headers; no chunk is listed or read) or from shapes (``--rows N --dims D[,D2]
+[--chunk-rows C] [--shard-rows S] [--dtype T]``, and ``--files F`` for an import) it prints
+what the run would do: tasks, checkpoint units or markers, bytes read and written, storage
+requests, memory per thread and worker and, with ``--workers``, an estimated time: the
+longest of computing at measured per-core rates
+(:data:`bigalign.planning.estimates.CORE_RATES`), reading and writing at the storage
+bandwidth (:class:`bigalign.planning.estimates.Bandwidth`; ``--read-mb-s``,
+``--write-mb-s``, ``--max-read-gb-s``, ``--max-write-gb-s``). ``--json`` for machines.
+Thin like cli.py: the arithmetic is :mod:`bigalign.planning.plan`'s and
 :mod:`bigalign.planning.estimates`'.
 """
 

@@ -25,7 +25,7 @@ __all__ = ["CORE_RATES", "core_rate", "estimate_fit", "estimate_apply", "estimat
 #: final SVD not): fit with Gram matrices (the default), fit without them
 #: (--no-diagnostics), and apply. Other d interpolate in the arithmetic per row
 #: (:func:`core_rate`). Cores with AVX-512 or faster memory run faster; a cluster on an
-#: object store may be bound by its bandwidth instead (compare the plan's bytes with it).
+#: object store may be bound by its bandwidth instead (:class:`Bandwidth` bounds the time).
 CORE_RATES = {
     "fit": {384: 137_400, 1024: 19_500, 4096: 830},
     "fit-nodiag": {384: 220_800, 1024: 40_100, 4096: 2_420},
@@ -42,9 +42,8 @@ CORE_RATES_SOURCE = "measured 2026-11-27 by benchmarks/core_rates.py on a 2-core
 READ_BYTES_PER_WORKER = 430e6
 WRITE_BYTES_PER_WORKER = 800e6
 #: Where the default bandwidths come from, printed with every estimate.
-BANDWIDTH_SOURCE = ("measured 2026-12-07 by benchmarks/io_rates.py on a 2-core VM's local "
-                    "disk; set --read-mb-s/--write-mb-s per worker, "
-                    "--max-read-gb-s/--max-write-gb-s for the storage")
+BANDWIDTH_SOURCE = ("a local disk, benchmarks/io_rates.py 2026-12-07; set yours: "
+                    "--read-mb-s/--write-mb-s, --max-read-gb-s/--max-write-gb-s")
 
 
 @dataclass(frozen=True)
@@ -302,8 +301,8 @@ def estimate_import(plan, dim: int, item_in: int, item_out: int, ids_kind: Optio
     _time(out, rate or per_core / (dim * item_in), rows, workers, threads, per_thread,
           bandwidth)
     if rate is None:
-        out["rate"]["source"] = (f"~{per_core / 1e6:,.0f} MB/s of input vectors per core "
-                                 "(benchmarks/import_bench.py on a 2-core VM)")
+        out["rate"]["source"] = (f"~{per_core / 1e6:,.0f} MB/s of input vectors per core, "
+                                 "measured by benchmarks/import_bench.py on a 2-core VM")
     return out
 
 

@@ -207,7 +207,8 @@ def make_import_plan(file_rows: Sequence[int], row_bytes: int, chunk_rows: int,
     ``chunk_rows`` holding about ``block_bytes`` of output (``row_bytes`` a row), at least
     :data:`~bigalign.planning.plan.MIN_BLOCKS` regions when there are enough chunks, and
     grown until the graph fits the task budget apply has (``task_budget``, default
-    :func:`~bigalign.planning.plan.max_tasks`; :func:`~bigalign.planning.plan.regions_within_budget`).
+    :func:`~bigalign.planning.plan.max_tasks`;
+    :func:`~bigalign.planning.plan.regions_within_budget`).
     A region is written ``regions.rows_per_write`` rows (about ``block_bytes``) at a time,
     so a task's memory stays one write however large its region grows. ``row_groups`` as
     :class:`ImportPlan` says (default: every file read directly)."""
