@@ -117,6 +117,9 @@ def _add_storage_and_import_flags(p) -> None:
                    help="import from shapes: the ids the files hold (default: none)")
     p.add_argument("--ids-column", metavar="COL",
                    help="import from files: the Parquet id column, as import --ids-column")
+    p.add_argument("--vector-column", metavar="COL",
+                   help="import from files: the Parquet vector column, as import "
+                        "--vector-column")
 
 
 def _count(text: str, what: str) -> int:
@@ -321,7 +324,8 @@ def _plan_import(args, so, block: int, timing: dict):
     if args.inputs:
         from ..commands.ingest import expand_inputs, probe_all
 
-        files = probe_all(expand_inputs(args.inputs, so), ids_column=args.ids_column)
+        files = probe_all(expand_inputs(args.inputs, so), ids_column=args.ids_column,
+                          vector_column=args.vector_column)
         plan, dtype, ids = plan_import(files, chunk_rows=chunk, dtype=args.out_dtype,
                                        block_bytes=block)
         filled = [f for f in files if f.rows]

@@ -29,11 +29,12 @@ How it works, in the house style (a plan + a job + a graph):
   after every region is verified done. A rerun after a crash writes the missing regions; a
   rerun of a finished import is a no-op; changed inputs are refused, naming what changed.
 * **The graph** has one task per unit: stream the unit's file spans once, in batches of
-  about a region; fill one region buffer at a time, validate (right dimension, no nulls,
-  numbers, finite), cast to the store's dtype, write the region's embeddings (and ids)
-  chunks and mark it done. Memory per task: one region plus the batch in hand (and, for
-  Parquet, what polars holds while decoding a row group). Any error names the file and
-  the row in it (0-based).
+  about a write; fill one write's buffer at a time, validate (right dimension, no nulls,
+  numbers, finite), cast to the store's dtype, write its embeddings (and ids) chunks, and
+  mark a region done after its last write. Memory per task: one write (a region, or ~64
+  MiB of whole chunks of a region grown to keep the graph within the task budget) plus the
+  batch in hand (and, for Parquet, what polars holds while decoding a row group). Any error
+  names the file and the row in it (0-based).
 
 Readers: one class per format behind one interface (:mod:`bigalign.storage.formats`: probe,
 read a slice, stream batches, restart points), found by extension; this module only calls
