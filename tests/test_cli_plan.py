@@ -162,3 +162,95 @@ def test_plan_fit_of_stores_paired_by_id_says_how_to_plan_it(capsys, tmp_path):
     assert "at most 300" in err
     assert main(["plan", "fit", write_zarr(tmp_path / "a.zarr", a, 100), t + "/embeddings"]) == 2
     assert "row i of source is paired with row i of target" in capsys.readouterr().err
+
+
+# ---- time bounded by compute, reads and writes -------------------------------------------
+
+def test_apply_time_is_bound_by_writes_not_only_compute(capsys):
+    """1.5 TB written by 50 workers at 200 MB/s each is 154 s, whatever the cores; the
+    estimate once said 3 s (compute alone). Every figure here is arithmetic on the flags:
+    the rows, the bytes (rows x d x 4), the workers and the bandwidths given."""
+    rows, workers, threads, rate = 10**9, 50, 8, 500_000.0
+    est = json.loads(run(capsys, "apply", "--rows", "1e9", "--dims", "64,384", "--workers",
+                         workers, "--threads-per-worker", threads, "--rate", rate,
+                         "--read-mb-s", 100, "--write-mb-s", 200, "--json"))
+    t = est["time"]
+    compute = rows / (rate * workers * threads)            # 5 s
+    reads = rows * 64 * 4 / (100e6 * workers)               # 51.2 s
+    writes = rows * 384 * 4 / (200e6 * workers)             # 153.6 s
+    assert est["bytes_written"] == rows * 384 * 4
+    assert t["bound"] == "write" and t["seconds"] == pytest.approx(writes)
+    assert (t["compute_seconds"], t["read_seconds"]) == (pytest.approx(compute),
+                                                         pytest.approx(reads))
+    assert t["serial_seconds"] == pytest.approx(compute + reads + writes)
+    assert (t["read_bytes_per_second"], t["write_bytes_per_second"]) == (5e9, 1e10)
+    # a storage ceiling under what the workers could write bounds it instead
+    capped = json.loads(run(capsys, "apply", "--rows", "1e9", "--dims", "64,384",
+                            "--workers", workers, "--write-mb-s", 200, "--max-write-gb-s", 4,
+                            "--json"))["time"]
+    assert capped["seconds"] == pytest.approx(rows * 384 * 4 / 4e9)  # 384 s
+    text = run(capsys, "apply", "--rows", "1e9", "--dims", "64,384", "--workers", workers,
+               "--threads-per-worker", threads, "--rate", rate, "--read-mb-s", 100,
+               "--write-mb-s", 200)
+    assert "100.0 MB/s read and 200.0 MB/s written per worker (given on the command line)" \
+        in text
+    assert "estimated time    3 min on 50 workers x 8 threads (400 cores), bound by " \
+        "writing" in text and "reads 51 s at 5.0 GB/s, writes 3 min at 10.0 GB/s" in text
+
+
+@pytest.mark.parametrize("kind", ["fit", "apply", "export", "import"])
+def test_every_estimate_is_bound_by_reads_and_writes(capsys, kind):
+    """With storage slow enough, every kind's time is its bytes over the bandwidth."""
+    dims = "64" if kind in ("export", "import") else "64,64"
+    base = [kind, "--rows", "1e8", "--dims", dims, "--workers", 10, "--json"]
+    slow_read = json.loads(run(capsys, *base, "--read-mb-s", 0.01))
+    assert slow_read["time"]["bound"] == "read"
+    assert slow_read["time"]["seconds"] == pytest.approx(slow_read["bytes_read"] / (0.01e6 * 10))
+    if kind != "fit":  # a fit writes a few partials: reads or compute bound it
+        slow_write = json.loads(run(capsys, *base, "--write-mb-s", 0.01))
+        assert slow_write["time"]["bound"] == "write"
+        assert slow_write["time"]["seconds"] == pytest.approx(
+            slow_write["bytes_written"] / (0.01e6 * 10))
+    default = json.loads(run(capsys, *base))["bandwidth"]
+    assert "benchmarks/io_rates.py" in default["source"]
+    assert default["read_per_worker"] > 0 and default["write_per_worker"] > 0
+
+
+# ---- plan import ----------------------------------------------------------------------------
+
+def test_plan_import_from_shapes_at_scale(capsys):
+    """10^10 rows in 40,000 Parquet files: within apply's task budget (48,000 x sqrt(10)),
+    a marker per region, the bytes of the rows, and a write (not a region) per thread."""
+    est = json.loads(run(capsys, "import", "--rows", "1e10", "--files", "40000", "--dims",
+                         "1024", "--ids", "string", "--workers", 100, "--json"))
+    assert est["rows"] == 10**10 and est["files"] == 40_000
+    assert est["tasks"] <= int(48_000 * 10 ** 0.5)
+    assert est["checkpoint"]["markers"] == est["regions"]
+    assert est["regions"] == -(-10**10 // est["rows_per_region"])
+    assert est["bytes_written"] == 10**10 * (1024 * 4 + 16)
+    assert est["rows_per_write"] * 1024 * 4 <= 64 * 2**20 < est["rows_per_region"] * 1024 * 4
+    text = run(capsys, "import", "--rows", "1e9", "--files", "4000", "--dims", "384")
+    assert "4,000 Parquet files; ids: none" in text and "pass --workers" in text
+    assert main(["plan", "import", "--rows", "10", "--files", "11", "--dims", "4"]) == 2
+    assert "more files than" in capsys.readouterr().err
+
+
+def test_plan_import_of_files_is_the_plan_the_import_makes(capsys, tmp_path):
+    import polars as pl
+
+    x = np.random.default_rng(5).standard_normal((3000, 8)).astype(np.float32)
+    files = []
+    for i, (a, b) in enumerate([(0, 700), (700, 1500), (1500, 3000)]):
+        files.append(str(tmp_path / f"p{i}.parquet"))
+        pl.DataFrame({"doc_id": [f"d{j}" for j in range(a, b)], "emb": x[a:b]}).with_columns(
+            pl.col("emb").arr.to_list()).write_parquet(files[-1], row_group_size=250)
+    block = str(100 * 8 * 4 / 2**20)
+    est = json.loads(run(capsys, "import", *files, "--chunk-rows", 100, "--block-mb", block,
+                         "--ids-column", "doc_id", "--json"))
+    from bigalign.commands.ingest import import_vectors
+
+    report = import_vectors(files, str(tmp_path / "s"), ids_column="doc_id",
+                            chunk_rows=100, block_bytes=100 * 8 * 4)
+    assert (est["regions"], est["unit_tasks"]) == (report.units_total, report.tasks)
+    assert est["ids"] == "string" and est["files"] == 3 and est["format"] == "parquet"
+    assert est["bytes_written"] == 3000 * (8 * 4 + 16)

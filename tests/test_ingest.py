@@ -128,6 +128,76 @@ def test_units_follow_row_groups():
     assert huge.units() == [list(range(8)), list(range(8, 16)), list(range(16, 20))]
 
 
+@settings(max_examples=200, deadline=None)
+@given(files=st.lists(st.integers(0, 60), min_size=1, max_size=12),
+       groups=st.lists(st.one_of(st.none(), st.integers(1, 25)), min_size=12, max_size=12),
+       chunk=st.integers(1, 20))
+def test_locate_and_restart_cost_agree_with_a_linear_scan(files, groups, chunk):
+    """The bisections (O(log files + log row groups)) against a row-by-row walk."""
+    if sum(files) == 0:
+        return
+    row_groups = [None if g is None else tuple([g] * (n // g) + ([n % g] if n % g else []))
+                  for g, n in zip(groups, files)]
+    plan = make_import_plan(files, 4, chunk, row_groups=row_groups)
+    walk = []  # (file, row in file, rows decoded for nothing, rows of its row group)
+    for f, n in enumerate(files):
+        g = groups[f]
+        for i in range(n):
+            walk.append((f, i) + ((0, 0) if g is None else (i % g, min(g, n - i // g * g))))
+    for row, (f, i, cost, size) in enumerate(walk):
+        assert plan.locate(row) == (f, i)
+        assert plan.restart_cost(row) == (cost, size)
+
+
+@pytest.mark.parametrize("rows,files", [(10**9, 4000), (10**10, 40_000)])
+def test_import_plan_takes_the_apply_task_budget(rows, files):
+    """At 10^10 rows the regions (64 MiB each) would be 232,520 tasks; the plan grows them
+    to apply's budget, 48,000 x sqrt(N / 10^9), written 64 MiB at a time."""
+    dim, item = 384, 4
+    file_rows = [rows // files] * files
+    chunk = choose_chunk_rows(dim, item, rows)
+    plan = make_import_plan(file_rows, dim * item, chunk, row_groups=[None] * files)
+    budget = int(48_000 * (rows / 1e9) ** 0.5)
+    regions = -(-rows // plan.regions.rows_per_block)
+    tree, width = 0, regions
+    while width > 1:
+        width = -(-width // 32)
+        tree += width
+    assert plan.tasks() == regions + tree <= budget
+    unbounded = -(-rows // (64 * 2**20 // (dim * item) // chunk * chunk))
+    grown = unbounded + 1 > budget
+    assert (plan.regions.rows_per_block > plan.regions.rows_per_write > 0) == grown
+    assert regions * 1.25 ** 2 > min(unbounded, budget)  # grown no further than needed
+    write = plan.regions.rows_per_write or plan.regions.rows_per_block
+    assert write % chunk == 0 and write * dim * item <= 64 * 2**20
+
+
+def test_a_grown_region_is_written_a_write_at_a_time(tmp_path, monkeypatch):
+    """Regions grown past the budget are written in whole-chunk writes of ~block bytes (a
+    task holds one write, not a region), marked done after their last write."""
+    from functools import partial
+
+    from bigalign.commands import ingest
+    from bigalign.storage import stores
+
+    x = vectors(3000, seed=9)
+    files = shards(tmp_path, x, [0, 333, 1700, 3000])
+    monkeypatch.setattr(ingest, "make_import_plan", partial(make_import_plan, task_budget=10))
+    calls = []
+    real = stores.write_rows
+    monkeypatch.setattr(stores, "write_rows", lambda arr, row, values, **kw: (
+        calls.append((kw["url"].rsplit("/", 1)[1], row, len(values))),
+        real(arr, row, values, **kw))[1])
+    rep = import_vectors(files, str(tmp_path / "s"), ids_column="doc_id", chunk_rows=50,
+                         block_bytes=50 * DIM * 4)
+    got, ids, _ = read_store(tmp_path / "s")
+    assert np.array_equal(got, x) and list(ids) == [f"doc-{j}" for j in range(3000)]
+    assert rep.units_total <= 16  # 60 chunks in at most MIN_BLOCKS regions
+    writes = sorted(c[1:] for c in calls if c[0] == "embeddings")
+    assert writes == [(row, 50) for row in range(0, 3000, 50)]  # a chunk per write
+    assert sorted(c[1:] for c in calls if c[0] == "ids") == writes
+
+
 @pytest.mark.parametrize("row_group_size", [37, 10_000])
 @pytest.mark.parametrize("batches", [True, False], ids=["stream", "slices"])
 def test_parquet_row_groups_and_readers_round_trip(tmp_path, monkeypatch, row_group_size,

@@ -29,11 +29,12 @@ How it works, in the house style (a plan + a job + a graph):
   after every region is verified done. A rerun after a crash writes the missing regions; a
   rerun of a finished import is a no-op; changed inputs are refused, naming what changed.
 * **The graph** has one task per unit: stream the unit's file spans once, in batches of
-  about a region; fill one region buffer at a time, validate (right dimension, no nulls,
-  numbers, finite), cast to the store's dtype, write the region's embeddings (and ids)
-  chunks and mark it done. Memory per task: one region plus the batch in hand (and, for
-  Parquet, what polars holds while decoding a row group). Any error names the file and
-  the row in it (0-based).
+  about a write; fill one write's buffer at a time, validate (right dimension, no nulls,
+  numbers, finite), cast to the store's dtype, write its embeddings (and ids) chunks, and
+  mark a region done after its last write. Memory per task: one write (a region, or ~64
+  MiB of whole chunks of a region grown to keep the graph within the task budget) plus the
+  batch in hand (and, for Parquet, what polars holds while decoding a row group). Any error
+  names the file and the row in it (0-based).
 
 Readers: one class per format behind one interface (:mod:`bigalign.storage.formats`: probe,
 read a slice, stream batches, restart points), found by extension; this module only calls
@@ -46,6 +47,7 @@ read a slice, stream batches, restart points), found by extension; this module o
 from __future__ import annotations
 
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -59,7 +61,7 @@ from ..execution import faults
 from ..execution.graph import task_count
 from ..words import counted
 from ..planning.import_plan import ImportPlan, Region, choose_chunk_rows, make_import_plan
-from ..planning.plan import ApplyPlan
+from ..planning.plan import DEFAULT_BLOCK_BYTES, ApplyPlan
 from ..storage.formats import (FORMATS, SourceFile, expand_inputs, iter_rows, probe,
                                read_slice, restart_points)
 from ..storage.output_job import ZarrTarget, classify
@@ -68,7 +70,7 @@ log = logging.getLogger("bigalign")
 
 __all__ = ["import_vectors", "SourceFile",
            "expand_inputs", "probe", "probe_all", "read_slice",
-           "iter_rows", "import_unit_task", "import_graph", "FORMATS"]
+           "iter_rows", "import_unit_task", "import_graph", "plan_import", "FORMATS"]
 
 STORE_DTYPES = ("float16", "float32", "float64")
 
@@ -113,11 +115,13 @@ def probe_all(expanded: list[tuple], *, vector_column=None, ids_column=None,
 # ==== execution: one task per unit of regions ==============================================
 
 class _RegionWriter:
-    """Fills one region's rows at a time from batches of rows, in order; when a region is
-    full it is validated (finite), written (embeddings, then ids) and marked done (after
-    its data; both fenced). Memory: one region's buffer (reused) plus the batch in hand."""
+    """Fills one region's rows at a time from batches of rows, in order, and writes them
+    ``write_rows`` (whole chunks; 0: the whole region) at a time: each write is validated
+    (finite) and written (embeddings, then ids, both fenced); the region is marked done
+    after its last write. Memory: one write's buffer (reused) plus the batch in hand."""
 
-    def __init__(self, files, regions: list, embeddings, ids, job, row_ids: bool, url: str):
+    def __init__(self, files, regions: list, embeddings, ids, job, row_ids: bool, url: str,
+                 write_rows: int = 0):
         from ..execution.engine import buffer
 
         self.files, self.regions, self.embeddings, self.ids = files, regions, embeddings, ids
@@ -125,17 +129,25 @@ class _RegionWriter:
         self.dtype = np.dtype(embeddings.dtype)
         self.dim = int(embeddings.shape[1])
         self.buffer = buffer
+        self.write_rows = int(write_rows or 0)
         self.k = -1
         self.written = 0
         self._next()
 
     def _next(self) -> None:
         self.k += 1
-        self.filled = 0
+        self.base = 0  # rows of the region written so far
+        self._open_write()
+
+    def _open_write(self) -> None:
+        self.filled = 0  # rows in the buffer
         self.id_parts: list = []
         if self.k < len(self.regions):
             r = self.regions[self.k]
-            self.out = self.buffer("import", r.rows, self.dim, self.dtype)
+            self.cap = r.rows - self.base
+            if self.write_rows:
+                self.cap = min(self.cap, self.write_rows)
+            self.out = self.buffer("import", self.cap, self.dim, self.dtype)
 
     def add(self, f: SourceFile, file_row: int, values: np.ndarray, found) -> None:
         """Rows [file_row, file_row + len(values)) of ``f``, which land where the current
@@ -143,7 +155,7 @@ class _RegionWriter:
         i = 0
         while i < len(values):
             r = self.regions[self.k]
-            take = min(len(values) - i, r.rows - self.filled)
+            take = min(len(values) - i, self.cap - self.filled)
             dst = self.out[self.filled:self.filled + take]
             with np.errstate(over="ignore", invalid="ignore"):
                 np.copyto(dst, values[i:i + take], casting="unsafe")
@@ -154,24 +166,31 @@ class _RegionWriter:
                 raise NonFiniteError(f"{f.name} row {file_row + i + bad}: the vector holds "
                                      f"NaN or Inf{cast}; embeddings must be finite")
             if self.ids is not None:
-                row = r.start + self.filled
+                row = r.start + self.base + self.filled
                 self.id_parts.append(np.arange(row, row + take, dtype=np.int64)
                                      if self.row_ids else found[i:i + take])
             self.filled += take
             i += take
-            if self.filled == r.rows:
-                self._finish(r)
+            if self.filled == self.cap:
+                self._flush(r)
 
-    def _finish(self, r: Region) -> None:
+    def _flush(self, r: Region) -> None:
+        """Write the buffer (rows [base, base + filled) of region ``r``); after the
+        region's last write, mark it done and go on to the next region."""
         from ..storage.stores import write_rows
 
         if self.job is not None:
             self.job.check_fence()
-        write_rows(self.embeddings, r.start, self.out, url=f"{self.url}/embeddings")
+        row = r.start + self.base
+        write_rows(self.embeddings, row, self.out, url=f"{self.url}/embeddings")
         if self.ids is not None:
             parts = self.id_parts
-            write_rows(self.ids, r.start, np.concatenate(parts) if len(parts) > 1
+            write_rows(self.ids, row, np.concatenate(parts) if len(parts) > 1
                        else parts[0], url=f"{self.url}/ids")
+        self.base += self.filled
+        if self.base < r.rows:
+            self._open_write()
+            return
         faults.point("import.region-written")
         if self.job is not None:
             self.job.mark_done(r.index, r.start, r.stop)
@@ -194,16 +213,19 @@ def _spans(regions: list) -> list[tuple[int, int, int]]:
 
 
 def import_unit_task(files: tuple, regions: tuple, embeddings, ids, job, *, row_ids: bool,
-                     url: str, storage_options: Optional[dict] = None) -> int:
+                     url: str, storage_options: Optional[dict] = None,
+                     write_rows: int = 0) -> int:
     """Import ``regions`` (the regions of one unit not yet done, in order): stream the file
-    spans of each run of consecutive regions once, writing each region as soon as it is
-    full. Returns the rows written."""
+    spans of each run of consecutive regions once, writing ``write_rows`` rows (whole
+    chunks; 0: a whole region) as soon as they are in, each region marked done after its
+    last write. Returns the rows written."""
     written = 0
     run: list = []
     for r in list(regions) + [None]:
         if run and (r is None or r.start != run[-1].stop):
-            writer = _RegionWriter(files, run, embeddings, ids, job, row_ids, url)
-            batch = max(region.rows for region in run)
+            writer = _RegionWriter(files, run, embeddings, ids, job, row_ids, url,
+                                   write_rows)
+            batch = min(max(region.rows for region in run), write_rows or math.inf)
             for fi, a, b in _spans(run):
                 for row, values, found in iter_rows(files[fi], a, b, batch, storage_options):
                     writer.add(files[fi], row, values, found)
@@ -243,7 +265,8 @@ def import_graph(files: tuple, plan: ImportPlan, embeddings, ids, *, done=frozen
     from ..execution.graph import GraphSpec, Group, Leaf, Shared, build, token
     from ..planning.plan import COUNT_FAN_IN
 
-    task = partial(import_unit_task, row_ids=row_ids, url=url, storage_options=storage_options)
+    task = partial(import_unit_task, row_ids=row_ids, url=url, storage_options=storage_options,
+                   write_rows=plan.regions.rows_per_write)
     regions = plan.region_list()
     groups = []
     for u, unit in enumerate(plan.units()):
@@ -270,6 +293,24 @@ def _store_dtype(files: list[SourceFile], dtype: Optional[str]) -> np.dtype:
     if len(kinds) == 1 and next(iter(kinds)).name in STORE_DTYPES:
         return np.dtype(next(iter(kinds)).name)
     return np.dtype(np.float32)
+
+
+def plan_import(files: list[SourceFile], *, chunk_rows: Optional[int] = None,
+                dtype: Optional[str] = None, row_ids: bool = False,
+                block_bytes: int = DEFAULT_BLOCK_BYTES):
+    """The plan :func:`import_vectors` makes for probed ``files`` (``bigalign plan import``
+    shows it): (:class:`ImportPlan`, the store's dtype, its ids kind: "int64", "string"
+    or None). ``chunk_rows`` (default ~32 MiB of rows) and ``dtype`` as the import's."""
+    dim = next(f.dim for f in files if f.rows)
+    store_dtype = _store_dtype(files, dtype)
+    total = sum(f.rows for f in files)
+    if chunk_rows is not None and int(chunk_rows) <= 0:
+        raise InputError(f"--chunk-rows must be positive, got {chunk_rows}")
+    chunk = int(chunk_rows or choose_chunk_rows(dim, store_dtype.itemsize, total))
+    ids_kind = "int64" if row_ids else next(f.ids_kind for f in files if f.rows)
+    plan = make_import_plan([f.rows for f in files], dim * store_dtype.itemsize, chunk,
+                            block_bytes, [restart_points(f) for f in files])
+    return plan, store_dtype, ids_kind
 
 
 def import_vectors(inputs, output: str, *, ids_column: Optional[str] = None,
@@ -313,59 +354,81 @@ def import_vectors(inputs, output: str, *, ids_column: Optional[str] = None,
     """
     from ..storage.job import default_checkpoint
     from .runs import RunReport
-    from ..storage.job import Job, finished_or_refuse
-    from ..execution.cluster import session
-    from ..storage.output_job import output_job
-    from ..storage.locations import check_disjoint
     from ..options import Execution, JobOptions, keywords_of, requests
-    from ..storage.outputs import STORE_KINDS, check_replaceable, chunks_damage
 
     t0 = time.perf_counter()
     so = storage_options
     given = requests("import_vectors", {"job": job, "execution": execution}, keywords,
                      {"job": keywords_of(JobOptions), "execution": keywords_of(Execution)})
     job, run = given["job"], given["execution"]
-    overwrite, restart = job.overwrite, job.restart
     if ids_column is not None and row_ids:
         raise InputError("give either an id column (--ids-column) or --row-ids, not both")
     ckpt = default_checkpoint(output) if job.checkpoint is None else (job.checkpoint or None)
-    expanded = expand_inputs(inputs, so)
-    check_disjoint({f"input {name}": url for name, url, *_ in expanded},
-                   {"output": output, "checkpoint": ckpt}, so)
-    files = probe_all(expanded, vector_column=vector_column, ids_column=ids_column)
+    files = _probe_inputs(inputs, output, ckpt, so, vector_column, ids_column)
     if model is None and files_model(files) is not None:
         model = files_model(files)
         log.info("model %r: named by the inputs' bigalign export metadata", model)
     dim = next(f.dim for f in files if f.rows)
-    store_dtype = _store_dtype(files, dtype)
-    total = sum(f.rows for f in files)
-    if chunk_rows is not None and int(chunk_rows) <= 0:
-        raise InputError(f"--chunk-rows must be positive, got {chunk_rows}")
-    chunk = int(chunk_rows or choose_chunk_rows(dim, store_dtype.itemsize, total))
-    ids_kind = "int64" if row_ids else next(f.ids_kind for f in files if f.rows)
-    plan = make_import_plan([f.rows for f in files], dim * store_dtype.itemsize, chunk,
-                            run.block_bytes, [restart_points(f) for f in files])
+    plan, store_dtype, ids_kind = plan_import(files, chunk_rows=chunk_rows, dtype=dtype,
+                                              row_ids=row_ids, block_bytes=run.block_bytes)
     fingerprint = {
         "inputs": {f.url: f.fingerprint(i) for i, f in enumerate(files)},
-        "options": {"dtype": store_dtype.name, "chunk_rows": chunk, "ids": ids_kind,
+        "options": {"dtype": store_dtype.name, "chunk_rows": plan.chunk_rows, "ids": ids_kind,
                     "ids_column": ids_column, "vector_column": vector_column,
                     "row_ids": bool(row_ids), "model": model}}
-    node = check_replaceable(output, "output", so, kinds=STORE_KINDS)
-    if node.kind == "embedding-store" and node.complete:
-        if finished_or_refuse(node, fingerprint, output, overwrite, restart, ckpt, so,
-                              damage=lambda: chunks_damage(output, so)):
-            log.warning("%s is already complete with the same inputs and options: nothing "
-                        "to do", output)
-            return RunReport(0, time.perf_counter() - t0, 0, 0, 0, total, True)
-    elif node.kind == "embedding-store" and not (overwrite or restart or
-                                                 (ckpt and Job(ckpt, so).exists())):
-        raise InputError(f"output {output!r} is an incomplete embedding store with no "
-                         "recorded progress; pass --overwrite to write it again")
+    if _already_complete(output, fingerprint, job, ckpt, so):
+        log.warning("%s is already complete with the same inputs and options: nothing "
+                    "to do", output)
+        return RunReport(0, time.perf_counter() - t0, 0, 0, 0, plan.rows, True)
     target = _ImportTarget(output, plan, dim, store_dtype, ids_kind, model, so, {
         "made_by": "import", "inputs": [f.name for f in files[:1000]],
         "input_files": len(files)})
+    return _run(target, files, fingerprint, ckpt, job, run, row_ids, t0)
+
+
+def _probe_inputs(inputs, output: str, ckpt: Optional[str], so, vector_column,
+                  ids_column) -> list[SourceFile]:
+    """The input files expanded (globs), checked not to alias the output or checkpoint,
+    and probed (metadata only: :func:`probe_all`)."""
+    from ..storage.locations import check_disjoint
+
+    expanded = expand_inputs(inputs, so)
+    check_disjoint({f"input {name}": url for name, url, *_ in expanded},
+                   {"output": output, "checkpoint": ckpt}, so)
+    return probe_all(expanded, vector_column=vector_column, ids_column=ids_column)
+
+
+def _already_complete(output: str, fingerprint: dict, job, ckpt: Optional[str], so) -> bool:
+    """True when ``output`` is a complete store of these inputs and options (a rerun is a
+    no-op); refuses (InputError) a complete store of others without --overwrite, and an
+    incomplete one with no recorded progress."""
+    from ..storage.job import Job, finished_or_refuse
+    from ..storage.outputs import STORE_KINDS, check_replaceable, chunks_damage
+
+    node = check_replaceable(output, "output", so, kinds=STORE_KINDS)
+    if node.kind == "embedding-store" and node.complete:
+        return bool(finished_or_refuse(node, fingerprint, output, job.overwrite, job.restart,
+                                       ckpt, so, damage=lambda: chunks_damage(output, so)))
+    if node.kind == "embedding-store" and not (job.overwrite or job.restart or
+                                               (ckpt and Job(ckpt, so).exists())):
+        raise InputError(f"output {output!r} is an incomplete embedding store with no "
+                         "recorded progress; pass --overwrite to write it again")
+    return False
+
+
+def _run(target: "_ImportTarget", files: list, fingerprint: dict, ckpt: Optional[str], job,
+         run, row_ids: bool, t0: float):
+    """The import as a region job (:func:`bigalign.storage.output_job.output_job`): create
+    or resume the store, run the graph of the regions left, verify, count duplicate ids,
+    complete. Returns the :class:`bigalign.RunReport`."""
+    from .runs import RunReport
+    from ..execution.cluster import session
+    from ..storage.output_job import output_job
+
+    output, so, plan = target.url, target.storage_options, target.plan
+    dim, store_dtype = target.dim, target.dtype
     with output_job(target, ckpt, "import", fingerprint, asdict(plan.regions),
-                    storage_options=so, restart=restart, replace=overwrite) as region:
+                    storage_options=so, restart=job.restart, replace=job.overwrite) as region:
         plan = target.plan = ImportPlan(plan.file_rows, ApplyPlan(**region.manifest["plan"]),
                                         plan.row_groups)
         expected = plan.region_rows()

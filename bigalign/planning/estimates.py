@@ -1,18 +1,23 @@
 """What a plan costs, from shapes alone (``bigalign plan``): tasks, bytes read and written,
-storage requests, memory per task and per worker, and time at measured per-core rates
-(:data:`CORE_RATES`). The plans themselves are :mod:`bigalign.planning.plan`'s.
+storage requests, memory per task and per worker, and time: the longest of computing at
+measured per-core rates (:data:`CORE_RATES`), reading the bytes read and writing the bytes
+written at the storage bandwidth (:class:`Bandwidth`: per worker, measured here by default,
+and an optional ceiling for the whole cluster). The plans themselves are
+:mod:`bigalign.planning.plan`'s.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
-from .plan import (ApplyPlan, ExportPlan, FitPlan, apply_task_bytes, count_blocks,
-                   export_row_bytes, fit_task_bytes, partial_bytes)
+from .plan import (COUNT_FAN_IN, ApplyPlan, ExportPlan, FitPlan, apply_task_bytes,
+                   count_blocks, export_row_bytes, fit_task_bytes, partial_bytes, tree_nodes)
 
 __all__ = ["CORE_RATES", "core_rate", "estimate_fit", "estimate_apply", "estimate_export",
-           "EXPORT_BYTES_PER_CORE"]
+           "estimate_import", "EXPORT_BYTES_PER_CORE", "IMPORT_BYTES_PER_CORE", "Bandwidth",
+           "READ_BYTES_PER_WORKER", "WRITE_BYTES_PER_WORKER"]
 
 #: Rows per second per core, measured with benchmarks/core_rates.py on this project's 2-core
 #: dev machine (OpenBLAS 0.3.31 Haswell kernels, float32 Zarr in the page cache, 16 MiB
@@ -20,7 +25,7 @@ __all__ = ["CORE_RATES", "core_rate", "estimate_fit", "estimate_apply", "estimat
 #: final SVD not): fit with Gram matrices (the default), fit without them
 #: (--no-diagnostics), and apply. Other d interpolate in the arithmetic per row
 #: (:func:`core_rate`). Cores with AVX-512 or faster memory run faster; a cluster on an
-#: object store may be bound by its bandwidth instead (compare the plan's bytes with it).
+#: object store may be bound by its bandwidth instead (:class:`Bandwidth` bounds the time).
 CORE_RATES = {
     "fit": {384: 137_400, 1024: 19_500, 4096: 830},
     "fit-nodiag": {384: 220_800, 1024: 40_100, 4096: 2_420},
@@ -28,6 +33,36 @@ CORE_RATES = {
 }
 #: Where CORE_RATES come from, printed with every estimate.
 CORE_RATES_SOURCE = "measured 2026-11-27 by benchmarks/core_rates.py on a 2-core Haswell VM"
+
+#: Storage bandwidth of one worker (bytes/s) when none is given: this machine's local disk
+#: as Zarr reads (cold: evicted from the page cache) and writes (synced) it, float32 chunks
+#: of 16 MiB, 2 threads on 2 cores (benchmarks/io_rates.py, medians of 5: 859 and 1,603
+#: MB/s in total). A worker on an object store gets what its network and the store's
+#: request rate give it: measure it and pass ``--read-mb-s`` / ``--write-mb-s``.
+READ_BYTES_PER_WORKER = 430e6
+WRITE_BYTES_PER_WORKER = 800e6
+#: Where the default bandwidths come from, printed with every estimate.
+BANDWIDTH_SOURCE = ("a local disk, benchmarks/io_rates.py 2026-12-07; set yours: "
+                    "--read-mb-s/--write-mb-s, --max-read-gb-s/--max-write-gb-s")
+
+
+@dataclass(frozen=True)
+class Bandwidth:
+    """Storage bandwidth a plan's time assumes: bytes/s each worker reads and writes, and
+    the most the storage gives the whole cluster (None: no ceiling but the workers')."""
+
+    read_per_worker: float = READ_BYTES_PER_WORKER
+    write_per_worker: float = WRITE_BYTES_PER_WORKER
+    max_read: Optional[float] = None
+    max_write: Optional[float] = None
+    source: str = BANDWIDTH_SOURCE
+
+    def total(self, workers: int) -> tuple[float, float]:
+        """(read, write) bytes/s of ``workers`` workers, under the storage's ceilings."""
+        read = self.read_per_worker * workers
+        write = self.write_per_worker * workers
+        return (min(read, self.max_read or math.inf), min(write, self.max_write or math.inf))
+
 
 #: Memory of a Dask worker process before any task (Python, numpy, Dask, Zarr, s3fs).
 WORKER_BASE_BYTES = 300 * 2**20
@@ -83,7 +118,7 @@ def _chunk_gets(rows: int, chunk: int, shard: Optional[int], reads: int,
 def estimate_fit(plan: FitPlan, dims: tuple[int, int], itemsizes: tuple[int, int], gram: bool,
                  chunks: tuple[int, int], shards=(None, None), work: int = 4,
                  workers: Optional[int] = None, threads: int = 1,
-                 rate: Optional[float] = None) -> dict:
+                 rate: Optional[float] = None, bandwidth: Optional[Bandwidth] = None) -> dict:
     """What ``plan`` costs: tasks, checkpoint files and bytes, bytes and storage requests,
     memory per thread and worker, and (given ``workers``) time at CORE_RATES (or ``rate``
     rows/s per core). ``chunks``/``shards``: the inputs' (inner) chunk and shard rows."""
@@ -117,14 +152,15 @@ def estimate_fit(plan: FitPlan, dims: tuple[int, int], itemsizes: tuple[int, int
                    "client": (plan.fan_in + 3) * partial + 8 * 3 * dims[0] * dims[1]},
     }
     _time(out, rate or core_rate("fit" if gram else "fit-nodiag", *dims), rows, workers,
-          threads, per_thread)
+          threads, per_thread, bandwidth)
     return out
 
 
 def estimate_apply(plan: ApplyPlan, dims: tuple[int, int], item_in: int, item_out: int,
                    source_chunk: int, source_shard: Optional[int], out_chunk: int,
                    out_shard: Optional[int], workers: Optional[int] = None, threads: int = 1,
-                   rate: Optional[float] = None, ids: Optional[tuple[str, bool]] = None) -> dict:
+                   rate: Optional[float] = None, ids: Optional[tuple[str, bool]] = None,
+                   bandwidth: Optional[Bandwidth] = None) -> dict:
     """What ``plan`` costs (as :func:`estimate_fit`): regions and markers, bytes read and
     written, storage requests (source GETs, output PUTs, markers, fence checks, the
     listings that verify and ``status`` read), memory and time. ``ids``: (kind, stored) when
@@ -164,7 +200,8 @@ def estimate_apply(plan: ApplyPlan, dims: tuple[int, int], item_in: int, item_ou
         out["bytes_written"] += id_bytes
         out["requests"].update(ids_gets=max(writes, math.ceil(rows / source_chunk))
                                if stored else 0, ids_puts=puts)
-    _time(out, rate or core_rate("apply", *dims), rows, workers, threads, per_thread)
+    _time(out, rate or core_rate("apply", *dims), rows, workers, threads, per_thread,
+          bandwidth)
     return out
 
 
@@ -178,7 +215,8 @@ EXPORT_BYTES_PER_CORE = 327e6
 def estimate_export(plan: ExportPlan, dim: int, item_in: int, item_out: int,
                     ids_kind: str, ids_stored: bool, source_chunk: int,
                     source_shard: Optional[int], workers: Optional[int] = None,
-                    threads: int = 1, rate: Optional[float] = None) -> dict:
+                    threads: int = 1, rate: Optional[float] = None,
+                    bandwidth: Optional[Bandwidth] = None) -> dict:
     """What an export ``plan`` costs (as :func:`estimate_apply`): files, bytes read and
     written (uncompressed: float vectors barely compress), storage requests, memory and
     time at :data:`EXPORT_BYTES_PER_CORE`. ``ids_kind``: "int64" or "string" as written;
@@ -205,26 +243,98 @@ def estimate_export(plan: ExportPlan, dim: int, item_in: int, item_out: int,
                      "verify_list_pages": math.ceil(n / LIST_PAGE) or 1},
         "memory": {"per_thread": per_thread, "client": 0},
     }
-    _time(out, rate or EXPORT_BYTES_PER_CORE / row_out, rows, workers, threads, per_thread)
+    _time(out, rate or EXPORT_BYTES_PER_CORE / row_out, rows, workers, threads, per_thread,
+          bandwidth)
     if rate is None:
         out["rate"]["source"] = ("~327 MB/s of rows per core, measured by "
                                  "benchmarks/export_bench.py on a 2-core Haswell VM (noisy)")
     return out
 
 
+#: Import throughput per core in bytes of input vectors (README, benchmarks/import_bench.py
+#: on a 2-core VM, medians): Parquet 1M x 384 float32 with string ids in 3.96 s (~194 MB/s
+#: a core: decoding dominates); .npy 1.24M rows/s (~952 MB/s a core: copies and writes).
+IMPORT_BYTES_PER_CORE = {"parquet": 194e6, "direct": 952e6}
+
+
+def estimate_import(plan, dim: int, item_in: int, item_out: int, ids_kind: Optional[str],
+                    fmt: str = "parquet", files: Optional[int] = None,
+                    workers: Optional[int] = None, threads: int = 1,
+                    rate: Optional[float] = None,
+                    bandwidth: Optional[Bandwidth] = None) -> dict:
+    """What an import ``plan`` (:class:`~bigalign.planning.import_plan.ImportPlan`) costs,
+    as :func:`estimate_apply`: tasks (units and the count tree), regions and markers,
+    bytes read (vectors of ``item_in`` bytes a value, and ids) and written (the store:
+    ``item_out``, ids of ``ids_kind``: "int64", "string" or None), storage requests,
+    memory and time at :data:`IMPORT_BYTES_PER_CORE` of ``fmt`` ("parquet" or "direct":
+    .npy/.fvecs)."""
+    rows, chunk = plan.rows, plan.chunk_rows
+    regions = plan.regions
+    n = count_blocks(0, rows, regions.step, regions.rows_per_block)
+    _, per_write, _, _ = regions.layout()
+    writes = _reads_of(rows, per_write, n)
+    units = len(plan.units())
+    id_bytes = export_row_bytes(0, 0, ids_kind) if ids_kind else 0
+    puts = math.ceil(rows / chunk)
+    # a thread holds one write of the store's dtype, the batch in hand, and (Parquet) the
+    # row group polars decodes (about a batch again)
+    batch = per_write * (dim * item_in + id_bytes)
+    per_thread = per_write * (dim * item_out + id_bytes) + batch * (2 if fmt == "parquet"
+                                                                   else 1)
+    out = {
+        "kind": "import", "rows": rows, "dims": [dim], "format": fmt,
+        "files": len(plan.file_rows) if files is None else files,
+        "tasks": units + tree_nodes(units, COUNT_FAN_IN), "unit_tasks": units,
+        "count_tasks": tree_nodes(units, COUNT_FAN_IN), "regions": n,
+        "rows_per_region": regions.rows_per_block, "rows_per_write": per_write,
+        "output": {"chunk_rows": chunk, "shard_rows": None},
+        "checkpoint": {"markers": n, "files": n, "list_pages": math.ceil(n / LIST_PAGE) or 1},
+        "bytes_read": rows * (dim * item_in + id_bytes),
+        "bytes_written": rows * (dim * item_out + id_bytes),
+        "requests": {"chunk_gets": 0, "shard_index_gets": 0,
+                     "output_puts": puts * (2 if ids_kind else 1), "marker_puts": n,
+                     "fence_checks": writes + n,
+                     "verify_list_pages": math.ceil(n / LIST_PAGE) or 1},
+        "memory": {"per_thread": per_thread, "client": 0},
+    }
+    per_core = IMPORT_BYTES_PER_CORE["parquet" if fmt == "parquet" else "direct"]
+    _time(out, rate or per_core / (dim * item_in), rows, workers, threads, per_thread,
+          bandwidth)
+    if rate is None:
+        out["rate"]["source"] = (f"~{per_core / 1e6:,.0f} MB/s of input vectors per core, "
+                                 "measured by benchmarks/import_bench.py on a 2-core VM")
+    return out
+
+
 def _time(out: dict, rate: float, rows: int, workers: Optional[int], threads: int,
-          per_thread: int) -> None:
-    """Add the per-core rate, and with ``workers`` the cores, memory per worker and time
-    (compute only: storage bandwidth not counted), to an estimate."""
+          per_thread: int, bandwidth: Optional[Bandwidth] = None) -> None:
+    """Add the per-core rate, the storage bandwidth assumed, and with ``workers`` the cores,
+    memory per worker and time to an estimate: the longest of computing (``rows`` at
+    ``rate`` rows/s per core), reading ``bytes_read`` and writing ``bytes_written`` at the
+    cluster's bandwidth (``time.bound`` says which): a lower bound, as the three overlap
+    across tasks; ``time.serial_seconds``, their sum, is the time when nothing overlaps
+    (one disk and few cores doing all three, as on the machine that measured them)."""
+    bw = bandwidth or Bandwidth()
     threads = max(1, int(threads or 1))
     out["memory"]["per_worker"] = WORKER_BASE_BYTES + threads * per_thread
     out["memory"]["threads_per_worker"] = threads
     out["rate"] = {"rows_per_second_per_core": rate, "source": CORE_RATES_SOURCE}
+    out["bandwidth"] = {"read_per_worker": bw.read_per_worker,
+                        "write_per_worker": bw.write_per_worker,
+                        "max_read": bw.max_read, "max_write": bw.max_write,
+                        "source": bw.source}
     if workers:
         cores = int(workers) * threads
-        seconds = rows / (rate * cores)
+        read, write = bw.total(int(workers))
+        parts = {"compute": rows / (rate * cores), "read": out["bytes_read"] / read,
+                 "write": out["bytes_written"] / write}
+        bound = max(parts, key=parts.get)
+        seconds = parts[bound]
         out["time"] = {"workers": int(workers), "threads_per_worker": threads, "cores": cores,
-                       "seconds": seconds,
-                       "read_bytes_per_second": out["bytes_read"] / seconds}
+                       "seconds": seconds, "bound": bound,
+                       "serial_seconds": sum(parts.values()),
+                       "compute_seconds": parts["compute"], "read_seconds": parts["read"],
+                       "write_seconds": parts["write"],
+                       "read_bytes_per_second": read, "write_bytes_per_second": write}
         reqs = out["requests"]
         reqs["lease_renewals"] = 3 * math.ceil(seconds / LEASE_RENEWAL_S)

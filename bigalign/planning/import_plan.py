@@ -5,12 +5,15 @@ group is decoded about once. :func:`bigalign.commands.ingest.import_vectors` run
 from __future__ import annotations
 
 import bisect
+import functools
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from ..errors import InputError
-from .plan import DEFAULT_BLOCK_BYTES, MIN_BLOCKS, ApplyPlan, Block, choose_block_rows
+from .plan import (COUNT_FAN_IN, DEFAULT_BLOCK_BYTES, MIN_BLOCKS, ApplyPlan, Block,
+                   choose_block_rows, regions_within_budget, tree_nodes)
 
 __all__ = ["ImportPlan", "Slice", "Region", "make_import_plan", "choose_chunk_rows",
            "TARGET_CHUNK_BYTES", "UNIT_WASTE"]
@@ -79,12 +82,29 @@ class ImportPlan:
     def chunk_rows(self) -> int:
         return self.regions.step
 
+    @functools.cached_property
+    def _offsets(self) -> tuple:
+        """Store row of each file's first row, and the total: computed once (O(files))."""
+        return tuple(itertools.accumulate((int(n) for n in self.file_rows), initial=0))
+
+    @functools.cached_property
+    def _group_starts(self) -> tuple:
+        """For each file, the file rows where its row groups start (and its end), or None
+        where it is read directly: computed once, so :meth:`restart_cost` bisects."""
+        out = []
+        for f, n in enumerate(self.file_rows):
+            groups = self.row_groups[f] if f < len(self.row_groups) else None
+            if groups is None:
+                out.append(None)
+            elif not groups:  # unknown: the whole file is one row group
+                out.append((0, int(n)))
+            else:
+                out.append(tuple(itertools.accumulate(groups, initial=0)))
+        return tuple(out)
+
     def offsets(self) -> list[int]:
         """Store row of each file's first row (and the total at the end)."""
-        out = [0]
-        for n in self.file_rows:
-            out.append(out[-1] + int(n))
-        return out
+        return list(self._offsets)
 
     def blocks(self) -> list[Block]:
         return self.regions.blocks()
@@ -111,21 +131,18 @@ class ImportPlan:
     def restart_cost(self, row: int) -> tuple[int, int]:
         """``(rows decoded for nothing, rows of the row group)`` when a read starts at store
         row ``row``: a Parquet read starting inside a row group decodes it from its start.
-        ``(0, 0)`` for files read directly; the cost is 0 at file and row-group starts."""
+        ``(0, 0)`` for files read directly; the cost is 0 at file and row-group starts.
+        O(log files + log row groups)."""
         if row >= self.rows:
             return 0, 0
         f, i = self.locate(row)
-        groups = self.row_groups[f] if f < len(self.row_groups) else None
-        if groups is None:
+        starts = self._group_starts[f]
+        if starts is None:
             return 0, 0
-        if not groups:  # unknown: the whole file is one row group
-            return i, self.file_rows[f]
-        begin = 0
-        for g in groups:
-            if i < begin + g:
-                return i - begin, g
-            begin += g
-        return 0, 0
+        g = bisect.bisect_right(starts, i) - 1
+        if g >= len(starts) - 1:  # past the row groups the footer lists
+            return 0, 0
+        return i - starts[g], starts[g + 1] - starts[g]
 
     def units(self, waste: Optional[float] = None) -> list[list[int]]:
         """Consecutive regions grouped into units, one task each.
@@ -156,12 +173,19 @@ class ImportPlan:
         return units
 
     def locate(self, row: int) -> tuple[int, int]:
-        """(file index, row in that file) of store row ``row``."""
-        offsets = self.offsets()
+        """(file index, row in that file) of store row ``row``: a bisection over the files'
+        first rows (O(log files)); empty files are skipped."""
+        offsets = self._offsets
         f = bisect.bisect_right(offsets, row) - 1
-        while self.file_rows[f] == 0:
+        while f < len(self.file_rows) - 1 and self.file_rows[f] == 0:
             f += 1
         return f, row - offsets[f]
+
+    def tasks(self, waste: Optional[float] = None) -> int:
+        """Tasks of :func:`bigalign.commands.ingest.import_graph` with nothing done: one
+        per unit and the tree (fan-in COUNT_FAN_IN) that sums the rows written."""
+        n = len(self.units(waste))
+        return n + tree_nodes(n, COUNT_FAN_IN)
 
 
 def choose_chunk_rows(dim: int, itemsize: int, rows: int,
@@ -177,17 +201,25 @@ def choose_chunk_rows(dim: int, itemsize: int, rows: int,
 
 def make_import_plan(file_rows: Sequence[int], row_bytes: int, chunk_rows: int,
                      block_bytes: int = DEFAULT_BLOCK_BYTES,
-                     row_groups: Sequence = ()) -> ImportPlan:
+                     row_groups: Sequence = (), task_budget: Optional[int] = None
+                     ) -> ImportPlan:
     """Plan an import of files of ``file_rows`` rows (in order): regions of whole chunks of
     ``chunk_rows`` holding about ``block_bytes`` of output (``row_bytes`` a row), at least
-    :data:`~bigalign.planning.plan.MIN_BLOCKS` regions when there are enough chunks; ``row_groups``
-    as :class:`ImportPlan` says (default: every file read directly)."""
+    :data:`~bigalign.planning.plan.MIN_BLOCKS` regions when there are enough chunks, and
+    grown until the graph fits the task budget apply has (``task_budget``, default
+    :func:`~bigalign.planning.plan.max_tasks`;
+    :func:`~bigalign.planning.plan.regions_within_budget`).
+    A region is written ``regions.rows_per_write`` rows (about ``block_bytes``) at a time,
+    so a task's memory stays one write however large its region grows. ``row_groups`` as
+    :class:`ImportPlan` says (default: every file read directly)."""
     total = int(sum(file_rows))
     if total <= 0:
         raise InputError("the inputs hold no rows")
     if chunk_rows <= 0:
         raise InputError(f"chunk rows must be positive, got {chunk_rows}")
-    per = choose_block_rows(total, chunk_rows, row_bytes, block_bytes, MIN_BLOCKS)
+    per_write = choose_block_rows(total, chunk_rows, row_bytes, block_bytes, MIN_BLOCKS)
+    per = regions_within_budget(total, chunk_rows, per_write, per_write, task_budget)
     groups = tuple(None if g is None else tuple(int(n) for n in g) for g in row_groups)
-    return ImportPlan(tuple(int(n) for n in file_rows), ApplyPlan(total, chunk_rows, per),
-                      groups)
+    regions = ApplyPlan(total, chunk_rows, per, rows_per_write=per_write if per != per_write
+                        else 0, write_step=chunk_rows if per != per_write else 0)
+    return ImportPlan(tuple(int(n) for n in file_rows), regions, groups)

@@ -41,7 +41,7 @@ __all__ = ["Block", "common_step", "choose_block_rows", "plan_blocks", "count_bl
            "MAX_UNITS", "COUNT_FAN_IN", "FitPlan", "ApplyPlan", "make_fit_plan",
            "make_apply_plan", "plan_from_dict", "ExportPlan", "make_export_plan",
            "FILE_BYTES", "GROUP_BYTES", "export_row_bytes", "DEFAULT_MAX_QUERIES",
-           "MIN_CENTRED_QUERIES"]
+           "MIN_CENTRED_QUERIES", "regions_within_budget"]
 
 #: Output compression choices. Embeddings compress ~1.05-1.1x; Zarr 3's default zstd halves
 #: read/write speed (measured), so outputs are uncompressed unless asked.
@@ -197,6 +197,20 @@ def apply_task_count(n_regions: int) -> int:
 def _grow(rows: int, step: int) -> int:
     """The next larger block size: 5/4 as many rows, rounded up to a multiple of ``step``."""
     return max(rows + step, math.ceil(rows * 5 / 4 / step) * step)
+
+
+def regions_within_budget(rows: int, step: int, per: int, unit: int,
+                      budget: Optional[int] = None) -> int:
+    """Rows per region of an apply-shaped graph (one task per region of ``per`` rows, on
+    multiples of ``step``, and the count tree: :func:`apply_task_count`): ``per`` grown by
+    5/4 (in multiples of ``unit``) until the graph fits ``budget`` tasks (default
+    :func:`max_tasks` of ``rows``), never below :data:`MIN_BLOCKS` regions. Apply, import
+    and export share it, so every job has the same task budget."""
+    budget = max_tasks(rows) if budget is None else budget
+    while count_blocks(0, rows, step, per) > MIN_BLOCKS and \
+            apply_task_count(count_blocks(0, rows, step, per)) > budget:
+        per = _grow(per, unit)
+    return per
 
 
 def plan_units(n_blocks: int, block_bytes: int, partial_bytes: int, *,
@@ -547,11 +561,8 @@ def make_apply_plan(rows: int, chunk_rows: int, source_step: int, row_bytes: int
         per_read = min(per_write, choose_block_rows(rows, read_step, row_bytes, block_bytes))
     per = max(step, math.ceil(per_write / step) * step)
     per = min(per, max(step, math.ceil(rows / MIN_BLOCKS / step) * step))
-    budget = max_tasks(rows) if task_budget is None else task_budget
     unit = per_write if per_write % step == 0 else step  # grow by whole writes where they can
-    while count_blocks(0, rows, step, per) > MIN_BLOCKS and \
-            apply_task_count(count_blocks(0, rows, step, per)) > budget:
-        per = _grow(per, unit)
+    per = regions_within_budget(rows, step, per, unit, task_budget)
     per_write = min(per_write, per)
     return ApplyPlan(rows, step, per, aligned, offset, per_write, write_step, per_read,
                      read_step)
