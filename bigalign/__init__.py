@@ -23,9 +23,14 @@ _LAZY = {"Transform": ".transform", "apply": ".commands.apply", "fit": ".command
          "run_status": ".commands.status", "RunReport": ".commands.runs",
          "Procrustes": ".estimator", "FitOptions": ".options",
          "ApplyOptions": ".options", "Pairing": ".options",
-         "JobOptions": ".options", "Execution": ".options"}
+         "JobOptions": ".options", "Execution": ".options",
+         "import_vectors": ".commands.ingest", "export": ".commands.export",
+         "evaluate": ".commands.evaluate", "evaluate_retrieval": ".commands.retrieval",
+         "evaluate_verdict": ".commands.retrieval_verdict",
+         "learning_curve": ".commands.curve"}
 
-__all__ = ["fit", "apply", "Transform", "RunReport", "output_status", "output_damage", "run_status",
+__all__ = ["fit", "apply", "import_vectors", "export", "evaluate", "evaluate_retrieval",
+           "evaluate_verdict", "learning_curve", "Transform", "RunReport", "output_status", "output_damage", "run_status",
            "Procrustes", "FitOptions", "ApplyOptions", "Pairing", "JobOptions", "Execution",
            "BigalignError", "InputError", "NonFiniteError", "DamagedOutputError",
            "ChunkReadError", "CheckpointError", "__version__"]

@@ -147,8 +147,7 @@ def test_fit_by_ids_equals_fit_on_joined_pairs(tmp_path):
         got.metadata["job"]
     sub = bigalign.fit(s, t, center=True, sample=500, seed=1)
     assert sub.metadata["pairs"]["matched"] == 500
-    with pytest.raises(InputError, match="--rows selects row-aligned pairs"):
-        bigalign.fit(s, t, rows="0:100")
+    assert bigalign.fit(s, t, rows="0:100").metadata["pairs"]["rows"] == [0, 100]  # positions
     with pytest.raises(InputError, match="same rows|rows but target has"):
         bigalign.fit(s, t, pair_by="rows")
 
@@ -297,3 +296,50 @@ def test_killed_fit_by_ids_leaves_scratch_that_the_next_run_removes(tmp_path):
     np.testing.assert_array_equal(got.rotation, ref.rotation)
     np.testing.assert_array_equal(got.source_mean, ref.source_mean)
     np.testing.assert_array_equal(got.target_mean, ref.target_mean)
+
+
+# ---- training splits: --rows with inputs of other lengths, and with ids ----------------
+
+def test_rows_split_inputs_of_different_lengths(tmp_path):
+    import bigalign
+    from bigalign import InputError
+    from conftest import planted, write_zarr
+
+    a, b, _ = planted(1500, 6, noise=0.05, seed=31)
+    extra = np.random.default_rng(0).standard_normal((500, 6)).astype(np.float32)
+    s = write_zarr(tmp_path / "a.zarr", a, 100)
+    t = write_zarr(tmp_path / "b.zarr", np.r_[b, extra], 100)  # the target is longer
+    with pytest.raises(InputError, match=r"1,500 rows but target has 2,000.*--rows 0:1500"):
+        bigalign.fit(s, t)
+    got = bigalign.fit(s, t, rows="0:1000")
+    ref = bigalign.fit(write_zarr(tmp_path / "a1.zarr", a[:1000], 100),
+                       write_zarr(tmp_path / "b1.zarr", b[:1000], 100))
+    np.testing.assert_allclose(got.rotation, ref.rotation, atol=1e-6)
+    with pytest.raises(InputError, match="1600"):
+        bigalign.fit(s, t, rows="0:1600")  # past the shorter input's end
+
+
+def test_rows_with_ids_are_positions_in_the_matched_pairs_and_evaluate_holds_out_the_rest(
+        tmp_path):
+    import bigalign
+    from bigalign import InputError
+    from conftest import make_store, planted, write_zarr
+
+    a, b, _ = planted(800, 6, noise=0.05, seed=32)
+    ids = np.arange(800) * 3
+    order = np.random.default_rng(1).permutation(800)[:700]  # 100 source ids unmatched
+    src = make_store(tmp_path / "s.store", a, ids)
+    tgt = make_store(tmp_path / "t.store", b[order], ids[order])
+    t = bigalign.fit(src, tgt, rows="0:500")
+    assert t.metadata["n_pairs"] == 500 and t.metadata["pairs"]["rows"] == [0, 500]
+    # the oracle: the first 500 matched pairs in source row order, fitted row by row
+    matched = np.sort(order)
+    ref = bigalign.fit(write_zarr(tmp_path / "ra.zarr", a[matched[:500]], 100),
+                       write_zarr(tmp_path / "rb.zarr", b[matched[:500]], 100))
+    np.testing.assert_allclose(t.rotation, ref.rotation, atol=1e-6)
+    t.save(str(tmp_path / "t.transform"))
+    r = bigalign.evaluate(str(tmp_path / "t.transform"), src, tgt)
+    assert r["pairs"] == 200 and r["overlap_with_training"] == 0
+    assert "matched pairs 0:500" in str(r["pairing"])
+    with pytest.raises(InputError, match="give one"):
+        bigalign.fit(src, tgt, rows="0:500", sample=100)

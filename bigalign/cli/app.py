@@ -141,9 +141,12 @@ def _add_fit(sub) -> None:
     f.add_argument("--no-reflection", action="store_true",
                    help="force det(Q) = +1, a proper rotation (equal dimensions only)")
     f.add_argument("--rows", metavar="START:STOP",
-                   help="fit on this contiguous row range only (a training split); bounds "
-                        "past the array's end are an error; negative ones count from the "
-                        "end (write --rows=-1000: for a leading minus)")
+                   help="fit on this contiguous range only (a training split): rows of both "
+                        "inputs (they may differ in length: the range must lie in both), or, "
+                        "for stores paired by id, positions in the list of matched pairs "
+                        "(sorted by source row, as 'evaluate --rows'); bounds past the end "
+                        "are an error; negative ones count from the end (write --rows=-1000: "
+                        "for a leading minus)")
     f.add_argument("--no-diagnostics", action="store_true",
                    help="skip the Gram matrices A^T A, B^T B: about 2x faster, but no "
                         "dot-product discrepancy or bound in the metadata")

@@ -266,7 +266,8 @@ def _training_pairs(t, joined: Pairs, policy: str, source_ids, target_ids
         if swapped:
             fitted = Pairs(fitted.target_rows, fitted.source_rows)
         pos = np.sort(common_positions(fitted, joined))
-    how = (f"a sample of {record['matched']:,}, seed {record['seed']}" if record["sample"]
+    how = (f"matched pairs {record['rows'][0]}:{record['rows'][1]}" if record.get("rows") else
+           f"a sample of {record['matched']:,}, seed {record['seed']}" if record["sample"]
            and record["matched"] < fit_join.matched else "every matched pair")
     return pos, (f"the fit's pairs ({how}; duplicates {record['duplicates']}), rebuilt from "
                  "its record and verified by their sha256")

@@ -40,7 +40,7 @@ from ..storage.embedding_store import store_parts
 from ..storage.in_memory import InMemoryRows, adapt
 from ..storage.locations import canonical_url, check_disjoint
 from ..storage.outputs import TRANSFORM_KINDS, check_replaceable
-from ..storage.stores import open_embeddings, parse_rows, validate_pair
+from ..storage.stores import open_embeddings, parse_rows
 from ..transform import Transform
 from .select import Selection, select
 
@@ -153,10 +153,12 @@ def fit(source, target, options: Optional[FitOptions] = None, *,
                    {"output": output, "checkpoint": checkpoint}, so)
     by_ids = pair_by_ids(pair_by, src_ids, tgt_ids)
     if by_ids:
-        if rows is not None:
-            raise InputError("--rows selects row-aligned pairs; with ids use --sample")
+        if rows is not None and sample is not None:
+            raise InputError("--rows (a contiguous split of the matched pairs) and --sample "
+                             "(a random one) both choose the training pairs: give one")
     else:
-        validate_pair(src, tgt)
+        if rows is None or src.rows == tgt.rows:
+            _check_lengths(src, tgt)
         if sample is not None:
             raise InputError("--sample needs pairs by id (--pair-by ids)")
     fingerprints = {"source": src.fingerprint(), "target": tgt.fingerprint()}
@@ -166,7 +168,8 @@ def fit(source, target, options: Optional[FitOptions] = None, *,
     if by_ids:
         pairs, record = _pairs_by_id(src_ids, tgt_ids, pairing)
         run = _in_this_process(run)
-    start, stop = (0, pairs.matched) if pairs is not None else parse_rows(rows, src.rows)
+    start, stop = (0, pairs.matched) if pairs is not None else \
+        parse_rows(rows, min(src.rows, tgt.rows))
     dim_a, dim_b = src.dim, tgt.dim
     opts = fit_options.resolve(src.dtype, tgt.dtype)
     if not reflection and dim_a != dim_b:
@@ -196,6 +199,15 @@ def fit(source, target, options: Optional[FitOptions] = None, *,
                                 run, fan_in, so, t0, seed))
 
 
+def _check_lengths(src, tgt) -> None:
+    """Row-aligned inputs of different lengths need the rows to pair (``--rows``)."""
+    if src.rows != tgt.rows:
+        n = min(src.rows, tgt.rows)
+        raise InputError(f"source has {src.rows:,} rows but target has {tgt.rows:,}: row i "
+                         f"pairs with row i, so say which rows to fit on (--rows 0:{n} pairs "
+                         "every row the two have in common), or pair stores by id")
+
+
 def _in_this_process(run: Execution) -> Execution:
     """``run`` without a cluster: in-memory rows (numpy, Dask, gathered pairs) live in this
     process, so the job runs here (a warning says so when a cluster was asked for)."""
@@ -211,7 +223,11 @@ def _pairs_by_id(src_ids, tgt_ids, pairing: Pairing) -> tuple:
     says so, with what was matched logged."""
     duplicates, sample, seed = pairing.duplicates, pairing.sample, pairing.seed
     joined = pairs = join(src_ids, tgt_ids, duplicates=duplicates)
-    if sample is not None:
+    rows = None
+    if pairing.rows is not None:  # positions in the matched pairs (sorted by source row)
+        rows = parse_rows(pairing.rows, joined.matched)
+        pairs = joined.take(np.arange(*rows, dtype=np.int64))
+    elif sample is not None:
         pairs = sample_pairs(joined, int(sample), seed)
     log.info("paired by id: %d pairs; %d source and %d target ids unmatched%s",
              joined.matched, pairs.source_only, pairs.target_only,
@@ -221,7 +237,7 @@ def _pairs_by_id(src_ids, tgt_ids, pairing: Pairing) -> tuple:
                     "uses all of them and holds none out ('bigalign evaluate' of these "
                     "stores will have no held-out pairs); pass --sample below %d to "
                     "hold some out", int(sample), joined.matched, joined.matched)
-    return pairs, fit_record(joined, pairs, duplicates, sample, seed)
+    return pairs, fit_record(joined, pairs, duplicates, sample, seed, rows)
 
 
 def _finished(output, fingerprint: dict, job: JobOptions, checkpoint, so):

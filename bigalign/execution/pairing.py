@@ -212,13 +212,17 @@ def sample_pairs(pairs: Pairs, n: int, seed: int = 0) -> Pairs:
 
 
 def fit_record(joined: Pairs, fitted: Pairs, duplicates: str, sample: Optional[int],
-               seed: int) -> dict:
+               seed: int, rows: Optional[tuple] = None) -> dict:
     """What a fit by id records in ``Transform.metadata["pairs"]``: the fitted pairs'
     :meth:`Pairs.summary` (``matched``: pairs fitted; ``pairs_sha256``: their digest) and
     how to rebuild them: ``by`` "ids", the ``duplicates`` policy, ``sample`` / ``seed``,
+    ``rows`` ([start, stop): positions in the matched pairs, a contiguous split; or None),
     and ``joined``, the matched pairs before sampling."""
-    return dict(fitted.summary(), by="ids", duplicates=duplicates, sample=sample, seed=seed,
-                joined=joined.matched)
+    record = dict(fitted.summary(), by="ids", duplicates=duplicates, sample=sample, seed=seed,
+                  joined=joined.matched)
+    if rows is not None:
+        record["rows"] = [int(rows[0]), int(rows[1])]
+    return record
 
 
 def fitted_pairing(metadata: Optional[dict]) -> Optional[dict]:
@@ -235,7 +239,7 @@ def fitted_pairing(metadata: Optional[dict]) -> Optional[dict]:
     return {"duplicates": get("duplicates", "error"), "sample": get("sample"),
             "seed": int(get("seed", 0) or 0), "matched": int(pairs["matched"]),
             "joined": pairs.get("joined"), "sha256": pairs.get("pairs_sha256", job.get("sha256")),
-            "swapped": bool(pairs.get("swapped"))}
+            "swapped": bool(pairs.get("swapped")), "rows": pairs.get("rows")}
 
 
 def training_positions(joined: Pairs, record: dict) -> Optional[np.ndarray]:
@@ -246,8 +250,12 @@ def training_positions(joined: Pairs, record: dict) -> Optional[np.ndarray]:
     recorded digest (the stores or their ids changed since the fit): then which pairs were
     fitted on cannot be told."""
     sample = record.get("sample")
-    pos = (sample_positions(joined.matched, int(sample), record.get("seed", 0)) if sample
-           else np.arange(joined.matched, dtype=np.int64))
+    rows = record.get("rows")
+    if rows:
+        pos = np.arange(int(rows[0]), min(int(rows[1]), joined.matched), dtype=np.int64)
+    else:
+        pos = (sample_positions(joined.matched, int(sample), record.get("seed", 0)) if sample
+               else np.arange(joined.matched, dtype=np.int64))
     if record.get("sha256") is None or joined.take(pos).digest() != record["sha256"]:
         return None
     return pos
