@@ -560,3 +560,82 @@ def test_every_gated_metric_is_parsed_and_judged(tmp_path, key):
         assert verdict["criteria"] == [{"name": key, "value": value if value == value else
                                         verdict["criteria"][0]["value"], "threshold": 0.5,
                                         "passed": passed}]
+
+
+def _recall10(queries, docs):
+    """Oracle: share of queries whose own document (same row) is in the top 10 by cosine
+    (ties counted for the query), float64 in memory."""
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    d = docs / np.linalg.norm(docs, axis=1, keepdims=True)
+    s = q @ d.T
+    own = np.diag(s)
+    return float(np.mean((s > own[:, None]).sum(axis=1) < 10))
+
+
+@pytest.mark.parametrize("noise, passed", [(3.0, False), (0.01, True)])
+def test_a_map_worse_than_staying_on_the_old_model_is_rejected(tmp_path, noise, passed):
+    """Stay (old queries -> old documents) vs bridge (new queries -> mapped old documents)
+    on the held-out items, recall@10 with a paired bootstrap: a new model only loosely
+    related to the old one makes a bridge far worse than staying (exit 4, nothing
+    published); a close one passes. The figures equal an in-memory numpy search."""
+    rng = np.random.default_rng(7)
+    n, d = 1200, 16
+    a = rng.standard_normal((n, d))
+    rot = np.linalg.qr(rng.standard_normal((d, d)))[0]
+    b = a @ rot + noise * rng.standard_normal((n, d))
+    qa = a + 0.3 * rng.standard_normal((n, d))
+    qb = b + 0.3 * rng.standard_normal((n, d))
+    for name, x in (("a", a), ("b", b), ("qa", qa), ("qb", qb)):
+        zarr.create_array(str(tmp_path / f"{name}.zarr"), data=x, chunks=(CHUNK, d),
+                          compressors=None)
+    cfg = config(tmp_path / "stay.toml", "reg", source="a.zarr", target="b.zarr",
+                 apply=False, gate={"not_worse_than_stay": True, "queries_old": "qa.zarr",
+                                    "queries_new": "qb.zarr"})
+    assert realign(cfg, "--run-id", "s", "--summary", tmp_path / "s.json") == (
+        0 if passed else 4)
+    s = summary(tmp_path / "s.json")
+    held = holdout_mask(np.arange(n), 0.2)
+    stay = s["stay"]
+    assert stay["queries"] == stay["documents"] == int(held.sum())
+    assert stay["stay"]["recall@10"] == pytest.approx(_recall10(qa[held], a[held]))
+    assert stay["reembed"]["recall@10"] == pytest.approx(_recall10(qb[held], b[held]))
+    t = bigalign.Transform.load(s["candidate_transform"]) if not passed else \
+        Registry(tmp_path / "reg").load()
+    assert stay["bridge"]["recall@10"] == pytest.approx(
+        _recall10(qb[held], t.transform(a[held])), abs=1.5 / held.sum())  # float32 ties
+    for k in ("stay", "bridge", "reembed"):
+        lo, hi = stay[k]["interval"]
+        assert lo <= stay[k]["recall@10"] <= hi
+    (c,) = [c for c in s["gate"]["criteria"] if c["name"] == "not_worse_than_stay"]
+    assert c["passed"] is passed and c["value"] == stay["bridge"]["recall@10"]
+    lo, hi = c["difference"]["recall@10"]["interval"]
+    assert lo <= c["difference"]["recall@10"]["estimate"] <= hi
+    assert (hi < -0.005) is (not passed)
+    assert Registry(tmp_path / "reg").versions() == ([] if not passed else ["v0001"])
+
+
+def test_every_gated_figure_has_an_interval_holding_its_estimate(data, capsys):
+    """Recall@1/@10 and the held-out relative residual of every evaluated map come with a
+    bootstrap interval that holds the point estimate; the residual equals one computed in
+    numpy on the held-out rows; the printed verdict shows the intervals and 6 digits."""
+    tmp, a, b = data
+    cfg = config(tmp / "iv.toml", "reg-iv", source="a.zarr", target="b.zarr", apply=False)
+    assert main(["realign", cfg, "--run-id", "iv", "--summary", str(tmp / "iv.json")]) == 0
+    out = capsys.readouterr().out
+    s = summary(tmp / "iv.json")
+    assert s["bootstrap"]["resamples"] == 1000 and s["bootstrap"]["level"] == 0.95
+    for fig in (s["candidate"], s["no_alignment"]):
+        for key in ("recall@1", "recall@10", "heldout_relative_residual"):
+            lo, hi = fig["intervals"][key]
+            assert lo <= fig[key] <= hi  # (a recall of 1.0 on every resample: lo == hi)
+        lo, hi = fig["intervals"]["heldout_relative_residual"]
+        assert lo < fig["heldout_relative_residual"] < hi
+    held = holdout_mask(np.arange(N), 0.2)
+    t = Registry(tmp / "reg-iv").load()
+    y, tb = t.transform(a[held]), b[held]
+    ref = ((y - tb) ** 2).sum() / ((tb - tb.mean(axis=0)) ** 2).sum()
+    assert s["candidate"]["heldout_relative_residual"] == pytest.approx(ref, rel=1e-4)
+    assert s["train_relative_residual"] == t.metadata["relative_residual"]
+    assert "[" in out and "train relative residual" in out
+    assert "staying on the old model not checked" in out
+    assert "held-out residual" in out
