@@ -16,8 +16,9 @@ paths are relative to the file)::
     center = true                            # any fit option
     [gate]
     min_recall_at_10 = 0.9                   # held-out recall@10, mapped source -> native target
-    max_relative_residual = 0.6
+    max_heldout_relative_residual = 0.8      # not the training residual info prints
     not_worse_than_current = true            # the current version, on the same held-out pairs
+    # queries_old / queries_new + not_worse_than_stay = true: refuse a map worse than staying
     [apply]                                  # optional: map the corpus with the new version
     corpus = "s3://bucket/corpus/old.zarr"
     output = "s3://bucket/corpus/mapped-{version}.zarr"
@@ -39,14 +40,21 @@ The steps, each resumable, with their progress under ``REG/runs/<run id>/``:
    The fit, the evaluation and a resume then read these row-aligned copies, on a cluster too.
 3. **fit** the candidate on the training copies with :func:`bigalign.fit` (its own
    checkpointed job: a killed fit resumes unit by unit).
+   Before any of it, a run whose inputs and options (but ``[gate]``) are those of the run
+   that published the current version stops (status "unchanged", exit 0); after the fit, so
+   does one whose candidate has the current version's transform digest: nothing is
+   published or mapped again.
 4. **evaluate** the candidate, the current version and no alignment (equal dimensions) on
-   the held-out copies with :func:`bigalign.commands.evaluate_engine.evaluate_maps`:
-   recall@1/@10 (cosine, mapped source rows searched among every held-out native target
-   row) and the relative
-   residual. Recorded in ``evaluation.json``.
-5. **gate** (:func:`gate`): thresholds, and "not worse than current" (candidate recall@10
-   >= current's - tolerance and residual <= current's + tolerance). A failed gate
-   publishes nothing: the verdict says why, and the command exits 4.
+   the held-out copies (:func:`bigalign.commands.realign_gate.evaluate`): recall@1/@10
+   (cosine, mapped source rows searched among every held-out native target row) and the
+   held-out relative residual, each with a seeded bootstrap interval from the per-query
+   values of the one search, the paired differences candidate - current, and with
+   ``[gate] queries_old/new`` stay vs bridge (:mod:`bigalign.commands.realign_stay`).
+   Recorded in ``evaluation.json``.
+5. **gate** (:func:`bigalign.commands.realign_gate.gate`): thresholds on the estimates; "not
+   worse than current" / "than stay" fail only when the paired difference's interval lies
+   wholly beyond ``tolerance`` (0.005). A failed gate publishes nothing: the verdict says
+   why, and the command exits 4.
 6. **publish**: the candidate becomes the next version (transform, then its record);
 7. **apply** (optional): the corpus is mapped with that version into ``output``
    (``{version}`` replaced), resumable as any apply;
@@ -339,10 +347,11 @@ def _same_as_current(reg: Registry, fingerprint: dict) -> Optional[tuple[str, di
     record = reg.record(current, missing_ok=True) if current else None
     if not record or not record.get("inputs") or not record.get("config"):
         return None
-    inputs = {k: fingerprint["inputs"].get(k) for k in ("source", "target")}
     mine = {k: v for k, v in fingerprint["config"].items() if k != "gate"}
     theirs = {k: v for k, v in record["config"].items() if k != "gate"}
-    if _canonical(record["inputs"]) == _canonical(inputs) and \
+    pairs = ("source", "target")  # the queries of the stay check do not change the map
+    if _canonical({k: record["inputs"].get(k) for k in pairs}) == \
+            _canonical({k: fingerprint["inputs"].get(k) for k in pairs}) and \
             _canonical(theirs) == _canonical(mine):
         return current, record
     return None
