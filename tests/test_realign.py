@@ -53,7 +53,7 @@ def data(tmp_path_factory):
 def config(path, registry, *, source="old.zarr", target="new.zarr", gate=None, fit=None,
            apply=True, extra=""):
     """Write a realign TOML next to the data (relative paths are relative to it)."""
-    gate = gate or {"min_recall_at_10": 0.9, "max_relative_residual": 0.6,
+    gate = gate or {"min_recall_at_10": 0.9, "max_heldout_relative_residual": 0.6,
                     "not_worse_than_current": True}
     fit = fit or {"center": True}
     lines = [f'registry = "{registry}"', extra, "[pairs]", f'source = "{source}"',
@@ -87,7 +87,7 @@ def test_publish_then_rerun_of_the_finished_run_is_a_noop(data, capsys):
     assert s["pairs"]["train"] + s["pairs"]["holdout"] == 1000
     assert s["candidate"]["recall@10"] >= 0.9 and s["no_alignment"]["recall@10"] < 0.5
     assert {c["name"] for c in s["gate"]["criteria"]} == {
-        "min_recall_at_10", "max_relative_residual", "not_worse_than_current"}
+        "min_recall_at_10", "max_heldout_relative_residual", "not_worse_than_current"}
     assert reg.versions() == ["v0001"] and reg.current() == "v0001"
     record = reg.record("v0001")
     assert record["run_id"] == "week-1" and record["models"] == {"source": "old-model",
@@ -109,12 +109,40 @@ def test_publish_then_rerun_of_the_finished_run_is_a_noop(data, capsys):
     again = summary(tmp / "s2.json")
     assert again["already_done"] and again["version"] == "v0001"
     assert reg.versions() == ["v0001"] and reg.history() == history
-    # another run on the same data compares with the current version and publishes v0002
+    # another run id on unchanged data and options: the current version already is that
+    # fit; nothing fitted, nothing published, the corpus not mapped again (exit 0)
+    mtime = os.path.getmtime(tmp / "out" / "mapped-v0001.zarr" / "zarr.json")
     assert realign(cfg, "--run-id", "week-2", "--summary", tmp / "s3.json") == 0
     s3 = summary(tmp / "s3.json")
-    assert s3["version"] == "v0002" and s3["previous"] == "v0001"
-    assert s3["current_version"]["version"] == "v0001"
-    assert s3["current_version"]["recall@10"] == pytest.approx(s["candidate"]["recall@10"])
+    assert s3["status"] == "unchanged" and s3["passed"] and s3["exit_code"] == 0
+    assert s3["version"] == "v0001" and s3["same_as"]["run_id"] == "week-1"
+    assert reg.versions() == ["v0001"] and reg.history() == history
+    assert not os.path.exists(tmp / "out" / "mapped-v0002.zarr")
+    assert os.path.getmtime(tmp / "out" / "mapped-v0001.zarr" / "zarr.json") == mtime
+    assert not os.path.exists(tmp / "reg-pub" / "runs" / "week-2" / "pairs")
+    assert "already is this fit" in capsys.readouterr().err
+    # an option that does not change the map (diagnostics): fitted, the same digest,
+    # nothing published
+    same_map = config(tmp / "pub-diag.toml", "reg-pub", fit={"center": True,
+                                                            "diagnostics": True})
+    assert realign(same_map, "--run-id", "week-2b", "--summary", tmp / "s3b.json") == 0
+    s3b = summary(tmp / "s3b.json")
+    assert s3b["status"] == "unchanged" and "same map" in s3b["same_as"]["reason"]
+    assert reg.versions() == ["v0001"] and reg.history() == history
+    # a refit that differs by rounding only (float64 products): within the tolerance of the
+    # current version, published as v0002 with the paired differences and their intervals
+    near = config(tmp / "pub-f32.toml", "reg-pub", fit={"center": True,
+                                                       "precision": "float64"})
+    assert realign(near, "--run-id", "week-3", "--summary", tmp / "s4.json") == 0
+    s4 = summary(tmp / "s4.json")
+    assert s4["version"] == "v0002" and s4["previous"] == "v0001"
+    assert s4["current_version"]["version"] == "v0001"
+    assert s4["current_version"]["recall@10"] == pytest.approx(s["candidate"]["recall@10"])
+    (c,) = [c for c in s4["gate"]["criteria"] if c["name"] == "not_worse_than_current"]
+    assert c["passed"] and c["tolerance"] == 0.005
+    d = c["difference"]["heldout_relative_residual"]
+    assert d["interval"][0] <= d["estimate"] <= d["interval"][1]
+    assert abs(d["estimate"]) < 1e-4
     assert reg.current() == "v0002"
     # the same run id with other options is refused, naming what changed
     changed = config(tmp / "pub.toml", "reg-pub", gate={"min_recall_at_10": 0.5})
@@ -128,14 +156,14 @@ def test_publish_then_rerun_of_the_finished_run_is_a_noop(data, capsys):
 def test_a_failed_gate_publishes_nothing_and_exits_4(data, capsys):
     tmp, _, _ = data
     cfg = config(tmp / "fail.toml", "reg-fail", gate={"min_recall_at_10": 0.9,
-                                                      "max_relative_residual": 1e-9})
+                                                      "max_heldout_relative_residual": 1e-9})
     assert realign(cfg, "--run-id", "r1", "--summary", tmp / "f1.json") == 4
-    assert "failed the gate (max_relative_residual)" in capsys.readouterr().err
+    assert "failed the gate (max_heldout_relative_residual)" in capsys.readouterr().err
     s = summary(tmp / "f1.json")
     assert s["status"] == "rejected" and not s["passed"] and s["exit_code"] == 4
     assert s["version"] is None and s["apply"] is None
     failed = [c for c in s["gate"]["criteria"] if not c["passed"]]
-    assert [c["name"] for c in failed] == ["max_relative_residual"]
+    assert [c["name"] for c in failed] == ["max_heldout_relative_residual"]
     reg = Registry(tmp / "reg-fail")
     assert reg.versions() == [] and reg.current() is None and reg.history() == []
     assert not os.path.exists(tmp / "out" / "mapped-v0001.zarr.checkpoint")
@@ -151,7 +179,7 @@ def test_a_failed_gate_publishes_nothing_and_exits_4(data, capsys):
 
 def test_a_candidate_worse_than_the_current_version_is_rejected(data):
     tmp, _, _ = data
-    loose = {"min_recall_at_10": 0.0, "max_relative_residual": 10.0,
+    loose = {"min_recall_at_10": 0.0, "max_heldout_relative_residual": 10.0,
              "not_worse_than_current": True}
     good = config(tmp / "good.toml", "reg-worse", gate=loose, apply=False)
     assert realign(good, "--run-id", "centred") == 0
@@ -162,7 +190,10 @@ def test_a_candidate_worse_than_the_current_version_is_rejected(data):
     s = summary(tmp / "w.json")
     (c,) = [c for c in s["gate"]["criteria"] if c["name"] == "not_worse_than_current"]
     assert not c["passed"] and c["version"] == "v0001"
-    assert c["value"]["relative_residual"] > c["current"]["relative_residual"]
+    assert c["value"]["heldout_relative_residual"] > c["current"]["heldout_relative_residual"]
+    # worse with confidence: the paired interval lies wholly beyond the tolerance
+    d = c["difference"]["heldout_relative_residual"]
+    assert d["interval"][0] > c["tolerance"]
     assert Registry(tmp / "reg-worse").current() == "v0001"
     # with the comparison switched off the same candidate passes
     off = config(tmp / "off.toml", "reg-worse", apply=False, fit={"center": False},
@@ -237,18 +268,44 @@ def test_configuration_errors_exit_2(tmp_path, capsys, change, message):
     base = 'registry = "reg"\n' if not change.startswith("registry") else ""
     if not change.startswith("[pairs]") and not change.startswith("registry"):
         base += '[pairs]\nsource = "a"\ntarget = "b"\n'
+    if not change.startswith("[gate]") and not change.startswith("registry"):
+        base += '[gate]\nmin_recall_at_10 = 0.5\n'
     (tmp_path / "c.toml").write_text(base + change)
     assert realign(tmp_path / "c.toml") == 2
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("gate, message", [
+    ("", "sets no threshold"),                                 # no [gate] at all
+    ("[gate]\n", "allow_ungated = true"),                       # an empty one
+    ("[gate]\nnot_worse_than_current = true\ntolerance = 0.01\n", "sets no threshold"),
+    ("[gate]\nmax_relative_residual = 0.6\n",
+     "max_relative_residual was renamed max_heldout_relative_residual"),
+    ("[gate]\nnot_worse_than_stay = true\n", "not_worse_than_stay needs queries_old"),
+    ('[gate]\nmin_recall_at_10 = 0.5\nqueries_old = "q.zarr"\n', "go together"),
+    ("[gate]\nmin_recall_at_10 = 0.5\ntolerance = -0.1\n", "tolerance must be 0 or more"),
+])
+def test_a_gate_that_checks_nothing_or_uses_the_old_key_is_refused(tmp_path, capsys, gate,
+                                                                   message):
+    """No threshold (nor the stay check) means every candidate, the first unchecked, would
+    be published: refused (exit 2) unless allow_ungated = true; the old residual key is
+    refused naming the new one (the training and held-out residuals are two numbers)."""
+    (tmp_path / "c.toml").write_text('registry = "reg"\n[pairs]\nsource = "a"\n'
+                                     'target = "b"\n' + gate)
+    assert realign(tmp_path / "c.toml") == 2
+    assert message in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "reg")
+
+
 def test_config_relative_paths_and_defaults(tmp_path):
     (tmp_path / "c.toml").write_text('registry = "s3://bucket/reg"\n[pairs]\nsource = "x.zarr"\n'
-                                     'target = "/abs/y.zarr"\n')
+                                     'target = "/abs/y.zarr"\n[gate]\nallow_ungated = true\n')
     cfg = load_config(tmp_path / "c.toml")
     assert cfg.registry == "s3://bucket/reg" and cfg.source == str(tmp_path / "x.zarr")
     assert cfg.target == "/abs/y.zarr" and cfg.holdout == 0.1 and cfg.apply is None
     assert cfg.gate.not_worse_than_current and cfg.gate.min_recall_at_10 is None
+    assert cfg.gate.tolerance == 0.005 and cfg.gate.allow_ungated
+    assert not cfg.gate.not_worse_than_stay and cfg.gate.queries_old is None
 
 
 def test_a_second_realign_is_refused_while_one_holds_the_registry(data, capsys, monkeypatch):
@@ -296,12 +353,14 @@ def test_a_rollback_runs_while_a_realign_maps_its_corpus(data, monkeypatch):
     from bigalign.execution import faults
 
     tmp, _, _ = data
-    loose = {"min_recall_at_10": 0.5, "max_relative_residual": 0.9,
+    loose = {"min_recall_at_10": 0.5, "max_heldout_relative_residual": 0.9,
              "not_worse_than_current": False}
     path = tmp / "reg-during"
     reg = Registry(path)
     plain = config(tmp / "during.toml", path.name, gate=loose, apply=False)
-    assert realign(plain, "--run-id", "d1") == 0 and realign(plain, "--run-id", "d2") == 0
+    other = config(tmp / "during2.toml", path.name, gate=loose, apply=False,
+                   fit={"center": True, "precision": "float64"})  # another map: v0002
+    assert realign(plain, "--run-id", "d1") == 0 and realign(other, "--run-id", "d2") == 0
     cfg = tmp / "during3.toml"
     config(cfg, path.name, gate=loose)
     text = cfg.read_text()
@@ -501,3 +560,82 @@ def test_every_gated_metric_is_parsed_and_judged(tmp_path, key):
         assert verdict["criteria"] == [{"name": key, "value": value if value == value else
                                         verdict["criteria"][0]["value"], "threshold": 0.5,
                                         "passed": passed}]
+
+
+def _recall10(queries, docs):
+    """Oracle: share of queries whose own document (same row) is in the top 10 by cosine
+    (ties counted for the query), float64 in memory."""
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    d = docs / np.linalg.norm(docs, axis=1, keepdims=True)
+    s = q @ d.T
+    own = np.diag(s)
+    return float(np.mean((s > own[:, None]).sum(axis=1) < 10))
+
+
+@pytest.mark.parametrize("noise, passed", [(3.0, False), (0.01, True)])
+def test_a_map_worse_than_staying_on_the_old_model_is_rejected(tmp_path, noise, passed):
+    """Stay (old queries -> old documents) vs bridge (new queries -> mapped old documents)
+    on the held-out items, recall@10 with a paired bootstrap: a new model only loosely
+    related to the old one makes a bridge far worse than staying (exit 4, nothing
+    published); a close one passes. The figures equal an in-memory numpy search."""
+    rng = np.random.default_rng(7)
+    n, d = 1200, 16
+    a = rng.standard_normal((n, d))
+    rot = np.linalg.qr(rng.standard_normal((d, d)))[0]
+    b = a @ rot + noise * rng.standard_normal((n, d))
+    qa = a + 0.3 * rng.standard_normal((n, d))
+    qb = b + 0.3 * rng.standard_normal((n, d))
+    for name, x in (("a", a), ("b", b), ("qa", qa), ("qb", qb)):
+        zarr.create_array(str(tmp_path / f"{name}.zarr"), data=x, chunks=(CHUNK, d),
+                          compressors=None)
+    cfg = config(tmp_path / "stay.toml", "reg", source="a.zarr", target="b.zarr",
+                 apply=False, gate={"not_worse_than_stay": True, "queries_old": "qa.zarr",
+                                    "queries_new": "qb.zarr"})
+    assert realign(cfg, "--run-id", "s", "--summary", tmp_path / "s.json") == (
+        0 if passed else 4)
+    s = summary(tmp_path / "s.json")
+    held = holdout_mask(np.arange(n), 0.2)
+    stay = s["stay"]
+    assert stay["queries"] == stay["documents"] == int(held.sum())
+    assert stay["stay"]["recall@10"] == pytest.approx(_recall10(qa[held], a[held]))
+    assert stay["reembed"]["recall@10"] == pytest.approx(_recall10(qb[held], b[held]))
+    t = bigalign.Transform.load(s["candidate_transform"]) if not passed else \
+        Registry(tmp_path / "reg").load()
+    assert stay["bridge"]["recall@10"] == pytest.approx(
+        _recall10(qb[held], t.transform(a[held])), abs=1.5 / held.sum())  # float32 ties
+    for k in ("stay", "bridge", "reembed"):
+        lo, hi = stay[k]["interval"]
+        assert lo <= stay[k]["recall@10"] <= hi
+    (c,) = [c for c in s["gate"]["criteria"] if c["name"] == "not_worse_than_stay"]
+    assert c["passed"] is passed and c["value"] == stay["bridge"]["recall@10"]
+    lo, hi = c["difference"]["recall@10"]["interval"]
+    assert lo <= c["difference"]["recall@10"]["estimate"] <= hi
+    assert (hi < -0.005) is (not passed)
+    assert Registry(tmp_path / "reg").versions() == ([] if not passed else ["v0001"])
+
+
+def test_every_gated_figure_has_an_interval_holding_its_estimate(data, capsys):
+    """Recall@1/@10 and the held-out relative residual of every evaluated map come with a
+    bootstrap interval that holds the point estimate; the residual equals one computed in
+    numpy on the held-out rows; the printed verdict shows the intervals and 6 digits."""
+    tmp, a, b = data
+    cfg = config(tmp / "iv.toml", "reg-iv", source="a.zarr", target="b.zarr", apply=False)
+    assert main(["realign", cfg, "--run-id", "iv", "--summary", str(tmp / "iv.json")]) == 0
+    out = capsys.readouterr().out
+    s = summary(tmp / "iv.json")
+    assert s["bootstrap"]["resamples"] == 1000 and s["bootstrap"]["level"] == 0.95
+    for fig in (s["candidate"], s["no_alignment"]):
+        for key in ("recall@1", "recall@10", "heldout_relative_residual"):
+            lo, hi = fig["intervals"][key]
+            assert lo <= fig[key] <= hi  # (a recall of 1.0 on every resample: lo == hi)
+        lo, hi = fig["intervals"]["heldout_relative_residual"]
+        assert lo < fig["heldout_relative_residual"] < hi
+    held = holdout_mask(np.arange(N), 0.2)
+    t = Registry(tmp / "reg-iv").load()
+    y, tb = t.transform(a[held]), b[held]
+    ref = ((y - tb) ** 2).sum() / ((tb - tb.mean(axis=0)) ** 2).sum()
+    assert s["candidate"]["heldout_relative_residual"] == pytest.approx(ref, rel=1e-4)
+    assert s["train_relative_residual"] == t.metadata["relative_residual"]
+    assert "[" in out and "train relative residual" in out
+    assert "staying on the old model not checked" in out
+    assert "held-out residual" in out

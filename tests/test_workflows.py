@@ -142,7 +142,7 @@ def test_yaml_bigalign_invocations_parse(path):
 
 def test_shell_and_python_invocations_parse():
     sh = shell_invocations((WORKFLOWS / "migrate.sh").read_text())
-    assert [a[0] for a in sh] == ["fit", "info", "apply", "info"]
+    assert [a[0] for a in sh] == ["info", "fit", "evaluate", "apply", "info"]
     for argv in sh:
         check(argv, "migrate.sh")
     (cmd,) = python_invocations((WORKFLOWS / "slurm_realign.py").read_text())
@@ -205,3 +205,60 @@ def test_daskjob_runs_realign_on_its_cluster():
     assert args.scheduler and args.run_id
     script = job["spec"]["job"]["spec"]["containers"][0]["args"][0]
     assert "75|130|137|143)" in script and 'exit "$code"' in script
+
+
+def _migrate(tmp_path, env_extra):
+    """Run workflows/migrate.sh with a `bigalign` on PATH that imports this checkout."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    wrapper = bindir / "bigalign"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m bigalign.cli "$@"\n')
+    wrapper.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", WORKERS="1",
+               PYTHONPATH=f"{root}:{os.environ.get('PYTHONPATH', '')}", **env_extra)
+    if "MAX_RELATIVE_RESIDUAL" not in env_extra:
+        env.pop("MAX_RELATIVE_RESIDUAL", None)
+    return subprocess.run(["bash", str(WORKFLOWS / "migrate.sh"), "a.zarr", "b.zarr",
+                           "a.zarr", "out"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_migrate_gates_on_held_out_recall_and_exits_4(tmp_path):
+    """migrate.sh fits on the first 90% of the pairs, gates on `bigalign evaluate`'s
+    held-out recall@10 (and optionally the held-out residual), exits 4 on a failed gate
+    with nothing mapped, and refuses the old training-residual variable (exit 2)."""
+    import json
+
+    import numpy as np
+    import zarr
+    from conftest import planted
+
+    a, b, _ = planted(600, 8, noise=1.0, offset_a=2.0, offset_b=1.0, seed=3)
+    for name, x in (("a", a), ("b", b)):
+        zarr.create_array(str(tmp_path / f"{name}.zarr"), data=x, chunks=(100, 8))
+    # the oracle: held-out recall@10 of the fit on rows 0:540, searched in numpy
+    import bigalign
+    t = bigalign.fit(zarr.array(a[:540], chunks=(100, 8)), zarr.array(b[:540], chunks=(100, 8)),
+                     center=True)
+    y, tb = t.transform(a[540:]), b[540:]
+    q = y / np.linalg.norm(y, axis=1, keepdims=True)
+    d = tb / np.linalg.norm(tb, axis=1, keepdims=True)
+    s = q @ d.T
+    recall = float(np.mean((s > np.diag(s)[:, None]).sum(axis=1) < 10))
+    assert 0.3 < recall < 1.0
+    ok = _migrate(tmp_path, {"MIN_RECALL_AT_10": str(recall - 0.01)})
+    assert ok.returncode == 0, ok.stderr
+    assert f"recall@10 {recall:.4f}" in ok.stderr and "rows [540, 600]" in ok.stderr
+    assert json.loads((tmp_path / "out" / "corpus.zarr" / "zarr.json").read_text())
+    import shutil
+    shutil.rmtree(tmp_path / "out")
+    failed = _migrate(tmp_path, {"MIN_RECALL_AT_10": str(min(recall + 0.01, 1.0))})
+    assert failed.returncode == 4, failed.stderr
+    assert "FAILED" in failed.stderr and not (tmp_path / "out" / "corpus.zarr").exists()
+    old = _migrate(tmp_path, {"MAX_RELATIVE_RESIDUAL": "0.5"})
+    assert old.returncode == 2 and "MAX_HELDOUT_RELATIVE_RESIDUAL" in old.stderr

@@ -249,7 +249,8 @@ def _describe_transform(t, path) -> str:
              "  options: " + ", ".join(f"{k}={v}" for k, v in t.options.items()),
              f"  scale {t.scale:.6g}" + (
                  "" if m.get("relative_residual") is None else
-                 f"; relative residual ||sAQ-B||^2/||B||^2 = {significant(m['relative_residual'])}")]
+                 f"; train relative residual ||sAQ-B||^2/||B||^2 on the training pairs (B "
+                 f"centred when the fit centres) = {significant(m['relative_residual'])}")]
     from ..commands.select import describe as selection_lines
 
     lines += ["  " + line for line in selection_lines(m.get("selection"))]

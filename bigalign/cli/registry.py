@@ -137,43 +137,92 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def _g(v) -> str:
+    """A gate figure with enough digits to see a difference (6 significant)."""
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def _iv(iv) -> str:
+    return f" [{_g(iv[0])}, {_g(iv[1])}]" if iv else ""
+
+
+def _held_out(f: dict):
+    """The held-out relative residual of a figures dict (also as recorded before the
+    rename: ``relative_residual``)."""
+    return f.get("heldout_relative_residual", f.get("relative_residual"))
+
+
+def _criterion(c: dict) -> str:
+    """One gate criterion in one line: the figures, the interval that decided, ok/FAILED."""
+    mark = "ok" if c["passed"] else "FAILED"
+    if "threshold" in c:
+        op = ">=" if c["name"].startswith("min") else "<="
+        return f"    {c['name']:<30} {_g(c['value'])}{_iv(c.get('interval'))} {op} " \
+               f"{_g(c['threshold'])}  {mark}"
+    diff = c.get("difference") or {}
+    if "current" in c:
+        parts = []
+        for key, label in (("recall@10", "recall@10"),
+                           ("heldout_relative_residual", "held-out residual")):
+            d = diff.get(key)
+            cand = _held_out(c["value"]) if key != "recall@10" else c["value"][key]
+            cur = _held_out(c["current"]) if key != "recall@10" else c["current"][key]
+            parts.append(f"{label} {_g(cand)} vs {_g(cur)}" + (
+                f" (difference {_g(d['estimate'])}{_iv(d['interval'])})" if d else ""))
+        return f"    {c['name']:<30} " + "; ".join(parts) + \
+               f" vs {c.get('version')}, tolerance {_g(c.get('tolerance'))}  {mark}"
+    if "stay" in c:
+        d = diff["recall@10"]
+        return (f"    {c['name']:<30} recall@10 bridge {_g(c['value'])} vs stay "
+                f"{_g(c['stay'])} (difference {_g(d['estimate'])}{_iv(d['interval'])}), "
+                f"tolerance {_g(c.get('tolerance'))}  {mark}")
+    return f"    {c['name']:<30} {c.get('note')}  {mark}"
+
+
 def describe_verdict(v: dict) -> str:
     """The verdict in a few lines for people."""
     if v["status"] == "published":
         head = f"realign {v['run_id']}: published {v['version']} (previous: " \
                f"{v.get('previous') or 'none'})"
+    elif v["status"] == "unchanged":
+        head = f"realign {v['run_id']}: nothing published: the current version " \
+               f"{v['version']} already is this fit ({(v.get('same_as') or {}).get('reason')})"
     else:
         head = f"realign {v['run_id']}: REJECTED by the gate, nothing published (current: " \
                f"{v.get('current') or 'none'})"
     if v.get("already_done"):
         head += " [already finished: nothing done]"
     lines = [head, f"  gate: {'passed' if v['passed'] else 'FAILED'}"]
-    for c in v["gate"]["criteria"]:
-        mark = "ok" if c["passed"] else "FAILED"
-        if "threshold" in c:
-            op = ">=" if c["name"].startswith("min") else "<="
-            lines.append(f"    {c['name']:<24} {_fmt(c['value'])} {op} {_fmt(c['threshold'])}"
-                         f"  {mark}")
-        elif "current" in c:
-            lines.append(f"    {c['name']:<24} recall@10 {_fmt(c['value']['recall@10'])} vs "
-                         f"{_fmt(c['current']['recall@10'])}, residual "
-                         f"{_fmt(c['value']['relative_residual'])} vs "
-                         f"{_fmt(c['current']['relative_residual'])} ({c.get('version')})  {mark}")
-        else:
-            lines.append(f"    {c['name']:<24} {c.get('note')}  {mark}")
+    lines += [_criterion(c) for c in v["gate"]["criteria"]]
+    lines += [f"    note: {n}" for n in v["gate"].get("notes") or []]
     rows = [("candidate", v.get("candidate"))]
     if v.get("current_version"):
         rows.append((f"current {v['current_version'].get('version')}", v["current_version"]))
     if v.get("no_alignment"):
         rows.append(("no alignment", v["no_alignment"]))
     pairs = v.get("pairs") or {}
-    lines.append(f"  held-out pairs: {pairs.get('holdout')} ({v.get('held_out_queries')} "
-                 f"queries); fitted on {pairs.get('train')} (paired by {pairs.get('by')})")
-    lines.append(f"    {'':<16} {'recall@1':>9} {'recall@10':>10} {'resid':>8}")
+    if v.get("candidate"):
+        boot = v.get("bootstrap") or {}
+        lines.append(f"  held-out pairs: {pairs.get('holdout')} ({v.get('held_out_queries')} "
+                     f"queries); fitted on {pairs.get('train')} (paired by {pairs.get('by')})"
+                     + (f"; [intervals]: {boot['level']:.0%} bootstrap, {boot['resamples']} "
+                        "resamples" if boot else ""))
+        lines.append(f"    {'':<16} {'recall@1':>9} {'recall@10':>28} "
+                     f"{'held-out residual':>30}")
     for name, f in rows:
         if f:
-            lines.append(f"    {name:<16} {_fmt(f['recall@1']):>9} {_fmt(f['recall@10']):>10} "
-                         f"{_fmt(f['relative_residual']):>8}")
+            iv = f.get("intervals") or {}
+            r10 = f"{_fmt(f['recall@10'])}{_iv(iv.get('recall@10'))}"
+            res = f"{_fmt(_held_out(f))}{_iv(iv.get('heldout_relative_residual'))}"
+            lines.append(f"    {name:<16} {_fmt(f['recall@1']):>9} {r10:>28} {res:>30}")
+    stay = v.get("stay")
+    if stay:
+        lines.append(f"  recall@10 over {stay['queries']} held-out queries of both models: "
+                     + ", ".join(f"{k} {_fmt(stay[k]['recall@10'])}{_iv(stay[k]['interval'])}"
+                                 for k in ("stay", "bridge", "reembed")))
+    if v.get("train_relative_residual") is not None:
+        lines.append(f"  train relative residual ||sAQ-B||^2/||B||^2 (on the training pairs): "
+                     f"{_fmt(v['train_relative_residual'])}")
     if v.get("apply"):
         lines.append(f"  mapped corpus: {v['apply']['output']} ({v['apply']['rows']:,} rows)")
     if v["status"] == "rejected" and v.get("candidate_transform"):
@@ -243,13 +292,14 @@ def _list(reg, args) -> int:
     print(f"registry {reg.url}: {counted(len(info['versions']), 'version')}, current "
           f"{info['current'] or 'none'}")
     if info["versions"]:
-        print(f"  {'version':<9} {'created':<26} {'pairs':>8} {'recall@10':>10} {'resid':>8}  run")
+        print(f"  {'version':<9} {'created':<26} {'pairs':>8} {'recall@10':>10} "
+              f"{'held-out resid':>14}  run")
     for r in reversed(info["versions"]):
         cand = ((r.get("gate") or {}).get("figures") or {}).get("candidate") or {}
         mark = "*" if r["version"] == info["current"] else " "
         print(f"{mark} {r['version']:<9} {str(r.get('created')):<26} "
               f"{str((r.get('fit') or {}).get('n_pairs')):>8} "
-              f"{_fmt(cand.get('recall@10')):>10} {_fmt(cand.get('relative_residual')):>8}  "
+              f"{_fmt(cand.get('recall@10')):>10} {_fmt(_held_out(cand)):>14}  "
               f"{r.get('run_id')}" + {"damaged": "  DAMAGED", "unverified": "  unverified"}.get(
                   r["integrity"]["state"], ""))
     for r in info["versions"]:
@@ -292,6 +342,13 @@ def _show(reg, args) -> int:
     g = record.get("gate") or {}
     for c in g.get("criteria", []):
         print(f"  gate {c['name']}: {'passed' if c['passed'] else 'FAILED'}")
+    cand = (g.get("figures") or {}).get("candidate") or {}
+    if cand:
+        iv = cand.get("intervals") or {}
+        print(f"  held-out: recall@10 {_fmt(cand.get('recall@10'))}"
+              f"{_iv(iv.get('recall@10'))}, heldout_relative_residual "
+              f"{_fmt(_held_out(cand))}{_iv(iv.get('heldout_relative_residual'))} "
+              "(what the gate reads)")
     if check["mapped_corpus"]:
         print(f"  mapped corpus: {check['mapped_corpus']['output']} "
               f"({check['mapped_corpus']['state']})")

@@ -237,7 +237,8 @@ def evaluate_maps(methods: Sequence[Method], source, target, rows=None, *,
                   seed: int = 0, csls: bool = False, csls_k: int = 10, dtype="float32",
                   block_rows: Optional[int] = None, storage_options=None,
                   check_chunks: bool = True, workers: Optional[int] = None,
-                  normalize_target: bool = False, command: str = "evaluate") -> dict:
+                  normalize_target: bool = False, command: str = "evaluate",
+                  per_query: bool = False) -> dict:
     """Evaluate every map in ``methods`` on paired rows [start, stop) of source / target.
     ``command`` names the caller in the log lines (``curve`` evaluates through this too).
 
@@ -253,6 +254,12 @@ def evaluate_maps(methods: Sequence[Method], source, target, rows=None, *,
     sample). All maps share the passes: adding a method costs compute, not I/O.
 
     Returns {"rows", "pairs", "queries", "targets", "ks", "chance", "methods": [...]}.
+
+    ``per_query`` (for bootstrap intervals, not JSON-ready): each method also gets
+    "per_query" = {"ranks_raw", "ranks_centred": (nq,) int64 rank of each sampled query's
+    own pair (recall@k = mean(rank < k)), "sq_error": (n,) float64 ||y_i - b_i||^2 per
+    held-out pair}, and the result "per_pair_spread": (n,) float64 ||b_i - mean b||^2, so
+    that relative_residual = sq_error.sum() / per_pair_spread.sum() (up to rounding).
     """
     src, tgt = open_pair(source, target, storage_options, check_chunks)
     start, stop = row_range(rows, src.rows, "held-out rows")
@@ -287,6 +294,8 @@ def evaluate_maps(methods: Sequence[Method], source, target, rows=None, *,
 
     # ---- pass 1 ------------------------------------------------------------------------
     sq_err = {m.name: 0.0 for m in methods}
+    sq_rows = {m.name: np.zeros(n) for m in methods} if per_query else None
+    spread_rows = np.zeros(n) if per_query else None
     mapped_sum = {m.name: np.zeros(tgt.dim) for m in methods}
     hist_raw = {m.name: CosineHistogram() for m in methods}
     t_sum, t_sq = np.zeros(tgt.dim), 0.0
@@ -303,6 +312,9 @@ def evaluate_maps(methods: Sequence[Method], source, target, rows=None, *,
         for m in methods:
             y = m.map(a, work, start=s)  # NaN/Inf in the source raise here, naming the row
             d = y - b
+            if per_query:
+                sq_rows[m.name][s - start:e - start] = np.einsum("ij,ij->i", d, d,
+                                                                 dtype=np.float64)
             sq_err[m.name] += float(np.einsum("ij,ij->", d, d, dtype=np.float64))
             mapped_sum[m.name] += y.sum(axis=0, dtype=np.float64)
             hist_raw[m.name].add(row_cosine(y, b))
@@ -328,6 +340,8 @@ def evaluate_maps(methods: Sequence[Method], source, target, rows=None, *,
         s, e = blk.start, blk.stop
         a, b = read_rows(src, s, e), targets_of(s, e)
         bc = b - mu_t_w
+        if per_query:
+            spread_rows[s - start:e - start] = np.einsum("ij,ij->i", bc, bc, dtype=np.float64)
         targets = {"raw": unit_rows(b), "centred": unit_rows(bc)}
         tasks = []
         for m in methods:
@@ -361,10 +375,15 @@ def evaluate_maps(methods: Sequence[Method], source, target, rows=None, *,
             entry["retrieval"][variant] = recall_from_ranks(sc.counts, ks)
             if csls_k:
                 entry["retrieval"][f"{variant}+csls"] = recall_from_ranks(sc.csls_counts, ks)
+        if per_query:
+            entry["per_query"] = {"ranks_raw": scorers[(m.name, "raw")].counts,
+                                  "ranks_centred": scorers[(m.name, "centred")].counts,
+                                  "sq_error": sq_rows[m.name]}
         out_methods.append(entry)
     seconds = time.perf_counter() - t0
     log.info("%s: done in %.1fs", command, seconds)
-    return {"rows": [start, stop], "pairs": n, "queries": nq, "targets": n,
+    extra = {"per_pair_spread": spread_rows} if per_query else {}
+    return {**extra, "rows": [start, stop], "pairs": n, "queries": nq, "targets": n,
             "sampled": nq < n, "seed": seed, "ks": ks, "csls_k": csls_k or None,
             "normalized_targets": bool(normalize_target),
             "chance": {f"recall@{k}": min(k / n, 1.0) for k in ks},

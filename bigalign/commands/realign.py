@@ -16,8 +16,9 @@ paths are relative to the file)::
     center = true                            # any fit option
     [gate]
     min_recall_at_10 = 0.9                   # held-out recall@10, mapped source -> native target
-    max_relative_residual = 0.6
+    max_heldout_relative_residual = 0.8      # not the training residual info prints
     not_worse_than_current = true            # the current version, on the same held-out pairs
+    # queries_old / queries_new + not_worse_than_stay = true: refuse a map worse than staying
     [apply]                                  # optional: map the corpus with the new version
     corpus = "s3://bucket/corpus/old.zarr"
     output = "s3://bucket/corpus/mapped-{version}.zarr"
@@ -39,14 +40,21 @@ The steps, each resumable, with their progress under ``REG/runs/<run id>/``:
    The fit, the evaluation and a resume then read these row-aligned copies, on a cluster too.
 3. **fit** the candidate on the training copies with :func:`bigalign.fit` (its own
    checkpointed job: a killed fit resumes unit by unit).
+   Before any of it, a run whose inputs and options (but ``[gate]``) are those of the run
+   that published the current version stops (status "unchanged", exit 0); after the fit, so
+   does one whose candidate has the current version's transform digest: nothing is
+   published or mapped again.
 4. **evaluate** the candidate, the current version and no alignment (equal dimensions) on
-   the held-out copies with :func:`bigalign.commands.evaluate_engine.evaluate_maps`:
-   recall@1/@10 (cosine, mapped source rows searched among every held-out native target
-   row) and the relative
-   residual. Recorded in ``evaluation.json``.
-5. **gate** (:func:`gate`): thresholds, and "not worse than current" (candidate recall@10
-   >= current's - tolerance and residual <= current's + tolerance). A failed gate
-   publishes nothing: the verdict says why, and the command exits 4.
+   the held-out copies (:func:`bigalign.commands.realign_gate.evaluate`): recall@1/@10
+   (cosine, mapped source rows searched among every held-out native target row) and the
+   held-out relative residual, each with a seeded bootstrap interval from the per-query
+   values of the one search, the paired differences candidate - current, and with
+   ``[gate] queries_old/new`` stay vs bridge (:mod:`bigalign.commands.realign_stay`).
+   Recorded in ``evaluation.json``.
+5. **gate** (:func:`bigalign.commands.realign_gate.gate`): thresholds on the estimates; "not
+   worse than current" / "than stay" fail only when the paired difference's interval lies
+   wholly beyond ``tolerance`` (0.005). A failed gate publishes nothing: the verdict says
+   why, and the command exits 4.
 6. **publish**: the candidate becomes the next version (transform, then its record);
 7. **apply** (optional): the corpus is mapped with that version into ``output``
    (``{version}`` replaced), resumable as any apply;
@@ -84,6 +92,7 @@ import time
 from datetime import datetime, timezone
 from typing import Optional
 
+
 from .. import __version__
 
 from ..execution import faults
@@ -93,7 +102,8 @@ from ..storage.locations import check_disjoint
 from ..options import Execution
 from ..execution.pairing import pair_by_ids
 from ..storage.registry import Registry
-from .realign_config import GATED, ApplyConfig, GateConfig, RealignConfig, load_config
+from .realign_config import ApplyConfig, RealignConfig, load_config
+from .realign_gate import evaluate as _evaluate, gate
 from .realign_pairs import RunFiles, Side, copy_chunk_rows, copy_complete, gather_side, \
     open_side, split_pairs
 
@@ -106,89 +116,6 @@ _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: seconds the version write and the publish wait for the registry lock (a rollback or gc
 #: holds it for seconds; a holder that died on another machine until its lease lapses, 120 s)
 LOCK_WAIT = 180.0
-
-
-# ---------------------------------------------------------------------------------------
-# evaluation and the gate
-# ---------------------------------------------------------------------------------------
-
-def _figures(entry: dict) -> dict:
-    raw, cen = entry["retrieval"]["raw"], entry["retrieval"]["centred"]
-    return {"recall@1": raw["recall@1"], "recall@10": raw["recall@10"],
-            "recall@10_centred": cen["recall@10"],
-            "relative_residual": entry["relative_residual"],
-            "cosine_mean": entry["cosine"]["mean"]}
-
-
-def _evaluate(cfg: RealignConfig, reg: Registry, files: RunFiles, so,
-              threads: Optional[int]) -> dict:
-    """Candidate, current version and no alignment on the held-out copies."""
-    from .evaluate_engine import evaluate_maps
-    from ..maths.metrics import AffineMap, Method
-    from ..transform import Transform
-
-    cand = Transform.load(files.candidate, storage_options=so)
-    methods = [Method("candidate", AffineMap.from_transform(cand), "this run's fit",
-                      this=True)]
-    current, why = reg.current(), None
-    if current is not None:
-        cur = reg.load(current)
-        cand_model, cur_model = cand.metadata.get("source_model"), cur.metadata.get("source_model")
-        if tuple(cur.dims) != tuple(cand.dims):
-            why = f"{current} maps {cur.dims[0]} -> {cur.dims[1]} dims, the candidate " \
-                  f"{cand.dims[0]} -> {cand.dims[1]}"
-        elif cand_model and cur_model and cand_model != cur_model:
-            why = f"{current} maps vectors of {cur_model!r}, the candidate of {cand_model!r}"
-        else:
-            methods.append(Method("current", AffineMap.from_transform(cur), current))
-        if why:
-            log.warning("realign: the current version is not comparable: %s", why)
-    dim_a, dim_b = cand.dims
-    if dim_a == dim_b:
-        methods.append(Method("none", AffineMap.identity(dim_a, cand.normalize),
-                              "source vectors as they are"))
-    result = evaluate_maps(methods, files.array("holdout_source"),
-                           files.array("holdout_target"), ks=(1, 10),
-                           max_queries=cfg.gate.max_queries, seed=0,
-                           normalize_target=cand.normalize, storage_options=so,
-                           workers=threads, command="realign")
-    return {"pairs": result["pairs"], "queries": result["queries"],
-            "compared_with": current if why is None else None,
-            "current_version": current, "not_comparable": why,
-            "methods": {m["name"]: _figures(m) for m in result["methods"]},
-            "train_relative_residual": cand.metadata.get("relative_residual"),
-            "train_pairs": cand.metadata.get("n_pairs")}
-
-
-def gate(g: GateConfig, evaluation: dict) -> dict:
-    """The verdict of the gate on an evaluation (:func:`_evaluate`'s record): {"passed",
-    "criteria": [{name, passed, value, threshold | current, note}]}. NaN never passes."""
-    cand = evaluation["methods"]["candidate"]
-    cur = evaluation["methods"].get("current")
-    criteria = []
-    for key, (figure, direction) in GATED.items():
-        threshold = getattr(g, key)
-        if threshold is not None:
-            v = cand[figure]
-            criteria.append({"name": key, "value": v, "threshold": threshold,
-                             "passed": bool(v >= threshold if direction == "min" else
-                                            v <= threshold)})
-    if g.not_worse_than_current:
-        c = {"name": "not_worse_than_current", "tolerance": g.tolerance}
-        if cur is None:
-            c.update(passed=True, note=evaluation.get("not_comparable") and
-                     f"not compared: {evaluation['not_comparable']}" or "no current version")
-        else:
-            ok_recall = cand["recall@10"] >= cur["recall@10"] - g.tolerance
-            ok_resid = cand["relative_residual"] <= cur["relative_residual"] + g.tolerance
-            c.update(version=evaluation.get("compared_with"),
-                     value={"recall@10": cand["recall@10"],
-                            "relative_residual": cand["relative_residual"]},
-                     current={"recall@10": cur["recall@10"],
-                              "relative_residual": cur["relative_residual"]},
-                     passed=bool(ok_recall and ok_resid))
-        criteria.append(c)
-    return {"passed": all(c["passed"] for c in criteria), "criteria": criteria}
 
 
 # ---------------------------------------------------------------------------------------
@@ -269,6 +196,9 @@ def realign(config, *, run_id: Optional[str] = None, execution: Optional[Executi
     by_ids = pair_by_ids(cfg.pair_by, src.ids, tgt.ids, option="[pairs] pair_by")
     fingerprint = {"config": cfg.identity(),
                    "inputs": {"source": src.fingerprint(), "target": tgt.fingerprint()}}
+    for key in ("queries_old", "queries_new"):  # the stay check's inputs
+        if getattr(cfg.gate, key) is not None:
+            fingerprint["inputs"][key] = open_side(key, getattr(cfg.gate, key), so).fingerprint()
     if run_id is None:
         blob = json.dumps(fingerprint, sort_keys=True, default=str).encode()
         run_id = "auto-" + hashlib.sha256(blob).hexdigest()[:16]
@@ -320,11 +250,26 @@ def _run(cfg: RealignConfig, reg: Registry, files: RunFiles, src: Side,
     evaluation = files.read("evaluation.json")
     split = files.read("split.json")
     if evaluation is None:
-        split = _split_and_gather(cfg, files, src, tgt, by_ids, split, run, so)
+        same = _same_as_current(reg, fingerprint)
+        if same is not None:  # unchanged inputs and options: nothing to fit or map
+            return _unchanged(reg, files, fingerprint, same, "its inputs and options are "
+                              f"those of run {same[1].get('run_id')!r}, which published it")
+        split, rows = _split_and_gather(cfg, files, src, tgt, by_ids, split, run, so)
         faults.point("realign.split")
         _fit(cfg, files, src, tgt, run, so)
         faults.point("realign.fitted")
-        evaluation = _evaluate(cfg, reg, files, so, run.threads)
+        same = _same_transform(reg, files, so)
+        if same is not None:  # the same map again (e.g. the inputs moved, not changed)
+            files.remove("pairs")
+            files.remove("candidate.transform")
+            return _unchanged(reg, files, fingerprint, same, "the candidate fitted is the "
+                              f"same map (transform sha256 {same[1]['transform_sha256']})")
+        stay_inputs = None
+        if cfg.gate.queries_old is not None:
+            if rows is None:
+                rows = split_pairs(cfg, src, tgt, by_ids)["rows"]
+            stay_inputs = (rows, by_ids, src)
+        evaluation = _evaluate(cfg, reg, files, so, run.threads, stay_inputs)
         files.write("evaluation.json", evaluation)
         faults.point("realign.evaluated")
     decision = gate(cfg.gate, evaluation)
@@ -352,13 +297,15 @@ def _run(cfg: RealignConfig, reg: Registry, files: RunFiles, src: Side,
 
 
 def _split_and_gather(cfg: RealignConfig, files: RunFiles, src: Side, tgt: Side,
-                      by_ids: bool, split: Optional[dict], run: Execution, so) -> dict:
-    """Steps 1-2: the split's summary (``split.json``); the split is made and both sides
-    gathered again unless ``split`` is recorded and its four copies are complete."""
+                      by_ids: bool, split: Optional[dict], run: Execution, so
+                      ) -> tuple[dict, Optional[dict]]:
+    """Steps 1-2: the split's summary (``split.json``) and its rows (None when not
+    recomputed); the split is made and both sides gathered again unless ``split`` is
+    recorded and its four copies are complete."""
     if split is not None and all(copy_complete(files.array(p), split["sha256"], so) for p in
                                  ("train_source", "train_target", "holdout_source",
                                   "holdout_target")):
-        return split
+        return split, None
     s = split_pairs(cfg, src, tgt, by_ids)
     split = s["summary"]
     log.info("realign %s: %d pairs (by %s): %d to fit, %d held out", files.run_id,
@@ -370,7 +317,7 @@ def _split_and_gather(cfg: RealignConfig, files: RunFiles, src: Side, tgt: Side,
                     files, split["sha256"], so, cfg.scratch, run.threads,
                     copy_chunk_rows(src, tgt))
     files.write("split.json", split)
-    return split
+    return split, rows
 
 
 def _fit(cfg: RealignConfig, files: RunFiles, src: Side, tgt: Side, run: Execution,
@@ -386,6 +333,65 @@ def _fit(cfg: RealignConfig, files: RunFiles, src: Side, tgt: Side, run: Executi
                  **cfg.fit)
 
 
+def _canonical(value) -> str:
+    from ..jsonsafe import json_safe
+
+    return json.dumps(json_safe(value), sort_keys=True, default=str)
+
+
+def _same_as_current(reg: Registry, fingerprint: dict) -> Optional[tuple[str, dict]]:
+    """(current version, its record) when it was published by a run with these inputs
+    (source and target fingerprints) and this configuration but for ``[gate]`` (the gate
+    judges candidates; it does not change the map): the same fit again. Else None."""
+    current = reg.current()
+    record = reg.record(current, missing_ok=True) if current else None
+    if not record or not record.get("inputs") or not record.get("config"):
+        return None
+    mine = {k: v for k, v in fingerprint["config"].items() if k != "gate"}
+    theirs = {k: v for k, v in record["config"].items() if k != "gate"}
+    pairs = ("source", "target")  # the queries of the stay check do not change the map
+    if _canonical({k: record["inputs"].get(k) for k in pairs}) == \
+            _canonical({k: fingerprint["inputs"].get(k) for k in pairs}) and \
+            _canonical(theirs) == _canonical(mine):
+        return current, record
+    return None
+
+
+def _same_transform(reg: Registry, files: RunFiles, so) -> Optional[tuple[str, dict]]:
+    """(current version, its record) when the candidate computes exactly the current
+    version's map (equal transform digests), else None."""
+    from ..transform import Transform
+
+    current = reg.current()
+    record = reg.record(current, missing_ok=True) if current else None
+    if not record or not record.get("transform_sha256"):
+        return None
+    digest = Transform.load(files.candidate, storage_options=so).digest()
+    return (current, record) if digest == record["transform_sha256"] else None
+
+
+def _unchanged(reg: Registry, files: RunFiles, fingerprint: dict, same: tuple[str, dict],
+               why: str) -> dict:
+    """Nothing new to publish: the current version already is this run's fit. Exit 0, no
+    version written, no corpus mapped, the pointer unmoved; the verdict says so."""
+    version, record = same
+    log.warning("realign %s: the current version %s already is this fit (%s): nothing "
+                "published, nothing mapped", files.run_id, version, why)
+    verdict = {"kind": "realign", "format": VERDICT_FORMAT, "run_id": files.run_id,
+               "registry": reg.url, "status": "unchanged", "passed": True,
+               "gate": {"passed": True, "criteria": [], "notes": [
+                   f"not evaluated: {version} already is this fit ({why})"]},
+               "version": version, "previous": version, "current": version,
+               "same_as": {"version": version, "run_id": record.get("run_id"),
+                           "transform_sha256": record.get("transform_sha256"),
+                           "reason": why},
+               "candidate": None, "current_version": None, "no_alignment": None,
+               "pairs": record.get("pairs"), "apply": None, "finished": _now(),
+               "exit_code": 0, "fingerprint": fingerprint, "bigalign_version": __version__}
+    files.write("verdict.json", verdict)
+    return dict(verdict, already_done=False)
+
+
 def _verdict(reg: Registry, run_id: str, decision: dict, evaluation: dict, split: dict,
              fingerprint: dict) -> dict:
     """The verdict's parts known once the gate has judged (status and versions follow)."""
@@ -393,6 +399,8 @@ def _verdict(reg: Registry, run_id: str, decision: dict, evaluation: dict, split
     return {"kind": "realign", "format": VERDICT_FORMAT, "run_id": run_id,
             "registry": reg.url, "passed": decision["passed"], "gate": decision,
             "candidate": figures["candidate"],
+            "candidate_minus_current": evaluation.get("candidate_minus_current"),
+            "stay": evaluation.get("stay"), "bootstrap": evaluation.get("bootstrap"),
             "current_version": dict(figures["current"], version=evaluation["compared_with"])
             if "current" in figures else None,
             "no_alignment": figures.get("none"),
@@ -450,7 +458,8 @@ def _write_version(cfg: RealignConfig, reg: Registry, files: RunFiles, fingerpri
                       "dims": list(cand.dims), "pairs": split,
                       "fit": {"options": cand.options,
                               "n_pairs": cand.metadata.get("n_pairs"),
-                              "relative_residual": cand.metadata.get("relative_residual")},
+                              "train_relative_residual":
+                                  cand.metadata.get("relative_residual")},
                       "gate": dict(decision, figures=evaluation["methods"],
                                    compared_with=evaluation["compared_with"]),
                       "transform_sha256": digest}

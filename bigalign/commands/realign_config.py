@@ -19,7 +19,8 @@ from ..storage.locations import canonical_url
 
 log = logging.getLogger("bigalign")
 
-__all__ = ["load_config", "RealignConfig", "GateConfig", "ApplyConfig", "GATED",
+__all__ = ["load_config", "RealignConfig", "GateConfig", "ApplyConfig", "GATED", "RENAMED",
+           "TOLERANCE",
            "FIT_OPTIONS", "APPLY_OPTIONS"]
 
 FIT_OPTIONS = {"center": bool, "normalize": bool, "scale": bool, "reflection": bool,
@@ -38,21 +39,45 @@ APPLY_OPTIONS = {"dtype": str, "renormalize": bool, "target_centred": bool,
 #: name in :class:`GateConfig` (and, for a new figure, a key in ``realign._figures``), plus
 #: its test; parsing, the verdict and the summary follow from the table.
 GATED = {"min_recall_at_10": ("recall@10", "min"),
-         "max_relative_residual": ("relative_residual", "max")}
+         "max_heldout_relative_residual": ("heldout_relative_residual", "max")}
+
+#: Keys of earlier versions, refused with the name that replaced them: the training
+#: relative residual (``info``, ``registry show``: train_relative_residual) and the gate's
+#: held-out one are different numbers.
+RENAMED = {"max_relative_residual": "max_heldout_relative_residual"}
+
+#: Default ``[gate] tolerance``: how far below the current version (recall@10) or above it
+#: (held-out relative residual) a candidate may be, with confidence, before it is "worse";
+#: and how far below staying on the old model the bridge may be. 0.005 is one query in
+#: 200, about one standard error of recall@10 over the default 10,000 held-out queries
+#: (sqrt(p(1 - p) / n) <= 0.005), and half a percent of the target's held-out spread.
+TOLERANCE = 0.005
 
 
 @dataclass(frozen=True)
 class GateConfig:
-    """The quality gate. ``None`` thresholds are not checked; ``tolerance`` is how much
-    worse than the current version (recall@10 lower, residual higher, absolute) still
-    counts as "not worse"; ``max_queries`` caps the held-out queries searched (a seeded
-    sample; every held-out target is always searched)."""
+    """The quality gate. ``None`` thresholds are not checked (against the point
+    estimate); ``tolerance`` is how much worse than the current version (recall@10 lower,
+    held-out residual higher, absolute), or than staying on the old model, still counts as
+    "not worse": a comparison fails only when the bootstrap interval of the paired
+    difference lies wholly beyond it (see ``realign.gate``); ``max_queries`` caps the
+    held-out queries searched (a seeded sample; every held-out target is always searched).
+    ``confidence`` and ``resamples``: the bootstrap's level and resamples (seed 0).
+    ``queries_old`` / ``queries_new``: the same queries embedded by the old and the new
+    model, for ``not_worse_than_stay`` (:mod:`bigalign.commands.realign_stay`).
+    ``allow_ungated``: publish without any absolute check (else refused)."""
 
     min_recall_at_10: Optional[float] = None
-    max_relative_residual: Optional[float] = None
+    max_heldout_relative_residual: Optional[float] = None
     not_worse_than_current: bool = True
-    tolerance: float = 0.0
+    not_worse_than_stay: bool = False
+    tolerance: float = TOLERANCE
     max_queries: int = 10_000
+    confidence: float = 0.95
+    resamples: int = 1000
+    queries_old: Optional[str] = None
+    queries_new: Optional[str] = None
+    allow_ungated: bool = False
 
 
 @dataclass(frozen=True)
@@ -147,7 +172,7 @@ def load_config(path_or_text: Union[str, os.PathLike, dict], *, base: Optional[s
         raise InputError("configuration: [pairs] with 'source' and 'target' is required")
     holdout, pair_by, duplicates = _pairs_options(pairs)
     fit = _fit_options(data.get("fit"))
-    gate_cfg = _gate_config(data.get("gate"))
+    gate_cfg = _gate_config(data.get("gate"), base)
     apply_cfg = None if data.get("apply") is None else _apply_config(data["apply"], base)
     so = data.get("storage_options") or {}
     if not isinstance(so, dict):
@@ -209,23 +234,59 @@ def _fit_options(table: Optional[dict]) -> dict:
     return fit
 
 
-def _gate_config(table: Optional[dict]) -> GateConfig:
-    """``[gate]``: the thresholds of :data:`GATED` and the comparison with the current
-    version; warns when it checks nothing."""
+_GATE_FLAGS = {"not_worse_than_current": True, "not_worse_than_stay": False,
+               "allow_ungated": False}
+
+
+def _gate_config(table: Optional[dict], base: str = ".") -> GateConfig:
+    """``[gate]``: the thresholds of :data:`GATED`, the comparisons with the current
+    version and with staying on the old model. Refuses a gate that checks no candidate on
+    its own (no threshold, no ``not_worse_than_stay``: the first version would be
+    published unchecked) unless ``allow_ungated = true``, and ``not_worse_than_stay``
+    without ``queries_old`` and ``queries_new``."""
     g = dict(table or {})
-    _keys(g, (*GATED, "not_worse_than_current", "tolerance", "max_queries"), "[gate]")
+    for old, new in RENAMED.items():
+        if old in g:
+            raise InputError(f"[gate] {old} was renamed {new}: it reads the held-out "
+                             "relative residual ||sAQ - B||^2 / ||B - mean B||^2 over the "
+                             "held-out pairs, not the training one that info and registry "
+                             "show print (train_relative_residual); rename the key")
+    _keys(g, (*GATED, *_GATE_FLAGS, "tolerance", "max_queries", "confidence", "resamples",
+              "queries_old", "queries_new"), "[gate]")
+    paths = {k: None if g.get(k) is None else _located(_typed(g[k], str, f"[gate] {k}"), base)
+             for k in ("queries_old", "queries_new")}
     gate_cfg = GateConfig(
         **{key: None if g.get(key) is None else _typed(g[key], float, f"[gate] {key}")
            for key in GATED},
-        not_worse_than_current=_typed(g.get("not_worse_than_current", True), bool,
-                                      "[gate] not_worse_than_current"),
-        tolerance=_typed(g.get("tolerance", 0.0), float, "[gate] tolerance"),
-        max_queries=_typed(g.get("max_queries", 10_000), int, "[gate] max_queries"))
-    if gate_cfg.max_queries < 1:
-        raise InputError("[gate] max_queries must be positive")
-    if all(getattr(gate_cfg, key) is None for key in GATED) and \
-            not gate_cfg.not_worse_than_current:
-        log.warning("the [gate] checks nothing: every candidate will be published")
+        **{key: _typed(g.get(key, default), bool, f"[gate] {key}")
+           for key, default in _GATE_FLAGS.items()},
+        tolerance=_typed(g.get("tolerance", TOLERANCE), float, "[gate] tolerance"),
+        max_queries=_typed(g.get("max_queries", 10_000), int, "[gate] max_queries"),
+        confidence=_typed(g.get("confidence", 0.95), float, "[gate] confidence"),
+        resamples=_typed(g.get("resamples", 1000), int, "[gate] resamples"), **paths)
+    if gate_cfg.max_queries < 1 or gate_cfg.resamples < 1:
+        raise InputError("[gate] max_queries and resamples must be positive")
+    if not 0.0 < gate_cfg.confidence < 1.0:
+        raise InputError(f"[gate] confidence must be between 0 and 1, got "
+                         f"{gate_cfg.confidence}")
+    if gate_cfg.tolerance < 0:
+        raise InputError(f"[gate] tolerance must be 0 or more, got {gate_cfg.tolerance}")
+    if (paths["queries_old"] is None) != (paths["queries_new"] is None):
+        raise InputError("[gate] queries_old and queries_new go together (the same queries "
+                         "embedded by the old and by the new model)")
+    if gate_cfg.not_worse_than_stay and paths["queries_old"] is None:
+        raise InputError("[gate] not_worse_than_stay needs queries_old and queries_new (the "
+                         "same held-out queries embedded by the old and the new model): "
+                         "without them the gate cannot tell what staying would give")
+    checks = [key for key in GATED if getattr(gate_cfg, key) is not None]
+    if not checks and not gate_cfg.not_worse_than_stay and not gate_cfg.allow_ungated:
+        raise InputError("[gate] sets no threshold (min_recall_at_10, "
+                         "max_heldout_relative_residual) and not not_worse_than_stay: every "
+                         "candidate (the first one unchecked) would be published. Set one, "
+                         "or say allow_ungated = true to publish ungated on purpose")
+    if gate_cfg.allow_ungated and not checks and not gate_cfg.not_worse_than_stay:
+        log.warning("[gate] allow_ungated: no threshold is checked; only the comparison "
+                    "with the current version, if any, can reject a candidate")
     return gate_cfg
 
 
