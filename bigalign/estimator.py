@@ -36,11 +36,13 @@ class Procrustes:
     def __init__(self, center: bool = True, normalize: bool = False, scale: bool = False,
                  reflection: bool = True, diagnostics: bool = True, precision: str = "auto",
                  method: str = "orthogonal", ridge: Optional[float] = None,
-                 rank: Optional[int] = None, holdout: float = 0.2, max_holdout: int = 10_000):
+                 rank: Optional[int] = None, holdout: float = 0.2, max_holdout: int = 10_000,
+                 select: str = "mapped-queries", select_search: str = "raw"):
         self.center, self.normalize, self.scale = center, normalize, scale
         self.reflection, self.diagnostics, self.precision = reflection, diagnostics, precision
         self.method, self.ridge, self.rank = method, ridge, rank
         self.holdout, self.max_holdout = holdout, max_holdout
+        self.select, self.select_search = select, select_search
 
     @property
     def options(self) -> FitOptions:

@@ -93,6 +93,8 @@ def format_bytes(n: float) -> str:
 #: The map families ``fit`` solves from its one pass (:mod:`bigalign.maths.adapters`), and
 #: "auto": fit them all and keep the best on held-out pairs (:mod:`bigalign.commands.select`).
 METHODS = ("orthogonal", "similarity", "affine", "ridge", "reduced-rank", "auto")
+#: What ``method="auto"`` chooses by (:data:`bigalign.maths.selection.CRITERIA`).
+SELECT = ("both", "mapped-queries", "mapped-docs", "residual")
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,9 @@ class FitOptions:
     from "auto" by :meth:`resolve`). ``method``: the map family (:data:`METHODS`; ``scale``
     with "orthogonal" is "similarity"); ``ridge`` / ``rank``: the family's parameter (None:
     chosen on held-out pairs); ``holdout``: the share of pairs held out to choose (auto,
-    and ridge/rank without their parameter), at most ``max_holdout`` rows.
+    and ridge/rank without their parameter), at most ``max_holdout`` rows; ``select`` /
+    ``select_search``: what auto maximises (:data:`SELECT`) and in which search ("raw" or
+    "centred" cosine).
 
     Centring is on by default: real models' vectors share a common offset, and an
     uncentred orthogonal map cannot move it (e5-small -> MiniLM recall@1 0.224 uncentred,
@@ -119,6 +123,8 @@ class FitOptions:
     rank: Optional[int] = None
     holdout: float = 0.2
     max_holdout: int = 10_000
+    select: str = "mapped-queries"
+    select_search: str = "raw"
 
     def __post_init__(self):
         if self.precision not in ("auto", "float32", "float64"):
@@ -136,6 +142,12 @@ class FitOptions:
                              f"(exclusive), got {self.holdout!r}")
         if int(self.max_holdout) < 2:
             raise InputError(f"--max-holdout must be at least 2 rows, got {self.max_holdout!r}")
+        if self.select not in SELECT:
+            raise InputError(f"--select must be one of {', '.join(SELECT)}, got "
+                             f"{self.select!r}")
+        if self.select_search not in ("raw", "centred"):
+            raise InputError(f"--select-search must be raw or centred, got "
+                             f"{self.select_search!r}")
         if self.ridge is not None and self.method not in ("ridge", "auto"):
             raise InputError(f"--ridge is the penalty of --method ridge, not of {self.method}")
         if self.rank is not None and self.method not in ("reduced-rank", "auto"):

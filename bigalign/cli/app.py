@@ -121,7 +121,7 @@ def _add_fit(sub) -> None:
     f.add_argument("-o", "--output", required=True, help="where to save the transform (Zarr group)")
     f.add_argument("--center", action=argparse.BooleanOptionalAction, default=True,
                    help=CENTER_HELP)
-    from ..options import METHODS
+    from ..options import METHODS, SELECT
 
     f.add_argument("--method", choices=METHODS, default="orthogonal", help=METHOD_HELP)
     f.add_argument("--ridge", type=float, metavar="LAMBDA",
@@ -132,6 +132,15 @@ def _add_fit(sub) -> None:
                    help="share of pairs held out to choose a family or parameter (auto, "
                         "ridge and reduced-rank without theirs; default 0.2, at most "
                         "--max-holdout rows); the final map is refitted on all pairs")
+    f.add_argument("--select", choices=SELECT, default="mapped-queries",
+                   help="what --method auto maximises on the held-out pairs: mapped-queries "
+                        "(default: recall@1 of mapped rows searching the native target rows), "
+                        "mapped-docs (native target rows searching mapped rows), both (their "
+                        "mean) or residual. No one map is best for every use (docs/results.md, "
+                        "section 4): choose the one you serve")
+    f.add_argument("--select-search", choices=("raw", "centred"), default="raw",
+                   help="the search --select scores: raw cosine (default; vectors as "
+                        "stored) or centred (each side's mean removed)")
     f.add_argument("--max-holdout", type=int, default=10_000, metavar="ROWS",
                    help="at most this many held-out pairs (default 10,000), read in a few "
                         "random windows of rows")
@@ -269,7 +278,8 @@ def _fit(args) -> int:
                          reflection=not args.no_reflection,
                          diagnostics=not args.no_diagnostics, precision=args.precision,
                          method=args.method, ridge=args.ridge, rank=args.rank,
-                         holdout=args.holdout, max_holdout=args.max_holdout)
+                         holdout=args.holdout, max_holdout=args.max_holdout,
+                         select=args.select, select_search=args.select_search)
     pairing = Pairing(by=args.pair_by, rows=args.rows, duplicates=args.duplicates,
                       sample=args.sample, seed=args.seed, scratch=args.scratch)
     t = bigalign.fit(args.source, args.target, options, pairing=pairing, output=args.output,

@@ -25,7 +25,8 @@ __all__ = ["load_config", "RealignConfig", "GateConfig", "ApplyConfig", "GATED",
 
 FIT_OPTIONS = {"center": bool, "normalize": bool, "scale": bool, "reflection": bool,
                "diagnostics": bool, "precision": str, "method": str, "ridge": float,
-               "rank": int, "holdout": float, "max_holdout": int}
+               "rank": int, "holdout": float, "max_holdout": int,
+               "select": str, "select_search": str}
 APPLY_OPTIONS = {"dtype": str, "renormalize": bool, "target_centred": bool,
                  "compression": str, "chunk_rows": int, "bad_rows": str}
 

@@ -10,7 +10,8 @@ parameter) runs the one streaming pass as every fit does, over all pairs; then, 
    the training statistics of the other pairs, with no second pass.
 3. **Fit every candidate** on those (:func:`bigalign.maths.adapters.candidates`; the ridge
    penalty and the rank chosen on the held-out residual), **score** each on the held-out
-   pairs (:mod:`bigalign.maths.selection`: recall@1 both ways, with a bootstrap interval;
+   pairs (:mod:`bigalign.maths.selection`: held-out recall@1 by ``FitOptions.select``, with a
+   bootstrap interval;
    the held-out relative residual) and **choose**.
 4. **Refit** the chosen family, with the chosen parameter, on all pairs (the statistics of
    the whole pass), as scikit-learn's searches refit the best estimator: the held-out
@@ -29,7 +30,7 @@ import numpy as np
 from ..maths.adapters import Adapter, candidates, relative_residual_on, solve
 from ..maths.bootstrap import interval
 from ..maths.solve import NotUniqueWarning
-from ..maths.selection import CRITERION, choose, retrieval_hits, selection_score
+from ..maths.selection import CRITERIA, choose, per_query, retrieval_hits
 from ..maths.stats import Moments, block_moments, subtract
 from ..options import FitOptions
 from ..planning.holdout import holdout_rows, holdout_windows
@@ -87,7 +88,7 @@ def select(moments: Moments, src, tgt, start: int, stop: int, opts: FitOptions,
     kw = {k: v for k, v in won.params.items() if k in ("ridge", "rank")}
     final = solve(moments, won.family, center=opts.center, reflection=opts.reflection, **kw)
     record = {"method": opts.method, "chosen": won.family, "params": _params(won),
-              "criterion": CRITERION if len(cands) > 1 else
+              "criterion": _criterion(opts) if len(cands) > 1 else
               "the lowest held-out relative residual over the parameter's grid",
               "holdout": {"rows": int(m_h.n), "share": opts.holdout,
                           "windows": [list(w) for w in windows], "seed": seed},
@@ -117,16 +118,22 @@ def _params(c: Adapter) -> dict:
     return {k: float(v) if k != "rank" else int(v) for k, v in c.params.items()}
 
 
+def _criterion(opts: FitOptions) -> str:
+    return (CRITERIA[opts.select] + ("" if opts.select == "residual" else
+            f"; {opts.select_search} cosine search") + "; ties to the lower held-out relative "
+            "residual, then to the simpler family")
+
+
 def _score(c: Adapter, a: np.ndarray, b: np.ndarray, m_h: Moments, opts: FitOptions,
            seed: int) -> dict:
-    """One candidate's held-out figures: recall@1 and @10 both ways (raw cosine), the
-    criterion with its bootstrap interval, the held-out relative residual."""
+    """One candidate's held-out figures: recall@1 and @10 both ways (``select_search``
+    cosine), the criterion with its bootstrap interval, the held-out relative residual."""
     mapped = c.to_map(normalize=opts.normalize)(a, dtype=np.float64)
-    hits = retrieval_hits(mapped, b)
-    per_query = (hits["forward@1"].astype(np.float64) + hits["backward@1"]) / 2
-    est, lo, hi = interval(per_query, seed=seed)
+    hits = retrieval_hits(mapped, b, centred=opts.select_search == "centred")
+    values = per_query(hits, opts.select)
+    est, lo, hi = interval(values, seed=seed)
     return {"family": c.family, "params": _params(c),
-            "score": selection_score(hits), "score_interval": [lo, hi],
+            "score": float(np.mean(values)), "score_interval": [lo, hi],
             **{f"recall@{k}_{way}": float(np.mean(hits[f"{way}@{k}"]))
                for k in (1, 10) for way in ("forward", "backward")},
             "heldout_relative_residual": relative_residual_on(c, m_h)}

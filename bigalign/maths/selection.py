@@ -2,15 +2,16 @@
 
 A fit with ``method="auto"`` (:mod:`bigalign.commands.select`) fits every family from its
 one pass (:mod:`bigalign.maths.adapters`), maps the held-out source rows with each, and
-keeps the one that retrieves best:
+keeps the one that retrieves best, by default:
 
-    score = (recall@1 of mapped source rows searching the held-out target rows
-             + recall@1 of target rows searching the mapped source rows) / 2
+    score = recall@1 of mapped source rows searching the held-out target rows
 
 by cosine similarity on the vectors as they are (what a vector database serving the mapped
-rows next to native ones does). Both directions count: the second one is hurt by *hubs*
-(mapped rows crowding around the target mean, which a map that shrinks the spread makes),
-the first by maps that scatter. Ties (equal scores) go to the lower held-out relative
+rows next to native ones does), or after removing each side's mean (``centred``). The other
+direction (target rows searching mapped rows) is hurt by *hubs* (mapped rows crowding
+around the target mean, which a map that shrinks the spread makes) and can be chosen, or
+both averaged (:data:`CRITERIA`). No one map is best for every use (measured: docs/results.md, section 4), so the
+criterion is the deployment's to choose. Ties (equal scores) go to the lower held-out relative
 residual, then to the earlier family in :data:`bigalign.maths.adapters.FAMILIES` (the
 simpler one). The per-query hits are kept, so a bootstrap interval of every figure
 (:mod:`bigalign.maths.bootstrap`) costs no second search.
@@ -24,12 +25,8 @@ import numpy as np
 
 from .metrics import unit_rows
 
-__all__ = ["own_ranks", "retrieval_hits", "selection_score", "choose", "CRITERION"]
-
-#: What :func:`choose` maximises, in words (recorded in a transform's metadata).
-CRITERION = ("mean of held-out recall@1 in both directions (mapped source rows searching "
-             "target rows, and target rows searching mapped source rows; cosine on the "
-             "vectors as they are); ties to the lower held-out relative residual")
+__all__ = ["own_ranks", "retrieval_hits", "selection_score", "per_query", "choose",
+           "CRITERIA"]
 
 
 def own_ranks(queries: np.ndarray, docs: np.ndarray, block: int = 1024) -> np.ndarray:
@@ -69,9 +66,36 @@ def retrieval_hits(mapped: np.ndarray, target: np.ndarray, ks: Sequence[int] = (
     return out
 
 
-def selection_score(hits: dict) -> float:
-    """The criterion (:data:`CRITERION`) from :func:`retrieval_hits`' hits."""
-    return float((np.mean(hits["forward@1"]) + np.mean(hits["backward@1"])) / 2)
+#: What auto can choose by: the serving case its held-out score stands for.
+CRITERIA = {
+    "both": "mean of held-out recall@1 both ways (mapped source rows searching target rows, "
+            "and target rows searching mapped source rows)",
+    "mapped-queries": "held-out recall@1 of mapped source rows searching target rows (old-model "
+                      "queries mapped into a new-model index)",
+    "mapped-docs": "held-out recall@1 of target rows searching mapped source rows (a mapped "
+                   "corpus searched with new-model queries: the bridge, ARR's numerator)",
+    "residual": "the lowest held-out relative residual (no search)",
+}
+
+
+def selection_score(hits: dict, criterion: str = "both") -> float:
+    """The criterion (:data:`CRITERIA`) from :func:`retrieval_hits`' hits (``residual``:
+    0, the residual breaking the tie)."""
+    return float(np.mean(per_query(hits, criterion)))
+
+
+def per_query(hits: dict, criterion: str = "both") -> np.ndarray:
+    """The criterion's per-query values (n,) float64 (for a bootstrap interval)."""
+    fwd, bwd = hits["forward@1"].astype(np.float64), hits["backward@1"].astype(np.float64)
+    if criterion == "both":
+        return (fwd + bwd) / 2
+    if criterion == "mapped-queries":
+        return fwd
+    if criterion == "mapped-docs":
+        return bwd
+    if criterion == "residual":
+        return np.zeros_like(fwd)
+    raise ValueError(f"unknown criterion {criterion!r}: expected one of {', '.join(CRITERIA)}")
 
 
 def choose(rows: Sequence[dict]) -> int:
