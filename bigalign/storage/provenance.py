@@ -108,15 +108,19 @@ def mapped_of(data, storage_options: Optional[dict] = None) -> Optional[dict]:
     if not isinstance(data, str) and not hasattr(data, "__fspath__"):
         return None
     url = str(data).rstrip("/")
+    zarr_found = False
     for at in (url, url[:-len("/embeddings")] if url.endswith("/embeddings") else None):
         if at:
-            found = _attrs_record(at, storage_options)
+            found, is_zarr = _attrs_record(at, storage_options)
             if found is not None:
                 return found
-    return _export_record(url, storage_options)
+            zarr_found = zarr_found or is_zarr
+    return None if zarr_found else _export_record(url, storage_options)
 
 
-def _attrs_record(url: str, so) -> Optional[dict]:
+def _attrs_record(url: str, so) -> tuple[Optional[dict], bool]:
+    """(the record in the ``bigalign`` attribute of the Zarr node at ``url`` or None,
+    whether there is a Zarr node there)."""
     import zarr
 
     from .locations import options_for
@@ -124,8 +128,8 @@ def _attrs_record(url: str, so) -> Optional[dict]:
     try:
         node = zarr.open(url, mode="r", storage_options=options_for(url, so))
     except Exception:
-        return None
-    return record_of(node.attrs.get("bigalign"))
+        return None, False
+    return record_of(node.attrs.get("bigalign")), True
 
 
 def _export_record(url: str, so) -> Optional[dict]:
