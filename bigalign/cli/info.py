@@ -131,9 +131,14 @@ def _info(args) -> int:
     from ..transform import Transform
 
     so = storage_options(args)
+    from ..storage.lance_folder import export_manifest as lance_manifest
+
     export = export_manifest(args.path, so)
     if export is not None:  # a folder of Parquet files (export --format parquet)
         return _describe_export(args, export, so)
+    export = lance_manifest(args.path, so)
+    if export is not None:  # a Lance dataset (export --format lance)
+        return _describe_export(args, export, so, "lance")
     store = store_attrs(args.path, so)
     if store is not None:  # an embedding store (written by import or apply)
         return _describe_store(args, store, so)
@@ -167,6 +172,7 @@ def _describe_store(args, store: dict, so) -> int:
     model = open_store(args.path, storage_options=so, allow_incomplete=True)[2]
     info = {"kind": "embedding-store", "path": args.path, "model": model,
             **{k: v for k, v in store.items() if k not in ("kind", "job")}}
+    info["mapped"] = _mapped(store)
     made_by = store.get("made_by") or "import"
     state = _completion(info, args.path, so, bool(store.get("complete")), f"the {made_by}")
     if args.json:
@@ -178,6 +184,7 @@ def _describe_store(args, store: dict, so) -> int:
     if made_by == "apply":
         a, b = store.get("source_rows") or ("?", "?")
         print(f"  written by apply from {store.get('source')} rows {a}:{b}")
+    _print_mapped(info)
     if store.get("duplicate_ids"):
         print(f"  {store['duplicate_ids']:,} ids occur more than once: a fit pairing by "
               "id needs --duplicates first|last")
@@ -189,12 +196,14 @@ def _describe_store(args, store: dict, so) -> int:
 def _describe_output(args, status: dict, so) -> int:
     """``info`` of a bare apply output (``status``: its record)."""
     info = {"kind": "apply-output", "path": args.path, **status}
+    info["mapped"] = _mapped(status)
     state = _completion(info, args.path, so, bool(status.get("complete")), "apply")
     if args.json:
         _print_json(info)
     else:
         print(f"apply output {args.path}: {state}")
         print("  " + _describe_apply_output(status))
+        _print_mapped(info)
         if info.get("progress"):
             print("  " + _describe_progress(info["progress"]))
     return 0 if info.get("complete") else 3
@@ -290,26 +299,49 @@ def _completion(info: dict, path: str, so, complete: bool, rerun: str) -> str:
     return "complete"
 
 
-def _describe_export(args, export: dict, so) -> int:
-    """``info`` of a Parquet export: 0 when complete, 3 (with its progress) when not, or
-    when it lost a file since (damaged)."""
+def _describe_export(args, export: dict, so, fmt: str = "parquet") -> int:
+    """``info`` of a Parquet (or Lance) export: 0 when complete, 3 (with its progress) when
+    not, or when it lost a file since (damaged)."""
     files = export.get("files", [])
-    info = {"kind": "parquet-export", "path": args.path,
+    info = {"kind": f"{fmt}-export", "path": args.path,
             **{k: v for k, v in export.items() if k not in ("job", "files", "format")},
             "files": len(files), "bytes": sum(f.get("bytes", 0) for f in files)}
+    info["mapped"] = _mapped(export) or _mapped(export.get("provenance"))
     state = _completion(info, args.path, so, bool(export.get("complete")), "the export")
     if args.json:
         _print_json(info)
     else:
         a, b = export.get("rows", [0, 0])
-        print(f"Parquet export {args.path}: {state}, rows {a:,}:{b:,} of "
+        print(f"{'Lance' if fmt == 'lance' else 'Parquet'} export {args.path}: {state}, "
+              f"rows {a:,}:{b:,} of "
               f"{export.get('source')} in {counted(len(files), 'file')} "
               f"({info['bytes'] / 2**20:,.1f} MiB); columns {export.get('ids_column')}: {export.get('ids')}, "
               f"{export.get('vector_column')}: {export.get('dtype')}[{export.get('dim')}]; "
               f"model: {export.get('model') or '?'}")
+        _print_mapped(info)
         if info.get("progress"):
             print("  " + _describe_progress(info["progress"]))
     return 0 if info.get("complete") else 3
+
+
+def _mapped(attrs) -> Optional[dict]:
+    """The record of mapped vectors in ``attrs`` (:mod:`bigalign.storage.provenance`)."""
+    from ..storage.provenance import record_of
+
+    return record_of(attrs)
+
+
+def _print_mapped(info: dict) -> None:
+    """The lines ``info`` prints of mapped vectors: what they are, and (target-centred)
+    what they need before they meet native vectors."""
+    from ..storage.provenance import centred_note, sentence
+
+    record = info.get("mapped")
+    if record:
+        print(f"  mapped vectors: {sentence(record)}")
+        note = centred_note(record)
+        if note:
+            print(f"  NOTE: {note}")
 
 
 def _describe_progress(p: dict) -> str:

@@ -104,7 +104,13 @@ def apply(transform: Union[Transform, str], source, output: str,
         STOP - START rows (output row r is source row START + r).
     allow_model_mismatch : map a source store stamped with another model than the one the
         transform was fitted from (refused by default: same-dimension models would be mixed
-        silently).
+        silently), or a source that holds mapped vectors already (an apply's output, or a
+        store imported from its export), refused by default when this transform mapped them
+        already, when they are target-centred, or when the transform is not recorded as
+        mapping their model's space (only warned for a deliberate chain: the inverse, or
+        B -> C after A -> B). The output's ``bigalign.mapped`` attribute records what its vectors are
+        (:mod:`bigalign.storage.provenance`: models, transform digest, family, centred,
+        target-centred).
     device : "cpu" (default) or "cuda": map on the GPU with CuPy (same regions; rows equal
         to the CPU's within float32 round-off, so a resume on another device is not
         byte-identical).
@@ -132,6 +138,7 @@ def apply(transform: Union[Transform, str], source, output: str,
     if src.dim != dim_a:
         raise InputError(f"source {src.url!r} has dimension {src.dim} but the transform maps "
                          f"dimension {dim_a}")
+    mapped = _mapped_output(transform, source, opts, allow_model_mismatch, so)
     fitted_from = transform.metadata.get("source_model")
     if src_model and fitted_from and src_model != fitted_from and not allow_model_mismatch:
         raise InputError(f"source {str(source)!r} was embedded with {src_model!r}, but the "
@@ -167,7 +174,28 @@ def apply(transform: Union[Transform, str], source, output: str,
         log.warning("%s: some source chunks are read twice", why)
     return _apply_job(_ApplyJob(transform, src, src_ids, source, output, opts, plan,
                                 out_shard, as_store, ids_kind, target_model, fingerprint, ckpt,
-                                job, run, so, t0))
+                                job, run, so, t0, mapped))
+
+
+def _mapped_output(transform: Transform, source, opts: ApplyOptions,
+                   allow_model_mismatch: bool, so) -> dict:
+    """The provenance record of the output (:mod:`bigalign.storage.provenance`). A source
+    that holds mapped vectors already is refused unless ``allow_model_mismatch``
+    (:func:`~bigalign.storage.provenance.already_mapped`: the same transform again,
+    target-centred vectors, or a transform not recorded as mapping their model's space);
+    a deliberate chain is warned. Either way its record is chained into the output's."""
+    from ..storage.provenance import already_mapped, mapped_of, mapped_record
+
+    before = mapped_of(source, so)
+    if before is not None:
+        message, refuse = already_mapped(before, f"source {str(source)!r}",
+                                         transform.digest(),
+                                         transform.metadata.get("source_model"))
+        if refuse and not allow_model_mismatch:
+            raise InputError(message)
+        log.warning("%s", message.rsplit(" Pass --allow-model-mismatch", 1)[0])
+    return mapped_record(transform, target_centred=opts.target_centred,
+                         renormalized=opts.renormalize, chained_from=before)
 
 
 def _finished(output, fingerprint: dict, job: JobOptions, ckpt, so) -> bool:
@@ -212,6 +240,7 @@ class _ApplyJob:
     run: Execution
     so: Optional[dict]
     t0: float
+    mapped: Optional[dict] = None
 
 
 def _apply_job(r: _ApplyJob) -> RunReport:
@@ -227,7 +256,7 @@ def _apply_job(r: _ApplyJob) -> RunReport:
     layout = _OutputLayout(plan.rows, dim_b, opts, out_shard, as_store, ids_kind)
     target = _ApplyTarget(output, layout, target_model, so, {
         "transform": fingerprint["transform"], "source": str(source) if as_store else src.url,
-        "source_rows": [first, last], "target_centred": target_centred})
+        "source_rows": [first, last], "target_centred": target_centred, "mapped": r.mapped})
     with output_job(target, ckpt, "apply", fingerprint, asdict(plan), storage_options=so,
                     restart=restart, replace=overwrite) as run_:
         plan = ApplyPlan(**run_.manifest["plan"])

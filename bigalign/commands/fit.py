@@ -147,6 +147,7 @@ def fit(source, target, options: Optional[FitOptions] = None, *,
     tgt = open_embeddings(tgt_url, side="target", storage_options=so,
                           check_chunks=job.check_chunks)
     models = {"source_model": source_model or src_model, "target_model": target_model or tgt_model}
+    _warn_mapped(source, target, models, so)
     if checkpoint is None and output is not None:
         checkpoint = default_checkpoint(output)
     check_disjoint({"source": source, "target": target},  # before any work on the inputs
@@ -206,6 +207,24 @@ def _check_lengths(src, tgt) -> None:
         raise InputError(f"source has {src.rows:,} rows but target has {tgt.rows:,}: row i "
                          f"pairs with row i, so say which rows to fit on (--rows 0:{n} pairs "
                          "every row the two have in common), or pair stores by id")
+
+
+def _warn_mapped(source, target, models: dict, so) -> None:
+    """Warn when a side of the fit holds mapped vectors (an apply's output, or a store
+    imported from its export: :mod:`bigalign.storage.provenance`), not native ones: a
+    target of mapped vectors teaches the new map to imitate the old one."""
+    from ..storage.provenance import mapped_of, not_native
+
+    for side, data in (("source", source), ("target", target)):
+        record = mapped_of(data, so)
+        if record is None:
+            continue
+        model = models[f"{side}_model"] or record.get("to_model")
+        expected = f"vectors embedded with {model}" if model else "native vectors"
+        why = ("a map fitted to them learns to imitate that transform, not the model: fit "
+               "to the model's own vectors") if side == "target" else \
+            "the fitted map will apply to such mapped vectors, not to a model's own"
+        log.warning("%s; %s", not_native(record, f"{side} {str(data)!r}", expected), why)
 
 
 def _in_this_process(run: Execution) -> Execution:

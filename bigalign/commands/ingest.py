@@ -83,6 +83,29 @@ def files_model(files) -> Optional[str]:
     return models.pop() if len(models) == 1 and None not in models else None
 
 
+def files_mapped(files) -> Optional[dict]:
+    """The record of mapped vectors every input carries (exports of an apply's output:
+    :mod:`bigalign.storage.provenance`), stamped on the store as ``bigalign.mapped``; None
+    when none carries one. Inputs that mix mapped and native vectors (or two maps) get a
+    warning and no record: the store's rows are not all of one kind."""
+    import json
+
+    from ..storage.provenance import centred_note, sentence
+
+    kinds = {f.mapped for f in files if f.rows}
+    if not kinds or kinds == {None}:
+        return None
+    if len(kinds) == 1:
+        return json.loads(kinds.pop())
+    records = [json.loads(k) for k in kinds if k is not None]
+    notes = [centred_note(r) for r in records if r.get("target_centred")]
+    log.warning("the inputs mix vectors %s with %s: the store records no provenance%s",
+                sentence(records[0]), "native vectors" if None in kinds else
+                "vectors mapped by another transform",
+                f"; {notes[0]}" if notes else "")
+    return None
+
+
 def probe_all(expanded: list[tuple], *, vector_column=None, ids_column=None,
               threads: int = 16) -> list[SourceFile]:
     """Probe every file (metadata only; in parallel: object stores answer slowly) and check
@@ -382,7 +405,7 @@ def import_vectors(inputs, output: str, *, ids_column: Optional[str] = None,
         return RunReport(0, time.perf_counter() - t0, 0, 0, 0, plan.rows, True)
     target = _ImportTarget(output, plan, dim, store_dtype, ids_kind, model, so, {
         "made_by": "import", "inputs": [f.name for f in files[:1000]],
-        "input_files": len(files)})
+        "input_files": len(files), "mapped": files_mapped(files)})
     return _run(target, files, fingerprint, ckpt, job, run, row_ids, t0)
 
 

@@ -197,6 +197,9 @@ def evaluate_retrieval(transform, queries, docs, qrels, *, map_side: str = "quer
             f"{dim_b} (got {fixed.dim})")
     nat, nat_ids = (None, None) if native is None else \
         _open_native(native, mapped, dim_b, by_ids, storage_options, check_chunks)
+    to_map, kept = (queries, docs) if map_side == "queries" else (docs, queries)
+    _warn_mapped(t, {mapped.side: (to_map, False), fixed.side: (kept, True),
+                     f"native {mapped.side}": (native, True)}, storage_options)
     q0, q1 = row_range(query_rows, qa.rows, "query rows")
     d0, d1 = row_range(doc_rows, da.rows, "document rows")
     if by_ids:
@@ -224,6 +227,24 @@ def evaluate_retrieval(transform, queries, docs, qrels, *, map_side: str = "quer
             t, qa, da, nat, native_rows, qids, relevance, n_judged, map_side, (d0, d1), shift,
             (q0, q1), pairing, ks, ndcg_k, dtype, statistics, train_source, train_target,
             ridge, block_rows, storage_options, check_chunks))
+
+
+def _warn_mapped(t, inputs: dict, storage_options) -> None:
+    """Warn when an input holds mapped vectors (:mod:`bigalign.storage.provenance`) where
+    native ones are expected: ``inputs`` maps a role to (data, in the target model's
+    space?). The side the transform maps must hold the source model's own vectors; the
+    other side and ``native``, the target model's own (a target-centred output, in the
+    target's centred space, is not comparable with them as it is)."""
+    from ..storage.provenance import mapped_of, not_native
+
+    source_model, target_model = (t.metadata.get(k) for k in ("source_model", "target_model"))
+    for role, (data, in_target) in inputs.items():
+        record = None if data is None else mapped_of(data, storage_options)
+        if record is not None:
+            model = target_model if in_target else source_model
+            log.warning("%s: the figures are not those of native vectors", not_native(
+                record, f"{role} {str(data)!r}",
+                f"vectors embedded with {model}" if model else "native vectors"))
 
 
 def _open_native(native, mapped, dim_b: int, by_ids: bool, storage_options, check_chunks

@@ -296,6 +296,18 @@ def _provenance(source, so) -> dict:
     return keep
 
 
+def _mapped(source, so) -> Optional[dict]:
+    """The source's provenance record (:mod:`bigalign.storage.provenance`), stamped into
+    the export's manifest and every file's (or the dataset's) metadata; target-centred
+    vectors are exported with a warning (they do not mix with native ones as they are)."""
+    from ..storage.provenance import centred_note, mapped_of, sentence
+
+    record = mapped_of(source, so)
+    if record is not None and record.get("target_centred"):
+        log.warning("exporting vectors %s: %s", sentence(record), centred_note(record))
+    return record
+
+
 def _prepare(fmt: ExportFormat, source, output, job, so, *, ids_column, vector_column,
              dtype, rows, rows_per_file, compression) -> _Export:
     from ..storage.job import default_checkpoint
@@ -321,7 +333,7 @@ def _prepare(fmt: ExportFormat, source, output, job, so, *, ids_column, vector_c
             "source": canonical_url(source, so), "model": model, "rows": [first, last],
             "dim": emb.dim, "dtype": out_dtype.name, "ids": kind, "ids_column": ids_column,
             "vector_column": vector_column, "compression": compression,
-            "provenance": _provenance(source, so)}
+            "provenance": _provenance(source, so), "mapped": _mapped(source, so)}
     return _Export(emb, ids, model, _zero_rows_bad(source, so), first, last, out_dtype, kind,
                    plan, ckpt, fingerprint, head)
 
@@ -366,7 +378,8 @@ def _run(fmt: ExportFormat, e: _Export, output, job, run, so, t0: float,
         spec = FileSpec(str(output).rstrip("/"), e.head["ids_column"],
                         e.head["vector_column"], e.kind, e.emb.dim, e.out_dtype.name,
                         compression, {"format": fmt.manifest_format, "run_id": region.run_id,
-                                      "model": e.model, "source": e.head["source"]},
+                                      "model": e.model, "source": e.head["source"],
+                                      "mapped": e.head["mapped"]},
                         so, bad_rows, e.zero_rows_bad)
         graph, key, tasks = export_graph(e.emb, e.ids, plan, spec, fmt.file_task, done=done,
                                          job=region.job, run_id=region.run_id)

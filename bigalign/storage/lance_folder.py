@@ -256,11 +256,11 @@ class LanceTarget:
 
 def _dataset_metadata(head: dict, run_id: str) -> dict:
     """The schema's ``bigalign`` metadata: what a reader needs to know where the vectors
-    came from (the model stamp ``bigalign import`` reads back, the source, its
-    provenance, the rows, the run)."""
+    came from (the model stamp and the mapped vectors' record, which ``bigalign import``
+    reads back, the source, its provenance, the rows, the run)."""
     return {"format": FORMAT, "run_id": run_id, "model": head.get("model"),
             "source": head.get("source"), "rows": head.get("rows"),
-            "provenance": head.get("provenance") or {}}
+            "provenance": head.get("provenance") or {}, "mapped": head.get("mapped")}
 
 
 def _committed_version(lance, url: str, so, run_id: str) -> Optional[int]:

@@ -21,7 +21,7 @@ from ...errors import InputError
 
 __all__ = ["SourceFile", "Location", "Reader", "register", "reader_for", "reader_of",
            "format_of", "FORMATS", "expand_inputs", "probe", "read_slice", "iter_rows",
-           "restart_points", "fixed_rows"]
+           "restart_points", "fixed_rows", "exported_mapped"]
 
 #: File extensions (lower case, with the dot) and the format they mean, filled by
 #: :func:`register`.
@@ -43,7 +43,9 @@ class SourceFile:
     ``offset``/``order`` (npy, fvecs: byte where rows start, C or F order);
     ``vector_column`` / ``ids_column`` / ``row_groups`` (Parquet: rows of each row group, from
     the footer; None when unknown; Lance: rows of each fragment) and ``version`` (Lance: the
-    dataset version probed, which every read opens; ``stamp`` names it too)."""
+    dataset version probed, which every read opens; ``stamp`` names it too); ``mapped``
+    (Parquet, Lance: the record of mapped vectors that ``bigalign export`` wrote, as
+    canonical JSON text, :mod:`bigalign.storage.provenance`; None for native vectors)."""
 
     name: str
     url: str
@@ -62,12 +64,26 @@ class SourceFile:
     row_groups: Optional[tuple] = None
     model: Optional[str] = None
     version: Optional[int] = None
+    mapped: Optional[str] = None
 
     def fingerprint(self, index: int) -> dict:
         """What an import's job fingerprint holds of this file (a resume must match it)."""
         return {"position": index, "format": self.format, "size": self.size,
                 "stamp": self.stamp, "rows": self.rows, "dim": self.dim, "dtype": self.dtype,
                 "vector_column": self.vector_column, "ids_column": self.ids_column}
+
+
+def exported_mapped(raw) -> Optional[str]:
+    """The record of mapped vectors (``mapped``) in the ``bigalign`` metadata ``raw`` (JSON
+    text or bytes) that ``bigalign export`` writes, as canonical JSON text (sorted keys),
+    or None (native vectors, not bigalign's, not JSON)."""
+    import json
+
+    try:
+        record = json.loads(raw).get("mapped") if raw else None
+    except (ValueError, TypeError, AttributeError):
+        return None
+    return json.dumps(record, sort_keys=True) if isinstance(record, dict) else None
 
 
 @dataclass(frozen=True)

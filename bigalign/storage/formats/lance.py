@@ -25,7 +25,7 @@ from typing import Optional
 import numpy as np
 
 from ...errors import InputError
-from .base import Location, Reader, SourceFile, register
+from .base import Location, Reader, SourceFile, exported_mapped, register
 
 __all__ = ["LanceReader", "lance_module", "lance_storage_options"]
 
@@ -115,7 +115,9 @@ class LanceReader(Reader):
             found["dim"] = _first_dim(ds, found["vector_column"], at.name) if rows else 0
         at = replace(at, stamp=f"version {ds.version}")
         return at.source(self, rows=rows, row_groups=fragments, version=int(ds.version),
-                         model=_exported_model(schema.metadata), **found)
+                         model=_exported_model(schema.metadata),
+                         mapped=exported_mapped((schema.metadata or {}).get(b"bigalign")),
+                         **found)
 
     def read(self, f: SourceFile, start: int, stop: int,
              storage_options: Optional[dict] = None) -> tuple:

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from ...errors import InputError
-from .base import Location, Reader, SourceFile, register
+from .base import Location, Reader, SourceFile, exported_mapped, register
 
 __all__ = ["ParquetReader", "ParquetMetadata", "parquet_metadata", "parquet_row_groups"]
 
@@ -239,7 +239,8 @@ class ParquetReader(Reader):
         found = _check_columns(at, meta, vector_column, ids_column)
         groups = meta.row_groups if sum(meta.row_groups) == meta.rows else None
         return at.source(self, **found, row_groups=groups,
-                         model=_exported_model(meta.key_value))
+                         model=_exported_model(meta.key_value),
+                         mapped=exported_mapped(meta.key_value.get("bigalign")))
 
     def read(self, f: SourceFile, start: int, stop: int,
              storage_options: Optional[dict] = None) -> tuple:
