@@ -103,12 +103,12 @@ def run_direction(scratch, models, a: str, b: str, n: int, n_train: int, max_q: 
                                        query_rows=held, doc_rows=held, ks=(1, 10),
                                        max_queries=max_q)
     for res, res_s in ((docs, docs_s), (queries, queries_s)):
-        m = next(m for m in res_s["methods"] if m["name"] == "orthogonal + centring")
+        m = next(m for m in res_s["methods"] if m["name"] == "similarity + centring")
         res["methods"].append(dict(m, name="orthogonal + centring + scale"))
     rows = {}
     for m in ev["methods"]:
         rows[m["name"].split(" ")[0] if m["name"].startswith("ridge") else m["name"]] = m
-    scaled = next(m for m in evs["methods"] if m["name"] == "orthogonal + centring")
+    scaled = next(m for m in evs["methods"] if m["name"] == "similarity + centring")
     rows["orthogonal + centring + scale"] = scaled
     diag = ev["training"]["diagnostics"]
     out = {"source": a, "target": b, "dims": [da.shape[1], db.shape[1]], "train": n_train,

@@ -256,7 +256,8 @@ def baseline_methods(m: Moments, *, center: bool = False, normalize: bool = Fals
             name = "orthogonal + centring" if c else "orthogonal"
             if own and c == center:
                 tr = transform.metadata.get("residual")
-                out.append(Method(name, AffineMap.from_transform(transform), "this transform",
+                out.append(Method(family_name(transform), AffineMap.from_transform(transform),
+                                  "this transform",
                                   train_numbers(tr, m) if tr is not None else {}, this=True))
                 continue
             if not reflection and dim_a != dim_b:
