@@ -103,24 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 
-def _add_fit(sub) -> None:
-    """``bigalign fit``: its arguments and flags."""
-    f = sub.add_parser(
-        "fit", help="fit a transform from paired source/target rows",
-        description="Fit Q minimising ||s (A - mean_A) Q - (B - mean_B)||_F over paired rows "
-                    "(row i of SOURCE with row i of TARGET) in one streaming pass, then one "
-                    "SVD. dA != dB works: with dA < dB the source is embedded isometrically in "
-                    "a dA-dim subspace of the target space; with dA > dB it is projected to dB "
-                    "dims (lossy). Inputs that are embedding stores with ids are paired by "
-                    "id (an inner join) instead of by row. A killed fit resumes when rerun "
-                    "with the same command; a finished one rerun does nothing (exit 0).")
-    f.add_argument("source", help="source-model vectors (N, dA): a Zarr array, or an "
-                                  "embedding store (a group with embeddings, ids, model)")
-    f.add_argument("target", help="target-model vectors (N, dB): same rows, or a store "
-                                  "whose ids pair with the source's")
-    f.add_argument("-o", "--output", required=True, help="where to save the transform (Zarr group)")
-    f.add_argument("--center", action=argparse.BooleanOptionalAction, default=True,
-                   help=CENTER_HELP)
+def _add_family_args(f) -> None:
+    """``fit``'s choice of map family (``--method`` and what auto and its parameters read)."""
     from ..options import METHODS, SELECT
 
     f.add_argument("--method", choices=METHODS, default="orthogonal", help=METHOD_HELP)
@@ -144,6 +128,27 @@ def _add_fit(sub) -> None:
     f.add_argument("--max-holdout", type=int, default=10_000, metavar="ROWS",
                    help="at most this many held-out pairs (default 10,000), read in a few "
                         "random windows of rows")
+
+
+def _add_fit(sub) -> None:
+    """``bigalign fit``: its arguments and flags."""
+    f = sub.add_parser(
+        "fit", help="fit a transform from paired source/target rows",
+        description="Fit Q minimising ||s (A - mean_A) Q - (B - mean_B)||_F over paired rows "
+                    "(row i of SOURCE with row i of TARGET) in one streaming pass, then one "
+                    "SVD. dA != dB works: with dA < dB the source is embedded isometrically in "
+                    "a dA-dim subspace of the target space; with dA > dB it is projected to dB "
+                    "dims (lossy). Inputs that are embedding stores with ids are paired by "
+                    "id (an inner join) instead of by row. A killed fit resumes when rerun "
+                    "with the same command; a finished one rerun does nothing (exit 0).")
+    f.add_argument("source", help="source-model vectors (N, dA): a Zarr array, or an "
+                                  "embedding store (a group with embeddings, ids, model)")
+    f.add_argument("target", help="target-model vectors (N, dB): same rows, or a store "
+                                  "whose ids pair with the source's")
+    f.add_argument("-o", "--output", required=True, help="where to save the transform (Zarr group)")
+    f.add_argument("--center", action=argparse.BooleanOptionalAction, default=True,
+                   help=CENTER_HELP)
+    _add_family_args(f)
     f.add_argument("--normalize", action="store_true",
                    help="L2-normalise rows before fitting (and source rows at apply time)")
     f.add_argument("--scale", action="store_true", help="also fit a similarity scale s")

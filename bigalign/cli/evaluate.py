@@ -98,6 +98,14 @@ def _pairing_args(p, duplicates_default: str) -> None:
 
 def add_commands(sub) -> dict:
     """Register subcommands on the argparse ``sub`` parsers; return {name: handler(args)}."""
+    _add_evaluate(sub)
+    _add_evaluate_retrieval(sub)
+    _add_curve(sub)
+    return {"evaluate": _evaluate, "evaluate-retrieval": _evaluate_retrieval, "curve": _curve}
+
+
+def _add_evaluate(sub) -> None:
+    """``bigalign evaluate``: its arguments and flags."""
     e = _command(
         sub, "evaluate", "held-out quality of a transform next to its baselines",
         "Evaluate TRANSFORM on held-out pairs (row i of SOURCE with row i of TARGET, or rows "
@@ -127,6 +135,10 @@ def add_commands(sub) -> dict:
     _pairing_args(e, "the fit's own policy on the stores it was fitted on, else error")
     _io_args(e, ks="1,10")
 
+
+def _add_evaluate_retrieval(sub) -> None:
+    """``bigalign evaluate-retrieval``: its arguments and flags (the verdict's in
+    :mod:`bigalign.cli.verdict`)."""
     r = _command(
         sub, "evaluate-retrieval", "query -> document retrieval across two models (nDCG@10)",
         "Queries embedded by one model, documents by another, relevance judgements as a table "
@@ -161,6 +173,9 @@ def add_commands(sub) -> dict:
     _pairing_args(r, "error")
     _io_args(r, ks="1,10,100")
 
+
+def _add_curve(sub) -> None:
+    """``bigalign curve``: its arguments and flags."""
     c = _command(
         sub, "curve", "quality against the number of training pairs",
         "Fit on the first n training rows for each n in --sizes (one streaming pass snapshots "
@@ -175,7 +190,8 @@ def add_commands(sub) -> dict:
                         "positions in the list of matched pairs")
     c.add_argument("--sizes", metavar="N,N",
                    help="training sizes (default 100,300,1000,3000,... and all training rows)")
-    c.add_argument("--center", action="store_true", help="fit with centring (as fit --center)")
+    c.add_argument("--center", action=argparse.BooleanOptionalAction, default=True,
+                   help="fit with centring (default, as fit; --no-center opts out)")
     c.add_argument("--normalize", action="store_true", help="as fit --normalize")
     c.add_argument("--scale", action="store_true", help="as fit --scale")
     c.add_argument("--no-least-squares", action="store_true",
@@ -184,7 +200,6 @@ def add_commands(sub) -> dict:
                    help="ridge penalty for the least-squares curve (default 0)")
     _pairing_args(c, "error")
     _io_args(c, ks="1,10")
-    return {"evaluate": _evaluate, "evaluate-retrieval": _evaluate_retrieval, "curve": _curve}
 
 
 def _common(args) -> dict:

@@ -49,7 +49,7 @@ APPLY_KEYWORDS = {"options": keywords_of(ApplyOptions),
                   "execution": keywords_of(Execution)}
 
 
-# Over 80 lines by its docstring only, which documents every keyword (the code is ~57).
+# Over 80 lines by its docstring only, which documents every keyword (the code is ~63).
 def apply(transform: Union[Transform, str], source, output: str,
           options: Optional[ApplyOptions] = None, *, job: Optional[JobOptions] = None,
           execution: Optional[Execution] = None, storage_options: Optional[dict] = None,

@@ -39,7 +39,7 @@ def default_sizes(n: int) -> list[int]:
 
 
 def learning_curve(source, target, train_rows, eval_rows, *, sizes: Optional[Sequence[int]] = None,
-                   center: bool = False, normalize: bool = False, scale: bool = False,
+                   center: bool = True, normalize: bool = False, scale: bool = False,
                    reflection: bool = True, least_squares: bool = True, ridge: float = 0.0,
                    ks: Sequence[int] = (1, 10), max_queries: Optional[int] = DEFAULT_MAX_QUERIES,
                    seed: int = 0, dtype="float32", block_rows: Optional[int] = None,

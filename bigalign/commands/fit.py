@@ -56,7 +56,7 @@ FIT_KEYWORDS = {"options": keywords_of(FitOptions),
                 "execution": keywords_of(Execution)}
 
 
-# Over 80 lines by its docstring only, which documents every keyword (the code is ~70).
+# Over 80 lines by its docstring only, which documents every keyword (the code is ~78).
 def fit(source, target, options: Optional[FitOptions] = None, *,
         pairing: Optional[Pairing] = None, job: Optional[JobOptions] = None,
         execution: Optional[Execution] = None, output: Optional[str] = None,
