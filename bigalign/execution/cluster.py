@@ -61,6 +61,7 @@ from typing import Optional
 
 import dask
 
+from .graph import task_count
 from .progress import Reporter, _ThreadedProgress, _distributed_progress
 
 __all__ = ["session", "Session", "run_task", "blas_pinned", "scheduler_from_config",
@@ -267,7 +268,7 @@ class Session:
             if limit:
                 watchdog = _Watchdog(self.client, future, limit, where)
             if self.progress:
-                _distributed_progress(future, Reporter())
+                _distributed_progress(future, Reporter(), len(graph) - task_count(graph))
             return future.result()
         except Exception as e:
             error = watchdog.error if watchdog is not None else None
@@ -414,6 +415,27 @@ def _silence_shutdown(saved: dict) -> None:
         logger.setLevel(logging.CRITICAL)
 
 
+@contextlib.contextmanager
+def _workers_ignore_sigint():
+    """Start local worker processes with SIGINT ignored: a Ctrl-C in a terminal goes to the
+    whole process group, and workers that received it printed distributed's
+    KeyboardInterrupt / CancelledError tracebacks while bigalign was already shutting them
+    down. A child inherits an ignored SIGINT (and Python then installs no KeyboardInterrupt
+    handler), so only this process sees Ctrl-C; it closes the cluster, which stops them.
+    Outside the main thread (no signal handlers there) nothing changes."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def _restore_levels(saved: dict) -> None:
     for name, level in saved.items():
         logging.getLogger(name).setLevel(level)
@@ -490,10 +512,13 @@ def session(scheduler: Optional[str] = None, workers: Optional[int] = None,
         quiet: dict = {}
         with contextlib.ExitStack() as stack:
             stack.callback(_restore_levels, quiet)           # last: after the cluster closed
-            cluster = stack.enter_context(LocalCluster(
-                n_workers=int(workers), threads_per_worker=1, processes=True,
-                memory_limit=memory_limit or "auto", dashboard_address=":0",
-                host="127.0.0.1"))
+            with _workers_ignore_sigint():
+                cluster = stack.enter_context(LocalCluster(
+                    n_workers=int(workers), threads_per_worker=1, processes=True,
+                    memory_limit=memory_limit or "auto", dashboard_address=":0",
+                    host="127.0.0.1", silence_logs=logging.ERROR))  # no CancelledError
+                # warnings from tasks that a Ctrl-C or a failed gate cancels: bigalign says
+                # what happened, and the rerun resumes
             client = stack.enter_context(Client(cluster))  # closed before the cluster
             stack.callback(_silence_shutdown, quiet)       # first: once the work is over
             yield Session(client, progress=progress, stall_timeout=stall)

@@ -146,17 +146,23 @@ class _ThreadedProgress(Callback):
         self.reporter.close()
 
 
-def _distributed_progress(future, reporter: Reporter) -> None:
+def _distributed_progress(future, reporter: Reporter, data_keys: int = 0) -> None:
     """Report the progress of ``future`` and everything it depends on, as the scheduler
-    sees it (distributed's own text bar writes ``\\r`` updates to stdout)."""
+    sees it (distributed's own text bar writes ``\\r`` updates to stdout). ``data_keys``:
+    keys of the graph that hold data, not tasks (the scheduler counts them, the threaded
+    scheduler and the run's first log line do not): left out, so every count agrees."""
     from distributed.diagnostics.progressbar import TextProgressBar
+
+    def counts(remaining, all):
+        total = max(all - data_keys, 0)
+        return min(max(all - remaining - data_keys, 0), total), total
 
     class _Bar(TextProgressBar):
         def _draw_bar(self, remaining, all, **kwargs):
-            reporter.update(all - remaining, all)
+            reporter.update(*counts(remaining, all))
 
         def _draw_stop(self, remaining=0, all=0, status=None, **kwargs):
-            reporter.update(all - remaining, all, final=True)
+            reporter.update(*counts(remaining, all), final=True)
 
     try:
         _Bar([future], scheduler=future.client.scheduler.address, interval="500ms")
