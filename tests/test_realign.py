@@ -16,6 +16,7 @@ import pytest
 import zarr
 
 import bigalign
+from bigalign import InputError
 from bigalign.cli import main
 from bigalign.commands.realign_config import load_config
 from bigalign.commands.realign_pairs import holdout_mask, stable_unit
@@ -639,3 +640,21 @@ def test_every_gated_figure_has_an_interval_holding_its_estimate(data, capsys):
     assert "[" in out and "train relative residual" in out
     assert "staying on the old model not checked" in out
     assert "held-out residual" in out
+
+
+def test_fit_method_auto_in_the_config_publishes_the_chosen_family(data):
+    """``[fit] method = "auto"``: realign fits every family from its one pass, the
+    published version records the family chosen and its candidates, and the corpus is
+    mapped by that map (apply of the registry's current transform equals transform())."""
+    tmp, a, _ = data
+    cfg = config(tmp / "auto.toml", "reg-auto", fit={"method": "auto", "max_holdout": 100})
+    assert realign(cfg, "--run-id", "auto-1", "--summary", tmp / "auto.json") == 0
+    assert summary(tmp / "auto.json")["status"] == "published"
+    t = bigalign.Transform.load(str(tmp / "reg-auto"))
+    sel = t.metadata["selection"]
+    assert t.options["method"] == "auto" and t.options["family"] == sel["chosen"]
+    assert len(sel["candidates"]) == 5 and sel["holdout"]["rows"] <= 100
+    mapped = zarr.open_array(str(tmp / "out" / "mapped-v0001.zarr"))
+    np.testing.assert_allclose(mapped[:], t.transform(a), atol=1e-5)
+    with pytest.raises(InputError, match=r"\[fit\].*--method"):
+        load_config(config(tmp / "bad.toml", "reg-bad", fit={"method": "lasso"}))
