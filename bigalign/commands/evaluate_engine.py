@@ -32,7 +32,7 @@ from ..storage.stores import (ArrayRows, EmbeddingArray, open_embeddings, parse_
 log = logging.getLogger("bigalign")
 
 __all__ = ["evaluate_maps", "training_moments", "open_input", "open_rows", "open_pair",
-           "row_range", "blocks", "read_checked", "take_rows", "counted", "Parallel", "Rows",
+           "row_range", "blocks", "read_checked", "take_rows", "take_rows_in_order", "counted", "Parallel", "Rows",
            "DEFAULT_MAX_QUERIES", "BLOCK_BYTES"]
 
 #: Input bytes per streamed block (all arrays read together).
@@ -120,6 +120,16 @@ def take_rows(arr: Rows, rows: np.ndarray, block_rows: Optional[int] = None) -> 
         raise NonFiniteError(f"{arr.side} row {rows[bad[0]]} holds NaN or Inf "
                              f"({bad.size} of the {len(rows)} rows read)")
     return out
+
+
+def take_rows_in_order(arr: Rows, rows: np.ndarray) -> np.ndarray:
+    """Rows at indices ``rows`` in any order (:func:`take_rows` of them sorted, put back in
+    the order asked)."""
+    order = np.argsort(rows, kind="stable")
+    out = take_rows(arr, rows[order])
+    back = np.empty_like(order)
+    back[order] = np.arange(len(order))
+    return out[back]
 
 
 def training_moments(source, target, rows=None, *, normalize: bool = False,

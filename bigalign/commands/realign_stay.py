@@ -78,17 +78,6 @@ def query_positions(holdout_keys: np.ndarray, by_ids: bool, q_old, q_new, n_pair
     return positions, old_rows[positions], new_rows[positions]
 
 
-def _take(arr, rows: np.ndarray) -> np.ndarray:
-    """Rows at indices ``rows`` in any order (float32/float64)."""
-    from .evaluate_engine import take_rows
-
-    order = np.argsort(rows, kind="stable")
-    out = take_rows(arr, rows[order])
-    back = np.empty_like(order)
-    back[order] = np.arange(len(order))
-    return out[back]
-
-
 def _ranks(queries: np.ndarray, true_docs: np.ndarray, positions: np.ndarray, doc_blocks,
            pool) -> np.ndarray:
     """(nq,) int64: how many documents score strictly above each query's own (cosine)."""
@@ -115,7 +104,7 @@ def stay_and_bridge(candidate, holdout_source: str, holdout_target: str, q_old, 
     held-out copies (h rows each, row-aligned). q_old / q_new : query Sides;
     positions, old_rows, new_rows : :func:`query_positions`. At most ``max_queries``
     queries (a seeded sample). Returns a JSON-ready dict."""
-    from .evaluate_engine import Parallel, blocks, open_rows, read_checked
+    from .evaluate_engine import Parallel, blocks, open_rows, read_checked, take_rows_in_order
 
     pick = query_sample(len(positions), max_queries, seed)
     positions, old_rows, new_rows = positions[pick], old_rows[pick], new_rows[pick]
@@ -127,9 +116,9 @@ def stay_and_bridge(candidate, holdout_source: str, holdout_target: str, q_old, 
                          f"{q_new.emb.dim}")
     work = np.float32
     amap = AffineMap.from_transform(candidate)
-    qa = _take(q_old.emb, old_rows).astype(work)
-    qb = _take(q_new.emb, new_rows).astype(work)
-    docs_a = _take(src, positions).astype(work)
+    qa = take_rows_in_order(q_old.emb, old_rows).astype(work)
+    qb = take_rows_in_order(q_new.emb, new_rows).astype(work)
+    docs_a = take_rows_in_order(src, positions).astype(work)
     ranges = blocks(0, src.rows, [src, tgt])
     pool = Parallel(workers)
 
@@ -140,7 +129,7 @@ def stay_and_bridge(candidate, holdout_source: str, holdout_target: str, q_old, 
 
     ranks = {"stay": _ranks(qa, docs_a, positions, stream(src), pool),
              "bridge": _ranks(qb, amap(docs_a, work), positions, stream(src, amap), pool),
-             "reembed": _ranks(qb, _take(tgt, positions).astype(work), positions,
+             "reembed": _ranks(qb, take_rows_in_order(tgt, positions).astype(work), positions,
                                stream(tgt), pool)}
     hits = {k: (r < K).astype(np.float64) for k, r in ranks.items()}
     boot = {"resamples": resamples, "level": level, "seed": seed}

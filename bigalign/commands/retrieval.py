@@ -23,7 +23,7 @@ from ..errors import InputError, NonFiniteError
 from .evaluate import load_transform, training_statistics
 from ..planning.plan import MIN_CENTRED_QUERIES
 from .evaluate_engine import (DEFAULT_MAX_QUERIES, Parallel, blocks, counted, open_input,
-                              read_checked, row_range, take_rows)
+                              read_checked, row_range, take_rows, take_rows_in_order)
 from ..execution.pairing import Pairs, gathered, join, pair_by_ids
 from ..maths.metrics import (methods_for, ndcg_at_k, query_sample, recall_at_k, score_rows,
                       sort_topk, topk_block, unit_rows)
@@ -301,15 +301,6 @@ def _native_rows(mapped_ids, native_ids, rows: np.ndarray, duplicates: str, side
                                "native_only": p.target_only}
 
 
-def _take(arr, rows: np.ndarray) -> np.ndarray:
-    """Rows at indices ``rows`` in any order (:func:`bigalign.commands.evaluate_engine.take_rows`)."""
-    order = np.argsort(rows, kind="stable")
-    out = take_rows(arr, rows[order])
-    back = np.empty_like(order)
-    back[order] = np.arange(len(order))
-    return out[back]
-
-
 @dataclass(frozen=True)
 class _Search:
     """One search of :func:`evaluate_retrieval`, once queries, documents and judgements are
@@ -454,7 +445,7 @@ def _entries(s: _Search, methods, work: np.dtype) -> tuple[list, dict]:
     if s.map_side == "queries":
         streams["docs"] = (s.docs, None)
         if nat is not None:
-            twins = _take(nat, s.native_rows) if s.native_rows is not None \
+            twins = take_rows_in_order(nat, s.native_rows) if s.native_rows is not None \
                 else take_rows(nat, s.qids)
             entries.append(("native", "queries embedded by the document model", False,
                             _fixed(s.t, work, twins, side=nat.side, ids=s.qids), "docs"))
