@@ -647,14 +647,17 @@ def test_fit_method_auto_in_the_config_publishes_the_chosen_family(data):
     published version records the family chosen and its candidates, and the corpus is
     mapped by that map (apply of the registry's current transform equals transform())."""
     tmp, a, _ = data
-    cfg = config(tmp / "auto.toml", "reg-auto", fit={"method": "auto", "max_holdout": 100})
+    cfg = config(tmp / "auto.toml", "reg-auto", fit={"method": "auto", "max_holdout": 100},
+                 apply=False)
+    with open(cfg, "a") as f:  # its own output: the fixture's folder is shared
+        f.write('[apply]\ncorpus = "corpus.zarr"\noutput = "out-auto/mapped-{version}.zarr"\n')
     assert realign(cfg, "--run-id", "auto-1", "--summary", tmp / "auto.json") == 0
     assert summary(tmp / "auto.json")["status"] == "published"
     t = bigalign.Transform.load(str(tmp / "reg-auto"))
     sel = t.metadata["selection"]
     assert t.options["method"] == "auto" and t.options["family"] == sel["chosen"]
     assert len(sel["candidates"]) == 5 and sel["holdout"]["rows"] <= 100
-    mapped = zarr.open_array(str(tmp / "out" / "mapped-v0001.zarr"))
+    mapped = zarr.open_array(str(tmp / "out-auto" / "mapped-v0001.zarr"))
     np.testing.assert_allclose(mapped[:], t.transform(a), atol=1e-5)
     with pytest.raises(InputError, match=r"\[fit\].*--method"):
         load_config(config(tmp / "bad.toml", "reg-bad", fit={"method": "lasso"}))
