@@ -18,7 +18,7 @@ import zarr
 
 import bigalign
 from bigalign.errors import CheckpointError, TransientError, exit_code
-from bigalign.execution import faults
+from bigalign import faults
 from bigalign.storage.job import Job, lease_home
 from bigalign.storage.lease import LeaseHeldError
 from bigalign.storage.output_job import OutputTakenError

@@ -351,7 +351,7 @@ def test_a_rollback_runs_while_a_realign_maps_its_corpus(data, monkeypatch):
     """A realign holds the registry lock only to write its version and to publish: a
     rollback and a gc run (and succeed) while it is inside its corpus apply; the realign
     then publishes its own version, after the rollback."""
-    from bigalign.execution import faults
+    from bigalign import faults
 
     tmp, _, _ = data
     loose = {"min_recall_at_10": 0.5, "max_heldout_relative_residual": 0.9,
@@ -401,7 +401,7 @@ def test_a_version_edited_before_its_publish_is_not_made_current(data, monkeypat
     """Between the version write and the publish (the registry lock is not held then) its
     record is edited by hand: the publish refuses it (exit 2, naming what disagrees) and
     nothing becomes current."""
-    from bigalign.execution import faults
+    from bigalign import faults
 
     tmp, _, _ = data
     cfg = config(tmp / "edited.toml", "reg-edited", apply=False)

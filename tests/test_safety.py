@@ -288,7 +288,7 @@ def test_run_that_lost_its_lease_stops_without_completing(corpus, monkeypatch):
     the job over: the first stops (LeaseLostError) and never marks the output complete.
     The takeover happens when the first has stored its second region (the fault point
     apply.region-done, in this process), not after a sleep."""
-    from bigalign.execution import faults
+    from bigalign import faults
 
     tmp, s, _, _, _, _ = corpus
     out = tmp / "o.zarr"

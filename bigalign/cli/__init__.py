@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     import threading
 
     from ..errors import EXIT_INTERRUPTED
-    from ..execution import faults
+    from .. import faults
 
     def interrupted(signum, frame):  # as app's: later SIGTERMs are ignored while unwinding
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -19,7 +19,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from ..errors import InputError
-from ..execution import faults
+from .. import faults
 from ..execution.graph import task_count
 from ..words import counted
 from ..execution.cluster import session

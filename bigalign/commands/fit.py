@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import CheckpointError, DamagedOutputError, InputError
-from ..execution import faults
+from .. import faults
 from ..execution.graph import task_count
 from ..words import counted
 from ..execution.cluster import session

@@ -57,7 +57,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import CheckpointError, InputError, NonFiniteError
-from ..execution import faults
+from .. import faults
 from ..execution.graph import task_count
 from ..words import counted
 from ..planning.import_plan import ImportPlan, Region, choose_chunk_rows, make_import_plan

@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 from typing import Optional
 
-from ..execution import faults
+from .. import faults
 from ..planning.plan import ExportPlan
 from ..storage.lance_folder import (FORMAT, SIDECARS, LanceTarget, check_folder,
                                     export_damage, export_manifest, fragment_name,

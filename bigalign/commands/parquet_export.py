@@ -69,7 +69,7 @@ import os
 from typing import Optional
 
 from ..errors import InputError
-from ..execution import faults
+from .. import faults
 from ..planning.plan import ExportPlan
 from ..storage.parquet_folder import (COMPRESSIONS, FORMAT, IN_PROGRESS, MANIFEST, SUCCESS,  # noqa: F401
                                       ExportTarget, _temp_name, check_folder, export_damage,

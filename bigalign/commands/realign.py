@@ -75,7 +75,7 @@ published, 4 when its gate failed); with other inputs or options it is refused n
 changed (exit 2). Without ``--run-id`` the run id is derived from the configuration and the
 inputs' fingerprints, so the same command on unchanged data is the same run.
 
-Fault points (``BIGALIGN_FAULTS``, :mod:`bigalign.execution.faults`): ``realign.split`` (both sets
+Fault points (``BIGALIGN_FAULTS``, :mod:`bigalign.faults`): ``realign.split`` (both sets
 gathered), ``realign.fitted``, ``realign.evaluated``, ``realign.version-written``,
 ``realign.applied``, ``realign.published`` (pointer moved, verdict not yet written).
 """
@@ -95,7 +95,7 @@ from typing import Optional
 
 from .. import __version__
 
-from ..execution import faults
+from .. import faults
 from ..storage.job import Job, checkpointed, describe_changes
 from ..errors import InputError
 from ..storage.locations import check_disjoint

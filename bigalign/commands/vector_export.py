@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ..errors import InputError, NonFiniteError
-from ..execution import faults
+from .. import faults
 from ..planning.plan import ExportPlan, export_row_bytes, make_export_plan
 from ..storage.parquet_folder import BAD_ROWS  # --bad-rows choices: the one list
 

@@ -19,7 +19,8 @@ from typing import Optional
 
 import numpy as np
 
-from . import devices, faults
+from . import devices
+from .. import faults
 from .graph import GraphSpec, Group, Leaf, Shared, build, token
 from ..storage.job import Job
 from ..planning.plan import COUNT_FAN_IN, Block, FitPlan, merge_tree, plan_blocks

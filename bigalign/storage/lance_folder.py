@@ -247,7 +247,7 @@ class LanceTarget:
             ds = lance.LanceDataset.commit(self.url, lance.LanceOperation.Overwrite(
                 schema, fragments), storage_options=so)
             version = int(ds.version)
-        from ..execution import faults
+        from .. import faults
 
         faults.point("export.committed")  # committed, the manifest not yet rewritten
         self._write_manifest(folder, dict(self.head, run_id=run_id, files=self._files(),

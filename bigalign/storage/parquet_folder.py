@@ -272,7 +272,7 @@ class ExportTarget:
 
     def complete(self, folder, record: dict) -> None:
         """Move every part into the folder, then write ``_SUCCESS``, then the manifest."""
-        from ..execution import faults
+        from .. import faults
 
         for name in sorted(self._waiting):
             _move(folder, name)
