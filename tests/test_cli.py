@@ -183,6 +183,10 @@ def test_real_exit_code_and_demo(tmp_path):
     demo = main_cli("demo", "--rows", "20000", "--dim", "32", "--workdir", tmp_path / "d")
     assert demo.returncode == 0, demo.stderr
     assert "recovered rotation" in demo.stdout and "demo OK" in demo.stdout
+    import re  # the planted offsets: the uncentred fit's residual is far above the centred one
+    centred, uncentred = map(float, re.search(r"centred ([\d.]+), uncentred ([\d.]+)",
+                                              demo.stdout).groups())
+    assert uncentred > 5 * centred, demo.stdout
 
 
 DEMO = ("demo", "--rows", "2000", "--dim", "8", "-q")

@@ -178,7 +178,8 @@ def run_demo(workdir, *, rows: int = 1_000_000, dim: int = 256, workers=None,
     t = time.perf_counter()
     bigalign.apply(transform, src, str(workdir / APPLY), overwrite=True, **run)
     apply_s = time.perf_counter() - t
-    uncentred = bigalign.fit(src, tgt, rows=(0, min(rows, 100_000)), **dict(run, progress=False))
+    uncentred = bigalign.fit(src, tgt, center=False, rows=(0, min(rows, 100_000)),
+                             **dict(run, progress=False))
     err = float(np.abs(transform.rotation - q).max())
     meta = transform.metadata
     disc = meta.get("discrepancy", {})
