@@ -53,16 +53,21 @@ def positive_float(text: str) -> float:
     return value
 
 
-def _run_args(p: argparse.ArgumentParser) -> None:
+def add_where_it_runs(p: argparse.ArgumentParser, *, scheduler_file: bool = True):
+    """The group of flags that say where a job runs (``--scheduler`` [``--scheduler-file``]
+    ``--workers`` ``--memory-limit`` ``--threads`` ``--stall-timeout`` ``--device``
+    ``--block-mb``), which :func:`requests` turns into an :class:`Execution`; returns the
+    group, for a command to add its own."""
     g = p.add_argument_group("where it runs (default: threads in this process)")
     x = g.add_mutually_exclusive_group()
     x.add_argument("--scheduler", metavar="ADDRESS",
                    help="address of a running dask.distributed scheduler (tcp://host:8786) or "
                         "its scheduler file (.json)")
-    x.add_argument("--scheduler-file", metavar="FILE",
-                   help="the scheduler file of a running dask.distributed scheduler (as "
-                        "'dask scheduler --scheduler-file FILE' writes it). With neither "
-                        "option, DASK_SCHEDULER_ADDRESS is used when set")
+    if scheduler_file:
+        x.add_argument("--scheduler-file", metavar="FILE",
+                       help="the scheduler file of a running dask.distributed scheduler (as "
+                            "'dask scheduler --scheduler-file FILE' writes it). With neither "
+                            "option, DASK_SCHEDULER_ADDRESS is used when set")
     x.add_argument("--workers", type=positive_int, metavar="N",
                    help="start a local cluster of N worker processes")
     g.add_argument("--memory-limit", metavar="SIZE", help="per worker with --workers, e.g. 4GiB")
@@ -74,6 +79,11 @@ def _run_args(p: argparse.ArgumentParser) -> None:
                         "CuPy: pip install 'bigalign[gpu]')")
     g.add_argument("--block-mb", type=positive_float, default=64, metavar="MB",
                    help="input megabytes per task (default 64)")
+    return g
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    g = add_where_it_runs(p)
     g.add_argument("--checkpoint", metavar="URL",
                    help="where progress is recorded (default: OUTPUT.checkpoint next to the output)")
     g.add_argument("--restart", action="store_true",

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import sys
 
-from .common import (_describe_transform, add_stall_timeout, add_storage_option,
-                     positive_float, positive_int, storage_options)
+from .common import (_describe_transform, add_storage_option, add_where_it_runs,
+                     storage_options)
 from ..jsonsafe import json_safe
 from ..words import counted
 from ..errors import GateFailedError
@@ -61,21 +61,7 @@ def _add_realign(sub) -> None:
                         "before refusing (exit 2). A run that crashed on another machine "
                         "holds it until its lease lapses (120 s): a retried pod should pass "
                         "--wait 180. Default 0: refuse at once")
-    g = r.add_argument_group("where it runs (default: threads in this process)")
-    x = g.add_mutually_exclusive_group()
-    x.add_argument("--scheduler", metavar="ADDRESS",
-                   help="a running dask.distributed scheduler (tcp://host:8786) or its "
-                        "scheduler file (.json), for the fit and apply")
-    x.add_argument("--workers", type=positive_int, metavar="N",
-                   help="a local cluster of N workers")
-    g.add_argument("--memory-limit", metavar="SIZE", help="per worker with --workers")
-    g.add_argument("--threads", type=positive_int, metavar="N",
-                   help="threads in this process (default: one per core)")
-    add_stall_timeout(g)
-    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="where fit and apply run their block kernels (default cpu)")
-    g.add_argument("--block-mb", type=positive_float, default=64, metavar="MB",
-                   help="input megabytes per task (default 64)")
+    g = add_where_it_runs(r, scheduler_file=False)
     add_storage_option(g)
     g.add_argument("-q", "--quiet", action="store_true",
                    help="print nothing but warnings and errors")
