@@ -613,6 +613,13 @@ def test_a_map_worse_than_staying_on_the_old_model_is_rejected(tmp_path, noise, 
     assert lo <= c["difference"]["recall@10"]["estimate"] <= hi
     assert (hi < -0.005) is (not passed)
     assert Registry(tmp_path / "reg").versions() == ([] if not passed else ["v0001"])
+    # the three-way verdict of evaluate-retrieval, on the same hits: a loosely related new
+    # model is worth re-embedding for (its own search beats staying) but not bridging to
+    v = stay["verdict"]
+    assert v["decision"] in ("bridge", "re-embed", "stay") and v["reason"]
+    assert v["figures"]["stay"]["estimate"] == pytest.approx(stay["stay"]["recall@10"])
+    if not passed:
+        assert v["decision"] != "bridge"
 
 
 def test_every_gated_figure_has_an_interval_holding_its_estimate(data, capsys):

@@ -206,6 +206,8 @@ def describe_verdict(v: dict) -> str:
         lines.append(f"  recall@10 over {stay['queries']} held-out queries of both models: "
                      + ", ".join(f"{k} {_fmt(stay[k]['recall@10'])}{_iv(stay[k]['interval'])}"
                                  for k in ("stay", "bridge", "reembed")))
+        if stay.get("verdict"):
+            lines.append(f"  verdict: {stay['verdict']['decision']}: {stay['verdict']['reason']}")
     if v.get("train_relative_residual") is not None:
         lines.append(f"  train relative residual ||sAQ-B||^2/||B||^2 (on the training pairs): "
                      f"{_fmt(v['train_relative_residual'])}")

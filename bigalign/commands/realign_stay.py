@@ -30,6 +30,7 @@ import numpy as np
 from ..errors import InputError
 from ..maths.bootstrap import difference_interval, interval
 from ..maths.metrics import AffineMap, count_better, query_sample, score_rows, unit_rows
+from ..maths.verdict import verdict
 
 log = logging.getLogger("bigalign")
 
@@ -141,6 +142,9 @@ def stay_and_bridge(candidate, holdout_source: str, holdout_target: str, q_old, 
                      "recall@1": float(np.mean(ranks[name] < 1))}
     d = difference_interval(hits["bridge"], hits["stay"], **boot)
     out["bridge_minus_stay"] = {f"recall@{K}": d.estimate, "interval": [d.lo, d.hi]}
+    # the same three-way verdict as evaluate-retrieval's, on these per-query hits
+    out["verdict"] = verdict(hits["stay"], hits["bridge"], hits["reembed"],
+                             metric=f"recall@{K}", **boot).as_dict()
     log.info("realign: stay %.4f, bridge %.4f, re-embed %.4f (recall@%d, %d queries)",
              out["stay"][f"recall@{K}"], out["bridge"][f"recall@{K}"],
              out["reembed"][f"recall@{K}"], K, len(positions))
