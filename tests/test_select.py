@@ -245,3 +245,18 @@ def test_non_orthogonal_maps_invert_compose_and_export(tmp_path):
     tr.save(str(tmp_path / "aff.transform"))
     again = bigalign.Transform.load(str(tmp_path / "aff.transform"))
     assert again.options["family"] == "affine" and again.metadata["orthogonal"] is False
+
+
+def test_options_auto_does_not_read_are_not_part_of_an_orthogonal_fits_identity(tmp_path):
+    """A finished orthogonal fit rerun with another --select or --holdout is the same job
+    (a no-op); for auto they choose the map, so they are another job."""
+    a, b = anisotropic(400, 4, 4, seed=15)
+    s, t = write_zarr(tmp_path / "a.zarr", a, 100), write_zarr(tmp_path / "b.zarr", b, 100)
+    out = str(tmp_path / "t")
+    first = bigalign.fit(s, t, output=out)
+    again = bigalign.fit(s, t, output=out, select="residual", holdout=0.3)
+    assert again.metadata["job"] == first.metadata["job"]
+    out2 = str(tmp_path / "t2")
+    bigalign.fit(s, t, output=out2, method="auto")
+    with pytest.raises(InputError, match="select"):
+        bigalign.fit(s, t, output=out2, method="auto", select="residual")

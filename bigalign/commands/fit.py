@@ -413,9 +413,14 @@ def _fit_job(r: _FitJob) -> Transform:
 
 
 def _transform_fingerprint(fingerprint: dict, opts: FitOptions) -> dict:
-    """A finished transform's identity: the job's fingerprint plus every fit option (the
-    solve-time ones too: a finished transform is the same job only if they match)."""
-    return dict(fingerprint, options=dict(fingerprint["options"], **opts.as_dict()))
+    """A finished transform's identity: the job's fingerprint plus every fit option that
+    changes the result (the solve-time ones too: a finished transform is the same job only
+    if they match; how auto chooses only counts when the fit holds pairs out to choose)."""
+    options = opts.as_dict()
+    if not opts.needs_holdout:
+        for key in ("holdout", "max_holdout", "select", "select_search"):
+            options.pop(key)
+    return dict(fingerprint, options=dict(fingerprint["options"], **options))
 
 
 #: An uncentred fit warns when a side's mean carries more than this share of its energy.
