@@ -93,6 +93,10 @@ def test_choose_ties_go_to_the_lower_residual_then_the_first():
             {"score": 0.7, "heldout_relative_residual": 0.4}]
     assert choose(rows) == 2
     assert choose(rows[:2] + [dict(rows[1])]) == 1
+    # residuals equal but for round-off (reduced-rank at full rank is affine): the simpler
+    rows = [{"score": 0.4, "heldout_relative_residual": 0.7140000000001},
+            {"score": 0.4, "heldout_relative_residual": 0.7139999999999}]
+    assert choose(rows) == 0
 
 
 # ---- every family through fit -------------------------------------------------------

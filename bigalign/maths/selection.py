@@ -104,9 +104,9 @@ def choose(rows: Sequence[dict]) -> int:
     if not rows:
         raise ValueError("no candidates to choose from")
 
-    def key(i):
+    def key(i):  # residuals equal to 9 digits tie (e.g. reduced-rank at full rank = affine)
         r = rows[i]
         res = r.get("heldout_relative_residual")
-        return (-r["score"], np.inf if res is None else res, i)
+        return (-r["score"], np.inf if res is None else float(f"{res:.9g}"), i)
 
     return min(range(len(rows)), key=key)
