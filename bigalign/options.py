@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Optional
 
 from .errors import InputError
+from .maths.families import FAMILIES, ORTHOGONAL
 from .planning.plan import COMPRESSIONS, DEFAULT_BLOCK_BYTES
 
 __all__ = ["FitOptions", "ApplyOptions", "Execution", "Pairing", "JobOptions", "requests",
@@ -92,7 +93,7 @@ def format_bytes(n: float) -> str:
 
 #: The map families ``fit`` solves from its one pass (:mod:`bigalign.maths.adapters`), and
 #: "auto": fit them all and keep the best on held-out pairs (:mod:`bigalign.commands.select`).
-METHODS = ("orthogonal", "similarity", "affine", "ridge", "reduced-rank", "auto")
+METHODS = (*FAMILIES, "auto")
 #: What ``method="auto"`` chooses by (:data:`bigalign.maths.selection.CRITERIA`).
 SELECT = ("both", "mapped-queries", "mapped-docs", "residual")
 
@@ -153,7 +154,7 @@ class FitOptions:
         if self.rank is not None and self.method not in ("reduced-rank", "auto"):
             raise InputError(f"--rank is the rank of --method reduced-rank, not of "
                              f"{self.method}")
-        if self.scale and self.method not in ("orthogonal", "similarity"):
+        if self.scale and self.method not in ORTHOGONAL:
             raise InputError(f"--scale is a similarity scale of an orthogonal map (--method "
                              f"similarity); --method {self.method} fits its own scales")
         if self.method != "orthogonal" and not self.diagnostics:

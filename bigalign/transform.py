@@ -28,6 +28,7 @@ from .errors import DamagedOutputError, InputError, is_transient
 from .execution.pairing import fitted_pairing
 from .maths.affine import (ORTHONORMAL_TOL, compose_affine, inverse_rotation,
                            orthonormality_error, rank as rotation_rank)
+from .maths.families import ORTHOGONAL
 from .maths.stats import Moments
 from .maths.mapping import map_rows
 
@@ -535,7 +536,7 @@ def inverse_kind(t: Transform) -> dict:
     if t.normalize and kind == "pseudo-inverse":
         meaning += "; " + lossy[-1]
     family = t.options.get("family")
-    if family not in (None, "orthogonal", "similarity"):
+    if family is not None and family not in ORTHOGONAL:
         meaning += (f" (the algebraic inverse of this {family} map, not a map fitted from "
                     "target to source: a least-squares fit that way would differ, as "
                     "regressing B on A and A on B differ)")

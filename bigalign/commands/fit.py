@@ -31,6 +31,7 @@ from ..execution.engine import fit_graph
 from ..execution.pairing import fit_record, gathered, join, pair_by_ids, sample_pairs
 from ..maths.metrics import fit_diagnostics
 from ..maths.adapters import solve as solve_adapter
+from ..maths.families import ORTHOGONAL
 from ..maths.solve import procrustes
 from ..options import Execution, FitOptions, JobOptions, Pairing, keywords_of, requests
 from ..planning.plan import FitPlan, fit_task_bytes, make_fit_plan
@@ -452,7 +453,7 @@ def _solve(moments, dims, inputs: dict, start, stop, opts: FitOptions, gram: boo
     if not opts.center:
         _warn_uncentred(moments)
     family = opts.family if selection is None else selection.adapter.family
-    if family in ("orthogonal", "similarity"):
+    if family in ORTHOGONAL:
         sol = procrustes(moments, center=opts.center, scale=family == "similarity",
                          reflection=opts.reflection)
         rotation, scale, singular, rank = sol.rotation, sol.scale, sol.singular_values, sol.rank
@@ -468,7 +469,7 @@ def _solve(moments, dims, inputs: dict, start, stop, opts: FitOptions, gram: boo
     dim_a, dim_b = dims
     meta = {
         "n_pairs": int(moments.n), "dims": [dim_a, dim_b], "rows": [start, stop],
-        "family": family, "orthogonal": family in ("orthogonal", "similarity"),
+        "family": family, "orthogonal": family in ORTHOGONAL,
         "residual": residual, "relative_residual": relative,
         "target_energy": energy, "rank": rank,
         "singular_values": {"max": float(np.abs(singular).max()),
@@ -478,7 +479,7 @@ def _solve(moments, dims, inputs: dict, start, stop, opts: FitOptions, gram: boo
         "bigalign_version": __version__,
         "inputs": inputs,
     }
-    if family in ("orthogonal", "similarity"):
+    if family in ORTHOGONAL:
         if sol.residual is not None:
             meta["residual_error"] = sol.residual_error  # round-off bound of the residual
         if gram:  # the paper's numbers, each with the interval its round-off allows

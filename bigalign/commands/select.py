@@ -29,6 +29,7 @@ import numpy as np
 
 from ..maths.adapters import Adapter, candidates, relative_residual_on, solve
 from ..maths.bootstrap import interval
+from ..maths.families import FAMILIES
 from ..maths.solve import NotUniqueWarning
 from ..maths.selection import CRITERIA, choose, per_query, retrieval_hits
 from ..maths.stats import Moments, block_moments, subtract
@@ -41,7 +42,7 @@ log = logging.getLogger("bigalign")
 __all__ = ["select", "held_out", "Selection"]
 
 #: The families ``method="auto"`` compares, in order (ties go to the earlier).
-AUTO_FAMILIES = ("orthogonal", "similarity", "affine", "ridge", "reduced-rank")
+AUTO_FAMILIES = FAMILIES
 
 
 @dataclass(frozen=True)

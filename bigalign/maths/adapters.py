@@ -50,6 +50,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .families import FAMILIES, ORTHOGONAL as _ORTHOGONAL
 from .metrics import AffineMap
 from .solve import procrustes, sums
 from .stats import Moments
@@ -58,8 +59,6 @@ __all__ = ["FAMILIES", "Adapter", "solve", "residual_on", "relative_residual_on"
            "choose_ridge", "choose_rank", "candidates", "ridge_scale", "default_ridge_grid",
            "default_rank_grid", "DEFAULT_RIDGE", "DEFAULT_RANK_ENERGY"]
 
-FAMILIES = ("orthogonal", "similarity", "affine", "ridge", "reduced-rank")
-_ORTHOGONAL = ("orthogonal", "similarity")
 
 #: Ridge penalty without held-out data: DEFAULT_RIDGE x trace(Ga) / dA (the mean eigenvalue
 #: of the Gram matrix the fit uses, so the figure is independent of n and of the scale).

@@ -21,6 +21,7 @@ import numpy as np
 
 from .solve import (NotUniqueWarning, discrepancy_interval, least_squares, paper_bound,
                     procrustes, sums)
+from .families import ORTHOGONAL
 from .stats import Moments, unit_roundoff
 from .mapping import map_rows
 
@@ -251,7 +252,7 @@ def baseline_methods(m: Moments, *, center: bool = False, normalize: bool = Fals
                 out.append(Method(f"ridge {ridge:g}", AffineMap(w, *means, normalize),
                                   f"linear map, penalty {ridge:g}, {how}", train_numbers(res, m)))
         own = transform is not None and (transform.options.get("family") or "orthogonal") \
-            in ("orthogonal", "similarity")
+            in ORTHOGONAL
         for c in (False, True):
             name = "orthogonal + centring" if c else "orthogonal"
             if own and c == center:
