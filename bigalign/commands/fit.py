@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Optional
@@ -32,7 +33,7 @@ from ..execution.pairing import fit_record, gathered, join, pair_by_ids, sample_
 from ..maths.metrics import fit_diagnostics
 from ..maths.adapters import solve as solve_adapter
 from ..maths.families import ORTHOGONAL
-from ..maths.solve import procrustes
+from ..maths.solve import NotUniqueWarning, procrustes
 from ..options import Execution, FitOptions, JobOptions, Pairing, keywords_of, requests
 from ..planning.plan import FitPlan, fit_task_bytes, make_fit_plan
 from ..storage.job import (Job, checkpointed, default_checkpoint, finished_or_refuse,
@@ -484,8 +485,10 @@ def _solve(moments, dims, inputs: dict, start, stop, opts: FitOptions, gram: boo
             meta["residual_error"] = sol.residual_error  # round-off bound of the residual
         if gram:  # the paper's numbers, each with the interval its round-off allows
             same = family == "orthogonal" and opts.reflection  # sol is the diagnostics' one
-            meta["discrepancy"] = fit_diagnostics(moments, center=opts.center,
-                                                  solution=sol if same else None)
+            with warnings.catch_warnings():  # a rank warning: said once, by the solve above
+                warnings.simplefilter("ignore", NotUniqueWarning)
+                meta["discrepancy"] = fit_diagnostics(moments, center=opts.center,
+                                                      solution=sol if same else None)
     else:
         meta["params"] = params
         meta["bound"] = (f"none: the paper's bound is of orthogonal maps, and this map's "
@@ -496,6 +499,8 @@ def _solve(moments, dims, inputs: dict, start, stop, opts: FitOptions, gram: boo
                "reflection": opts.reflection, "rows": [start, stop],
                "precision": opts.precision, "diagnostics": gram, "method": opts.method,
                "family": family}
+    if opts.method == "auto":
+        options.update(select=opts.select, select_search=opts.select_search)
     zeros = np.zeros
     return Transform(rotation,
                      moments.mean_a.copy() if opts.center else zeros(dim_a),

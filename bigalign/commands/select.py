@@ -145,12 +145,15 @@ def describe(record: Optional[dict]) -> list[str]:
     if not record:
         return []
     out = [f"selected {record['chosen']} ({record['method']}) on "
-           f"{record['holdout']['rows']:,} held-out pairs; {record['refit']}"]
+           f"{record['holdout']['rows']:,} held-out pairs; {record['refit']}",
+           f"  by: {record['criterion']}"]
     for r in record["candidates"]:
         params = "".join(f", {k} {v:.4g}" for k, v in r["params"].items() if k != "scale")
         figures = f"held-out relative residual {r['heldout_relative_residual']:.4f}"
         if "recall@1_forward" in r:
-            figures = (f"recall@1 {r['recall@1_forward']:.3f} / {r['recall@1_backward']:.3f} "
+            lo, hi = r["score_interval"]
+            figures = (f"score {r['score']:.3f} [{lo:.3f}, {hi:.3f}]; recall@1 "
+                       f"{r['recall@1_forward']:.3f} / {r['recall@1_backward']:.3f} "
                        f"(mapped->target / target->mapped), " + figures)
         out.append(f"  {'*' if r['chosen'] else ' '} {r['family']}{params}: {figures}")
     return out
