@@ -224,6 +224,9 @@ def test_family_options_are_checked(tmp_path):
                     ({"holdout": 1.5}, "--holdout")):
         with pytest.raises(InputError, match=msg):
             bigalign.fit(s, t, **kw)
+    for kw in ({"method": "auto"}, {"method": "ridge"}):  # 3 pairs: none to hold out
+        with pytest.raises(InputError, match="3 pairs are too few"):
+            bigalign.fit(s, t, rows="0:3", **kw)
 
 
 def test_non_orthogonal_maps_invert_compose_and_export(tmp_path):

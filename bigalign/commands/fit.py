@@ -44,6 +44,7 @@ from ..storage.locations import canonical_url, check_disjoint
 from ..storage.outputs import TRANSFORM_KINDS, check_replaceable
 from ..storage.stores import open_embeddings, parse_rows
 from ..transform import Transform
+from ..planning.holdout import MIN_PAIRS as MIN_HOLDOUT_PAIRS
 from .select import Selection, select
 
 log = logging.getLogger("bigalign")
@@ -173,6 +174,12 @@ def fit(source, target, options: Optional[FitOptions] = None, *,
         run = _in_this_process(run)
     start, stop = (0, pairs.matched) if pairs is not None else \
         parse_rows(rows, min(src.rows, tgt.rows))
+    if fit_options.needs_holdout and stop - start < MIN_HOLDOUT_PAIRS:
+        raise InputError(f"--method {fit_options.method}"
+                         + (" without its parameter" if fit_options.method != "auto" else "")
+                         + f" holds pairs out to choose, and {stop - start} pairs are too few "
+                         f"(at least {MIN_HOLDOUT_PAIRS}): give more pairs, or the family and "
+                         "its parameter (--method orthogonal, --ridge, --rank)")
     dim_a, dim_b = src.dim, tgt.dim
     opts = fit_options.resolve(src.dtype, tgt.dtype)
     if not reflection and dim_a != dim_b:

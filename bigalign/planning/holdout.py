@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["holdout_rows", "holdout_windows", "window_count", "WINDOWS"]
+__all__ = ["holdout_rows", "holdout_windows", "window_count", "WINDOWS", "MIN_PAIRS"]
 
 #: Windows of held-out rows (fewer when the held-out set is smaller).
 WINDOWS = 16
+#: The fewest pairs a fit can hold some out of (2 held out, 2 fitted).
+MIN_PAIRS = 4
 
 
 def holdout_rows(n: int, share: float, max_rows: int) -> int:
     """How many of ``n`` pairs to hold out: ``share`` of them, at most ``max_rows``, at
     least 2, and never more than half (the rest is fitted)."""
-    if n < 4:
-        raise ValueError(f"{n} pairs are too few to hold any out (at least 4 are needed)")
+    if n < MIN_PAIRS:
+        raise ValueError(f"{n} pairs are too few to hold any out (at least {MIN_PAIRS} are "
+                         "needed)")
     return int(min(max(round(n * share), 2), max_rows, n // 2))
 
 
